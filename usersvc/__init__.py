@@ -1,0 +1,1 @@
+"""usersvc: user management over gRPC."""

@@ -1,0 +1,156 @@
+"""Domain objects: plain frozen dataclasses, standard library only.
+
+Repositories return these, never ORM rows, so nothing lazy-loads after the
+transaction that read them has ended.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+ROLE_USER = "user"
+ROLE_ADMIN = "admin"
+ROLE_SERVICE = "service"
+KNOWN_ROLES = frozenset({ROLE_USER, ROLE_ADMIN, ROLE_SERVICE})
+
+
+class UserState(enum.Enum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A user as the outside world may see it: never carries a password hash."""
+
+    id: uuid.UUID
+    email: str
+    display_name: str
+    roles: tuple[str, ...]
+    labels: Mapping[str, str]
+    create_time: datetime
+    update_time: datetime
+    disable_time: datetime | None
+    delete_time: datetime | None
+    version: int
+
+    @property
+    def state(self) -> UserState:
+        # Deletion wins over disabling; undelete restores the disabled state.
+        if self.delete_time is not None:
+            return UserState.DELETED
+        if self.disable_time is not None:
+            return UserState.DISABLED
+        return UserState.ACTIVE
+
+    @property
+    def etag(self) -> str:
+        return etag_for(self.version)
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
+
+
+def etag_for(version: int) -> str:
+    """The opaque etag of a row version."""
+    return f'W/"{version}"'
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What Login needs about a user: kept apart from User so a hash can
+    never reach a response mapper."""
+
+    user: User
+    password_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewUser:
+    """Validated input of a create: email already normalised, password hashed."""
+
+    email: str
+    password_hash: str
+    display_name: str
+    roles: tuple[str, ...]
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class UserPatch:
+    """Fields to change on update; None means "leave as is"."""
+
+    email: str | None = None
+    display_name: str | None = None
+    roles: tuple[str, ...] | None = None
+    labels: Mapping[str, str] | None = None
+
+    def is_empty(self) -> bool:
+        return (
+            self.email is None
+            and self.display_name is None
+            and self.roles is None
+            and self.labels is None
+        )
+
+
+class PrincipalKind(enum.Enum):
+    ANONYMOUS = "anonymous"
+    USER = "user"
+    SERVICE = "service"  # an mTLS identity (no user row)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling. Built by the auth interceptor, passed to services."""
+
+    kind: PrincipalKind
+    subject: str = ""  # user id (str) for USER, identity for SERVICE
+    roles: frozenset[str] = field(default_factory=frozenset)
+    session_id: str = ""
+    token_id: str = ""
+
+    @property
+    def is_admin(self) -> bool:
+        return ROLE_ADMIN in self.roles
+
+    @property
+    def is_service(self) -> bool:
+        return ROLE_SERVICE in self.roles
+
+    @property
+    def is_authenticated(self) -> bool:
+        return self.kind is not PrincipalKind.ANONYMOUS
+
+    def user_id(self) -> uuid.UUID | None:
+        """The caller's user id, when the caller is a user account."""
+        if self.kind is not PrincipalKind.USER:
+            return None
+        try:
+            return uuid.UUID(self.subject)
+        except ValueError:
+            return None
+
+
+ANONYMOUS = Principal(kind=PrincipalKind.ANONYMOUS)
+
+
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 version 7): 48-bit Unix milliseconds,
+    then random bits. Ids sort by creation time, which keeps B-tree inserts at
+    the right edge of the index."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version
+    value |= ((rand >> 68) & 0xFFF) << 64  # rand_a, 12 bits
+    value |= 0b10 << 62  # variant
+    value |= rand & ((1 << 62) - 1)  # rand_b, 62 bits
+    return uuid.UUID(int=value)
