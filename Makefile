@@ -1,0 +1,53 @@
+# usersvc developer commands. `make run` and `make test` work on a fresh clone
+# with only Python 3.11+ (and npm for the pinned buf) available.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BUF := tools/node_modules/.bin/buf
+PYTEST_ARGS ?=
+
+.PHONY: venv run test lint proto proto-check buf-lint bench clean
+
+venv: $(STAMP)
+
+# Exact versions come from constraints.txt; pyproject.toml holds the ranges.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "usersvc needs Python 3.11+"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,speed]'
+	touch $@
+
+$(BUF): tools/package.json tools/package-lock.json
+	cd tools && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Serve on USERSVC_LISTEN_ADDR (default 127.0.0.1:50051). Without
+# USERSVC_DATABASE_URL an embedded PostgreSQL under ./.usersvc/ is started and
+# migrated by `usersvc serve` itself.
+run: $(STAMP)
+	@if [ -n "$$USERSVC_DATABASE_URL" ]; then $(BIN)/usersvc migrate; fi
+	exec $(BIN)/usersvc serve
+
+# The whole suite. Uses USERSVC_TEST_DATABASE_URL when set, otherwise an
+# embedded PostgreSQL under ./.usersvc/test-pgdata.
+test: $(STAMP) buf-lint proto-check
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) buf-lint proto-check
+	$(BIN)/ruff check usersvc tests scripts alembic
+	$(BIN)/mypy
+
+buf-lint: $(BUF)
+	$(BUF) lint
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+proto-check: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py --check
+
+clean:
+	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache

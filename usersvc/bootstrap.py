@@ -1,0 +1,81 @@
+"""The composition root: the one place that builds engines, repositories,
+services and servicers from Settings. Tests call it with their own settings."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from usersvc.adapters.database import create_engine
+from usersvc.adapters.unit_of_work import make_uow_factory
+from usersvc.config import Settings
+from usersvc.domain.passwords import PasswordPolicy
+from usersvc.services.auth import AuthService
+from usersvc.services.passwords import BcryptPasswordHasher
+from usersvc.services.tokens import TokenService, load_key_ring
+from usersvc.services.users import UserService
+
+logger = logging.getLogger("usersvc.bootstrap")
+
+
+@dataclass
+class Container:
+    """Everything one server process runs on; closed in reverse order."""
+
+    settings: Settings
+    database_url: str
+    engine: AsyncEngine
+    hasher: BcryptPasswordHasher
+    tokens: TokenService
+    user_service: UserService
+    auth_service: AuthService
+
+    async def aclose(self) -> None:
+        """Release the connection pool and the bcrypt threads."""
+        await self.engine.dispose()
+        self.hasher.close()
+
+
+def resolve_database_url(settings: Settings) -> tuple[str, bool]:
+    """The database URL to use and whether it is the embedded server.
+
+    Starts the embedded PostgreSQL when no URL is configured (development).
+    """
+    if settings.database_url is not None:
+        return settings.database_url, False
+    from usersvc.adapters.embedded import start_embedded_postgres
+
+    return start_embedded_postgres(settings.data_dir), True
+
+
+def bootstrap(settings: Settings, *, database_url: str) -> Container:
+    """Wire the service. Raises ValueError for unusable signing keys."""
+    engine = create_engine(settings, database_url)
+    uow_factory = make_uow_factory(engine)
+    hasher = BcryptPasswordHasher(
+        rounds=settings.bcrypt_rounds, max_threads=settings.bcrypt_max_threads
+    )
+    tokens = TokenService(
+        load_key_ring(settings, logger),
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        access_ttl_seconds=settings.access_token_ttl_seconds,
+    )
+    user_service = UserService(
+        uow_factory=uow_factory,
+        hasher=hasher,
+        password_policy=PasswordPolicy(),
+        allow_signup=settings.allow_signup,
+    )
+    auth_service = AuthService(uow_factory=uow_factory, hasher=hasher, tokens=tokens)
+    return Container(
+        settings=settings,
+        database_url=database_url,
+        engine=engine,
+        hasher=hasher,
+        tokens=tokens,
+        user_service=user_service,
+        auth_service=auth_service,
+    )
