@@ -66,9 +66,8 @@ def _install_uvloop() -> None:
 def _migration_url(settings: Settings) -> tuple[str, bool]:
     from usersvc.bootstrap import resolve_database_url
 
-    explicit = os.environ.get("USERSVC_MIGRATION_DATABASE_URL", "").strip()
-    if explicit:
-        return explicit, False
+    if settings.migration_database_url is not None:
+        return settings.migration_database_url, False
     return resolve_database_url(settings)
 
 

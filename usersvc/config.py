@@ -25,6 +25,8 @@ class SettingsError(ValueError):
 class Settings:
     # Database. None means: start the embedded PostgreSQL under data_dir.
     database_url: str | None = field(default=None, repr=False)
+    # Owner role for `usersvc migrate`; defaults to database_url.
+    migration_database_url: str | None = field(default=None, repr=False)
     db_pool_size: int = 10
     db_max_overflow: int = 10
     db_pool_timeout_seconds: float = 5.0
@@ -45,7 +47,6 @@ class Settings:
 
     # Tokens.
     access_token_ttl_seconds: int = 900
-    refresh_token_ttl_seconds: int = 2_592_000
     jwt_issuer: str = "usersvc"
     jwt_audience: str = "usersvc"
     # Ed25519 private key in PEM: inline, or a file. Neither: development
@@ -71,6 +72,7 @@ class Settings:
         defaults = cls()
         settings = cls(
             database_url=reader.text("DATABASE_URL", None),
+            migration_database_url=reader.text("MIGRATION_DATABASE_URL", None),
             db_pool_size=reader.integer("DB_POOL_SIZE", defaults.db_pool_size, lo=1, hi=1000),
             db_max_overflow=reader.integer(
                 "DB_MAX_OVERFLOW", defaults.db_max_overflow, lo=0, hi=1000
@@ -97,12 +99,6 @@ class Settings:
             access_token_ttl_seconds=reader.integer(
                 "ACCESS_TOKEN_TTL_SECONDS", defaults.access_token_ttl_seconds, lo=30, hi=86_400
             ),
-            refresh_token_ttl_seconds=reader.integer(
-                "REFRESH_TOKEN_TTL_SECONDS",
-                defaults.refresh_token_ttl_seconds,
-                lo=60,
-                hi=31_536_000,
-            ),
             jwt_issuer=reader.text("JWT_ISSUER", defaults.jwt_issuer) or defaults.jwt_issuer,
             jwt_audience=reader.text("JWT_AUDIENCE", defaults.jwt_audience)
             or defaults.jwt_audience,
@@ -124,13 +120,15 @@ class Settings:
 
     def _cross_checks(self) -> list[str]:
         problems = []
-        if self.database_url is not None and not self.database_url.startswith(
-            "postgresql+asyncpg://"
+        for name, url in (
+            ("DATABASE_URL", self.database_url),
+            ("MIGRATION_DATABASE_URL", self.migration_database_url),
         ):
-            problems.append(
-                f"{PREFIX}DATABASE_URL must start with postgresql+asyncpg:// "
-                "(SQLAlchemy URL for the asyncpg driver)"
-            )
+            if url is not None and not url.startswith("postgresql+asyncpg://"):
+                problems.append(
+                    f"{PREFIX}{name} must start with postgresql+asyncpg:// "
+                    "(SQLAlchemy URL for the asyncpg driver)"
+                )
         if _host_port(self.listen_addr) is None:
             problems.append(f"{PREFIX}LISTEN_ADDR must be host:port, got {self.listen_addr!r}")
         if self.jwt_private_key_pem and self.jwt_private_key_file:

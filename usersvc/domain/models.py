@@ -59,8 +59,8 @@ class User:
 
 
 def etag_for(version: int) -> str:
-    """The opaque etag of a row version."""
-    return f'W/"{version}"'
+    """The opaque etag of a row version (no quotes: easy to pass on a command line)."""
+    return f"v{version}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,97 @@
+"""The README's grpcurl session, run word for word against a real
+`usersvc serve` process: if the README lies, this fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _session_script() -> str:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(
+        r"<!-- session:start -->\s*```sh\n(.*?)```\s*<!-- session:end -->", text, re.DOTALL
+    )
+    assert block, "README.md has no session block"
+    return block.group(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def served(database_url: str, clean_db: None, tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "USERSVC_DATABASE_URL": database_url,
+        "USERSVC_LISTEN_ADDR": f"127.0.0.1:{port}",
+        "USERSVC_DATA_DIR": str(tmp_path),
+        "USERSVC_BCRYPT_ROUNDS": "4",
+        "USERSVC_LOG_LEVEL": "WARNING",
+    }
+    process = subprocess.Popen(  # noqa: S603
+        [str(BIN / "usersvc"), "serve"], env=env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_serving(env, process)
+        yield port, env
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _wait_serving(env: dict[str, str], process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        check = subprocess.run(  # noqa: S603
+            [str(BIN / "usersvc"), "healthcheck", "--timeout", "1"],
+            env=env, capture_output=True, check=False,
+        )
+        if check.returncode == 0:
+            return
+    raise AssertionError("server did not become SERVING within 30 s")
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the README session uses jq")
+def test_the_readme_grpcurl_session_runs_as_printed(served: tuple[int, dict[str, str]]) -> None:
+    port, env = served
+    script = _session_script().replace("localhost:50051", f"localhost:{port}")
+    result = subprocess.run(  # noqa: S603
+        ["bash", "-euo", "pipefail", "-c", script],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "usersvc.v1.UserService" in out and "usersvc.v1.AuthService" in out
+    assert '"status": "SERVING"' in out
+    assert '"displayName": "Ada Lovelace"' in out
+    # The list printed by the admin holds both users, email descending.
+    listing = json.loads(out[out.rindex('{\n  "users"'):out.rindex("}") + 1])
+    assert [u["email"] for u in listing["users"]] == ["admin@example.com", "ada@example.com"]
+    assert listing["totalSize"] == 2
+    # The failing call at the end prints both field violations.
+    assert "Code: InvalidArgument" in result.stderr
+    assert '"field": "email"' in result.stderr and '"field": "password"' in result.stderr
+    # Nothing secret in anything the session printed.
+    assert "$2b$" not in out + result.stderr
