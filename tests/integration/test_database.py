@@ -1,0 +1,83 @@
+"""create_engine's per-connection settings, and the embedded PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from usersvc.adapters.database import create_engine
+from usersvc.adapters.embedded import start_embedded_postgres, stop_embedded_postgres
+from usersvc.config import Settings
+
+EngineMaker = Callable[..., AsyncEngine]
+
+
+async def show(engine: AsyncEngine, setting: str) -> str:
+    async with engine.connect() as connection:
+        value = (await connection.execute(text(f"SHOW {setting}"))).scalar_one()
+    return str(value)
+
+
+async def test_the_statement_timeout_from_settings_is_in_effect_on_pooled_connections(
+    make_engine: EngineMaker,
+) -> None:
+    engine = make_engine(db_statement_timeout_ms=1234)
+    first = await show(engine, "statement_timeout")
+    second = await show(engine, "statement_timeout")  # the same connection, from the pool
+    assert (first, second) == ("1234ms", "1234ms")
+
+
+async def test_a_statement_timeout_of_zero_leaves_the_server_setting(
+    make_engine: EngineMaker,
+) -> None:
+    engine = make_engine(db_statement_timeout_ms=0)
+    assert await show(engine, "statement_timeout") == "0"
+
+
+async def test_connections_identify_themselves_as_usersvc(engine: AsyncEngine) -> None:
+    assert await show(engine, "application_name") == "usersvc"
+
+
+async def test_the_pool_is_sized_from_settings(make_engine: EngineMaker) -> None:
+    engine = make_engine(db_pool_size=3, db_max_overflow=0)
+    assert engine.pool.size() == 3  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def embedded_data_dir() -> Iterator[Path]:
+    # Not under pytest's tmp_path: when the tests run as root, PostgreSQL runs
+    # as another user, which cannot enter pytest's private temporary folders.
+    with tempfile.TemporaryDirectory(prefix="usersvc-embedded-") as name:
+        data_dir = Path(name).resolve()
+        try:
+            yield data_dir
+        finally:
+            stop_embedded_postgres(data_dir)
+
+
+async def test_the_embedded_postgres_serves_a_usersvc_database(
+    embedded_data_dir: Path, test_settings: Settings
+) -> None:
+    url = await asyncio.to_thread(start_embedded_postgres, embedded_data_dir)
+    engine = create_engine(test_settings, url)
+    try:
+        assert await show(engine, "server_version_num") >= "160000"
+        async with engine.connect() as connection:
+            database = (await connection.execute(text("SELECT current_database()"))).scalar_one()
+    finally:
+        await engine.dispose()
+    assert database == "usersvc"
+    assert make_url(url).query["host"].startswith(str(embedded_data_dir))
+
+
+async def test_starting_the_embedded_postgres_again_reuses_it(embedded_data_dir: Path) -> None:
+    first = await asyncio.to_thread(start_embedded_postgres, embedded_data_dir)
+    second = await asyncio.to_thread(start_embedded_postgres, embedded_data_dir)
+    assert first == second

@@ -1,0 +1,110 @@
+"""Alembic migrations: they apply, revert and re-apply cleanly, agree with the
+ORM models, and find their database from the caller or the environment."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import alembic.command
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, pool
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from usersvc.adapters import migrations
+from usersvc.adapters.orm import metadata
+
+SCHEMA_TABLES = {table.name for table in metadata.sorted_tables}
+
+
+async def table_names(url: str) -> set[str]:
+    engine = create_async_engine(url, poolclass=pool.NullPool)
+    try:
+        async with engine.connect() as connection:
+            names = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+    finally:
+        await engine.dispose()
+    return set(names) - {"alembic_version"}
+
+
+async def test_upgrade_downgrade_and_upgrade_again_on_a_fresh_database(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+    await migrations.upgrade_async(url)
+    after_upgrade = (await migrations.current_async(url), await table_names(url))
+    await migrations.downgrade_async(url, "base")
+    after_downgrade = (await migrations.current_async(url), await table_names(url))
+    await migrations.upgrade_async(url)
+    after_second_upgrade = (await migrations.current_async(url), await table_names(url))
+
+    head = migrations.head()
+    assert head is not None
+    assert after_upgrade == (head, SCHEMA_TABLES)
+    assert after_downgrade == (None, set())
+    assert after_second_upgrade == (head, SCHEMA_TABLES)
+
+
+async def test_a_database_never_migrated_has_no_current_revision(
+    empty_database_url: str,
+) -> None:
+    assert await migrations.current_async(empty_database_url) is None
+
+
+async def test_autogenerate_finds_no_drift_between_the_models_and_the_migrated_schema(
+    database_url: str,
+) -> None:
+    def compare(connection: Connection) -> list[object]:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "compare_server_default": True}
+        )
+        return list(compare_metadata(context, metadata))
+
+    engine = create_async_engine(database_url, poolclass=pool.NullPool)
+    try:
+        async with engine.connect() as connection:
+            differences = await connection.run_sync(compare)
+    finally:
+        await engine.dispose()
+    assert differences == []
+
+
+async def test_concurrent_upgrades_serialise_on_the_migration_lock(
+    empty_database_url: str,
+) -> None:
+    await asyncio.gather(*(migrations.upgrade_async(empty_database_url) for _ in range(3)))
+    assert await migrations.current_async(empty_database_url) == migrations.head()
+
+
+async def test_migrations_run_from_any_working_directory(
+    empty_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    await migrations.upgrade_async(empty_database_url)
+    assert await migrations.current_async(empty_database_url) == migrations.head()
+
+
+@pytest.mark.parametrize("variable", ["USERSVC_MIGRATION_DATABASE_URL", "USERSVC_DATABASE_URL"])
+async def test_without_a_url_from_the_caller_env_py_reads_the_environment(
+    empty_database_url: str, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.delenv("USERSVC_MIGRATION_DATABASE_URL", raising=False)
+    monkeypatch.delenv("USERSVC_DATABASE_URL", raising=False)
+    monkeypatch.setenv(variable, empty_database_url)
+    config = migrations.alembic_config()
+    await asyncio.to_thread(alembic.command.upgrade, config, "head")
+    assert await migrations.current_async(empty_database_url) == migrations.head()
+
+
+async def test_the_migration_url_wins_over_the_service_url(
+    empty_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USERSVC_MIGRATION_DATABASE_URL", empty_database_url)
+    monkeypatch.setenv(
+        "USERSVC_DATABASE_URL", "postgresql+asyncpg://nobody@127.0.0.1:1/does_not_exist"
+    )
+    await asyncio.to_thread(alembic.command.upgrade, migrations.alembic_config(), "head")
+    assert await migrations.current_async(empty_database_url) == migrations.head()

@@ -1,0 +1,126 @@
+"""Log lines: JSON by default, text for people, the request id on each."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from generated.usersvc.v1 import user_service_pb2
+from usersvc.api.context import set_request_id
+from usersvc.logging_setup import configure_logging
+
+from .support import RunningServer, bearer
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """A stream configure_logging may write to; the root logger is restored
+    afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield io.StringIO()
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_carry_time_level_logger_and_message(stream: io.StringIO) -> None:
+    configure_logging("json", "INFO", stream=stream)
+    logging.getLogger("usersvc.test").info("hello %s", "world")
+    [line] = _lines(stream)
+    assert {k: line[k] for k in ("level", "logger", "msg")} == {
+        "level": "INFO",
+        "logger": "usersvc.test",
+        "msg": "hello world",
+    }
+
+
+def test_json_lines_carry_an_utc_timestamp(stream: io.StringIO) -> None:
+    configure_logging("json", "INFO", stream=stream)
+    logging.getLogger("usersvc.test").info("x")
+    [line] = _lines(stream)
+    assert str(line["ts"]).endswith("+00:00")
+
+
+def test_json_lines_carry_extra_fields_at_the_top_level(stream: io.StringIO) -> None:
+    configure_logging("json", "INFO", stream=stream)
+    logging.getLogger("usersvc.test").info("x", extra={"method": "/a.B/C", "duration_ms": 1.5})
+    [line] = _lines(stream)
+    assert (line["method"], line["duration_ms"]) == ("/a.B/C", 1.5)
+
+
+def test_json_lines_carry_the_request_id_of_the_context(stream: io.StringIO) -> None:
+    configure_logging("json", "INFO", stream=stream)
+    token = set_request_id("rid-7")
+    try:
+        logging.getLogger("usersvc.test").info("x")
+    finally:
+        token.var.reset(token)
+    [line] = _lines(stream)
+    assert line["request_id"] == "rid-7"
+
+
+def test_json_lines_carry_the_traceback_of_a_logged_exception(stream: io.StringIO) -> None:
+    configure_logging("json", "INFO", stream=stream)
+    try:
+        raise ValueError("kaput")
+    except ValueError:
+        logging.getLogger("usersvc.test").exception("failed")
+    [line] = _lines(stream)
+    assert "ValueError: kaput" in str(line["exc"])
+
+
+def test_records_below_the_level_are_dropped(stream: io.StringIO) -> None:
+    configure_logging("json", "WARNING", stream=stream)
+    logging.getLogger("usersvc.test").info("quiet")
+    assert stream.getvalue() == ""
+
+
+def test_text_lines_show_the_request_id_message_and_fields(stream: io.StringIO) -> None:
+    configure_logging("text", "INFO", stream=stream)
+    token = set_request_id("rid-8")
+    try:
+        logging.getLogger("usersvc.test").info("hello", extra={"code": "OK"})
+    finally:
+        token.var.reset(token)
+    assert stream.getvalue().rstrip().endswith("INFO usersvc.test [rid-8] hello code=OK")
+
+
+def test_configuring_twice_leaves_one_handler(stream: io.StringIO) -> None:
+    configure_logging("json", "INFO", stream=stream)
+    configure_logging("json", "INFO", stream=stream)
+    logging.getLogger("usersvc.test").info("once")
+    assert len(_lines(stream)) == 1
+
+
+def test_an_unknown_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="log format"):
+        configure_logging("xml", "INFO")
+
+
+def test_an_unknown_level_is_refused() -> None:
+    with pytest.raises(ValueError, match="log level"):
+        configure_logging("json", "LOUD")
+
+
+async def test_every_line_of_a_call_carries_its_request_id(
+    served: RunningServer, stream: io.StringIO
+) -> None:
+    configure_logging("json", "INFO", stream=stream)
+    await served.user_stub.GetUser(
+        user_service_pb2.GetUserRequest(id="me"), metadata=(*bearer(), ("x-request-id", "call-9"))
+    )
+    lines = _lines(stream)
+    assert [(line["logger"], line["request_id"]) for line in lines] == [
+        ("tests.fake_user_service", "call-9"),
+        ("usersvc.access", "call-9"),
+    ]

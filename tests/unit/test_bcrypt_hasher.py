@@ -1,0 +1,220 @@
+"""BcryptPasswordHasher (usersvc.services.passwords): bcrypt off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import bcrypt
+import pytest
+
+from usersvc.services.passwords import BcryptPasswordHasher
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def hasher() -> Iterator[BcryptPasswordHasher]:
+    hasher = BcryptPasswordHasher(rounds=4, max_threads=2)
+    yield hasher
+    hasher.close()
+
+
+class Gate:
+    """Holds bcrypt calls in their worker thread until released."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.threads: list[int] = []
+
+    def wrap(self, fn):  # type: ignore[no-untyped-def]
+        def gated(*args):  # type: ignore[no-untyped-def]
+            self.threads.append(threading.get_ident())
+            self.started.set()
+            self.release.wait(timeout=10)
+            return fn(*args)
+
+        return gated
+
+    async def wait_started(self) -> bool:
+        return await asyncio.to_thread(self.started.wait, 10)
+
+
+async def test_a_hash_verifies_its_password(hasher: BcryptPasswordHasher) -> None:
+    hashed = await hasher.hash(PASSWORD)
+    assert await hasher.verify(PASSWORD, hashed)
+
+
+async def test_a_hash_refuses_another_password(hasher: BcryptPasswordHasher) -> None:
+    hashed = await hasher.hash(PASSWORD)
+    assert not await hasher.verify(PASSWORD + "!", hashed)
+
+
+async def test_hashes_use_the_configured_cost(hasher: BcryptPasswordHasher) -> None:
+    assert (await hasher.hash(PASSWORD)).startswith("$2b$04$")
+
+
+async def test_hashing_runs_in_a_worker_thread(
+    hasher: BcryptPasswordHasher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate()
+    gate.release.set()
+    monkeypatch.setattr(bcrypt, "hashpw", gate.wrap(bcrypt.hashpw))
+    await hasher.hash(PASSWORD)
+    assert gate.threads
+    assert threading.get_ident() not in gate.threads
+
+
+async def test_verifying_runs_in_a_worker_thread(
+    hasher: BcryptPasswordHasher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed = await hasher.hash(PASSWORD)
+    gate = Gate()
+    gate.release.set()
+    monkeypatch.setattr(bcrypt, "checkpw", gate.wrap(bcrypt.checkpw))
+    assert await hasher.verify(PASSWORD, hashed)
+    assert gate.threads
+    assert threading.get_ident() not in gate.threads
+
+
+async def test_the_event_loop_keeps_running_while_bcrypt_works(
+    hasher: BcryptPasswordHasher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate()
+    monkeypatch.setattr(bcrypt, "hashpw", gate.wrap(bcrypt.hashpw))
+    pending = asyncio.create_task(hasher.hash(PASSWORD))
+    assert await gate.wait_started()
+    # bcrypt is held mid-hash; had it run on the loop, we would only get
+    # here after it finished.
+    assert await asyncio.gather(*(asyncio.sleep(0, result=i) for i in range(3))) == [0, 1, 2]
+    assert not pending.done()
+    gate.release.set()
+    assert (await pending).startswith("$2b$")
+
+
+async def test_no_more_hashes_run_at_once_than_there_are_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hasher = BcryptPasswordHasher(rounds=4, max_threads=2)
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+    real = bcrypt.hashpw
+
+    def counting(password: bytes, salt: bytes) -> bytes:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            return real(password, salt)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(bcrypt, "hashpw", counting)
+    try:
+        hashes = await asyncio.gather(*(hasher.hash(f"{PASSWORD}{i}") for i in range(8)))
+    finally:
+        hasher.close()
+    assert len(set(hashes)) == 8
+    assert 1 <= peak <= 2
+
+
+async def test_a_cancelled_hash_gives_its_slot_back_when_bcrypt_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hasher = BcryptPasswordHasher(rounds=4, max_threads=1)
+    gate = Gate()
+    monkeypatch.setattr(bcrypt, "hashpw", gate.wrap(bcrypt.hashpw))
+    try:
+        first = asyncio.create_task(hasher.hash(PASSWORD))
+        assert await gate.wait_started()
+        first.cancel()
+        gate.release.set()
+        second = await asyncio.wait_for(hasher.hash(PASSWORD), timeout=10)
+    finally:
+        hasher.close()
+    assert second.startswith("$2b$04$")
+    assert first.cancelled()
+
+
+async def test_hashing_more_than_72_bytes_is_refused(hasher: BcryptPasswordHasher) -> None:
+    with pytest.raises(ValueError, match="72"):
+        await hasher.hash("é" * 37)
+
+
+async def test_verifying_more_than_72_bytes_is_false_without_calling_bcrypt(
+    hasher: BcryptPasswordHasher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed = await hasher.hash("x" * 72)
+    calls: list[bytes] = []
+    monkeypatch.setattr(bcrypt, "checkpw", lambda pw, h: calls.append(pw) or True)
+    assert await hasher.verify("x" * 73, hashed) is False
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "bad_hash", ["", "not a hash", "$2b$04$short", "$2b$04$" + "é" * 53, "$1$md5$crypt"]
+)
+async def test_a_malformed_hash_verifies_as_false(
+    hasher: BcryptPasswordHasher, bad_hash: str
+) -> None:
+    assert await hasher.verify(PASSWORD, bad_hash) is False
+
+
+async def test_an_unencodable_password_verifies_as_false(hasher: BcryptPasswordHasher) -> None:
+    hashed = await hasher.hash(PASSWORD)
+    assert await hasher.verify("\ud800" * 8, hashed) is False
+
+
+def test_a_hash_below_the_configured_cost_needs_rehashing() -> None:
+    hasher = BcryptPasswordHasher(rounds=12, max_threads=1)
+    try:
+        assert hasher.needs_rehash(bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode())
+        assert hasher.needs_rehash("$2a$10$" + "a" * 53)
+        assert not hasher.needs_rehash("$2b$12$" + "a" * 53)
+        assert not hasher.needs_rehash("$2y$13$" + "a" * 53)
+    finally:
+        hasher.close()
+
+
+@pytest.mark.parametrize("bad_hash", ["", "plain", "$2b$xx$" + "a" * 53, "$2b$12$tooshort"])
+def test_an_unreadable_hash_needs_rehashing(bad_hash: str) -> None:
+    hasher = BcryptPasswordHasher(rounds=4, max_threads=1)
+    try:
+        assert hasher.needs_rehash(bad_hash)
+    finally:
+        hasher.close()
+
+
+async def test_the_dummy_hash_is_computed_once_at_the_configured_cost(
+    hasher: BcryptPasswordHasher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    real = bcrypt.hashpw
+
+    def counting(password: bytes, salt: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        return real(password, salt)
+
+    monkeypatch.setattr(bcrypt, "hashpw", counting)
+    first, second = await asyncio.gather(hasher.dummy_hash(), hasher.dummy_hash())
+    assert first == second == await hasher.dummy_hash()
+    assert first.startswith("$2b$04$")
+    assert calls == 1
+
+
+@pytest.mark.parametrize(("rounds", "threads"), [(3, 1), (32, 1), (4, 0)])
+def test_invalid_settings_are_refused(rounds: int, threads: int) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        BcryptPasswordHasher(rounds=rounds, max_threads=threads)
+
+
+async def test_a_closed_hasher_refuses_new_work(hasher: BcryptPasswordHasher) -> None:
+    hasher.close()
+    with pytest.raises(RuntimeError):
+        await hasher.hash(PASSWORD)

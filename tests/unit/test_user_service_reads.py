@@ -1,0 +1,378 @@
+"""UserService reads: get_user, lookup_user, batch_get_users, list_users."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from fakes import (
+    EPOCH,
+    UserServiceHarness,
+    as_admin,
+    as_mtls_service,
+    as_service_account,
+    as_user,
+    user_service,
+)
+
+from usersvc.domain.errors import InvalidArgument, PermissionDenied, UserNotFound
+from usersvc.domain.models import ANONYMOUS, Principal, User, UserState
+from usersvc.services.inputs import ListUsersInput, UserListResult
+
+MISSING = "0190a4b2-6c1e-7cc3-8a1b-00000000dead"
+
+
+def fields_of(error: InvalidArgument) -> list[str]:
+    return [v.field for v in error.violations]
+
+
+# -- get_user --------------------------------------------------------------------------
+
+
+async def test_a_user_reads_itself_as_me() -> None:
+    h = user_service()
+    ann = h.db.insert("ann@example.com")
+    assert await h.service.get_user(principal=as_user(ann), user_id="me") == ann
+
+
+async def test_a_user_reads_itself_by_id() -> None:
+    h = user_service()
+    ann = h.db.insert("ann@example.com")
+    assert await h.service.get_user(principal=as_user(ann), user_id=str(ann.id)) == ann
+
+
+@pytest.mark.parametrize("principal", [as_admin(), as_service_account(), as_mtls_service()])
+async def test_admins_and_services_read_anyone(principal: Principal) -> None:
+    h = user_service()
+    ann = h.db.insert("ann@example.com")
+    assert await h.service.get_user(principal=principal, user_id=str(ann.id)) == ann
+
+
+async def test_a_user_may_not_read_another_user() -> None:
+    h = user_service()
+    ann, bob = h.db.insert("ann@example.com"), h.db.insert("bob@example.com")
+    with pytest.raises(PermissionDenied):
+        await h.service.get_user(principal=as_user(ann), user_id=str(bob.id))
+
+
+async def test_permission_is_denied_whether_or_not_the_target_exists() -> None:
+    h = user_service()
+    ann = h.db.insert("ann@example.com")
+    with pytest.raises(PermissionDenied):
+        await h.service.get_user(principal=as_user(ann), user_id=MISSING)
+
+
+async def test_anonymous_callers_may_not_read_users() -> None:
+    h = user_service()
+    with pytest.raises(PermissionDenied):
+        await h.service.get_user(principal=ANONYMOUS, user_id="me")
+
+
+async def test_a_missing_user_is_not_found_with_its_id() -> None:
+    h = user_service()
+    with pytest.raises(UserNotFound) as caught:
+        await h.service.get_user(principal=as_admin(), user_id=MISSING)
+    assert caught.value.metadata == {"id": MISSING}
+
+
+async def test_a_malformed_id_is_an_invalid_argument() -> None:
+    h = user_service()
+    with pytest.raises(InvalidArgument) as caught:
+        await h.service.get_user(principal=as_admin(), user_id="42")
+    assert fields_of(caught.value) == ["id"]
+
+
+async def test_me_from_an_mtls_service_is_an_invalid_argument() -> None:
+    h = user_service()
+    with pytest.raises(InvalidArgument):
+        await h.service.get_user(principal=as_mtls_service(), user_id="me")
+
+
+@pytest.mark.parametrize("who", ["self", "service"])
+async def test_a_deleted_user_is_not_found_except_for_admins(who: str) -> None:
+    h = user_service()
+    ann = h.db.insert("ann@example.com", deleted=True)
+    principal = as_user(ann) if who == "self" else as_service_account()
+    with pytest.raises(UserNotFound):
+        await h.service.get_user(principal=principal, user_id=str(ann.id))
+
+
+async def test_admins_read_deleted_users() -> None:
+    h = user_service()
+    ann = h.db.insert("ann@example.com", deleted=True)
+    user = await h.service.get_user(principal=as_admin(), user_id=str(ann.id))
+    assert user.state is UserState.DELETED
+
+
+# -- lookup_user -------------------------------------------------------------------------
+
+
+async def test_lookup_finds_a_user_by_email_in_any_case() -> None:
+    h = user_service()
+    ann = h.db.insert("ann@example.com")
+    assert await h.service.lookup_user(principal=as_admin(), email=" ANN@Example.com") == ann
+
+
+async def test_users_may_not_look_up_even_themselves() -> None:
+    h = user_service()
+    ann = h.db.insert("ann@example.com")
+    with pytest.raises(PermissionDenied):
+        await h.service.lookup_user(principal=as_user(ann), email="ann@example.com")
+
+
+async def test_lookup_of_a_malformed_email_is_an_invalid_argument() -> None:
+    h = user_service()
+    with pytest.raises(InvalidArgument) as caught:
+        await h.service.lookup_user(principal=as_service_account(), email="nope")
+    assert fields_of(caught.value) == ["email"]
+
+
+async def test_lookup_of_an_unknown_email_is_not_found() -> None:
+    h = user_service()
+    with pytest.raises(UserNotFound):
+        await h.service.lookup_user(principal=as_admin(), email="ghost@example.com")
+
+
+async def test_lookup_of_a_deleted_user_is_not_found_for_services() -> None:
+    h = user_service()
+    h.db.insert("ann@example.com", deleted=True)
+    with pytest.raises(UserNotFound):
+        await h.service.lookup_user(principal=as_service_account(), email="ann@example.com")
+
+
+async def test_admins_look_up_deleted_users() -> None:
+    h = user_service()
+    ann = h.db.insert("ann@example.com", deleted=True)
+    assert await h.service.lookup_user(principal=as_admin(), email="ann@example.com") == ann
+
+
+# -- batch_get_users -----------------------------------------------------------------------
+
+
+async def test_batch_get_keeps_request_order_and_repeats() -> None:
+    h = user_service()
+    a, b, c = (h.db.insert(f"{n}@example.com") for n in "abc")
+    users = await h.service.batch_get_users(
+        principal=as_service_account(), user_ids=[str(c.id), str(a.id), str(c.id), str(b.id)]
+    )
+    assert users == [c, a, c, b]
+
+
+async def test_batch_get_fails_whole_on_the_first_missing_id() -> None:
+    h = user_service()
+    a = h.db.insert("a@example.com")
+    other_missing = str(uuid.uuid4())
+    with pytest.raises(UserNotFound) as caught:
+        await h.service.batch_get_users(
+            principal=as_admin(), user_ids=[str(a.id), MISSING, other_missing]
+        )
+    assert caught.value.metadata == {"id": MISSING}
+
+
+async def test_batch_get_treats_deleted_users_as_missing_for_services() -> None:
+    h = user_service()
+    gone = h.db.insert("a@example.com", deleted=True)
+    with pytest.raises(UserNotFound) as caught:
+        await h.service.batch_get_users(principal=as_service_account(), user_ids=[str(gone.id)])
+    assert caught.value.metadata == {"id": str(gone.id)}
+
+
+async def test_batch_get_returns_deleted_users_to_admins() -> None:
+    h = user_service()
+    gone = h.db.insert("a@example.com", deleted=True)
+    assert await h.service.batch_get_users(principal=as_admin(), user_ids=[str(gone.id)]) == [gone]
+
+
+async def test_batch_get_reports_every_malformed_id() -> None:
+    h = user_service()
+    with pytest.raises(InvalidArgument) as caught:
+        await h.service.batch_get_users(principal=as_admin(), user_ids=[MISSING, "x", MISSING, ""])
+    assert fields_of(caught.value) == ["ids[1]", "ids[3]"]
+
+
+@pytest.mark.parametrize("size", [0, 1001])
+async def test_batch_get_takes_one_to_a_thousand_ids(size: int) -> None:
+    h = user_service()
+    with pytest.raises(InvalidArgument) as caught:
+        await h.service.batch_get_users(principal=as_admin(), user_ids=[MISSING] * size)
+    assert fields_of(caught.value) == ["ids"]
+
+
+async def test_users_may_not_batch_get() -> None:
+    h = user_service()
+    ann = h.db.insert("ann@example.com")
+    with pytest.raises(PermissionDenied):
+        await h.service.batch_get_users(principal=as_user(ann), user_ids=[str(ann.id)])
+
+
+# -- list_users ----------------------------------------------------------------------------
+
+
+def populate(h: UserServiceHarness, count: int) -> list[User]:
+    return [h.db.insert(f"user{i:04d}@example.com") for i in range(count)]
+
+
+async def list_page(
+    h: UserServiceHarness, principal: Principal | None = None, **fields: object
+) -> UserListResult:
+    return await h.service.list_users(
+        principal=principal or as_admin(),
+        request=ListUsersInput(**fields),  # type: ignore[arg-type]
+    )
+
+
+async def test_a_page_holds_fifty_users_by_default() -> None:
+    h = user_service()
+    populate(h, 60)
+    page = await list_page(h)
+    assert len(page.users) == 50
+    assert page.total_size == 60
+    assert page.next_page_token
+
+
+async def test_a_page_size_above_a_thousand_is_lowered_to_a_thousand() -> None:
+    h = user_service()
+    populate(h, 1001)
+    page = await list_page(h, page_size=5000)
+    assert len(page.users) == 1000
+
+
+async def test_a_negative_page_size_is_an_invalid_argument() -> None:
+    h = user_service()
+    with pytest.raises(InvalidArgument) as caught:
+        await list_page(h, page_size=-1)
+    assert fields_of(caught.value) == ["page_size"]
+
+
+async def test_paging_visits_every_user_once_in_creation_order() -> None:
+    h = user_service()
+    users = populate(h, 7)
+    seen: list[User] = []
+    token = ""
+    while True:
+        page = await list_page(h, page_size=3, page_token=token)
+        seen.extend(page.users)
+        assert page.total_size == 7
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == users
+
+
+async def test_users_created_while_paging_neither_repeat_nor_hide_earlier_rows() -> None:
+    h = user_service()
+    users = populate(h, 6)
+    first = await list_page(h, page_size=3)
+    h.db.insert("late@example.com", create_time=EPOCH - timedelta(days=1))
+    second = await list_page(h, page_size=3, page_token=first.next_page_token)
+    assert [*first.users, *second.users] == users
+
+
+async def test_later_pages_carry_the_first_pages_total() -> None:
+    h = user_service()
+    populate(h, 4)
+    first = await list_page(h, page_size=2)
+    h.db.insert("late@example.com")
+    second = await list_page(h, page_size=2, page_token=first.next_page_token)
+    assert (first.total_size, second.total_size) == (4, 4)
+
+
+async def test_the_last_page_has_no_next_token() -> None:
+    h = user_service()
+    populate(h, 2)
+    page = await list_page(h, page_size=2)
+    assert page.next_page_token == ""
+
+
+async def test_the_filter_selects_users() -> None:
+    h = user_service()
+    h.db.insert("ann@payments.example.com", labels={"team": "payments"})
+    bob = h.db.insert("bob@example.com", labels={"team": "search"}, roles=("user", "admin"))
+    h.db.insert("cid@example.com", disabled=True)
+    page = await list_page(h, filter='state = STATE_ACTIVE AND roles:"admin" AND labels.team:*')
+    assert (page.users, page.total_size) == ((bob,), 1)
+
+
+async def test_order_by_email_descending() -> None:
+    h = user_service()
+    for name in ("b", "c", "a"):
+        h.db.insert(f"{name}@example.com")
+    page = await list_page(h, order_by="email desc")
+    assert [u.email for u in page.users] == ["c@example.com", "b@example.com", "a@example.com"]
+
+
+async def test_filter_order_by_and_page_size_problems_are_reported_together() -> None:
+    h = user_service()
+    with pytest.raises(InvalidArgument) as caught:
+        await list_page(h, page_size=-5, filter="bogus = 1", order_by="height")
+    assert fields_of(caught.value) == ["page_size", "filter", "order_by"]
+
+
+async def test_a_page_token_used_with_another_filter_is_refused() -> None:
+    h = user_service()
+    populate(h, 3)
+    first = await list_page(h, page_size=1, filter='email:"user"')
+    with pytest.raises(InvalidArgument) as caught:
+        await list_page(h, page_size=1, filter='email:"use"', page_token=first.next_page_token)
+    assert fields_of(caught.value) == ["page_token"]
+
+
+async def test_a_page_token_survives_respelling_the_same_filter() -> None:
+    h = user_service()
+    users = populate(h, 3)
+    first = await list_page(h, page_size=2, filter='email:"user"')
+    second = await list_page(
+        h, page_size=2, filter='  email : "user"', page_token=first.next_page_token
+    )
+    assert second.users == (users[2],)
+
+
+async def test_a_page_token_used_with_another_order_is_refused() -> None:
+    h = user_service()
+    populate(h, 3)
+    first = await list_page(h, page_size=1)
+    with pytest.raises(InvalidArgument):
+        await list_page(h, page_size=1, order_by="email", page_token=first.next_page_token)
+
+
+async def test_a_garbage_page_token_is_an_invalid_argument() -> None:
+    h = user_service()
+    with pytest.raises(InvalidArgument) as caught:
+        await list_page(h, page_token="garbage!")
+    assert fields_of(caught.value) == ["page_token"]
+
+
+async def test_deleted_users_are_left_out_by_default() -> None:
+    h = user_service()
+    live = h.db.insert("live@example.com")
+    h.db.insert("gone@example.com", deleted=True)
+    page = await list_page(h)
+    assert (page.users, page.total_size) == ((live,), 1)
+
+
+async def test_admins_list_deleted_users_with_show_deleted() -> None:
+    h = user_service()
+    h.db.insert("live@example.com")
+    h.db.insert("gone@example.com", deleted=True)
+    page = await list_page(h, show_deleted=True)
+    assert page.total_size == 2
+
+
+async def test_services_may_not_show_deleted_users() -> None:
+    h = user_service()
+    with pytest.raises(PermissionDenied):
+        await list_page(h, as_service_account(), show_deleted=True)
+
+
+@pytest.mark.parametrize("principal", [ANONYMOUS, as_user(uuid.uuid4())])
+async def test_users_may_not_list(principal: Principal) -> None:
+    h = user_service()
+    with pytest.raises(PermissionDenied):
+        await list_page(h, principal)
+
+
+async def test_services_list_users() -> None:
+    h = user_service()
+    populate(h, 2)
+    assert (await list_page(h, as_mtls_service())).total_size == 2

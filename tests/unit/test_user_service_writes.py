@@ -1,0 +1,435 @@
+"""UserService writes: update, delete, undelete, purge, disable/enable, passwords."""
+
+from __future__ import annotations
+
+import pytest
+from fakes import (
+    FakePasswordHasher,
+    UserServiceHarness,
+    as_admin,
+    as_service_account,
+    as_user,
+    user_service,
+)
+
+from usersvc.domain.errors import (
+    EmailAlreadyExists,
+    EtagMismatch,
+    InvalidArgument,
+    InvalidCredentials,
+    InvalidState,
+    PermissionDenied,
+    UserNotFound,
+    WeakPassword,
+)
+from usersvc.domain.models import Principal, User, UserPatch, UserState
+from usersvc.services.inputs import UpdateUserInput
+
+MISSING = "0190a4b2-6c1e-7cc3-8a1b-00000000dead"
+OLD_PASSWORD = "the old passphrase"
+NEW_PASSWORD = "a brand new passphrase"
+
+
+def fields_of(error: InvalidArgument) -> list[str]:
+    return [v.field for v in error.violations]
+
+
+def with_ann(**fields: object) -> tuple[UserServiceHarness, User]:
+    h = user_service()
+    ann = h.db.insert(
+        "ann@example.com",
+        password_hash=FakePasswordHasher.hash_at(OLD_PASSWORD, 4),
+        **fields,  # type: ignore[arg-type]
+    )
+    return h, ann
+
+
+async def update(
+    h: UserServiceHarness, principal: Principal, user_id: str, etag: str = "", **patch: object
+) -> User:
+    return await h.service.update_user(
+        principal=principal,
+        request=UpdateUserInput(user_id=user_id, etag=etag, patch=UserPatch(**patch)),  # type: ignore[arg-type]
+    )
+
+
+# -- update_user ---------------------------------------------------------------------------
+
+
+async def test_a_user_updates_its_own_profile() -> None:
+    h, ann = with_ann()
+    updated = await update(h, as_user(ann), "me", display_name=" Ann Lee ", labels={"a": "b"})
+    assert (updated.display_name, updated.labels) == ("Ann Lee", {"a": "b"})
+    assert h.db.user(ann.id) == updated
+
+
+async def test_an_update_changes_the_etag() -> None:
+    h, ann = with_ann()
+    updated = await update(h, as_user(ann), "me", display_name="Ann")
+    assert updated.etag != ann.etag
+
+
+async def test_only_the_fields_in_the_patch_change() -> None:
+    h, ann = with_ann(display_name="Ann", labels={"team": "x"})
+    updated = await update(h, as_user(ann), "me", email="Ann.Lee@Example.com")
+    assert (updated.email, updated.display_name, updated.labels) == (
+        "ann.lee@example.com",
+        "Ann",
+        {"team": "x"},
+    )
+
+
+async def test_labels_are_replaced_as_a_whole() -> None:
+    h, ann = with_ann(labels={"team": "x", "tier": "gold"})
+    updated = await update(h, as_user(ann), "me", labels={"team": "y"})
+    assert updated.labels == {"team": "y"}
+
+
+async def test_a_user_may_not_change_its_own_roles() -> None:
+    h, ann = with_ann()
+    with pytest.raises(PermissionDenied):
+        await update(h, as_user(ann), "me", roles=("admin",))
+    assert h.db.user(ann.id) == ann
+
+
+async def test_admins_change_roles_and_user_is_always_kept() -> None:
+    h, ann = with_ann()
+    updated = await update(h, as_admin(), str(ann.id), roles=("admin",))
+    assert updated.roles == ("admin", "user")
+
+
+async def test_a_user_may_not_update_another_user() -> None:
+    h, ann = with_ann()
+    bob = h.db.insert("bob@example.com")
+    with pytest.raises(PermissionDenied):
+        await update(h, as_user(ann), str(bob.id), display_name="Bob")
+
+
+async def test_a_user_is_denied_updating_a_missing_user_not_told_it_is_missing() -> None:
+    h, ann = with_ann()
+    with pytest.raises(PermissionDenied):
+        await update(h, as_user(ann), MISSING, display_name="x")
+
+
+async def test_services_may_not_update_users() -> None:
+    h, ann = with_ann()
+    with pytest.raises(PermissionDenied):
+        await update(h, as_service_account(), str(ann.id), display_name="x")
+
+
+async def test_an_empty_patch_is_an_invalid_update_mask() -> None:
+    h, ann = with_ann()
+    with pytest.raises(InvalidArgument) as caught:
+        await update(h, as_user(ann), "me")
+    assert fields_of(caught.value) == ["update_mask"]
+
+
+async def test_bad_values_are_reported_under_user() -> None:
+    h, ann = with_ann()
+    with pytest.raises(InvalidArgument) as caught:
+        await update(h, as_admin(), str(ann.id), email="nope", roles=("root",), labels={"X": ""})
+    assert fields_of(caught.value) == ["user.email", "user.roles[0]", "user.labels"]
+
+
+async def test_a_malformed_user_id_is_reported_under_user_id() -> None:
+    h, _ = with_ann()
+    with pytest.raises(InvalidArgument) as caught:
+        await update(h, as_admin(), "nope", display_name="x")
+    assert fields_of(caught.value) == ["user.id"]
+
+
+async def test_changing_to_a_taken_email_is_refused() -> None:
+    h, ann = with_ann()
+    h.db.insert("bob@example.com")
+    with pytest.raises(EmailAlreadyExists):
+        await update(h, as_user(ann), "me", email="BOB@example.com")
+    assert h.db.user(ann.id) == ann
+
+
+async def test_a_stale_etag_is_refused_and_changes_nothing() -> None:
+    h, ann = with_ann()
+    await update(h, as_user(ann), "me", display_name="First")
+    current = h.db.user(ann.id)
+    with pytest.raises(EtagMismatch):
+        await update(h, as_user(ann), "me", etag=ann.etag, display_name="Second")
+    assert h.db.user(ann.id) == current
+
+
+async def test_the_current_etag_is_accepted() -> None:
+    h, ann = with_ann()
+    updated = await update(h, as_user(ann), "me", etag=ann.etag, display_name="Ann")
+    assert updated.display_name == "Ann"
+
+
+async def test_admins_updating_a_deleted_user_get_invalid_state() -> None:
+    h, ann = with_ann(deleted=True)
+    with pytest.raises(InvalidState) as caught:
+        await update(h, as_admin(), str(ann.id), display_name="x")
+    assert caught.value.already_exists is False
+
+
+async def test_a_deleted_user_updating_itself_is_not_found() -> None:
+    h, ann = with_ann(deleted=True)
+    with pytest.raises(UserNotFound):
+        await update(h, as_user(ann), "me", display_name="x")
+
+
+async def test_updating_a_missing_user_is_not_found() -> None:
+    h, _ = with_ann()
+    with pytest.raises(UserNotFound):
+        await update(h, as_admin(), MISSING, display_name="x")
+
+
+# -- delete_user -------------------------------------------------------------------------
+
+
+async def test_a_user_deletes_itself_softly() -> None:
+    h, ann = with_ann()
+    deleted = await h.service.delete_user(principal=as_user(ann), user_id="me", etag="")
+    assert deleted.state is UserState.DELETED
+    assert deleted.delete_time is not None
+    assert h.db.user(ann.id) == deleted
+
+
+async def test_admins_delete_other_users() -> None:
+    h, ann = with_ann()
+    deleted = await h.service.delete_user(principal=as_admin(), user_id=str(ann.id), etag="")
+    assert deleted.state is UserState.DELETED
+
+
+@pytest.mark.parametrize("who", ["user", "service"])
+async def test_others_may_not_delete_a_user(who: str) -> None:
+    h, ann = with_ann()
+    bob = h.db.insert("bob@example.com")
+    principal = as_user(bob) if who == "user" else as_service_account()
+    with pytest.raises(PermissionDenied):
+        await h.service.delete_user(principal=principal, user_id=str(ann.id), etag="")
+
+
+async def test_a_stale_etag_refuses_the_delete() -> None:
+    h, ann = with_ann()
+    await update(h, as_user(ann), "me", display_name="Changed")
+    with pytest.raises(EtagMismatch):
+        await h.service.delete_user(principal=as_user(ann), user_id="me", etag=ann.etag)
+    assert h.db.user(ann.id).state is UserState.ACTIVE  # type: ignore[union-attr]
+
+
+async def test_deleting_an_already_deleted_user_is_invalid_state_for_admins() -> None:
+    h, ann = with_ann(deleted=True)
+    with pytest.raises(InvalidState):
+        await h.service.delete_user(principal=as_admin(), user_id=str(ann.id), etag="")
+
+
+async def test_deleting_oneself_twice_is_not_found() -> None:
+    h, ann = with_ann(deleted=True)
+    with pytest.raises(UserNotFound):
+        await h.service.delete_user(principal=as_user(ann), user_id="me", etag="")
+
+
+async def test_deleting_a_missing_user_is_not_found() -> None:
+    h, _ = with_ann()
+    with pytest.raises(UserNotFound):
+        await h.service.delete_user(principal=as_admin(), user_id=MISSING, etag="")
+
+
+# -- undelete / purge --------------------------------------------------------------------
+
+
+async def test_admins_undelete_a_user_to_its_previous_state() -> None:
+    h, ann = with_ann()
+    admin = as_admin()
+    await h.service.disable_user(principal=admin, user_id=str(ann.id))
+    await h.service.delete_user(principal=admin, user_id=str(ann.id), etag="")
+    restored = await h.service.undelete_user(principal=admin, user_id=str(ann.id))
+    assert restored.state is UserState.DISABLED
+
+
+async def test_undeleting_a_live_user_is_invalid_state_already_exists() -> None:
+    h, ann = with_ann()
+    with pytest.raises(InvalidState) as caught:
+        await h.service.undelete_user(principal=as_admin(), user_id=str(ann.id))
+    assert caught.value.already_exists is True
+
+
+async def test_undeleting_a_missing_user_is_not_found() -> None:
+    h, _ = with_ann()
+    with pytest.raises(UserNotFound):
+        await h.service.undelete_user(principal=as_admin(), user_id=MISSING)
+
+
+async def test_non_admins_are_refused_before_the_id_is_looked_at() -> None:
+    h, ann = with_ann(deleted=True)
+    with pytest.raises(PermissionDenied):
+        await h.service.undelete_user(principal=as_user(ann), user_id="not-an-id")
+
+
+async def test_admins_purge_a_user_for_good_and_free_its_email() -> None:
+    h, ann = with_ann(deleted=True)
+    await h.service.purge_user(principal=as_admin(), user_id=str(ann.id))
+    assert h.db.user(ann.id) is None
+    assert h.db.insert("ann@example.com").email == "ann@example.com"
+
+
+async def test_purging_a_missing_user_is_not_found() -> None:
+    h, _ = with_ann()
+    with pytest.raises(UserNotFound):
+        await h.service.purge_user(principal=as_admin(), user_id=MISSING)
+
+
+async def test_users_may_not_purge_even_themselves() -> None:
+    h, ann = with_ann()
+    with pytest.raises(PermissionDenied):
+        await h.service.purge_user(principal=as_user(ann), user_id="me")
+    assert h.db.user(ann.id) == ann
+
+
+# -- disable / enable ----------------------------------------------------------------------
+
+
+async def test_admins_disable_and_enable_users() -> None:
+    h, ann = with_ann()
+    admin = as_admin()
+    disabled = await h.service.disable_user(principal=admin, user_id=str(ann.id))
+    enabled = await h.service.enable_user(principal=admin, user_id=str(ann.id))
+    assert (disabled.state, enabled.state) == (UserState.DISABLED, UserState.ACTIVE)
+
+
+async def test_disabling_a_disabled_user_writes_nothing() -> None:
+    h, ann = with_ann(disabled=True)
+    again = await h.service.disable_user(principal=as_admin(), user_id=str(ann.id))
+    assert again == ann
+    assert h.db.commits == 0
+
+
+async def test_enabling_an_active_user_writes_nothing() -> None:
+    h, ann = with_ann()
+    again = await h.service.enable_user(principal=as_admin(), user_id=str(ann.id))
+    assert again == ann
+    assert h.db.commits == 0
+
+
+@pytest.mark.parametrize("action", ["disable_user", "enable_user"])
+async def test_disable_and_enable_of_a_deleted_user_are_invalid_state(action: str) -> None:
+    h, ann = with_ann(deleted=True)
+    with pytest.raises(InvalidState) as caught:
+        await getattr(h.service, action)(principal=as_admin(), user_id=str(ann.id))
+    assert caught.value.already_exists is False
+
+
+@pytest.mark.parametrize("action", ["disable_user", "enable_user"])
+async def test_disable_and_enable_of_a_missing_user_are_not_found(action: str) -> None:
+    h, _ = with_ann()
+    with pytest.raises(UserNotFound):
+        await getattr(h.service, action)(principal=as_admin(), user_id=MISSING)
+
+
+@pytest.mark.parametrize("action", ["disable_user", "enable_user"])
+async def test_services_may_not_disable_or_enable(action: str) -> None:
+    h, ann = with_ann()
+    with pytest.raises(PermissionDenied):
+        await getattr(h.service, action)(principal=as_service_account(), user_id=str(ann.id))
+
+
+# -- change_password ---------------------------------------------------------------------
+
+
+async def change(
+    h: UserServiceHarness,
+    principal: Principal,
+    user_id: str = "me",
+    current: str = OLD_PASSWORD,
+    new: str = NEW_PASSWORD,
+) -> None:
+    await h.service.change_password(
+        principal=principal, user_id=user_id, current_password=current, new_password=new
+    )
+
+
+async def test_a_user_changes_its_password_with_the_current_one() -> None:
+    h, ann = with_ann()
+    await change(h, as_user(ann))
+    assert h.db.password_hash(ann.id) == FakePasswordHasher.hash_at(NEW_PASSWORD, 4)
+
+
+async def test_a_wrong_current_password_is_invalid_credentials() -> None:
+    h, ann = with_ann()
+    with pytest.raises(InvalidCredentials):
+        await change(h, as_user(ann), current="not the old one")
+    assert h.db.password_hash(ann.id) == FakePasswordHasher.hash_at(OLD_PASSWORD, 4)
+
+
+async def test_a_missing_current_password_is_an_invalid_argument() -> None:
+    h, ann = with_ann()
+    with pytest.raises(InvalidArgument) as caught:
+        await change(h, as_user(ann), current="")
+    assert fields_of(caught.value) == ["current_password"]
+
+
+async def test_admins_need_their_own_current_password_too() -> None:
+    h, ann = with_ann(roles=("user", "admin"))
+    with pytest.raises(InvalidArgument):
+        await change(h, as_user(ann), current="")
+
+
+async def test_admins_set_other_users_passwords_without_the_current_one() -> None:
+    h, ann = with_ann()
+    await change(h, as_admin(), str(ann.id), current="")
+    assert h.db.password_hash(ann.id) == FakePasswordHasher.hash_at(NEW_PASSWORD, 4)
+
+
+async def test_a_user_may_not_change_another_users_password() -> None:
+    h, ann = with_ann()
+    bob = h.db.insert("bob@example.com")
+    with pytest.raises(PermissionDenied):
+        await change(h, as_user(bob), str(ann.id))
+
+
+async def test_a_weak_new_password_is_refused_under_new_password() -> None:
+    h, ann = with_ann()
+    with pytest.raises(WeakPassword) as caught:
+        await change(h, as_user(ann), new="password1")
+    assert fields_of(caught.value) == ["new_password"]
+    assert h.db.password_hash(ann.id) == FakePasswordHasher.hash_at(OLD_PASSWORD, 4)
+
+
+async def test_the_new_password_may_not_be_the_email() -> None:
+    h, ann = with_ann()
+    with pytest.raises(WeakPassword):
+        await change(h, as_user(ann), new="ANN@example.com")
+
+
+async def test_changing_the_password_of_a_missing_user_is_not_found() -> None:
+    h, _ = with_ann()
+    with pytest.raises(UserNotFound):
+        await change(h, as_admin(), MISSING, current="")
+
+
+async def test_a_deleted_user_changing_its_password_is_not_found() -> None:
+    h, ann = with_ann(deleted=True)
+    with pytest.raises(UserNotFound):
+        await change(h, as_user(ann))
+
+
+async def test_admins_changing_a_deleted_users_password_get_invalid_state() -> None:
+    h, ann = with_ann(deleted=True)
+    with pytest.raises(InvalidState):
+        await change(h, as_admin(), str(ann.id), current="")
+
+
+async def test_the_new_password_is_hashed_while_no_unit_of_work_is_open() -> None:
+    h, ann = with_ann()
+    await change(h, as_user(ann))
+    assert h.hasher.units_open_while_hashing == [0]
+
+
+async def test_a_password_changed_meanwhile_voids_the_current_password_check() -> None:
+    h, ann = with_ann()
+
+    def concurrent_change() -> None:
+        row = h.db.rows[ann.id]
+        h.db.rows[ann.id] = type(row)(row.user, FakePasswordHasher.hash_at("changed", 4))
+
+    h.hasher.on_hash = concurrent_change
+    with pytest.raises(InvalidCredentials):
+        await change(h, as_user(ann))
+    assert h.db.password_hash(ann.id) == FakePasswordHasher.hash_at("changed", 4)

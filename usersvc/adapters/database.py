@@ -1,0 +1,151 @@
+"""Engine construction and the translation of connection failures.
+
+One engine per process, built by the composition root from Settings; nothing
+here runs at import. TLS is configured in the URL (``?ssl=require``,
+``?ssl=verify-full``): the asyncpg dialect passes query parameters through to
+``asyncpg.connect``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from usersvc.config import Settings
+from usersvc.domain.errors import DatabaseUnavailable, DomainError
+
+logger = logging.getLogger(__name__)
+
+APPLICATION_NAME = "usersvc"
+
+# asyncpg waits 60 s for a connection by default; an RPC should learn sooner
+# that the database is gone. A ``timeout`` in the URL takes precedence.
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+# A client-side backstop on top of the server's statement_timeout: if the
+# network drops without a reset, the server cannot cancel anything and the
+# query would otherwise wait for TCP keepalive.
+COMMAND_TIMEOUT_MARGIN_SECONDS = 5.0
+
+# SQLSTATEs meaning "the database cannot serve us right now; retry later":
+# the connection class (08), refused logins (28: from the service's point of
+# view the database is unreachable), too many connections, shutdown and
+# start-up (57P0x), and statement_timeout (57014).
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "28")
+_UNAVAILABLE_SQLSTATES = frozenset({"53300", "57014", "57P01", "57P02", "57P03"})
+
+
+def create_engine(settings: Settings, url: str) -> AsyncEngine:
+    """Build the service's AsyncEngine: pool sizing from ``settings``, a
+    server-side ``statement_timeout`` (``db_statement_timeout_ms``; 0 leaves
+    the server's or role's own setting alone) and ``application_name`` set on
+    every connection. Connects lazily, so an unreachable database surfaces on
+    first use as DatabaseUnavailable, not here.
+
+    Raises sqlalchemy.exc.ArgumentError for a malformed URL.
+    """
+    parsed = make_url(url)
+    server_settings = {"application_name": APPLICATION_NAME}
+    connect_args: dict[str, Any] = {"server_settings": server_settings}
+    if settings.db_statement_timeout_ms > 0:
+        server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
+        connect_args["command_timeout"] = (
+            settings.db_statement_timeout_ms / 1000 + COMMAND_TIMEOUT_MARGIN_SECONDS
+        )
+    if "timeout" not in parsed.query:
+        connect_args["timeout"] = CONNECT_TIMEOUT_SECONDS
+    return create_async_engine(
+        parsed,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        pool_pre_ping=settings.db_pool_pre_ping,
+        pool_recycle=settings.db_pool_recycle_seconds,
+        # SQLAlchemy error messages otherwise quote bound parameters, which
+        # include password hashes; those messages reach logs.
+        hide_parameters=True,
+        connect_args=connect_args,
+    )
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE carried by ``exc`` (a SQLAlchemy DBAPIError, an
+    adapted DBAPI error or a raw asyncpg error), or None."""
+    candidates: list[object] = [exc]
+    if isinstance(exc, sa_exc.DBAPIError):
+        candidates.append(exc.orig)
+    candidates.extend([exc.__cause__, getattr(exc.__cause__, "__cause__", None)])
+    for candidate in candidates:
+        code = getattr(candidate, "sqlstate", None)
+        if isinstance(code, str) and code:
+            return code
+    return None
+
+
+def constraint_name_of(exc: BaseException) -> str | None:
+    """The name of the violated constraint or index behind an integrity
+    error, when the driver reports it."""
+    for candidate in _error_chain(exc):
+        name = getattr(candidate, "constraint_name", None)
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def _error_chain(exc: BaseException) -> Iterator[object]:
+    seen: set[int] = set()
+    current: object = exc
+    while isinstance(current, BaseException) and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        if isinstance(current, sa_exc.DBAPIError) and current.orig is not None:
+            current = current.orig
+        else:
+            current = current.__cause__
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """True when ``exc`` means the database is unreachable or refuses to work
+    for now (as opposed to a bug or a constraint violation)."""
+    if isinstance(exc, sa_exc.TimeoutError):
+        return True  # no pooled connection within pool_timeout
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    code = sqlstate_of(exc)
+    if code is not None:
+        return code in _UNAVAILABLE_SQLSTATES or code[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
+    # Failures to connect arrive unwrapped: refused, unreachable, DNS, TLS
+    # handshake and connect timeouts are all OSError subclasses.
+    return any(isinstance(e, OSError) for e in _error_chain(exc))
+
+
+def database_unavailable(exc: BaseException) -> DatabaseUnavailable | None:
+    """DatabaseUnavailable for a connection-level failure, else None."""
+    if isinstance(exc, DomainError) or not is_connection_failure(exc):
+        return None
+    # The class name is enough for operators; the chained exception keeps the
+    # details for the traceback the error mapper logs.
+    logger.warning("database unavailable: %s", type(exc).__name__)
+    return DatabaseUnavailable()
+
+
+@contextmanager
+def translate_connection_errors() -> Iterator[None]:
+    """Re-raise connection-level failures inside the block as
+    DatabaseUnavailable (chained); everything else passes through unchanged.
+
+    Raises DatabaseUnavailable.
+    """
+    try:
+        yield
+    except Exception as exc:
+        unavailable = database_unavailable(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from exc

@@ -1,0 +1,119 @@
+"""The unit of work: one AsyncSession, one transaction, rolled back unless
+committed.
+
+    async with uow_factory() as uow:
+        user = await uow.users.get(user_id, for_update=True)
+        ...
+        await uow.commit()
+
+A unit of work is used by one task and once; each RPC makes its own from the
+factory, so sessions and connections are never shared between tasks. The
+connection is checked out of the pool at the first statement, not on entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from types import TracebackType
+from typing import Self
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from usersvc.adapters.database import translate_connection_errors
+from usersvc.adapters.repository import (
+    SqlAlchemyIdempotencyRepository,
+    SqlAlchemyUserRepository,
+    raise_integrity_error,
+)
+from usersvc.domain.ports import IdempotencyRepository, UnitOfWorkFactory, UserRepository
+
+
+class SqlAlchemyUnitOfWork:
+    """usersvc.domain.ports.UnitOfWork over an AsyncSession."""
+
+    users: UserRepository
+    idempotency: IdempotencyRepository
+
+    def __init__(self, session_factory: async_sessionmaker[AsyncSession]):
+        self._session_factory = session_factory
+        self._session: AsyncSession | None = None
+        self._used = False
+
+    async def __aenter__(self) -> Self:
+        """Raises RuntimeError when entered a second time."""
+        if self._used:
+            raise RuntimeError("a unit of work is entered once; make a new one")
+        self._used = True
+        self._session = self._session_factory()
+        self.users = SqlAlchemyUserRepository(self._session)
+        self.idempotency = SqlAlchemyIdempotencyRepository(self._session)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Roll back whatever was not committed and return the connection.
+
+        Shielded: when the task is cancelled (an RPC deadline, a client that
+        went away) the rollback and release still finish, so the pool does not
+        leak the connection. Raises DatabaseUnavailable when the rollback fails
+        for connection reasons and no other exception is already propagating.
+        """
+        session = self._session
+        if session is None:
+            return
+        self._session = None
+        try:
+            await asyncio.shield(_close(session))
+        except Exception:
+            # Do not mask the error that ended the block: the connection is
+            # already invalidated by the pool when its rollback failed.
+            if exc is None:
+                raise
+
+    async def commit(self) -> None:
+        """Commit the transaction. Raises EmailAlreadyExists,
+        IdempotencyKeyTaken (constraint checks at commit),
+        DatabaseUnavailable, RuntimeError outside ``async with``."""
+        session = self._require_session()
+        try:
+            with translate_connection_errors():
+                await session.commit()
+        except sa_exc.IntegrityError as exc:
+            raise_integrity_error(exc)
+
+    async def rollback(self) -> None:
+        """Roll back now; the unit of work may go on with a new transaction.
+        Raises DatabaseUnavailable, RuntimeError outside ``async with``."""
+        session = self._require_session()
+        with translate_connection_errors():
+            await session.rollback()
+
+    def _require_session(self) -> AsyncSession:
+        if self._session is None:
+            raise RuntimeError("use the unit of work inside 'async with'")
+        return self._session
+
+
+async def _close(session: AsyncSession) -> None:
+    with translate_connection_errors():
+        try:
+            await session.rollback()
+        finally:
+            await session.close()
+
+
+def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for units of work: objects stay readable after commit, and
+    nothing flushes behind the repositories' backs."""
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def make_uow_factory(engine: AsyncEngine) -> UnitOfWorkFactory:
+    """A factory of fresh units of work on ``engine``. Raises nothing."""
+    return functools.partial(SqlAlchemyUnitOfWork, make_session_factory(engine))

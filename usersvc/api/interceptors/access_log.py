@@ -1,0 +1,126 @@
+"""One INFO line per call, written when the call ends however it ends:
+method, status code, duration, peer, principal and request id. Never the
+request or response: they carry passwords and tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from usersvc.api.context import current_principal, current_request_id
+from usersvc.api.interceptors.wrapping import (
+    Context,
+    Handler,
+    StreamBehaviour,
+    UnaryBehaviour,
+    WrappingInterceptor,
+    wrap_handler,
+)
+
+ACCESS_LOGGER = "usersvc.access"
+_MAX_UNKNOWN_METHOD_CHARS = 256
+
+# context.code() answers a StatusCode after set_code and may answer the raw
+# integer after abort, depending on the grpc version: name both.
+_CODE_NAMES: dict[object, str] = {code: code.name for code in grpc.StatusCode}
+_CODE_NAMES.update({code.value[0]: code.name for code in grpc.StatusCode})
+
+
+def _code_name(context: Context, error: BaseException | None) -> str:
+    if error is None or isinstance(error, grpc.aio.AbortError):
+        code = context.code()
+        return "OK" if code is None else _CODE_NAMES.get(code, "UNKNOWN")
+    if isinstance(error, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        # A millisecond of slack: grpc and Python read different clocks.
+        if remaining is not None and remaining < 0.001:
+            return "DEADLINE_EXCEEDED"
+        return "CANCELLED"
+    # Only when no ErrorMappingInterceptor sits inside: grpc then answers UNKNOWN.
+    return "UNKNOWN"
+
+
+class AccessLogInterceptor(WrappingInterceptor):
+    """Logs each call to ``usersvc.access`` (or ``logger``) at INFO."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        super().__init__()
+        self._logger = logger or logging.getLogger(ACCESS_LOGGER)
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        log = self._log
+
+        def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+            async def behaviour(request: Any, context: Context) -> Any:
+                start = time.perf_counter()
+                try:
+                    response = await inner(request, context)
+                except BaseException as error:
+                    log(method, context, start, error)
+                    raise
+                log(method, context, start, None)
+                return response
+
+            return behaviour
+
+        def stream(inner: StreamBehaviour) -> StreamBehaviour:
+            async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
+                start = time.perf_counter()
+                try:
+                    async for response in inner(request, context):
+                        yield response
+                except BaseException as error:
+                    log(method, context, start, error)
+                    raise
+                log(method, context, start, None)
+
+            return behaviour
+
+        return wrap_handler(handler, unary=unary, stream=stream)
+
+    def _log(
+        self, method: str, context: Context, start: float, error: BaseException | None
+    ) -> None:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return
+        duration_ms = round((time.perf_counter() - start) * 1000, 3)
+        code = _code_name(context, error)
+        principal = current_principal()
+        self._logger.info(
+            "%s %s %.3fms",
+            method,
+            code,
+            duration_ms,
+            extra={
+                "method": method,
+                "code": code,
+                "duration_ms": duration_ms,
+                "peer": context.peer(),
+                "principal": principal.subject if principal.is_authenticated else "anonymous",
+                "request_id": current_request_id(),
+            },
+        )
+
+    def unknown_method(self, method: str) -> None:
+        """Log a call to a method nobody serves (grpc answers UNIMPLEMENTED)."""
+        if self._logger.isEnabledFor(logging.INFO):
+            # The name is whatever the caller sent: keep it short and on one line.
+            method = method[:_MAX_UNKNOWN_METHOD_CHARS]
+            if not method.isprintable():
+                method = ascii(method)
+            self._logger.info(
+                "%s UNIMPLEMENTED",
+                method,
+                extra={
+                    "method": method,
+                    "code": "UNIMPLEMENTED",
+                    "duration_ms": 0.0,
+                    "principal": "anonymous",
+                    "request_id": current_request_id(),
+                },
+            )

@@ -1,0 +1,179 @@
+"""Proto messages <-> domain objects and service inputs.
+
+The only place that knows both shapes: proto messages stop here, domain
+objects never reach the wire except through ``user_to_proto``, which cannot
+emit a password hash because the domain User has none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from google.protobuf import timestamp_pb2
+
+from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
+from usersvc.domain.errors import FieldViolation, InvalidArgument
+from usersvc.domain.models import User, UserPatch, UserState
+from usersvc.services.inputs import (
+    CreateUserInput,
+    ListUsersInput,
+    LoginResult,
+    UpdateUserInput,
+    UserListResult,
+)
+
+_STATES = {
+    UserState.ACTIVE: user_pb2.User.STATE_ACTIVE,
+    UserState.DISABLED: user_pb2.User.STATE_DISABLED,
+    UserState.DELETED: user_pb2.User.STATE_DELETED,
+}
+
+# AIP-134: the fields UpdateUser may change, and those a caller may read but
+# never write. A mask naming anything else is a caller bug, not a no-op.
+WRITABLE_FIELDS = ("email", "display_name", "labels", "roles")
+OUTPUT_ONLY_FIELDS = frozenset({"id", "state", "create_time", "update_time", "delete_time", "etag"})
+_ALL_FIELDS = "*"
+
+
+def user_to_proto(user: User) -> user_pb2.User:
+    """The wire form of ``user``. Raises ValueError for a naive timestamp
+    (the adapters must return timezone-aware ones)."""
+    message = user_pb2.User(
+        id=str(user.id),
+        email=user.email,
+        display_name=user.display_name,
+        roles=user.roles,
+        state=_STATES[user.state],
+        labels=user.labels,
+        create_time=_timestamp(user.create_time),
+        update_time=_timestamp(user.update_time),
+        etag=user.etag,
+    )
+    if user.delete_time is not None:
+        message.delete_time.CopyFrom(_timestamp(user.delete_time))
+    return message
+
+
+def users_to_proto(users: Iterable[User]) -> list[user_pb2.User]:
+    """``user_to_proto`` of each, in order. Raises ValueError as it does."""
+    return [user_to_proto(user) for user in users]
+
+
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        # A naive time would be read as UTC whatever zone it was meant in.
+        raise ValueError("timestamps must be timezone-aware")
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def create_user_input(request: user_service_pb2.CreateUserRequest) -> CreateUserInput:
+    """The service input of a CreateUserRequest, unvalidated. Never raises."""
+    return CreateUserInput(
+        email=request.email,
+        password=request.password,
+        display_name=request.display_name,
+        roles=tuple(request.roles),
+        labels=dict(request.labels),
+        request_id=request.request_id,
+    )
+
+
+def create_user_inputs(
+    request: user_service_pb2.BatchCreateUsersRequest,
+) -> list[CreateUserInput]:
+    """The service inputs of a BatchCreateUsersRequest's items, in order.
+    Never raises."""
+    return [create_user_input(item) for item in request.requests]
+
+
+def list_users_input(request: user_service_pb2.ListUsersRequest) -> ListUsersInput:
+    """The service input of a ListUsersRequest, unvalidated. Never raises."""
+    return ListUsersInput(
+        page_size=request.page_size,
+        page_token=request.page_token,
+        filter=request.filter,
+        order_by=request.order_by,
+        show_deleted=request.show_deleted,
+    )
+
+
+def update_user_input(request: user_service_pb2.UpdateUserRequest) -> UpdateUserInput:
+    """Apply the update mask (AIP-134): the patch holds exactly the fields the
+    mask selects, with the values ``request.user`` gives them, empty ones
+    included (that is how a field is cleared). An empty mask selects the
+    writable fields ``user`` sets to a non-default value; "*" selects all.
+
+    Raises InvalidArgument: "user.id" when the id is missing, "update_mask"
+    for each path that is unknown or output only.
+    """
+    user = request.user
+    if not user.id:
+        raise InvalidArgument.single("user.id", "required: the id of the user to update")
+    selected = _selected_fields(request.update_mask.paths, user)
+    return UpdateUserInput(
+        user_id=user.id,
+        etag=user.etag,
+        patch=UserPatch(
+            email=user.email if "email" in selected else None,
+            display_name=user.display_name if "display_name" in selected else None,
+            roles=tuple(user.roles) if "roles" in selected else None,
+            labels=dict(user.labels) if "labels" in selected else None,
+        ),
+    )
+
+
+def _selected_fields(paths: Iterable[str], user: user_pb2.User) -> frozenset[str]:
+    paths = list(paths)
+    if not paths:
+        return frozenset(name for name in WRITABLE_FIELDS if _is_set(user, name))
+    violations = []
+    selected: set[str] = set()
+    for path in paths:
+        if path == _ALL_FIELDS:
+            selected.update(WRITABLE_FIELDS)
+        elif path in WRITABLE_FIELDS:
+            selected.add(path)
+        elif path in OUTPUT_ONLY_FIELDS:
+            violations.append(
+                FieldViolation("update_mask", f"{path!r} is output only and cannot be updated")
+            )
+        else:
+            violations.append(
+                FieldViolation(
+                    "update_mask",
+                    f"unknown path {path!r}; updatable: {', '.join(WRITABLE_FIELDS)} or '*'",
+                )
+            )
+    if violations:
+        raise InvalidArgument(violations)
+    return frozenset(selected)
+
+
+def _is_set(user: user_pb2.User, name: str) -> bool:
+    # Every writable field is a proto3 scalar, list or map: "set" means
+    # non-empty, there is no presence to ask about.
+    return bool(getattr(user, name))
+
+
+def user_list_response(result: UserListResult) -> user_service_pb2.ListUsersResponse:
+    """The ListUsersResponse of a page. Raises ValueError as user_to_proto."""
+    return user_service_pb2.ListUsersResponse(
+        users=users_to_proto(result.users),
+        next_page_token=result.next_page_token,
+        total_size=result.total_size,
+    )
+
+
+def login_response(result: LoginResult) -> auth_service_pb2.LoginResponse:
+    """The LoginResponse of a successful login. Raises ValueError as
+    user_to_proto."""
+    return auth_service_pb2.LoginResponse(
+        access_token=result.access_token,
+        refresh_token=result.refresh_token,
+        token_type=result.token_type,
+        expires_in=result.expires_in,
+        user=user_to_proto(result.user),
+    )

@@ -1,0 +1,124 @@
+"""usersvc.v1.UserService over gRPC.
+
+Each RPC is thin: request -> service input, one service call as the caller
+from the request context, result -> response. Domain errors are not caught
+here: ``ErrorMappingInterceptor`` turns them into statuses in one place.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+
+from generated.usersvc.v1 import user_service_pb2 as pb
+from generated.usersvc.v1 import user_service_pb2_grpc
+from usersvc.api import mappers
+from usersvc.api.context import current_principal
+
+if TYPE_CHECKING:
+    from usersvc.services.users import UserService
+
+_Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+class UserServicer(user_service_pb2_grpc.UserServiceServicer):
+    """Every method raises what the service raises (usersvc.domain.errors)."""
+
+    def __init__(self, user_service: UserService) -> None:
+        self._users = user_service
+
+    async def CreateUser(
+        self, request: pb.CreateUserRequest, context: _Context
+    ) -> pb.CreateUserResponse:
+        user = await self._users.create_user(
+            principal=current_principal(), request=mappers.create_user_input(request)
+        )
+        return pb.CreateUserResponse(user=mappers.user_to_proto(user))
+
+    async def GetUser(self, request: pb.GetUserRequest, context: _Context) -> pb.GetUserResponse:
+        user = await self._users.get_user(principal=current_principal(), user_id=request.id)
+        return pb.GetUserResponse(user=mappers.user_to_proto(user))
+
+    async def LookupUser(
+        self, request: pb.LookupUserRequest, context: _Context
+    ) -> pb.LookupUserResponse:
+        user = await self._users.lookup_user(principal=current_principal(), email=request.email)
+        return pb.LookupUserResponse(user=mappers.user_to_proto(user))
+
+    async def ListUsers(
+        self, request: pb.ListUsersRequest, context: _Context
+    ) -> pb.ListUsersResponse:
+        result = await self._users.list_users(
+            principal=current_principal(), request=mappers.list_users_input(request)
+        )
+        return mappers.user_list_response(result)
+
+    async def UpdateUser(
+        self, request: pb.UpdateUserRequest, context: _Context
+    ) -> pb.UpdateUserResponse:
+        user = await self._users.update_user(
+            principal=current_principal(), request=mappers.update_user_input(request)
+        )
+        return pb.UpdateUserResponse(user=mappers.user_to_proto(user))
+
+    async def DeleteUser(
+        self, request: pb.DeleteUserRequest, context: _Context
+    ) -> pb.DeleteUserResponse:
+        user = await self._users.delete_user(
+            principal=current_principal(), user_id=request.id, etag=request.etag
+        )
+        return pb.DeleteUserResponse(user=mappers.user_to_proto(user))
+
+    async def UndeleteUser(
+        self, request: pb.UndeleteUserRequest, context: _Context
+    ) -> pb.UndeleteUserResponse:
+        user = await self._users.undelete_user(principal=current_principal(), user_id=request.id)
+        return pb.UndeleteUserResponse(user=mappers.user_to_proto(user))
+
+    async def PurgeUser(
+        self, request: pb.PurgeUserRequest, context: _Context
+    ) -> pb.PurgeUserResponse:
+        await self._users.purge_user(principal=current_principal(), user_id=request.id)
+        return pb.PurgeUserResponse()
+
+    async def DisableUser(
+        self, request: pb.DisableUserRequest, context: _Context
+    ) -> pb.DisableUserResponse:
+        user = await self._users.disable_user(principal=current_principal(), user_id=request.id)
+        return pb.DisableUserResponse(user=mappers.user_to_proto(user))
+
+    async def EnableUser(
+        self, request: pb.EnableUserRequest, context: _Context
+    ) -> pb.EnableUserResponse:
+        user = await self._users.enable_user(principal=current_principal(), user_id=request.id)
+        return pb.EnableUserResponse(user=mappers.user_to_proto(user))
+
+    async def ChangePassword(
+        self, request: pb.ChangePasswordRequest, context: _Context
+    ) -> pb.ChangePasswordResponse:
+        await self._users.change_password(
+            principal=current_principal(),
+            user_id=request.id,
+            current_password=request.current_password,
+            new_password=request.new_password,
+        )
+        return pb.ChangePasswordResponse()
+
+    async def BatchCreateUsers(
+        self, request: pb.BatchCreateUsersRequest, context: _Context
+    ) -> pb.BatchCreateUsersResponse:
+        users = await self._users.batch_create_users(
+            principal=current_principal(),
+            requests=mappers.create_user_inputs(request),
+            request_id=request.request_id,
+        )
+        return pb.BatchCreateUsersResponse(users=mappers.users_to_proto(users))
+
+    async def BatchGetUsers(
+        self, request: pb.BatchGetUsersRequest, context: _Context
+    ) -> pb.BatchGetUsersResponse:
+        users = await self._users.batch_get_users(
+            principal=current_principal(), user_ids=tuple(request.ids)
+        )
+        return pb.BatchGetUsersResponse(users=mappers.users_to_proto(users))

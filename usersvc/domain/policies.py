@@ -1,0 +1,128 @@
+"""Who may call what: pure answers over the calling Principal.
+
+Each rule looks only at the caller and the id it names, never at stored
+data, so services decide PERMISSION_DENIED before finding out whether the
+target exists (a refusal must not reveal that). Roles: "user" acts on
+itself, "admin" does everything, "service" creates, reads, looks up, lists
+and batch-gets (and may grant only "user").
+
+The ``can_*`` functions and ``requires_current_password`` raise nothing;
+``ensure`` turns a refusal into PermissionDenied.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection
+
+from usersvc.domain.errors import PermissionDenied
+from usersvc.domain.models import ROLE_USER, Principal
+
+# What a caller without the admin role may ask a new account to hold.
+_SELF_GRANTABLE = frozenset({ROLE_USER})
+
+
+def _is_self(principal: Principal, target_id: uuid.UUID) -> bool:
+    return principal.user_id() == target_id
+
+
+def _is_admin(principal: Principal) -> bool:
+    # Roles count only on an authenticated caller, whatever built the Principal.
+    return principal.is_authenticated and principal.is_admin
+
+
+def _is_service(principal: Principal) -> bool:
+    return principal.is_authenticated and principal.is_service
+
+
+def _is_reader(principal: Principal) -> bool:
+    return _is_admin(principal) or _is_service(principal)
+
+
+def can_create(
+    principal: Principal, roles_requested: Collection[str], *, allow_signup: bool
+) -> bool:
+    """Admins always; services always but granting only "user"; anyone else
+    (anonymous included) only with sign-up enabled and roles empty or
+    ["user"]."""
+    if _is_admin(principal):
+        return True
+    if not set(roles_requested) <= _SELF_GRANTABLE:
+        return False
+    return _is_service(principal) or allow_signup
+
+
+def can_batch_create(principal: Principal) -> bool:
+    """Admins and services (each item is also checked with can_create)."""
+    return _is_reader(principal)
+
+
+def can_read(principal: Principal, target_id: uuid.UUID) -> bool:
+    """GetUser: the user itself, admins, services."""
+    return _is_reader(principal) or _is_self(principal, target_id)
+
+
+def can_lookup(principal: Principal) -> bool:
+    """LookupUser by email: admins and services."""
+    return _is_reader(principal)
+
+
+def can_list(principal: Principal) -> bool:
+    """ListUsers: admins and services."""
+    return _is_reader(principal)
+
+
+def can_batch_get(principal: Principal) -> bool:
+    """BatchGetUsers: admins and services."""
+    return _is_reader(principal)
+
+
+def can_see_deleted(principal: Principal) -> bool:
+    """Soft-deleted users exist only for admins (List show_deleted, Get,
+    Lookup, BatchGet); everyone else gets NOT_FOUND."""
+    return _is_admin(principal)
+
+
+def can_update(principal: Principal, target_id: uuid.UUID, fields: Collection[str]) -> bool:
+    """UpdateUser: admins anything; the user itself anything but roles."""
+    if _is_admin(principal):
+        return True
+    return _is_self(principal, target_id) and "roles" not in fields
+
+
+def can_delete(principal: Principal, target_id: uuid.UUID) -> bool:
+    """DeleteUser: the user itself and admins."""
+    return _is_admin(principal) or _is_self(principal, target_id)
+
+
+def can_undelete(principal: Principal) -> bool:
+    """UndeleteUser: admins."""
+    return _is_admin(principal)
+
+
+def can_purge(principal: Principal) -> bool:
+    """PurgeUser: admins."""
+    return _is_admin(principal)
+
+
+def can_change_state(principal: Principal) -> bool:
+    """DisableUser / EnableUser: admins."""
+    return _is_admin(principal)
+
+
+def can_change_password(principal: Principal, target_id: uuid.UUID) -> bool:
+    """ChangePassword: the user itself and admins."""
+    return _is_admin(principal) or _is_self(principal, target_id)
+
+
+def requires_current_password(principal: Principal, target_id: uuid.UUID) -> bool:
+    """Changing one's own password needs the current one, admins included (a
+    stolen admin token must not silently take over the admin's account);
+    admins setting another user's password do not need it."""
+    return _is_self(principal, target_id) or not _is_admin(principal)
+
+
+def ensure(allowed: bool, action: str) -> None:
+    """Raises PermissionDenied naming ``action`` unless ``allowed``."""
+    if not allowed:
+        raise PermissionDenied(f"the caller may not {action}")

@@ -1,0 +1,223 @@
+"""Normalising and validating request fields.
+
+The ``normalize_*`` and ``validate_*`` functions never raise: they append a
+FieldViolation to the caller's list (under the field path the caller names,
+e.g. "requests[3].email") and return a best-effort value, so one request
+reports every bad field at once. ``raise_for_violations`` turns the list into
+the error the API returns.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+
+from usersvc.domain.errors import FieldViolation, InvalidArgument, WeakPassword
+from usersvc.domain.models import KNOWN_ROLES, ROLE_USER, Principal
+
+MAX_EMAIL_LENGTH = 254
+MAX_EMAIL_LOCAL_PART_BYTES = 64
+MAX_DOMAIN_LENGTH = 253
+MAX_DOMAIN_LABEL_LENGTH = 63
+MAX_DISPLAY_NAME_LENGTH = 200
+MAX_ROLES = 16
+MAX_LABELS = 64
+MAX_LABEL_VALUE_LENGTH = 256
+MAX_REQUEST_ID_LENGTH = 128
+
+ME = "me"
+
+# RFC 5322 atext, plus "." between atoms (dot-atom). Quoted local parts
+# ("a b"@example.com) are legal but so rare that accepting them only invites
+# confusion; non-ASCII letters are allowed (RFC 6531).
+_ATEXT = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-"
+)
+_LABEL_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
+_UUID_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+# Categories no human-readable text needs: controls, unpaired surrogates
+# (PostgreSQL cannot store them), private use, line/paragraph separators.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Zl", "Zp"})
+_ASCII_WHITESPACE = " \t\r\n\x0b\x0c"
+
+
+def has_forbidden_characters(text: str) -> bool:
+    """True when ``text`` holds a control, surrogate, private-use or line
+    separator character. Raises nothing."""
+    return any(unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in text)
+
+
+def _preview(text: str, limit: int = 40) -> str:
+    """A short, safe rendering of caller input for error messages."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def normalize_email(value: str, *, field: str, errors: list[FieldViolation]) -> str:
+    """Surrounding ASCII whitespace stripped, lower-cased. Appends a violation
+    (under ``field``) unless the result is a plausible addr-spec:
+    ``local@domain``, local part 1..64 bytes of dot-atom text, domain of at
+    least two labels, at most 254 characters in all."""
+    email = value.strip(_ASCII_WHITESPACE).lower()
+    problem = _email_problem(email)
+    if problem is not None:
+        errors.append(FieldViolation(field, problem))
+    return email
+
+
+def _email_problem(email: str) -> str | None:
+    if not email:
+        return "is required"
+    if len(email) > MAX_EMAIL_LENGTH:
+        return f"must be at most {MAX_EMAIL_LENGTH} characters"
+    if any(ch.isspace() for ch in email) or has_forbidden_characters(email):
+        return "must not contain whitespace or control characters"
+    if email.count("@") != 1:
+        return "must contain exactly one '@'"
+    local, domain = email.split("@")
+    if not local:
+        return "is missing the part before '@'"
+    if len(local.encode("utf-8")) > MAX_EMAIL_LOCAL_PART_BYTES:
+        return f"the part before '@' must be at most {MAX_EMAIL_LOCAL_PART_BYTES} bytes"
+    if local.startswith(".") or local.endswith(".") or ".." in local:
+        return "the part before '@' must not start or end with '.' or contain '..'"
+    if any(ch not in _ATEXT and ch != "." and ch.isascii() for ch in local):
+        return "the part before '@' contains a character not allowed in an email address"
+    return _domain_problem(domain)
+
+
+def _domain_problem(domain: str) -> str | None:
+    if not domain:
+        return "is missing the domain after '@'"
+    if len(domain) > MAX_DOMAIN_LENGTH:
+        return f"the domain must be at most {MAX_DOMAIN_LENGTH} characters"
+    labels = domain.split(".")
+    if len(labels) < 2:
+        return "the domain must contain a '.' (e.g. example.com)"
+    for label in labels:
+        if not label or len(label) > MAX_DOMAIN_LABEL_LENGTH:
+            return f"each part of the domain must be 1..{MAX_DOMAIN_LABEL_LENGTH} characters"
+        if label.startswith("-") or label.endswith("-"):
+            return "parts of the domain must not start or end with '-'"
+        if not all(ch.isalnum() or ch == "-" for ch in label):
+            return "the domain may contain only letters, digits, '-' and '.'"
+    if labels[-1].isdigit():
+        return "the domain must not end in a number"
+    return None
+
+
+def normalize_display_name(value: str, *, field: str, errors: list[FieldViolation]) -> str:
+    """Surrounding whitespace stripped. Appends a violation when longer than
+    200 characters or holding control characters."""
+    name = value.strip()
+    if len(name) > MAX_DISPLAY_NAME_LENGTH:
+        errors.append(
+            FieldViolation(field, f"must be at most {MAX_DISPLAY_NAME_LENGTH} characters")
+        )
+    elif has_forbidden_characters(name):
+        errors.append(FieldViolation(field, "must not contain control characters"))
+    return name
+
+
+def normalize_roles(
+    values: Iterable[str], *, field: str, errors: list[FieldViolation]
+) -> tuple[str, ...]:
+    """Known roles only, at most 16, duplicates dropped, "user" always
+    included; sorted so equal sets compare and store equally. Appends a
+    violation (``field[i]`` for an unknown role) otherwise."""
+    roles = list(values)
+    if len(roles) > MAX_ROLES:
+        errors.append(FieldViolation(field, f"must hold at most {MAX_ROLES} roles"))
+        return (ROLE_USER,)
+    known = ", ".join(sorted(KNOWN_ROLES))
+    for index, role in enumerate(roles):
+        if role not in KNOWN_ROLES:
+            errors.append(
+                FieldViolation(
+                    f"{field}[{index}]", f"unknown role {_preview(role)}; known: {known}"
+                )
+            )
+    return tuple(sorted({ROLE_USER, *(r for r in roles if r in KNOWN_ROLES)}))
+
+
+def is_label_key(key: str) -> bool:
+    """True for 1..63 characters of [a-z0-9_.-] starting with a letter.
+    Raises nothing."""
+    return _LABEL_KEY.fullmatch(key) is not None
+
+
+def normalize_labels(
+    values: Mapping[str, str], *, field: str, errors: list[FieldViolation]
+) -> dict[str, str]:
+    """A copy of the labels. Appends a violation for more than 64 entries, a
+    malformed key (under ``field``) or a bad value (under ``field.<key>``)."""
+    labels = dict(values)
+    if len(labels) > MAX_LABELS:
+        errors.append(FieldViolation(field, f"must hold at most {MAX_LABELS} entries"))
+        return labels
+    for key, value in labels.items():
+        if not is_label_key(key):
+            errors.append(
+                FieldViolation(
+                    field,
+                    f"key {_preview(key)} must be 1..63 characters of [a-z0-9_.-] "
+                    "starting with a letter",
+                )
+            )
+        elif len(value) > MAX_LABEL_VALUE_LENGTH:
+            errors.append(
+                FieldViolation(
+                    f"{field}.{key}", f"must be at most {MAX_LABEL_VALUE_LENGTH} characters"
+                )
+            )
+        elif has_forbidden_characters(value):
+            errors.append(FieldViolation(f"{field}.{key}", "must not contain control characters"))
+    return labels
+
+
+def validate_request_id(value: str, *, field: str, errors: list[FieldViolation]) -> str:
+    """Empty (no idempotency) or at most 128 printable characters."""
+    if len(value) > MAX_REQUEST_ID_LENGTH:
+        errors.append(FieldViolation(field, f"must be at most {MAX_REQUEST_ID_LENGTH} characters"))
+    elif not value.isprintable() or has_forbidden_characters(value):
+        errors.append(FieldViolation(field, "must contain printable characters only"))
+    return value
+
+
+def parse_user_id(text: str, field: str, principal: Principal) -> uuid.UUID:
+    """A user id in canonical UUID form, or "me" for the calling user.
+
+    Raises InvalidArgument (one violation under ``field``) for anything else,
+    and for "me" from a caller that is not a user account (an mTLS service
+    identity has no user row; anonymous callers are refused before this by
+    the policies).
+    """
+    if text == ME:
+        own = principal.user_id()
+        if own is None:
+            raise InvalidArgument.single(
+                field, '"me" names the calling user, and this caller is not a user account'
+            )
+        return own
+    if not text:
+        raise InvalidArgument.single(field, 'is required (a user id or "me")')
+    if _UUID_TEXT.fullmatch(text) is None:
+        raise InvalidArgument.single(
+            field, f'must be a user id (UUID) or "me", got {_preview(text)}'
+        )
+    return uuid.UUID(text)
+
+
+def raise_for_violations(
+    violations: Sequence[FieldViolation], password_violations: Sequence[FieldViolation] = ()
+) -> None:
+    """Raises InvalidArgument carrying every violation when any field other
+    than a password is bad, WeakPassword when only passwords are; returns when
+    there is nothing to report."""
+    if violations:
+        raise InvalidArgument([*violations, *password_violations])
+    if password_violations:
+        raise WeakPassword(password_violations)

@@ -1,0 +1,118 @@
+"""Process-wide logging: JSON lines for machines (the default), text for people.
+
+Every record carries the request id of the call it was logged in (from
+``usersvc.api.context``), so one call's lines can be found together. Fields
+passed with ``extra=`` (method, code, duration_ms, peer, principal, ...) become
+top-level JSON keys. Nothing in the service logs request or response bodies:
+they hold passwords and tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from usersvc.api.context import current_request_id
+
+FORMATS = ("json", "text")
+# Marks the handler configure_logging installs, so a second call replaces it.
+_HANDLER_NAME = "usersvc"
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_RECORD_ATTRIBUTES = frozenset(
+    logging.LogRecord("", logging.INFO, "", 0, "", None, None).__dict__
+) | {"message", "asctime", "request_id", "taskName"}
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the request id of the call that logged it.
+
+    Runs when the record is emitted, in the logging call's own context, so the
+    id is right even if a handler formats the record later on another thread.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = current_request_id()
+        return True
+
+
+def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in record.__dict__.items()
+        if key not in _RECORD_ATTRIBUTES and not key.startswith("_")
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, request_id, extras,
+    and exc (the traceback) when there is one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # One encoder for all records: json.dumps with options builds a new
+        # one per call. default=str: an odd extra value must never make a log
+        # call fail.
+        self._encoder = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":"))
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "request_id": getattr(record, "request_id", ""),
+        }
+        for key, value in _extra_fields(record).items():
+            payload.setdefault(key, value)
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            payload["stack"] = self.formatStack(record.stack_info)
+        return self._encoder.encode(payload)
+
+
+class TextFormatter(logging.Formatter):
+    """``ts LEVEL logger [request id] message key=value ...`` for terminals."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not hasattr(record, "request_id"):
+            record.request_id = ""
+        line = super().format(record)
+        extras = _extra_fields(record)
+        if not extras:
+            return line
+        fields = " ".join(f"{key}={value}" for key, value in extras.items())
+        head, sep, tail = line.partition("\n")  # keep a traceback below the fields
+        return f"{head} {fields}{sep}{tail}"
+
+
+def configure_logging(fmt: str, level: str, *, stream: TextIO | None = None) -> None:
+    """Send every log record to ``stream`` (stderr by default) in ``fmt``
+    ("json" or "text") from ``level`` up. Calling it again replaces the
+    handler it installed before and leaves other handlers alone.
+
+    Raises ValueError for an unknown format or level.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    numeric_level = logging.getLevelName(level.upper())
+    if not isinstance(numeric_level, int):
+        raise ValueError(f"unknown log level {level!r}")
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.set_name(_HANDLER_NAME)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(numeric_level)

@@ -1,0 +1,592 @@
+"""UserService: the use cases behind usersvc.v1.UserService.
+
+Every method takes the calling Principal first and decides PERMISSION_DENIED
+from the caller and the id alone, before reading anything (a refusal must not
+reveal whether a user exists). Inputs are validated in full (every bad field
+reported at once) before any password is hashed, and bcrypt never runs while
+a database connection is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from usersvc.domain import policies
+from usersvc.domain.errors import (
+    EmailAlreadyExists,
+    EtagMismatch,
+    FieldViolation,
+    InvalidArgument,
+    InvalidCredentials,
+    InvalidState,
+    PermissionDenied,
+    UserNotFound,
+)
+from usersvc.domain.filtering import parse_filter, parse_order_by
+from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering
+from usersvc.domain.models import ROLE_USER, NewUser, Principal, User, UserPatch, UserState
+from usersvc.domain.passwords import PasswordPolicy
+from usersvc.domain.ports import (
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
+    PasswordHasher,
+    UnitOfWork,
+    UnitOfWorkFactory,
+)
+from usersvc.domain.validation import (
+    normalize_display_name,
+    normalize_email,
+    normalize_labels,
+    normalize_roles,
+    parse_user_id,
+    raise_for_violations,
+    validate_request_id,
+)
+from usersvc.services.inputs import (
+    CreateUserInput,
+    ListUsersInput,
+    UpdateUserInput,
+    UserListResult,
+)
+from usersvc.services.pagination import (
+    decode_page_token,
+    encode_page_token,
+    query_fingerprint,
+)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_BATCH_SIZE = 1000
+_CREATE_USER = "CreateUser"
+_BATCH_CREATE_USERS = "BatchCreateUsers"
+
+
+@dataclass(frozen=True, slots=True)
+class _Draft:
+    """A validated create request; the password is still plain text, kept
+    only until it is hashed."""
+
+    email: str
+    display_name: str
+    roles: tuple[str, ...]
+    labels: Mapping[str, str]
+    password: str = field(repr=False)
+
+    def fingerprint_data(self) -> list[object]:
+        # Deliberately without the password: nothing derived from a password
+        # is stored outside its bcrypt hash.
+        return [self.email, self.display_name, list(self.roles), sorted(self.labels.items())]
+
+
+class UserService:
+    def __init__(
+        self,
+        *,
+        uow_factory: UnitOfWorkFactory,
+        hasher: PasswordHasher,
+        password_policy: PasswordPolicy,
+        allow_signup: bool,
+    ) -> None:
+        self._uow_factory = uow_factory
+        self._hasher = hasher
+        self._policy = password_policy
+        self._allow_signup = allow_signup
+
+    # -- create ----------------------------------------------------------------
+
+    async def create_user(self, *, principal: Principal, request: CreateUserInput) -> User:
+        """Creates one user; a retry with the same non-empty request_id
+        returns the first response and creates nothing.
+
+        Raises PermissionDenied, InvalidArgument, WeakPassword,
+        EmailAlreadyExists.
+        """
+        self._ensure_can_create(principal, request.roles, "roles")
+        errors: list[FieldViolation] = []
+        password_errors: list[FieldViolation] = []
+        draft = self._draft(request, "", errors, password_errors)
+        validate_request_id(request.request_id, field="request_id", errors=errors)
+        raise_for_violations(errors, password_errors)
+        users = await self._create(principal, _CREATE_USER, request.request_id, [draft])
+        return users[0]
+
+    async def batch_create_users(
+        self, *, principal: Principal, requests: Sequence[CreateUserInput], request_id: str
+    ) -> list[User]:
+        """Creates 1..1000 users atomically, in request order; idempotent
+        like create_user. Field violations name the item
+        ("requests[3].email"); an email repeated in the batch is reported on
+        its later item.
+
+        Raises PermissionDenied, InvalidArgument, WeakPassword,
+        EmailAlreadyExists (metadata "field" names the item when known).
+        """
+        policies.ensure(policies.can_batch_create(principal), "batch-create users")
+        if not 1 <= len(requests) <= MAX_BATCH_SIZE:
+            raise InvalidArgument.single(
+                "requests", f"must hold 1..{MAX_BATCH_SIZE} items, got {len(requests)}"
+            )
+        for index, item in enumerate(requests):
+            self._ensure_can_create(principal, item.roles, f"requests[{index}].roles")
+        errors: list[FieldViolation] = []
+        password_errors: list[FieldViolation] = []
+        drafts: list[_Draft] = []
+        first_index_of: dict[str, int] = {}
+        for index, item in enumerate(requests):
+            prefix = f"requests[{index}]"
+            draft = self._draft(item, prefix, errors, password_errors)
+            drafts.append(draft)
+            if item.request_id:
+                errors.append(
+                    FieldViolation(
+                        f"{prefix}.request_id",
+                        "must be empty; set request_id on the batch request instead",
+                    )
+                )
+            earlier = first_index_of.setdefault(draft.email, index)
+            if earlier != index and draft.email:
+                errors.append(
+                    FieldViolation(f"{prefix}.email", f"repeats requests[{earlier}].email")
+                )
+        validate_request_id(request_id, field="request_id", errors=errors)
+        raise_for_violations(errors, password_errors)
+        return await self._create(principal, _BATCH_CREATE_USERS, request_id, drafts)
+
+    def _ensure_can_create(self, principal: Principal, roles: Sequence[str], field: str) -> None:
+        if policies.can_create(principal, roles, allow_signup=self._allow_signup):
+            return
+        if set(roles) - {ROLE_USER}:
+            raise PermissionDenied(f'{field}: only admins may grant roles other than "user"')
+        raise PermissionDenied("self sign-up is disabled; ask an admin to create the account")
+
+    def _draft(
+        self,
+        request: CreateUserInput,
+        prefix: str,
+        errors: list[FieldViolation],
+        password_errors: list[FieldViolation],
+    ) -> _Draft:
+        path = f"{prefix}." if prefix else ""
+        email = normalize_email(request.email, field=f"{path}email", errors=errors)
+        draft = _Draft(
+            email=email,
+            display_name=normalize_display_name(
+                request.display_name, field=f"{path}display_name", errors=errors
+            ),
+            roles=normalize_roles(request.roles, field=f"{path}roles", errors=errors),
+            labels=normalize_labels(request.labels, field=f"{path}labels", errors=errors),
+            password=request.password,
+        )
+        password_errors.extend(
+            self._policy.violations(request.password, field=f"{path}password", email=email)
+        )
+        return draft
+
+    async def _create(
+        self, principal: Principal, method: str, request_id: str, drafts: Sequence[_Draft]
+    ) -> list[User]:
+        scope = _idempotency_scope(principal, method)
+        fingerprint = _fingerprint([d.fingerprint_data() for d in drafts]) if request_id else ""
+        batch = method == _BATCH_CREATE_USERS
+        if request_id:
+            stored = await self._stored_response(scope, request_id, fingerprint)
+            if stored is not None:
+                return stored
+        # Hashed before the unit of work opens: a connection is never held
+        # through bcrypt's deliberate slowness.
+        hashes = await asyncio.gather(*(self._hasher.hash(d.password) for d in drafts))
+        news = [
+            NewUser(
+                email=d.email,
+                password_hash=password_hash,
+                display_name=d.display_name,
+                roles=d.roles,
+                labels=d.labels,
+            )
+            for d, password_hash in zip(drafts, hashes, strict=True)
+        ]
+        try:
+            async with self._uow_factory() as uow:
+                if batch:
+                    users = await uow.users.add_many(news)
+                else:
+                    users = [await uow.users.add(news[0])]
+                if request_id:
+                    record = IdempotencyRecord(fingerprint, tuple(users))
+                    await uow.idempotency.add(scope, request_id, record)
+                await uow.commit()
+        except (IdempotencyKeyTaken, EmailAlreadyExists) as exc:
+            # A concurrent first attempt with the same key won the race: its
+            # insert of the same email (or of the key) beat ours. Answer as a
+            # retry would, with the response it stored.
+            if request_id:
+                stored = await self._stored_response(scope, request_id, fingerprint)
+                if stored is not None:
+                    return stored
+            if isinstance(exc, EmailAlreadyExists):
+                located = _locate_clash(exc, drafts, batch=batch)
+                if located is None:
+                    raise
+                raise located from exc
+            raise InvalidArgument.single(
+                "request_id", "a concurrent request with this request_id did not finish; retry"
+            ) from exc
+        return users
+
+    async def _stored_response(
+        self, scope: str, request_id: str, fingerprint: str
+    ) -> list[User] | None:
+        async with self._uow_factory() as uow:
+            record = await uow.idempotency.get(scope, request_id)
+        if record is None:
+            return None
+        if not hmac.compare_digest(record.fingerprint.encode(), fingerprint.encode()):
+            raise InvalidArgument.single(
+                "request_id", "this request_id was already used for a different request"
+            )
+        return list(record.users)
+
+    # -- read ------------------------------------------------------------------
+
+    async def get_user(self, *, principal: Principal, user_id: str) -> User:
+        """The user ``user_id`` ("me": the caller).
+
+        Raises PermissionDenied, InvalidArgument, UserNotFound (also for a
+        deleted user unless the caller is an admin).
+        """
+        target = _target(principal, user_id, "id")
+        policies.ensure(policies.can_read(principal, target), "read this user")
+        async with self._uow_factory() as uow:
+            user = await uow.users.get(target)
+        return _visible(principal, user, target)
+
+    async def lookup_user(self, *, principal: Principal, email: str) -> User:
+        """The user with ``email`` (case-insensitive).
+
+        Raises PermissionDenied, InvalidArgument, UserNotFound.
+        """
+        policies.ensure(policies.can_lookup(principal), "look up users")
+        errors: list[FieldViolation] = []
+        normalized = normalize_email(email, field="email", errors=errors)
+        raise_for_violations(errors)
+        async with self._uow_factory() as uow:
+            user = await uow.users.get_by_email(normalized)
+        if user is None or (
+            user.state is UserState.DELETED and not policies.can_see_deleted(principal)
+        ):
+            raise UserNotFound()
+        return user
+
+    async def batch_get_users(self, *, principal: Principal, user_ids: Sequence[str]) -> list[User]:
+        """1..1000 users in request order (repeats allowed).
+
+        Raises PermissionDenied, InvalidArgument (violations "ids[i]"),
+        UserNotFound with metadata {"id": ...} naming the first id in request
+        order that is missing (or deleted, unless the caller is an admin).
+        """
+        policies.ensure(policies.can_batch_get(principal), "batch-get users")
+        if not 1 <= len(user_ids) <= MAX_BATCH_SIZE:
+            raise InvalidArgument.single(
+                "ids", f"must hold 1..{MAX_BATCH_SIZE} ids, got {len(user_ids)}"
+            )
+        errors: list[FieldViolation] = []
+        targets: list[uuid.UUID] = []
+        for index, raw in enumerate(user_ids):
+            try:
+                targets.append(parse_user_id(raw, f"ids[{index}]", principal))
+            except InvalidArgument as exc:
+                errors.extend(exc.violations)
+        raise_for_violations(errors)
+        async with self._uow_factory() as uow:
+            found = await uow.users.get_many(list(dict.fromkeys(targets)))
+        by_id = {user.id: user for user in found}
+        return [_visible(principal, by_id.get(target), target) for target in targets]
+
+    async def list_users(self, *, principal: Principal, request: ListUsersInput) -> UserListResult:
+        """One keyset page of the users matching the filter.
+
+        Raises PermissionDenied (show_deleted needs an admin),
+        InvalidArgument (page_size, filter, order_by, page_token; the first
+        three reported together).
+        """
+        policies.ensure(policies.can_list(principal), "list users")
+        if request.show_deleted:
+            policies.ensure(policies.can_see_deleted(principal), "list deleted users")
+        errors: list[FieldViolation] = []
+        if request.page_size < 0:
+            errors.append(FieldViolation("page_size", "must not be negative"))
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        filter, ordering = Filter(), Ordering()
+        try:
+            filter = parse_filter(request.filter)
+        except InvalidArgument as exc:
+            errors.extend(exc.violations)
+        try:
+            ordering = parse_order_by(request.order_by)
+        except InvalidArgument as exc:
+            errors.extend(exc.violations)
+        raise_for_violations(errors)
+        fingerprint = query_fingerprint(filter, ordering, request.show_deleted)
+        after: Cursor | None = None
+        total: int | None = None
+        if request.page_token:
+            token = decode_page_token(
+                request.page_token, fingerprint=fingerprint, ordering=ordering
+            )
+            after, total = token.cursor, token.total_size
+        query = ListQuery(filter, ordering, request.show_deleted, page_size, after)
+        async with self._uow_factory() as uow:
+            if total is None:
+                total = await uow.users.count(filter, show_deleted=request.show_deleted)
+            page = await uow.users.list(query)
+        next_token = ""
+        if page.next_cursor is not None:
+            next_token = encode_page_token(
+                page.next_cursor, fingerprint=fingerprint, total_size=total
+            )
+        return UserListResult(users=page.users, next_page_token=next_token, total_size=total)
+
+    # -- update ----------------------------------------------------------------
+
+    async def update_user(self, *, principal: Principal, request: UpdateUserInput) -> User:
+        """Applies the fields set in ``request.patch``.
+
+        Raises PermissionDenied (roles need an admin), InvalidArgument (empty
+        patch: field "update_mask"; bad values: "user.<field>"),
+        UserNotFound, InvalidState (deleted user, admins), EtagMismatch,
+        EmailAlreadyExists.
+        """
+        target = _target(principal, request.user_id, "user.id")
+        patch = request.patch
+        touched = [
+            name
+            for name, value in (
+                ("email", patch.email),
+                ("display_name", patch.display_name),
+                ("roles", patch.roles),
+                ("labels", patch.labels),
+            )
+            if value is not None
+        ]
+        policies.ensure(policies.can_update(principal, target, touched), "update these fields")
+        if not touched:
+            raise InvalidArgument.single(
+                "update_mask", "names no field to change (email, display_name, labels, roles)"
+            )
+        errors: list[FieldViolation] = []
+        normalized = UserPatch(
+            email=None
+            if patch.email is None
+            else normalize_email(patch.email, field="user.email", errors=errors),
+            display_name=None
+            if patch.display_name is None
+            else normalize_display_name(
+                patch.display_name, field="user.display_name", errors=errors
+            ),
+            roles=None
+            if patch.roles is None
+            else normalize_roles(patch.roles, field="user.roles", errors=errors),
+            labels=None
+            if patch.labels is None
+            else normalize_labels(patch.labels, field="user.labels", errors=errors),
+        )
+        raise_for_violations(errors)
+        async with self._uow_factory() as uow:
+            await _lock_live(uow, principal, target, etag=request.etag)
+            user = await uow.users.update(target, normalized)
+            await uow.commit()
+        return user
+
+    async def delete_user(self, *, principal: Principal, user_id: str, etag: str) -> User:
+        """Soft-deletes the user; its email stays taken until purged.
+
+        Raises PermissionDenied, InvalidArgument, UserNotFound (also an
+        already deleted user, for non-admins), InvalidState (already deleted,
+        admins), EtagMismatch.
+        """
+        target = _target(principal, user_id, "id")
+        policies.ensure(policies.can_delete(principal, target), "delete this user")
+        async with self._uow_factory() as uow:
+            await _lock_live(uow, principal, target, etag=etag)
+            user = await uow.users.set_deleted(target, True)
+            await uow.commit()
+        return user
+
+    async def undelete_user(self, *, principal: Principal, user_id: str) -> User:
+        """Restores a soft-deleted user to its state before deletion.
+
+        Raises PermissionDenied, InvalidArgument, UserNotFound, InvalidState
+        (already_exists: the user is not deleted).
+        """
+        policies.ensure(policies.can_undelete(principal), "undelete users")
+        target = _target(principal, user_id, "id")
+        async with self._uow_factory() as uow:
+            current = await uow.users.get(target, for_update=True)
+            if current is None:
+                raise UserNotFound(metadata={"id": str(target)})
+            if current.state is not UserState.DELETED:
+                raise InvalidState("the user is not deleted", already_exists=True)
+            user = await uow.users.set_deleted(target, False)
+            await uow.commit()
+        return user
+
+    async def purge_user(self, *, principal: Principal, user_id: str) -> None:
+        """Erases the user (live or deleted) for good.
+
+        Raises PermissionDenied, InvalidArgument, UserNotFound.
+        """
+        policies.ensure(policies.can_purge(principal), "purge users")
+        target = _target(principal, user_id, "id")
+        async with self._uow_factory() as uow:
+            if not await uow.users.purge(target):
+                raise UserNotFound(metadata={"id": str(target)})
+            await uow.commit()
+
+    async def disable_user(self, *, principal: Principal, user_id: str) -> User:
+        """Disables the user (no logins); no write when already disabled.
+
+        Raises PermissionDenied, InvalidArgument, UserNotFound, InvalidState
+        (deleted user).
+        """
+        return await self._set_disabled(principal, user_id, disabled=True)
+
+    async def enable_user(self, *, principal: Principal, user_id: str) -> User:
+        """Re-enables the user; no write when already enabled.
+
+        Raises PermissionDenied, InvalidArgument, UserNotFound, InvalidState
+        (deleted user).
+        """
+        return await self._set_disabled(principal, user_id, disabled=False)
+
+    async def _set_disabled(self, principal: Principal, user_id: str, *, disabled: bool) -> User:
+        policies.ensure(policies.can_change_state(principal), "disable or enable users")
+        target = _target(principal, user_id, "id")
+        async with self._uow_factory() as uow:
+            current = await _lock_live(uow, principal, target, etag="")
+            if (current.state is UserState.DISABLED) == disabled:
+                return current
+            user = await uow.users.set_disabled(target, disabled)
+            await uow.commit()
+        return user
+
+    async def change_password(
+        self,
+        *,
+        principal: Principal,
+        user_id: str,
+        current_password: str,
+        new_password: str,
+    ) -> None:
+        """Sets a new password. Changing one's own password needs the
+        current one (admins included); admins changing another user's do not.
+
+        Raises PermissionDenied, InvalidArgument (missing current_password),
+        UserNotFound, InvalidState (deleted user, admins),
+        InvalidCredentials (wrong current password), WeakPassword (field
+        "new_password").
+        """
+        target = _target(principal, user_id, "id")
+        policies.ensure(
+            policies.can_change_password(principal, target), "change this user's password"
+        )
+        needs_current = policies.requires_current_password(principal, target)
+        if needs_current and not current_password:
+            raise InvalidArgument.single(
+                "current_password", "is required to change your own password"
+            )
+        async with self._uow_factory() as uow:
+            credentials = await uow.users.get_credentials(target)
+        if credentials is None:
+            raise UserNotFound(metadata={"id": str(target)})
+        user = _live(principal, credentials.user, target)
+        verified_hash = credentials.password_hash
+        if needs_current and not await self._hasher.verify(current_password, verified_hash):
+            raise InvalidCredentials("the current password is wrong")
+        self._policy.check(new_password, field="new_password", email=user.email)
+        new_hash = await self._hasher.hash(new_password)
+        async with self._uow_factory() as uow:
+            await _lock_live(uow, principal, target, etag="")
+            if needs_current:
+                # The password may have changed while bcrypt ran; the check
+                # above then proved knowledge of a password no longer valid.
+                latest = await uow.users.get_credentials(target)
+                if latest is None or not hmac.compare_digest(
+                    latest.password_hash.encode(), verified_hash.encode()
+                ):
+                    raise InvalidCredentials("the current password is wrong")
+            await uow.users.set_password_hash(target, new_hash)
+            await uow.commit()
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _target(principal: Principal, raw_id: str, field: str) -> uuid.UUID:
+    """The user id a request names. Anonymous callers are refused first: every
+    method taking an id needs a caller (the API layer normally stops them
+    even earlier). Raises PermissionDenied, InvalidArgument."""
+    if not principal.is_authenticated:
+        raise PermissionDenied("this method needs an authenticated caller")
+    return parse_user_id(raw_id, field, principal)
+
+
+def _visible(principal: Principal, user: User | None, target: uuid.UUID) -> User:
+    """Raises UserNotFound unless ``user`` exists and, when deleted, the
+    caller may see deleted users."""
+    if user is None or (
+        user.state is UserState.DELETED and not policies.can_see_deleted(principal)
+    ):
+        raise UserNotFound(metadata={"id": str(target)})
+    return user
+
+
+def _live(principal: Principal, user: User | None, target: uuid.UUID) -> User:
+    """Raises UserNotFound for a missing user and for a deleted one the
+    caller cannot see; InvalidState for a deleted one an admin can see."""
+    found = _visible(principal, user, target)
+    if found.state is UserState.DELETED:
+        raise InvalidState("the user is deleted; undelete it first")
+    return found
+
+
+async def _lock_live(
+    uow: UnitOfWork, principal: Principal, target: uuid.UUID, *, etag: str
+) -> User:
+    """Reads and locks the user for a write within ``uow``. Raises
+    UserNotFound, InvalidState (see _live) and EtagMismatch when ``etag`` is
+    given and not current."""
+    user = _live(principal, await uow.users.get(target, for_update=True), target)
+    if etag and not hmac.compare_digest(etag.encode(), user.etag.encode()):
+        raise EtagMismatch(metadata={"id": str(target)})
+    return user
+
+
+def _idempotency_scope(principal: Principal, method: str) -> str:
+    # Keys are per caller and per method: two callers may pick the same key,
+    # and a key of CreateUser says nothing about BatchCreateUsers.
+    subject = principal.subject if principal.is_authenticated else "anonymous"
+    return f"{method}:{principal.kind.value}:{subject}"
+
+
+def _fingerprint(data: object) -> str:
+    canonical = json.dumps(data, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _locate_clash(
+    exc: EmailAlreadyExists, drafts: Sequence[_Draft], *, batch: bool
+) -> EmailAlreadyExists | None:
+    """The repository's EmailAlreadyExists with metadata "field" naming the
+    request field whose email is taken; None when the email is not known."""
+    email = exc.metadata.get("email", "")
+    for index, draft in enumerate(drafts):
+        if draft.email == email:
+            path = f"requests[{index}].email" if batch else "email"
+            return EmailAlreadyExists(exc.message, metadata={**exc.metadata, "field": path})
+    return None
