@@ -1,8 +1,9 @@
 """Alembic environment: async migrations on the asyncpg driver.
 
 The URL comes from, in order: ``config.attributes["url"]`` (set by
-``usersvc.adapters.migrations``), ``USERSVC_MIGRATION_DATABASE_URL`` (a role
-allowed to change the schema), ``USERSVC_DATABASE_URL`` (through Settings).
+``usersvc.adapters.migrations``), then through Settings
+``USERSVC_MIGRATION_DATABASE_URL`` (a role allowed to change the schema) and
+``USERSVC_DATABASE_URL``.
 
 Migrations run in one transaction that first takes an advisory lock, so
 replicas that start together migrate one after the other: the later ones find
@@ -12,14 +13,14 @@ the schema current and do nothing.
 from __future__ import annotations
 
 import asyncio
-import os
 from logging.config import fileConfig
 
+from alembic import context
 from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from alembic import context
+from usersvc.adapters.migrations import MIGRATION_LOCK_KEY
 from usersvc.adapters.orm import metadata
 from usersvc.config import Settings
 
@@ -32,9 +33,6 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 
 target_metadata = metadata
 
-# Key of the PostgreSQL advisory lock held while migrating ("usersvc" in ASCII).
-MIGRATION_LOCK_KEY = 0x75736572737663
-
 
 def database_url() -> str:
     """Raises RuntimeError when no URL is configured; SettingsError when the
@@ -42,10 +40,8 @@ def database_url() -> str:
     url = config.attributes.get("url")
     if url:
         return str(url)
-    url = os.environ.get("USERSVC_MIGRATION_DATABASE_URL", "").strip()
-    if url:
-        return url
-    url = Settings.from_env().database_url
+    settings = Settings.from_env()
+    url = settings.migration_database_url or settings.database_url
     if url:
         return url
     raise RuntimeError(

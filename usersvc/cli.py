@@ -126,7 +126,9 @@ def _create_admin(settings: Settings, email: str, display_name: str) -> int:
     if password is None:
         return 2
     url, _ = resolve_database_url(settings)
-    operator = Principal(kind=PrincipalKind.SERVICE, subject=_OPERATOR, roles=frozenset({ROLE_ADMIN}))
+    operator = Principal(
+        kind=PrincipalKind.SERVICE, subject=_OPERATOR, roles=frozenset({ROLE_ADMIN})
+    )
 
     async def run() -> str:
         container = bootstrap(settings, database_url=url)

@@ -6,13 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from generated.usersvc.v1 import auth_service_pb2, auth_service_pb2_grpc
-from generated.usersvc.v1 import user_service_pb2, user_service_pb2_grpc
+from generated.usersvc.v1 import (
+    auth_service_pb2,
+    auth_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
 from usersvc.api.auth_servicer import AuthServicer
 from usersvc.api.interceptors import build_interceptors
 from usersvc.api.public import PublicMethods
@@ -29,7 +34,8 @@ HEALTH_SERVICES = ("", USER_SERVICE, AUTH_SERVICE)
 class UsersvcServer:
     """A started server. Use ``start`` to build one and ``stop`` to drain it."""
 
-    def __init__(self, server: grpc.aio.Server, health_servicer: health.HealthServicer, port: int):
+    # grpc_health's aio servicer has no type stubs; its set() is a coroutine.
+    def __init__(self, server: grpc.aio.Server, health_servicer: Any, port: int):
         self._server = server
         self._health = health_servicer
         self.port = port
@@ -59,7 +65,7 @@ class UsersvcServer:
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(
             AuthServicer(container.auth_service), server
         )
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (USER_SERVICE, AUTH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server

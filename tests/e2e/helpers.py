@@ -336,10 +336,6 @@ def new_password(recorder: ResponseRecorder) -> str:
     return password
 
 
-def user_state(name: str) -> int:
-    return int(user_pb2.User.State.Value(name))
-
-
 # --------------------------------------------------------------------------- tokens
 
 
@@ -371,17 +367,6 @@ def claims_like(template: Mapping[str, Any], **overrides: Any) -> dict[str, Any]
 
 def now() -> int:
     return int(time.time())
-
-
-__all__ = [
-    "Account",
-    "Caller",
-    "ResponseRecorder",
-    "RpcFailure",
-    "auth_service_pb2",
-    "user_pb2",
-    "user_service_pb2",
-]
 
 
 # --------------------------------------------------------------------------- world

@@ -103,13 +103,14 @@ async def test_batch_with_an_email_already_taken_creates_nothing(world: World) -
     assert await count_users(world, email_filter(emails[0])) == 0
 
 
-async def test_batch_repeating_an_email_creates_nothing(world: World) -> None:
+async def test_batch_repeating_an_email_is_invalid_argument_naming_the_repeat(
+    world: World,
+) -> None:
     email = new_email("twice")
 
-    await expect_error(
+    await expect_invalid(
         world.admin.users.BatchCreateUsers(batch(world, [email, email.upper()])),
-        grpc.StatusCode.ALREADY_EXISTS,
-        "EMAIL_ALREADY_EXISTS",
+        "requests[1].email",
     )
 
     assert await count_users(world) == 4

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
 
 from .helpers import (
     World,
+    assert_rich_error,
     create_request,
+    decode_failure,
     expect_denied,
     expect_error,
     expect_invalid,
     new_email,
     user_pb2,
+    user_service_pb2,
 )
 
 
@@ -96,7 +100,7 @@ async def test_admin_may_create_a_service_account(world: World) -> None:
 
     user = (await world.admin.users.CreateUser(request)).user
 
-    assert list(user.roles) == ["service"]
+    assert set(user.roles) == {"service", "user"}
 
 
 async def test_service_may_create_a_plain_user(world: World) -> None:
@@ -233,3 +237,70 @@ async def test_a_plain_user_may_create_another_user_while_sign_up_is_open(world:
     user = (await world.alice.users.CreateUser(create_request(world.recorder))).user
 
     assert list(user.roles) == ["user"]
+
+
+async def test_concurrent_sign_ups_with_one_email_create_exactly_one_user(world: World) -> None:
+    email = new_email("race")
+    calls = [
+        world.anonymous.users.CreateUser(create_request(world.recorder, email=email))
+        for _ in range(6)
+    ]
+
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    winners = [o for o in outcomes if not isinstance(o, BaseException)]
+    losers = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(winners) == 1
+    assert len(losers) == 5
+    for loser in losers:
+        assert_rich_error(
+            decode_failure(loser), grpc.StatusCode.ALREADY_EXISTS, "EMAIL_ALREADY_EXISTS"
+        )
+
+
+async def test_label_value_over_256_characters_is_invalid_argument_on_create(
+    world: World,
+) -> None:
+    request = create_request(world.recorder, labels={"team": "v" * 257})
+
+    failure = await expect_invalid(world.anonymous.users.CreateUser(request))
+
+    assert all(name.startswith("labels") for name in failure.violation_fields)
+
+
+async def test_more_than_64_labels_is_invalid_argument_on_create(world: World) -> None:
+    request = create_request(world.recorder, labels={f"k{i}": "v" for i in range(65)})
+
+    failure = await expect_invalid(world.anonymous.users.CreateUser(request))
+
+    assert all(name.startswith("labels") for name in failure.violation_fields)
+
+
+async def test_non_ascii_email_is_unique_and_found_regardless_of_case(world: World) -> None:
+    created = (
+        await world.admin.users.CreateUser(
+            create_request(world.recorder, email="ÉMILE@example.com")
+        )
+    ).user
+
+    found = (
+        await world.admin.users.LookupUser(
+            user_service_pb2.LookupUserRequest(email="Émile@EXAMPLE.com")
+        )
+    ).user
+    await expect_error(
+        world.admin.users.CreateUser(create_request(world.recorder, email="émile@example.com")),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "EMAIL_ALREADY_EXISTS",
+    )
+
+    assert created.email == "émile@example.com"
+    assert found.id == created.id
+
+
+async def test_repeated_roles_are_stored_once(world: World) -> None:
+    request = create_request(world.recorder, roles=["user", "admin", "user"])
+
+    user = (await world.admin.users.CreateUser(request)).user
+
+    assert sorted(user.roles) == ["admin", "user"]

@@ -290,3 +290,38 @@ async def test_admin_listing_with_show_deleted_includes_deleted_users(world: Wor
 
 async def test_service_listing_with_show_deleted_is_permission_denied(world: World) -> None:
     await expect_denied(world.service.users.ListUsers(list_request(show_deleted=True)))
+
+
+@pytest.mark.parametrize("needle", ["%", "_", "\\\\"])
+async def test_contains_treats_wildcard_characters_literally(world: World, needle: str) -> None:
+    users = await list_all(world.admin, filter=f'display_name:"{needle}"', page_size=100)
+
+    assert users == []
+
+
+async def test_contains_finds_a_literal_percent_sign(world: World) -> None:
+    user_id, _, _ = await world.seed_user(display_name="100% sure")
+
+    users = await list_all(world.admin, filter='display_name:"0%"', page_size=100)
+
+    assert [u.id for u in users] == [user_id]
+
+
+async def test_escaped_quotes_in_a_string_literal_match_literally(world: World) -> None:
+    user_id, _, _ = await world.seed_user(display_name='Say "hi"')
+
+    users = await list_all(world.admin, filter='display_name = "Say \\"hi\\""', page_size=100)
+
+    assert [u.id for u in users] == [user_id]
+
+
+async def test_state_deleted_filter_with_show_deleted_lists_only_deleted_users(
+    world: World,
+) -> None:
+    await world.admin.users.DeleteUser(user_service_pb2.DeleteUserRequest(id=world.bob.id))
+
+    users = await list_all(
+        world.admin, filter="state = STATE_DELETED", show_deleted=True, page_size=100
+    )
+
+    assert [u.id for u in users] == [world.bob.id]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -10,6 +11,8 @@ from google.protobuf import field_mask_pb2
 
 from .helpers import (
     World,
+    assert_rich_error,
+    decode_failure,
     expect_denied,
     expect_error,
     expect_invalid,
@@ -242,3 +245,63 @@ async def test_update_of_a_deleted_user_is_failed_precondition(world: World) -> 
         grpc.StatusCode.FAILED_PRECONDITION,
         "INVALID_STATE",
     )
+
+
+async def test_changing_only_the_case_of_ones_own_email_is_not_a_clash(world: World) -> None:
+    after = (
+        await world.alice.users.UpdateUser(
+            update(patch(world.alice.id, email=world.alice.email.upper()), "email")
+        )
+    ).user
+
+    assert after.email == world.alice.email
+
+
+async def test_update_to_a_deleted_users_email_is_already_exists(world: World) -> None:
+    await world.admin.users.DeleteUser(user_service_pb2.DeleteUserRequest(id=world.bob.id))
+
+    await expect_error(
+        world.alice.users.UpdateUser(update(patch(world.alice.id, email=world.bob.email), "email")),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "EMAIL_ALREADY_EXISTS",
+    )
+
+
+async def test_too_many_labels_is_invalid_argument_naming_labels(world: World) -> None:
+    labels = {f"k{i}": "v" for i in range(65)}
+
+    failure = await expect_invalid(
+        world.alice.users.UpdateUser(update(patch(world.alice.id, labels=labels), "labels"))
+    )
+
+    assert all(name.startswith("user.labels") for name in failure.violation_fields)
+
+
+async def test_label_value_over_256_characters_is_invalid_argument(world: World) -> None:
+    failure = await expect_invalid(
+        world.alice.users.UpdateUser(
+            update(patch(world.alice.id, labels={"team": "v" * 257}), "labels")
+        )
+    )
+
+    assert all(name.startswith("user.labels") for name in failure.violation_fields)
+
+
+async def test_concurrent_updates_with_one_etag_let_exactly_one_through(world: World) -> None:
+    etag = (await world.get_as_admin(world.bob.id)).etag
+    calls = [
+        world.admin.users.UpdateUser(
+            update(patch(world.bob.id, etag=etag, display_name=f"Writer {i}"), "display_name")
+        )
+        for i in range(6)
+    ]
+
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    winners = [o for o in outcomes if not isinstance(o, BaseException)]
+    losers = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(winners) == 1
+    assert len(losers) == 5
+    for loser in losers:
+        assert_rich_error(decode_failure(loser), grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
+    assert (await world.get_as_admin(world.bob.id)).display_name == winners[0].user.display_name

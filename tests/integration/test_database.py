@@ -74,7 +74,7 @@ async def test_the_embedded_postgres_serves_a_usersvc_database(
     finally:
         await engine.dispose()
     assert database == "usersvc"
-    assert make_url(url).query["host"].startswith(str(embedded_data_dir))
+    assert str(make_url(url).query["host"]).startswith(str(embedded_data_dir))
 
 
 async def test_starting_the_embedded_postgres_again_reuses_it(embedded_data_dir: Path) -> None:

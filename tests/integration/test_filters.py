@@ -269,6 +269,8 @@ async def test_deleted_users_are_filtered_out_unless_shown(
         term(F.LABELS, Op.EQ, None, "team"),
         term(F.LABELS, Op.EQ, "team"),
         term(F.LABELS, Op.EQ, "x", ""),
+        term(F.EMAIL, Op.HAS, "a\x00b"),
+        term(F.LABELS, Op.HAS, None, "te\x00am"),
     ],
     ids=repr,
 )

@@ -177,6 +177,7 @@ async def test_a_page_size_below_one_is_invalid(
     [
         (SortField.CREATE_TIME, "2024-01-01"),
         (SortField.EMAIL, datetime(2024, 1, 1, tzinfo=UTC)),
+        (SortField.DISPLAY_NAME, "nul\x00inside"),
         (SortField.CREATE_TIME, datetime(2024, 1, 1)),  # naive on purpose
     ],
 )

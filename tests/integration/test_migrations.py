@@ -4,15 +4,17 @@ ORM models, and find their database from the caller or the environment."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from pathlib import Path
 
 import alembic.command
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, pool
+from sqlalchemy import inspect, pool, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from usersvc.adapters import migrations
 from usersvc.adapters.orm import metadata
@@ -72,10 +74,55 @@ async def test_autogenerate_finds_no_drift_between_the_models_and_the_migrated_s
     assert differences == []
 
 
-async def test_concurrent_upgrades_serialise_on_the_migration_lock(
+async def upgrade_in_another_process(url: str) -> int:
+    # Alembic keeps its migration context in module globals, so concurrent
+    # migrations are a matter of processes (replicas), not threads.
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(migrations.PROJECT_ROOT), environment.get("PYTHONPATH")])
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sys; from usersvc.adapters.migrations import upgrade; upgrade(sys.argv[1])",
+        url,
+        env=environment,
+    )
+    return await process.wait()
+
+
+async def wait_for_advisory_lock_waiters(connection: AsyncConnection, count: int) -> None:
+    query = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    async with asyncio.timeout(30):
+        # Polling: PostgreSQL has no notification for "a session now waits".
+        while (await connection.execute(query)).scalar_one() < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_replicas_migrating_at_once_take_turns_on_the_migration_lock(
     empty_database_url: str,
 ) -> None:
-    await asyncio.gather(*(migrations.upgrade_async(empty_database_url) for _ in range(3)))
+    engine = create_async_engine(
+        empty_database_url, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT"
+    )
+    try:
+        async with engine.connect() as gate:
+            # Hold the lock so that all three start before any of them runs.
+            await gate.execute(
+                text("SELECT pg_advisory_lock(:key)"), {"key": migrations.MIGRATION_LOCK_KEY}
+            )
+            replicas = [
+                asyncio.create_task(upgrade_in_another_process(empty_database_url))
+                for _ in range(3)
+            ]
+            await wait_for_advisory_lock_waiters(gate, 3)
+            await gate.execute(
+                text("SELECT pg_advisory_unlock(:key)"), {"key": migrations.MIGRATION_LOCK_KEY}
+            )
+            exit_codes = await asyncio.gather(*replicas)
+    finally:
+        await engine.dispose()
+    assert exit_codes == [0, 0, 0]
     assert await migrations.current_async(empty_database_url) == migrations.head()
 
 

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from usersvc.adapters import migrations
 from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.domain.errors import DatabaseUnavailable
 from usersvc.domain.models import NewUser, User, UserPatch
@@ -196,3 +197,22 @@ async def test_a_connection_killed_by_the_server_raises_database_unavailable(
         with pytest.raises(DatabaseUnavailable):
             await uow.users.get(user.id)
     assert victim_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_statement_made_stale_by_a_schema_change_fails_once_as_unavailable(
+    empty_database_url: str, make_engine: Callable[..., AsyncEngine], new_user: NewUserFactory
+) -> None:
+    await migrations.upgrade_async(empty_database_url)
+    engine = make_engine(empty_database_url, db_pool_size=1, db_max_overflow=0)
+    uow_factory = make_uow_factory(engine)
+    async with uow_factory() as uow:
+        user = await uow.users.add(new_user())
+        await uow.commit()
+    assert await stored(uow_factory, user.id) == user  # prepares and caches the statement
+    async with engine.begin() as connection:
+        # What a migration might do: the cached plan's result type changes.
+        await connection.exec_driver_sql("ALTER TABLE users ALTER COLUMN display_name TYPE varchar")
+
+    with pytest.raises(DatabaseUnavailable):
+        await stored(uow_factory, user.id)
+    assert await stored(uow_factory, user.id) == user

@@ -1,9 +1,13 @@
 """Engine construction and the translation of connection failures.
 
 One engine per process, built by the composition root from Settings; nothing
-here runs at import. TLS is configured in the URL (``?ssl=require``,
-``?ssl=verify-full``): the asyncpg dialect passes query parameters through to
-``asyncpg.connect``.
+here runs at import.
+
+TLS is configured in the URL. asyncpg's own ``?ssl=require`` (or
+``verify-ca``, ``verify-full``, ...) passes straight through the asyncpg
+dialect. The libpq spellings work too: ``?sslmode=verify-full&sslrootcert=
+/etc/ssl/db-ca.pem`` (also ``sslcert``, ``sslkey``, ``sslcrl``); asyncpg reads
+those only from a DSN, so create_engine hands them over as one.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlencode
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -39,6 +45,14 @@ COMMAND_TIMEOUT_MARGIN_SECONDS = 5.0
 # start-up (57P0x), and statement_timeout (57014).
 _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "28")
 _UNAVAILABLE_SQLSTATES = frozenset({"53300", "57014", "57P01", "57P02", "57P03"})
+_STALE_STATEMENT_ERRORS = (
+    asyncpg.exceptions.InvalidCachedStatementError,
+    asyncpg.exceptions.OutdatedSchemaCacheError,
+)
+
+
+# TLS options asyncpg understands only inside a DSN, not as keyword arguments.
+_LIBPQ_TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl")
 
 
 def create_engine(settings: Settings, url: str) -> AsyncEngine:
@@ -53,6 +67,12 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
     parsed = make_url(url)
     server_settings = {"application_name": APPLICATION_NAME}
     connect_args: dict[str, Any] = {"server_settings": server_settings}
+    tls = {name: parsed.query[name] for name in _LIBPQ_TLS_PARAMETERS if name in parsed.query}
+    if tls:
+        parsed = parsed.difference_update_query(tls)
+        # Host, port, user and database still come from the URL: asyncpg
+        # lets keyword arguments override the DSN.
+        connect_args["dsn"] = "postgresql://?" + urlencode(tls, doseq=True)
     if settings.db_statement_timeout_ms > 0:
         server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
         connect_args["command_timeout"] = (
@@ -110,24 +130,30 @@ def _error_chain(exc: BaseException) -> Iterator[object]:
             current = current.__cause__
 
 
-def is_connection_failure(exc: BaseException) -> bool:
-    """True when ``exc`` means the database is unreachable or refuses to work
-    for now (as opposed to a bug or a constraint violation)."""
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` means the database is unreachable or cannot serve
+    the request right now, so that a retry may succeed (as opposed to a bug
+    or a constraint violation)."""
     if isinstance(exc, sa_exc.TimeoutError):
         return True  # no pooled connection within pool_timeout
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    chain = list(_error_chain(exc))
+    # A schema change (a migration) made a cached prepared statement stale;
+    # the dialect has dropped its caches, so the retry will prepare afresh.
+    if any(isinstance(e, _STALE_STATEMENT_ERRORS) for e in chain):
         return True
     code = sqlstate_of(exc)
     if code is not None:
         return code in _UNAVAILABLE_SQLSTATES or code[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
     # Failures to connect arrive unwrapped: refused, unreachable, DNS, TLS
     # handshake and connect timeouts are all OSError subclasses.
-    return any(isinstance(e, OSError) for e in _error_chain(exc))
+    return any(isinstance(e, OSError) for e in chain)
 
 
 def database_unavailable(exc: BaseException) -> DatabaseUnavailable | None:
-    """DatabaseUnavailable for a connection-level failure, else None."""
-    if isinstance(exc, DomainError) or not is_connection_failure(exc):
+    """DatabaseUnavailable for a failure ``is_unavailable`` accepts, else None."""
+    if isinstance(exc, DomainError) or not is_unavailable(exc):
         return None
     # The class name is enough for operators; the chained exception keeps the
     # details for the traceback the error mapper logs.
@@ -137,8 +163,10 @@ def database_unavailable(exc: BaseException) -> DatabaseUnavailable | None:
 
 @contextmanager
 def translate_connection_errors() -> Iterator[None]:
-    """Re-raise connection-level failures inside the block as
-    DatabaseUnavailable (chained); everything else passes through unchanged.
+    """Re-raise failures inside the block that ``is_unavailable`` accepts
+    (lost or refused connections, pool and statement timeouts, stale cached
+    statements) as DatabaseUnavailable, chained; everything else passes
+    through unchanged.
 
     Raises DatabaseUnavailable.
     """

@@ -143,6 +143,7 @@ def _labels(term: Comparison) -> ColumnElement[bool]:
     key = term.label_key
     if not key:
         raise _invalid("label key must not be empty")
+    _check_text(key)
     if term.op is Op.HAS and term.value is None:
         clause = labels.has_key(key)
         return clause
@@ -166,10 +167,17 @@ def _ordered(term: Comparison, column: Any, value: Any) -> ColumnElement[bool]:
 
 
 def _text_value(term: Comparison) -> str:
+    name = term.field.value if term.label_key is None else f"labels.{term.label_key!r}"
     if not isinstance(term.value, str):
-        name = term.field.value if term.label_key is None else f"labels.{term.label_key}"
         raise _invalid(f"{name} must be compared with a quoted string")
+    _check_text(term.value)
     return term.value
+
+
+def _check_text(value: str) -> None:
+    # PostgreSQL text cannot hold NUL; the driver would fail with a data error.
+    if "\x00" in value:
+        raise _invalid("strings must not contain NUL characters")
 
 
 def _text_array(values: list[str]) -> Any:

@@ -3,7 +3,10 @@ serve`` on an embedded database, the test fixtures).
 
 The functions are synchronous: Alembic's env.py runs the async driver in a
 fresh event loop with ``asyncio.run``. From inside a running loop call them
-through ``asyncio.to_thread`` (or use the ``*_async`` wrappers here).
+through ``asyncio.to_thread`` (or use the ``*_async`` wrappers here). Alembic
+keeps its migration context in module globals: run one migration at a time per
+process (replicas in separate processes are fine; they take turns on an
+advisory lock).
 
 ``alembic.ini`` and the ``alembic/`` scripts live at the top of the
 repository, next to the ``usersvc`` package, which is where an editable
@@ -26,6 +29,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ALEMBIC_INI = PROJECT_ROOT / "alembic.ini"
 SCRIPT_LOCATION = PROJECT_ROOT / "alembic"
+
+# Key of the PostgreSQL advisory lock env.py holds while migrating ("usersvc"
+# in ASCII), so replicas starting together migrate one after the other.
+MIGRATION_LOCK_KEY = 0x75736572737663
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -320,7 +320,7 @@ def _cursor_value(field: SortField, cursor: Cursor) -> ColumnElement[Any]:
         if not isinstance(value, datetime) or value.tzinfo is None:
             raise InvalidArgument.single("page_token", "does not match the ordering")
         return literal(value, _c.create_time.type)
-    if not isinstance(value, str):
+    if not isinstance(value, str) or "\x00" in value:
         raise InvalidArgument.single("page_token", "does not match the ordering")
     if field is SortField.EMAIL:
         return func.lower(literal(value, _c.email.type))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from types import TracebackType
 from typing import Self
 
@@ -28,6 +29,8 @@ from usersvc.adapters.repository import (
     raise_integrity_error,
 )
 from usersvc.domain.ports import IdempotencyRepository, UnitOfWorkFactory, UserRepository
+
+logger = logging.getLogger(__name__)
 
 
 class SqlAlchemyUnitOfWork:
@@ -71,10 +74,11 @@ class SqlAlchemyUnitOfWork:
         try:
             await asyncio.shield(_close(session))
         except Exception:
-            # Do not mask the error that ended the block: the connection is
-            # already invalidated by the pool when its rollback failed.
+            # Do not mask the error that ended the block: the pool has already
+            # discarded the connection whose rollback failed.
             if exc is None:
                 raise
+            logger.warning("rollback after a failed unit of work failed too", exc_info=True)
 
     async def commit(self) -> None:
         """Commit the transaction. Raises EmailAlreadyExists,
