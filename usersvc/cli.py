@@ -72,13 +72,14 @@ def _migration_url(settings: Settings) -> tuple[str, bool]:
 
 
 def _serve(settings: Settings) -> int:
-    from usersvc.adapters.migrations import upgrade
     from usersvc.bootstrap import bootstrap, resolve_database_url
     from usersvc.server import run_until_signalled
 
     url, embedded = resolve_database_url(settings)
     if embedded:
         # We own the embedded database, so keeping its schema current is our job.
+        from usersvc.adapters.migrations import upgrade
+
         upgrade(url)
 
     async def run() -> None:

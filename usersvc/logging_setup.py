@@ -116,3 +116,6 @@ def configure_logging(fmt: str, level: str, *, stream: TextIO | None = None) -> 
         old.close()
     root.addHandler(handler)
     root.setLevel(numeric_level)
+    # Alembic announces each of its internal plugins at INFO on every import:
+    # noise for operators, so only its warnings come through.
+    logging.getLogger("alembic.runtime.plugins").setLevel(max(numeric_level, logging.WARNING))

@@ -45,6 +45,9 @@ class UsersvcServer:
         """Bind and start serving. Raises RuntimeError when the address is taken."""
         settings = container.settings
         addr = listen_addr or settings.listen_addr
+        # Computed now, so the first login for an unknown email takes as long
+        # as any other failed login (no timing oracle on a cold start).
+        await container.hasher.dummy_hash()
         server = grpc.aio.server(
             interceptors=build_interceptors(
                 auth_service=container.auth_service,
