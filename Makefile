@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,speed]'
 	touch $@
 
-$(BUF): tools/package.json tools/package-lock.json
-	cd tools && npm ci --no-audit --no-fund --loglevel=error
+# buf's version is exact in tools/package.json, and its per-platform binary
+# packages are exact optionalDependencies of it: no lock file needed.
+$(BUF): tools/package.json
+	cd tools && npm install --no-save --no-package-lock --no-audit --no-fund --loglevel=error
 	touch $@
 
 # Serve on USERSVC_LISTEN_ADDR (default 127.0.0.1:50051). Without
