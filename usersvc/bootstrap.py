@@ -9,11 +9,15 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.database import create_engine
+from usersvc.adapters.revocations import CachedRevocationChecker, PostgresRevocationListener
 from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.config import Settings
 from usersvc.domain.passwords import PasswordPolicy
 from usersvc.services.auth import AuthService
+from usersvc.services.maintenance import SessionMaintenance
 from usersvc.services.passwords import BcryptPasswordHasher
+from usersvc.services.revocations import RevocationCache
+from usersvc.services.sessions import SessionLifetimes, SessionRevoker
 from usersvc.services.tokens import TokenService, load_key_ring
 from usersvc.services.users import UserService
 
@@ -31,9 +35,23 @@ class Container:
     tokens: TokenService
     user_service: UserService
     auth_service: AuthService
+    revocation_cache: RevocationCache
+    revocations: CachedRevocationChecker
+    revocation_listener: PostgresRevocationListener
+    session_maintenance: SessionMaintenance
+
+    async def start_background(self) -> None:
+        """Start the revocation feed (waiting briefly for its first load)
+        and the session clean-up timer. Raises RuntimeError when started
+        twice."""
+        await self.revocation_listener.start()
+        self.session_maintenance.start()
 
     async def aclose(self) -> None:
-        """Release the connection pool and the bcrypt threads."""
+        """Stop the background tasks, release the connection pool and the
+        bcrypt threads."""
+        await self.session_maintenance.stop()
+        await self.revocation_listener.stop()
         await self.engine.dispose()
         self.hasher.close()
 
@@ -63,13 +81,29 @@ def bootstrap(settings: Settings, *, database_url: str) -> Container:
         audience=settings.jwt_audience,
         access_ttl_seconds=settings.access_token_ttl_seconds,
     )
+    lifetimes = SessionLifetimes(
+        access_ttl_seconds=settings.access_token_ttl_seconds,
+        refresh_ttl_seconds=settings.refresh_token_ttl_seconds,
+    )
+    revocation_cache = RevocationCache()
+    revocations = CachedRevocationChecker(revocation_cache, engine)
+    # Revocations made here reach this process's cache at commit, without
+    # waiting for the NOTIFY to come back through the listener.
+    revoker = SessionRevoker(lifetimes=lifetimes, on_revoked=revocation_cache.add)
     user_service = UserService(
         uow_factory=uow_factory,
         hasher=hasher,
         password_policy=PasswordPolicy(),
         allow_signup=settings.allow_signup,
+        sessions=revoker,
     )
-    auth_service = AuthService(uow_factory=uow_factory, hasher=hasher, tokens=tokens)
+    auth_service = AuthService(
+        uow_factory=uow_factory,
+        hasher=hasher,
+        tokens=tokens,
+        revocations=revocations,
+        sessions=revoker,
+    )
     return Container(
         settings=settings,
         database_url=database_url,
@@ -78,4 +112,14 @@ def bootstrap(settings: Settings, *, database_url: str) -> Container:
         tokens=tokens,
         user_service=user_service,
         auth_service=auth_service,
+        revocation_cache=revocation_cache,
+        revocations=revocations,
+        revocation_listener=PostgresRevocationListener.for_database(
+            revocation_cache, settings, database_url
+        ),
+        session_maintenance=SessionMaintenance(
+            uow_factory=uow_factory,
+            lifetimes=lifetimes,
+            interval_seconds=settings.session_cleanup_interval_seconds,
+        ),
     )

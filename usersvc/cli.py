@@ -1,4 +1,4 @@
-"""The ``usersvc`` command: serve | migrate | create-admin | healthcheck."""
+"""The ``usersvc`` command: serve | migrate | create-admin | healthcheck | keys."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from usersvc.config import Settings, SettingsError
+
+if TYPE_CHECKING:
+    import grpc
 
 logger = logging.getLogger("usersvc.cli")
 
@@ -34,8 +39,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "healthcheck", help="exit 0 when the server at USERSVC_LISTEN_ADDR is SERVING"
     )
     check.add_argument("--timeout", type=float, default=3.0)
+    check.add_argument(
+        "--ca-file",
+        type=Path,
+        help="with TLS: CA certificates to trust (default: USERSVC_TLS_CERT_FILE itself)",
+    )
+    check.add_argument(
+        "--server-name",
+        help="with TLS: the name to verify (default: the first DNS name of the certificate)",
+    )
+    check.add_argument("--client-cert", type=Path, help="with mTLS on the port: PEM chain")
+    check.add_argument("--client-key", type=Path, help="with mTLS on the port: PEM key")
+    keys = commands.add_parser("keys", help="token signing keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    generate = keys.add_parser(
+        "generate",
+        help="write a new Ed25519 signing key (PKCS#8 PEM, mode 0600) and print its kid",
+    )
+    generate.add_argument("--out", type=Path, required=True, help="file to create")
     args = parser.parse_args(argv)
 
+    if args.command == "keys":
+        # Needs no settings: keys are made before a deployment is configured.
+        return _generate_key(args.out)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
@@ -51,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _migrate(settings)
     if args.command == "create-admin":
         return _create_admin(settings, args.email, args.display_name)
-    return _healthcheck(settings, args.timeout)
+    return _healthcheck(settings, args)
 
 
 def _install_uvloop() -> None:
@@ -85,12 +112,31 @@ def _serve(settings: Settings) -> int:
     async def run() -> None:
         await run_until_signalled(bootstrap(settings, database_url=url))
 
+    from usersvc.services.tokens import KeyConfigError
+
     _install_uvloop()
     try:
         asyncio.run(run())
-    except RuntimeError as exc:
+    except (RuntimeError, KeyConfigError) as exc:
         logger.error("cannot start: %s", exc)
         return 1
+    return 0
+
+
+def _generate_key(path: Path) -> int:
+    from usersvc.services.tokens import generate_key_file
+
+    try:
+        kid = generate_key_file(path)
+    except FileExistsError:
+        print(f"usersvc: {path} exists; not overwriting a key", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"usersvc: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"usersvc: wrote an Ed25519 signing key to {path}", file=sys.stderr)
+    # Only the kid on stdout, so scripts can capture it.
+    print(kid)
     return 0
 
 
@@ -169,7 +215,36 @@ def _create_admin(settings: Settings, email: str, display_name: str) -> int:
     return 0
 
 
-def _healthcheck(settings: Settings, timeout: float) -> int:
+def _healthcheck_channel(
+    settings: Settings, args: argparse.Namespace, target: str
+) -> grpc.Channel:
+    """A channel to ``target``: plaintext, or TLS when the server has it.
+    Raises OSError for an unreadable file."""
+    import grpc
+    from cryptography import x509
+
+    if settings.tls_cert_file is None:
+        return grpc.insecure_channel(target)
+    server_cert = settings.tls_cert_file.read_bytes()
+    roots = args.ca_file.read_bytes() if args.ca_file else server_cert
+    client_key = args.client_key.read_bytes() if args.client_key else None
+    client_chain = args.client_cert.read_bytes() if args.client_cert else None
+    name = args.server_name
+    if name is None:
+        leaf = x509.load_pem_x509_certificate(server_cert)
+        try:
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = san.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            names = []
+        name = names[0] if names else None
+    # We dial an address; the certificate names a host: check that name.
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    credentials = grpc.ssl_channel_credentials(roots, client_key, client_chain)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -177,9 +252,14 @@ def _healthcheck(settings: Settings, timeout: float) -> int:
     if host in ("0.0.0.0", "[::]", "::"):  # noqa: S104 - we connect, not bind
         host = "127.0.0.1"
     try:
-        with grpc.insecure_channel(f"{host}:{port}") as channel:
+        channel = _healthcheck_channel(settings, args, f"{host}:{port}")
+    except (OSError, ValueError) as exc:
+        print(f"usersvc: cannot set up TLS for the check: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
             )
     except grpc.RpcError as exc:
         print(f"usersvc: not healthy: {exc.code().name}", file=sys.stderr)

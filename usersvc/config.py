@@ -12,7 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from usersvc.domain.models import KNOWN_ROLES
+
 PREFIX = "USERSVC_"
+JWT_ALGORITHMS = ("EdDSA", "HS256")
+# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash.
+MIN_HS256_SECRET_BYTES = 32
 
 
 class SettingsError(ValueError):
@@ -39,6 +44,17 @@ class Settings:
     listen_addr: str = "127.0.0.1:50051"
     shutdown_grace_seconds: float = 10.0
     max_message_bytes: int = 1024 * 1024
+    # TLS for the gRPC port(s): certificate chain and key (PEM). A client CA
+    # turns on client certificates: on mtls_listen_addr when that is set,
+    # otherwise required on listen_addr itself (grpc cannot ask for an
+    # optional one; see usersvc/server.py).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    mtls_listen_addr: str | None = None
+    # Certificate identity (SAN URI or DNS name) -> roles of that service.
+    # Left out of the hash (a dict has none), so Settings stays hashable.
+    service_identities: Mapping[str, frozenset[str]] = field(default_factory=dict, hash=False)
 
     # Users and passwords.
     allow_signup: bool = True
@@ -47,12 +63,24 @@ class Settings:
 
     # Tokens.
     access_token_ttl_seconds: int = 900
+    # Sessions: a login's refresh tokens work until this long after the
+    # login (rotation does not extend it); expired sessions and revocation
+    # log rows are deleted every cleanup interval (0: never, by this process).
+    refresh_token_ttl_seconds: int = 2_592_000
+    session_cleanup_interval_seconds: float = 300.0
     jwt_issuer: str = "usersvc"
     jwt_audience: str = "usersvc"
     # Ed25519 private key in PEM: inline, or a file. Neither: development
     # generates one under data_dir (production refuses to start).
     jwt_private_key_pem: str | None = field(default=None, repr=False)
     jwt_private_key_file: Path | None = None
+    # EdDSA signs with the key above; HS256 with a shared secret instead
+    # (nothing to publish in GetJwks then).
+    jwt_algorithm: str = "EdDSA"
+    jwt_hs256_secret: str | None = field(default=None, repr=False)
+    # Ed25519 keys (PEM, public or private) that only verify: the previous
+    # signing keys during a rotation.
+    jwt_verification_key_files: tuple[Path, ...] = ()
 
     # Operations.
     environment: str = "development"  # or "production"
@@ -91,6 +119,11 @@ class Settings:
             shutdown_grace_seconds=reader.number(
                 "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds, lo=0, hi=3600
             ),
+            tls_cert_file=reader.path("TLS_CERT_FILE"),
+            tls_key_file=reader.path("TLS_KEY_FILE"),
+            tls_client_ca_file=reader.path("TLS_CLIENT_CA_FILE"),
+            mtls_listen_addr=reader.text("MTLS_LISTEN_ADDR", None),
+            service_identities=reader.service_identities("SERVICE_IDENTITIES"),
             allow_signup=reader.boolean("ALLOW_SIGNUP", defaults.allow_signup),
             bcrypt_rounds=reader.integer("BCRYPT_ROUNDS", defaults.bcrypt_rounds, lo=4, hi=31),
             bcrypt_max_threads=reader.integer(
@@ -99,11 +132,26 @@ class Settings:
             access_token_ttl_seconds=reader.integer(
                 "ACCESS_TOKEN_TTL_SECONDS", defaults.access_token_ttl_seconds, lo=30, hi=86_400
             ),
+            refresh_token_ttl_seconds=reader.integer(
+                "REFRESH_TOKEN_TTL_SECONDS",
+                defaults.refresh_token_ttl_seconds,
+                lo=60,
+                hi=31_622_400,
+            ),
+            session_cleanup_interval_seconds=reader.number(
+                "SESSION_CLEANUP_INTERVAL_SECONDS",
+                defaults.session_cleanup_interval_seconds,
+                lo=0,
+                hi=86_400,
+            ),
             jwt_issuer=reader.text("JWT_ISSUER", defaults.jwt_issuer) or defaults.jwt_issuer,
             jwt_audience=reader.text("JWT_AUDIENCE", defaults.jwt_audience)
             or defaults.jwt_audience,
             jwt_private_key_pem=reader.text("JWT_PRIVATE_KEY", None),
             jwt_private_key_file=reader.path("JWT_PRIVATE_KEY_FILE"),
+            jwt_algorithm=reader.choice("JWT_ALGORITHM", defaults.jwt_algorithm, JWT_ALGORITHMS),
+            jwt_hs256_secret=reader.secret("JWT_HS256_SECRET"),
+            jwt_verification_key_files=reader.paths("JWT_VERIFICATION_KEY_FILES"),
             environment=reader.choice(
                 "ENV", defaults.environment, ("development", "production")
             ),
@@ -135,8 +183,17 @@ class Settings:
             problems.append(
                 f"set only one of {PREFIX}JWT_PRIVATE_KEY and {PREFIX}JWT_PRIVATE_KEY_FILE"
             )
+        problems += self._key_checks() + self._tls_checks()
+        if self.refresh_token_ttl_seconds < self.access_token_ttl_seconds:
+            problems.append(
+                f"{PREFIX}REFRESH_TOKEN_TTL_SECONDS ({self.refresh_token_ttl_seconds}) must "
+                f"not be shorter than {PREFIX}ACCESS_TOKEN_TTL_SECONDS "
+                f"({self.access_token_ttl_seconds})"
+            )
         if self.is_production:
-            if not (self.jwt_private_key_pem or self.jwt_private_key_file):
+            if self.jwt_algorithm == "EdDSA" and not (
+                self.jwt_private_key_pem or self.jwt_private_key_file
+            ):
                 problems.append(
                     f"{PREFIX}ENV=production requires {PREFIX}JWT_PRIVATE_KEY or "
                     f"{PREFIX}JWT_PRIVATE_KEY_FILE (no generated keys in production)"
@@ -147,6 +204,62 @@ class Settings:
                     "(the embedded PostgreSQL is for development)"
                 )
         return problems
+
+    def _key_checks(self) -> list[str]:
+        if self.jwt_algorithm != "HS256":
+            if self.jwt_hs256_secret is not None:
+                return [f"{PREFIX}JWT_HS256_SECRET is set but {PREFIX}JWT_ALGORITHM is not HS256"]
+            return []
+        problems = []
+        if self.jwt_private_key_pem or self.jwt_private_key_file:
+            problems.append(
+                f"{PREFIX}JWT_ALGORITHM=HS256 signs with {PREFIX}JWT_HS256_SECRET; unset "
+                f"{PREFIX}JWT_PRIVATE_KEY(_FILE) (an old Ed25519 key that must keep "
+                f"verifying belongs in {PREFIX}JWT_VERIFICATION_KEY_FILES)"
+            )
+        if self.jwt_hs256_secret is None:
+            problems.append(f"{PREFIX}JWT_ALGORITHM=HS256 requires {PREFIX}JWT_HS256_SECRET")
+        else:
+            size = len(self.jwt_hs256_secret.encode("utf-8"))
+            if size < MIN_HS256_SECRET_BYTES:
+                # The length is said, the secret never is.
+                problems.append(
+                    f"{PREFIX}JWT_HS256_SECRET must be at least {MIN_HS256_SECRET_BYTES} "
+                    f"bytes, got {size} (generate one: openssl rand -base64 48)"
+                )
+        return problems
+
+    def _tls_checks(self) -> list[str]:
+        problems = []
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            problems.append(f"set both {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            problems.append(
+                f"{PREFIX}TLS_CLIENT_CA_FILE requires {PREFIX}TLS_CERT_FILE and "
+                f"{PREFIX}TLS_KEY_FILE (client certificates need TLS)"
+            )
+        if self.mtls_listen_addr is not None:
+            if self.tls_client_ca_file is None:
+                problems.append(f"{PREFIX}MTLS_LISTEN_ADDR requires {PREFIX}TLS_CLIENT_CA_FILE")
+            if _host_port(self.mtls_listen_addr) is None:
+                problems.append(
+                    f"{PREFIX}MTLS_LISTEN_ADDR must be host:port, got {self.mtls_listen_addr!r}"
+                )
+            elif self.mtls_listen_addr == self.listen_addr and not self.listen_addr.endswith(":0"):
+                problems.append(f"{PREFIX}MTLS_LISTEN_ADDR must differ from {PREFIX}LISTEN_ADDR")
+        if self.service_identities and self.tls_client_ca_file is None:
+            problems.append(
+                f"{PREFIX}SERVICE_IDENTITIES requires {PREFIX}TLS_CLIENT_CA_FILE "
+                "(identities come from verified client certificates)"
+            )
+        return problems
+
+
+def normalize_identity(identity: str) -> str:
+    """The form service identities are compared in: DNS names are
+    case-insensitive, so they are lower-cased; URIs are kept as they are.
+    Raises nothing."""
+    return identity if "://" in identity else identity.lower()
 
 
 def _host_port(addr: str) -> tuple[str, int] | None:
@@ -179,6 +292,45 @@ class _Reader:
     def path(self, name: str) -> Path | None:
         raw = self._raw(name)
         return None if raw is None else Path(raw)
+
+    def paths(self, name: str) -> tuple[Path, ...]:
+        """A comma-separated list of paths."""
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        return tuple(Path(part.strip()) for part in raw.split(",") if part.strip())
+
+    def secret(self, name: str) -> str | None:
+        # Unlike other values, a secret is taken verbatim: stripping would
+        # silently shorten it.
+        value = self.env.get(PREFIX + name)
+        return value or None
+
+    def service_identities(self, name: str) -> dict[str, frozenset[str]]:
+        """``identity=role+role;identity=role``, e.g.
+        ``spiffe://corp/billing=service;orders.internal=service+admin``."""
+        raw = self._raw(name)
+        if raw is None:
+            return {}
+        identities: dict[str, frozenset[str]] = {}
+        for entry in filter(None, (part.strip() for part in raw.split(";"))):
+            # The last "=" splits: roles never contain one, a URI might.
+            identity, sep, roles_text = entry.rpartition("=")
+            identity = normalize_identity(identity.strip())
+            roles = frozenset(filter(None, (r.strip() for r in roles_text.split("+"))))
+            if not sep or not identity or not roles:
+                self.problems.append(f"{PREFIX}{name}: expected identity=role+role, got {entry!r}")
+                continue
+            unknown = sorted(roles - KNOWN_ROLES)
+            if unknown:
+                self.problems.append(
+                    f"{PREFIX}{name}: unknown role(s) {', '.join(unknown)} for {identity!r} "
+                    f"(known: {', '.join(sorted(KNOWN_ROLES))})"
+                )
+            if identity in identities:
+                self.problems.append(f"{PREFIX}{name}: {identity!r} is listed twice")
+            identities[identity] = roles
+        return identities
 
     def integer(self, name: str, default: int, *, lo: int, hi: int) -> int:
         raw = self._raw(name)

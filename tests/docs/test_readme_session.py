@@ -90,9 +90,12 @@ def test_the_readme_grpcurl_session_runs_as_printed(served: tuple[int, dict[str,
     assert '"status": "SERVING"' in out
     assert '"display_name": "Ada Lovelace"' in out
     # The list printed by the admin holds both users, email descending.
-    listing = json.loads(out[out.rindex('{\n  "users"'):out.rindex("}") + 1])
+    listing, _ = json.JSONDecoder().raw_decode(out, out.rindex('{\n  "users"'))
     assert [u["email"] for u in listing["users"]] == ["admin@example.com", "ada@example.com"]
     assert listing["total_size"] == 2
+    # The session lifecycle: reuse ends the session, logout revokes at once.
+    assert result.stderr.count('"reason":"REFRESH_TOKEN_INVALID"') == 2
+    assert result.stderr.count('"reason":"TOKEN_REVOKED"') == 2
     # The failing call at the end prints both field violations.
     assert "Code: InvalidArgument" in result.stderr
     assert re.search(r'"field":\s*"email"', result.stderr)

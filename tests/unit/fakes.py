@@ -5,7 +5,10 @@ copy of the data and publishes it only on commit (rolled back otherwise);
 emails are unique case-insensitively (checked when written and again at
 commit, like a unique index); an idempotency key taken by another unit of
 work since this one began fails the commit with IdempotencyKeyTaken;
-repositories raise only domain errors.
+repositories raise only domain errors. Sessions follow the SQL schema too:
+deleting a user deletes its sessions, a session's deletion its refresh
+tokens; the revocation log outlives both; "notifications" are published on
+commit only, like PostgreSQL's NOTIFY.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import hashlib
 import operator
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
 from usersvc.domain.listing import (
@@ -39,13 +44,25 @@ from usersvc.domain.models import (
     NewUser,
     Principal,
     PrincipalKind,
+    RevokeReason,
+    Session,
     User,
     UserPatch,
     UserState,
     uuid7,
 )
 from usersvc.domain.passwords import PasswordPolicy
-from usersvc.domain.ports import IdempotencyKeyTaken, IdempotencyRecord
+from usersvc.domain.ports import (
+    CleanupResult,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
+    RefreshOutcome,
+    RefreshStatus,
+)
+from usersvc.services.auth import AuthService
+from usersvc.services.passwords import BcryptPasswordHasher
+from usersvc.services.sessions import SessionLifetimes, SessionRevoker
+from usersvc.services.tokens import KeyRing, SigningKey, TokenService
 from usersvc.services.users import UserService
 
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
@@ -57,12 +74,54 @@ class _Row:
     password_hash: str
 
 
+@dataclass(frozen=True)
+class StoredRefreshToken:
+    session_id: uuid.UUID
+    use_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StoredRevocation:
+    revoke_time: datetime
+    expire_time: datetime
+
+
+@dataclass
+class _SessionState:
+    """The session tables, as one unit of work sees them."""
+
+    sessions: dict[uuid.UUID, Session] = field(default_factory=dict)
+    tokens: dict[bytes, StoredRefreshToken] = field(default_factory=dict)
+    revocations: dict[uuid.UUID, StoredRevocation] = field(default_factory=dict)
+
+    def copy(self) -> _SessionState:
+        return _SessionState(dict(self.sessions), dict(self.tokens), dict(self.revocations))
+
+    def apply(self, base: _SessionState, changed: _SessionState) -> None:
+        """Write into self what ``changed`` changed relative to ``base``
+        (row by row, like a transaction's writes), keeping what other units
+        of work committed meanwhile."""
+        for name in ("sessions", "tokens", "revocations"):
+            target, before, after = (getattr(x, name) for x in (self, base, changed))
+            for key, value in after.items():
+                if before.get(key) != value:
+                    target[key] = value
+            for key in before.keys() - after.keys():
+                target.pop(key, None)
+
+
 class FakeDatabase:
     """Committed state shared by the units of work made by ``uow``."""
 
     def __init__(self) -> None:
         self.rows: dict[uuid.UUID, _Row] = {}
         self.idempotency: dict[tuple[str, str], IdempotencyRecord] = {}
+        self.session_state = _SessionState()
+        # Each committed revocation's session ids, in commit order.
+        self.notifications: list[list[uuid.UUID]] = []
+        # Unused refresh tokens an open unit of work has retired: the row
+        # lock that makes a concurrent use see the token as retired.
+        self.claimed_tokens: set[bytes] = set()
         self.commits = 0
         self.open_units = 0
         # Run (once) at the start of the next commit, with the committing
@@ -118,10 +177,23 @@ class FakeDatabase:
     def password_hash(self, user_id: uuid.UUID) -> str:
         return self.rows[user_id].password_hash
 
+    @property
+    def sessions(self) -> dict[uuid.UUID, Session]:
+        return self.session_state.sessions
+
+    @property
+    def refresh_tokens(self) -> dict[bytes, StoredRefreshToken]:
+        return self.session_state.tokens
+
+    @property
+    def revocations(self) -> dict[uuid.UUID, StoredRevocation]:
+        return self.session_state.revocations
+
 
 class FakeUnitOfWork:
     users: FakeUserRepository
     idempotency: FakeIdempotencyRepository
+    sessions: FakeSessionRepository
 
     def __init__(self, db: FakeDatabase) -> None:
         self.db = db
@@ -133,8 +205,16 @@ class FakeUnitOfWork:
         self.written: set[uuid.UUID] = set()
         self.purged: set[uuid.UUID] = set()
         self.new_keys: set[tuple[str, str]] = set()
+        self._session_base = self.db.session_state.copy()
+        self.session_state = self._session_base.copy()
+        self.pending_notifications: list[list[uuid.UUID]] = []
+        self.claims: set[bytes] = set()
         self.users = FakeUserRepository(self)
         self.idempotency = FakeIdempotencyRepository(self)
+        self.sessions = FakeSessionRepository(self)
+
+    def _release_claims(self) -> None:
+        self.db.claimed_tokens -= getattr(self, "claims", set())
 
     async def __aenter__(self) -> Self:
         self.db.open_units += 1
@@ -147,6 +227,7 @@ class FakeUnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         self.db.open_units -= 1
+        self._release_claims()
         self._begin()  # whatever was not committed is gone
 
     async def commit(self) -> None:
@@ -171,10 +252,22 @@ class FakeUnitOfWork:
             self.db.rows[user_id] = self.rows[user_id]
         for key in self.new_keys:
             self.db.idempotency[key] = self.keys[key]
+        committed = self.db.session_state
+        committed.apply(self._session_base, self.session_state)
+        for user_id in self.purged:
+            # ON DELETE CASCADE, as in the schema.
+            for session_id in [s.id for s in committed.sessions.values() if s.user_id == user_id]:
+                del committed.sessions[session_id]
+        committed.tokens = {
+            h: t for h, t in committed.tokens.items() if t.session_id in committed.sessions
+        }
+        self.db.notifications.extend(self.pending_notifications)
         self.db.commits += 1
+        self._release_claims()
         self._begin()
 
     async def rollback(self) -> None:
+        self._release_claims()
         self._begin()
 
 
@@ -372,6 +465,139 @@ class FakeIdempotencyRepository:
         self._uow.new_keys.add((scope, key))
 
 
+class FakeSessionRepository:
+    """SessionRepository on the unit of work's copy of the session tables.
+    Ignores the last-write-wins races a real database would order by row
+    locks, except for the one that matters: a refresh token retired by an
+    open unit of work is RETIRED to every other one."""
+
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self._uow = uow
+
+    @property
+    def _state(self) -> _SessionState:
+        return self._uow.session_state
+
+    async def create(self, user_id: uuid.UUID, expire_time: datetime) -> Session:
+        if user_id not in self._uow.rows:
+            raise UserNotFound(metadata={"id": str(user_id)})
+        session = Session(
+            id=uuid7(),
+            user_id=user_id,
+            create_time=self._uow.db.now(),
+            expire_time=expire_time,
+            revoke_time=None,
+            revoke_reason=None,
+        )
+        self._state.sessions[session.id] = session
+        return session
+
+    async def add_refresh_token(self, session_id: uuid.UUID, token_hash: bytes) -> None:
+        assert token_hash not in self._state.tokens, "refresh token hashes are unique"
+        assert session_id in self._state.sessions, "refresh tokens belong to a session"
+        self._state.tokens[token_hash] = StoredRefreshToken(session_id)
+
+    async def use_refresh_token(self, token_hash: bytes) -> RefreshOutcome:
+        token = self._state.tokens.get(token_hash)
+        if token is None:
+            return RefreshOutcome(RefreshStatus.UNKNOWN)
+        session = self._state.sessions[token.session_id]
+        claimed_elsewhere = (
+            token_hash in self._uow.db.claimed_tokens and token_hash not in self._uow.claims
+        )
+        if token.use_time is not None or claimed_elsewhere:
+            return RefreshOutcome(RefreshStatus.RETIRED, session)
+        now = self._uow.db.now()
+        self._state.tokens[token_hash] = replace(token, use_time=now)
+        self._uow.claims.add(token_hash)
+        self._uow.db.claimed_tokens.add(token_hash)
+        session = replace(session, last_refresh_time=now)
+        self._state.sessions[session.id] = session
+        return RefreshOutcome(RefreshStatus.OK, session)
+
+    async def find_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
+        token = self._state.tokens.get(token_hash)
+        return None if token is None else token.session_id
+
+    async def get(self, session_id: uuid.UUID) -> Session | None:
+        return self._state.sessions.get(session_id)
+
+    async def revoke(
+        self,
+        *,
+        reason: RevokeReason,
+        revocation_expire_time: datetime,
+        session_ids: Sequence[uuid.UUID] | None = None,
+        user_id: uuid.UUID | None = None,
+        except_session_id: uuid.UUID | None = None,
+    ) -> list[uuid.UUID]:
+        if (session_ids is None) == (user_id is None):
+            raise ValueError("revoke takes either session_ids or user_id")
+        state = self._state
+        live = [
+            s
+            for s in state.sessions.values()
+            if s.revoke_time is None
+            and (
+                s.id in session_ids
+                if session_ids is not None
+                else s.user_id == user_id and s.id != except_session_id
+            )
+        ]
+        rowless = [i for i in session_ids or () if i not in state.sessions]
+        now = self._uow.db.now()
+        for session in live:
+            state.sessions[session.id] = replace(session, revoke_time=now, revoke_reason=reason)
+        logged = sorted({i for i in [s.id for s in live] + rowless if i not in state.revocations})
+        for session_id in logged:
+            state.revocations[session_id] = StoredRevocation(now, revocation_expire_time)
+        if logged:
+            self._uow.pending_notifications.append(logged)
+        return logged
+
+    async def delete_expired(
+        self, *, session_cutoff: datetime, revocation_cutoff: datetime, limit: int
+    ) -> CleanupResult:
+        state = self._state
+        doomed = sorted(
+            (s for s in state.sessions.values() if s.expire_time < session_cutoff),
+            key=lambda s: s.expire_time,
+        )[:limit]
+        for session in doomed:
+            del state.sessions[session.id]
+        state.tokens = {h: t for h, t in state.tokens.items() if t.session_id in state.sessions}
+        gone = sorted(
+            (i for i, r in state.revocations.items() if r.expire_time < revocation_cutoff),
+            key=lambda i: state.revocations[i].expire_time,
+        )[:limit]
+        for session_id in gone:
+            del state.revocations[session_id]
+        return CleanupResult(sessions=len(doomed), revocations=len(gone))
+
+
+class FakeRevocationChecker:
+    """RevocationChecker over the fake database's committed revocation log,
+    plus what the local hook reported (``locally``)."""
+
+    def __init__(self, db: FakeDatabase) -> None:
+        self._db = db
+        self.locally: dict[str, datetime] = {}
+        self.checks = 0
+
+    async def is_revoked(self, session_id: str) -> bool:
+        self.checks += 1
+        try:
+            key = uuid.UUID(session_id)
+        except ValueError:
+            return False
+        return key in self._db.revocations
+
+    def add(self, session_ids: Sequence[str], expire_time: datetime) -> None:
+        """The RevocationHook."""
+        for session_id in session_ids:
+            self.locally[session_id] = expire_time
+
+
 class FakePasswordHasher:
     """A fast stand-in for bcrypt: "fake$<cost>$<sha256 of the password>".
     Records how often it hashed and how many units of work were open then
@@ -453,11 +679,40 @@ def as_mtls_service(identity: str = "spiffe://example/billing") -> Principal:
 # -- services ------------------------------------------------------------------------
 
 
+ACCESS_TTL_SECONDS = 600
+REFRESH_TTL_SECONDS = 3600
+
+
+class FakeClock:
+    """A settable time.time for services under test."""
+
+    def __init__(self, start: datetime = EPOCH) -> None:
+        self.now = start.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def session_revoker(
+    revocations: FakeRevocationChecker, clock: FakeClock | None = None
+) -> SessionRevoker:
+    lifetimes = SessionLifetimes(
+        access_ttl_seconds=ACCESS_TTL_SECONDS,
+        refresh_ttl_seconds=REFRESH_TTL_SECONDS,
+        clock=clock or FakeClock(),
+    )
+    return SessionRevoker(lifetimes=lifetimes, on_revoked=revocations.add)
+
+
 @dataclass
 class UserServiceHarness:
     db: FakeDatabase
     hasher: FakePasswordHasher
     service: UserService
+    revocations: FakeRevocationChecker
 
 
 def user_service(
@@ -466,10 +721,48 @@ def user_service(
     """A UserService on fresh fakes."""
     db = FakeDatabase()
     hasher = FakePasswordHasher(db=db, yield_while_hashing=yield_while_hashing)
+    revocations = FakeRevocationChecker(db)
     service = UserService(
         uow_factory=db.uow,
         hasher=hasher,
         password_policy=PasswordPolicy(),
         allow_signup=allow_signup,
+        sessions=session_revoker(revocations),
     )
-    return UserServiceHarness(db, hasher, service)
+    return UserServiceHarness(db, hasher, service, revocations)
+
+
+@dataclass
+class AuthServiceHarness:
+    db: FakeDatabase
+    clock: FakeClock
+    tokens: TokenService
+    revocations: FakeRevocationChecker
+    revoker: SessionRevoker
+    service: AuthService
+
+
+def auth_service(
+    hasher: BcryptPasswordHasher, *, db: FakeDatabase | None = None
+) -> AuthServiceHarness:
+    """An AuthService on fresh fakes, real tokens (Ed25519) and ``hasher``;
+    one FakeClock drives the tokens and the sessions."""
+    db = db or FakeDatabase()
+    clock = FakeClock()
+    tokens = TokenService(
+        KeyRing(SigningKey.ed25519(Ed25519PrivateKey.generate())),
+        issuer="usersvc",
+        audience="usersvc",
+        access_ttl_seconds=ACCESS_TTL_SECONDS,
+        clock=clock,
+    )
+    revocations = FakeRevocationChecker(db)
+    revoker = session_revoker(revocations, clock)
+    service = AuthService(
+        uow_factory=db.uow,
+        hasher=hasher,
+        tokens=tokens,
+        revocations=revocations,
+        sessions=revoker,
+    )
+    return AuthServiceHarness(db, clock, tokens, revocations, revoker, service)

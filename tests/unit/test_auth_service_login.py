@@ -10,17 +10,16 @@ from dataclasses import dataclass
 
 import bcrypt
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fakes import FakeDatabase
+from fakes import ACCESS_TTL_SECONDS, AuthServiceHarness, FakeDatabase, auth_service
 
 from usersvc.domain.errors import InvalidCredentials, TokenInvalid
 from usersvc.domain.models import PrincipalKind, User
 from usersvc.services.auth import AuthService
 from usersvc.services.passwords import BcryptPasswordHasher
-from usersvc.services.tokens import KeyRing, SigningKey, TokenService
+from usersvc.services.tokens import TokenService
 
 PASSWORD = "correct horse battery staple"
-TTL = 600
+TTL = ACCESS_TTL_SECONDS
 
 
 @dataclass
@@ -29,6 +28,17 @@ class Harness:
     hasher: BcryptPasswordHasher
     tokens: TokenService
     auth: AuthService
+    built: AuthServiceHarness
+
+    def with_hasher(self, hasher: BcryptPasswordHasher) -> AuthService:
+        """An AuthService like ``auth`` on the same fakes, with ``hasher``."""
+        return AuthService(
+            uow_factory=self.db.uow,
+            hasher=hasher,
+            tokens=self.tokens,
+            revocations=self.built.revocations,
+            sessions=self.built.revoker,
+        )
 
     def add_user(
         self, email: str = "ann@example.com", *, rounds: int = 4, **fields: object
@@ -39,15 +49,9 @@ class Harness:
 
 @pytest.fixture
 async def h() -> AsyncIterator[Harness]:
-    db = FakeDatabase()
     hasher = BcryptPasswordHasher(rounds=4, max_threads=2)
-    tokens = TokenService(
-        KeyRing(SigningKey.ed25519(Ed25519PrivateKey.generate())),
-        issuer="usersvc",
-        audience="usersvc",
-        access_ttl_seconds=TTL,
-    )
-    yield Harness(db, hasher, tokens, AuthService(uow_factory=db.uow, hasher=hasher, tokens=tokens))
+    built = auth_service(hasher)
+    yield Harness(built.db, hasher, built.tokens, built.service, built)
     hasher.close()
 
 
@@ -76,9 +80,9 @@ class CheckpwSpy:
 async def test_a_login_returns_a_bearer_token_for_the_user(h: Harness) -> None:
     ann = h.add_user()
     result = await h.auth.login(email="ann@example.com", password=PASSWORD)
-    assert (result.token_type, result.expires_in, result.refresh_token) == ("Bearer", TTL, "")
+    assert (result.token_type, result.expires_in) == ("Bearer", TTL)
     assert result.user == ann
-    principal = h.auth.authenticate(result.access_token)
+    principal = await h.auth.authenticate(result.access_token)
     assert (principal.kind, principal.subject) == (PrincipalKind.USER, str(ann.id))
 
 
@@ -92,7 +96,7 @@ async def test_each_login_starts_its_own_time_ordered_session(h: Harness) -> Non
     h.add_user()
     first = await h.auth.login(email="ann@example.com", password=PASSWORD)
     second = await h.auth.login(email="ann@example.com", password=PASSWORD)
-    sessions = [h.auth.authenticate(r.access_token).session_id for r in (first, second)]
+    sessions = [(await h.auth.authenticate(r.access_token)).session_id for r in (first, second)]
     assert sessions[0] != sessions[1]
     assert all(uuid.UUID(s).version == 7 for s in sessions)
 
@@ -146,7 +150,7 @@ async def test_a_successful_login_also_costs_one_bcrypt_check(
 async def test_a_hash_below_the_configured_cost_is_upgraded_on_login(
     h: Harness, cost_5_hasher: BcryptPasswordHasher
 ) -> None:
-    upgrading = AuthService(uow_factory=h.db.uow, hasher=cost_5_hasher, tokens=h.tokens)
+    upgrading = h.with_hasher(cost_5_hasher)
     ann = h.add_user(rounds=4)
     result = await upgrading.login(email="ann@example.com", password=PASSWORD)
     stored = h.db.password_hash(ann.id)
@@ -158,15 +162,15 @@ async def test_a_hash_below_the_configured_cost_is_upgraded_on_login(
 async def test_a_hash_at_the_configured_cost_is_left_alone(h: Harness) -> None:
     ann = h.add_user(rounds=4)
     before = h.db.password_hash(ann.id)
-    await h.auth.login(email="ann@example.com", password=PASSWORD)
+    result = await h.auth.login(email="ann@example.com", password=PASSWORD)
     assert h.db.password_hash(ann.id) == before
-    assert h.db.commits == 0
+    assert result.user.version == ann.version
 
 
 async def test_an_upgrade_never_overwrites_a_password_changed_meanwhile(
     h: Harness, monkeypatch: pytest.MonkeyPatch, cost_5_hasher: BcryptPasswordHasher
 ) -> None:
-    upgrading = AuthService(uow_factory=h.db.uow, hasher=cost_5_hasher, tokens=h.tokens)
+    upgrading = h.with_hasher(cost_5_hasher)
     ann = h.add_user(rounds=4)
     changed = bcrypt.hashpw(b"changed elsewhere", bcrypt.gensalt(4)).decode()
     real_hash = cost_5_hasher.hash
@@ -177,13 +181,14 @@ async def test_an_upgrade_never_overwrites_a_password_changed_meanwhile(
         return await real_hash(password)
 
     monkeypatch.setattr(cost_5_hasher, "hash", hash_during_a_concurrent_change)
-    await upgrading.login(email="ann@example.com", password=PASSWORD)
+    with pytest.raises(InvalidCredentials):
+        await upgrading.login(email="ann@example.com", password=PASSWORD)
     assert h.db.password_hash(ann.id) == changed
 
 
 async def test_authenticate_refuses_a_bad_token(h: Harness) -> None:
     with pytest.raises(TokenInvalid):
-        h.auth.authenticate("not.a.token")
+        await h.auth.authenticate("not.a.token")
 
 
 async def test_the_key_set_is_the_token_services(h: Harness) -> None:

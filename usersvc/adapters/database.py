@@ -52,7 +52,7 @@ _STALE_STATEMENT_ERRORS = (
 
 
 # TLS options asyncpg understands only inside a DSN, not as keyword arguments.
-_LIBPQ_TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl")
+LIBPQ_TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl")
 
 
 def create_engine(settings: Settings, url: str) -> AsyncEngine:
@@ -67,7 +67,7 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
     parsed = make_url(url)
     server_settings = {"application_name": APPLICATION_NAME}
     connect_args: dict[str, Any] = {"server_settings": server_settings}
-    tls = {name: parsed.query[name] for name in _LIBPQ_TLS_PARAMETERS if name in parsed.query}
+    tls = {name: parsed.query[name] for name in LIBPQ_TLS_PARAMETERS if name in parsed.query}
     if tls:
         parsed = parsed.difference_update_query(tls)
         # Host, port, user and database still come from the URL: asyncpg

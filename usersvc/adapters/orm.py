@@ -16,7 +16,9 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    ForeignKey,
     Index,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -111,6 +113,85 @@ class IdempotencyKeyRow(Base):
     )
 
 
+class SessionRow(Base):
+    """One login; access tokens name it in their sid claim."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid7)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
+    create_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    # Absolute end, fixed at login: rotation never extends it.
+    expire_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    last_refresh_time: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    revoke_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # A usersvc.domain.models.RevokeReason value; free text in the schema so
+    # that a new reason needs no migration.
+    revoke_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (
+        # Revoking a user's sessions and the cascade of a purge look rows up
+        # by user; a partial index (live sessions only) would leave the
+        # cascade to scan the table.
+        Index("ix_sessions_user_id", user_id),
+        Index("ix_sessions_expire_time", expire_time),
+        CheckConstraint(
+            "(revoke_time IS NULL) = (revoke_reason IS NULL)", name="revoke_reason_with_time"
+        ),
+    )
+
+
+class RefreshTokenRow(Base):
+    """A refresh token, stored only as the SHA-256 of its 256 random bits: a
+    fast hash suffices for secrets nobody can guess, and the primary key
+    lookup is the comparison (no early-exit string compare on secrets)."""
+
+    __tablename__ = "refresh_tokens"
+
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
+    session_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False
+    )
+    create_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    # Set when the token is rotated away; the row stays until the session
+    # expires, so that a replay is recognised as one (reuse detection).
+    use_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        Index("ix_refresh_tokens_session_id", session_id),
+        CheckConstraint("octet_length(token_hash) = 32", name="token_hash_sha256"),
+    )
+
+
+class SessionRevocationRow(Base):
+    """The revocation log every replica loads into memory and follows with
+    LISTEN. No foreign key: it must outlive a purge, which deletes the
+    sessions while their access tokens are still unexpired."""
+
+    __tablename__ = "session_revocations"
+
+    session_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    revoke_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    # After this no access token of the session can still be valid, so the
+    # row may go.
+    expire_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+    __table_args__ = (Index("ix_session_revocations_expire_time", expire_time),)
+
+
 # Core handles for the repositories (typed as Table, which __table__ is not).
 users_table = cast(Table, UserRow.__table__)
 idempotency_keys_table = cast(Table, IdempotencyKeyRow.__table__)
+sessions_table = cast(Table, SessionRow.__table__)
+refresh_tokens_table = cast(Table, RefreshTokenRow.__table__)
+session_revocations_table = cast(Table, SessionRevocationRow.__table__)

@@ -25,10 +25,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from usersvc.adapters.database import translate_connection_errors
 from usersvc.adapters.repository import (
     SqlAlchemyIdempotencyRepository,
+    SqlAlchemySessionRepository,
     SqlAlchemyUserRepository,
     raise_integrity_error,
 )
-from usersvc.domain.ports import IdempotencyRepository, UnitOfWorkFactory, UserRepository
+from usersvc.domain.ports import (
+    IdempotencyRepository,
+    SessionRepository,
+    UnitOfWorkFactory,
+    UserRepository,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ class SqlAlchemyUnitOfWork:
 
     users: UserRepository
     idempotency: IdempotencyRepository
+    sessions: SessionRepository
 
     def __init__(self, session_factory: async_sessionmaker[AsyncSession]):
         self._session_factory = session_factory
@@ -52,6 +59,7 @@ class SqlAlchemyUnitOfWork:
         self._session = self._session_factory()
         self.users = SqlAlchemyUserRepository(self._session)
         self.idempotency = SqlAlchemyIdempotencyRepository(self._session)
+        self.sessions = SqlAlchemySessionRepository(self._session)
         return self
 
     async def __aexit__(

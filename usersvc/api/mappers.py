@@ -19,6 +19,7 @@ from usersvc.services.inputs import (
     CreateUserInput,
     ListUsersInput,
     LoginResult,
+    TokenIntrospection,
     UpdateUserInput,
     UserListResult,
 )
@@ -177,3 +178,33 @@ def login_response(result: LoginResult) -> auth_service_pb2.LoginResponse:
         expires_in=result.expires_in,
         user=user_to_proto(result.user),
     )
+
+
+def refresh_token_response(result: LoginResult) -> auth_service_pb2.RefreshTokenResponse:
+    """The RefreshTokenResponse of a rotation. Raises ValueError as
+    user_to_proto."""
+    return auth_service_pb2.RefreshTokenResponse(
+        access_token=result.access_token,
+        refresh_token=result.refresh_token,
+        token_type=result.token_type,
+        expires_in=result.expires_in,
+        user=user_to_proto(result.user),
+    )
+
+
+def introspect_token_response(
+    result: TokenIntrospection,
+) -> auth_service_pb2.IntrospectTokenResponse:
+    """The IntrospectTokenResponse; an inactive token leaves every other
+    field empty. Raises ValueError for a naive expire_time."""
+    if not result.active:
+        return auth_service_pb2.IntrospectTokenResponse(active=False)
+    response = auth_service_pb2.IntrospectTokenResponse(
+        active=True,
+        sub=result.subject,
+        roles=list(result.roles),
+        session_id=result.session_id,
+    )
+    if result.expire_time is not None:
+        response.expire_time.CopyFrom(_timestamp(result.expire_time))
+    return response

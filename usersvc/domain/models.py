@@ -101,6 +101,39 @@ class UserPatch:
         )
 
 
+class RevokeReason(enum.StrEnum):
+    """Why a session ended; stored in sessions.revoke_reason."""
+
+    LOGOUT = "logout"
+    REVOKE_ALL = "revoke_all"
+    DISABLED = "disabled"
+    DELETED = "deleted"
+    PURGED = "purged"
+    PASSWORD_CHANGED = "password_changed"  # noqa: S105 (a reason, not a secret)
+    REFRESH_TOKEN_REUSE = "refresh_token_reuse"  # noqa: S105
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One login: its access tokens carry ``id`` as their ``sid`` claim, and
+    its refresh tokens (stored as hashes only) are rotated within it until it
+    expires or is revoked."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    create_time: datetime
+    # Absolute end: refreshing never extends a session past it.
+    expire_time: datetime
+    revoke_time: datetime | None
+    revoke_reason: RevokeReason | None
+    last_refresh_time: datetime | None = None
+
+    def is_active(self, now: datetime) -> bool:
+        """Neither revoked nor past its expire_time at ``now``. Raises
+        TypeError when ``now`` is naive."""
+        return self.revoke_time is None and now < self.expire_time
+
+
 class PrincipalKind(enum.Enum):
     ANONYMOUS = "anonymous"
     USER = "user"

@@ -122,6 +122,16 @@ def requires_current_password(principal: Principal, target_id: uuid.UUID) -> boo
     return _is_self(principal, target_id) or not _is_admin(principal)
 
 
+def can_revoke_sessions(principal: Principal, target_id: uuid.UUID) -> bool:
+    """RevokeAllSessions: the user itself and admins."""
+    return _is_admin(principal) or _is_self(principal, target_id)
+
+
+def can_introspect(principal: Principal) -> bool:
+    """IntrospectToken: admins and services."""
+    return _is_reader(principal)
+
+
 def ensure(allowed: bool, action: str) -> None:
     """Raises PermissionDenied naming ``action`` unless ``allowed``."""
     if not allowed:

@@ -8,14 +8,23 @@ only ``usersvc.domain.errors`` types (EmailAlreadyExists, DatabaseUnavailable,
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
 
 from usersvc.domain.listing import Filter, ListQuery, Page
-from usersvc.domain.models import Credentials, NewUser, User, UserPatch
+from usersvc.domain.models import (
+    Credentials,
+    NewUser,
+    RevokeReason,
+    Session,
+    User,
+    UserPatch,
+)
 
 
 class UserRepository(Protocol):
@@ -83,9 +92,86 @@ class IdempotencyKeyTaken(Exception):
     """A concurrent request with the same key won; re-read its record."""
 
 
+class RefreshStatus(enum.Enum):
+    OK = "ok"  # the token was unused and is now retired by this call
+    RETIRED = "retired"  # already used: a replay, or a concurrent use that lost
+    UNKNOWN = "unknown"  # never issued, or its session is gone
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshOutcome:
+    """What presenting a refresh token found. ``session`` is set for OK
+    (as it is after this use) and RETIRED (the session to revoke); None for
+    UNKNOWN. OK says nothing about the session being active: check it."""
+
+    status: RefreshStatus
+    session: Session | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupResult:
+    sessions: int  # expired sessions deleted (their refresh tokens with them)
+    revocations: int  # session_revocations rows past their expire_time deleted
+
+
+class SessionRepository(Protocol):
+    async def create(self, user_id: uuid.UUID, expire_time: datetime) -> Session:
+        """A new active session of the user. Raises UserNotFound when the
+        user row does not exist."""
+
+    async def add_refresh_token(self, session_id: uuid.UUID, token_hash: bytes) -> None:
+        """Store the hash of a new, unused refresh token of the session."""
+
+    async def use_refresh_token(self, token_hash: bytes) -> RefreshOutcome:
+        """Retire the token atomically: of any number of concurrent callers
+        presenting the same unused token, exactly one gets OK (once its unit
+        of work commits); the others get RETIRED. Also records the session's
+        last_refresh_time on OK."""
+
+    async def find_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
+        """The session of a refresh token, used or not; None when unknown."""
+
+    async def get(self, session_id: uuid.UUID) -> Session | None: ...
+
+    async def revoke(
+        self,
+        *,
+        reason: RevokeReason,
+        revocation_expire_time: datetime,
+        session_ids: Sequence[uuid.UUID] | None = None,
+        user_id: uuid.UUID | None = None,
+        except_session_id: uuid.UUID | None = None,
+    ) -> list[uuid.UUID]:
+        """End sessions within the unit of work: the given ``session_ids``,
+        or every session of ``user_id`` but ``except_session_id``. Sessions
+        already revoked stay as they were. Each newly ended session id goes
+        to the revocation log (kept until ``revocation_expire_time``, when no
+        access token of it can still be valid) and is announced to every
+        replica when the unit of work commits, never when it rolls back.
+        ``session_ids`` are logged even without a session row (tokens issued
+        before sessions were stored). Returns the ids this call added to the
+        log: the sessions it ended, plus such row-less ids. Raises ValueError
+        unless exactly one of ``session_ids`` and ``user_id`` is given."""
+
+    async def delete_expired(
+        self, *, session_cutoff: datetime, revocation_cutoff: datetime, limit: int
+    ) -> CleanupResult:
+        """Delete at most ``limit`` sessions whose expire_time is before
+        ``session_cutoff`` and at most ``limit`` revocation log rows whose
+        expire_time is before ``revocation_cutoff``; rows another unit of
+        work holds are skipped, not waited for."""
+
+
+class RevocationChecker(Protocol):
+    async def is_revoked(self, session_id: str) -> bool:
+        """True when the session was revoked (the revocation log holds it).
+        Raises DatabaseUnavailable when it cannot tell."""
+
+
 class UnitOfWork(Protocol):
     users: UserRepository
     idempotency: IdempotencyRepository
+    sessions: SessionRepository
 
     async def __aenter__(self) -> Self: ...
 

@@ -1,29 +1,68 @@
-"""AuthService: the use cases behind usersvc.v1.AuthService (login, keys,
-token checks).
+"""AuthService: the use cases behind usersvc.v1.AuthService (login, refresh,
+logout, revocation, introspection, keys, token checks).
 
 Every failed login gets the same answer after the same work: unknown email,
 wrong password, disabled or deleted user and unusable input all cost one
 bcrypt check at the configured cost and end in InvalidCredentials, so neither
 the answer nor its timing tells whether an email is registered.
+
+Every login starts a session; its access tokens name it (``sid``) and its
+refresh tokens rotate within it, single-use. A refresh token presented a
+second time (a replay, or the loser of two concurrent uses) revokes the whole
+session (RFC 9700 section 4.14.2): one of the two holders is not the owner,
+and the server cannot tell which.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import uuid
+from datetime import UTC, datetime
 
-from usersvc.domain.errors import FieldViolation, InvalidCredentials
-from usersvc.domain.models import Credentials, Principal, User, UserState, uuid7
+import jwt
+
+from usersvc.domain import policies
+from usersvc.domain.errors import (
+    FieldViolation,
+    InvalidArgument,
+    InvalidCredentials,
+    InvalidState,
+    PermissionDenied,
+    RefreshTokenInvalid,
+    TokenInvalid,
+    TokenRevoked,
+    Unauthenticated,
+    UserNotFound,
+)
+from usersvc.domain.models import (
+    Credentials,
+    Principal,
+    PrincipalKind,
+    RevokeReason,
+    User,
+    UserState,
+)
 from usersvc.domain.passwords import MAX_PASSWORD_BYTES
-from usersvc.domain.ports import UnitOfWorkFactory
-from usersvc.domain.validation import normalize_email
-from usersvc.services.inputs import LoginResult
+from usersvc.domain.ports import RefreshStatus, RevocationChecker, UnitOfWorkFactory
+from usersvc.domain.validation import normalize_email, parse_user_id
+from usersvc.services.inputs import LoginResult, TokenIntrospection
 from usersvc.services.passwords import BcryptPasswordHasher
+from usersvc.services.sessions import (
+    SessionRevoker,
+    new_refresh_token,
+    refresh_token_hash,
+    session_id_of,
+)
 from usersvc.services.tokens import TokenService
+
+logger = logging.getLogger(__name__)
 
 TOKEN_TYPE = "Bearer"  # noqa: S105 (an RFC 6750 scheme name, not a secret)
 # Checked against the dummy hash when there is nothing real to check; any
 # valid-length text works, the result is discarded.
 _PLACEHOLDER_PASSWORD = "not-a-password"  # noqa: S105
+_INACTIVE = TokenIntrospection(active=False)
 
 
 class AuthService:
@@ -33,13 +72,21 @@ class AuthService:
         uow_factory: UnitOfWorkFactory,
         hasher: BcryptPasswordHasher,
         tokens: TokenService,
+        revocations: RevocationChecker,
+        sessions: SessionRevoker,
     ) -> None:
         self._uow_factory = uow_factory
         self._hasher = hasher
         self._tokens = tokens
+        self._revocations = revocations
+        self._sessions = sessions
+        self._lifetimes = sessions.lifetimes
+
+    # -- login and refresh -------------------------------------------------------
 
     async def login(self, *, email: str, password: str) -> LoginResult:
-        """An access token for the active user with these credentials.
+        """A new session of the active user with these credentials: an access
+        token and a refresh token.
 
         Raises InvalidCredentials for every kind of failure (one answer for
         all), DatabaseUnavailable.
@@ -57,47 +104,197 @@ class AuthService:
             await self._hasher.verify(_PLACEHOLDER_PASSWORD, await self._hasher.dummy_hash())
             raise InvalidCredentials()
         matches = await self._hasher.verify(password, credentials.password_hash)
-        user = credentials.user
-        if not matches or user.state is not UserState.ACTIVE:
+        if not matches or credentials.user.state is not UserState.ACTIVE:
             raise InvalidCredentials()
+        # Hashed before the unit of work opens: bcrypt never holds a
+        # connection.
+        new_hash = None
         if self._hasher.needs_rehash(credentials.password_hash):
-            user = await self._rehash(credentials, password)
-        # Sessions arrive with refresh tokens; until then each login is its
-        # own session id.
-        access_token, expires_in = self._tokens.issue_access_token(user, session_id=str(uuid7()))
+            new_hash = await self._hasher.hash(password)
+        refresh = new_refresh_token()
+        now = self._lifetimes.now()
+        user_id = credentials.user.id
+        async with self._uow_factory() as uow:
+            # Locked, then read again: a disable, delete or password change
+            # that committed since the check above wins (its revocation could
+            # not have seen this session), and one still running waits for
+            # this login and then revokes the session it creates.
+            await uow.users.get(user_id, for_update=True)
+            latest = await uow.users.get_credentials(user_id)
+            if (
+                latest is None
+                or latest.user.state is not UserState.ACTIVE
+                or not hmac.compare_digest(
+                    latest.password_hash.encode(), credentials.password_hash.encode()
+                )
+            ):
+                raise InvalidCredentials()
+            user = latest.user
+            if new_hash is not None:
+                # After a cost increase: store a hash at the current cost.
+                user = await uow.users.set_password_hash(user_id, new_hash)
+            session = await uow.sessions.create(user_id, self._lifetimes.session_expire_time(now))
+            await uow.sessions.add_refresh_token(session.id, refresh.token_hash)
+            await uow.commit()
+        return self._result(user, session.id, refresh.value)
+
+    async def refresh_token(self, *, refresh_token: str) -> LoginResult:
+        """A new token pair for the session of ``refresh_token``, which is
+        retired. A retired token revokes its whole session.
+
+        Raises RefreshTokenInvalid (malformed, unknown, retired, session
+        revoked or expired, user no longer active), DatabaseUnavailable.
+        """
+        token_hash = refresh_token_hash(refresh_token)
+        if token_hash is None:
+            raise RefreshTokenInvalid()
+        successor = new_refresh_token()
+        now = self._lifetimes.now()
+        async with self._uow_factory() as uow:
+            outcome = await uow.sessions.use_refresh_token(token_hash)
+            session = outcome.session
+            if outcome.status is RefreshStatus.RETIRED and session is not None:
+                revocation = await self._sessions.revoke_sessions(
+                    uow, [session.id], RevokeReason.REFRESH_TOKEN_REUSE
+                )
+                await uow.commit()
+                self._sessions.committed(revocation)
+                if revocation.session_ids:
+                    logger.warning(
+                        "a retired refresh token was presented again; session revoked",
+                        extra={"session_id": str(session.id), "user_id": str(session.user_id)},
+                    )
+                raise RefreshTokenInvalid()
+            if outcome.status is not RefreshStatus.OK or session is None:
+                raise RefreshTokenInvalid()
+            # Leaving without a commit keeps the presented token unused; it
+            # is refused all the same while the session stays dead.
+            if not session.is_active(now):
+                raise RefreshTokenInvalid()
+            user = await uow.users.get(session.user_id)
+            if user is None or user.state is not UserState.ACTIVE:
+                raise RefreshTokenInvalid()
+            await uow.sessions.add_refresh_token(session.id, successor.token_hash)
+            await uow.commit()
+        return self._result(user, session.id, successor.value)
+
+    def _result(self, user: User, session_id: uuid.UUID, refresh_token: str) -> LoginResult:
+        access_token, expires_in = self._tokens.issue_access_token(user, session_id=str(session_id))
         return LoginResult(
             access_token=access_token,
-            refresh_token="",
+            refresh_token=refresh_token,
             token_type=TOKEN_TYPE,
             expires_in=expires_in,
             user=user,
         )
 
-    async def _rehash(self, credentials: Credentials, password: str) -> User:
-        """Stores a hash at the current cost (after a cost increase), unless
-        the password changed meanwhile; returns the user as it now is."""
-        new_hash = await self._hasher.hash(password)
-        user = credentials.user
+    # -- ending sessions ---------------------------------------------------------
+
+    async def logout(self, *, principal: Principal, refresh_token: str = "") -> None:
+        """Ends the caller's session; its access and refresh tokens stop
+        working. ``refresh_token``, when given, must belong to that session
+        (retired ones too); otherwise nothing changes. Ending a session that
+        already ended succeeds.
+
+        Raises PermissionDenied (anonymous), InvalidState (a caller without
+        a session: a certificate-authenticated service), TokenInvalid (a sid
+        that is not a session id), InvalidArgument (field "refresh_token"),
+        DatabaseUnavailable.
+        """
+        if not principal.is_authenticated:
+            raise PermissionDenied("this method needs an authenticated caller")
+        if principal.kind is not PrincipalKind.USER or not principal.session_id:
+            raise InvalidState(
+                "the caller has no session to end: it authenticated with a client "
+                "certificate, not an access token"
+            )
+        session_id = session_id_of(principal.session_id)
+        if session_id is None:
+            raise TokenInvalid()
+        token_hash = refresh_token_hash(refresh_token) if refresh_token else None
+        if refresh_token and token_hash is None:
+            raise _foreign_refresh_token()
         async with self._uow_factory() as uow:
-            # Lock first so that no password change slips in between the
-            # comparison and the write.
-            if await uow.users.get(user.id, for_update=True) is None:
-                return user
-            latest = await uow.users.get_credentials(user.id)
-            if latest is None or not hmac.compare_digest(
-                latest.password_hash.encode(), credentials.password_hash.encode()
+            if (
+                token_hash is not None
+                and await uow.sessions.find_refresh_token(token_hash) != session_id
             ):
-                # Changed while we hashed: never overwrite a newer password
-                # with the old one.
-                return user
-            user = await uow.users.set_password_hash(user.id, new_hash)
+                raise _foreign_refresh_token()
+            revocation = await self._sessions.revoke_sessions(
+                uow, [session_id], RevokeReason.LOGOUT
+            )
             await uow.commit()
-        return user
+        self._sessions.committed(revocation)
+
+    async def revoke_all_sessions(self, *, principal: Principal, user_id: str) -> int:
+        """Ends every session of the user ("me": the caller, whose own
+        session ends too); returns how many were still live.
+
+        Raises PermissionDenied, InvalidArgument (field "user_id"),
+        UserNotFound, DatabaseUnavailable.
+        """
+        if not principal.is_authenticated:
+            raise PermissionDenied("this method needs an authenticated caller")
+        target = parse_user_id(user_id, "user_id", principal)
+        policies.ensure(
+            policies.can_revoke_sessions(principal, target), "revoke this user's sessions"
+        )
+        async with self._uow_factory() as uow:
+            if await uow.users.get(target) is None:
+                raise UserNotFound(metadata={"id": str(target)})
+            revocation = await self._sessions.revoke_user(uow, target, RevokeReason.REVOKE_ALL)
+            await uow.commit()
+        self._sessions.committed(revocation)
+        return len(revocation.session_ids)
+
+    # -- checking tokens ---------------------------------------------------------
+
+    async def authenticate(self, token: str) -> Principal:
+        """The caller a valid access token names. No database query while
+        the revocation cache is healthy.
+
+        Raises TokenExpired, TokenInvalid, TokenRevoked, DatabaseUnavailable
+        (the revocation cache is stale and the database cannot be asked).
+        """
+        principal = self._tokens.verify_access_token(token)
+        if await self._revocations.is_revoked(principal.session_id):
+            raise TokenRevoked()
+        return principal
+
+    async def introspect_token(self, *, principal: Principal, token: str) -> TokenIntrospection:
+        """Whether ``token`` is an access token that authenticate would
+        accept now, and what it says. Any bad token is simply inactive.
+
+        Raises PermissionDenied (callers other than admins and services),
+        DatabaseUnavailable.
+        """
+        policies.ensure(policies.can_introspect(principal), "introspect tokens")
+        try:
+            subject = await self.authenticate(token)
+        except Unauthenticated:
+            return _INACTIVE
+        return TokenIntrospection(
+            active=True,
+            subject=subject.subject,
+            roles=tuple(sorted(subject.roles)),
+            session_id=subject.session_id,
+            expire_time=_expire_time(token),
+        )
 
     def jwks_json(self) -> str:
         """The public verification keys (RFC 7517). Raises nothing."""
         return self._tokens.jwks_json()
 
-    def authenticate(self, token: str) -> Principal:
-        """The caller an access token names. Raises TokenExpired, TokenInvalid."""
-        return self._tokens.verify_access_token(token)
+
+def _foreign_refresh_token() -> InvalidArgument:
+    return InvalidArgument.single("refresh_token", "is not a refresh token of the caller's session")
+
+
+def _expire_time(verified_token: str) -> datetime | None:
+    # Only called once TokenService has verified this very string, so reading
+    # the claim without checking the signature again is safe.
+    try:
+        exp = jwt.decode(verified_token, options={"verify_signature": False})["exp"]
+        return datetime.fromtimestamp(float(exp), UTC)
+    except (jwt.PyJWTError, KeyError, TypeError, ValueError, OverflowError):
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from usersvc.domain.models import User, UserPatch
 
@@ -54,3 +55,15 @@ class LoginResult:
     token_type: str
     expires_in: int
     user: User
+
+
+@dataclass(frozen=True, slots=True)
+class TokenIntrospection:
+    """What IntrospectToken tells about an access token. Inactive: every
+    other field is empty."""
+
+    active: bool
+    subject: str = ""
+    roles: tuple[str, ...] = ()
+    session_id: str = ""
+    expire_time: datetime | None = None

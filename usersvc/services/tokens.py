@@ -1,11 +1,25 @@
-"""Access tokens: JWTs (RFC 9068 profile) signed with Ed25519.
+"""Access tokens: JWTs (RFC 9068 profile) signed with Ed25519 (or HS256).
 
 Other services verify them offline with the key set from ``jwks_json``. Keys
 are named by their RFC 7638 thumbprint, so a kid never names two different
 keys. The key ring holds one signing key and any number of verification keys
 (rotation); each verification key carries its own algorithm, and a token is
 checked only with the algorithm of the key its kid names, never with the
-algorithm the token claims (RFC 8725 section 2.1).
+algorithm the token claims (RFC 8725 section 2.1). The accepted algorithms are
+therefore exactly those of the configured keys.
+
+Keys come from the ring and nowhere else. ``jku``, ``x5u``, ``jwk`` and ``x5c``
+headers are ignored in the strict sense: never fetched, never used to pick or
+build a key (RFC 8725 section 3.10). A token signed by an attacker's key that
+points at that key is refused because its kid names none of ours; a token we
+signed stays valid if someone could add such a header, which they cannot
+without breaking the signature, since the header is signed too.
+
+HS256 (``USERSVC_JWT_ALGORITHM=HS256``) signs with a shared secret of at least
+32 bytes. Nothing about a secret is publishable, so GetJwks then lists only
+the Ed25519 verification keys still configured: usually none, an empty set.
+Every verifier of HS256 tokens must hold the secret, which is why EdDSA is the
+default.
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +44,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from usersvc.config import Settings
+from usersvc.config import MIN_HS256_SECRET_BYTES, Settings
 from usersvc.domain.errors import TokenExpired, TokenInvalid
 from usersvc.domain.models import Principal, PrincipalKind, User
 
 EDDSA = "EdDSA"
+HS256 = "HS256"
 ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 (a media type, not a secret)
 # RFC 9068 names the media type application/at+jwt; "at+jwt" is its short form.
 _ACCEPTED_TYPES = frozenset({ACCESS_TOKEN_TYPE, "application/" + ACCESS_TOKEN_TYPE})
@@ -52,11 +67,15 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+# RFC 7638 section 3.2 (oct) and RFC 8037 section 2 (OKP).
+_THUMBPRINT_MEMBERS = {"OKP": ("crv", "kty", "x"), "oct": ("k", "kty")}
+
+
 def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
-    """RFC 7638 thumbprint (SHA-256, base64url) of a public JWK; for OKP keys
-    the required members are crv, kty and x (RFC 8037 section 2). Raises
-    KeyError when one is missing."""
-    required = {name: jwk[name] for name in ("crv", "kty", "x")}
+    """RFC 7638 thumbprint (SHA-256, base64url) of a JWK of type OKP (members
+    crv, kty, x) or oct (k, kty). Raises KeyError when a member is missing or
+    the key type is another."""
+    required = {name: jwk[name] for name in _THUMBPRINT_MEMBERS[jwk["kty"]]}
     canonical = json.dumps(required, separators=(",", ":"), sort_keys=True)
     return _b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
 
@@ -65,30 +84,45 @@ def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
 class VerificationKey:
     kid: str
     algorithm: str
-    # A public key; a later HS256 option puts the shared secret (bytes) here.
-    key: Ed25519PublicKey | bytes
+    # An Ed25519 public key, or the HS256 shared secret.
+    key: Ed25519PublicKey | bytes = field(repr=False)
     # What GetJwks publishes; None for secret keys, which are never published.
     public_jwk: Mapping[str, str] | None
+
+    @classmethod
+    def ed25519(cls, public_key: Ed25519PublicKey) -> VerificationKey:
+        """The verification key (kid: RFC 7638 thumbprint) of ``public_key``.
+        Raises nothing."""
+        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        jwk = {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
+        kid = jwk_thumbprint(jwk)
+        return cls(kid, EDDSA, public_key, {**jwk, "kid": kid, "alg": EDDSA, "use": "sig"})
 
 
 @dataclass(frozen=True, slots=True)
 class SigningKey:
     kid: str
     algorithm: str
-    private_key: Ed25519PrivateKey
+    private_key: Ed25519PrivateKey | bytes = field(repr=False)
     verification: VerificationKey
 
     @classmethod
     def ed25519(cls, private_key: Ed25519PrivateKey) -> SigningKey:
         """The signing key (kid: RFC 7638 thumbprint) of ``private_key``.
         Raises nothing."""
-        public_key = private_key.public_key()
-        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        jwk = {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
-        kid = jwk_thumbprint(jwk)
-        public_jwk = {**jwk, "kid": kid, "alg": EDDSA, "use": "sig"}
-        verification = VerificationKey(kid, EDDSA, public_key, public_jwk)
-        return cls(kid=kid, algorithm=EDDSA, private_key=private_key, verification=verification)
+        verification = VerificationKey.ed25519(private_key.public_key())
+        return cls(verification.kid, EDDSA, private_key, verification)
+
+    @classmethod
+    def hs256(cls, secret: bytes) -> SigningKey:
+        """The HS256 key of ``secret``; its kid is the RFC 7638 thumbprint
+        of the oct JWK, which says nothing a token's own MAC does not (both
+        are SHA-256 based). Raises KeyConfigError for a secret shorter than
+        32 bytes (RFC 7518 section 3.2)."""
+        if len(secret) < MIN_HS256_SECRET_BYTES:
+            raise KeyConfigError(f"an HS256 secret needs at least {MIN_HS256_SECRET_BYTES} bytes")
+        kid = jwk_thumbprint({"kty": "oct", "k": _b64url(secret)})
+        return cls(kid, HS256, secret, VerificationKey(kid, HS256, secret, None))
 
 
 class KeyRing:
@@ -107,6 +141,10 @@ class KeyRing:
         return self._keys.get(kid)
 
     @property
+    def kids(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    @property
     def algorithms(self) -> frozenset[str]:
         return frozenset(key.algorithm for key in self._keys.values())
 
@@ -120,13 +158,28 @@ LoggerLike = logging.Logger | logging.LoggerAdapter[Any]
 
 
 def load_key_ring(settings: Settings, logger: LoggerLike) -> KeyRing:
-    """The key ring from settings: the Ed25519 PKCS#8 PEM in
-    ``jwt_private_key_pem`` or ``jwt_private_key_file``; in development,
-    without either, a key generated once under ``data_dir`` and reused.
+    """The key ring from settings. It signs with the HS256 secret when
+    ``jwt_algorithm`` is HS256, else with the Ed25519 PKCS#8 PEM in
+    ``jwt_private_key_pem`` or ``jwt_private_key_file`` (in development,
+    without either, a key generated once under ``data_dir`` and reused). Every
+    file of ``jwt_verification_key_files`` adds a key that only verifies.
 
-    Raises KeyConfigError for an unreadable, encrypted or non-Ed25519 key, and
-    when production has no key configured.
+    Raises KeyConfigError for an unreadable, encrypted or non-Ed25519 key, a
+    short or missing HS256 secret, and when production has no key configured.
     """
+    verification_keys = [
+        _load_verification_key(path) for path in settings.jwt_verification_key_files
+    ]
+    if settings.jwt_algorithm == HS256:
+        if settings.jwt_hs256_secret is None:
+            raise KeyConfigError("USERSVC_JWT_ALGORITHM=HS256 requires USERSVC_JWT_HS256_SECRET")
+        signing = SigningKey.hs256(settings.jwt_hs256_secret.encode("utf-8"))
+    else:
+        signing = SigningKey.ed25519(_load_ed25519_signing_key(settings, logger))
+    return KeyRing(signing, verification_keys)
+
+
+def _load_ed25519_signing_key(settings: Settings, logger: LoggerLike) -> Ed25519PrivateKey:
     if settings.jwt_private_key_pem:
         pem = settings.jwt_private_key_pem
         # A PEM squeezed into one environment line often arrives with
@@ -149,7 +202,59 @@ def load_key_ring(settings: Settings, logger: LoggerLike) -> KeyRing:
         )
     else:
         key = _development_key(settings.data_dir / DEV_KEY_FILENAME, logger)
-    return KeyRing(SigningKey.ed25519(key))
+    return key
+
+
+def _load_verification_key(path: Path) -> VerificationKey:
+    """A verification key from a PEM file holding an Ed25519 public key
+    (``openssl pkey -pubout``) or private key (the previous signing key
+    file, unchanged)."""
+    source = f"USERSVC_JWT_VERIFICATION_KEY_FILES ({path})"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyConfigError(f"{source}: cannot read the file: {exc.strerror}") from None
+    if b"PUBLIC KEY-----" not in data:
+        return VerificationKey.ed25519(_parse_ed25519_pem(data, source).public_key())
+    try:
+        public_key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyConfigError(f"{source}: not a PEM public or private key") from None
+    if not isinstance(public_key, Ed25519PublicKey):
+        kind = type(public_key).__name__.removesuffix("PublicKey") or "unknown"
+        raise KeyConfigError(f"{source}: key type {kind}, but usersvc verifies Ed25519 (EdDSA)")
+    return VerificationKey.ed25519(public_key)
+
+
+def generate_key_file(path: Path) -> str:
+    """Write a new Ed25519 private key (PKCS#8 PEM, mode 0600) to ``path``
+    and return its kid.
+
+    Raises FileExistsError when ``path`` exists (a key is never overwritten:
+    tokens signed by it would stop verifying), OSError when it cannot be
+    written.
+    """
+    key = Ed25519PrivateKey.generate()
+    _write_new_key_file(path, key)
+    return SigningKey.ed25519(key).kid
+
+
+def _write_new_key_file(path: Path, key: Ed25519PrivateKey) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Written to a private (0600) temporary file, then linked into place:
+    # the key is never readable by others, a reader never sees half of it,
+    # and the link fails rather than replace a file that is already there.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".jwt-key-")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(pem)
+        os.link(tmp_name, path)
+    finally:
+        os.unlink(tmp_name)
 
 
 def _parse_ed25519_pem(pem: bytes, source: str) -> Ed25519PrivateKey:
@@ -198,26 +303,13 @@ def _development_key(path: Path, logger: LoggerLike) -> Ed25519PrivateKey:
 
 def _create_development_key(path: Path) -> Ed25519PrivateKey:
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Written to a private temporary file, then linked into place: a
-        # second process starting at the same moment either wins the link
-        # or reads a complete file, never half of one.
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".jwt-key-")
         try:
-            with os.fdopen(fd, "wb") as tmp:
-                tmp.write(pem)
-            try:
-                os.link(tmp_name, path)
-            except FileExistsError:
-                return _parse_ed25519_pem(path.read_bytes(), str(path))
-        finally:
-            os.unlink(tmp_name)
+            _write_new_key_file(path, key)
+        except FileExistsError:
+            # A second process starting at the same moment won the link.
+            return _parse_ed25519_pem(path.read_bytes(), str(path))
     except OSError as exc:
         raise KeyConfigError(f"cannot write the development key {path}: {exc.strerror}") from None
     return key
@@ -227,6 +319,9 @@ def _create_development_key(path: Path) -> Ed25519PrivateKey:
 class _CachedPrincipal:
     principal: Principal
     expires_at: float
+    # The key that verified it: the entry counts only while that key is in
+    # the ring (a kid is a thumbprint, so the same kid is the same key).
+    kid: str
 
 
 class TokenService:
@@ -294,22 +389,38 @@ class TokenService:
         now = self._clock()
         cached = self._cache.get(token)
         if cached is not None:
-            if now < cached.expires_at + self._leeway:
+            if self._keys.verification_key(cached.kid) is None:
+                # Its key left the ring: the token is judged afresh (and
+                # refused, unless it names a key that is still there).
+                del self._cache[token]
+            elif now < cached.expires_at + self._leeway:
                 self._cache.move_to_end(token)
                 return cached.principal
-            del self._cache[token]
-            raise TokenExpired()
-        principal, expires_at = self._verify(token, now)
-        self._cache[token] = _CachedPrincipal(principal, expires_at)
+            else:
+                del self._cache[token]
+                raise TokenExpired()
+        principal, expires_at, kid = self._verify(token, now)
+        self._cache[token] = _CachedPrincipal(principal, expires_at, kid)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return principal
 
     def jwks_json(self) -> str:
-        """The public verification keys as an RFC 7517 JWK set."""
+        """The public verification keys as an RFC 7517 JWK set (empty when
+        only an HS256 secret is configured). Raises nothing."""
         return json.dumps(self._keys.jwks(), sort_keys=True)
 
-    def _verify(self, token: str, now: float) -> tuple[Principal, float]:
+    @property
+    def key_ring(self) -> KeyRing:
+        return self._keys
+
+    def replace_key_ring(self, key_ring: KeyRing) -> None:
+        """Sign and verify with ``key_ring`` from now on (keys reloaded
+        without a restart). Cached verdicts of keys no longer in it stop
+        counting. Raises nothing."""
+        self._keys = key_ring
+
+    def _verify(self, token: str, now: float) -> tuple[Principal, float, str]:
         try:
             header = jwt.get_unverified_header(token)
             key = self._key_for(header)
@@ -327,7 +438,8 @@ class TokenService:
                     "verify_iat": False,
                 },
             )
-            return self._principal(payload, now)
+            principal, expires_at = self._principal(payload, now)
+            return principal, expires_at, key.kid
         except (TokenExpired, TokenInvalid):
             raise
         except jwt.PyJWTError:

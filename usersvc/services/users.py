@@ -30,7 +30,15 @@ from usersvc.domain.errors import (
 )
 from usersvc.domain.filtering import parse_filter, parse_order_by
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering
-from usersvc.domain.models import ROLE_USER, NewUser, Principal, User, UserPatch, UserState
+from usersvc.domain.models import (
+    ROLE_USER,
+    NewUser,
+    Principal,
+    RevokeReason,
+    User,
+    UserPatch,
+    UserState,
+)
 from usersvc.domain.passwords import PasswordPolicy
 from usersvc.domain.ports import (
     IdempotencyKeyTaken,
@@ -59,6 +67,7 @@ from usersvc.services.pagination import (
     encode_page_token,
     query_fingerprint,
 )
+from usersvc.services.sessions import SessionRevoker, session_id_of
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -92,11 +101,13 @@ class UserService:
         hasher: PasswordHasher,
         password_policy: PasswordPolicy,
         allow_signup: bool,
+        sessions: SessionRevoker,
     ) -> None:
         self._uow_factory = uow_factory
         self._hasher = hasher
         self._policy = password_policy
         self._allow_signup = allow_signup
+        self._sessions = sessions
 
     # -- create ----------------------------------------------------------------
 
@@ -404,7 +415,8 @@ class UserService:
         return user
 
     async def delete_user(self, *, principal: Principal, user_id: str, etag: str) -> User:
-        """Soft-deletes the user; its email stays taken until purged.
+        """Soft-deletes the user and ends all its sessions (the caller's too,
+        on a self-delete); its email stays taken until purged.
 
         Raises PermissionDenied, InvalidArgument, UserNotFound (also an
         already deleted user, for non-admins), InvalidState (already deleted,
@@ -415,7 +427,9 @@ class UserService:
         async with self._uow_factory() as uow:
             await _lock_live(uow, principal, target, etag=etag)
             user = await uow.users.set_deleted(target, True)
+            revocation = await self._sessions.revoke_user(uow, target, RevokeReason.DELETED)
             await uow.commit()
+        self._sessions.committed(revocation)
         return user
 
     async def undelete_user(self, *, principal: Principal, user_id: str) -> User:
@@ -437,19 +451,25 @@ class UserService:
         return user
 
     async def purge_user(self, *, principal: Principal, user_id: str) -> None:
-        """Erases the user (live or deleted) for good.
+        """Erases the user (live or deleted) and its sessions for good; the
+        sessions' access tokens stay refused until they would have expired.
 
         Raises PermissionDenied, InvalidArgument, UserNotFound.
         """
         policies.ensure(policies.can_purge(principal), "purge users")
         target = _target(principal, user_id, "id")
         async with self._uow_factory() as uow:
+            # Revoked first: the purge deletes the session rows, but the
+            # revocation log outlives them.
+            revocation = await self._sessions.revoke_user(uow, target, RevokeReason.PURGED)
             if not await uow.users.purge(target):
                 raise UserNotFound(metadata={"id": str(target)})
             await uow.commit()
+        self._sessions.committed(revocation)
 
     async def disable_user(self, *, principal: Principal, user_id: str) -> User:
-        """Disables the user (no logins); no write when already disabled.
+        """Disables the user (no logins) and ends all its sessions; no write
+        when already disabled.
 
         Raises PermissionDenied, InvalidArgument, UserNotFound, InvalidState
         (deleted user).
@@ -472,7 +492,12 @@ class UserService:
             if (current.state is UserState.DISABLED) == disabled:
                 return current
             user = await uow.users.set_disabled(target, disabled)
+            revocation = None
+            if disabled:
+                revocation = await self._sessions.revoke_user(uow, target, RevokeReason.DISABLED)
             await uow.commit()
+        if revocation is not None:
+            self._sessions.committed(revocation)
         return user
 
     async def change_password(
@@ -483,7 +508,9 @@ class UserService:
         current_password: str,
         new_password: str,
     ) -> None:
-        """Sets a new password. Changing one's own password needs the
+        """Sets a new password and ends the user's other sessions: all of
+        them when an admin changes another user's password, all but the
+        caller's own on a self change. Changing one's own password needs the
         current one (admins included); admins changing another user's do not.
 
         Raises PermissionDenied, InvalidArgument (missing current_password),
@@ -521,7 +548,14 @@ class UserService:
                 ):
                     raise InvalidCredentials("the current password is wrong")
             await uow.users.set_password_hash(target, new_hash)
+            own_session = (
+                session_id_of(principal.session_id) if principal.user_id() == target else None
+            )
+            revocation = await self._sessions.revoke_user(
+                uow, target, RevokeReason.PASSWORD_CHANGED, except_session_id=own_session
+            )
             await uow.commit()
+        self._sessions.committed(revocation)
 
 
 # -- helpers ---------------------------------------------------------------------

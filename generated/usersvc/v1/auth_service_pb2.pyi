@@ -60,8 +60,8 @@ class LoginResponse(_message.Message):
     access_token: _builtins.str
     """Signed JWT for "authorization: Bearer <access_token>"."""
     refresh_token: _builtins.str
-    """Opaque single-use token for RefreshToken (empty until sessions are
-    enabled).
+    """Opaque single-use token for RefreshToken ("rt_" and 43 base64url
+    characters); only its hash is stored. Never logged.
     """
     token_type: _builtins.str
     """Always "Bearer"."""
@@ -124,7 +124,7 @@ class RefreshTokenResponse(_message.Message):
     access_token: _builtins.str
     """New signed JWT."""
     refresh_token: _builtins.str
-    """New refresh token; the presented one is retired."""
+    """New refresh token; the presented one is retired. Never logged."""
     token_type: _builtins.str
     """Always "Bearer"."""
     expires_in: _builtins.int
@@ -158,7 +158,9 @@ class LogoutRequest(_message.Message):
 
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     refresh_token: _builtins.str
-    """Optional refresh token of the session, retired as well. Never logged."""
+    """Optional. A refresh token of the caller's session (retired ones count);
+    it ends with the session. Never logged.
+    """
     def __init__(
         self,
         *,
@@ -197,7 +199,7 @@ class RevokeAllSessionsRequest(_message.Message):
 
     USER_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """Required. A user id, or "me"."""
+    """Required. A user id, or "me" (the calling user)."""
     def __init__(
         self,
         *,
@@ -219,7 +221,9 @@ class RevokeAllSessionsResponse(_message.Message):
 
     REVOKED_COUNT_FIELD_NUMBER: _builtins.int
     revoked_count: _builtins.int
-    """Number of sessions ended."""
+    """Number of sessions this call ended (sessions that had already ended are
+    not counted).
+    """
     def __init__(
         self,
         *,
@@ -280,7 +284,9 @@ class IntrospectTokenRequest(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     token: _builtins.str
-    """Required. The access token to check."""
+    """The access token to check. Anything else (empty, malformed, a refresh
+    token, another issuer's token) is inactive. Never logged.
+    """
     def __init__(
         self,
         *,

@@ -80,7 +80,10 @@ class AuthServiceServicer:
     """
 
     def Login(self, request, context):
-        """Exchanges an email and password for tokens.
+        """Exchanges an email and password for tokens, starting a new session
+        (the access token's sid claim names it). The session ends at the latest
+        USERSVC_REFRESH_TOKEN_TTL_SECONDS after the login, however often it is
+        refreshed.
         Who: anyone. Wrong email, wrong password and disabled account give the
         same answer: UNAUTHENTICATED (INVALID_CREDENTIALS).
         """
@@ -89,25 +92,43 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RefreshToken(self, request, context):
-        """Exchanges a refresh token for a new pair; the old refresh token is retired.
-        Presenting a retired refresh token revokes its whole session.
-        Who: anyone holding a refresh token.
-        Errors: UNAUTHENTICATED (REFRESH_TOKEN_INVALID).
+        """Exchanges a refresh token for a new pair in the same session; the
+        presented refresh token is retired (single use). Presenting a retired
+        refresh token again revokes the whole session, the refresh token that
+        replaced it and the session's access tokens included (RFC 9700 reuse
+        detection). Of concurrent calls with the same refresh token exactly one
+        succeeds; the others count as reuse.
+        Who: anyone holding a refresh token (no access token needed).
+        Errors: UNAUTHENTICATED (REFRESH_TOKEN_INVALID) for a malformed, unknown
+        or retired refresh token, an ended or expired session, and a user that is
+        no longer active.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Ends the caller's session. Who: any authenticated caller.
+        """Ends the caller's session: its access tokens are refused
+        (UNAUTHENTICATED, TOKEN_REVOKED) on every replica within a second and its
+        refresh tokens stop working. Ending a session that already ended
+        succeeds.
+        Who: any caller authenticated with an access token. A service that
+        authenticated with a client certificate has no session:
+        FAILED_PRECONDITION (INVALID_STATE).
+        Errors: INVALID_ARGUMENT (refresh_token given but not of the caller's
+        session; nothing is ended then).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeAllSessions(self, request, context):
-        """Ends every session of a user. Who: the user itself, admins.
-        Errors: NOT_FOUND (USER_NOT_FOUND), PERMISSION_DENIED.
+        """Ends every session of a user, the caller's own included when it names
+        itself; their access tokens are refused (TOKEN_REVOKED) on every replica
+        within a second.
+        Who: the user itself, admins.
+        Errors: INVALID_ARGUMENT (user_id), NOT_FOUND (USER_NOT_FOUND),
+        PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,7 +142,9 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IntrospectToken(self, request, context):
-        """Tells whether a token is currently valid; never an error for a bad token.
+        """Tells whether an access token is currently accepted, as the service itself
+        would judge it (signature, key, claims, expiry, revocation); never an
+        error for a bad token.
         Who: admins, services. Errors: PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

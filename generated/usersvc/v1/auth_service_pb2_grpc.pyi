@@ -39,26 +39,50 @@ class AuthServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
     Login: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.LoginRequest, _auth_service_pb2.LoginResponse]
-    """Exchanges an email and password for tokens.
+    """Exchanges an email and password for tokens, starting a new session
+    (the access token's sid claim names it). The session ends at the latest
+    USERSVC_REFRESH_TOKEN_TTL_SECONDS after the login, however often it is
+    refreshed.
     Who: anyone. Wrong email, wrong password and disabled account give the
     same answer: UNAUTHENTICATED (INVALID_CREDENTIALS).
     """
     RefreshToken: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RefreshTokenRequest, _auth_service_pb2.RefreshTokenResponse]
-    """Exchanges a refresh token for a new pair; the old refresh token is retired.
-    Presenting a retired refresh token revokes its whole session.
-    Who: anyone holding a refresh token.
-    Errors: UNAUTHENTICATED (REFRESH_TOKEN_INVALID).
+    """Exchanges a refresh token for a new pair in the same session; the
+    presented refresh token is retired (single use). Presenting a retired
+    refresh token again revokes the whole session, the refresh token that
+    replaced it and the session's access tokens included (RFC 9700 reuse
+    detection). Of concurrent calls with the same refresh token exactly one
+    succeeds; the others count as reuse.
+    Who: anyone holding a refresh token (no access token needed).
+    Errors: UNAUTHENTICATED (REFRESH_TOKEN_INVALID) for a malformed, unknown
+    or retired refresh token, an ended or expired session, and a user that is
+    no longer active.
     """
     Logout: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.LogoutRequest, _auth_service_pb2.LogoutResponse]
-    """Ends the caller's session. Who: any authenticated caller."""
+    """Ends the caller's session: its access tokens are refused
+    (UNAUTHENTICATED, TOKEN_REVOKED) on every replica within a second and its
+    refresh tokens stop working. Ending a session that already ended
+    succeeds.
+    Who: any caller authenticated with an access token. A service that
+    authenticated with a client certificate has no session:
+    FAILED_PRECONDITION (INVALID_STATE).
+    Errors: INVALID_ARGUMENT (refresh_token given but not of the caller's
+    session; nothing is ended then).
+    """
     RevokeAllSessions: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RevokeAllSessionsRequest, _auth_service_pb2.RevokeAllSessionsResponse]
-    """Ends every session of a user. Who: the user itself, admins.
-    Errors: NOT_FOUND (USER_NOT_FOUND), PERMISSION_DENIED.
+    """Ends every session of a user, the caller's own included when it names
+    itself; their access tokens are refused (TOKEN_REVOKED) on every replica
+    within a second.
+    Who: the user itself, admins.
+    Errors: INVALID_ARGUMENT (user_id), NOT_FOUND (USER_NOT_FOUND),
+    PERMISSION_DENIED.
     """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.GetJwksRequest, _auth_service_pb2.GetJwksResponse]
     """Publishes the public verification keys (RFC 7517 JWK set). Who: anyone."""
     IntrospectToken: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.IntrospectTokenRequest, _auth_service_pb2.IntrospectTokenResponse]
-    """Tells whether a token is currently valid; never an error for a bad token.
+    """Tells whether an access token is currently accepted, as the service itself
+    would judge it (signature, key, claims, expiry, revocation); never an
+    error for a bad token.
     Who: admins, services. Errors: PERMISSION_DENIED.
     """
 
@@ -73,26 +97,50 @@ class AuthServiceAsyncStub(AuthServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Login: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LoginRequest, _auth_service_pb2.LoginResponse]  # type: ignore[assignment]
-    """Exchanges an email and password for tokens.
+    """Exchanges an email and password for tokens, starting a new session
+    (the access token's sid claim names it). The session ends at the latest
+    USERSVC_REFRESH_TOKEN_TTL_SECONDS after the login, however often it is
+    refreshed.
     Who: anyone. Wrong email, wrong password and disabled account give the
     same answer: UNAUTHENTICATED (INVALID_CREDENTIALS).
     """
     RefreshToken: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RefreshTokenRequest, _auth_service_pb2.RefreshTokenResponse]  # type: ignore[assignment]
-    """Exchanges a refresh token for a new pair; the old refresh token is retired.
-    Presenting a retired refresh token revokes its whole session.
-    Who: anyone holding a refresh token.
-    Errors: UNAUTHENTICATED (REFRESH_TOKEN_INVALID).
+    """Exchanges a refresh token for a new pair in the same session; the
+    presented refresh token is retired (single use). Presenting a retired
+    refresh token again revokes the whole session, the refresh token that
+    replaced it and the session's access tokens included (RFC 9700 reuse
+    detection). Of concurrent calls with the same refresh token exactly one
+    succeeds; the others count as reuse.
+    Who: anyone holding a refresh token (no access token needed).
+    Errors: UNAUTHENTICATED (REFRESH_TOKEN_INVALID) for a malformed, unknown
+    or retired refresh token, an ended or expired session, and a user that is
+    no longer active.
     """
     Logout: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LogoutRequest, _auth_service_pb2.LogoutResponse]  # type: ignore[assignment]
-    """Ends the caller's session. Who: any authenticated caller."""
+    """Ends the caller's session: its access tokens are refused
+    (UNAUTHENTICATED, TOKEN_REVOKED) on every replica within a second and its
+    refresh tokens stop working. Ending a session that already ended
+    succeeds.
+    Who: any caller authenticated with an access token. A service that
+    authenticated with a client certificate has no session:
+    FAILED_PRECONDITION (INVALID_STATE).
+    Errors: INVALID_ARGUMENT (refresh_token given but not of the caller's
+    session; nothing is ended then).
+    """
     RevokeAllSessions: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RevokeAllSessionsRequest, _auth_service_pb2.RevokeAllSessionsResponse]  # type: ignore[assignment]
-    """Ends every session of a user. Who: the user itself, admins.
-    Errors: NOT_FOUND (USER_NOT_FOUND), PERMISSION_DENIED.
+    """Ends every session of a user, the caller's own included when it names
+    itself; their access tokens are refused (TOKEN_REVOKED) on every replica
+    within a second.
+    Who: the user itself, admins.
+    Errors: INVALID_ARGUMENT (user_id), NOT_FOUND (USER_NOT_FOUND),
+    PERMISSION_DENIED.
     """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.GetJwksRequest, _auth_service_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Publishes the public verification keys (RFC 7517 JWK set). Who: anyone."""
     IntrospectToken: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.IntrospectTokenRequest, _auth_service_pb2.IntrospectTokenResponse]  # type: ignore[assignment]
-    """Tells whether a token is currently valid; never an error for a bad token.
+    """Tells whether an access token is currently accepted, as the service itself
+    would judge it (signature, key, claims, expiry, revocation); never an
+    error for a bad token.
     Who: admins, services. Errors: PERMISSION_DENIED.
     """
 
@@ -110,7 +158,10 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.LoginRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.LoginResponse, _abc.Awaitable[_auth_service_pb2.LoginResponse]]:
-        """Exchanges an email and password for tokens.
+        """Exchanges an email and password for tokens, starting a new session
+        (the access token's sid claim names it). The session ends at the latest
+        USERSVC_REFRESH_TOKEN_TTL_SECONDS after the login, however often it is
+        refreshed.
         Who: anyone. Wrong email, wrong password and disabled account give the
         same answer: UNAUTHENTICATED (INVALID_CREDENTIALS).
         """
@@ -121,10 +172,16 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.RefreshTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.RefreshTokenResponse, _abc.Awaitable[_auth_service_pb2.RefreshTokenResponse]]:
-        """Exchanges a refresh token for a new pair; the old refresh token is retired.
-        Presenting a retired refresh token revokes its whole session.
-        Who: anyone holding a refresh token.
-        Errors: UNAUTHENTICATED (REFRESH_TOKEN_INVALID).
+        """Exchanges a refresh token for a new pair in the same session; the
+        presented refresh token is retired (single use). Presenting a retired
+        refresh token again revokes the whole session, the refresh token that
+        replaced it and the session's access tokens included (RFC 9700 reuse
+        detection). Of concurrent calls with the same refresh token exactly one
+        succeeds; the others count as reuse.
+        Who: anyone holding a refresh token (no access token needed).
+        Errors: UNAUTHENTICATED (REFRESH_TOKEN_INVALID) for a malformed, unknown
+        or retired refresh token, an ended or expired session, and a user that is
+        no longer active.
         """
 
     @_abc_1.abstractmethod
@@ -133,7 +190,16 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.LogoutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.LogoutResponse, _abc.Awaitable[_auth_service_pb2.LogoutResponse]]:
-        """Ends the caller's session. Who: any authenticated caller."""
+        """Ends the caller's session: its access tokens are refused
+        (UNAUTHENTICATED, TOKEN_REVOKED) on every replica within a second and its
+        refresh tokens stop working. Ending a session that already ended
+        succeeds.
+        Who: any caller authenticated with an access token. A service that
+        authenticated with a client certificate has no session:
+        FAILED_PRECONDITION (INVALID_STATE).
+        Errors: INVALID_ARGUMENT (refresh_token given but not of the caller's
+        session; nothing is ended then).
+        """
 
     @_abc_1.abstractmethod
     def RevokeAllSessions(
@@ -141,8 +207,12 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.RevokeAllSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.RevokeAllSessionsResponse, _abc.Awaitable[_auth_service_pb2.RevokeAllSessionsResponse]]:
-        """Ends every session of a user. Who: the user itself, admins.
-        Errors: NOT_FOUND (USER_NOT_FOUND), PERMISSION_DENIED.
+        """Ends every session of a user, the caller's own included when it names
+        itself; their access tokens are refused (TOKEN_REVOKED) on every replica
+        within a second.
+        Who: the user itself, admins.
+        Errors: INVALID_ARGUMENT (user_id), NOT_FOUND (USER_NOT_FOUND),
+        PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -159,7 +229,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.IntrospectTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.IntrospectTokenResponse, _abc.Awaitable[_auth_service_pb2.IntrospectTokenResponse]]:
-        """Tells whether a token is currently valid; never an error for a bad token.
+        """Tells whether an access token is currently accepted, as the service itself
+        would judge it (signature, key, claims, expiry, revocation); never an
+        error for a bad token.
         Who: admins, services. Errors: PERMISSION_DENIED.
         """
 

@@ -30,6 +30,7 @@ from usersvc.services.inputs import (
     CreateUserInput,
     ListUsersInput,
     LoginResult,
+    TokenIntrospection,
     UpdateUserInput,
     UserListResult,
 )
@@ -40,6 +41,7 @@ CALLER_ID = "0190b4a4-7d40-7c3e-9a51-6a1b2c3d4e5f"
 CALLER = Principal(
     kind=PrincipalKind.USER, subject=CALLER_ID, roles=frozenset({"user"}), session_id="s1"
 )
+ANONYMOUS_CALLER = Principal(kind=PrincipalKind.ANONYMOUS)
 DETAILS_KEY = "grpc-status-details-bin"
 fake_logger = logging.getLogger("tests.fake_user_service")
 
@@ -150,10 +152,25 @@ class FakeUserService:
 
 
 class FakeAuthService:
-    """Knows one good token; login always succeeds."""
+    """Knows one good token; login and refresh always succeed. Records the
+    session calls in ``calls``; raises ``error`` from them when one is set."""
 
     def __init__(self) -> None:
         self.tokens_seen: list[str] = []
+        self.calls: list[Call] = []
+        self.error: BaseException | None = None
+        self.introspection = TokenIntrospection(
+            active=True,
+            subject=CALLER_ID,
+            roles=("admin", "user"),
+            session_id="s1",
+            expire_time=datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC),
+        )
+
+    def _record(self, method: str, principal: Principal, **kwargs: Any) -> None:
+        self.calls.append(Call(method, principal, kwargs))
+        if self.error is not None:
+            raise self.error
 
     def authenticate(self, token: str) -> Principal:
         self.tokens_seen.append(token)
@@ -171,6 +188,27 @@ class FakeAuthService:
             expires_in=900,
             user=make_user(email=email),
         )
+
+    async def refresh_token(self, *, refresh_token: str) -> LoginResult:
+        self._record("refresh_token", ANONYMOUS_CALLER, refresh_token=refresh_token)
+        return LoginResult(
+            access_token="at2",
+            refresh_token="rt2",
+            token_type="Bearer",
+            expires_in=900,
+            user=make_user(),
+        )
+
+    async def logout(self, *, principal: Principal, refresh_token: str = "") -> None:
+        self._record("logout", principal, refresh_token=refresh_token)
+
+    async def revoke_all_sessions(self, *, principal: Principal, user_id: str) -> int:
+        self._record("revoke_all_sessions", principal, user_id=user_id)
+        return 3
+
+    async def introspect_token(self, *, principal: Principal, token: str) -> TokenIntrospection:
+        self._record("introspect_token", principal, token=token)
+        return self.introspection
 
     def jwks_json(self) -> str:
         return '{"keys": []}'
@@ -190,7 +228,10 @@ class RunningServer:
     auth_stub: auth_service_pb2_grpc.AuthServiceStub
 
 
-async def start_server(auth: FakeAuthService) -> tuple[grpc.aio.Server, int, FakeUserService]:
+async def start_server(
+    auth: FakeAuthService, *, auth_servicer: Any = None
+) -> tuple[grpc.aio.Server, int, FakeUserService]:
+    """``auth_servicer`` replaces AuthServicer(auth) as the AuthService."""
     users = FakeUserService()
     server = grpc.aio.server(
         interceptors=build_interceptors(
@@ -198,7 +239,9 @@ async def start_server(auth: FakeAuthService) -> tuple[grpc.aio.Server, int, Fak
         )
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(users), server)
-    auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth), server)
+    auth_service_pb2_grpc.add_AuthServiceServicer_to_server(
+        auth_servicer if auth_servicer is not None else AuthServicer(auth), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import grpc
 
 from usersvc.api.interceptors.access_log import AccessLogInterceptor
@@ -26,7 +28,10 @@ __all__ = [
 
 
 def build_interceptors(
-    *, auth_service: Authenticator, public_methods: PublicMethods
+    *,
+    auth_service: Authenticator,
+    public_methods: PublicMethods,
+    service_identities: Mapping[str, frozenset[str]] | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
     """The interceptors for ``grpc.aio.server(interceptors=...)``, outermost
     first. Never raises."""
@@ -44,5 +49,9 @@ def build_interceptors(
         RequestIdInterceptor(),
         AccessLogInterceptor(),
         ErrorMappingInterceptor(),
-        AuthInterceptor(auth_service=auth_service, public_methods=public_methods),
+        AuthInterceptor(
+            auth_service=auth_service,
+            public_methods=public_methods,
+            service_identities=service_identities,
+        ),
     ]
