@@ -4,14 +4,19 @@ services and servicers from Settings. Tests call it with their own settings."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.database import create_engine
+from usersvc.adapters.db_monitor import DatabaseMonitor
+from usersvc.adapters.ratelimit import InProcessRateLimiter, RedisRateLimiter
 from usersvc.adapters.revocations import CachedRevocationChecker, PostgresRevocationListener
 from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.config import Settings
+from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.passwords import PasswordPolicy
 from usersvc.services.auth import AuthService
 from usersvc.services.maintenance import SessionMaintenance
@@ -39,11 +44,20 @@ class Container:
     revocations: CachedRevocationChecker
     revocation_listener: PostgresRevocationListener
     session_maintenance: SessionMaintenance
+    # None when USERSVC_DB_PROBE_INTERVAL_SECONDS is 0.
+    database_monitor: DatabaseMonitor | None = None
+    # In process, or shared through Redis with USERSVC_REDIS_URL.
+    rate_limiter: InProcessRateLimiter | RedisRateLimiter = field(
+        default_factory=InProcessRateLimiter
+    )
 
     async def start_background(self) -> None:
         """Start the revocation feed (waiting briefly for its first load)
         and the session clean-up timer. Raises RuntimeError when started
         twice."""
+        if self.database_monitor is not None:
+            # First, so the server's health starts from the truth.
+            await self.database_monitor.start()
         await self.revocation_listener.start()
         self.session_maintenance.start()
 
@@ -52,7 +66,10 @@ class Container:
         bcrypt threads."""
         await self.session_maintenance.stop()
         await self.revocation_listener.stop()
+        if self.database_monitor is not None:
+            await self.database_monitor.stop()
         await self.engine.dispose()
+        await self.rate_limiter.aclose()
         self.hasher.close()
 
 
@@ -68,10 +85,19 @@ def resolve_database_url(settings: Settings) -> tuple[str, bool]:
     return start_embedded_postgres(settings.data_dir), True
 
 
-def bootstrap(settings: Settings, *, database_url: str) -> Container:
-    """Wire the service. Raises ValueError for unusable signing keys."""
+def bootstrap(
+    settings: Settings, *, database_url: str, lockout_clock: Callable[[], float] = time.time
+) -> Container:
+    """Wire the service; ``lockout_clock`` (like time.time) tells when
+    account locks end, for tests that move it. Raises ValueError for
+    unusable signing keys or a malformed USERSVC_REDIS_URL."""
     engine = create_engine(settings, database_url)
-    uow_factory = make_uow_factory(engine)
+    monitor = (
+        DatabaseMonitor.for_database(settings, database_url)
+        if settings.db_probe_interval_seconds > 0
+        else None
+    )
+    uow_factory = make_uow_factory(engine, monitor)
     hasher = BcryptPasswordHasher(
         rounds=settings.bcrypt_rounds, max_threads=settings.bcrypt_max_threads
     )
@@ -86,7 +112,11 @@ def bootstrap(settings: Settings, *, database_url: str) -> Container:
         refresh_ttl_seconds=settings.refresh_token_ttl_seconds,
     )
     revocation_cache = RevocationCache()
-    revocations = CachedRevocationChecker(revocation_cache, engine)
+    revocations = CachedRevocationChecker(
+        revocation_cache,
+        engine,
+        ensure_available=None if monitor is None else monitor.ensure_available,
+    )
     # Revocations made here reach this process's cache at commit, without
     # waiting for the NOTIFY to come back through the listener.
     revoker = SessionRevoker(lifetimes=lifetimes, on_revoked=revocation_cache.add)
@@ -103,7 +133,18 @@ def bootstrap(settings: Settings, *, database_url: str) -> Container:
         tokens=tokens,
         revocations=revocations,
         sessions=revoker,
+        lockout=LockoutPolicy(
+            max_failures=settings.login_max_failures,
+            lockout_seconds=settings.login_lockout_seconds,
+            max_lockout_seconds=settings.login_lockout_max_seconds,
+        ),
+        clock=lockout_clock,
     )
+    rate_limiter: InProcessRateLimiter | RedisRateLimiter = InProcessRateLimiter()
+    if settings.redis_url is not None:
+        rate_limiter = RedisRateLimiter.from_url(
+            settings.redis_url, timeout_seconds=settings.redis_timeout_seconds
+        )
     return Container(
         settings=settings,
         database_url=database_url,
@@ -114,12 +155,16 @@ def bootstrap(settings: Settings, *, database_url: str) -> Container:
         auth_service=auth_service,
         revocation_cache=revocation_cache,
         revocations=revocations,
+        # LISTEN needs a session of its own: behind a transaction pool this
+        # is a direct URL (Settings insists on one then).
         revocation_listener=PostgresRevocationListener.for_database(
-            revocation_cache, settings, database_url
+            revocation_cache, settings, settings.revocation_database_url or database_url
         ),
         session_maintenance=SessionMaintenance(
             uow_factory=uow_factory,
             lifetimes=lifetimes,
             interval_seconds=settings.session_cleanup_interval_seconds,
         ),
+        database_monitor=monitor,
+        rate_limiter=rate_limiter,
     )

@@ -7,6 +7,7 @@ start with a clear message instead of at the first call.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ PREFIX = "USERSVC_"
 JWT_ALGORITHMS = ("EdDSA", "HS256")
 # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash.
 MIN_HS256_SECRET_BYTES = 32
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class SettingsError(ValueError):
@@ -32,6 +36,14 @@ class Settings:
     database_url: str | None = field(default=None, repr=False)
     # Owner role for `usersvc migrate`; defaults to database_url.
     migration_database_url: str | None = field(default=None, repr=False)
+    # The revocation listener's own connection (LISTEN needs a session of
+    # its own: PostgreSQL itself or a session-mode pool, never a
+    # transaction pool); defaults to database_url.
+    revocation_database_url: str | None = field(default=None, repr=False)
+    # database_url goes through a transaction-pooling proxy (PgBouncer
+    # pool_mode=transaction): no named prepared statements, no session
+    # state (usersvc.adapters.database.create_engine).
+    db_transaction_pooling: bool = False
     db_pool_size: int = 10
     db_max_overflow: int = 10
     db_pool_timeout_seconds: float = 5.0
@@ -39,11 +51,24 @@ class Settings:
     db_pool_recycle_seconds: int = 1800
     # Server-side statement_timeout for every connection of the service.
     db_statement_timeout_ms: int = 5000
+    # The database monitor (usersvc.adapters.db_monitor): a probe every
+    # interval on a connection of its own, answering within the timeout, or
+    # the database counts as down (calls fail fast, health NOT_SERVING).
+    # An interval of 0 turns the monitor off.
+    db_probe_interval_seconds: float = 0.5
+    db_probe_timeout_seconds: float = 1.0
 
     # Server.
     listen_addr: str = "127.0.0.1:50051"
     shutdown_grace_seconds: float = 10.0
+    # A call with a deadline is given up this long before it, so the
+    # caller still receives the DEADLINE_EXCEEDED status with its details.
+    deadline_margin_ms: int = 50
     max_message_bytes: int = 1024 * 1024
+    # Calls served at once (queued or running); grpc answers any call beyond
+    # it with RESOURCE_EXHAUSTED at once, so a flood is shed instead of
+    # piling up in memory and in front of the connection pool.
+    max_concurrent_rpcs: int = 1000
     # TLS for the gRPC port(s): certificate chain and key (PEM). A client CA
     # turns on client certificates: on mtls_listen_addr when that is set,
     # otherwise required on listen_addr itself (grpc cannot ask for an
@@ -82,6 +107,28 @@ class Settings:
     # signing keys during a rotation.
     jwt_verification_key_files: tuple[Path, ...] = ()
 
+    # Brute force: consecutive failed logins before an account is locked;
+    # the first lock's length, doubled on each repeat up to the maximum
+    # (usersvc.domain.lockout).
+    login_max_failures: int = 5
+    login_lockout_seconds: int = 60
+    login_lockout_max_seconds: int = 3600
+
+    # Rate limits: a token bucket per caller (usersvc.api.interceptors.
+    # rate_limit); requests per second refilled and the bucket's size. 0 rps
+    # turns a limit off. The auth bucket replaces the general one for Login
+    # and anonymous CreateUser.
+    rate_limit_rps: float = 100.0
+    rate_limit_burst: int = 200
+    auth_rate_limit_rps: float = 5.0
+    auth_rate_limit_burst: int = 10
+    # Direct peers whose x-forwarded-for is believed (IPs or CIDRs).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Shares the buckets between replicas; None keeps them in process.
+    redis_url: str | None = field(default=None, repr=False)
+    # Bounds what a slow or unreachable Redis adds to a call.
+    redis_timeout_seconds: float = 0.1
+
     # Operations.
     environment: str = "development"  # or "production"
     data_dir: Path = Path(".usersvc")
@@ -101,6 +148,10 @@ class Settings:
         settings = cls(
             database_url=reader.text("DATABASE_URL", None),
             migration_database_url=reader.text("MIGRATION_DATABASE_URL", None),
+            revocation_database_url=reader.text("REVOCATION_DATABASE_URL", None),
+            db_transaction_pooling=reader.boolean(
+                "DB_TRANSACTION_POOLING", defaults.db_transaction_pooling
+            ),
             db_pool_size=reader.integer("DB_POOL_SIZE", defaults.db_pool_size, lo=1, hi=1000),
             db_max_overflow=reader.integer(
                 "DB_MAX_OVERFLOW", defaults.db_max_overflow, lo=0, hi=1000
@@ -115,9 +166,21 @@ class Settings:
             db_statement_timeout_ms=reader.integer(
                 "DB_STATEMENT_TIMEOUT_MS", defaults.db_statement_timeout_ms, lo=0, hi=3_600_000
             ),
+            db_probe_interval_seconds=reader.number(
+                "DB_PROBE_INTERVAL_SECONDS", defaults.db_probe_interval_seconds, lo=0, hi=3600
+            ),
+            db_probe_timeout_seconds=reader.number(
+                "DB_PROBE_TIMEOUT_SECONDS", defaults.db_probe_timeout_seconds, lo=0.01, hi=600
+            ),
             listen_addr=reader.text("LISTEN_ADDR", defaults.listen_addr) or defaults.listen_addr,
             shutdown_grace_seconds=reader.number(
                 "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds, lo=0, hi=3600
+            ),
+            max_concurrent_rpcs=reader.integer(
+                "MAX_CONCURRENT_RPCS", defaults.max_concurrent_rpcs, lo=1, hi=1_000_000
+            ),
+            deadline_margin_ms=reader.integer(
+                "DEADLINE_MARGIN_MS", defaults.deadline_margin_ms, lo=0, hi=60_000
             ),
             tls_cert_file=reader.path("TLS_CERT_FILE"),
             tls_key_file=reader.path("TLS_KEY_FILE"),
@@ -152,6 +215,32 @@ class Settings:
             jwt_algorithm=reader.choice("JWT_ALGORITHM", defaults.jwt_algorithm, JWT_ALGORITHMS),
             jwt_hs256_secret=reader.secret("JWT_HS256_SECRET"),
             jwt_verification_key_files=reader.paths("JWT_VERIFICATION_KEY_FILES"),
+            login_max_failures=reader.integer(
+                "LOGIN_MAX_FAILURES", defaults.login_max_failures, lo=1, hi=1000
+            ),
+            login_lockout_seconds=reader.integer(
+                "LOGIN_LOCKOUT_SECONDS", defaults.login_lockout_seconds, lo=1, hi=86_400
+            ),
+            login_lockout_max_seconds=reader.integer(
+                "LOGIN_LOCKOUT_MAX_SECONDS", defaults.login_lockout_max_seconds, lo=1, hi=2_592_000
+            ),
+            rate_limit_rps=reader.number(
+                "RATE_LIMIT_RPS", defaults.rate_limit_rps, lo=0, hi=1_000_000
+            ),
+            rate_limit_burst=reader.integer(
+                "RATE_LIMIT_BURST", defaults.rate_limit_burst, lo=1, hi=1_000_000
+            ),
+            auth_rate_limit_rps=reader.number(
+                "AUTH_RATE_LIMIT_RPS", defaults.auth_rate_limit_rps, lo=0, hi=1_000_000
+            ),
+            auth_rate_limit_burst=reader.integer(
+                "AUTH_RATE_LIMIT_BURST", defaults.auth_rate_limit_burst, lo=1, hi=1_000_000
+            ),
+            trusted_proxies=reader.networks("TRUSTED_PROXIES"),
+            redis_url=reader.text("REDIS_URL", None),
+            redis_timeout_seconds=reader.number(
+                "REDIS_TIMEOUT_SECONDS", defaults.redis_timeout_seconds, lo=0.001, hi=60
+            ),
             environment=reader.choice(
                 "ENV", defaults.environment, ("development", "production")
             ),
@@ -171,12 +260,26 @@ class Settings:
         for name, url in (
             ("DATABASE_URL", self.database_url),
             ("MIGRATION_DATABASE_URL", self.migration_database_url),
+            ("REVOCATION_DATABASE_URL", self.revocation_database_url),
         ):
             if url is not None and not url.startswith("postgresql+asyncpg://"):
                 problems.append(
                     f"{PREFIX}{name} must start with postgresql+asyncpg:// "
                     "(SQLAlchemy URL for the asyncpg driver)"
                 )
+        if self.db_transaction_pooling and self.revocation_database_url is None:
+            problems.append(
+                f"{PREFIX}DB_TRANSACTION_POOLING=true requires {PREFIX}REVOCATION_DATABASE_URL: "
+                "LISTEN does not work through a transaction pool; point it at PostgreSQL "
+                "itself or at a session-mode pool"
+            )
+        if self.login_lockout_max_seconds < self.login_lockout_seconds:
+            problems.append(
+                f"{PREFIX}LOGIN_LOCKOUT_MAX_SECONDS ({self.login_lockout_max_seconds}) must not "
+                f"be shorter than {PREFIX}LOGIN_LOCKOUT_SECONDS ({self.login_lockout_seconds})"
+            )
+        if self.redis_url is not None and not self.redis_url.startswith(REDIS_SCHEMES):
+            problems.append(f"{PREFIX}REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)}")
         if _host_port(self.listen_addr) is None:
             problems.append(f"{PREFIX}LISTEN_ADDR must be host:port, got {self.listen_addr!r}")
         if self.jwt_private_key_pem and self.jwt_private_key_file:
@@ -331,6 +434,23 @@ class _Reader:
                 self.problems.append(f"{PREFIX}{name}: {identity!r} is listed twice")
             identities[identity] = roles
         return identities
+
+    def networks(self, name: str) -> tuple[IPNetwork, ...]:
+        """A comma-separated list of IP addresses and CIDR networks."""
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        networks: list[IPNetwork] = []
+        for part in (p.strip() for p in raw.split(",")):
+            if not part:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                self.problems.append(
+                    f"{PREFIX}{name}: {part!r} is not an IP address or CIDR network"
+                )
+        return tuple(networks)
 
     def integer(self, name: str, default: int, *, lo: int, hi: int) -> int:
         raw = self._raw(name)

@@ -24,12 +24,14 @@ from generated.usersvc.v1 import (
     user_service_pb2,
     user_service_pb2_grpc,
 )
+from usersvc.adapters.db_monitor import DatabaseMonitor
 from usersvc.api.auth_servicer import AuthServicer
 from usersvc.api.interceptors import build_interceptors
 from usersvc.api.public import PublicMethods
 from usersvc.api.user_servicer import UserServicer
 from usersvc.bootstrap import Container
 from usersvc.config import Settings
+from usersvc.domain.rate_limits import rate_or_none
 from usersvc.services.tokens import KeyConfigError, load_key_ring
 
 logger = logging.getLogger("usersvc.server")
@@ -143,9 +145,12 @@ class UsersvcServer:
         health_servicer: Any,
         port: int,
         mtls_port: int | None = None,
+        monitor: DatabaseMonitor | None = None,
     ):
         self._server = server
         self._health = health_servicer
+        self._monitor = monitor
+        self._stopping = False
         self.port = port
         # The port that requires client certificates, when it is a second one.
         self.mtls_port = mtls_port
@@ -167,6 +172,18 @@ class UsersvcServer:
                 auth_service=container.auth_service,
                 public_methods=PublicMethods(allow_signup=settings.allow_signup),
                 service_identities=settings.service_identities,
+                deadline_margin_seconds=settings.deadline_margin_ms / 1000,
+                ensure_database=(
+                    None
+                    if container.database_monitor is None
+                    else container.database_monitor.ensure_available
+                ),
+                rate_limiter=container.rate_limiter,
+                general_rate=rate_or_none(settings.rate_limit_rps, settings.rate_limit_burst),
+                auth_rate=rate_or_none(
+                    settings.auth_rate_limit_rps, settings.auth_rate_limit_burst
+                ),
+                trusted_proxies=settings.trusted_proxies,
             ),
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -176,6 +193,10 @@ class UsersvcServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
+            # Beyond this many calls in progress grpc itself answers
+            # RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!", no
+            # ErrorInfo: no interceptor runs), before any work or memory.
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         user_service_pb2_grpc.add_UserServiceServicer_to_server(
             UserServicer(container.user_service), server
@@ -193,8 +214,8 @@ class UsersvcServer:
         if credentials.mtls is not None and settings.mtls_listen_addr is not None:
             mtls_port = _bind(server, settings.mtls_listen_addr, credentials.mtls)
         await server.start()
-        for name in HEALTH_SERVICES:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        started = cls(server, health_servicer, port, mtls_port, container.database_monitor)
+        await started._follow_database()
         logger.info(
             "serving",
             extra={
@@ -205,13 +226,36 @@ class UsersvcServer:
                 "mtls_port": mtls_port,
             },
         )
-        return cls(server, health_servicer, port, mtls_port)
+        return started
+
+    async def _follow_database(self) -> None:
+        # Health follows the database monitor: NOT_SERVING while the
+        # database is down (every call that needs it would fail), SERVING
+        # again when it is back, until the stop begins.
+        if self._monitor is not None:
+            self._monitor.add_listener(self._database_changed)
+        await self._set_health(self._monitor is None or self._monitor.available)
+
+    async def _database_changed(self, available: bool) -> None:
+        if not self._stopping:
+            await self._set_health(available)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in HEALTH_SERVICES:
+            await self._health.set(name, status)
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, refuse new calls, let in-flight calls finish
         within ``grace`` seconds, then cancel what is left."""
-        for name in HEALTH_SERVICES:
-            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._stopping = True
+        if self._monitor is not None:
+            self._monitor.remove_listener(self._database_changed)
+        await self._set_health(False)
         await self._server.stop(grace)
 
     async def wait_for_termination(self) -> None:

@@ -33,12 +33,15 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def running_server(settings: Any, recorder: ResponseRecorder) -> AsyncIterator[RunningServer]:
-    """A real server on an ephemeral port and a recording channel to it."""
+async def running_server(
+    settings: Any, recorder: ResponseRecorder, **bootstrap_options: Any
+) -> AsyncIterator[RunningServer]:
+    """A real server on an ephemeral port and a recording channel to it;
+    ``bootstrap_options`` go to usersvc.bootstrap.bootstrap (a clock)."""
     from usersvc.bootstrap import bootstrap
     from usersvc.server import UsersvcServer
 
-    container = bootstrap(settings, database_url=settings.database_url)
+    container = bootstrap(settings, database_url=settings.database_url, **bootstrap_options)
     try:
         server = await UsersvcServer.start(container, listen_addr="127.0.0.1:0")
         try:
@@ -98,6 +101,11 @@ def e2e_settings(database_url: str, e2e_data_dir: Path, signing_key: Ed25519Priv
         jwt_private_key_pem=pem,
         listen_addr="127.0.0.1:0",
         shutdown_grace_seconds=1.0,
+        # Every test logs its users in from 127.0.0.1 within moments; the
+        # default Login/sign-up bucket (5/s, burst 10) is for real clients.
+        # tests/e2e/test_rate_limits.py tests the limits on servers of its own.
+        auth_rate_limit_rps=100_000.0,
+        auth_rate_limit_burst=100_000,
     )
 
 

@@ -36,6 +36,7 @@ from usersvc.domain.listing import (
     Page,
     SortField,
 )
+from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     ROLE_ADMIN,
     ROLE_SERVICE,
@@ -56,6 +57,7 @@ from usersvc.domain.ports import (
     CleanupResult,
     IdempotencyKeyTaken,
     IdempotencyRecord,
+    LoginAttempt,
     RefreshOutcome,
     RefreshStatus,
 )
@@ -72,6 +74,10 @@ EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 class _Row:
     user: User
     password_hash: str
+    # Login lockout state (usersvc.domain.lockout), outside the resource.
+    failed_login_count: int = 0
+    lock_count: int = 0
+    locked_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -286,7 +292,11 @@ class FakeUserRepository:
         return None
 
     def _write(self, user: User, password_hash: str) -> User:
-        self._rows[user.id] = _Row(user, password_hash)
+        row = self._rows.get(user.id)
+        if row is None:
+            self._rows[user.id] = _Row(user, password_hash)
+        else:
+            self._rows[user.id] = replace(row, user=user, password_hash=password_hash)
         self._uow.written.add(user.id)
         return user
 
@@ -341,6 +351,36 @@ class FakeUserRepository:
     async def get_credentials(self, user_id: uuid.UUID) -> Credentials | None:
         row = self._rows.get(user_id)
         return None if row is None else Credentials(row.user, row.password_hash)
+
+    async def start_login_attempt(
+        self, email: str, *, now: datetime, policy: LockoutPolicy
+    ) -> LoginAttempt | None:
+        owner = self._owner_of(email)
+        if owner is None:
+            return None
+        row = self._rows[owner]
+        if row.locked_until is not None and row.locked_until > now:
+            return None
+        count = row.failed_login_count + 1
+        locked_until = None
+        if count >= policy.max_failures:
+            locked_until = now + timedelta(seconds=policy.lock_seconds(row.lock_count))
+            row = replace(
+                row, failed_login_count=0, lock_count=row.lock_count + 1, locked_until=locked_until
+            )
+        else:
+            row = replace(row, failed_login_count=count)
+        self._rows[owner] = row
+        self._uow.written.add(owner)
+        return LoginAttempt(Credentials(row.user, row.password_hash), locked_until)
+
+    async def clear_login_failures(self, user_id: uuid.UUID) -> bool:
+        row = self._rows.get(user_id)
+        if row is None:
+            return False
+        self._rows[user_id] = replace(row, failed_login_count=0, lock_count=0, locked_until=None)
+        self._uow.written.add(user_id)
+        return True
 
     async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
         if patch.email is not None:
@@ -743,10 +783,13 @@ class AuthServiceHarness:
 
 
 def auth_service(
-    hasher: BcryptPasswordHasher, *, db: FakeDatabase | None = None
+    hasher: BcryptPasswordHasher,
+    *,
+    db: FakeDatabase | None = None,
+    lockout: LockoutPolicy | None = None,
 ) -> AuthServiceHarness:
     """An AuthService on fresh fakes, real tokens (Ed25519) and ``hasher``;
-    one FakeClock drives the tokens and the sessions."""
+    one FakeClock drives the tokens, the sessions and the login locks."""
     db = db or FakeDatabase()
     clock = FakeClock()
     tokens = TokenService(
@@ -764,5 +807,7 @@ def auth_service(
         tokens=tokens,
         revocations=revocations,
         sessions=revoker,
+        lockout=lockout,
+        clock=clock,
     )
     return AuthServiceHarness(db, clock, tokens, revocations, revoker, service)

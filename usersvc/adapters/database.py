@@ -8,13 +8,22 @@ TLS is configured in the URL. asyncpg's own ``?ssl=require`` (or
 dialect. The libpq spellings work too: ``?sslmode=verify-full&sslrootcert=
 /etc/ssl/db-ca.pem`` (also ``sslcert``, ``sslkey``, ``sslcrl``); asyncpg reads
 those only from a DSN, so create_engine hands them over as one.
+
+Behind a transaction-pooling proxy (PgBouncer ``pool_mode = transaction``,
+USERSVC_DB_TRANSACTION_POOLING=true) each transaction may run on another
+server connection, so nothing may outlive a transaction on one: asyncpg's and
+the dialect's statement caches are off and every statement is PostgreSQL's
+unnamed one (see TRANSACTION_POOLING_CONNECT_ARGS), and no session setting is
+sent at connect (PgBouncer refuses startup parameters such as
+statement_timeout: set that one on the role instead, deploy/grants.sql).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlencode
 
@@ -55,12 +64,35 @@ _STALE_STATEMENT_ERRORS = (
 LIBPQ_TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl")
 
 
+def _unnamed_statement() -> str:
+    return ""
+
+
+# Through a transaction pool: asyncpg's own statement cache off, the
+# dialect's cache off, and the dialect's prepare() asked for the unnamed
+# statement. Named statements, even uniquely named ones (the uuid recipe of
+# the SQLAlchemy docs), stay behind on whichever server connection ran the
+# transaction: one leaked per transaction until the proxy recycles that
+# connection. The unnamed statement is replaced by the next Parse, and
+# asyncpg re-parses it with every execution when its cache is off, so it
+# never has to survive a hop between server connections.
+TRANSACTION_POOLING_CONNECT_ARGS: Mapping[str, Any] = MappingProxyType(
+    {
+        "statement_cache_size": 0,
+        "prepared_statement_cache_size": 0,
+        "prepared_statement_name_func": _unnamed_statement,
+    }
+)
+
+
 def create_engine(settings: Settings, url: str) -> AsyncEngine:
     """Build the service's AsyncEngine: pool sizing from ``settings``, a
     server-side ``statement_timeout`` (``db_statement_timeout_ms``; 0 leaves
-    the server's or role's own setting alone) and ``application_name`` set on
-    every connection. Connects lazily, so an unreachable database surfaces on
-    first use as DatabaseUnavailable, not here.
+    the server's or role's own setting alone; never sent with
+    ``db_transaction_pooling``, where only the client-side backstop applies)
+    and ``application_name`` set on every connection. Connects lazily, so an
+    unreachable database surfaces on first use as DatabaseUnavailable, not
+    here.
 
     Raises sqlalchemy.exc.ArgumentError for a malformed URL.
     """
@@ -74,10 +106,13 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
         # lets keyword arguments override the DSN.
         connect_args["dsn"] = "postgresql://?" + urlencode(tls, doseq=True)
     if settings.db_statement_timeout_ms > 0:
-        server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
+        if not settings.db_transaction_pooling:
+            server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
         connect_args["command_timeout"] = (
             settings.db_statement_timeout_ms / 1000 + COMMAND_TIMEOUT_MARGIN_SECONDS
         )
+    if settings.db_transaction_pooling:
+        connect_args.update(TRANSACTION_POOLING_CONNECT_ARGS)
     if "timeout" not in parsed.query:
         connect_args["timeout"] = CONNECT_TIMEOUT_SECONDS
     return create_async_engine(

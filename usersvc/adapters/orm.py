@@ -18,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     LargeBinary,
     MetaData,
     Table,
@@ -79,6 +80,15 @@ class UserRow(Base):
     delete_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Bumped by every write; the etag is derived from it.
     version: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("1"))
+    # Brute-force protection (usersvc.domain.lockout): login attempts since
+    # the last success or lock, locks since the last success, and the end of
+    # the current lock. Not part of the resource: writing them leaves version
+    # (and so the etag) alone.
+    failed_login_count: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0")
+    )
+    lock_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
         # Also serves ORDER BY lower(email), id: lower(email) is unique, so the

@@ -22,12 +22,16 @@ from typing import Any, NoReturn
 from sqlalchemy import (
     ColumnElement,
     DateTime,
+    Float,
+    Integer,
     Text,
     Uuid,
     bindparam,
+    case,
     delete,
     func,
     literal,
+    or_,
     select,
     text,
     tuple_,
@@ -51,6 +55,7 @@ from usersvc.adapters.orm import (
 from usersvc.adapters.revocation_channel import REVOCATION_CHANNEL, payloads
 from usersvc.domain.errors import EmailAlreadyExists, InvalidArgument, UserNotFound
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Page, SortField
+from usersvc.domain.lockout import MAX_DOUBLINGS, LockoutPolicy
 from usersvc.domain.models import (
     Credentials,
     NewUser,
@@ -64,6 +69,7 @@ from usersvc.domain.ports import (
     CleanupResult,
     IdempotencyKeyTaken,
     IdempotencyRecord,
+    LoginAttempt,
     RefreshOutcome,
     RefreshStatus,
 )
@@ -100,6 +106,52 @@ _GET_CREDENTIALS_BY_EMAIL = select(*_CREDENTIAL_COLUMNS).where(
 )
 _GET_CREDENTIALS = select(*_CREDENTIAL_COLUMNS).where(_c.id == bindparam("user_id"))
 _PURGE = delete(users_table).where(_c.id == bindparam("user_id")).returning(_c.id)
+
+
+def _start_login_attempt_statement() -> Update:
+    # usersvc.domain.lockout in one statement. Within an UPDATE every column
+    # on the right reads the row as it was, and PostgreSQL re-checks the
+    # WHERE against the latest version when a concurrent UPDATE of the row
+    # committed first: concurrent attempts are counted one after the other,
+    # and the ones that arrive after the lock are refused, not counted.
+    # Parameter names must differ from column names in an UPDATE.
+    now = bindparam("attempt_time", type_=DateTime(timezone=True))
+    reached = _c.failed_login_count + 1 >= bindparam("max_failures", type_=Integer)
+    lock_seconds = func.least(
+        bindparam("lockout_seconds", type_=Float)
+        * func.power(2.0, func.least(_c.lock_count, MAX_DOUBLINGS)),
+        bindparam("max_lockout_seconds", type_=Float),
+    )
+    return (
+        update(users_table)
+        .where(
+            func.lower(_c.email) == func.lower(bindparam("login_email", type_=Text)),
+            or_(_c.locked_until.is_(None), _c.locked_until <= now),
+        )
+        .values(
+            failed_login_count=case((reached, 0), else_=_c.failed_login_count + 1),
+            lock_count=case((reached, _c.lock_count + 1), else_=_c.lock_count),
+            locked_until=case(
+                (reached, now + func.make_interval(0, 0, 0, 0, 0, 0, lock_seconds)),
+                else_=_c.locked_until,
+            ),
+        )
+        .returning(*_CREDENTIAL_COLUMNS, _c.locked_until)
+    )
+
+
+_START_LOGIN_ATTEMPT = _start_login_attempt_statement()
+# A counted attempt writes the users row and an unknown email writes
+# nothing: waiting for the WAL flush at commit would make a registered
+# email's failed login measurably slower than an unknown one's (and a locked
+# account's). A crash may lose the last moments of counts, never more.
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO off")
+_CLEAR_LOGIN_FAILURES = (
+    update(users_table)
+    .where(_c.id == bindparam("user_id"))
+    .values(failed_login_count=0, lock_count=0, locked_until=None)
+    .returning(_c.id)
+)
 
 
 def _user_from_row(row: RowMapping) -> User:
@@ -212,6 +264,41 @@ class SqlAlchemyUserRepository:
         """Raises DatabaseUnavailable."""
         row = await self._one_or_none(_GET_CREDENTIALS, {"user_id": user_id})
         return None if row is None else _credentials_from_row(row)
+
+    async def start_login_attempt(
+        self, email: str, *, now: datetime, policy: LockoutPolicy
+    ) -> LoginAttempt | None:
+        """Count one login attempt unless the account is locked at ``now``,
+        in one atomic UPDATE ... RETURNING (see the port,
+        usersvc.domain.ports.UserRepository). None for an unknown email or a
+        locked account, which leave nothing written. The transaction's
+        commit then does not wait for the WAL flush. Raises
+        DatabaseUnavailable."""
+        with translate_connection_errors():
+            await self._session.execute(_ASYNC_COMMIT)
+        row = await self._one_or_none(
+            _START_LOGIN_ATTEMPT,
+            {
+                "login_email": email,
+                "attempt_time": now,
+                "max_failures": policy.max_failures,
+                "lockout_seconds": float(policy.lockout_seconds),
+                "max_lockout_seconds": float(policy.max_lockout_seconds),
+            },
+        )
+        if row is None:
+            return None
+        locked_until = row["locked_until"]
+        return LoginAttempt(
+            credentials=_credentials_from_row(row),
+            locked_until=locked_until if locked_until is not None and locked_until > now else None,
+        )
+
+    async def clear_login_failures(self, user_id: uuid.UUID) -> bool:
+        """Reset the failure count, lock and lock count; locks the row until
+        the transaction ends. False when there is no such user. Raises
+        DatabaseUnavailable."""
+        return await self._one_or_none(_CLEAR_LOGIN_FAILURES, {"user_id": user_id}) is not None
 
     async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
         """Apply the patch, bump version and update_time. Raises

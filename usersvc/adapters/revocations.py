@@ -21,8 +21,11 @@ silently when that connection dies, so:
 - while unhealthy, CachedRevocationChecker asks the database for each
   session it is asked about, so answers stay right, only slower.
 
-Behind PgBouncer in transaction mode LISTEN does not work: point
-USERSVC_DATABASE_URL at PostgreSQL itself (or a session-mode pool).
+The connection goes to USERSVC_REVOCATION_DATABASE_URL (default: the
+service's URL). Behind PgBouncer in transaction mode LISTEN does not work
+(the proxy hands the listening server connection to other clients between
+transactions): that URL must then name PostgreSQL itself or a session-mode
+pool, and Settings refuses USERSVC_DB_TRANSACTION_POOLING without it.
 """
 
 from __future__ import annotations
@@ -114,13 +117,18 @@ def asyncpg_connect_arguments(
         options["dsn"] = "postgresql://?" + urlencode(tls, doseq=True)
     server_settings = {"application_name": application_name}
     if settings.db_statement_timeout_ms > 0:
-        server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
+        # Like the engine's connections: with db_transaction_pooling nothing
+        # session-wide is sent (PgBouncer refuses the startup parameter).
+        if not settings.db_transaction_pooling:
+            server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
         options.setdefault(
             "command_timeout",
             settings.db_statement_timeout_ms / 1000 + COMMAND_TIMEOUT_MARGIN_SECONDS,
         )
     options["server_settings"] = server_settings
     options.setdefault("timeout", CONNECT_TIMEOUT_SECONDS)
+    if settings.db_transaction_pooling:
+        options["statement_cache_size"] = 0
     return options
 
 
@@ -360,9 +368,18 @@ class CachedRevocationChecker:
     """usersvc.domain.ports.RevocationChecker: the in-memory cache while it
     is healthy (no database query), the database while it is not."""
 
-    def __init__(self, cache: RevocationCache, engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        cache: RevocationCache,
+        engine: AsyncEngine,
+        *,
+        ensure_available: Callable[[], None] | None = None,
+    ) -> None:
         self._cache = cache
         self._engine = engine
+        # The database monitor's breaker: while the database is known to be
+        # down, the fallback fails at once instead of waiting to connect.
+        self._ensure_available = ensure_available
         self.database_checks = 0  # fallback queries made; observable by tests and metrics
 
     async def is_revoked(self, session_id: str) -> bool:
@@ -383,6 +400,8 @@ class CachedRevocationChecker:
             key = uuid.UUID(session_id)
         except ValueError:
             return False  # every stored id is a UUID
+        if self._ensure_available is not None:
+            self._ensure_available()
         self.database_checks += 1
         with translate_connection_errors():
             async with self._engine.connect() as connection:

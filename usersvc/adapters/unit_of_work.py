@@ -23,12 +23,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from usersvc.adapters.database import translate_connection_errors
+from usersvc.adapters.db_monitor import DatabaseAvailability
 from usersvc.adapters.repository import (
     SqlAlchemyIdempotencyRepository,
     SqlAlchemySessionRepository,
     SqlAlchemyUserRepository,
     raise_integrity_error,
 )
+from usersvc.domain.errors import DatabaseUnavailable
 from usersvc.domain.ports import (
     IdempotencyRepository,
     SessionRepository,
@@ -46,16 +48,25 @@ class SqlAlchemyUnitOfWork:
     idempotency: IdempotencyRepository
     sessions: SessionRepository
 
-    def __init__(self, session_factory: async_sessionmaker[AsyncSession]):
+    def __init__(
+        self,
+        session_factory: async_sessionmaker[AsyncSession],
+        availability: DatabaseAvailability | None = None,
+    ):
         self._session_factory = session_factory
+        self._availability = availability
         self._session: AsyncSession | None = None
         self._used = False
 
     async def __aenter__(self) -> Self:
-        """Raises RuntimeError when entered a second time."""
+        """Raises RuntimeError when entered a second time,
+        DatabaseUnavailable at once while the database monitor knows the
+        database is down (nothing waits for a connect timeout then)."""
         if self._used:
             raise RuntimeError("a unit of work is entered once; make a new one")
         self._used = True
+        if self._availability is not None:
+            self._availability.ensure_available()
         self._session = self._session_factory()
         self.users = SqlAlchemyUserRepository(self._session)
         self.idempotency = SqlAlchemyIdempotencyRepository(self._session)
@@ -79,6 +90,8 @@ class SqlAlchemyUnitOfWork:
         if session is None:
             return
         self._session = None
+        if isinstance(exc, DatabaseUnavailable) and self._availability is not None:
+            self._availability.report_failure()
         try:
             await asyncio.shield(_close(session))
         except Exception:
@@ -126,6 +139,10 @@ def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
-def make_uow_factory(engine: AsyncEngine) -> UnitOfWorkFactory:
-    """A factory of fresh units of work on ``engine``. Raises nothing."""
-    return functools.partial(SqlAlchemyUnitOfWork, make_session_factory(engine))
+def make_uow_factory(
+    engine: AsyncEngine, availability: DatabaseAvailability | None = None
+) -> UnitOfWorkFactory:
+    """A factory of fresh units of work on ``engine``, failing fast while
+    ``availability`` (the database monitor) says the database is down.
+    Raises nothing."""
+    return functools.partial(SqlAlchemyUnitOfWork, make_session_factory(engine), availability)

@@ -26,6 +26,16 @@ ERROR_DOMAIN = "usersvc.v1"
 INTERNAL_MESSAGE = "internal error"
 INTERNAL_REASON = "INTERNAL"
 
+# A status travels in the trailers, which grpc clients refuse above 16 KiB
+# and, by default, refuse at random above 8 KiB (grpc.max_metadata_size): the
+# caller would see RESOURCE_EXHAUSTED "Stream removed" instead of the error.
+# A batch of 1000 bad items makes thousands of violations, so the message and
+# the violations are cut to these budgets (the message is sent twice, in
+# grpc-message percent-encoded and inside the Status).
+MAX_STATUS_MESSAGE_BYTES = 512
+MAX_VIOLATIONS_BYTES = 3072
+OMITTED_VIOLATIONS_KEY = "omitted_violations"
+
 # The table. Lookup walks the error's class hierarchy, so a subclass without a
 # row of its own (TokenExpired, RefreshTokenInvalid, ...) takes its parent's
 # code. A class with no row anywhere above it becomes INTERNAL: adding a
@@ -44,6 +54,7 @@ STATUS_CODES: Mapping[type[domain.DomainError], grpc.StatusCode] = MappingProxyT
         domain.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
         domain.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
         domain.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
+        domain.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 )
 
@@ -71,25 +82,47 @@ def to_rpc_status(error: domain.DomainError) -> grpc.Status:
     code = status_code_for(error)
     if code is grpc.StatusCode.INTERNAL:
         return internal_status()
-    details = [_error_info(error.reason, error.metadata)]
+    metadata = dict(error.metadata)
+    bad_request = None
     if isinstance(error, domain.InvalidArgument):
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
-                        )
-                        for v in error.violations
-                    ]
-                )
-            )
-        )
+        bad_request, omitted = _bounded_bad_request(error.violations)
+        if omitted:
+            metadata[OMITTED_VIOLATIONS_KEY] = str(omitted)
+    details = [_error_info(error.reason, metadata)]
+    if bad_request is not None:
+        details.append(_pack(bad_request))
     if isinstance(error, domain.RateLimited):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(max(0, round(error.retry_after_seconds * 1e9)))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return _status(code, error.message, details)
+    return _status(code, _truncated(error.message), details)
+
+
+def _bounded_bad_request(
+    violations: tuple[domain.FieldViolation, ...],
+) -> tuple[error_details_pb2.BadRequest, int]:
+    """The violations that fit in MAX_VIOLATIONS_BYTES, in order (at least
+    one), and how many were left out."""
+    bad_request = error_details_pb2.BadRequest()
+    used = 0
+    for index, violation in enumerate(violations):
+        item = error_details_pb2.BadRequest.FieldViolation(
+            field=_truncated(violation.field), description=_truncated(violation.description)
+        )
+        # The field's own bytes plus its tag and length prefix.
+        used += item.ByteSize() + 4
+        if used > MAX_VIOLATIONS_BYTES and index > 0:
+            return bad_request, len(violations) - index
+        bad_request.field_violations.append(item)
+    return bad_request, 0
+
+
+def _truncated(text: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    # Cut on a character boundary, and say that it was cut.
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
 
 
 @functools.cache

@@ -15,6 +15,7 @@ from google.protobuf import timestamp_pb2
 from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
 from usersvc.domain.errors import FieldViolation, InvalidArgument
 from usersvc.domain.models import User, UserPatch, UserState
+from usersvc.domain.validation import raise_for_violations, validate_sizes
 from usersvc.services.inputs import (
     CreateUserInput,
     ListUsersInput,
@@ -35,6 +36,9 @@ _STATES = {
 WRITABLE_FIELDS = ("email", "display_name", "labels", "roles")
 OUTPUT_ONLY_FIELDS = frozenset({"id", "state", "create_time", "update_time", "delete_time", "etag"})
 _ALL_FIELDS = "*"
+# Every meaningful mask fits: four writable fields, or "*".
+MAX_UPDATE_MASK_PATHS = 10
+MAX_UPDATE_MASK_PATH_LENGTH = 64
 
 
 def user_to_proto(user: User) -> user_pb2.User:
@@ -107,13 +111,20 @@ def update_user_input(request: user_service_pb2.UpdateUserRequest) -> UpdateUser
     included (that is how a field is cleared). An empty mask selects the
     writable fields ``user`` sets to a non-default value; "*" selects all.
 
+    Fields the mask does not select are ignored, but their sizes are still
+    held to the limits of the selected ones: nothing a request carries is
+    unbounded.
+
     Raises InvalidArgument: "user.id" when the id is missing, "update_mask"
-    for each path that is unknown or output only.
+    for more than 10 paths, a path over 64 characters and each path that is
+    unknown or output only, "user.<field>" for an oversized field outside
+    the mask.
     """
     user = request.user
     if not user.id:
         raise InvalidArgument.single("user.id", "required: the id of the user to update")
     selected = _selected_fields(request.update_mask.paths, user)
+    _check_unselected_sizes(user, selected)
     return UpdateUserInput(
         user_id=user.id,
         etag=user.etag,
@@ -130,10 +141,21 @@ def _selected_fields(paths: Iterable[str], user: user_pb2.User) -> frozenset[str
     paths = list(paths)
     if not paths:
         return frozenset(name for name in WRITABLE_FIELDS if _is_set(user, name))
+    if len(paths) > MAX_UPDATE_MASK_PATHS:
+        raise InvalidArgument.single(
+            "update_mask", f"must name at most {MAX_UPDATE_MASK_PATHS} paths, got {len(paths)}"
+        )
     violations = []
     selected: set[str] = set()
     for path in paths:
-        if path == _ALL_FIELDS:
+        if len(path) > MAX_UPDATE_MASK_PATH_LENGTH:
+            # Not quoted back: the caller sent it, and it may be huge.
+            violations.append(
+                FieldViolation(
+                    "update_mask", f"paths must be at most {MAX_UPDATE_MASK_PATH_LENGTH} characters"
+                )
+            )
+        elif path == _ALL_FIELDS:
             selected.update(WRITABLE_FIELDS)
         elif path in WRITABLE_FIELDS:
             selected.add(path)
@@ -151,6 +173,21 @@ def _selected_fields(paths: Iterable[str], user: user_pb2.User) -> frozenset[str
     if violations:
         raise InvalidArgument(violations)
     return frozenset(selected)
+
+
+def _check_unselected_sizes(user: user_pb2.User, selected: frozenset[str]) -> None:
+    if selected.issuperset(WRITABLE_FIELDS):
+        return
+    errors: list[FieldViolation] = []
+    validate_sizes(
+        email="" if "email" in selected else user.email,
+        display_name="" if "display_name" in selected else user.display_name,
+        roles=() if "roles" in selected else user.roles,
+        labels={} if "labels" in selected else user.labels,
+        prefix="user",
+        errors=errors,
+    )
+    raise_for_violations(errors)
 
 
 def _is_set(user: user_pb2.User, name: str) -> bool:

@@ -132,3 +132,11 @@ class RateLimited(DomainError):
 class DatabaseUnavailable(DomainError):
     reason = "DATABASE_UNAVAILABLE"
     default_message = "database unavailable; retry later"
+
+
+class DeadlineExceeded(DomainError):
+    """The caller's deadline passed before the call completed; its database
+    work was cancelled (a write may still have committed just before)."""
+
+    reason = "DEADLINE_EXCEEDED"
+    default_message = "deadline exceeded before the call completed"

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from usersvc.domain.listing import Filter, ListQuery, Page
+from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     Credentials,
     NewUser,
@@ -51,6 +52,23 @@ class UserRepository(Protocol):
 
     async def get_credentials(self, user_id: uuid.UUID) -> Credentials | None: ...
 
+    async def start_login_attempt(
+        self, email: str, *, now: datetime, policy: LockoutPolicy
+    ) -> LoginAttempt | None:
+        """Count one login attempt against the user with this email
+        (case-insensitive, deleted included) unless the account is locked at
+        ``now``, atomically: concurrent attempts on any replica are all
+        counted. The attempt that reaches ``policy.max_failures`` locks the
+        account from ``now`` for ``policy.lock_seconds(lock_count)``, resets
+        the count and adds one to lock_count (usersvc.domain.lockout). None
+        when no user has the email or the account is locked; nothing is
+        written then."""
+
+    async def clear_login_failures(self, user_id: uuid.UUID) -> bool:
+        """Reset the failure count, the lock and the lock count (a login
+        succeeded), locking the row until the unit of work ends; the user's
+        version and etag do not change. False when there is no such user."""
+
     async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
         """Apply the patch, bump version and update_time. Raises
         EmailAlreadyExists, UserNotFound."""
@@ -72,6 +90,16 @@ class UserRepository(Protocol):
         ordering (ties broken by id), at most ``page_size`` rows."""
 
     async def count(self, filter: Filter, *, show_deleted: bool) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LoginAttempt:
+    """A counted login attempt: the user's credentials to check, and
+    ``locked_until`` when this attempt was the last one allowed (the account
+    is locked until then unless the password turns out right)."""
+
+    credentials: Credentials
+    locked_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

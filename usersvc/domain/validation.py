@@ -24,8 +24,11 @@ MAX_DOMAIN_LABEL_LENGTH = 63
 MAX_DISPLAY_NAME_LENGTH = 200
 MAX_ROLES = 16
 MAX_LABELS = 64
+MAX_LABEL_KEY_LENGTH = 63
 MAX_LABEL_VALUE_LENGTH = 256
 MAX_REQUEST_ID_LENGTH = 128
+# Etags the service issues are "v<row version>"; 64 is far above any of them.
+MAX_ETAG_LENGTH = 64
 
 ME = "me"
 
@@ -35,6 +38,7 @@ ME = "me"
 _ATEXT = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-"
 )
+# 1..MAX_LABEL_KEY_LENGTH characters.
 _LABEL_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 _UUID_TEXT = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -185,6 +189,49 @@ def validate_request_id(value: str, *, field: str, errors: list[FieldViolation])
     elif not value.isprintable() or has_forbidden_characters(value):
         errors.append(FieldViolation(field, "must contain printable characters only"))
     return value
+
+
+def validate_etag(value: str, *, field: str, errors: list[FieldViolation]) -> str:
+    """Empty (an unconditional write) or at most 64 characters. Appends a
+    violation otherwise; a well-sized but stale etag is the caller's
+    EtagMismatch, not a violation."""
+    if len(value) > MAX_ETAG_LENGTH:
+        errors.append(FieldViolation(field, f"must be at most {MAX_ETAG_LENGTH} characters"))
+    return value
+
+
+def validate_sizes(
+    *,
+    email: str,
+    display_name: str,
+    roles: Sequence[str],
+    labels: Mapping[str, str],
+    prefix: str,
+    errors: list[FieldViolation],
+) -> None:
+    """The size limits of a user's writable fields, and nothing else: for
+    fields a request carries but does not use (UpdateUser fields outside the
+    update mask), which are ignored yet must not be unbounded. Appends one
+    violation per oversized field, named ``<prefix>.<field>``."""
+    limits = (
+        ("email", len(email), MAX_EMAIL_LENGTH, "characters"),
+        ("display_name", len(display_name), MAX_DISPLAY_NAME_LENGTH, "characters"),
+        ("roles", len(roles), MAX_ROLES, "roles"),
+        ("labels", len(labels), MAX_LABELS, "entries"),
+    )
+    for name, size, limit, unit in limits:
+        if size > limit:
+            errors.append(FieldViolation(f"{prefix}.{name}", f"must hold at most {limit} {unit}"))
+    for key, value in labels.items():
+        if len(key) > MAX_LABEL_KEY_LENGTH or len(value) > MAX_LABEL_VALUE_LENGTH:
+            errors.append(
+                FieldViolation(
+                    f"{prefix}.labels",
+                    f"keys must be at most {MAX_LABEL_KEY_LENGTH} characters and values at "
+                    f"most {MAX_LABEL_VALUE_LENGTH}",
+                )
+            )
+            break
 
 
 def parse_user_id(text: str, field: str, principal: Principal) -> uuid.UUID:

@@ -2,9 +2,15 @@
 logout, revocation, introspection, keys, token checks).
 
 Every failed login gets the same answer after the same work: unknown email,
-wrong password, disabled or deleted user and unusable input all cost one
-bcrypt check at the configured cost and end in InvalidCredentials, so neither
-the answer nor its timing tells whether an email is registered.
+wrong password, disabled or deleted user, a temporarily locked account and
+unusable input all cost one bcrypt check at the configured cost and end in
+InvalidCredentials, so neither the answer nor its timing tells whether an
+email is registered, or whether a guess made during a lock was right.
+
+Repeated failures lock an account for a while (usersvc.domain.lockout): each
+attempt is counted in the users row before its password is checked, so that
+however many guesses arrive at once on however many replicas, no more than
+the allowed number are ever checked between two locks.
 
 Every login starts a session; its access tokens name it (``sid``) and its
 refresh tokens rotate within it, single-use. A refresh token presented a
@@ -17,7 +23,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import jwt
@@ -35,8 +43,8 @@ from usersvc.domain.errors import (
     Unauthenticated,
     UserNotFound,
 )
+from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
-    Credentials,
     Principal,
     PrincipalKind,
     RevokeReason,
@@ -44,7 +52,12 @@ from usersvc.domain.models import (
     UserState,
 )
 from usersvc.domain.passwords import MAX_PASSWORD_BYTES
-from usersvc.domain.ports import RefreshStatus, RevocationChecker, UnitOfWorkFactory
+from usersvc.domain.ports import (
+    LoginAttempt,
+    RefreshStatus,
+    RevocationChecker,
+    UnitOfWorkFactory,
+)
 from usersvc.domain.validation import normalize_email, parse_user_id
 from usersvc.services.inputs import LoginResult, TokenIntrospection
 from usersvc.services.passwords import BcryptPasswordHasher
@@ -74,7 +87,14 @@ class AuthService:
         tokens: TokenService,
         revocations: RevocationChecker,
         sessions: SessionRevoker,
+        lockout: LockoutPolicy | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``lockout`` limits failed logins (the defaults of LockoutPolicy
+        when None); ``clock`` tells the time of locks (seconds since the
+        epoch, like time.time). Raises nothing."""
+        self._lockout = lockout or LockoutPolicy()
+        self._clock = clock
         self._uow_factory = uow_factory
         self._hasher = hasher
         self._tokens = tokens
@@ -86,25 +106,42 @@ class AuthService:
 
     async def login(self, *, email: str, password: str) -> LoginResult:
         """A new session of the active user with these credentials: an access
-        token and a refresh token.
+        token and a refresh token. Each attempt on an existing account counts
+        towards its temporary lock; a success clears the count.
 
         Raises InvalidCredentials for every kind of failure (one answer for
-        all), DatabaseUnavailable.
+        all, locked accounts included), DatabaseUnavailable.
         """
         problems: list[FieldViolation] = []
         normalized = normalize_email(email, field="email", errors=problems)
         usable = not problems and 0 < len(password.encode("utf-8", "replace")) <= MAX_PASSWORD_BYTES
-        credentials: Credentials | None = None
+        attempt: LoginAttempt | None = None
         if usable:
+            now = datetime.fromtimestamp(self._clock(), UTC)
             async with self._uow_factory() as uow:
-                credentials = await uow.users.get_credentials_by_email(normalized)
-        if credentials is None:
-            # Same bcrypt work as a real check, so that timing does not tell
-            # unknown emails from known ones.
+                # Counted and committed before bcrypt runs (and without a
+                # connection held while it does).
+                attempt = await uow.users.start_login_attempt(
+                    normalized, now=now, policy=self._lockout
+                )
+                await uow.commit()
+        if attempt is None:
+            # Unknown email or a locked account: the same bcrypt work as a
+            # real check, so that timing tells neither apart from a wrong
+            # password. A locked account's own hash is not even looked at.
             await self._hasher.verify(_PLACEHOLDER_PASSWORD, await self._hasher.dummy_hash())
             raise InvalidCredentials()
+        credentials = attempt.credentials
         matches = await self._hasher.verify(password, credentials.password_hash)
         if not matches or credentials.user.state is not UserState.ACTIVE:
+            if attempt.locked_until is not None:
+                logger.warning(
+                    "account locked after repeated failed logins",
+                    extra={
+                        "user_id": str(credentials.user.id),
+                        "locked_until": attempt.locked_until.isoformat(),
+                    },
+                )
             raise InvalidCredentials()
         # Hashed before the unit of work opens: bcrypt never holds a
         # connection.
@@ -119,7 +156,9 @@ class AuthService:
             # that committed since the check above wins (its revocation could
             # not have seen this session), and one still running waits for
             # this login and then revokes the session it creates.
-            await uow.users.get(user_id, for_update=True)
+            # Clearing the failure count also takes the row lock; a refusal
+            # below rolls the clearing back.
+            await uow.users.clear_login_failures(user_id)
             latest = await uow.users.get_credentials(user_id)
             if (
                 latest is None

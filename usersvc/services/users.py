@@ -54,6 +54,7 @@ from usersvc.domain.validation import (
     normalize_roles,
     parse_user_id,
     raise_for_violations,
+    validate_etag,
     validate_request_id,
 )
 from usersvc.services.inputs import (
@@ -369,7 +370,8 @@ class UserService:
         """Applies the fields set in ``request.patch``.
 
         Raises PermissionDenied (roles need an admin), InvalidArgument (empty
-        patch: field "update_mask"; bad values: "user.<field>"),
+        patch: field "update_mask"; bad values, etag over 64 characters:
+        "user.<field>"),
         UserNotFound, InvalidState (deleted user, admins), EtagMismatch,
         EmailAlreadyExists.
         """
@@ -407,6 +409,7 @@ class UserService:
             if patch.labels is None
             else normalize_labels(patch.labels, field="user.labels", errors=errors),
         )
+        validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
         async with self._uow_factory() as uow:
             await _lock_live(uow, principal, target, etag=request.etag)
@@ -418,12 +421,15 @@ class UserService:
         """Soft-deletes the user and ends all its sessions (the caller's too,
         on a self-delete); its email stays taken until purged.
 
-        Raises PermissionDenied, InvalidArgument, UserNotFound (also an
-        already deleted user, for non-admins), InvalidState (already deleted,
-        admins), EtagMismatch.
+        Raises PermissionDenied, InvalidArgument (id; etag over 64
+        characters), UserNotFound (also an already deleted user, for
+        non-admins), InvalidState (already deleted, admins), EtagMismatch.
         """
         target = _target(principal, user_id, "id")
         policies.ensure(policies.can_delete(principal, target), "delete this user")
+        errors: list[FieldViolation] = []
+        validate_etag(etag, field="etag", errors=errors)
+        raise_for_violations(errors)
         async with self._uow_factory() as uow:
             await _lock_live(uow, principal, target, etag=etag)
             user = await uow.users.set_deleted(target, True)

@@ -29,9 +29,13 @@ class LoginRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     email: _builtins.str
-    """Required; compared case-insensitively."""
+    """Required; compared case-insensitively. At most 254 characters (a longer
+    one cannot match: UNAUTHENTICATED, INVALID_CREDENTIALS).
+    """
     password: _builtins.str
-    """Required; at most 72 UTF-8 bytes. Never logged."""
+    """Required; at most 72 UTF-8 bytes (a longer one cannot match:
+    UNAUTHENTICATED, INVALID_CREDENTIALS). Never logged.
+    """
     def __init__(
         self,
         *,
@@ -96,7 +100,10 @@ class RefreshTokenRequest(_message.Message):
 
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     refresh_token: _builtins.str
-    """Required. A refresh token from Login or RefreshToken. Never logged."""
+    """Required. A refresh token from Login or RefreshToken: exactly 46
+    characters; anything else is UNAUTHENTICATED (REFRESH_TOKEN_INVALID)
+    without further work. Never logged.
+    """
     def __init__(
         self,
         *,
@@ -159,7 +166,8 @@ class LogoutRequest(_message.Message):
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     refresh_token: _builtins.str
     """Optional. A refresh token of the caller's session (retired ones count);
-    it ends with the session. Never logged.
+    it ends with the session. Exactly 46 characters (INVALID_ARGUMENT
+    otherwise). Never logged.
     """
     def __init__(
         self,
@@ -199,7 +207,7 @@ class RevokeAllSessionsRequest(_message.Message):
 
     USER_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """Required. A user id, or "me" (the calling user)."""
+    """Required. A user id (a UUID: 36 characters), or "me" (the calling user)."""
     def __init__(
         self,
         *,
@@ -284,8 +292,9 @@ class IntrospectTokenRequest(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     token: _builtins.str
-    """The access token to check. Anything else (empty, malformed, a refresh
-    token, another issuer's token) is inactive. Never logged.
+    """The access token to check, at most 8192 characters (a longer one is
+    inactive without being parsed). Anything else (empty, malformed, a
+    refresh token, another issuer's token) is inactive. Never logged.
     """
     def __init__(
         self,

@@ -31,6 +31,8 @@ class AuthServiceStub:
     Access tokens are JWTs (header typ "at+jwt" and a kid; claims iss, aud, sub,
     exp, iat, nbf, jti, sid, roles) signed with EdDSA (Ed25519) by default, so
     other services verify them offline with the keys from GetJwks.
+    Every string field below states its maximum; a request message over 1 MiB
+    is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     def __init__(self, channel):
@@ -77,6 +79,8 @@ class AuthServiceServicer:
     Access tokens are JWTs (header typ "at+jwt" and a kid; claims iss, aud, sub,
     exp, iat, nbf, jti, sid, roles) signed with EdDSA (Ed25519) by default, so
     other services verify them offline with the keys from GetJwks.
+    Every string field below states its maximum; a request message over 1 MiB
+    is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     def Login(self, request, context):
@@ -198,6 +202,8 @@ class AuthService:
     Access tokens are JWTs (header typ "at+jwt" and a kid; claims iss, aud, sub,
     exp, iat, nbf, jti, sid, roles) signed with EdDSA (Ed25519) by default, so
     other services verify them offline with the keys from GetJwks.
+    Every string field below states its maximum; a request message over 1 MiB
+    is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     @staticmethod

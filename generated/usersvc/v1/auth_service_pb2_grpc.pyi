@@ -32,6 +32,8 @@ class AuthServiceStub:
     Access tokens are JWTs (header typ "at+jwt" and a kid; claims iss, aud, sub,
     exp, iat, nbf, jti, sid, roles) signed with EdDSA (Ed25519) by default, so
     other services verify them offline with the keys from GetJwks.
+    Every string field below states its maximum; a request message over 1 MiB
+    is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     @_typing.overload
@@ -93,6 +95,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Access tokens are JWTs (header typ "at+jwt" and a kid; claims iss, aud, sub,
     exp, iat, nbf, jti, sid, roles) signed with EdDSA (Ed25519) by default, so
     other services verify them offline with the keys from GetJwks.
+    Every string field below states its maximum; a request message over 1 MiB
+    is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -150,6 +154,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     Access tokens are JWTs (header typ "at+jwt" and a kid; claims iss, aud, sub,
     exp, iat, nbf, jti, sid, roles) signed with EdDSA (Ed25519) by default, so
     other services verify them offline with the keys from GetJwks.
+    Every string field below states its maximum; a request message over 1 MiB
+    is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     @_abc_1.abstractmethod

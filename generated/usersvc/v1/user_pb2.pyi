@@ -89,8 +89,8 @@ class User(_message.Message):
     DELETE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Server-assigned time-ordered UUID (version 7), output only.
-    Ignored on create; required (identifies the user) on UpdateUser.
+    """Server-assigned time-ordered UUID (version 7, 36 characters), output
+    only. Ignored on create; required (identifies the user) on UpdateUser.
     """
     email: _builtins.str
     """Unique case-insensitively; stored and returned lower-cased.
@@ -103,11 +103,12 @@ class User(_message.Message):
     etag: _builtins.str
     """Opaque version tag; changes on every write. Send it back on UpdateUser or
     DeleteUser to make the write conditional (ABORTED / ETAG_MISMATCH if stale).
+    At most 64 characters.
     """
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Roles held: "user" (every account), "admin", "service".
-        Only admins may set or change roles. At most 16 roles.
+        Only admins may set or change roles. At most 16 entries.
         """
 
     @_builtins.property

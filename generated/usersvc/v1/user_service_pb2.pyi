@@ -55,22 +55,27 @@ class CreateUserRequest(_message.Message):
     email: _builtins.str
     """Required. Valid addr-spec, at most 254 characters; lower-cased."""
     password: _builtins.str
-    """Required. 8..72 UTF-8 bytes, not a common password. Never returned or
-    logged.
+    """Required. 8..72 UTF-8 bytes, not a common password (INVALID_ARGUMENT,
+    WEAK_PASSWORD otherwise). Never returned or logged.
     """
     display_name: _builtins.str
     """Optional, at most 200 characters."""
     request_id: _builtins.str
-    """Optional idempotency key (AIP-155), at most 128 characters: a retry with
-    the same key returns the first response and creates nothing new.
+    """Optional idempotency key (AIP-155), at most 128 printable characters: a
+    retry with the same key returns the first response and creates nothing
+    new.
     """
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional; empty means ["user"]. Other roles require an admin caller."""
+        """Optional; empty means ["user"]. At most 16 entries, each one of "user",
+        "admin", "service". Other roles than "user" require an admin caller.
+        """
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Optional tags (see User.labels for limits)."""
+        """Optional tags: at most 64 entries; keys 1..63 characters of [a-z0-9_.-]
+        starting with a letter, values at most 256 characters.
+        """
 
     def __init__(
         self,
@@ -122,7 +127,7 @@ class GetUserRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. A user id, or "me" for the caller."""
+    """Required. A user id (a UUID: 36 characters), or "me" for the caller."""
     def __init__(
         self,
         *,
@@ -168,7 +173,7 @@ class LookupUserRequest(_message.Message):
 
     EMAIL_FIELD_NUMBER: _builtins.int
     email: _builtins.str
-    """Required. Compared case-insensitively."""
+    """Required. Compared case-insensitively; at most 254 characters."""
     def __init__(
         self,
         *,
@@ -221,17 +226,17 @@ class ListUsersRequest(_message.Message):
     """0 means 50; more than 1000 is lowered to 1000; negative is INVALID_ARGUMENT."""
     page_token: _builtins.str
     """next_page_token of a previous call with the same filter, order_by and
-    show_deleted; otherwise INVALID_ARGUMENT.
+    show_deleted; otherwise INVALID_ARGUMENT. At most 1024 characters.
     """
     filter: _builtins.str
     """AIP-160 subset: comparisons (=, !=, <, <=, >, >=, :) on email,
     display_name, state, roles, create_time and labels.<key>, joined with AND.
     Example: state = STATE_ACTIVE AND email:"@example.com" AND
-    labels.team = "payments". At most 2048 characters.
+    labels.team = "payments". At most 2048 characters and 20 comparisons.
     """
     order_by: _builtins.str
     """"create_time" (default), "email" or "display_name", optionally followed by
-    " desc".
+    " desc". At most 128 characters.
     """
     show_deleted: _builtins.bool
     """Include soft-deleted users. Admins only."""
@@ -294,12 +299,15 @@ class UpdateUserRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def user(self) -> _user_pb2.User:
-        """Required: id names the user; etag, when set, must be current."""
+        """Required: id names the user; etag, when set, must be current. Fields
+        outside update_mask are ignored but must still respect the User limits.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Paths to change: email, display_name, labels, roles (admins), or "*".
         Empty: every writable field set to a non-default value in user.
+        At most 10 paths, each at most 64 characters.
         """
 
     def __init__(
@@ -349,9 +357,11 @@ class DeleteUserRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. A user id, or "me"."""
+    """Required. A user id (36 characters), or "me"."""
     etag: _builtins.str
-    """Optional; when set it must be current (ABORTED otherwise)."""
+    """Optional, at most 64 characters; when set it must be current (ABORTED
+    otherwise).
+    """
     def __init__(
         self,
         *,
@@ -398,7 +408,7 @@ class UndeleteUserRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. A user id."""
+    """Required. A user id (a UUID: 36 characters)."""
     def __init__(
         self,
         *,
@@ -444,7 +454,7 @@ class PurgeUserRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. A user id."""
+    """Required. A user id (a UUID: 36 characters)."""
     def __init__(
         self,
         *,
@@ -483,7 +493,7 @@ class DisableUserRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. A user id."""
+    """Required. A user id (a UUID: 36 characters)."""
     def __init__(
         self,
         *,
@@ -529,7 +539,7 @@ class EnableUserRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. A user id."""
+    """Required. A user id (a UUID: 36 characters)."""
     def __init__(
         self,
         *,
@@ -577,11 +587,16 @@ class ChangePasswordRequest(_message.Message):
     CURRENT_PASSWORD_FIELD_NUMBER: _builtins.int
     NEW_PASSWORD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. A user id, or "me"."""
+    """Required. A user id (36 characters), or "me"."""
     current_password: _builtins.str
-    """Required when changing one's own password. Never logged."""
+    """Required when changing one's own password. At most 72 UTF-8 bytes (a
+    longer one cannot match: UNAUTHENTICATED, INVALID_CREDENTIALS). Never
+    logged.
+    """
     new_password: _builtins.str
-    """Required. 8..72 UTF-8 bytes, not a common password. Never logged."""
+    """Required. 8..72 UTF-8 bytes, not a common password (INVALID_ARGUMENT,
+    WEAK_PASSWORD otherwise). Never logged.
+    """
     def __init__(
         self,
         *,
@@ -623,10 +638,14 @@ class BatchCreateUsersRequest(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Optional idempotency key for the whole batch (see CreateUserRequest)."""
+    """Optional idempotency key for the whole batch, at most 128 printable
+    characters (see CreateUserRequest).
+    """
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateUserRequest]:
-        """1..1000 users to create. Their own request_id fields must be empty."""
+        """1..1000 users to create, each with the limits of CreateUserRequest.
+        Their own request_id fields must be empty.
+        """
 
     def __init__(
         self,
@@ -675,7 +694,7 @@ class BatchGetUsersRequest(_message.Message):
     IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """1..1000 user ids."""
+        """1..1000 user ids (UUIDs: 36 characters each, or "me"); repeats allowed."""
 
     def __init__(
         self,

@@ -33,7 +33,8 @@ class UserServiceStub:
     google.rpc.ErrorInfo (domain "usersvc.v1"); INVALID_ARGUMENT also carries a
     google.rpc.BadRequest with one field violation per bad field.
     A caller without permission gets PERMISSION_DENIED whether or not the target
-    exists.
+    exists. Every string, list and map field below states its maximum; a request
+    message over 1 MiB is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     def __init__(self, channel):
@@ -117,7 +118,8 @@ class UserServiceServicer:
     google.rpc.ErrorInfo (domain "usersvc.v1"); INVALID_ARGUMENT also carries a
     google.rpc.BadRequest with one field violation per bad field.
     A caller without permission gets PERMISSION_DENIED whether or not the target
-    exists.
+    exists. Every string, list and map field below states its maximum; a request
+    message over 1 MiB is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     def CreateUser(self, request, context):
@@ -331,7 +333,8 @@ class UserService:
     google.rpc.ErrorInfo (domain "usersvc.v1"); INVALID_ARGUMENT also carries a
     google.rpc.BadRequest with one field violation per bad field.
     A caller without permission gets PERMISSION_DENIED whether or not the target
-    exists.
+    exists. Every string, list and map field below states its maximum; a request
+    message over 1 MiB is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     @staticmethod

@@ -34,7 +34,8 @@ class UserServiceStub:
     google.rpc.ErrorInfo (domain "usersvc.v1"); INVALID_ARGUMENT also carries a
     google.rpc.BadRequest with one field violation per bad field.
     A caller without permission gets PERMISSION_DENIED whether or not the target
-    exists.
+    exists. Every string, list and map field below states its maximum; a request
+    message over 1 MiB is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     @_typing.overload
@@ -126,7 +127,8 @@ class UserServiceAsyncStub(UserServiceStub):
     google.rpc.ErrorInfo (domain "usersvc.v1"); INVALID_ARGUMENT also carries a
     google.rpc.BadRequest with one field violation per bad field.
     A caller without permission gets PERMISSION_DENIED whether or not the target
-    exists.
+    exists. Every string, list and map field below states its maximum; a request
+    message over 1 MiB is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -214,7 +216,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     google.rpc.ErrorInfo (domain "usersvc.v1"); INVALID_ARGUMENT also carries a
     google.rpc.BadRequest with one field violation per bad field.
     A caller without permission gets PERMISSION_DENIED whether or not the target
-    exists.
+    exists. Every string, list and map field below states its maximum; a request
+    message over 1 MiB is refused with RESOURCE_EXHAUSTED before it is parsed.
     """
 
     @_abc_1.abstractmethod

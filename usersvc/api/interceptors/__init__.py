@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 
 from usersvc.api.interceptors.access_log import AccessLogInterceptor
 from usersvc.api.interceptors.auth import Authenticator, AuthInterceptor, bearer_token
+from usersvc.api.interceptors.database_gate import DatabaseGateInterceptor
+from usersvc.api.interceptors.deadline import DEFAULT_MARGIN_SECONDS, DeadlineInterceptor
 from usersvc.api.interceptors.error_mapping import ErrorMappingInterceptor
+from usersvc.api.interceptors.rate_limit import IPNetwork, RateLimiter, RateLimitInterceptor
 from usersvc.api.interceptors.request_id import RequestIdInterceptor, request_id_from
 from usersvc.api.interceptors.wrapping import WrappingInterceptor, wrap_handler
 from usersvc.api.public import PublicMethods
+from usersvc.domain.rate_limits import Rate
 
 __all__ = [
     "AccessLogInterceptor",
     "AuthInterceptor",
     "Authenticator",
+    "DatabaseGateInterceptor",
+    "DeadlineInterceptor",
     "ErrorMappingInterceptor",
+    "RateLimitInterceptor",
+    "RateLimiter",
     "RequestIdInterceptor",
     "WrappingInterceptor",
     "bearer_token",
@@ -32,9 +40,15 @@ def build_interceptors(
     auth_service: Authenticator,
     public_methods: PublicMethods,
     service_identities: Mapping[str, frozenset[str]] | None = None,
+    deadline_margin_seconds: float = DEFAULT_MARGIN_SECONDS,
+    ensure_database: Callable[[], None] | None = None,
+    rate_limiter: RateLimiter | None = None,
+    general_rate: Rate | None = None,
+    auth_rate: Rate | None = None,
+    trusted_proxies: Sequence[IPNetwork] = (),
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
     """The interceptors for ``grpc.aio.server(interceptors=...)``, outermost
-    first. Never raises."""
+    first; without ``rate_limiter`` nothing is rate limited. Never raises."""
     # The order is the design; each one relies on those outside it:
     # 1. RequestId first, so every later line of the call (the access line, a
     #    traceback) carries the id, and the caller gets it back even when the
@@ -44,14 +58,39 @@ def build_interceptors(
     # 3. ErrorMapping outside Auth, so a rejected token becomes a rich
     #    UNAUTHENTICATED status like any other domain error; it also decodes
     #    the request, so interceptors inside it see messages, outside it bytes.
-    # 4. Auth last, right before the handler, which reads the principal.
-    return [
+    #    DatabaseGate (with ``ensure_database``, the database monitor's
+    #    breaker) right inside it: while the database is down, calls that
+    #    need it get a rich UNAVAILABLE before any other work.
+    # 4. Deadline inside ErrorMapping, which answers its DeadlineExceeded,
+    #    and outside everything that may wait (auth's revocation check, the
+    #    handler), so the caller's deadline bounds all of it.
+    # 5. Auth, after which the principal is known.
+    # 6. RateLimit last: its buckets are per principal, so it needs Auth
+    #    outside it; inside ErrorMapping, so a refusal is a rich
+    #    RESOURCE_EXHAUSTED (RATE_LIMITED + RetryInfo). Health and
+    #    reflection are exempt (see rate_limit.py).
+    interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
         RequestIdInterceptor(),
         AccessLogInterceptor(),
         ErrorMappingInterceptor(),
+    ]
+    if ensure_database is not None:
+        interceptors.append(DatabaseGateInterceptor(ensure_database))
+    interceptors += [
+        DeadlineInterceptor(margin_seconds=deadline_margin_seconds),
         AuthInterceptor(
             auth_service=auth_service,
             public_methods=public_methods,
             service_identities=service_identities,
         ),
     ]
+    if rate_limiter is not None:
+        interceptors.append(
+            RateLimitInterceptor(
+                limiter=rate_limiter,
+                general=general_rate,
+                auth=auth_rate,
+                trusted_proxies=trusted_proxies,
+            )
+        )
+    return interceptors

@@ -1,0 +1,206 @@
+"""Rate limits: a token bucket per caller, checked before the handler runs.
+
+Who the caller is: the principal when the call is authenticated (a user's
+id, a service's identity), otherwise the client's address. The address is
+the direct peer's, except when that peer is a trusted proxy
+(USERSVC_TRUSTED_PROXIES): then ``x-forwarded-for`` is read from the right,
+skipping trusted proxies, and the first address that is not one is the
+client (everything to its left was written by the client and proves
+nothing). IPv6 clients are keyed by their /64, which one host can fill with
+addresses at will.
+
+Which bucket: Login, and CreateUser from anonymous callers (sign-up), draw
+from the stricter auth bucket; every other call from the general one. Each
+call makes exactly one check. Health and reflection are never limited: load
+balancers and operators must see the server even while a flood is refused.
+A refused call gets RESOURCE_EXHAUSTED with ErrorInfo RATE_LIMITED and
+RetryInfo saying when a token will be there (ErrorMappingInterceptor builds
+it from usersvc.domain.errors.RateLimited).
+
+Calls refused by AuthInterceptor (outside this one: a bad token) are not
+counted: they cost one signature check and never reach the database.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+from usersvc.api.context import current_principal
+from usersvc.api.interceptors.wrapping import (
+    Context,
+    Handler,
+    StreamBehaviour,
+    UnaryBehaviour,
+    WrappingInterceptor,
+    wrap_handler,
+)
+from usersvc.api.public import CREATE_USER_METHOD, LOGIN_METHOD, PUBLIC_SERVICE_PREFIXES
+from usersvc.domain.errors import RateLimited
+from usersvc.domain.models import Principal
+from usersvc.domain.rate_limits import Rate
+
+FORWARDED_FOR_KEY = "x-forwarded-for"
+AUTH_BUCKET = "auth"
+API_BUCKET = "api"
+# Health and reflection: exempt (see the module docstring).
+EXEMPT_PREFIXES = PUBLIC_SERVICE_PREFIXES
+# A proxy chain longer than this is not a real deployment; the hops beyond
+# it are not looked at.
+_MAX_FORWARDED_HOPS = 32
+_IPV6_CLIENT_PREFIX = 64
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class RateLimiter(Protocol):
+    """What the interceptor needs of usersvc.adapters.ratelimit."""
+
+    async def acquire(self, rate: Rate, key: str) -> float:
+        """Take a token from bucket ``key``: 0.0 when taken, else seconds
+        until one is available. Never raises."""
+        ...
+
+
+def peer_ip(peer: str) -> IPAddress | None:
+    """The IP address of a grpc peer string ("ipv4:1.2.3.4:5678",
+    "ipv6:[::1]:5678", percent-encoded or not); None for anything else
+    (a Unix socket). Raises nothing."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    return _parse_ip(rest)
+
+
+def _parse_ip(text: str) -> IPAddress | None:
+    # An address, optionally with a port: "1.2.3.4", "1.2.3.4:80", "::1",
+    # "[::1]", "[::1]:80".
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def forwarded_for(metadata: Iterable[tuple[str, Any]] | None) -> list[str]:
+    """The hops of every ``x-forwarded-for`` header, left to right. Raises
+    nothing."""
+    hops: list[str] = []
+    for key, value in metadata or ():
+        if key == FORWARDED_FOR_KEY and isinstance(value, str):
+            hops.extend(value.split(","))
+    return hops
+
+
+def client_ip(
+    peer: IPAddress | None, hops: Sequence[str], trusted: Sequence[IPNetwork]
+) -> IPAddress | None:
+    """The client's address: the peer, or when the peer is a trusted proxy
+    the right-most hop of ``x-forwarded-for`` that is not one (the
+    left-most hop when all are trusted; the last trusted address when a
+    hop is not an address at all). Raises nothing."""
+    if peer is None or not _is_trusted(peer, trusted):
+        return peer
+    address = peer
+    for hop in list(reversed(hops))[:_MAX_FORWARDED_HOPS]:
+        parsed = _parse_ip(hop)
+        if parsed is None:
+            break
+        address = parsed
+        if not _is_trusted(parsed, trusted):
+            break
+    return address
+
+
+def _is_trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
+    return any(address.version == net.version and address in net for net in trusted)
+
+
+def caller_key(principal: Principal, address: IPAddress | None, peer: str) -> str:
+    """The bucket key of a caller: its principal when authenticated, else
+    its address (an IPv6 address's /64). Raises nothing."""
+    if principal.is_authenticated:
+        return f"{principal.kind.value}:{principal.subject}"
+    if address is None:
+        # A Unix socket: every local caller shares one bucket.
+        return "peer:" + peer.partition(":")[0]
+    if isinstance(address, ipaddress.IPv6Address):
+        net = ipaddress.IPv6Network((address, _IPV6_CLIENT_PREFIX), strict=False)
+        return f"ip:{net}"
+    return f"ip:{address}"
+
+
+class RateLimitInterceptor(WrappingInterceptor):
+    """Checks the caller's bucket before each call of a limited method and
+    raises RateLimited when it is empty. ``general`` or ``auth`` None turns
+    that bucket off."""
+
+    def __init__(
+        self,
+        *,
+        limiter: RateLimiter,
+        general: Rate | None,
+        auth: Rate | None,
+        trusted_proxies: Sequence[IPNetwork] = (),
+    ) -> None:
+        super().__init__()
+        self._limiter = limiter
+        self._general = general
+        self._auth = auth
+        self._trusted = tuple(trusted_proxies)
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        if method.startswith(EXEMPT_PREFIXES):
+            return handler
+        auth_always = method == LOGIN_METHOD
+        auth_when_anonymous = method == CREATE_USER_METHOD
+        check = self._check
+
+        async def admit(context: Context) -> None:
+            principal = current_principal()
+            if auth_always or (auth_when_anonymous and not principal.is_authenticated):
+                await check(context, principal, AUTH_BUCKET, self._auth)
+            else:
+                await check(context, principal, API_BUCKET, self._general)
+
+        def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+            async def behaviour(request: Any, context: Context) -> Any:
+                await admit(context)
+                return await inner(request, context)
+
+            return behaviour
+
+        def stream(inner: StreamBehaviour) -> StreamBehaviour:
+            async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
+                await admit(context)
+                async for response in inner(request, context):
+                    yield response
+
+            return behaviour
+
+        return wrap_handler(handler, unary=unary, stream=stream)
+
+    async def _check(
+        self, context: Context, principal: Principal, bucket: str, rate: Rate | None
+    ) -> None:
+        if rate is None:
+            return
+        peer = context.peer() or ""
+        address = None
+        if not principal.is_authenticated:
+            address = client_ip(
+                peer_ip(peer), forwarded_for(context.invocation_metadata()), self._trusted
+            )
+        wait = await self._limiter.acquire(rate, f"{bucket}:{caller_key(principal, address, peer)}")
+        if wait > 0:
+            raise RateLimited(wait, f"too many requests; retry in {wait:.3f} s")
