@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BUF := tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint proto proto-check buf-lint bench clean
+.PHONY: venv run test lint proto proto-check buf-lint bench bench-soak clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,26 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py --check
+
+# Benchmarks (never part of `make test`): usersvc against a bare grpc.aio +
+# asyncpg ceiling and a naive ORM-per-call server, loaded by h2load; see
+# docs/performance.md. Filters: `make bench SCENARIOS=getuser ROUNDS=3 SECONDS=3`
+# (scenarios: getuser,lookup,list,update,login,batch,import); more options
+# through BENCH_ARGS (`$(BIN)/python -m tests.bench --help`). Uses
+# USERSVC_BENCH_DATABASE_URL, else a database usersvc_bench on the
+# USERSVC_TEST_DATABASE_URL server, else the embedded PostgreSQL.
+BENCH_ARGS ?=
+BENCH_FLAGS = $(if $(SCENARIOS),--scenarios $(SCENARIOS)) $(if $(ROUNDS),--rounds $(ROUNDS)) \
+	$(if $(SECONDS),--seconds $(SECONDS)) $(if $(SOAK),--soak) $(if $(DURATION),--duration $(DURATION))
+
+bench: $(STAMP)
+	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
+	$(BIN)/python -m tests.bench $(BENCH_FLAGS) $(BENCH_ARGS)
+
+# The 10-minute memory soak (item 6 of issue 5); DURATION=60 for a smoke run.
+bench-soak: $(STAMP)
+	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
+	$(BIN)/python -m tests.bench --soak $(if $(DURATION),--duration $(DURATION)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache

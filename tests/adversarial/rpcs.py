@@ -59,6 +59,14 @@ class Rpc:
     def input(self) -> Descriptor:
         return self.method.input_type
 
+    @property
+    def client_streaming(self) -> bool:
+        """Requests arrive as a stream (a unary call is a stream of one, so
+        call_raw serves these too). The handler reads the stream only after
+        the caller was authenticated and authorized, so a caller refused
+        never gets as far as having its messages decoded."""
+        return bool(self.method.client_streaming)
+
     def request_class(self) -> type[Message]:
         return message_factory.GetMessageClass(self.method.input_type)
 

@@ -53,6 +53,7 @@ HARMLESS_RPCS = frozenset(
         "BatchGetUsers",
         "CreateUser",
         "BatchCreateUsers",
+        "ImportUsers",
         "Login",
         "GetJwks",
         "IntrospectToken",

@@ -48,6 +48,7 @@ PRIVILEGED_RPCS = frozenset(
         "DisableUser",
         "EnableUser",
         "IntrospectToken",
+        "ImportUsers",
     }
 )
 

@@ -163,8 +163,17 @@ def decodes(rpc: Rpc, body: bytes) -> bool:
 
 def judge(rpc: Rpc, body: bytes, outcome: Outcome) -> list[str]:
     problems = well_formed_problems(outcome)
-    if not decodes(rpc, body) and (
-        outcome.code is not grpc.StatusCode.INVALID_ARGUMENT or outcome.reason != "INVALID_ARGUMENT"
+    refused_before_reading = rpc.client_streaming and outcome.code in (
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    if (
+        not decodes(rpc, body)
+        and not refused_before_reading
+        and (
+            outcome.code is not grpc.StatusCode.INVALID_ARGUMENT
+            or outcome.reason != "INVALID_ARGUMENT"
+        )
     ):
         problems.append(f"undecodable body answered with {outcome.describe()}")
     return problems

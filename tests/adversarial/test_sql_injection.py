@@ -146,6 +146,10 @@ def valid_create(cast: Cast) -> user_service_pb2.CreateUserRequest:
     )
 
 
+# A well-formed bcrypt hash (cost 4) for ImportUsers rows.
+IMPORT_HASH = "$2b$04$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"
+
+
 def base_request(rpc: Rpc, cast: Cast, target: Target) -> Message:
     """A request of ``rpc`` that would succeed against ``target``, so that the
     payload is the only thing wrong with it. Methods added later start
@@ -177,6 +181,16 @@ def base_request(rpc: Rpc, cast: Cast, target: Target) -> Message:
             id=target.id, new_password=cast.password()
         ),
         "BatchGetUsers": lambda: user_service_pb2.BatchGetUsersRequest(ids=[target.id]),
+        "ImportUsers": lambda: user_service_pb2.ImportUsersRequest(
+            users=[
+                user_service_pb2.ImportedUser(
+                    email=new_email("imp"),
+                    password_hash=IMPORT_HASH,
+                    display_name="Base",
+                    labels={"note": "base"},
+                )
+            ]
+        ),
         "Login": lambda: auth_service_pb2.LoginRequest(
             email=target.email, password=target.password
         ),

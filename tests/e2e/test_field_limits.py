@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ WEAK = (grpc.StatusCode.INVALID_ARGUMENT, "WEAK_PASSWORD")
 BAD_CREDENTIALS = (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CREDENTIALS")
 BAD_REFRESH = (grpc.StatusCode.UNAUTHENTICATED, "REFRESH_TOKEN_INVALID")
 INACTIVE = "inactive"
+# ImportUsers succeeds and lists the row as failed, for this reason.
+ROW_INVALID = (grpc.StatusCode.OK, "INVALID_ARGUMENT")
 
 # One character over each maximum.
 EMAIL_255 = "a" * 243 + "@example.com"
@@ -56,6 +58,8 @@ ETAG_65 = "v" * 65
 LABELS_65 = {f"k{i}": "v" for i in range(65)}
 ROLES_17 = ["user"] * 17
 TOKEN_47 = "rt_" + "A" * 44
+# A well-formed bcrypt hash (cost 4).
+BCRYPT_HASH = "$2b$04$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"
 
 Call = Callable[[World], Awaitable[Any]]
 
@@ -106,9 +110,24 @@ def _list(world: World, **fields: Any) -> Awaitable[Any]:
     return world.admin.users.ListUsers(user_service_pb2.ListUsersRequest(**fields))
 
 
+def _imported(**fields: Any) -> user_service_pb2.ImportedUser:
+    values: dict[str, Any] = {"email": "row@import-limits.example.com"}
+    values.update(fields)
+    values.setdefault("password_hash", BCRYPT_HASH)
+    return user_service_pb2.ImportedUser(**values)
+
+
+def _import(world: World, *users: user_service_pb2.ImportedUser) -> Awaitable[Any]:
+    async def stream() -> AsyncIterator[user_service_pb2.ImportUsersRequest]:
+        yield user_service_pb2.ImportUsersRequest(users=users)
+
+    return world.admin.users.ImportUsers(stream())
+
+
 CREATE = "usersvc.v1.CreateUserRequest"
 USER = "usersvc.v1.User"
 LIST = "usersvc.v1.ListUsersRequest"
+IMPORTED = "usersvc.v1.ImportedUser"
 
 LIMITS: tuple[Limit, ...] = (
     # -- UserService -----------------------------------------------------------------------
@@ -220,6 +239,25 @@ LIMITS: tuple[Limit, ...] = (
     Limit("usersvc.v1.BatchGetUsersRequest", "ids", "36 characters each", "a 37-character id",
           lambda w: w.admin.users.BatchGetUsers(user_service_pb2.BatchGetUsersRequest(ids=[ID_37])),
           INVALID, ("ids[0]",)),
+    Limit("usersvc.v1.ImportUsersRequest", "users", "10000 users", "10001 users in a message",
+          lambda w: _import(w, *[user_service_pb2.ImportedUser()] * 10_001), INVALID, ("users",)),
+    # An imported row over a limit fails that row only: the call succeeds
+    # and reports it (ImportUsersResponse.errors).
+    Limit(IMPORTED, "email", "254", "255 characters",
+          lambda w: _import(w, _imported(email=EMAIL_255)), ROW_INVALID, ("email",)),
+    Limit(IMPORTED, "password_hash", "exactly 60 characters", "61 characters",
+          lambda w: _import(w, _imported(password_hash=BCRYPT_HASH + "a")),
+          (grpc.StatusCode.OK, "INVALID_PASSWORD_HASH"), ("password_hash",)),
+    Limit(IMPORTED, "display_name", "200", "201 characters",
+          lambda w: _import(w, _imported(display_name="d" * 201)),
+          ROW_INVALID, ("display_name",)),
+    Limit(IMPORTED, "roles", "16 entries", "17 entries",
+          lambda w: _import(w, _imported(roles=ROLES_17)), ROW_INVALID, ("roles",)),
+    Limit(IMPORTED, "labels", "64 entries", "65 entries",
+          lambda w: _import(w, _imported(labels=LABELS_65)), ROW_INVALID, ("labels",)),
+    Limit(IMPORTED, "labels", "values at most 256", "a 257-character value",
+          lambda w: _import(w, _imported(labels={"team": "v" * 257})),
+          ROW_INVALID, ("labels.team",)),
     # -- AuthService -----------------------------------------------------------------------
     Limit("usersvc.v1.LoginRequest", "email", "254", "255 characters",
           lambda w: w.anonymous.auth.Login(
@@ -336,6 +374,10 @@ async def test_a_field_over_its_limit_gets_the_documented_answer(
         assert response.active is False
     elif limit.expect == INVALID:
         await expect_invalid(call, *limit.violations)
+    elif isinstance(limit.expect, tuple) and limit.expect[0] == grpc.StatusCode.OK:
+        response = await call
+        failed = [(e.row, e.field, e.reason) for e in response.errors]
+        assert failed == [(0, limit.violations[0], limit.expect[1])]
     else:
         assert isinstance(limit.expect, tuple)
         code, reason = limit.expect

@@ -303,6 +303,25 @@ async def test_an_admin_updates_lists_deletes_and_purges_users_as_the_app_role(
     assert deleted.user.state == deleted.user.STATE_DELETED
 
 
+async def test_an_admin_imports_users_as_the_app_role(app_world: World) -> None:
+    # A well-formed bcrypt hash (cost 4): only its form is checked on import.
+    password_hash = "$2b$04$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"
+    taken = user_service_pb2.ImportedUser(email=app_world.bob.email, password_hash=password_hash)
+    fresh = user_service_pb2.ImportedUser(
+        email=f"imported-{secrets.token_hex(4)}@example.com", password_hash=password_hash
+    )
+
+    async def messages() -> AsyncIterator[user_service_pb2.ImportUsersRequest]:
+        yield user_service_pb2.ImportUsersRequest(users=[fresh, taken])
+
+    response = await app_world.admin.users.ImportUsers(messages())
+
+    assert (response.imported_count, [e.reason for e in response.errors]) == (
+        1,
+        ["EMAIL_ALREADY_EXISTS"],
+    )
+
+
 async def test_refresh_and_logout_work_as_the_app_role(app_world: World) -> None:
     refreshed = await app_world.anonymous.auth.RefreshToken(
         auth_service_pb2.RefreshTokenRequest(refresh_token=app_world.alice.login.refresh_token)

@@ -284,6 +284,37 @@ async def test_the_core_scenarios_run_concurrently_through_pgbouncer(
     assert [outcome for outcome in outcomes if outcome is not None] == []
 
 
+async def test_concurrent_imports_of_several_batches_run_through_pgbouncer(
+    pooled: RunningServer, pooled_world: World
+) -> None:
+    from usersvc.services.imports import DEFAULT_BATCH_SIZE
+
+    # A well-formed bcrypt hash (cost 4): only its form is checked on import.
+    password_hash = "$2b$04$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"
+    count = 2 * DEFAULT_BATCH_SIZE + 1
+
+    async def one_import(tag: int) -> user_service_pb2.ImportUsersResponse:
+        async def messages() -> AsyncIterator[user_service_pb2.ImportUsersRequest]:
+            for start in range(0, count, 1000):
+                yield user_service_pb2.ImportUsersRequest(
+                    users=[
+                        user_service_pb2.ImportedUser(
+                            email=f"bounced-{tag}-{n}@example.com", password_hash=password_hash
+                        )
+                        for n in range(start, min(start + 1000, count))
+                    ]
+                )
+
+        response: user_service_pb2.ImportUsersResponse = (
+            await pooled_world.admin.users.ImportUsers(messages())
+        )
+        return response
+
+    responses = await asyncio.gather(*(one_import(tag) for tag in range(3)))
+
+    assert [(r.imported_count, r.failed_count) for r in responses] == [(count, 0)] * 3
+
+
 async def test_no_prepared_statement_is_left_on_pgbouncer_server_connections(
     pooled: RunningServer, pooled_world: World, pgbouncer: PgBouncer
 ) -> None:

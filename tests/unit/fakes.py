@@ -26,6 +26,7 @@ from typing import Any, Self
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
+from usersvc.domain.imports import ImportedUser
 from usersvc.domain.listing import (
     Comparison,
     Cursor,
@@ -130,6 +131,8 @@ class FakeDatabase:
         self.claimed_tokens: set[bytes] = set()
         self.commits = 0
         self.open_units = 0
+        # Sizes of the import_batch calls of every unit of work, in order.
+        self.import_batches: list[int] = []
         # Run (once) at the start of the next commit, with the committing
         # unit of work: how a test makes a concurrent transaction win a race.
         self.before_next_commit: list[Callable[[FakeUnitOfWork], None]] = []
@@ -280,6 +283,8 @@ class FakeUnitOfWork:
 class FakeUserRepository:
     def __init__(self, uow: FakeUnitOfWork) -> None:
         self._uow = uow
+        # Sizes of the import_batch calls, for tests of the batching.
+        self.import_batches = uow.db.import_batches
 
     @property
     def _rows(self) -> dict[uuid.UUID, _Row]:
@@ -330,6 +335,31 @@ class FakeUserRepository:
 
     async def add_many(self, news: Sequence[NewUser]) -> list[User]:
         return [await self.add(new) for new in news]
+
+    async def import_batch(self, users: Sequence[ImportedUser]) -> list[bool]:
+        self.import_batches.append(len(users))
+        inserted = []
+        for new in users:
+            if self._owner_of(new.email) is not None:
+                inserted.append(False)
+                continue
+            now = self._uow.db.now()
+            created = now if new.create_time is None else min(new.create_time, now)
+            user = User(
+                id=uuid7(),
+                email=new.email,
+                display_name=new.display_name,
+                roles=tuple(new.roles),
+                labels=dict(new.labels),
+                create_time=created,
+                update_time=now,
+                disable_time=None,
+                delete_time=None,
+                version=1,
+            )
+            self._write(user, new.password_hash)
+            inserted.append(True)
+        return inserted
 
     async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
         row = self._rows.get(user_id)

@@ -42,6 +42,8 @@ USER_SERVICE = {
     "ChangePassword": ({"id", "current_password", "new_password"}, set()),
     "BatchCreateUsers": ({"requests", "request_id"}, {"users"}),
     "BatchGetUsers": ({"ids"}, {"users"}),
+    # A client stream of ImportUsersRequest (see test below).
+    "ImportUsers": ({"users"}, {"imported_count", "failed_count", "errors", "errors_truncated"}),
 }
 TOKEN_PAIR = {"access_token", "refresh_token", "token_type", "expires_in", "user"}
 AUTH_SERVICE = {
@@ -92,6 +94,20 @@ def test_every_contract_method_has_the_contract_fields(
         assert method.output_type.name == f"{name}Response"
         assert request_fields <= {f.name for f in method.input_type.fields}, name
         assert response_fields <= {f.name for f in method.output_type.fields}, name
+
+
+def test_import_users_is_a_client_stream_of_users_with_password_hashes(
+    pool: descriptor_pool.DescriptorPool,
+) -> None:
+    method = pool.FindServiceByName("usersvc.v1.UserService").methods_by_name["ImportUsers"]
+    users = method.input_type.fields_by_name["users"]
+    assert (method.client_streaming, method.server_streaming) == (True, False)
+    assert users.message_type.full_name == "usersvc.v1.ImportedUser"
+    assert {f.name for f in users.message_type.fields} >= {
+        "email", "password_hash", "display_name", "roles", "labels", "create_time",
+    }
+    error = method.output_type.fields_by_name["errors"].message_type
+    assert {f.name for f in error.fields} >= {"row", "field", "reason", "description"}
 
 
 def test_user_resource_has_the_contract_fields_and_states(

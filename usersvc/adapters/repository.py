@@ -45,6 +45,7 @@ from sqlalchemy.sql.dml import Update
 
 from usersvc.adapters.database import constraint_name_of, sqlstate_of, translate_connection_errors
 from usersvc.adapters.filter_sql import filter_clause
+from usersvc.adapters.imports import insert_imported_users
 from usersvc.adapters.orm import (
     USERS_EMAIL_INDEX,
     idempotency_keys_table,
@@ -54,6 +55,7 @@ from usersvc.adapters.orm import (
 )
 from usersvc.adapters.revocation_channel import REVOCATION_CHANNEL, payloads
 from usersvc.domain.errors import EmailAlreadyExists, InvalidArgument, UserNotFound
+from usersvc.domain.imports import ImportedUser
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Page, SortField
 from usersvc.domain.lockout import MAX_DOUBLINGS, LockoutPolicy
 from usersvc.domain.models import (
@@ -234,6 +236,13 @@ class SqlAlchemyUserRepository:
                 raise EmailAlreadyExists(metadata={"email": new.email})
             created.append(_user_from_row(row))
         return created
+
+    async def import_batch(self, users: Sequence[ImportedUser]) -> list[bool]:
+        """Insert the users whose email is free in one INSERT ... SELECT
+        FROM unnest(...) ON CONFLICT DO NOTHING (usersvc.adapters.imports),
+        skipping the others; per input, whether it was inserted. Raises
+        DatabaseUnavailable."""
+        return await insert_imported_users(self._session, users)
 
     async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
         """The user, deleted or not; ``for_update`` locks the row until the

@@ -7,8 +7,8 @@ emit a password hash because the domain User has none.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import datetime
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf import timestamp_pb2
 
@@ -16,6 +16,7 @@ from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
 from usersvc.domain.errors import FieldViolation, InvalidArgument
 from usersvc.domain.models import User, UserPatch, UserState
 from usersvc.domain.validation import raise_for_violations, validate_sizes
+from usersvc.services.imports import ImportResult, ImportRow
 from usersvc.services.inputs import (
     CreateUserInput,
     ListUsersInput,
@@ -39,6 +40,14 @@ _ALL_FIELDS = "*"
 # Every meaningful mask fits: four writable fields, or "*".
 MAX_UPDATE_MASK_PATHS = 10
 MAX_UPDATE_MASK_PATH_LENGTH = 64
+# ImportUsers: users per request message. A message is at most 1 MiB
+# anyway; this bounds the rows of empty users such a message could carry.
+MAX_IMPORTED_USERS_PER_MESSAGE = 10_000
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# google.protobuf.Timestamp: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
+_MIN_TIMESTAMP_SECONDS = -62_135_596_800
+_MAX_TIMESTAMP_SECONDS = 253_402_300_799
+_OUT_OF_RANGE_TIME = datetime.min.replace(tzinfo=UTC)
 
 
 def user_to_proto(user: User) -> user_pb2.User:
@@ -69,9 +78,14 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     if moment.tzinfo is None or moment.utcoffset() is None:
         # A naive time would be read as UTC whatever zone it was meant in.
         raise ValueError("timestamps must be timezone-aware")
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
+    # Timestamp.FromDatetime goes through a struct_time and calendar.timegm;
+    # the same exact arithmetic on a timedelta costs a fraction of that, and
+    # every user read maps two or three timestamps.
+    delta = moment - _UNIX_EPOCH
+    seconds = delta.days * 86_400 + delta.seconds
+    if not _MIN_TIMESTAMP_SECONDS <= seconds <= _MAX_TIMESTAMP_SECONDS:
+        raise ValueError("timestamp out of the range google.protobuf.Timestamp can hold")
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)
 
 
 def create_user_input(request: user_service_pb2.CreateUserRequest) -> CreateUserInput:
@@ -92,6 +106,64 @@ def create_user_inputs(
     """The service inputs of a BatchCreateUsersRequest's items, in order.
     Never raises."""
     return [create_user_input(item) for item in request.requests]
+
+
+async def import_rows(
+    requests: AsyncIterable[user_service_pb2.ImportUsersRequest],
+) -> AsyncIterator[ImportRow]:
+    """The rows of an ImportUsers request stream, in order, unvalidated;
+    each message is checked as it arrives, before any of its rows is handed
+    on. Raises InvalidArgument ("users") for a message with more than
+    MAX_IMPORTED_USERS_PER_MESSAGE users, and what iterating ``requests``
+    raises."""
+    async for request in requests:
+        users = request.users
+        if len(users) > MAX_IMPORTED_USERS_PER_MESSAGE:
+            raise InvalidArgument.single(
+                "users",
+                f"a message may hold at most {MAX_IMPORTED_USERS_PER_MESSAGE} users, "
+                f"got {len(users)}; send them in several messages",
+            )
+        for user in users:
+            yield ImportRow(
+                email=user.email,
+                password_hash=user.password_hash,
+                display_name=user.display_name,
+                roles=tuple(user.roles),
+                labels=dict(user.labels),
+                create_time=_import_time(user) if user.HasField("create_time") else None,
+            )
+
+
+def _import_time(user: user_service_pb2.ImportedUser) -> datetime:
+    # The spec's range of a Timestamp; anything outside it (or with nanos
+    # out of range) is not a time, and datetime.min is refused by the
+    # service as out of range.
+    stamp = user.create_time
+    if not (
+        _MIN_TIMESTAMP_SECONDS <= stamp.seconds <= _MAX_TIMESTAMP_SECONDS
+        and 0 <= stamp.nanos < 1_000_000_000
+    ):
+        return _OUT_OF_RANGE_TIME
+    return _UNIX_EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
+
+
+def import_users_response(result: ImportResult) -> user_service_pb2.ImportUsersResponse:
+    """The ImportUsersResponse of a finished import. Never raises."""
+    return user_service_pb2.ImportUsersResponse(
+        imported_count=result.imported_count,
+        failed_count=result.failed_count,
+        errors=[
+            user_service_pb2.ImportRowError(
+                row=error.row,
+                field=error.field,
+                reason=error.reason,
+                description=error.description,
+            )
+            for error in result.errors
+        ],
+        errors_truncated=result.errors_truncated,
+    )
 
 
 def list_users_input(request: user_service_pb2.ListUsersRequest) -> ListUsersInput:

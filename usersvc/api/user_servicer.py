@@ -7,6 +7,7 @@ here: ``ErrorMappingInterceptor`` turns them into statuses in one place.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
@@ -122,3 +123,12 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             principal=current_principal(), user_ids=tuple(request.ids)
         )
         return pb.BatchGetUsersResponse(users=mappers.users_to_proto(users))
+
+    async def ImportUsers(
+        self, request_iterator: AsyncIterator[pb.ImportUsersRequest], context: _Context
+    ) -> pb.ImportUsersResponse:
+        # The service checks the caller before it reads the first message.
+        result = await self._users.import_users(
+            principal=current_principal(), rows=mappers.import_rows(request_iterator)
+        )
+        return mappers.import_users_response(result)

@@ -57,6 +57,11 @@ def can_batch_create(principal: Principal) -> bool:
     return _is_reader(principal)
 
 
+def can_import(principal: Principal) -> bool:
+    """ImportUsers (users with existing password hashes, any roles): admins."""
+    return _is_admin(principal)
+
+
 def can_read(principal: Principal, target_id: uuid.UUID) -> bool:
     """GetUser: the user itself, admins, services."""
     return _is_reader(principal) or _is_self(principal, target_id)

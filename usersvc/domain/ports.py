@@ -16,6 +16,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
 
+from usersvc.domain.imports import ImportedUser
 from usersvc.domain.listing import Filter, ListQuery, Page
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
@@ -36,6 +37,13 @@ class UserRepository(Protocol):
         """Insert users in order, in one statement where possible.
         Raises EmailAlreadyExists with metadata {"email": ...} of a clash
         (with another row or within the batch)."""
+
+    async def import_batch(self, users: Sequence[ImportedUser]) -> list[bool]:
+        """Insert the users whose email is free, skipping (not failing on)
+        those whose email is taken, case-insensitively, by a stored user or
+        an earlier user of the batch. Per input, in order: True when it was
+        inserted. A concurrent unit of work inserting the same email is
+        waited for; the user is skipped if that one commits."""
 
     async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
         """The user, deleted or not; ``for_update`` locks the row until the

@@ -52,6 +52,11 @@ _ASCII_WHITESPACE = " \t\r\n\x0b\x0c"
 def has_forbidden_characters(text: str) -> bool:
     """True when ``text`` holds a control, surrogate, private-use or line
     separator character. Raises nothing."""
+    if text.isascii():
+        # The same answer, without a category lookup per character: the
+        # only forbidden ASCII characters are the controls (Cc), exactly
+        # the ASCII characters str.isprintable() refuses.
+        return not text.isprintable()
     return any(unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in text)
 
 

@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from usersvc.domain import policies
@@ -57,6 +57,7 @@ from usersvc.domain.validation import (
     validate_etag,
     validate_request_id,
 )
+from usersvc.services.imports import ImportResult, ImportRow, UserImporter
 from usersvc.services.inputs import (
     CreateUserInput,
     ListUsersInput,
@@ -263,6 +264,22 @@ class UserService:
                 "request_id", "this request_id was already used for a different request"
             )
         return list(record.users)
+
+    # -- import ----------------------------------------------------------------
+
+    async def import_users(
+        self, *, principal: Principal, rows: AsyncIterable[ImportRow]
+    ) -> ImportResult:
+        """Imports users whose passwords are already bcrypt hashes, stored as
+        they are (usersvc.services.imports): bad rows and taken emails are
+        reported per row, not raised; valid rows are committed batch by
+        batch. The caller is checked before a row is read.
+
+        Raises PermissionDenied (admins only), what iterating ``rows``
+        raises, DatabaseUnavailable; batches committed before an error stay.
+        """
+        policies.ensure(policies.can_import(principal), "import users")
+        return await UserImporter(uow_factory=self._uow_factory).run(rows)
 
     # -- read ------------------------------------------------------------------
 

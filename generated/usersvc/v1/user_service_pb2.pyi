@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from generated.usersvc.v1 import user_pb2 as _user_pb2
 import builtins as _builtins
@@ -732,3 +733,186 @@ class BatchGetUsersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchGetUsersResponse: _TypeAlias = BatchGetUsersResponse  # noqa: Y015
+
+@_typing.final
+class ImportUsersRequest(_message.Message):
+    """One message of UserService.ImportUsers' request stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportedUser]:
+        """0..10000 users (and at most 1 MiB in all); more fails the whole call
+        with INVALID_ARGUMENT. Rows are numbered on from the previous message.
+        """
+
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[Global___ImportedUser] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportUsersRequest: _TypeAlias = ImportUsersRequest  # noqa: Y015
+
+@_typing.final
+class ImportedUser(_message.Message):
+    """One user to import, with the bcrypt hash of its existing password."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    PASSWORD_HASH_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """Required. Valid addr-spec, at most 254 characters; lower-cased. Must not
+    be taken, case-insensitively, by a stored user (deleted ones included)
+    or an earlier row of the stream (EMAIL_ALREADY_EXISTS otherwise).
+    """
+    password_hash: _builtins.str
+    """Required. A bcrypt hash, exactly 60 characters: "$2a$", "$2b$" or "$2y$",
+    a two-digit cost 04..31, "$", then 53 characters of [./A-Za-z0-9] (the
+    22-character salt and the 31-character hash), as bcrypt writes them
+    (INVALID_PASSWORD_HASH otherwise). Stored as sent; never returned or
+    logged.
+    """
+    display_name: _builtins.str
+    """Optional, at most 200 characters."""
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional; empty means ["user"]. At most 16 entries, each one of "user",
+        "admin", "service".
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional tags: at most 64 entries; keys 1..63 characters of [a-z0-9_.-]
+        starting with a letter, values at most 256 characters.
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional: when the user was created in the system it comes from,
+        between 1970-01-01T00:00:00Z and now. Unset: the time of the import.
+        """
+
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        password_hash: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "email", b"email", "labels", b"labels", "password_hash", b"password_hash", "roles", b"roles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportedUser: _TypeAlias = ImportedUser  # noqa: Y015
+
+@_typing.final
+class ImportUsersResponse(_message.Message):
+    """Response of UserService.ImportUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMPORTED_COUNT_FIELD_NUMBER: _builtins.int
+    FAILED_COUNT_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    ERRORS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    imported_count: _builtins.int
+    """Rows imported: users created by this call."""
+    failed_count: _builtins.int
+    """Rows not imported (each one is, or would be, an entry of errors)."""
+    errors_truncated: _builtins.bool
+    """True when more than 1000 rows failed: errors holds the first 1000."""
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportRowError]:
+        """The first 1000 rows that failed, in stream order, one entry per row."""
+
+    def __init__(
+        self,
+        *,
+        imported_count: _builtins.int = ...,
+        failed_count: _builtins.int = ...,
+        errors: _abc.Iterable[Global___ImportRowError] | None = ...,
+        errors_truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "errors_truncated", b"errors_truncated", "failed_count", b"failed_count", "imported_count", b"imported_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportUsersResponse: _TypeAlias = ImportUsersResponse  # noqa: Y015
+
+@_typing.final
+class ImportRowError(_message.Message):
+    """Why one row of an import was not imported."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROW_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    row: _builtins.int
+    """Index of the row in the whole stream, from 0."""
+    field: _builtins.str
+    """The first field found at fault: "email", "password_hash",
+    "display_name", "roles", "roles[<i>]", "labels", "labels.<key>" or
+    "create_time".
+    """
+    reason: _builtins.str
+    """Stable, for programs: EMAIL_ALREADY_EXISTS, INVALID_PASSWORD_HASH or
+    INVALID_ARGUMENT.
+    """
+    description: _builtins.str
+    """For people. Never quotes a password hash."""
+    def __init__(
+        self,
+        *,
+        row: _builtins.int = ...,
+        field: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field", "reason", b"reason", "row", b"row"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportRowError: _TypeAlias = ImportRowError  # noqa: Y015

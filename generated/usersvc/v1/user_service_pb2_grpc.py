@@ -108,6 +108,11 @@ class UserServiceStub:
                 request_serializer=usersvc_dot_v1_dot_user__service__pb2.BatchGetUsersRequest.SerializeToString,
                 response_deserializer=usersvc_dot_v1_dot_user__service__pb2.BatchGetUsersResponse.FromString,
                 _registered_method=True)
+        self.ImportUsers = channel.stream_unary(
+                '/usersvc.v1.UserService/ImportUsers',
+                request_serializer=usersvc_dot_v1_dot_user__service__pb2.ImportUsersRequest.SerializeToString,
+                response_deserializer=usersvc_dot_v1_dot_user__service__pb2.ImportUsersResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -249,6 +254,36 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportUsers(self, request_iterator, context):
+        """Imports users whose passwords are already bcrypt hashes (a migration
+        from another system), streamed in chunks. Rows are numbered from 0
+        across the whole stream, in the order sent.
+        Who: admins; anyone else gets PERMISSION_DENIED before a row is read.
+        Each row is validated as CreateUser validates it (email, display_name,
+        roles, labels; any known role may be given), and its password_hash must
+        be a bcrypt hash. Hashes are stored as sent, never re-hashed; the
+        user's next successful login re-hashes one cheaper than the server's
+        cost. A bad row, or an email already taken (by a stored user or by an
+        earlier row of the stream, case-insensitively), does not stop the
+        stream: the row is counted in failed_count and reported in errors.
+        Rows are written in batches of a few thousand, each committed on its
+        own: the import is not atomic as a whole. When the call fails (its
+        deadline, a cancellation, any error below) no response is sent; the
+        batches committed until then stay (on a deadline or cancellation the
+        batch being written is rolled back) and later rows are not imported.
+        Sending the same stream again is safe: rows imported the first time
+        come back as EMAIL_ALREADY_EXISTS errors, the others are imported.
+        Limits: each message at most 1 MiB and 10000 users; the stream as a
+        whole is bounded by the call's deadline only.
+        Errors of the whole call: PERMISSION_DENIED, INVALID_ARGUMENT (a
+        message with more than 10000 users, or not valid protobuf),
+        RESOURCE_EXHAUSTED (a message over 1 MiB), DEADLINE_EXCEEDED,
+        UNAVAILABLE (DATABASE_UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -316,6 +351,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.BatchGetUsers,
                     request_deserializer=usersvc_dot_v1_dot_user__service__pb2.BatchGetUsersRequest.FromString,
                     response_serializer=usersvc_dot_v1_dot_user__service__pb2.BatchGetUsersResponse.SerializeToString,
+            ),
+            'ImportUsers': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportUsers,
+                    request_deserializer=usersvc_dot_v1_dot_user__service__pb2.ImportUsersRequest.FromString,
+                    response_serializer=usersvc_dot_v1_dot_user__service__pb2.ImportUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -678,6 +718,33 @@ class UserService:
             '/usersvc.v1.UserService/BatchGetUsers',
             usersvc_dot_v1_dot_user__service__pb2.BatchGetUsersRequest.SerializeToString,
             usersvc_dot_v1_dot_user__service__pb2.BatchGetUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportUsers(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/usersvc.v1.UserService/ImportUsers',
+            usersvc_dot_v1_dot_user__service__pb2.ImportUsersRequest.SerializeToString,
+            usersvc_dot_v1_dot_user__service__pb2.ImportUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

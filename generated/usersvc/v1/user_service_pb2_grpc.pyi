@@ -117,6 +117,32 @@ class UserServiceStub:
     whole call. Who: admins, services. Errors: INVALID_ARGUMENT, NOT_FOUND
     (USER_NOT_FOUND), PERMISSION_DENIED.
     """
+    ImportUsers: _grpc.StreamUnaryMultiCallable[_user_service_pb2.ImportUsersRequest, _user_service_pb2.ImportUsersResponse]
+    """Imports users whose passwords are already bcrypt hashes (a migration
+    from another system), streamed in chunks. Rows are numbered from 0
+    across the whole stream, in the order sent.
+    Who: admins; anyone else gets PERMISSION_DENIED before a row is read.
+    Each row is validated as CreateUser validates it (email, display_name,
+    roles, labels; any known role may be given), and its password_hash must
+    be a bcrypt hash. Hashes are stored as sent, never re-hashed; the
+    user's next successful login re-hashes one cheaper than the server's
+    cost. A bad row, or an email already taken (by a stored user or by an
+    earlier row of the stream, case-insensitively), does not stop the
+    stream: the row is counted in failed_count and reported in errors.
+    Rows are written in batches of a few thousand, each committed on its
+    own: the import is not atomic as a whole. When the call fails (its
+    deadline, a cancellation, any error below) no response is sent; the
+    batches committed until then stay (on a deadline or cancellation the
+    batch being written is rolled back) and later rows are not imported.
+    Sending the same stream again is safe: rows imported the first time
+    come back as EMAIL_ALREADY_EXISTS errors, the others are imported.
+    Limits: each message at most 1 MiB and 10000 users; the stream as a
+    whole is bounded by the call's deadline only.
+    Errors of the whole call: PERMISSION_DENIED, INVALID_ARGUMENT (a
+    message with more than 10000 users, or not valid protobuf),
+    RESOURCE_EXHAUSTED (a message over 1 MiB), DEADLINE_EXCEEDED,
+    UNAVAILABLE (DATABASE_UNAVAILABLE).
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -206,6 +232,32 @@ class UserServiceAsyncStub(UserServiceStub):
     """Reads up to 1000 users by id, in request order; any missing id fails the
     whole call. Who: admins, services. Errors: INVALID_ARGUMENT, NOT_FOUND
     (USER_NOT_FOUND), PERMISSION_DENIED.
+    """
+    ImportUsers: _aio.StreamUnaryMultiCallable[_user_service_pb2.ImportUsersRequest, _user_service_pb2.ImportUsersResponse]  # type: ignore[assignment]
+    """Imports users whose passwords are already bcrypt hashes (a migration
+    from another system), streamed in chunks. Rows are numbered from 0
+    across the whole stream, in the order sent.
+    Who: admins; anyone else gets PERMISSION_DENIED before a row is read.
+    Each row is validated as CreateUser validates it (email, display_name,
+    roles, labels; any known role may be given), and its password_hash must
+    be a bcrypt hash. Hashes are stored as sent, never re-hashed; the
+    user's next successful login re-hashes one cheaper than the server's
+    cost. A bad row, or an email already taken (by a stored user or by an
+    earlier row of the stream, case-insensitively), does not stop the
+    stream: the row is counted in failed_count and reported in errors.
+    Rows are written in batches of a few thousand, each committed on its
+    own: the import is not atomic as a whole. When the call fails (its
+    deadline, a cancellation, any error below) no response is sent; the
+    batches committed until then stay (on a deadline or cancellation the
+    batch being written is rolled back) and later rows are not imported.
+    Sending the same stream again is safe: rows imported the first time
+    come back as EMAIL_ALREADY_EXISTS errors, the others are imported.
+    Limits: each message at most 1 MiB and 10000 users; the stream as a
+    whole is bounded by the call's deadline only.
+    Errors of the whole call: PERMISSION_DENIED, INVALID_ARGUMENT (a
+    message with more than 10000 users, or not valid protobuf),
+    RESOURCE_EXHAUSTED (a message over 1 MiB), DEADLINE_EXCEEDED,
+    UNAVAILABLE (DATABASE_UNAVAILABLE).
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -371,6 +423,38 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reads up to 1000 users by id, in request order; any missing id fails the
         whole call. Who: admins, services. Errors: INVALID_ARGUMENT, NOT_FOUND
         (USER_NOT_FOUND), PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportUsers(
+        self,
+        request_iterator: _MaybeAsyncIterator[_user_service_pb2.ImportUsersRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ImportUsersResponse, _abc.Awaitable[_user_service_pb2.ImportUsersResponse]]:
+        """Imports users whose passwords are already bcrypt hashes (a migration
+        from another system), streamed in chunks. Rows are numbered from 0
+        across the whole stream, in the order sent.
+        Who: admins; anyone else gets PERMISSION_DENIED before a row is read.
+        Each row is validated as CreateUser validates it (email, display_name,
+        roles, labels; any known role may be given), and its password_hash must
+        be a bcrypt hash. Hashes are stored as sent, never re-hashed; the
+        user's next successful login re-hashes one cheaper than the server's
+        cost. A bad row, or an email already taken (by a stored user or by an
+        earlier row of the stream, case-insensitively), does not stop the
+        stream: the row is counted in failed_count and reported in errors.
+        Rows are written in batches of a few thousand, each committed on its
+        own: the import is not atomic as a whole. When the call fails (its
+        deadline, a cancellation, any error below) no response is sent; the
+        batches committed until then stay (on a deadline or cancellation the
+        batch being written is rolled back) and later rows are not imported.
+        Sending the same stream again is safe: rows imported the first time
+        come back as EMAIL_ALREADY_EXISTS errors, the others are imported.
+        Limits: each message at most 1 MiB and 10000 users; the stream as a
+        whole is bounded by the call's deadline only.
+        Errors of the whole call: PERMISSION_DENIED, INVALID_ARGUMENT (a
+        message with more than 10000 users, or not valid protobuf),
+        RESOURCE_EXHAUSTED (a message over 1 MiB), DEADLINE_EXCEEDED,
+        UNAVAILABLE (DATABASE_UNAVAILABLE).
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

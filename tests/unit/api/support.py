@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +26,7 @@ from usersvc.api.public import PublicMethods
 from usersvc.api.user_servicer import UserServicer
 from usersvc.domain import errors
 from usersvc.domain.models import Principal, PrincipalKind, User
+from usersvc.services.imports import ImportResult, ImportRow, ImportRowError
 from usersvc.services.inputs import (
     CreateUserInput,
     ListUsersInput,
@@ -79,6 +80,8 @@ class FakeUserService:
     user: User = field(default_factory=make_user)
     # When set, lookup_user signals `entered` and then waits for ever.
     hang: bool = False
+    # The rows import_users read, in order.
+    imported_rows: list[ImportRow] = field(default_factory=list)
     entered: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _record(self, method: str, principal: Principal, **kwargs: Any) -> None:
@@ -149,6 +152,24 @@ class FakeUserService:
     async def batch_get_users(self, *, principal: Principal, user_ids: Sequence[str]) -> list[User]:
         self._record("batch_get_users", principal, user_ids=user_ids)
         return [replace(self.user, id=uuid.UUID(i)) for i in user_ids]
+
+    async def import_users(
+        self, *, principal: Principal, rows: AsyncIterable[ImportRow]
+    ) -> ImportResult:
+        """Refuses (``error``) before reading a row, like the real service;
+        otherwise reads every row into ``imported_rows`` and reports row 1,
+        when there is one, as failed."""
+        self._record("import_users", principal)
+        self.imported_rows = [row async for row in rows]
+        failed = tuple(
+            ImportRowError(1, "password_hash", "INVALID_PASSWORD_HASH", "not a bcrypt hash")
+            for _ in self.imported_rows[1:2]
+        )
+        return ImportResult(
+            imported_count=len(self.imported_rows) - len(failed),
+            failed_count=len(failed),
+            errors=failed,
+        )
 
 
 class FakeAuthService:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -119,7 +120,13 @@ async def test_every_line_of_a_call_carries_its_request_id(
     await served.user_stub.GetUser(
         user_service_pb2.GetUserRequest(id="me"), metadata=(*bearer(), ("x-request-id", "call-9"))
     )
-    lines = _lines(stream)
+    # The server (same event loop) writes the access line just after the
+    # status went out: let it run until the line is there.
+    for _ in range(1000):
+        lines = _lines(stream)
+        if any(line["logger"] == "usersvc.access" for line in lines):
+            break
+        await asyncio.sleep(0)
     assert [(line["logger"], line["request_id"]) for line in lines] == [
         ("tests.fake_user_service", "call-9"),
         ("usersvc.access", "call-9"),

@@ -1,12 +1,14 @@
 """The caller's deadline bounds the work done for the call.
 
-A unary call with a deadline runs under ``asyncio.timeout`` set a margin
-before that deadline. When it fires, the handler's task is cancelled
-wherever it waits: a query in flight is cancelled in PostgreSQL too (asyncpg
-sends a cancel request when the task awaiting a query is cancelled), the
-unit of work rolls back and returns its connection (its exit is shielded),
-and the caller receives DEADLINE_EXCEEDED with an ErrorInfo instead of the
-bare status grpc would produce a moment later.
+A call with a deadline and a single response (unary, or client-streaming
+like ImportUsers, whose request stream is read inside the timer) runs under
+``asyncio.timeout`` set a margin before that deadline. When it fires, the
+handler's task is cancelled wherever it waits: a query in flight is
+cancelled in PostgreSQL too (asyncpg sends a cancel request when the task
+awaiting a query is cancelled), the unit of work rolls back and returns its
+connection (its exit is shielded), and the caller receives
+DEADLINE_EXCEEDED with an ErrorInfo instead of the bare status grpc would
+produce a moment later.
 
 Chosen over ``SET LOCAL statement_timeout`` per transaction: that would cost
 a round trip on every call, bound only the statements and not the waits for
@@ -16,8 +18,9 @@ deadline is bounded by the server's statement timeout
 (USERSVC_DB_STATEMENT_TIMEOUT_MS), which answers UNAVAILABLE /
 DATABASE_UNAVAILABLE (usersvc.adapters.database).
 
-Streaming methods pass through: grpc itself ends them at the deadline, and
-the long-lived ones (health Watch, reflection) must not end early.
+Response-streaming methods pass through: grpc itself ends them at the
+deadline, and the long-lived ones (health Watch, reflection) must not end
+early.
 """
 
 from __future__ import annotations

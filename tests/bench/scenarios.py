@@ -1,0 +1,500 @@
+"""What each scenario loads, on which systems, and what it compares.
+
+A scenario is a Plan: the runs that make up one round (each run is one
+system under one load), the calls to verify first, and the ratios and
+targets computed from the rounds. The runner (tests/bench/runner.py) decides
+the order and the timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
+from usersvc.domain.listing import Cursor, Filter, Ordering
+from usersvc.services.pagination import encode_page_token, query_fingerprint
+
+from .baselines import common as baseline_tokens
+from .calls import (
+    AUTH_SERVICE,
+    USER_SERVICE,
+    Call,
+    bearer,
+    expect_display_name,
+    expect_page,
+    expect_token,
+    expect_user,
+    invoke,
+)
+from .h2load import LoadShape
+from .results import AbsoluteSpec, RatioSpec, Target
+from .seed import ADMIN_EMAIL, USER_EMAIL, Seeded, delete_users, reset_lockouts, user_at
+from .systems import BARE, NAIVE, USERSVC, USERSVC_BATCH, System, usersvc_system
+
+SCENARIOS = ("getuser", "lookup", "list", "update", "login", "batch", "import")
+# Scenarios that compare usersvc with the baselines (the others load usersvc only).
+COMPARED = frozenset({"getuser", "lookup", "list", "update"})
+
+GETUSER_RPS_TARGET = Target(">=", 0.85)
+GETUSER_P99_TARGET = Target("<=", 2.0)
+DEEP_PAGE_TARGET = Target("<=", 1.5)
+FLOOD_P99_TARGET = Target("<=", 2.0)
+IMPORT_TARGET = Target(">=", 20_000)
+DEEP_FRACTION = 0.9
+IMPORT_METHOD = "ImportUsers"
+BATCH_DOMAIN = "batch.bench"
+
+
+@dataclass
+class LoadRun:
+    """One system under h2load; each ``background`` load (the Login flood)
+    runs beside it, as (system, call, shape)."""
+
+    key: str
+    system: System
+    call: Call
+    shape: LoadShape
+    background: list[tuple[System, Call, LoadShape]] = field(default_factory=list)
+    # Runs before every measurement of this run (not timed).
+    prepare: Callable[[], Awaitable[None]] | None = None
+
+
+Drive = Callable[[float], Awaitable[tuple[int, float]]]
+
+
+@dataclass
+class DriverRun:
+    """One system under a Python client: ``drive(seconds)`` returns (units
+    done, seconds taken)."""
+
+    key: str
+    system: System
+    drive: Drive
+    unit: str
+
+
+@dataclass
+class Plan:
+    name: str
+    title: str
+    runs: list[LoadRun | DriverRun] = field(default_factory=list)
+    checks: list[tuple[System, str, Call]] = field(default_factory=list)
+    ratios: list[RatioSpec] = field(default_factory=list)
+    absolutes: list[AbsoluteSpec] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # Why the scenario cannot run (printed instead of results).
+    skipped: str | None = None
+    teardown: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass
+class Context:
+    usersvc: System
+    baselines: list[System]
+    seeded: Seeded
+    database_url: str
+    work_dir: Path
+    shape: LoadShape
+    list_shape: LoadShape
+    user_token: str
+    admin_token: str
+    flood_getuser_rps: float
+    flood_streams: int
+    batch_tasks: int
+    batch_size: int
+    import_streams: int
+    import_batch: int
+    import_users: int
+    workers: int | None
+    extra_systems: list[System] = field(default_factory=list)
+
+    @property
+    def compared(self) -> list[System]:
+        return [self.usersvc, *self.baselines]
+
+    def has(self, name: str) -> bool:
+        return any(system.name == name for system in self.baselines)
+
+
+async def login(address: str, email: str, password: str) -> str:
+    """An access token from AuthService.Login. Raises grpc.aio.AioRpcError."""
+    call = Call(
+        AUTH_SERVICE + "Login",
+        auth_service_pb2.LoginRequest(email=email, password=password),
+        auth_service_pb2.LoginResponse,
+        expect_token,
+    )
+    response = await invoke(address, call)
+    return str(response.access_token)
+
+
+def _vs_baselines(ctx: Context, key_suffix: str = "", *, getuser: bool = False) -> list[RatioSpec]:
+    specs: list[RatioSpec] = []
+    suffix = f" {key_suffix}" if key_suffix else ""
+    what = f"{key_suffix} " if key_suffix else ""
+    if ctx.has(BARE):
+        specs.append(
+            RatioSpec(
+                f"usersvc / bare {what}req/s",
+                (USERSVC + suffix, "rps"),
+                (BARE + suffix, "rps"),
+                GETUSER_RPS_TARGET if getuser else None,
+            )
+        )
+        specs.append(
+            RatioSpec(
+                f"usersvc / bare {what}p99",
+                (USERSVC + suffix, "p99_ms"),
+                (BARE + suffix, "p99_ms"),
+                GETUSER_P99_TARGET if getuser else None,
+            )
+        )
+    if ctx.has(NAIVE):
+        specs.append(
+            RatioSpec(
+                f"usersvc / naive {what}req/s",
+                (USERSVC + suffix, "rps"),
+                (NAIVE + suffix, "rps"),
+            )
+        )
+    return specs
+
+
+def getuser(ctx: Context) -> Plan:
+    user_id = str(ctx.seeded.user.id)
+    call = Call(
+        USER_SERVICE + "GetUser",
+        user_service_pb2.GetUserRequest(id=user_id),
+        user_service_pb2.GetUserResponse,
+        expect_user(id=user_id, email=USER_EMAIL),
+        # The same header goes to the baselines (which ignore it), so every
+        # system decodes the same request.
+        bearer(ctx.user_token),
+    )
+    plan = Plan("getuser", "GetUser (authenticated: a user reading itself)")
+    for system in ctx.compared:
+        plan.runs.append(LoadRun(system.name, system, call, ctx.shape))
+        plan.checks.append((system, "GetUser", call))
+    plan.ratios = _vs_baselines(ctx, getuser=True)
+    return plan
+
+
+async def lookup(ctx: Context) -> Plan:
+    depth = ctx.seeded.rows // 2 + 7
+    email = Seeded.email_at(depth)
+    row_id, _ = await user_at(ctx.database_url, depth)
+    call = Call(
+        USER_SERVICE + "LookupUser",
+        user_service_pb2.LookupUserRequest(email=email),
+        user_service_pb2.LookupUserResponse,
+        expect_user(id=str(row_id), email=email),
+        bearer(ctx.admin_token),
+    )
+    plan = Plan("lookup", "LookupUser (by email, as an admin)")
+    for system in ctx.compared:
+        plan.runs.append(LoadRun(system.name, system, call, ctx.shape))
+        plan.checks.append((system, "LookupUser", call))
+    plan.ratios = _vs_baselines(ctx)
+    return plan
+
+
+def _page_token(system: System, cursor: tuple[Any, Any], total: int) -> str:
+    create_time, row_id = cursor
+    if system.name == USERSVC:
+        return encode_page_token(
+            Cursor(sort_value=create_time, id=row_id),
+            fingerprint=query_fingerprint(Filter(), Ordering(), False),
+            total_size=total,
+        )
+    return baseline_tokens.encode_page_token(baseline_tokens.PageToken(create_time, row_id, total))
+
+
+async def list_pages(ctx: Context) -> Plan:
+    rows = ctx.seeded.rows
+    total = rows + ctx.seeded.accounts
+    deep = int(rows * DEEP_FRACTION)
+    page = baseline_tokens.DEFAULT_PAGE_SIZE
+    cursors = {}
+    for name, depth in (("page2", page), ("deep", deep)):
+        row_id, create_time = await user_at(ctx.database_url, depth)
+        cursors[name] = (create_time, row_id, depth)
+    plan = Plan(
+        "list",
+        f"ListUsers, {page} per page: first page (counts total_size), page 2, "
+        f"and the page after depth {deep:,} of {total:,} (keyset cursors); "
+        f"h2load {ctx.list_shape.describe()}",
+    )
+    for system in ctx.compared:
+        first = Call(
+            USER_SERVICE + "ListUsers",
+            user_service_pb2.ListUsersRequest(),
+            user_service_pb2.ListUsersResponse,
+            expect_page(first_email=Seeded.email_at(1), size=page, total=total),
+            bearer(ctx.admin_token),
+        )
+        plan.runs.append(LoadRun(f"{system.name} first", system, first, ctx.list_shape))
+        plan.checks.append((system, "ListUsers first page", first))
+        for name, (create_time, row_id, depth) in cursors.items():
+            token = _page_token(system, (create_time, row_id), total)
+            call = Call(
+                USER_SERVICE + "ListUsers",
+                user_service_pb2.ListUsersRequest(page_token=token),
+                user_service_pb2.ListUsersResponse,
+                expect_page(first_email=Seeded.email_at(depth + 1), size=page, total=total),
+                bearer(ctx.admin_token),
+            )
+            plan.runs.append(LoadRun(f"{system.name} {name}", system, call, ctx.list_shape))
+            plan.checks.append((system, f"ListUsers {name}", call))
+    for system in ctx.compared:
+        name = system.name
+        plan.ratios.append(
+            RatioSpec(
+                f"{name}: deep / first page p50",
+                (f"{name} deep", "p50_ms"),
+                (f"{name} first", "p50_ms"),
+                DEEP_PAGE_TARGET if name == USERSVC else None,
+            )
+        )
+        plan.ratios.append(
+            RatioSpec(
+                f"{name}: deep / page 2 p50 (keyset cost alone)",
+                (f"{name} deep", "p50_ms"),
+                (f"{name} page2", "p50_ms"),
+                DEEP_PAGE_TARGET if name == USERSVC else None,
+            )
+        )
+    for which in ("first", "deep"):
+        plan.ratios.extend(spec for spec in _vs_baselines(ctx, which) if "p99" not in spec.label)
+    plan.notes.append(
+        "the first page also counts the matching users (total_size, AIP-132); later "
+        "pages carry the count in the token, so 'deep / page 2' isolates the keyset cost"
+    )
+    plan.notes.append(
+        "fewer calls in flight than the other scenarios: a first page costs a count over "
+        "every row, and 32 of them at once only measure PostgreSQL's queue"
+    )
+    return plan
+
+
+def update(ctx: Context) -> Plan:
+    user_id = str(ctx.seeded.user.id)
+    plan = Plan("update", "UpdateUser (display_name mask, no etag; every call the same user)")
+    for system in ctx.compared:
+        name = f"Bench {system.name}"
+        call = Call(
+            USER_SERVICE + "UpdateUser",
+            user_service_pb2.UpdateUserRequest(
+                user=user_pb2.User(id=user_id, display_name=name),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+            ),
+            user_service_pb2.UpdateUserResponse,
+            expect_display_name(user_id, name),
+            bearer(ctx.user_token),
+        )
+        plan.runs.append(LoadRun(system.name, system, call, ctx.shape))
+        plan.checks.append((system, "UpdateUser", call))
+    plan.ratios = [spec for spec in _vs_baselines(ctx) if "p99" not in spec.label]
+    plan.notes.append(
+        "h2load repeats one body, so every update hits one row: the calls queue on its "
+        "row lock, as a hot row would"
+    )
+    return plan
+
+
+def login_flood(ctx: Context) -> Plan:
+    user_id = str(ctx.seeded.user.id)
+    getuser_call = Call(
+        USER_SERVICE + "GetUser",
+        user_service_pb2.GetUserRequest(id=user_id),
+        user_service_pb2.GetUserResponse,
+        expect_user(id=user_id, email=USER_EMAIL),
+        bearer(ctx.user_token),
+    )
+    login_calls = [
+        Call(
+            AUTH_SERVICE + "Login",
+            auth_service_pb2.LoginRequest(email=account.email, password=account.password),
+            auth_service_pb2.LoginResponse,
+            expect_token,
+        )
+        for account in ctx.seeded.flood
+    ]
+    clients = ctx.shape.clients
+    steady = replace(ctx.shape, rps_per_client=ctx.flood_getuser_rps / clients)
+    # One h2load per flood account, each with fewer logins in flight than
+    # the lockout threshold.
+    flood = LoadShape(clients=1, streams=ctx.flood_streams, seconds=0.0, warmup_seconds=0.5)
+    system = ctx.usersvc
+    plan = Plan(
+        "login",
+        f"GetUser at a fixed {ctx.flood_getuser_rps:g}/s, idle vs during a Login flood "
+        f"(bcrypt 12, {flood.in_flight * len(login_calls)} logins in flight over "
+        f"{len(login_calls)} accounts)",
+    )
+    plan.runs = [
+        LoadRun("getuser idle", system, getuser_call, steady),
+        LoadRun(
+            "getuser + login flood",
+            system,
+            getuser_call,
+            steady,
+            background=[(system, call, flood) for call in login_calls],
+            prepare=functools.partial(reset_lockouts, ctx.database_url),
+        ),
+    ]
+    plan.checks = [(system, "GetUser", getuser_call)]
+    plan.checks += [(system, "Login", call) for call in login_calls]
+    plan.ratios = [
+        RatioSpec(
+            "flood / idle GetUser p99",
+            ("getuser + login flood", "p99_ms"),
+            ("getuser idle", "p99_ms"),
+            FLOOD_P99_TARGET,
+        ),
+        RatioSpec(
+            "flood / idle GetUser p50",
+            ("getuser + login flood", "p50_ms"),
+            ("getuser idle", "p50_ms"),
+        ),
+    ]
+    plan.absolutes = [
+        AbsoluteSpec("logins/s during the flood", "getuser + login flood", "background_rps")
+    ]
+    return plan
+
+
+async def _start_extra(ctx: Context, system: System) -> None:
+    system.start()
+    ctx.extra_systems.append(system)
+    await system.wait_ready(60.0, health=True)
+
+
+async def _stop_extra(ctx: Context, system: System) -> None:
+    await asyncio.to_thread(system.stop)
+    ctx.extra_systems.remove(system)
+
+
+def _strong_password() -> str:
+    return "bench " + secrets.token_urlsafe(12)
+
+
+async def batch_create(ctx: Context) -> Plan:
+    system = usersvc_system(
+        name=USERSVC_BATCH,
+        database_url=ctx.database_url,
+        work_dir=ctx.work_dir,
+        bcrypt_rounds=4,
+        workers=ctx.workers,
+    )
+    await _start_extra(ctx, system)
+    token = await login(system.address, ADMIN_EMAIL, ctx.seeded.admin.password)
+    password = _strong_password()
+    serial = itertools.count()
+    run_tag = secrets.token_hex(3)
+
+    def request(size: int) -> user_service_pb2.BatchCreateUsersRequest:
+        return user_service_pb2.BatchCreateUsersRequest(
+            requests=[
+                user_service_pb2.CreateUserRequest(
+                    email=f"b{run_tag}-{next(serial)}@{BATCH_DOMAIN}",
+                    password=password,
+                    display_name="Batch user",
+                )
+                for _ in range(size)
+            ]
+        )
+
+    async def drive(seconds: float) -> tuple[int, float]:
+        async with grpc.aio.insecure_channel(system.address) as channel:
+            method = channel.unary_unary(
+                USER_SERVICE + "BatchCreateUsers",
+                request_serializer=user_service_pb2.BatchCreateUsersRequest.SerializeToString,
+                response_deserializer=user_service_pb2.BatchCreateUsersResponse.FromString,
+            )
+            metadata = bearer(token)
+            began = time.perf_counter()
+            deadline = began + seconds
+
+            async def worker() -> int:
+                created = 0
+                while time.perf_counter() < deadline:
+                    response = await method(request(ctx.batch_size), metadata=metadata, timeout=120)
+                    if len(response.users) != ctx.batch_size:
+                        raise AssertionError(
+                            f"BatchCreateUsers created {len(response.users)} users, "
+                            f"expected {ctx.batch_size}"
+                        )
+                    created += len(response.users)
+                return created
+
+            counts = await asyncio.gather(*(worker() for _ in range(ctx.batch_tasks)))
+            return sum(counts), time.perf_counter() - began
+
+    check = Call(
+        USER_SERVICE + "BatchCreateUsers",
+        request(2),
+        user_service_pb2.BatchCreateUsersResponse,
+        lambda response: None if len(response.users) == 2 else "not 2 users created",
+        bearer(token),
+    )
+    plan = Plan(
+        "batch",
+        f"BatchCreateUsers, {ctx.batch_size} users per call, {ctx.batch_tasks} calls in "
+        "flight (Python grpc.aio client)",
+    )
+    plan.runs = [DriverRun(USERSVC_BATCH, system, drive, "users")]
+    plan.checks = [(system, "BatchCreateUsers", check)]
+    plan.absolutes = [AbsoluteSpec("users/s created", USERSVC_BATCH, "rps", unit="users/s")]
+    plan.notes.append(
+        "run against a second usersvc with USERSVC_BCRYPT_ROUNDS=4: at cost 12 every new "
+        "password takes a bcrypt hash of ~0.2 s on one core, so creates are bounded by "
+        "about (cores / 0.2 s) users/s whatever the service does"
+    )
+
+    async def teardown() -> None:
+        await _stop_extra(ctx, system)
+        await delete_users(ctx.database_url, BATCH_DOMAIN)
+
+    plan.teardown = teardown
+    return plan
+
+
+def import_rpc_available() -> bool:
+    """Whether the generated UserService has ImportUsers yet."""
+    service = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
+    return IMPORT_METHOD in service.methods_by_name
+
+
+async def import_users(ctx: Context) -> Plan:
+    plan = Plan("import", "ImportUsers (client streaming, existing bcrypt hashes)")
+    if not import_rpc_available():
+        plan.skipped = (
+            "usersvc.v1.UserService/ImportUsers is not in the generated code yet; "
+            "the scenario runs once it is"
+        )
+        return plan
+    from .importer import import_plan
+
+    return await import_plan(ctx, plan)
+
+
+BUILDERS: dict[str, Callable[[Context], Plan | Awaitable[Plan]]] = {
+    "getuser": getuser,
+    "lookup": lookup,
+    "list": list_pages,
+    "update": update,
+    "login": login_flood,
+    "batch": batch_create,
+    "import": import_users,
+}

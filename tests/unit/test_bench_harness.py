@@ -1,0 +1,172 @@
+"""The benchmark harness's own arithmetic (tests/bench, run by `make bench`,
+never by the suite): how it frames gRPC requests for h2load, reads h2load's
+output and per-request log, and turns rounds into ratios. No benchmark runs
+here."""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+
+import pytest
+from bench.h2load import (
+    H2loadError,
+    LoadShape,
+    command,
+    grpc_frame,
+    grpc_unframe,
+    parse_log,
+    parse_summary,
+)
+from bench.results import Measurement, RatioSpec, Target, ratio_verdict, rotated
+
+from generated.usersvc.v1 import user_service_pb2
+
+H2LOAD_OUTPUT = """\
+starting benchmark...
+spawning thread #0: 4 total client(s). Timing-based test with 1s of warm-up time and 3s of main \
+duration for measurements.
+Application protocol: h2c
+
+finished in 4.00s, 3511.67 req/s, 593.00KB/s
+requests: 10535 total, 10535 started, 10535 done, 10535 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 10541 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 1.74MB (1821712) total, 39.57KB (40515) headers (space savings 96.27%), 1.46MB data
+                     min         max         mean         sd        +/- sd
+time for request:      896us     18.57ms      9.10ms       940us    94.15%
+"""
+
+
+def test_a_grpc_frame_is_a_zero_flag_a_big_endian_length_and_the_message() -> None:
+    message = user_service_pb2.GetUserRequest(id="0196a3b2-0000-7000-8000-000000000001")
+    serialized = message.SerializeToString()
+
+    body = grpc_frame(serialized)
+
+    assert body[0] == 0
+    assert struct.unpack(">I", body[1:5])[0] == len(serialized)
+    assert body[5:] == serialized
+    assert user_service_pb2.GetUserRequest.FromString(grpc_unframe(body)[0]) == message
+
+
+def test_an_empty_message_frames_to_five_zero_bytes() -> None:
+    assert grpc_frame(b"") == b"\x00\x00\x00\x00\x00"
+
+
+def test_unframing_a_truncated_body_is_refused() -> None:
+    with pytest.raises(ValueError, match="truncated"):
+        grpc_unframe(grpc_frame(b"abcdef")[:-1])
+
+
+def test_the_summary_gives_requests_per_second_and_the_counts() -> None:
+    summary = parse_summary(H2LOAD_OUTPUT)
+
+    assert summary.requests_per_second == pytest.approx(3511.67)
+    assert summary.seconds == pytest.approx(4.0)
+    assert (summary.done, summary.succeeded, summary.failed, summary.errored) == (
+        10535,
+        10535,
+        0,
+        0,
+    )
+    assert summary.clean
+
+
+def test_a_run_with_an_errored_request_is_not_clean() -> None:
+    output = H2LOAD_OUTPUT.replace("0 failed, 0 errored", "0 failed, 1 errored")
+
+    assert not parse_summary(output).clean
+
+
+def test_a_run_with_a_non_2xx_status_is_not_clean() -> None:
+    output = H2LOAD_OUTPUT.replace("0 4xx", "3 4xx")
+
+    assert not parse_summary(output).clean
+
+
+def test_a_run_that_finished_no_request_has_no_errors_but_is_not_clean() -> None:
+    output = H2LOAD_OUTPUT.replace("10535 done, 10535 succeeded", "0 done, 0 succeeded")
+
+    summary = parse_summary(output)
+
+    assert summary.no_errors
+    assert not summary.clean
+
+
+def test_output_without_a_result_line_is_an_error() -> None:
+    with pytest.raises(H2loadError):
+        parse_summary("starting benchmark...\nconnect error\n")
+
+
+def test_log_latencies_are_read_in_milliseconds_with_nearest_rank_percentiles() -> None:
+    lines = [f"{1_000_000 + i}\t200\t{(i + 1) * 1000}" for i in range(100)]
+
+    latencies = parse_log("\n".join(lines) + "\n")
+
+    assert latencies.count == 100
+    assert latencies.percentile(0.50) == 50.0
+    assert latencies.percentile(0.99) == 99.0
+    assert latencies.non_2xx == 0
+
+
+def test_log_lines_before_the_window_are_left_out() -> None:
+    latencies = parse_log("100\t200\t5000\n200\t200\t7000\n", since_us=150)
+
+    assert latencies.samples_ms == [7.0]
+
+
+def test_a_malformed_log_line_is_an_error() -> None:
+    with pytest.raises(H2loadError, match="line 2"):
+        parse_log("1\t200\t5\n1\t200\n")
+
+
+def test_no_samples_give_no_percentile() -> None:
+    assert math.isnan(parse_log("").percentile(0.99))
+
+
+def test_the_command_carries_the_grpc_headers_the_body_and_the_rate() -> None:
+    shape = LoadShape(clients=4, streams=8, seconds=5, warmup_seconds=1, rps_per_client=100)
+
+    args = command(
+        "http://127.0.0.1:1/usersvc.v1.UserService/GetUser",
+        Path("work/get.body"),
+        shape,
+        log_file=Path("work/h2load.log"),
+        headers=["authorization: Bearer t"],
+    )
+
+    assert "--header=content-type: application/grpc" in args
+    assert "--header=te: trailers" in args
+    assert "--header=authorization: Bearer t" in args
+    assert "--data=work/get.body" in args
+    assert {"--clients=4", "--max-concurrent-streams=8", "--duration=5000ms", "--rps=100"} <= set(
+        args
+    )
+    assert args[-1] == "http://127.0.0.1:1/usersvc.v1.UserService/GetUser"
+
+
+def test_a_ratio_is_the_median_of_the_per_round_ratios() -> None:
+    rounds = [
+        {"a": Measurement(rps=90.0), "b": Measurement(rps=100.0)},
+        {"a": Measurement(rps=40.0), "b": Measurement(rps=100.0)},
+        {"a": Measurement(rps=300.0), "b": Measurement(rps=200.0)},
+    ]
+    spec = RatioSpec("a / b", ("a", "rps"), ("b", "rps"), Target(">=", 0.85))
+
+    verdict = ratio_verdict(spec, rounds)
+
+    assert verdict.per_round == pytest.approx((0.9, 0.4, 1.5))
+    assert verdict.value == pytest.approx(0.9)
+    assert verdict.status == "PASS"
+
+
+def test_each_round_starts_the_order_one_place_later() -> None:
+    order = ["usersvc", "bare", "naive"]
+
+    assert [rotated(order, index)[0] for index in range(4)] == [
+        "usersvc",
+        "bare",
+        "naive",
+        "usersvc",
+    ]

@@ -1,0 +1,112 @@
+"""Bulk insert of imported users: one INSERT ... SELECT FROM unnest(...)
+... ON CONFLICT DO NOTHING RETURNING per batch.
+
+The batch travels as one array per column (bound parameters, binary
+encoded by the driver), so a batch of thousands of rows is one statement
+and one round trip, whatever it holds. ON CONFLICT on the unique index on
+lower(email) skips the rows whose email is taken instead of failing the
+statement, and the ids RETURNING gives back tell which rows went in.
+
+COPY into a staging table, then INSERT ... SELECT ... ON CONFLICT from it,
+was measured against this on the same batches (1,000-5,000 rows): the
+database took both equally fast (about 65,000-85,000 rows/s here), COPY
+cost this process slightly less CPU (1.6-1.8 us a row against 2.3), but
+its staging table must be a temporary one (a transaction-pooling proxy may
+run the next transaction on another server connection, so nothing may
+outlive a transaction), and the service's database role holds no
+TEMPORARY privilege (deploy/grants.sql). This statement needs nothing but
+INSERT on users and works the same through PgBouncer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from json.encoder import encode_basestring_ascii
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from usersvc.adapters.database import translate_connection_errors
+from usersvc.domain.imports import ImportedUser
+from usersvc.domain.models import uuid7
+
+# WITH ORDINALITY ... ORDER BY seq: rows are inserted in input order, so of
+# two inputs of one batch with the same email the earlier one wins and the
+# later one meets the conflict. Roles travel as array literals (one text
+# per row: arrays of arrays must be rectangular). LEAST ignores NULL (no
+# create_time: the time of the import) and keeps a create_time from a
+# clock ahead of the database's from landing after the update_time. The
+# answer is one row: the positions (from 1) of the inputs that were
+# skipped, usually none, instead of thousands of RETURNING rows to read.
+_INSERT_BATCH = text(
+    """
+    WITH inserted AS (
+        INSERT INTO users (id, email, password_hash, display_name, roles, labels,
+                           create_time, update_time)
+        SELECT id, email, password_hash, display_name, CAST(roles AS text[]), labels,
+               LEAST(create_time, now()), now()
+        FROM unnest(
+            CAST(:ids AS uuid[]),
+            CAST(:emails AS text[]),
+            CAST(:password_hashes AS text[]),
+            CAST(:display_names AS text[]),
+            CAST(:roles AS text[]),
+            CAST(:labels AS jsonb[]),
+            CAST(:create_times AS timestamptz[])
+        ) WITH ORDINALITY
+          AS batch (id, email, password_hash, display_name, roles, labels, create_time, seq)
+        ORDER BY seq
+        ON CONFLICT (lower(email)) DO NOTHING
+        RETURNING id
+    )
+    SELECT coalesce(array_agg(given.seq), '{}')
+    FROM unnest(CAST(:ids AS uuid[])) WITH ORDINALITY AS given (id, seq)
+    WHERE NOT EXISTS (SELECT FROM inserted WHERE inserted.id = given.id)
+    """
+)
+
+
+async def insert_imported_users(session: AsyncSession, users: Sequence[ImportedUser]) -> list[bool]:
+    """Insert ``users`` within ``session``'s transaction, skipping those
+    whose email is taken (see usersvc.domain.ports.UserRepository
+    .import_batch); per input, whether it was inserted. Raises
+    DatabaseUnavailable."""
+    if not users:
+        return []
+    ids = [uuid7() for _ in users]
+    role_literals: dict[tuple[str, ...], str] = {}
+    params = {
+        "ids": ids,
+        "emails": [user.email for user in users],
+        "password_hashes": [user.password_hash for user in users],
+        "display_names": [user.display_name for user in users],
+        "roles": [_array_literal(user.roles, role_literals) for user in users],
+        "labels": [_json_object(user.labels) for user in users],
+        "create_times": [user.create_time for user in users],
+    }
+    with translate_connection_errors():
+        result = await session.execute(_INSERT_BATCH, params)
+    skipped: list[int] = result.scalar_one()
+    inserted = [True] * len(users)
+    for position in skipped:
+        inserted[position - 1] = False
+    return inserted
+
+
+def _array_literal(values: tuple[str, ...], memo: dict[tuple[str, ...], str]) -> str:
+    # Every element quoted and escaped: the literal means exactly these
+    # strings whatever they hold. Most rows of an import share their roles.
+    literal = memo.get(values)
+    if literal is None:
+        quoted = (v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
+        literal = memo[values] = "{" + ",".join(f'"{v}"' for v in quoted) + "}"
+    return literal
+
+
+def _json_object(labels: Mapping[str, str]) -> str:
+    # json.dumps of a dict of strings, without its per-call set-up (a third
+    # of the cost, per row of an import).
+    if not labels:
+        return "{}"
+    quote = encode_basestring_ascii
+    return "{" + ",".join(f"{quote(k)}:{quote(v)}" for k, v in labels.items()) + "}"
