@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "usersvc needs Python 3.11+"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,speed]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,speed,otel]'
 	touch $@
 
 # buf's version is exact in tools/package.json, and its per-platform binary
