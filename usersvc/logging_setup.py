@@ -5,12 +5,22 @@ Every record carries the request id of the call it was logged in (from
 passed with ``extra=`` (method, code, duration_ms, peer, principal, ...) become
 top-level JSON keys. Nothing in the service logs request or response bodies:
 they hold passwords and tokens.
+
+Exception texts are the one place where data we did not choose reaches a
+line: a driver error quotes the failing row ("Failing row contains (...)",
+password hash included), a library may quote a token it refused. So
+tracebacks, and the messages of WARNING and above (where exceptions get
+formatted into the message), are redacted: anything shaped like a bcrypt
+hash, a JWT, a refresh token or a bearer credential, and failing-row
+details. INFO lines (the access log) are built from fields we chose and are
+not searched: they are the hot path.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -20,6 +30,28 @@ from usersvc.api.context import current_request_id
 FORMATS = ("json", "text")
 # Marks the handler configure_logging installs, so a second call replaces it.
 _HANDLER_NAME = "usersvc"
+
+# (pattern, replacement) pairs; see the module docstring.
+_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\$2[abxy]\$\d\d\$[./A-Za-z0-9]{53}"), "[redacted bcrypt hash]"),
+    (
+        re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
+        "[redacted JWT]",
+    ),
+    (re.compile(r"(?<![A-Za-z0-9_-])rt_[A-Za-z0-9_-]{20,}"), "[redacted refresh token]"),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[^\s'\",]+"), r"\1 [redacted]"),
+    # PostgreSQL's DETAIL of not-null and check violations: the whole row.
+    (re.compile(r"Failing row contains \(.*"), "Failing row contains ([redacted])"),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` without secret-shaped substrings (bcrypt hashes, JWTs,
+    refresh tokens, bearer credentials, failing-row details). Never raises."""
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _RECORD_ATTRIBUTES = frozenset(
@@ -60,20 +92,32 @@ class JsonFormatter(logging.Formatter):
         self._encoder = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":"))
 
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        sensitive = record.levelno >= logging.WARNING
+        if sensitive:
+            message = redact(message)
         payload: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": message,
             "request_id": getattr(record, "request_id", ""),
         }
         for key, value in _extra_fields(record).items():
+            if sensitive and isinstance(value, str):
+                value = redact(value)
             payload.setdefault(key, value)
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             payload["stack"] = self.formatStack(record.stack_info)
         return self._encoder.encode(payload)
+
+    def formatException(self, ei: Any) -> str:
+        return redact(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return redact(super().formatStack(stack_info))
 
 
 class TextFormatter(logging.Formatter):
@@ -82,14 +126,27 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
 
+    def formatException(self, ei: Any) -> str:
+        return redact(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return redact(super().formatStack(stack_info))
+
     def format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "request_id"):
             record.request_id = ""
         line = super().format(record)
+        # Also when a traceback is attached at a lower level: another handler
+        # may have cached the record's exception text unredacted.
+        sensitive = record.levelno >= logging.WARNING or bool(record.exc_info or record.stack_info)
+        if sensitive:
+            line = redact(line)
         extras = _extra_fields(record)
         if not extras:
             return line
         fields = " ".join(f"{key}={value}" for key, value in extras.items())
+        if sensitive:
+            fields = redact(fields)
         head, sep, tail = line.partition("\n")  # keep a traceback below the fields
         return f"{head} {fields}{sep}{tail}"
 

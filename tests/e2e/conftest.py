@@ -1,7 +1,18 @@
 """Fixtures of the end-to-end tier: real servers on port 0 over the migrated
 test database (``database_url`` / ``clean_db`` come from tests/conftest.py),
 client channels that record every response, and a fresh set of logged-in
-users per test."""
+users per test.
+
+Every log line the tier makes the service write is swept for secrets
+(tests/log_secrets.py): lines of in-process servers through a handler on the
+root logger (opened to DEBUG while an e2e test runs, its fixtures included),
+output of subprocess servers through ``SWEEP.add_text`` and the ``*.log``
+files a test leaves in its tmp_path. Secrets come from every channel the tier
+opens (requests, responses, bearer tokens), from the passwords the factories
+make and from the servers' settings. A leak fails the test that caused it;
+at the end the whole session is searched again against every secret seen
+(a line may carry a secret that a later test recorded).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +28,7 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from log_secrets import SWEEP, Finding, SecretHarvester
 
 from .helpers import Caller, ResponseRecorder, World, auth_service_pb2
 
@@ -41,6 +53,7 @@ async def running_server(
     from usersvc.bootstrap import bootstrap
     from usersvc.server import UsersvcServer
 
+    SWEEP.ledger.add_settings(settings)
     container = bootstrap(settings, database_url=settings.database_url, **bootstrap_options)
     try:
         server = await UsersvcServer.start(container, listen_addr="127.0.0.1:0")
@@ -54,6 +67,81 @@ async def running_server(
             await server.stop(0)
     finally:
         await container.aclose()
+
+
+E2E_DIR = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    # pytest calls this hook of every conftest for every item, so the tier
+    # is chosen here: capture while an e2e test runs, from its first fixture
+    # set up to its last one torn down.
+    swept = E2E_DIR in item.path.resolve().parents
+    if swept:
+        SWEEP.start(item.nodeid)
+    try:
+        yield
+    finally:
+        if swept:
+            SWEEP.pause()
+
+
+_session_findings: list[Finding] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not SWEEP.lines:
+        return
+    _session_findings.extend(SWEEP.findings())
+    if _session_findings and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not SWEEP.lines:
+        return
+    terminalreporter.write_line(
+        f"log secret sweep: {len(SWEEP.lines)} log lines checked against "
+        f"{len(SWEEP.ledger)} secrets, {len(_session_findings)} leaks"
+    )
+    for finding in _session_findings[:50]:
+        terminalreporter.write_line(f"LEAK: {finding}", red=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def harvest_secrets_from_every_channel() -> Iterator[None]:
+    """Every channel a test opens (to in-process or subprocess servers)
+    records the secrets that pass through it."""
+    harvester = SecretHarvester(SWEEP.ledger)
+    original_insecure, original_secure = grpc.aio.insecure_channel, grpc.aio.secure_channel
+
+    def insecure_channel(target: str, *args: Any, **kwargs: Any) -> grpc.aio.Channel:
+        kwargs["interceptors"] = [*(kwargs.get("interceptors") or ()), harvester]
+        return original_insecure(target, *args, **kwargs)
+
+    def secure_channel(target: str, *args: Any, **kwargs: Any) -> grpc.aio.Channel:
+        kwargs["interceptors"] = [*(kwargs.get("interceptors") or ()), harvester]
+        return original_secure(target, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(grpc.aio, "insecure_channel", insecure_channel)
+        patch.setattr(grpc.aio, "secure_channel", secure_channel)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_any_log_line(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The log lines written while this test ran (its fixtures included)
+    carry no secret the tier has seen so far, and nothing shaped like one."""
+    mark = len(SWEEP.lines)
+    yield
+    tmp_path = request.node.funcargs.get("tmp_path")
+    if isinstance(tmp_path, Path):
+        for log in sorted(tmp_path.rglob("*.log")):
+            SWEEP.add_text(f"{request.node.nodeid} ({log.name})", log.read_bytes())
+    leaks = SWEEP.findings(since=mark)
+    assert not leaks, "secrets in log lines:\n" + "\n".join(str(leak) for leak in leaks[:20])
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +180,7 @@ def e2e_settings(database_url: str, e2e_data_dir: Path, signing_key: Ed25519Priv
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
-    return dataclasses.replace(
+    settings = dataclasses.replace(
         Settings(),
         database_url=database_url,
         data_dir=e2e_data_dir,
@@ -107,6 +195,8 @@ def e2e_settings(database_url: str, e2e_data_dir: Path, signing_key: Ed25519Priv
         auth_rate_limit_rps=100_000.0,
         auth_rate_limit_burst=100_000,
     )
+    SWEEP.ledger.add_settings(settings)
+    return settings
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from log_secrets import SWEEP
 
 from generated.usersvc.v1 import (
     auth_service_pb2,
@@ -333,6 +334,7 @@ def new_password(recorder: ResponseRecorder) -> str:
     """A strong, unique password, remembered so the leak check looks for it."""
     password = f"Pw-{secrets.token_hex(8)}!"
     recorder.secrets.add(password)
+    SWEEP.ledger.add("password", password)
     return password
 
 
@@ -354,7 +356,9 @@ def mint_token(
     typ: str = "at+jwt",
     algorithm: str = "EdDSA",
 ) -> str:
-    return jwt.encode(dict(claims), key, algorithm=algorithm, headers={"kid": kid, "typ": typ})
+    token = jwt.encode(dict(claims), key, algorithm=algorithm, headers={"kid": kid, "typ": typ})
+    SWEEP.ledger.add("access token (minted)", token)
+    return token
 
 
 def claims_like(template: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -414,6 +418,7 @@ class World:
             kind=PrincipalKind.SERVICE, subject="e2e-seed", roles=frozenset({ROLE_ADMIN})
         )
         password = password if password is not None else new_password(self.recorder)
+        SWEEP.ledger.add("password", password)
         user = await self.user_service.create_user(
             principal=operator,
             request=CreateUserInput(

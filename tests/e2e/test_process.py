@@ -19,6 +19,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from log_secrets import SWEEP
 from sqlalchemy import text
 
 from .helpers import (
@@ -93,6 +94,8 @@ class Usersvc:
             await process.wait()
             raise
         assert process.returncode is not None
+        SWEEP.ledger.add_environment(self.env)
+        SWEEP.add_text(f"usersvc {args[0] if args else ''}", out + b"\n" + err)
         return Completed(process.returncode, out.decode(), err.decode())
 
     async def wait_until_serving(self, server: asyncio.subprocess.Process, log: Path) -> None:
@@ -111,7 +114,9 @@ class Usersvc:
     @asynccontextmanager
     async def serving(self, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
         """``usersvc serve`` in the background, SERVING when entered; killed
-        on exit if a test left it running."""
+        on exit if a test left it running. The log is swept for secrets
+        after the test (it lies in the test's tmp_path)."""
+        SWEEP.ledger.add_environment(self.env)
         with log.open("wb") as sink:
             server = await asyncio.create_subprocess_exec(
                 *usersvc_command(),

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+from log_secrets import SWEEP
 
 from .conftest import RunningServer, running_server
 from .helpers import (
@@ -320,6 +321,7 @@ async def test_the_healthcheck_command_verifies_the_tls_server(
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    SWEEP.add_text("usersvc healthcheck", err)
     assert process.returncode == 0, err.decode()
     assert out.decode().strip() == "SERVING"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.database import create_engine
@@ -43,6 +44,21 @@ async def test_a_statement_timeout_of_zero_leaves_the_server_setting(
 
 async def test_connections_identify_themselves_as_usersvc(engine: AsyncEngine) -> None:
     assert await show(engine, "application_name") == "usersvc"
+
+
+async def test_a_failed_statement_names_no_bound_parameter(engine: AsyncEngine) -> None:
+    # SQLAlchemy quotes bound parameters in its error texts unless the
+    # engine hides them; those texts reach the error mapper's traceback.
+    secret = "$2b$04$" + "s" * 53
+    with pytest.raises(DBAPIError) as info:
+        async with engine.connect() as connection:
+            await connection.execute(
+                text("INSERT INTO users (id, email, password_hash) VALUES (:id, :email, :hash)"),
+                {"id": "not-a-uuid", "email": "x@example.com", "hash": secret},
+            )
+    message = str(info.value)
+    assert "INSERT INTO users" in message
+    assert (secret in message, "parameters hidden" in message) == (False, True)
 
 
 async def test_the_pool_is_sized_from_settings(make_engine: EngineMaker) -> None:

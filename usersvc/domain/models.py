@@ -69,7 +69,8 @@ class Credentials:
     never reach a response mapper."""
 
     user: User
-    password_hash: str
+    # Out of repr: a dataclass repr ends up in exception texts and logs.
+    password_hash: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ class NewUser:
     """Validated input of a create: email already normalised, password hashed."""
 
     email: str
-    password_hash: str
+    password_hash: str = field(repr=False)
     display_name: str
     roles: tuple[str, ...]
     labels: Mapping[str, str]

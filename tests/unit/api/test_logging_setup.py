@@ -134,3 +134,49 @@ async def test_every_line_of_a_call_carries_its_request_id(
         ("tests.fake_user_service", "call-9"),
         ("usersvc.access", "call-9"),
     ]
+
+
+HASH = "$2b$04$" + "abcdefghijklmnopqrstuv" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ01234"
+JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLWJ5dGVz"
+REFRESH = "rt_" + "A" * 43
+DRIVER_ERROR = (
+    'new row for relation "users" violates check constraint "ck_users_email"\n'
+    f"DETAIL:  Failing row contains (0190, x@example.com, {HASH}, Ada, {{user}})."
+)
+
+
+def _raise_and_log(message: str) -> None:
+    try:
+        raise RuntimeError(DRIVER_ERROR)
+    except RuntimeError:
+        logging.getLogger("usersvc.test").exception(message)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_tracebacks_lose_hashes_and_failing_rows(stream: io.StringIO, fmt: str) -> None:
+    configure_logging(fmt, "INFO", stream=stream)
+    _raise_and_log("unexpected error")
+    out = stream.getvalue()
+    assert ("ck_users_email" in out, HASH in out, "x@example.com" in out) == (True, False, False)
+    assert "Failing row contains ([redacted])" in out
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_warnings_lose_tokens_in_the_message_and_extra_fields(
+    stream: io.StringIO, fmt: str
+) -> None:
+    configure_logging(fmt, "INFO", stream=stream)
+    logging.getLogger("usersvc.test").warning(
+        "refused %s", f"Bearer {JWT}", extra={"presented": REFRESH}
+    )
+    out = stream.getvalue()
+    assert (JWT in out, REFRESH in out, "refused Bearer [redacted]" in out) == (False, False, True)
+    assert "[redacted refresh token]" in out
+
+
+def test_info_lines_are_left_as_they_are(stream: io.StringIO) -> None:
+    # The access log is INFO and built from chosen fields: no search there.
+    configure_logging("json", "INFO", stream=stream)
+    logging.getLogger("usersvc.test").info("a bcrypt-shaped method name %s", HASH)
+    [line] = _lines(stream)
+    assert line["msg"] == f"a bcrypt-shaped method name {HASH}"
