@@ -18,6 +18,7 @@ from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.config import Settings
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.passwords import PasswordPolicy
+from usersvc.observability.tracing import Tracing
 from usersvc.services.auth import AuthService
 from usersvc.services.maintenance import SessionMaintenance
 from usersvc.services.passwords import BcryptPasswordHasher
@@ -50,6 +51,8 @@ class Container:
     rate_limiter: InProcessRateLimiter | RedisRateLimiter = field(
         default_factory=InProcessRateLimiter
     )
+    # None unless OTEL_* variables ask for traces and the otel extra is there.
+    tracing: Tracing | None = None
 
     async def start_background(self) -> None:
         """Start the revocation feed (waiting briefly for its first load)
@@ -71,6 +74,8 @@ class Container:
         await self.engine.dispose()
         await self.rate_limiter.aclose()
         self.hasher.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
 
 def resolve_database_url(settings: Settings) -> tuple[str, bool]:
@@ -86,12 +91,20 @@ def resolve_database_url(settings: Settings) -> tuple[str, bool]:
 
 
 def bootstrap(
-    settings: Settings, *, database_url: str, lockout_clock: Callable[[], float] = time.time
+    settings: Settings,
+    *,
+    database_url: str,
+    lockout_clock: Callable[[], float] = time.time,
+    tracing: Tracing | None = None,
 ) -> Container:
     """Wire the service; ``lockout_clock`` (like time.time) tells when
-    account locks end, for tests that move it. Raises ValueError for
-    unusable signing keys or a malformed USERSVC_REDIS_URL."""
+    account locks end, for tests that move it; ``tracing`` (from
+    usersvc.observability.tracing.configure_tracing) adds spans to every
+    RPC and SQL statement. Raises ValueError for unusable signing keys or a
+    malformed USERSVC_REDIS_URL."""
     engine = create_engine(settings, database_url)
+    if tracing is not None:
+        tracing.instrument_engine(engine)
     monitor = (
         DatabaseMonitor.for_database(settings, database_url)
         if settings.db_probe_interval_seconds > 0
@@ -167,4 +180,5 @@ def bootstrap(
         ),
         database_monitor=monitor,
         rate_limiter=rate_limiter,
+        tracing=tracing,
     )

@@ -100,7 +100,15 @@ def _migration_url(settings: Settings) -> tuple[str, bool]:
 
 def _serve(settings: Settings) -> int:
     from usersvc.bootstrap import bootstrap, resolve_database_url
+    from usersvc.observability.tracing import TracingConfigError, configure_tracing
     from usersvc.server import run_until_signalled
+
+    try:
+        # OTEL_* variables are read by the OpenTelemetry SDK itself, not Settings.
+        tracing = configure_tracing(os.environ)
+    except TracingConfigError as exc:
+        print(f"usersvc: {exc}", file=sys.stderr)
+        return 2
 
     url, embedded = resolve_database_url(settings)
     if embedded:
@@ -110,7 +118,7 @@ def _serve(settings: Settings) -> int:
         upgrade(url)
 
     async def run() -> None:
-        await run_until_signalled(bootstrap(settings, database_url=url))
+        await run_until_signalled(bootstrap(settings, database_url=url, tracing=tracing))
 
     from usersvc.services.tokens import KeyConfigError
 

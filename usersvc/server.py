@@ -184,6 +184,7 @@ class UsersvcServer:
                     settings.auth_rate_limit_rps, settings.auth_rate_limit_burst
                 ),
                 trusted_proxies=settings.trusted_proxies,
+                tracing=None if container.tracing is None else container.tracing.interceptor(),
             ),
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -46,13 +46,20 @@ def build_interceptors(
     general_rate: Rate | None = None,
     auth_rate: Rate | None = None,
     trusted_proxies: Sequence[IPNetwork] = (),
+    tracing: grpc.aio.ServerInterceptor | None = None,  # type: ignore[type-arg]
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
     """The interceptors for ``grpc.aio.server(interceptors=...)``, outermost
-    first; without ``rate_limiter`` nothing is rate limited. Never raises."""
+    first; without ``rate_limiter`` nothing is rate limited; ``tracing`` is
+    the span-per-RPC interceptor when tracing is on
+    (usersvc.observability.tracing), else nothing is added. Never raises."""
     # The order is the design; each one relies on those outside it:
     # 1. RequestId first, so every later line of the call (the access line, a
     #    traceback) carries the id, and the caller gets it back even when the
     #    call fails.
+    # 1b. Tracing (when on) right inside RequestId: the span carries the
+    #    request id from its start, and everything that takes time (access
+    #    log, error mapping, auth, the handler and its SQL) runs inside it.
+    #    Outside ErrorMapping, like AccessLog, so it records the final code.
     # 2. AccessLog outside ErrorMapping, so it sees the final status code of
     #    every call (mapped errors included) and times the whole call.
     # 3. ErrorMapping outside Auth, so a rejected token becomes a rich
@@ -74,6 +81,8 @@ def build_interceptors(
         AccessLogInterceptor(),
         ErrorMappingInterceptor(),
     ]
+    if tracing is not None:
+        interceptors.insert(1, tracing)
     if ensure_database is not None:
         interceptors.append(DatabaseGateInterceptor(ensure_database))
     interceptors += [

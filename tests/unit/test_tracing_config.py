@@ -1,0 +1,133 @@
+"""When tracing is on (the OTEL_* variables and the otel extra), and that
+it costs nothing when it is off: no interceptor, no OpenTelemetry import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from usersvc.api.interceptors import (
+    AccessLogInterceptor,
+    RequestIdInterceptor,
+    build_interceptors,
+)
+from usersvc.api.public import PublicMethods
+from usersvc.observability.tracing import (
+    TracingConfigError,
+    configure_tracing,
+    otel_installed,
+    tracing_requested,
+)
+
+
+@pytest.mark.parametrize(
+    ("environ", "requested"),
+    [
+        ({}, False),
+        ({"OTEL_SERVICE_NAME": "usersvc"}, False),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": "console,otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_TRACES_EXPORTER": " None "}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "TRUE"}, False),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "false"}, True),
+    ],
+)
+def test_tracing_is_on_only_when_the_otel_variables_ask_for_it(
+    environ: dict[str, str], requested: bool
+) -> None:
+    assert tracing_requested(environ) is requested
+
+
+def test_without_otel_variables_there_is_no_tracing() -> None:
+    assert configure_tracing({}) is None
+
+
+def test_an_exporter_usersvc_does_not_ship_is_refused_by_name() -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    with pytest.raises(TracingConfigError, match="OTEL_TRACES_EXPORTER: zipkin"):
+        configure_tracing({"OTEL_TRACES_EXPORTER": "otlp,zipkin"})
+
+
+def test_an_otlp_protocol_other_than_grpc_is_refused() -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    with pytest.raises(TracingConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        configure_tracing(
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+        )
+
+
+def test_the_console_exporter_builds_a_provider_named_usersvc() -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    tracing = configure_tracing({"OTEL_TRACES_EXPORTER": "console"})
+    assert tracing is not None
+    try:
+        assert tracing.provider.resource.attributes["service.name"] == "usersvc"
+    finally:
+        tracing.shutdown()
+
+
+def test_without_the_extra_tracing_stays_off_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # None in sys.modules: what an import of a package that is not there finds.
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc", None)
+    assert otel_installed() is False
+    with caplog.at_level("WARNING", logger="usersvc.observability.tracing"):
+        assert configure_tracing({"OTEL_TRACES_EXPORTER": "otlp"}) is None
+    assert "pip install 'usersvc[otel]'" in caplog.text
+
+
+class _NoAuthentication:
+    def authenticate(self, token: str) -> object:
+        raise AssertionError("not called while building the chain")
+
+
+def _chain(**options: object) -> list[type]:
+    interceptors = build_interceptors(
+        auth_service=_NoAuthentication(),  # type: ignore[arg-type]
+        public_methods=PublicMethods(allow_signup=True),
+        **options,  # type: ignore[arg-type]
+    )
+    return [type(interceptor) for interceptor in interceptors]
+
+
+def test_without_tracing_no_tracing_interceptor_is_installed() -> None:
+    names = [kind.__name__ for kind in _chain()]
+    assert "TracingInterceptor" not in names
+    assert names[:2] == ["RequestIdInterceptor", "AccessLogInterceptor"]
+
+
+def test_with_tracing_its_interceptor_sits_right_inside_the_request_id() -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from usersvc.api.interceptors.tracing import TracingInterceptor
+    from usersvc.observability.tracing import Tracing
+
+    chain = _chain(tracing=Tracing(TracerProvider()).interceptor())
+    assert chain[:3] == [RequestIdInterceptor, TracingInterceptor, AccessLogInterceptor]
+
+
+def test_serving_without_tracing_imports_nothing_of_opentelemetry() -> None:
+    # A fresh interpreter: this one may have imported it for other tests.
+    probe = (
+        "import sys, os\n"
+        "from usersvc import bootstrap, cli, server\n"
+        "from usersvc.observability.tracing import configure_tracing\n"
+        "assert configure_tracing(os.environ) is None\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "OTEL_SERVICE_NAME": "usersvc"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
