@@ -247,25 +247,25 @@ class LogSweep:
         if self._handler is None:
             self._handler = CapturingHandler(self)
             target.addHandler(self._handler)
-        if self._saved_level is None:
             self._saved_level = target.level
         target.setLevel(logging.DEBUG)
         self.source = source
         self.active = True
 
     def pause(self, logger: logging.Logger | None = None) -> None:
-        """Stop capturing and give the logger its level back."""
+        """Stop capturing: the handler leaves, the logger gets its level back."""
         self.active = False
         self.source = "between tests"
+        target = logger or logging.getLogger()
+        if self._handler is not None:
+            target.removeHandler(self._handler)
+            self._handler = None
         if self._saved_level is not None:
-            (logger or logging.getLogger()).setLevel(self._saved_level)
+            target.setLevel(self._saved_level)
             self._saved_level = None
 
     def close(self, logger: logging.Logger | None = None) -> None:
         self.pause(logger)
-        if self._handler is not None:
-            (logger or logging.getLogger()).removeHandler(self._handler)
-            self._handler = None
 
     def findings(self, since: int = 0) -> list[Finding]:
         """One Finding per secret per line, for lines[since:]."""

@@ -70,20 +70,35 @@ async def running_server(
 
 
 E2E_DIR = Path(__file__).resolve().parent
+_HARVESTER = SecretHarvester(SWEEP.ledger)
+
+
+def _harvesting(factory: Any) -> Any:
+    def channel(target: str, *args: Any, **kwargs: Any) -> grpc.aio.Channel:
+        kwargs["interceptors"] = [*(kwargs.get("interceptors") or ()), _HARVESTER]
+        return factory(target, *args, **kwargs)
+
+    return channel
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    # pytest calls this hook of every conftest for every item, so the tier
-    # is chosen here: capture while an e2e test runs, from its first fixture
-    # set up to its last one torn down.
-    swept = E2E_DIR in item.path.resolve().parents
-    if swept:
-        SWEEP.start(item.nodeid)
-    try:
+    """While an e2e test runs, from its first fixture set up to its last
+    one torn down: its log lines are captured, and every channel opened
+    (to in-process or subprocess servers) records the secrets that pass
+    through it. pytest calls this hook of every conftest for every item,
+    so the tier is chosen here; other tiers run untouched."""
+    if E2E_DIR not in item.path.resolve().parents:
         yield
-    finally:
-        if swept:
+        return
+    SWEEP.start(item.nodeid)
+    with pytest.MonkeyPatch.context() as patch:
+        # Channels made earlier (session fixtures) keep their harvester.
+        patch.setattr(grpc.aio, "insecure_channel", _harvesting(grpc.aio.insecure_channel))
+        patch.setattr(grpc.aio, "secure_channel", _harvesting(grpc.aio.secure_channel))
+        try:
+            yield
+        finally:
             SWEEP.pause()
 
 
@@ -107,27 +122,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     )
     for finding in _session_findings[:50]:
         terminalreporter.write_line(f"LEAK: {finding}", red=True)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def harvest_secrets_from_every_channel() -> Iterator[None]:
-    """Every channel a test opens (to in-process or subprocess servers)
-    records the secrets that pass through it."""
-    harvester = SecretHarvester(SWEEP.ledger)
-    original_insecure, original_secure = grpc.aio.insecure_channel, grpc.aio.secure_channel
-
-    def insecure_channel(target: str, *args: Any, **kwargs: Any) -> grpc.aio.Channel:
-        kwargs["interceptors"] = [*(kwargs.get("interceptors") or ()), harvester]
-        return original_insecure(target, *args, **kwargs)
-
-    def secure_channel(target: str, *args: Any, **kwargs: Any) -> grpc.aio.Channel:
-        kwargs["interceptors"] = [*(kwargs.get("interceptors") or ()), harvester]
-        return original_secure(target, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(grpc.aio, "insecure_channel", insecure_channel)
-        patch.setattr(grpc.aio, "secure_channel", secure_channel)
-        yield
 
 
 @pytest.fixture(autouse=True)
