@@ -17,11 +17,13 @@ anything shaped like a bcrypt hash, a JWT or a refresh token even when no
 test recorded it (imported hashes, the dummy hash, a token nobody saw).
 
 The search must stay cheap with thousands of secrets and tens of thousands
-of lines, so it is not "every secret against every line": each secret is
-indexed by its last ``_KEY_CHARS`` characters (the tails are random; heads
-are shared, every JWT starts with the same header and every bcrypt hash with
-``$2b$``), a chunk of text yields the set of its substrings of that length,
-and only secrets whose key is in that set are looked for, with ``in``.
+of lines, so it is not "every secret against every line". Each secret is
+indexed by ``_STRIDE`` substrings of ``_KEY_CHARS`` characters at
+consecutive offsets near its end (tails are random; heads are shared, every
+JWT starts with the same header and every bcrypt hash with ``$2b$``). A chunk
+of text yields its substrings of that length at every ``_STRIDE``-th offset:
+wherever a secret occurs, exactly one of its indexed substrings starts at
+such an offset. Only secrets whose key turns up are looked for, with ``in``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +41,9 @@ import grpc
 
 MIN_SECRET_CHARS = 10
 _KEY_CHARS = 8
+# MIN_SECRET_CHARS >= _KEY_CHARS + _STRIDE - 1, so every secret has its
+# _STRIDE keys.
+_STRIDE = 3
 # Lines are searched in chunks of about this many characters: the set of
 # substrings of a chunk is what costs memory.
 _CHUNK_CHARS = 256 * 1024
@@ -50,7 +56,9 @@ SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
         "JWT",
         re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}"),
     ),
-    ("refresh token", re.compile(r"(?<![A-Za-z0-9_-])rt_[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")),
+    # No lookbehind: a literal start keeps the search fast; a match inside a
+    # longer word is dropped in search().
+    ("refresh token", re.compile(r"rt_[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")),
 )
 
 # Message fields that carry secrets, anywhere in a request or response.
@@ -106,7 +114,11 @@ class SecretLedger:
             if value in self._known:
                 return
             self._known.add(value)
-            self._by_key.setdefault(value[-_KEY_CHARS:], []).append((kind, value))
+            end = len(value) - _KEY_CHARS
+            for start in range(end - _STRIDE + 1, end + 1):
+                self._by_key.setdefault(value[start : start + _KEY_CHARS], []).append(
+                    (kind, value)
+                )
         if kind == "refresh token":
             self._add_refresh_token_hash(value)
         elif kind in ("signing key", "HS256 secret") and "-----BEGIN" in value:
@@ -172,15 +184,20 @@ class SecretLedger:
         """(kind, secret) for each known secret in ``text``, then for each
         secret-shaped string."""
         width = _KEY_CHARS
-        grams = {text[i : i + width] for i in range(len(text) - width + 1)}
+        grams = {text[i : i + width] for i in range(0, len(text) - width + 1, _STRIDE)}
         with self._lock:
             candidates = [self._by_key[key] for key in grams.intersection(self._by_key)]
+        seen: set[str] = set()
         for bucket in candidates:
             for kind, secret in bucket:
-                if secret in text:
+                if secret not in seen and secret in text:
+                    seen.add(secret)
                     yield kind, secret
         for kind, pattern in SHAPES:
             for match in pattern.finditer(text):
+                before = text[match.start() - 1 : match.start()]
+                if kind == "refresh token" and before and (before.isalnum() or before in "_-"):
+                    continue
                 yield kind, match.group(0)
 
 
@@ -226,6 +243,8 @@ class LogSweep:
         self._lock = threading.Lock()
         self._handler: CapturingHandler | None = None
         self._saved_level: int | None = None
+        # What the searches cost, for the session summary.
+        self.search_seconds = 0.0
 
     def add_line(self, source: str, text: str) -> None:
         with self._lock:
@@ -269,6 +288,7 @@ class LogSweep:
 
     def findings(self, since: int = 0) -> list[Finding]:
         """One Finding per secret per line, for lines[since:]."""
+        started = time.perf_counter()
         with self._lock:
             lines = self.lines[since:]
         found: list[Finding] = []
@@ -281,6 +301,7 @@ class LogSweep:
                 for kind, secret in hits:
                     if secret in line.text:
                         found.append(Finding(kind, secret, line.source, line.text))
+        self.search_seconds += time.perf_counter() - started
         return found
 
 

@@ -118,7 +118,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     terminalreporter.write_line(
         f"log secret sweep: {len(SWEEP.lines)} log lines checked against "
-        f"{len(SWEEP.ledger)} secrets, {len(_session_findings)} leaks"
+        f"{len(SWEEP.ledger)} secrets, {len(_session_findings)} leaks "
+        f"({SWEEP.search_seconds:.1f}s searching)"
     )
     for finding in _session_findings[:50]:
         terminalreporter.write_line(f"LEAK: {finding}", red=True)

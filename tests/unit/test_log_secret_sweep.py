@@ -150,6 +150,24 @@ def test_a_line_is_only_checked_while_the_sweep_is_active(sweep: LogSweep) -> No
     assert sweep.lines == []
 
 
+@pytest.mark.parametrize("length", [10, 11, 12, 46])
+def test_a_secret_is_found_at_every_offset_of_the_text(length: int) -> None:
+    # The text is sampled every few characters: no alignment may hide one.
+    ledger = SecretLedger()
+    secret = secrets.token_hex(length)[:length]
+    ledger.add("password", secret)
+    found = [list(ledger.search("." * offset + secret + "!")) for offset in range(8)]
+    assert found == [[("password", secret)]] * 8
+
+
+def test_a_refresh_token_shape_counts_alone_not_inside_a_longer_word() -> None:
+    token = refresh_token()
+    ledger = SecretLedger()
+    assert list(ledger.search(token)) == [("refresh token", token)]
+    assert list(ledger.search("x" + token)) == []
+    assert list(ledger.search(token + "x")) == []
+
+
 def test_the_search_stays_linear_with_many_secrets() -> None:
     ledger = SecretLedger()
     for _ in range(20_000):
