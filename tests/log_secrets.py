@@ -89,7 +89,9 @@ class Finding:
 
     def __str__(self) -> str:
         shown = self.secret if len(self.secret) <= 16 else f"{self.secret[:12]}..."
-        line = self.line if len(self.line) <= _MAX_LINE_IN_REPORT else self.line[:400] + "..."
+        line = self.line
+        if len(line) > _MAX_LINE_IN_REPORT:
+            line = line[:_MAX_LINE_IN_REPORT] + "..."
         return f"{self.kind} {shown!r} in a log line of {self.source}: {line}"
 
 
