@@ -39,7 +39,7 @@ test: $(STAMP) buf-lint proto-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) buf-lint proto-check
-	$(BIN)/ruff check usersvc tests scripts alembic
+	$(BIN)/ruff check usersvc tests scripts
 	$(BIN)/mypy
 
 buf-lint: $(BUF)
