@@ -40,7 +40,7 @@ def test_get_jwks_returns_public_ed25519_keys_only(api: ReflectedApi) -> None:
     assert len(set(kids)) == len(kids)
     assert all(kids)
     for key in keys:
-        assert "d" not in key and "k" not in key, "private key material published"
+        assert not {"d", "k"} & key.keys(), "private key material published"
         if key["kty"] == "OKP":
             assert key["crv"] == "Ed25519"
             assert len(b64url_decode(key["x"])) == 32
