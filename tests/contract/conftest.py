@@ -33,11 +33,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from .client import AUTH_SERVICE, USER_SERVICE, CallFailed, ReflectedApi
+from .client import AUTH_SERVICE, USER_SERVICE, CallFailed, ReflectedApi, Reply
 
 ADDR_ENV = "USERSVC_CONTRACT_ADDR"
 ADMIN_EMAIL_ENV = "USERSVC_CONTRACT_ADMIN_EMAIL"
@@ -209,19 +210,25 @@ def admin_token(api: ReflectedApi, target: Target) -> str:
     return login(api, target.admin_email, target.admin_password)
 
 
-def sign_up(api: ReflectedApi, request: pytest.FixtureRequest) -> Account:
-    """A new user, by self sign-up, or by the admin where sign-up is closed."""
-    email, password = new_email(), new_password()
-    fields = {"email": email, "password": password, "display_name": "Contract"}
+def create_user(api: ReflectedApi, request: pytest.FixtureRequest, **fields: Any) -> Reply:
+    """CreateUser by self sign-up, or as the admin where sign-up is closed
+    (skipped when it is closed and no admin is configured). Raises
+    CallFailed."""
     try:
-        created = api.call(f"{USER_SERVICE}.CreateUser", **fields)
+        return api.call(f"{USER_SERVICE}.CreateUser", **fields)
     except CallFailed as error:
         if error.failure.code not in (
             grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED
         ):
             raise
-        token = request.getfixturevalue("admin_token")  # skips without an admin
-        created = api.call(f"{USER_SERVICE}.CreateUser", token=token, **fields)
+    token = request.getfixturevalue("admin_token")  # skips without an admin
+    return api.call(f"{USER_SERVICE}.CreateUser", token=token, **fields)
+
+
+def sign_up(api: ReflectedApi, request: pytest.FixtureRequest) -> Account:
+    """A new user, logged in."""
+    email, password = new_email(), new_password()
+    created = create_user(api, request, email=email, password=password, display_name="Contract")
     return Account(email, password, created.message.user.id, login(api, email, password))
 
 

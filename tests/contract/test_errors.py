@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from .client import ERROR_DOMAIN, USER_SERVICE, CallFailed, Failure, ReflectedApi
-from .conftest import Account, new_password
+from .conftest import Account, create_user, new_password
 
 
 def failure(api: ReflectedApi, method: str, **kwargs: object) -> Failure:
@@ -27,19 +27,25 @@ def assert_error_shape(found: Failure, code: grpc.StatusCode, reason: str) -> No
     assert info.reason == reason
 
 
-def test_an_invalid_email_is_invalid_argument_with_a_field_violation(api: ReflectedApi) -> None:
-    found = failure(
-        api, f"{USER_SERVICE}.CreateUser", email="not-an-email", password=new_password()
-    )
+def creation_failure(api: ReflectedApi, request: pytest.FixtureRequest, **fields: str) -> Failure:
+    with pytest.raises(CallFailed) as raised:
+        create_user(api, request, **fields)
+    return raised.value.failure
+
+
+def test_an_invalid_email_is_invalid_argument_with_a_field_violation(
+    api: ReflectedApi, request: pytest.FixtureRequest
+) -> None:
+    found = creation_failure(api, request, email="not-an-email", password=new_password())
 
     assert_error_shape(found, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
     assert "email" in found.violated_fields()
 
 
-def test_a_common_password_is_a_weak_password_field_violation(api: ReflectedApi) -> None:
-    found = failure(
-        api, f"{USER_SERVICE}.CreateUser", email="weak@example.com", password="password"
-    )
+def test_a_common_password_is_a_weak_password_field_violation(
+    api: ReflectedApi, request: pytest.FixtureRequest
+) -> None:
+    found = creation_failure(api, request, email="weak@example.com", password="password")
 
     assert found.code == grpc.StatusCode.INVALID_ARGUMENT
     assert found.status is not None
