@@ -52,6 +52,7 @@ ENV PATH=/opt/usersvc/bin:$PATH \
     USERSVC_LISTEN_ADDR=0.0.0.0:50051 \
     USERSVC_LOG_FORMAT=json
 
+# Nothing is written at run time in production; a neutral working directory.
 WORKDIR /tmp
 USER 10001:10001
 EXPOSE 50051
