@@ -64,7 +64,7 @@ class Failure:
     def reason(self) -> str:
         infos = self.error_infos()
         assert len(infos) == 1, f"expected exactly one ErrorInfo, got {infos}"
-        return infos[0].reason
+        return str(infos[0].reason)
 
     def _unpacked(self, kind: type[Any]) -> list[Any]:
         if self.status is None:
@@ -145,7 +145,7 @@ class ReflectedApi:
             headers.append(("authorization", f"Bearer {token}"))
         try:
             response, call = callable_.with_call(
-                request, metadata=headers, timeout=CALL_TIMEOUT_SECONDS
+                request, metadata=tuple(headers), timeout=CALL_TIMEOUT_SECONDS
             )
         except grpc.RpcError as error:
             raise CallFailed(failure_of(error)) from None

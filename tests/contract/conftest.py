@@ -23,6 +23,7 @@ PostgreSQL server (the ``pg_server_url`` fixture of tests/conftest.py).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import secrets
 import signal
@@ -88,7 +89,10 @@ def _admin_sql(server_url: str, statement: str) -> None:
         finally:
             await engine.dispose()
 
-    asyncio.run(run())
+    # In a thread of its own: asyncio.run must not replace the event loop of
+    # the thread that pytest-asyncio runs the rest of the session on.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as worker:
+        worker.submit(asyncio.run, run()).result()
 
 
 def _wait_until_serving(env: dict[str, str], server: subprocess.Popen[bytes], log: Path) -> None:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,14 +50,17 @@ class InstalledWheel:
         return self.venv / "bin"
 
 
-def _run(args: list[str | Path], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+def _run(
+    args: Sequence[str | Path], *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [str(arg) for arg in args],
+        env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=COMMAND_TIMEOUT_SECONDS,
         check=False,
-        **kwargs,
     )
 
 
@@ -178,7 +181,7 @@ async def _wait_until_healthy(
         if server.returncode is not None:
             pytest.fail(f"usersvc serve exited with {server.returncode}")
         # Each try waits up to its own --timeout for the server to answer.
-        result = await asyncio.to_thread(_run, list(healthcheck), env=env, cwd=cwd)
+        result = await asyncio.to_thread(_run, healthcheck, env=env, cwd=cwd)
         if result.returncode == 0:
             return result
     pytest.fail(f"not SERVING within {STARTUP_DEADLINE_SECONDS}s")
