@@ -204,6 +204,8 @@ _BY_REASON: Mapping[str, type[UsersvcError]] = MappingProxyType(
         "PERMISSION_DENIED": PermissionDenied,
         "RATE_LIMITED": RateLimited,
         "DATABASE_UNAVAILABLE": DatabaseUnavailable,
+        # The server's own deadline check answers with this reason.
+        "DEADLINE_EXCEEDED": DeadlineExceeded,
         "INTERNAL": Internal,
     }
 )
