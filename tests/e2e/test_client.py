@@ -413,3 +413,12 @@ async def test_a_server_certificate_from_another_ca_is_refused(
     ) as client:
         with pytest.raises(Unavailable):
             await client.get_jwks()
+
+
+async def test_creating_twice_with_one_request_id_creates_once(
+    admin: UsersvcClient, world: World, recorder: ResponseRecorder
+) -> None:
+    email, password = new_email("idem"), new_password(recorder)
+    first = await admin.create_user(email, password, request_id="client-idem-1")
+    again = await admin.create_user(email, password, request_id="client-idem-1")
+    assert again.id == first.id

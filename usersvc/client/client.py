@@ -388,10 +388,10 @@ class UsersvcClient:
 
         # A client stream cannot be replayed, so it is never repeated after
         # a token refresh: the token is fetched fresh beforehand instead.
-        metadata = await self._metadata(x_request_id, authenticate=True)
+        _, metadata = await self._metadata(x_request_id, authenticate=True)
         try:
             response: user_service_pb2.ImportUsersResponse = await self._users.ImportUsers(
-                requests(), timeout=self._timeout(timeout), metadata=metadata[1]
+                requests(), timeout=self._timeout(timeout), metadata=metadata
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
