@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import bcrypt
 import grpc
 import pytest
 import pytest_asyncio
@@ -34,7 +35,15 @@ from usersvc.client import (
 )
 
 from .conftest import RunningServer, running_server
-from .helpers import ResponseRecorder, World, missing_id, new_email, new_password, user_pb2
+from .helpers import (
+    ResponseRecorder,
+    World,
+    missing_id,
+    new_email,
+    new_password,
+    user_pb2,
+    user_service_pb2,
+)
 from .pki import Authority, Issued
 from .test_deadlines import row_locked
 
@@ -422,3 +431,32 @@ async def test_creating_twice_with_one_request_id_creates_once(
     first = await admin.create_user(email, password, request_id="client-idem-1")
     again = await admin.create_user(email, password, request_id="client-idem-1")
     assert again.id == first.id
+
+
+async def test_an_admin_imports_users_in_batches_and_they_log_in(
+    admin: UsersvcClient, world: World, recorder: ResponseRecorder
+) -> None:
+    password = new_password(recorder)
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+    emails = [new_email("imported") for _ in range(3)]
+
+    async def batches() -> AsyncIterator[list[user_service_pb2.ImportedUser]]:
+        yield [user_service_pb2.ImportedUser(email=e, password_hash=hashed) for e in emails[:2]]
+        yield [
+            user_service_pb2.ImportedUser(email=emails[2], password_hash=hashed),
+            user_service_pb2.ImportedUser(email=world.alice.email, password_hash=hashed),
+        ]
+
+    report = await admin.import_users(batches())
+    assert report.imported_count == 3
+    assert [(e.row, e.reason) for e in report.errors] == [(3, "EMAIL_ALREADY_EXISTS")]
+    login = await admin.login(emails[2], password)
+    assert login.user.email == emails[2]
+
+
+async def test_a_plain_user_cannot_import(
+    primary: RunningServer, world: World, recorder: ResponseRecorder
+) -> None:
+    async with connect(primary, recorder, credentials=StaticToken(world.alice.token)) as alice:
+        with pytest.raises(PermissionDenied):
+            await alice.import_users([[user_service_pb2.ImportedUser(email=new_email())]])
