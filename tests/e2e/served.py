@@ -9,7 +9,7 @@ import json
 import os
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,15 +141,11 @@ async def served(env: Mapping[str, str], log: Path, *args: str) -> AsyncIterator
             import psutil
 
             with_children = [psutil.Process(process.pid)]
-            try:
+            with suppress(psutil.NoSuchProcess):
                 with_children += with_children[0].children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
             for p in reversed(with_children):
-                try:
+                with suppress(psutil.NoSuchProcess):
                     p.kill()
-                except psutil.NoSuchProcess:
-                    pass
             await process.wait()
 
 

@@ -119,7 +119,8 @@ async def test_a_killed_worker_is_replaced_and_calls_keep_working(
     assert len(replacement) == 1
     assert live == (workers - {victim}) | replacement
     assert answered == live
-    assert died and died[0]["returncode"] == -signal.SIGKILL
+    assert died
+    assert died[0]["returncode"] == -signal.SIGKILL
 
 
 async def test_sigterm_drains_in_flight_calls_in_every_worker_and_exits_0(
