@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -165,6 +166,34 @@ async def jwks_call(address: str, request_id: str) -> None:
             metadata=(("x-request-id", request_id),),
             timeout=10,
         )
+
+
+# Fresh connections until both workers answered: the kernel hashes each
+# connection to a worker, so 64 all landing on one of two is a 2**-63 event.
+MAX_CONNECTIONS = 64
+
+
+async def answering_pids(server: Served, want: set[int]) -> set[int]:
+    """Call GetJwks on fresh connections until every pid in ``want``
+    answered one (or MAX_CONNECTIONS calls were made); the pids that did."""
+    return set(await calls_until_answered_by(server, want))
+
+
+async def calls_until_answered_by(server: Served, want: set[int]) -> list[int]:
+    """Like answering_pids, but the pid of each call made, in order."""
+    seen: set[int] = set()
+    answers: list[int] = []
+    for _ in range(MAX_CONNECTIONS):
+        request_id = f"workers-{uuid.uuid4().hex}"
+        await jwks_call(server.address, request_id)
+        pid = await server.wait_for(
+            "the call's access line", lambda rid=request_id: answered_by(server, rid)
+        )
+        seen.add(pid)
+        answers.append(pid)
+        if want <= seen:
+            break
+    return answers
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -17,29 +17,10 @@ from google.protobuf import field_mask_pb2
 from sqlalchemy import text
 
 from .helpers import Caller, World, auth_service_pb2, user_pb2, user_service_pb2
-from .served import DEADLINE_SECONDS, Served, answered_by, jwks_call, served, server_env
+from .served import DEADLINE_SECONDS, Served, answering_pids, served, server_env
 from .test_process import wait_for_lock_waiter
 
 WORKERS = 2
-# Fresh connections until both workers answered: the kernel hashes each
-# connection to a worker, so 64 all landing on one of two is a 2**-63 event.
-MAX_CONNECTIONS = 64
-
-
-async def answering_pids(server: Served, want: set[int]) -> set[int]:
-    """Call GetJwks on fresh connections until every pid in ``want``
-    answered one (or MAX_CONNECTIONS calls were made); the pids that did."""
-    seen: set[int] = set()
-    for _ in range(MAX_CONNECTIONS):
-        request_id = f"workers-{uuid.uuid4().hex}"
-        await jwks_call(server.address, request_id)
-        pid = await server.wait_for(
-            "the call's access line", lambda rid=request_id: answered_by(server, rid)
-        )
-        seen.add(pid)
-        if want <= seen:
-            break
-    return seen
 
 
 def worker_children(server: Served) -> set[int]:
