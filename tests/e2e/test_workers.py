@@ -16,9 +16,17 @@ import pytest
 from google.protobuf import field_mask_pb2
 from sqlalchemy import text
 
-from .helpers import Caller, World, auth_service_pb2, user_pb2, user_service_pb2
-from .served import DEADLINE_SECONDS, Served, answering_pids, served, server_env
-from .test_process import wait_for_lock_waiter
+from .helpers import Caller, World, auth_service_pb2, new_email, user_pb2, user_service_pb2
+from .served import (
+    DEADLINE_SECONDS,
+    MAX_CONNECTIONS,
+    Served,
+    answered_by,
+    answering_pids,
+    served,
+    server_env,
+)
+from .test_process import free_port, wait_for_lock_waiter
 
 WORKERS = 2
 
@@ -178,3 +186,49 @@ async def test_workers_need_a_fixed_port(env: dict[str, str], tmp_path: Path) ->
 
     assert code == 2
     assert "USERSVC_LISTEN_ADDR needs a fixed port" in server.log.read_text()
+
+
+async def test_workers_serve_the_mtls_port_too(env: dict[str, str], tmp_path: Path) -> None:
+    from .pki import Authority
+
+    ca = Authority.create(tmp_path / "pki", "corp")
+    server_cert = ca.server()
+    orders = ca.client("orders", dns=("orders.internal",))
+    mtls_port = free_port()
+    env = {
+        **env,
+        "USERSVC_TLS_CERT_FILE": str(server_cert.cert_file),
+        "USERSVC_TLS_KEY_FILE": str(server_cert.key_file),
+        "USERSVC_TLS_CLIENT_CA_FILE": str(ca.cert_file),
+        "USERSVC_MTLS_LISTEN_ADDR": f"127.0.0.1:{mtls_port}",
+        "USERSVC_SERVICE_IDENTITIES": "orders.internal=service",
+    }
+    credentials = grpc.ssl_channel_credentials(ca.cert_pem, orders.key_pem, orders.cert_pem)
+    async with served(env, tmp_path / "serve.log", "--workers", str(WORKERS)) as server:
+        workers = await server.wait_serving(WORKERS)
+        mtls_ports = {r["mtls_port"] for r in server.matching("serving")}
+        answered: set[int] = set()
+        codes: set[grpc.StatusCode] = set()
+        for _ in range(MAX_CONNECTIONS):
+            request_id = f"mtls-{uuid.uuid4().hex}"
+            async with grpc.aio.secure_channel(f"127.0.0.1:{mtls_port}", credentials) as channel:
+                # As the "orders" service: allowed to look up, and nobody
+                # has this address, so NOT_FOUND (not PERMISSION_DENIED).
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await Caller(channel, None).users.LookupUser(
+                        user_service_pb2.LookupUserRequest(email=new_email("nobody")),
+                        metadata=(("x-request-id", request_id),),
+                        timeout=10,
+                    )
+            codes.add(failed.value.code())
+            answered.add(
+                await server.wait_for(
+                    "the call's access line", lambda rid=request_id: answered_by(server, rid)
+                )
+            )
+            if answered >= workers:
+                break
+
+    assert mtls_ports == {mtls_port}
+    assert codes == {grpc.StatusCode.NOT_FOUND}
+    assert answered == workers
