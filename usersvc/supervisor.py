@@ -170,15 +170,22 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             started = loop.time()
-            process = await asyncio.create_subprocess_exec(
-                *self._command(index, parent_fd),
-                env=self._env,
-                stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(parent_fd,),
-                # Its own session: a Ctrl-C in the terminal reaches the
-                # supervisor only, which forwards it once.
-                start_new_session=True,
-            )
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *self._command(index, parent_fd),
+                    env=self._env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    pass_fds=(parent_fd,),
+                    # Its own session: a Ctrl-C in the terminal reaches the
+                    # supervisor only, which forwards it once.
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                # Out of processes or memory: nothing sensible to retry.
+                logger.error("cannot start worker %d: %s", index, exc)
+                self._failed = True
+                self.request_stop(signal.SIGTERM)
+                return
             self._processes[index] = process
             logger.info("worker started", extra={"worker": index, "pid": process.pid})
             if self._stopping.is_set():
