@@ -232,3 +232,25 @@ async def test_workers_serve_the_mtls_port_too(env: dict[str, str], tmp_path: Pa
     assert mtls_ports == {mtls_port}
     assert codes == {grpc.StatusCode.NOT_FOUND}
     assert answered == workers
+
+
+async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    async with served(env, tmp_path / "serve.log", "--workers", str(WORKERS)) as server:
+        workers = await server.wait_serving(WORKERS)
+        server.process.kill()  # no signal to forward: the pipe tells them
+        await server.process.wait()
+        await server.wait_for(
+            "every orphaned worker gone",
+            lambda: (
+                not any(
+                    psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                    for pid in workers
+                )
+            ),
+            alive=False,
+        )
+        noticed = {int(r["pid"]) for r in server.matching("supervisor gone; stopping")}
+
+    assert noticed == workers
