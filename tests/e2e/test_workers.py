@@ -31,6 +31,14 @@ from .test_process import free_port, wait_for_lock_waiter
 WORKERS = 2
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def worker_children(server: Served) -> set[int]:
     return {p.pid for p in psutil.Process(server.process.pid).children()}
 
@@ -243,12 +251,7 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
         await server.process.wait()
         await server.wait_for(
             "every orphaned worker gone",
-            lambda: (
-                not any(
-                    psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                    for pid in workers
-                )
-            ),
+            lambda: not any(running(pid) for pid in workers),
             alive=False,
         )
         noticed = {int(r["pid"]) for r in server.matching("supervisor gone; stopping")}
