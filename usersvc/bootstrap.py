@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -25,6 +26,10 @@ from usersvc.services.revocations import RevocationCache
 from usersvc.services.sessions import SessionLifetimes, SessionRevoker
 from usersvc.services.tokens import TokenService, load_key_ring
 from usersvc.services.users import UserService
+
+if TYPE_CHECKING:
+    # Imported only with USERSVC_METRICS_ADDR: no prometheus_client otherwise.
+    from usersvc.observability.metrics import Metrics
 
 logger = logging.getLogger("usersvc.bootstrap")
 
@@ -50,6 +55,8 @@ class Container:
     rate_limiter: InProcessRateLimiter | RedisRateLimiter = field(
         default_factory=InProcessRateLimiter
     )
+    # None unless USERSVC_METRICS_ADDR is set.
+    metrics: Metrics | None = None
 
     async def start_background(self) -> None:
         """Start the revocation feed (waiting briefly for its first load)
@@ -60,10 +67,14 @@ class Container:
             await self.database_monitor.start()
         await self.revocation_listener.start()
         self.session_maintenance.start()
+        if self.metrics is not None:
+            self.metrics.start()
 
     async def aclose(self) -> None:
         """Stop the background tasks, release the connection pool and the
         bcrypt threads."""
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.session_maintenance.stop()
         await self.revocation_listener.stop()
         if self.database_monitor is not None:
@@ -86,12 +97,19 @@ def resolve_database_url(settings: Settings) -> tuple[str, bool]:
 
 
 def bootstrap(
-    settings: Settings, *, database_url: str, lockout_clock: Callable[[], float] = time.time
+    settings: Settings,
+    *,
+    database_url: str,
+    lockout_clock: Callable[[], float] = time.time,
+    metrics: Metrics | None = None,
 ) -> Container:
     """Wire the service; ``lockout_clock`` (like time.time) tells when
-    account locks end, for tests that move it. Raises ValueError for
+    account locks end, for tests that move it; ``metrics`` (None: off) is
+    fed by the services and reads the pool. Raises ValueError for
     unusable signing keys or a malformed USERSVC_REDIS_URL."""
     engine = create_engine(settings, database_url)
+    if metrics is not None:
+        metrics.watch_pool(engine.pool)  # type: ignore[arg-type]
     monitor = (
         DatabaseMonitor.for_database(settings, database_url)
         if settings.db_probe_interval_seconds > 0
@@ -119,7 +137,11 @@ def bootstrap(
     )
     # Revocations made here reach this process's cache at commit, without
     # waiting for the NOTIFY to come back through the listener.
-    revoker = SessionRevoker(lifetimes=lifetimes, on_revoked=revocation_cache.add)
+    revoker = SessionRevoker(
+        lifetimes=lifetimes,
+        on_revoked=revocation_cache.add,
+        on_counted=None if metrics is None else metrics.sessions_revoked,
+    )
     user_service = UserService(
         uow_factory=uow_factory,
         hasher=hasher,
@@ -139,6 +161,7 @@ def bootstrap(
             max_lockout_seconds=settings.login_lockout_max_seconds,
         ),
         clock=lockout_clock,
+        on_login=None if metrics is None else metrics.login_outcome,
     )
     rate_limiter: InProcessRateLimiter | RedisRateLimiter = InProcessRateLimiter()
     if settings.redis_url is not None:
@@ -167,4 +190,5 @@ def bootstrap(
         ),
         database_monitor=monitor,
         rate_limiter=rate_limiter,
+        metrics=metrics,
     )

@@ -16,6 +16,7 @@ from usersvc.api.interceptors.request_id import RequestIdInterceptor, request_id
 from usersvc.api.interceptors.wrapping import WrappingInterceptor, wrap_handler
 from usersvc.api.public import PublicMethods
 from usersvc.domain.rate_limits import Rate
+from usersvc.observability.hooks import CallObserver, RateLimitedHook
 
 __all__ = [
     "AccessLogInterceptor",
@@ -46,9 +47,13 @@ def build_interceptors(
     general_rate: Rate | None = None,
     auth_rate: Rate | None = None,
     trusted_proxies: Sequence[IPNetwork] = (),
+    call_metrics: CallObserver | None = None,
+    on_rate_limited: RateLimitedHook | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
     """The interceptors for ``grpc.aio.server(interceptors=...)``, outermost
-    first; without ``rate_limiter`` nothing is rate limited. Never raises."""
+    first; without ``rate_limiter`` nothing is rate limited. ``call_metrics``
+    and ``on_rate_limited`` feed the metrics (None: metrics off). Never
+    raises."""
     # The order is the design; each one relies on those outside it:
     # 1. RequestId first, so every later line of the call (the access line, a
     #    traceback) carries the id, and the caller gets it back even when the
@@ -71,7 +76,8 @@ def build_interceptors(
     #    reflection are exempt (see rate_limit.py).
     interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
         RequestIdInterceptor(),
-        AccessLogInterceptor(),
+        # Also the metrics hook: it sees every call's final code and duration.
+        AccessLogInterceptor(metrics=call_metrics),
         ErrorMappingInterceptor(),
     ]
     if ensure_database is not None:
@@ -91,6 +97,7 @@ def build_interceptors(
                 general=general_rate,
                 auth=auth_rate,
                 trusted_proxies=trusted_proxies,
+                on_rejected=on_rate_limited,
             )
         )
     return interceptors
