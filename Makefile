@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 BUF := tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint proto proto-check buf-lint bench bench-soak clean
+.PHONY: venv run test lint proto proto-check buf-lint buf-breaking proto-release docker-lint \
+	bench bench-soak clean
 
 venv: $(STAMP)
 
@@ -35,15 +36,32 @@ run: $(STAMP)
 
 # The whole suite. Uses USERSVC_TEST_DATABASE_URL when set, otherwise an
 # embedded PostgreSQL under ./.usersvc/test-pgdata.
-test: $(STAMP) buf-lint proto-check
+test: $(STAMP) buf-lint buf-breaking proto-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) buf-lint proto-check
-	$(BIN)/ruff check usersvc tests scripts alembic
+lint: $(STAMP) buf-lint buf-breaking proto-check docker-lint
+	$(BIN)/ruff check usersvc tests scripts
 	$(BIN)/mypy
 
 buf-lint: $(BUF)
 	$(BUF) lint
+
+# The contract as last released: a buf image (descriptors without source
+# info) committed under protos/. `buf breaking` fails when a change would
+# break a client built against it (a field removed, renumbered, retyped...).
+RELEASED_IMAGE := protos/usersvc-v1.binpb
+
+buf-breaking: $(BUF)
+	$(BUF) breaking --against $(RELEASED_IMAGE)
+
+# On a release: record the current protos as the new baseline, and commit it.
+proto-release: $(BUF) buf-lint
+	$(BUF) build --exclude-source-info -o $(RELEASED_IMAGE)
+
+# Dockerfile checks without a container engine: hadolint (pinned in the dev
+# extra), failing on findings of any level, style included.
+docker-lint: $(STAMP)
+	$(BIN)/hadolint --failure-threshold style Dockerfile
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -18,7 +19,6 @@ from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.config import Settings
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.passwords import PasswordPolicy
-from usersvc.observability.tracing import Tracing
 from usersvc.services.auth import AuthService
 from usersvc.services.maintenance import SessionMaintenance
 from usersvc.services.passwords import BcryptPasswordHasher
@@ -26,6 +26,11 @@ from usersvc.services.revocations import RevocationCache
 from usersvc.services.sessions import SessionLifetimes, SessionRevoker
 from usersvc.services.tokens import TokenService, load_key_ring
 from usersvc.services.users import UserService
+
+if TYPE_CHECKING:
+    # Imported only with USERSVC_METRICS_ADDR: no prometheus_client otherwise.
+    from usersvc.observability.metrics import Metrics
+    from usersvc.observability.tracing import Tracing
 
 logger = logging.getLogger("usersvc.bootstrap")
 
@@ -51,6 +56,8 @@ class Container:
     rate_limiter: InProcessRateLimiter | RedisRateLimiter = field(
         default_factory=InProcessRateLimiter
     )
+    # None unless USERSVC_METRICS_ADDR is set.
+    metrics: Metrics | None = None
     # None unless OTEL_* variables ask for traces and the otel extra is there.
     tracing: Tracing | None = None
 
@@ -63,10 +70,14 @@ class Container:
             await self.database_monitor.start()
         await self.revocation_listener.start()
         self.session_maintenance.start()
+        if self.metrics is not None:
+            self.metrics.start()
 
     async def aclose(self) -> None:
         """Stop the background tasks, release the connection pool and the
         bcrypt threads."""
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.session_maintenance.stop()
         await self.revocation_listener.stop()
         if self.database_monitor is not None:
@@ -95,14 +106,18 @@ def bootstrap(
     *,
     database_url: str,
     lockout_clock: Callable[[], float] = time.time,
+    metrics: Metrics | None = None,
     tracing: Tracing | None = None,
 ) -> Container:
     """Wire the service; ``lockout_clock`` (like time.time) tells when
-    account locks end, for tests that move it; ``tracing`` (from
-    usersvc.observability.tracing.configure_tracing) adds spans to every
-    RPC and SQL statement. Raises ValueError for unusable signing keys or a
-    malformed USERSVC_REDIS_URL."""
+    account locks end, for tests that move it; ``metrics`` (None: off) is
+    fed by the services and reads the pool; ``tracing`` (from
+    usersvc.observability.tracing.configure_tracing; None: off) adds spans
+    to every RPC and SQL statement. Raises ValueError for unusable signing
+    keys or a malformed USERSVC_REDIS_URL."""
     engine = create_engine(settings, database_url)
+    if metrics is not None:
+        metrics.watch_pool(engine.pool)  # type: ignore[arg-type]
     if tracing is not None:
         tracing.instrument_engine(engine)
     monitor = (
@@ -132,7 +147,11 @@ def bootstrap(
     )
     # Revocations made here reach this process's cache at commit, without
     # waiting for the NOTIFY to come back through the listener.
-    revoker = SessionRevoker(lifetimes=lifetimes, on_revoked=revocation_cache.add)
+    revoker = SessionRevoker(
+        lifetimes=lifetimes,
+        on_revoked=revocation_cache.add,
+        on_counted=None if metrics is None else metrics.sessions_revoked,
+    )
     user_service = UserService(
         uow_factory=uow_factory,
         hasher=hasher,
@@ -152,6 +171,7 @@ def bootstrap(
             max_lockout_seconds=settings.login_lockout_max_seconds,
         ),
         clock=lockout_clock,
+        on_login=None if metrics is None else metrics.login_outcome,
     )
     rate_limiter: InProcessRateLimiter | RedisRateLimiter = InProcessRateLimiter()
     if settings.redis_url is not None:
@@ -180,5 +200,6 @@ def bootstrap(
         ),
         database_monitor=monitor,
         rate_limiter=rate_limiter,
+        metrics=metrics,
         tracing=tracing,
     )

@@ -17,6 +17,9 @@ from usersvc.config import Settings, SettingsError
 if TYPE_CHECKING:
     import grpc
 
+    from usersvc.observability.metrics import Metrics
+    from usersvc.observability.tracing import Tracing
+
 logger = logging.getLogger("usersvc.cli")
 
 # create-admin acts with admin rights on behalf of the operator at the console.
@@ -26,7 +29,16 @@ _OPERATOR = "cli:create-admin"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="usersvc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="serve gRPC until SIGTERM/SIGINT")
+    serve = commands.add_parser("serve", help="serve gRPC until SIGTERM/SIGINT")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port (SO_REUSEPORT), each with its own "
+        "connection pool (default: USERSVC_WORKERS, else 1)",
+    )
+    # Internal: how the supervisor starts worker number N (usersvc.supervisor).
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
     commands.add_parser("migrate", help="upgrade the database schema to the newest revision")
     admin = commands.add_parser(
         "create-admin",
@@ -73,6 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "serve":
+        if args.worker is not None:
+            return _serve_worker(settings, args.worker, args.parent_fd)
+        workers = settings.workers if args.workers is None else args.workers
+        problems = settings.worker_checks(workers) if workers >= 1 else ["--workers must be >= 1"]
+        problems += _tracing_problems()
+        if problems:
+            print("usersvc: " + "; ".join(problems), file=sys.stderr)
+            return 2
+        if workers > 1:
+            # No grpc in this process: see usersvc.supervisor.
+            from usersvc.supervisor import supervise
+
+            return supervise(settings, workers)
         return _serve(settings)
     if args.command == "migrate":
         return _migrate(settings)
@@ -98,17 +123,27 @@ def _migration_url(settings: Settings) -> tuple[str, bool]:
     return resolve_database_url(settings)
 
 
-def _serve(settings: Settings) -> int:
-    from usersvc.bootstrap import bootstrap, resolve_database_url
-    from usersvc.observability.tracing import TracingConfigError, configure_tracing
-    from usersvc.server import run_until_signalled
+def _tracing_problems() -> list[str]:
+    # OTEL_* variables are read by the OpenTelemetry SDK itself, not
+    # Settings; checked before anything starts (imports nothing).
+    from usersvc.observability.tracing import TracingConfigError, check_tracing_environment
 
     try:
-        # OTEL_* variables are read by the OpenTelemetry SDK itself, not Settings.
-        tracing = configure_tracing(os.environ)
+        check_tracing_environment(os.environ)
     except TracingConfigError as exc:
-        print(f"usersvc: {exc}", file=sys.stderr)
-        return 2
+        return [str(exc)]
+    return []
+
+
+def _tracing() -> Tracing | None:
+    # In the process that serves: each worker exports its own spans.
+    from usersvc.observability.tracing import configure_tracing
+
+    return configure_tracing(os.environ)
+
+
+def _serve(settings: Settings) -> int:
+    from usersvc.bootstrap import resolve_database_url
 
     url, embedded = resolve_database_url(settings)
     if embedded:
@@ -116,9 +151,67 @@ def _serve(settings: Settings) -> int:
         from usersvc.adapters.migrations import upgrade
 
         upgrade(url)
+    metrics = None
+    endpoint = None
+    if settings.metrics_addr is not None:
+        from usersvc.observability.metrics import Metrics, serve_process_metrics
+
+        metrics = Metrics.create()
+        try:
+            endpoint = serve_process_metrics(settings.metrics_addr, metrics)
+        except OSError as exc:
+            logger.error("cannot serve metrics on %s: %s", settings.metrics_addr, exc)
+            return 1
+    try:
+        return _run_server(settings, url, metrics=metrics, tracing=_tracing())
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _serve_worker(settings: Settings, index: int, parent_fd: int | None) -> int:
+    """One worker of ``serve --workers N``: the supervisor prepared the
+    database and passes its URL; metrics go to the supervisor's multiprocess
+    directory, which the supervisor serves."""
+    from usersvc.logging_setup import add_static_fields
+
+    add_static_fields(worker=index, pid=os.getpid())
+    if settings.database_url is None:
+        logger.error("a worker needs USERSVC_DATABASE_URL from its supervisor")
+        return 2
+    metrics = None
+    if settings.metrics_addr is not None and "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from usersvc.observability.metrics import Metrics
+
+        metrics = Metrics.create()
+    return _run_server(
+        settings,
+        settings.database_url,
+        metrics=metrics,
+        tracing=_tracing(),
+        reuse_port=True,
+        parent_fd=parent_fd,
+    )
+
+
+def _run_server(
+    settings: Settings,
+    url: str,
+    *,
+    metrics: Metrics | None,
+    tracing: Tracing | None = None,
+    reuse_port: bool = False,
+    parent_fd: int | None = None,
+) -> int:
+    from usersvc.bootstrap import bootstrap
+    from usersvc.server import run_until_signalled
 
     async def run() -> None:
-        await run_until_signalled(bootstrap(settings, database_url=url, tracing=tracing))
+        await run_until_signalled(
+            bootstrap(settings, database_url=url, metrics=metrics, tracing=tracing),
+            reuse_port=reuse_port,
+            parent_fd=parent_fd,
+        )
 
     from usersvc.services.tokens import KeyConfigError
 

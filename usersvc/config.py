@@ -69,6 +69,11 @@ class Settings:
     # it with RESOURCE_EXHAUSTED at once, so a flood is shed instead of
     # piling up in memory and in front of the connection pool.
     max_concurrent_rpcs: int = 1000
+    # Server processes sharing the gRPC port(s) through SO_REUSEPORT, each
+    # with its own connection pool (usersvc.supervisor); 1 is one process.
+    workers: int = 1
+    # host:port of the Prometheus /metrics endpoint; None: no metrics at all.
+    metrics_addr: str | None = None
     # TLS for the gRPC port(s): certificate chain and key (PEM). A client CA
     # turns on client certificates: on mtls_listen_addr when that is set,
     # otherwise required on listen_addr itself (grpc cannot ask for an
@@ -179,6 +184,8 @@ class Settings:
             max_concurrent_rpcs=reader.integer(
                 "MAX_CONCURRENT_RPCS", defaults.max_concurrent_rpcs, lo=1, hi=1_000_000
             ),
+            workers=reader.integer("WORKERS", defaults.workers, lo=1, hi=256),
+            metrics_addr=reader.text("METRICS_ADDR", None),
             deadline_margin_ms=reader.integer(
                 "DEADLINE_MARGIN_MS", defaults.deadline_margin_ms, lo=0, hi=60_000
             ),
@@ -282,6 +289,9 @@ class Settings:
             problems.append(f"{PREFIX}REDIS_URL must start with one of {', '.join(REDIS_SCHEMES)}")
         if _host_port(self.listen_addr) is None:
             problems.append(f"{PREFIX}LISTEN_ADDR must be host:port, got {self.listen_addr!r}")
+        problems += self.worker_checks(self.workers)
+        if self.metrics_addr is not None and _host_port(self.metrics_addr) is None:
+            problems.append(f"{PREFIX}METRICS_ADDR must be host:port, got {self.metrics_addr!r}")
         if self.jwt_private_key_pem and self.jwt_private_key_file:
             problems.append(
                 f"set only one of {PREFIX}JWT_PRIVATE_KEY and {PREFIX}JWT_PRIVATE_KEY_FILE"
@@ -306,6 +316,21 @@ class Settings:
                     f"{PREFIX}ENV=production requires {PREFIX}DATABASE_URL "
                     "(the embedded PostgreSQL is for development)"
                 )
+        return problems
+
+    def worker_checks(self, workers: int) -> list[str]:
+        """Problems with serving from ``workers`` processes (also for
+        ``serve --workers``, which overrides USERSVC_WORKERS)."""
+        if workers <= 1:
+            return []
+        problems = []
+        # Every worker binds the same port: a port the kernel picks (0)
+        # would differ from worker to worker.
+        ports = (("LISTEN_ADDR", self.listen_addr), ("MTLS_LISTEN_ADDR", self.mtls_listen_addr))
+        for name, addr in ports:
+            parsed = None if addr is None else _host_port(addr)
+            if parsed is not None and parsed[1] == 0:
+                problems.append(f"{PREFIX}{name} needs a fixed port with {workers} workers")
         return problems
 
     def _key_checks(self) -> list[str]:
@@ -498,3 +523,9 @@ class _Reader:
                 return option
         self.problems.append(f"{PREFIX}{name} must be one of {', '.join(allowed)}, got {raw!r}")
         return default
+
+
+def split_host_port(addr: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port`` too) as (host without brackets, port);
+    None when it is not one. Raises nothing."""
+    return _host_port(addr)

@@ -176,3 +176,24 @@ def configure_logging(fmt: str, level: str, *, stream: TextIO | None = None) -> 
     # Alembic announces each of its internal plugins at INFO on every import:
     # noise for operators, so only its warnings come through.
     logging.getLogger("alembic.runtime.plugins").setLevel(max(numeric_level, logging.WARNING))
+
+
+class _StaticFields(logging.Filter):
+    def __init__(self, fields: dict[str, Any]) -> None:
+        super().__init__()
+        self._fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self._fields.items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def add_static_fields(**fields: Any) -> None:
+    """Stamp every record that the handler of ``configure_logging`` emits
+    with ``fields`` (a worker's number and pid, so the lines of N workers
+    in one stream can be told apart). Raises nothing."""
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == _HANDLER_NAME:
+            handler.addFilter(_StaticFields(dict(fields)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,9 +157,13 @@ class UsersvcServer:
         self.mtls_port = mtls_port
 
     @classmethod
-    async def start(cls, container: Container, *, listen_addr: str | None = None) -> UsersvcServer:
-        """Bind and start serving. Raises RuntimeError when an address is
-        taken, TlsConfigError (a RuntimeError) for unusable TLS files."""
+    async def start(
+        cls, container: Container, *, listen_addr: str | None = None, reuse_port: bool = False
+    ) -> UsersvcServer:
+        """Bind and start serving; ``reuse_port`` lets the workers of one
+        supervisor (usersvc.supervisor) share the port(s). Raises
+        RuntimeError when an address is taken, TlsConfigError (a
+        RuntimeError) for unusable TLS files."""
         settings = container.settings
         addr = listen_addr or settings.listen_addr
         credentials = load_server_credentials(settings)
@@ -184,13 +189,19 @@ class UsersvcServer:
                     settings.auth_rate_limit_rps, settings.auth_rate_limit_burst
                 ),
                 trusted_proxies=settings.trusted_proxies,
+                call_metrics=None if container.metrics is None else container.metrics.calls,
+                on_rate_limited=(
+                    None if container.metrics is None else container.metrics.rate_limited
+                ),
                 tracing=None if container.tracing is None else container.tracing.interceptor(),
             ),
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 # Without this a second server on the same port would bind
                 # silently and share its traffic (grpc enables SO_REUSEPORT).
-                ("grpc.so_reuseport", 0),
+                # Workers share it on purpose; their supervisor checked that
+                # nobody else holds the port before starting them.
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
@@ -287,11 +298,30 @@ def reload_keys(container: Container) -> bool:
     return True
 
 
-async def run_until_signalled(container: Container) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and release everything;
-    SIGHUP reloads the token keys."""
+def _parent_gone(fd: int, stop: asyncio.Event) -> None:
+    # The supervisor never writes: readable means end of file (it exited,
+    # even by SIGKILL), so nobody would forward a SIGTERM any more.
     try:
-        server = await UsersvcServer.start(container)
+        data = os.read(fd, 1)
+    except BlockingIOError:
+        return
+    except OSError:
+        data = b""
+    if not data:
+        asyncio.get_running_loop().remove_reader(fd)
+        logger.warning("supervisor gone; stopping")
+        stop.set()
+
+
+async def run_until_signalled(
+    container: Container, *, reuse_port: bool = False, parent_fd: int | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and release everything;
+    SIGHUP reloads the token keys. A worker passes ``reuse_port`` and
+    ``parent_fd``, the read end of a pipe its supervisor holds open: end of
+    file there means the supervisor is gone, and the worker stops too."""
+    try:
+        server = await UsersvcServer.start(container, reuse_port=reuse_port)
     except BaseException:
         # Nothing serves, but the pool and background tasks may be running.
         await container.aclose()
@@ -301,6 +331,8 @@ async def run_until_signalled(container: Container) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_keys, container)
+    if parent_fd is not None:
+        loop.add_reader(parent_fd, _parent_gone, parent_fd, stop)
     try:
         await stop.wait()
         grace = container.settings.shutdown_grace_seconds
@@ -309,5 +341,7 @@ async def run_until_signalled(container: Container) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if parent_fd is not None:
+            loop.remove_reader(parent_fd)
         await container.aclose()
         logger.info("stopped")

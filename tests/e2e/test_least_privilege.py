@@ -168,9 +168,7 @@ async def restricted(pg_server_url: str) -> AsyncIterator[RestrictedDatabase]:
     finally:
         connection = await asyncpg.connect(server_dsn)
         try:
-            await connection.execute(
-                f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'
-            )
+            await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
             await connection.execute(f'DROP ROLE IF EXISTS "{app}"')
             await connection.execute(f'DROP ROLE IF EXISTS "{owner}"')
         finally:
@@ -361,9 +359,7 @@ async def test_the_revocation_listener_connects_as_the_app_role(
     pid = app_server.container.revocation_listener.server_pid
     connection = await asyncpg.connect(restricted.dsn(restricted.admin))
     try:
-        role = await connection.fetchval(
-            "SELECT usename FROM pg_stat_activity WHERE pid = $1", pid
-        )
+        role = await connection.fetchval("SELECT usename FROM pg_stat_activity WHERE pid = $1", pid)
     finally:
         await connection.close()
 

@@ -173,9 +173,7 @@ def running_pgbouncer(database_url: str) -> Iterator[PgBouncer]:
                 os.chown(path, account.pw_uid, account.pw_gid)
             command[1:1] = ["-u", account.pw_name]
         log = directory / "pgbouncer.log"
-        process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_until_listening(process, port, log)
             pooled = upstream.set(host="127.0.0.1", port=port, database="usersvc", password=None)
@@ -305,8 +303,8 @@ async def test_concurrent_imports_of_several_batches_run_through_pgbouncer(
                     ]
                 )
 
-        response: user_service_pb2.ImportUsersResponse = (
-            await pooled_world.admin.users.ImportUsers(messages())
+        response: user_service_pb2.ImportUsersResponse = await pooled_world.admin.users.ImportUsers(
+            messages()
         )
         return response
 

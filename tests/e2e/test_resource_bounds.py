@@ -255,9 +255,7 @@ async def test_a_call_that_finds_no_free_connection_fails_unavailable_after_the_
         )
         await _wait_until_blocked_by(locker, database_url)
         started = time.perf_counter()
-        failure = await fails(
-            admin.users.GetUser(user_service_pb2.GetUserRequest(id=world.bob.id))
-        )
+        failure = await fails(admin.users.GetUser(user_service_pb2.GetUserRequest(id=world.bob.id)))
         waited = time.perf_counter() - started
         await transaction.rollback()
         updated = await update

@@ -68,9 +68,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         billing=ca.client("billing", uris=(BILLING,), dns=("billing.internal",)),
         orders=ca.client("orders", dns=(ORDERS,)),
         stranger=ca.client("stranger", uris=("spiffe://corp.example/stranger",)),
-        uri_before_dns=ca.client(
-            "mixed", uris=("spiffe://corp.example/unlisted",), dns=(ORDERS,)
-        ),
+        uri_before_dns=ca.client("mixed", uris=("spiffe://corp.example/unlisted",), dns=(ORDERS,)),
         nameless=ca.client("nameless"),
         impostor=foreign.client("impostor", uris=(BILLING,)),
     )
@@ -300,9 +298,7 @@ async def test_plaintext_to_a_tls_port_fails(tls_server: RunningServer, port_nam
 async def test_the_healthcheck_command_verifies_the_tls_server(
     tls_server: RunningServer, pki: Pki, e2e_settings: Any
 ) -> None:
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith("USERSVC_")
-    } | {
+    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSVC_")} | {
         "USERSVC_LISTEN_ADDR": f"127.0.0.1:{tls_server.server.port}",
         "USERSVC_TLS_CERT_FILE": str(pki.server.cert_file),
         "USERSVC_TLS_KEY_FILE": str(pki.server.key_file),

@@ -220,8 +220,11 @@ async def test_serve_exports_spans_as_the_otel_variables_say(
     assert '"service.name": "usersvc-e2e"' in output
 
 
-async def test_serve_refuses_an_exporter_it_does_not_ship(usersvc: Usersvc) -> None:
-    result = await usersvc.with_env(OTEL_TRACES_EXPORTER="zipkin").run("serve")
+@pytest.mark.parametrize("args", [("serve",), ("serve", "--workers", "2")])
+async def test_serve_refuses_an_exporter_it_does_not_ship(
+    usersvc: Usersvc, args: tuple[str, ...]
+) -> None:
+    result = await usersvc.with_env(OTEL_TRACES_EXPORTER="zipkin").run(*args)
 
     assert result.returncode == 2
     assert "OTEL_TRACES_EXPORTER" in result.stderr

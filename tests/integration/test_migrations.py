@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from usersvc.adapters import migrations
 from usersvc.adapters.orm import metadata
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_TABLES = {table.name for table in metadata.sorted_tables}
 
 
@@ -79,7 +80,7 @@ async def upgrade_in_another_process(url: str) -> int:
     # migrations are a matter of processes (replicas), not threads.
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(migrations.PROJECT_ROOT), environment.get("PYTHONPATH")])
+        filter(None, [str(PROJECT_ROOT), environment.get("PYTHONPATH")])
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -16,6 +16,7 @@ from usersvc.api.interceptors import (
 from usersvc.api.public import PublicMethods
 from usersvc.observability.tracing import (
     TracingConfigError,
+    check_tracing_environment,
     configure_tracing,
     otel_installed,
     tracing_requested,
@@ -61,6 +62,24 @@ def test_an_otlp_protocol_other_than_grpc_is_refused() -> None:
         configure_tracing(
             {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
         )
+
+
+def test_the_check_names_the_exporters_and_needs_no_import() -> None:
+    assert check_tracing_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}) == ["otlp"]
+    assert check_tracing_environment({"OTEL_TRACES_EXPORTER": "console,otlp"}) == [
+        "console",
+        "otlp",
+    ]
+    with pytest.raises(TracingConfigError, match="OTEL_TRACES_EXPORTER: jaeger"):
+        check_tracing_environment({"OTEL_TRACES_EXPORTER": "jaeger"})
+
+
+def test_variables_that_do_not_turn_tracing_on_are_not_judged() -> None:
+    # A protocol set for another program's exporter must not stop usersvc.
+    assert check_tracing_environment({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}) == []
+    assert check_tracing_environment(
+        {"OTEL_TRACES_EXPORTER": "zipkin", "OTEL_SDK_DISABLED": "true"}
+    ) == []
 
 
 def test_the_console_exporter_builds_a_provider_named_usersvc() -> None:

@@ -8,9 +8,11 @@ keeps its migration context in module globals: run one migration at a time per
 process (replicas in separate processes are fine; they take turns on an
 advisory lock).
 
-``alembic.ini`` and the ``alembic/`` scripts live at the top of the
-repository, next to the ``usersvc`` package, which is where an editable
-install (``pip install -e .``) leaves them.
+The scripts are part of the package (``usersvc/migrations/``: env.py,
+script.py.mako, versions/), so a wheel install, such as the container
+image's, migrates as well as a checkout does. The Config is built here in
+code; ``alembic.ini`` at the top of the repository only serves developers who
+run the ``alembic`` command line there (``alembic revision --autogenerate``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-ALEMBIC_INI = PROJECT_ROOT / "alembic.ini"
-SCRIPT_LOCATION = PROJECT_ROOT / "alembic"
+SCRIPT_LOCATION = Path(__file__).resolve().parent.parent / "migrations"
 
 # Key of the PostgreSQL advisory lock env.py holds while migrating ("usersvc"
 # in ASCII), so replicas starting together migrate one after the other.
@@ -36,16 +36,16 @@ MIGRATION_LOCK_KEY = 0x75736572737663
 
 
 def alembic_config(url: str | None = None) -> Config:
-    """An Alembic Config for this project, usable from any working directory;
-    ``url`` overrides the environment. Raises FileNotFoundError when the
-    migration scripts are not next to the package (a non-editable install)."""
-    if not ALEMBIC_INI.is_file() or not SCRIPT_LOCATION.is_dir():
-        raise FileNotFoundError(
-            f"migration scripts not found at {SCRIPT_LOCATION}; install usersvc "
-            "from its repository (pip install -e .)"
-        )
-    config = Config(str(ALEMBIC_INI))
+    """An Alembic Config for this project, usable from any working directory
+    and without an ini file; ``url`` overrides the environment. Raises
+    FileNotFoundError when the package lacks its migration scripts (a broken
+    build)."""
+    if not (SCRIPT_LOCATION / "env.py").is_file():
+        raise FileNotFoundError(f"migration scripts not found at {SCRIPT_LOCATION}")
+    config = Config()
     config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    # The version files are found by path; "os" is what alembic.ini says too.
+    config.set_main_option("path_separator", "os")
     config.attributes["configure_logger"] = False
     if url is not None:
         config.attributes["url"] = url

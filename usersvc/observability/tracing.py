@@ -166,22 +166,17 @@ class Tracing:
             logger.warning("tracing shutdown failed", exc_info=True)
 
 
-def configure_tracing(environ: Mapping[str, str]) -> Tracing | None:
-    """Tracing as the OTEL_* variables in ``environ`` ask for it, or None
-    when they do not, or when the ``otel`` extra is not installed (then a
-    warning says so).
+def check_tracing_environment(environ: Mapping[str, str]) -> list[str]:
+    """The exporters the OTEL_* variables in ``environ`` name (``otlp``
+    when only an endpoint is set; none when tracing is not asked for).
+    Imports nothing, so a process that must not load
+    grpc (the workers' supervisor) can check before it starts anything.
 
     Raises TracingConfigError for an exporter or OTLP protocol usersvc
     does not ship.
     """
     if not tracing_requested(environ):
-        return None
-    if not otel_installed():
-        logger.warning(
-            "OTEL_* variables ask for traces but the otel extra is not installed "
-            "(pip install 'usersvc[otel]'); tracing is off"
-        )
-        return None
+        return []
     exporters = _exporters(environ) or ["otlp"]
     unknown = [name for name in exporters if name not in EXPORTERS]
     if unknown:
@@ -195,6 +190,26 @@ def configure_tracing(environ: Mapping[str, str]) -> Tracing | None:
             raise TracingConfigError(
                 f"{variable}={protocol}: usersvc ships the OTLP/gRPC exporter only (grpc)"
             )
+    return exporters
+
+
+def configure_tracing(environ: Mapping[str, str]) -> Tracing | None:
+    """Tracing as the OTEL_* variables in ``environ`` ask for it, or None
+    when they do not, or when the ``otel`` extra is not installed (then a
+    warning says so).
+
+    Raises TracingConfigError for an exporter or OTLP protocol usersvc
+    does not ship.
+    """
+    if not tracing_requested(environ):
+        return None
+    exporters = check_tracing_environment(environ)
+    if not otel_installed():
+        logger.warning(
+            "OTEL_* variables ask for traces but the otel extra is not installed "
+            "(pip install 'usersvc[otel]'); tracing is off"
+        )
+        return None
     return Tracing(_provider_from_environment(exporters))
 
 

@@ -59,6 +59,7 @@ from usersvc.domain.ports import (
     UnitOfWorkFactory,
 )
 from usersvc.domain.validation import normalize_email, parse_user_id
+from usersvc.observability.hooks import LoginOutcomeHook
 from usersvc.services.inputs import LoginResult, TokenIntrospection
 from usersvc.services.passwords import BcryptPasswordHasher
 from usersvc.services.sessions import (
@@ -89,10 +90,13 @@ class AuthService:
         sessions: SessionRevoker,
         lockout: LockoutPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        on_login: LoginOutcomeHook | None = None,
     ) -> None:
         """``lockout`` limits failed logins (the defaults of LockoutPolicy
         when None); ``clock`` tells the time of locks (seconds since the
-        epoch, like time.time). Raises nothing."""
+        epoch, like time.time); ``on_login`` hears each login's outcome
+        (metrics). Raises nothing."""
+        self._on_login = on_login
         self._lockout = lockout or LockoutPolicy()
         self._clock = clock
         self._uow_factory = uow_factory
@@ -130,10 +134,15 @@ class AuthService:
             # real check, so that timing tells neither apart from a wrong
             # password. A locked account's own hash is not even looked at.
             await self._hasher.verify(_PLACEHOLDER_PASSWORD, await self._hasher.dummy_hash())
+            self._outcome("unknown_or_locked" if usable else "malformed")
             raise InvalidCredentials()
         credentials = attempt.credentials
         matches = await self._hasher.verify(password, credentials.password_hash)
         if not matches or credentials.user.state is not UserState.ACTIVE:
+            if not matches:
+                self._outcome("bad_password" if attempt.locked_until is None else "locked_out")
+            else:
+                self._outcome("inactive")
             if attempt.locked_until is not None:
                 logger.warning(
                     "account locked after repeated failed logins",
@@ -167,6 +176,7 @@ class AuthService:
                     latest.password_hash.encode(), credentials.password_hash.encode()
                 )
             ):
+                self._outcome("inactive")
                 raise InvalidCredentials()
             user = latest.user
             if new_hash is not None:
@@ -175,7 +185,12 @@ class AuthService:
             session = await uow.sessions.create(user_id, self._lifetimes.session_expire_time(now))
             await uow.sessions.add_refresh_token(session.id, refresh.token_hash)
             await uow.commit()
+        self._outcome("success")
         return self._result(user, session.id, refresh.value)
+
+    def _outcome(self, outcome: str) -> None:
+        if self._on_login is not None:
+            self._on_login(outcome)
 
     async def refresh_token(self, *, refresh_token: str) -> LoginResult:
         """A new token pair for the session of ``refresh_token``, which is

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from usersvc.domain.models import RevokeReason
 from usersvc.domain.ports import UnitOfWork
+from usersvc.observability.hooks import RevokedHook
 
 REFRESH_TOKEN_PREFIX = "rt_"  # noqa: S105 (a marker, not a secret)
 _SECRET_BYTES = 32
@@ -121,15 +122,25 @@ class Revocation:
 
     session_ids: tuple[uuid.UUID, ...]
     expire_time: datetime
+    reason: RevokeReason | None = None
 
 
 class SessionRevoker:
     """Revokes sessions inside the caller's unit of work and, after the
     caller committed, tells this process's revocation cache."""
 
-    def __init__(self, *, lifetimes: SessionLifetimes, on_revoked: RevocationHook | None) -> None:
+    def __init__(
+        self,
+        *,
+        lifetimes: SessionLifetimes,
+        on_revoked: RevocationHook | None,
+        on_counted: RevokedHook | None = None,
+    ) -> None:
+        """``on_counted`` hears each committed revocation's reason and size
+        (metrics). Raises nothing."""
         self.lifetimes = lifetimes
         self._on_revoked = on_revoked
+        self._on_counted = on_counted
 
     async def revoke_user(
         self,
@@ -148,7 +159,7 @@ class SessionRevoker:
             user_id=user_id,
             except_session_id=except_session_id,
         )
-        return Revocation(tuple(ids), expire_time)
+        return Revocation(tuple(ids), expire_time, reason)
 
     async def revoke_sessions(
         self, uow: UnitOfWork, session_ids: Sequence[uuid.UUID], reason: RevokeReason
@@ -159,10 +170,12 @@ class SessionRevoker:
         ids = await uow.sessions.revoke(
             reason=reason, revocation_expire_time=expire_time, session_ids=session_ids
         )
-        return Revocation(tuple(ids), expire_time)
+        return Revocation(tuple(ids), expire_time, reason)
 
     def committed(self, revocation: Revocation) -> None:
         """Hand a committed revocation to this process's cache. Raises
         nothing the hook does not raise."""
         if revocation.session_ids and self._on_revoked is not None:
             self._on_revoked([str(i) for i in revocation.session_ids], revocation.expire_time)
+        if revocation.session_ids and self._on_counted is not None and revocation.reason:
+            self._on_counted(revocation.reason.value, len(revocation.session_ids))

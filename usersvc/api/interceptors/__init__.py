@@ -16,6 +16,7 @@ from usersvc.api.interceptors.request_id import RequestIdInterceptor, request_id
 from usersvc.api.interceptors.wrapping import WrappingInterceptor, wrap_handler
 from usersvc.api.public import PublicMethods
 from usersvc.domain.rate_limits import Rate
+from usersvc.observability.hooks import CallObserver, RateLimitedHook
 
 __all__ = [
     "AccessLogInterceptor",
@@ -46,11 +47,14 @@ def build_interceptors(
     general_rate: Rate | None = None,
     auth_rate: Rate | None = None,
     trusted_proxies: Sequence[IPNetwork] = (),
+    call_metrics: CallObserver | None = None,
+    on_rate_limited: RateLimitedHook | None = None,
     tracing: grpc.aio.ServerInterceptor | None = None,  # type: ignore[type-arg]
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
     """The interceptors for ``grpc.aio.server(interceptors=...)``, outermost
-    first; without ``rate_limiter`` nothing is rate limited; ``tracing`` is
-    the span-per-RPC interceptor when tracing is on
+    first; without ``rate_limiter`` nothing is rate limited. ``call_metrics``
+    and ``on_rate_limited`` feed the metrics (None: metrics off). ``tracing``
+    is the span-per-RPC interceptor when tracing is on
     (usersvc.observability.tracing), else nothing is added. Never raises."""
     # The order is the design; each one relies on those outside it:
     # 1. RequestId first, so every later line of the call (the access line, a
@@ -78,7 +82,8 @@ def build_interceptors(
     #    reflection are exempt (see rate_limit.py).
     interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
         RequestIdInterceptor(),
-        AccessLogInterceptor(),
+        # Also the metrics hook: it sees every call's final code and duration.
+        AccessLogInterceptor(metrics=call_metrics),
         ErrorMappingInterceptor(),
     ]
     if tracing is not None:
@@ -100,6 +105,7 @@ def build_interceptors(
                 general=general_rate,
                 auth=auth_rate,
                 trusted_proxies=trusted_proxies,
+                on_rejected=on_rate_limited,
             )
         )
     return interceptors

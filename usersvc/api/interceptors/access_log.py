@@ -21,6 +21,7 @@ from usersvc.api.interceptors.wrapping import (
     WrappingInterceptor,
     wrap_handler,
 )
+from usersvc.observability.hooks import CallObserver, MethodObserver
 
 ACCESS_LOGGER = "usersvc.access"
 _MAX_UNKNOWN_METHOD_CHARS = 256
@@ -46,24 +47,38 @@ def _code_name(context: Context, error: BaseException | None) -> str:
 
 
 class AccessLogInterceptor(WrappingInterceptor):
-    """Logs each call to ``usersvc.access`` (or ``logger``) at INFO."""
+    """Logs each call to ``usersvc.access`` (or ``logger``) at INFO, and
+    reports it to ``metrics`` (usersvc.observability.metrics) when given:
+    this interceptor already knows the method, final code and duration."""
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, logger: logging.Logger | None = None, metrics: CallObserver | None = None
+    ) -> None:
         super().__init__()
         self._logger = logger or logging.getLogger(ACCESS_LOGGER)
+        self._metrics = metrics
 
     def wrap(self, handler: Handler, method: str) -> Handler:
         log = self._log
+        observer: MethodObserver | None = None
+        if self._metrics is not None:
+            observer = self._metrics.for_method(
+                method,
+                request_streaming=handler.request_streaming,
+                response_streaming=handler.response_streaming,
+            )
 
         def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
             async def behaviour(request: Any, context: Context) -> Any:
                 start = time.perf_counter()
+                if observer is not None:
+                    observer.started()
                 try:
                     response = await inner(request, context)
                 except BaseException as error:
-                    log(method, context, start, error)
+                    log(method, context, start, error, observer)
                     raise
-                log(method, context, start, None)
+                log(method, context, start, None, observer)
                 return response
 
             return behaviour
@@ -71,25 +86,38 @@ class AccessLogInterceptor(WrappingInterceptor):
         def stream(inner: StreamBehaviour) -> StreamBehaviour:
             async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
                 start = time.perf_counter()
+                if observer is not None:
+                    observer.started()
                 try:
                     async for response in inner(request, context):
                         yield response
                 except BaseException as error:
-                    log(method, context, start, error)
+                    log(method, context, start, error, observer)
                     raise
-                log(method, context, start, None)
+                log(method, context, start, None, observer)
 
             return behaviour
 
         return wrap_handler(handler, unary=unary, stream=stream)
 
     def _log(
-        self, method: str, context: Context, start: float, error: BaseException | None
+        self,
+        method: str,
+        context: Context,
+        start: float,
+        error: BaseException | None,
+        observer: MethodObserver | None = None,
     ) -> None:
-        if not self._logger.isEnabledFor(logging.INFO):
+        logging_on = self._logger.isEnabledFor(logging.INFO)
+        if not logging_on and observer is None:
             return
-        duration_ms = round((time.perf_counter() - start) * 1000, 3)
+        elapsed = time.perf_counter() - start
         code = _code_name(context, error)
+        if observer is not None:
+            observer.handled(code, elapsed)
+            if not logging_on:
+                return
+        duration_ms = round(elapsed * 1000, 3)
         principal = current_principal()
         self._logger.info(
             "%s %s %.3fms",

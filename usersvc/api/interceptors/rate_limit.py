@@ -41,6 +41,7 @@ from usersvc.api.public import CREATE_USER_METHOD, LOGIN_METHOD, PUBLIC_SERVICE_
 from usersvc.domain.errors import RateLimited
 from usersvc.domain.models import Principal
 from usersvc.domain.rate_limits import Rate
+from usersvc.observability.hooks import RateLimitedHook
 
 FORWARDED_FOR_KEY = "x-forwarded-for"
 AUTH_BUCKET = "auth"
@@ -152,8 +153,11 @@ class RateLimitInterceptor(WrappingInterceptor):
         general: Rate | None,
         auth: Rate | None,
         trusted_proxies: Sequence[IPNetwork] = (),
+        on_rejected: RateLimitedHook | None = None,
     ) -> None:
+        """``on_rejected`` hears the bucket kind of each refusal (metrics)."""
         super().__init__()
+        self._on_rejected = on_rejected
         self._limiter = limiter
         self._general = general
         self._auth = auth
@@ -203,4 +207,6 @@ class RateLimitInterceptor(WrappingInterceptor):
             )
         wait = await self._limiter.acquire(rate, f"{bucket}:{caller_key(principal, address, peer)}")
         if wait > 0:
+            if self._on_rejected is not None:
+                self._on_rejected(bucket)
             raise RateLimited(wait, f"too many requests; retry in {wait:.3f} s")

@@ -1,0 +1,73 @@
+"""Which calls gRPC may repeat by itself, as a gRPC service config.
+
+Only UNAVAILABLE is retried, and only on methods where doing a call twice
+has the effect of doing it once: reads, and creates that carry a
+``request_id`` (the client fills one in when the caller gives none, and the
+server answers a repeated request_id with the first response, AIP-155).
+Never retried: Login (each one starts a session), RefreshToken (single-use:
+a second attempt with the same token looks like theft and ends the
+session), and every update, delete and state change.
+
+gRPC retries within the call's deadline, with exponential backoff and
+jitter, and stops retrying altogether (retryThrottling) when most recent
+calls fail, so a dead server does not get three times the traffic. A call
+is only retried until the server sends response headers (gRFC A6): usersvc
+sends them as soon as a call arrives, so what gets retried is a call that
+never reached a server (connection refused or reset, server draining, a
+proxy's trailers-only UNAVAILABLE), not a DATABASE_UNAVAILABLE answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+USER_SERVICE = "usersvc.v1.UserService"
+AUTH_SERVICE = "usersvc.v1.AuthService"
+
+RETRIED_METHODS: tuple[tuple[str, str], ...] = (
+    (USER_SERVICE, "GetUser"),
+    (USER_SERVICE, "LookupUser"),
+    (USER_SERVICE, "ListUsers"),
+    (USER_SERVICE, "BatchGetUsers"),
+    (USER_SERVICE, "CreateUser"),
+    (USER_SERVICE, "BatchCreateUsers"),
+    (AUTH_SERVICE, "GetJwks"),
+    (AUTH_SERVICE, "IntrospectToken"),
+)
+
+DEFAULT_MAX_ATTEMPTS = 4
+
+
+def service_config(*, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict[str, Any]:
+    """The service config (as a dict) with the retry policy above;
+    ``max_attempts`` counts the first attempt (gRPC caps it at 5; 1 turns
+    retries off). Raises ValueError outside 1..5."""
+    if not 1 <= max_attempts <= 5:
+        raise ValueError("max_attempts must be 1..5")
+    config: dict[str, Any] = {"methodConfig": []}
+    if max_attempts > 1:
+        config["methodConfig"].append(
+            {
+                "name": [{"service": s, "method": m} for s, m in RETRIED_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": max_attempts,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        )
+        # Each failure costs a token, each success gives back 0.1; below half
+        # of maxTokens no call is retried.
+        config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 0.1}
+    return config
+
+
+def channel_options(*, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[tuple[str, Any]]:
+    """Channel options that turn the retry policy on."""
+    return [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(service_config(max_attempts=max_attempts))),
+    ]
