@@ -99,7 +99,9 @@ def bootstrap(
     )
     uow_factory = make_uow_factory(engine, monitor)
     hasher = BcryptPasswordHasher(
-        rounds=settings.bcrypt_rounds, max_threads=settings.bcrypt_max_threads
+        rounds=settings.bcrypt_rounds,
+        max_threads=settings.bcrypt_max_threads,
+        nice=settings.bcrypt_nice,
     )
     tokens = TokenService(
         load_key_ring(settings, logger),
