@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from usersvc.adapters.database import create_engine
 from usersvc.adapters.db_monitor import DatabaseMonitor
 from usersvc.adapters.ratelimit import InProcessRateLimiter, RedisRateLimiter
+from usersvc.adapters.read_lane import SqlAlchemyUserReader
 from usersvc.adapters.revocations import CachedRevocationChecker, PostgresRevocationListener
 from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.config import Settings
@@ -128,6 +129,8 @@ def bootstrap(
         password_policy=PasswordPolicy(),
         allow_signup=settings.allow_signup,
         sessions=revoker,
+        # GetUser, LookupUser and BatchGetUsers: one autocommit statement.
+        reader=SqlAlchemyUserReader(engine, monitor),
     )
     auth_service = AuthService(
         uow_factory=uow_factory,

@@ -21,9 +21,9 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import sys
 import threading
-import secrets
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
