@@ -130,7 +130,9 @@ def bootstrap(
         allow_signup=settings.allow_signup,
         sessions=revoker,
         # GetUser, LookupUser and BatchGetUsers: one autocommit statement.
-        reader=SqlAlchemyUserReader(engine, monitor),
+        reader=SqlAlchemyUserReader(
+            engine, monitor, transaction_pooling=settings.db_transaction_pooling
+        ),
     )
     auth_service = AuthService(
         uow_factory=uow_factory,
