@@ -11,6 +11,7 @@ from usersvc.api.interceptors.auth import Authenticator, AuthInterceptor, bearer
 from usersvc.api.interceptors.database_gate import DatabaseGateInterceptor
 from usersvc.api.interceptors.deadline import DEFAULT_MARGIN_SECONDS, DeadlineInterceptor
 from usersvc.api.interceptors.error_mapping import ErrorMappingInterceptor
+from usersvc.api.interceptors.pipeline import Pipeline
 from usersvc.api.interceptors.rate_limit import IPNetwork, RateLimiter, RateLimitInterceptor
 from usersvc.api.interceptors.request_id import RequestIdInterceptor, request_id_from
 from usersvc.api.interceptors.wrapping import WrappingInterceptor, wrap_handler
@@ -24,6 +25,7 @@ __all__ = [
     "DatabaseGateInterceptor",
     "DeadlineInterceptor",
     "ErrorMappingInterceptor",
+    "Pipeline",
     "RateLimitInterceptor",
     "RateLimiter",
     "RequestIdInterceptor",
@@ -47,8 +49,10 @@ def build_interceptors(
     auth_rate: Rate | None = None,
     trusted_proxies: Sequence[IPNetwork] = (),
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-    """The interceptors for ``grpc.aio.server(interceptors=...)``, outermost
-    first; without ``rate_limiter`` nothing is rate limited. Never raises."""
+    """The interceptors for ``grpc.aio.server(interceptors=...)``: one
+    Pipeline running the interceptors below, outermost first (see
+    pipeline.py for why one); without ``rate_limiter`` nothing is rate
+    limited. Never raises."""
     # The order is the design; each one relies on those outside it:
     # 1. RequestId first, so every later line of the call (the access line, a
     #    traceback) carries the id, and the caller gets it back even when the
@@ -69,7 +73,7 @@ def build_interceptors(
     #    outside it; inside ErrorMapping, so a refusal is a rich
     #    RESOURCE_EXHAUSTED (RATE_LIMITED + RetryInfo). Health and
     #    reflection are exempt (see rate_limit.py).
-    interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+    interceptors: list[WrappingInterceptor] = [
         RequestIdInterceptor(),
         AccessLogInterceptor(),
         ErrorMappingInterceptor(),
@@ -93,4 +97,4 @@ def build_interceptors(
                 trusted_proxies=trusted_proxies,
             )
         )
-    return interceptors
+    return [Pipeline(interceptors)]

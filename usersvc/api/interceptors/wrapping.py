@@ -28,7 +28,7 @@ KEEP: Final = object()
 
 # Registered methods are few; the cap only matters if a generic handler ever
 # answers arbitrary method names, which must not grow memory without bound.
-_MAX_CACHED_METHODS = 1024
+MAX_CACHED_METHODS = 1024
 
 
 def wrap_handler(
@@ -129,7 +129,7 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if entry is not None and entry[0] is handler:
             return entry[1]
         wrapped = self.wrap(handler, method)
-        if len(self._wrapped) < _MAX_CACHED_METHODS:
+        if len(self._wrapped) < MAX_CACHED_METHODS:
             self._wrapped[method] = (handler, wrapped)
         return wrapped
 
