@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from usersvc.adapters.database import create_engine
 from usersvc.adapters.db_monitor import DatabaseMonitor
 from usersvc.adapters.ratelimit import InProcessRateLimiter, RedisRateLimiter
+from usersvc.adapters.read_lane import SqlAlchemyUserReader
 from usersvc.adapters.revocations import CachedRevocationChecker, PostgresRevocationListener
 from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.config import Settings
@@ -127,7 +128,9 @@ def bootstrap(
     )
     uow_factory = make_uow_factory(engine, monitor)
     hasher = BcryptPasswordHasher(
-        rounds=settings.bcrypt_rounds, max_threads=settings.bcrypt_max_threads
+        rounds=settings.bcrypt_rounds,
+        max_threads=settings.bcrypt_max_threads,
+        nice=settings.bcrypt_nice,
     )
     tokens = TokenService(
         load_key_ring(settings, logger),
@@ -158,6 +161,13 @@ def bootstrap(
         password_policy=PasswordPolicy(),
         allow_signup=settings.allow_signup,
         sessions=revoker,
+        # GetUser, LookupUser and BatchGetUsers: one autocommit statement.
+        reader=SqlAlchemyUserReader(
+            engine,
+            monitor,
+            transaction_pooling=settings.db_transaction_pooling,
+            statement_span=None if tracing is None else tracing.statement_span(engine),
+        ),
     )
     auth_service = AuthService(
         uow_factory=uow_factory,

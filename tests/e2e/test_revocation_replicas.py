@@ -16,8 +16,8 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -266,19 +266,39 @@ async def test_a_replica_started_after_a_logout_refuses_the_token_from_its_first
 # ----------------------------------------------------------------- in process
 
 
-@contextmanager
-def statements_on(engine: AsyncEngine) -> Iterator[list[str]]:
-    """Every SQL statement ``engine`` sends while the block runs."""
+@asynccontextmanager
+async def statements_on(engine: AsyncEngine) -> AsyncIterator[list[str]]:
+    """Every SQL statement sent on ``engine``'s pooled connections while the
+    block runs: those SQLAlchemy executes (its cursor events) and those run
+    on a pooled connection's driver directly (the read lane,
+    usersvc.adapters.read_lane), which asyncpg's query loggers see."""
     statements: list[str] = []
+    watched: list[Any] = []
 
     def record(*args: Any) -> None:
         statements.append(" ".join(str(args[2]).split()))
 
+    def record_driver(query: Any) -> None:
+        statements.append(" ".join(str(query.query).split()))
+
+    def watch(dbapi_connection: Any, *_: Any) -> None:
+        driver = dbapi_connection.driver_connection
+        if driver not in watched:
+            watched.append(driver)
+            driver.add_query_logger(record_driver)
+
     event.listen(engine.sync_engine, "before_cursor_execute", record)
+    event.listen(engine.sync_engine.pool, "checkout", watch)
     try:
         yield statements
+        # asyncpg hands logged queries to the loggers on the next loop turn.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", record)
+        event.remove(engine.sync_engine.pool, "checkout", watch)
+        for driver in watched:
+            driver.remove_query_logger(record_driver)
 
 
 async def test_authenticated_calls_on_a_healthy_replica_ask_the_database_nothing_about_revocation(
@@ -292,9 +312,9 @@ async def test_authenticated_calls_on_a_healthy_replica_ask_the_database_nothing
 
     principal = await container.auth_service.authenticate(world.alice.token)
 
-    with statements_on(container.engine) as by_the_service:
+    async with statements_on(container.engine) as by_the_service:
         await container.user_service.get_user(principal=principal, user_id=world.alice.id)
-    with statements_on(container.engine) as by_the_rpc:
+    async with statements_on(container.engine) as by_the_rpc:
         for _ in range(3):
             await caller.users.GetUser(request)
 

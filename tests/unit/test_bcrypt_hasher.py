@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Iterator
 
 import bcrypt
 import pytest
 
-from usersvc.services.passwords import BcryptPasswordHasher
+from usersvc.services.passwords import BcryptPasswordHasher, thread_niceness
 
 PASSWORD = "correct horse battery staple"
 
@@ -218,3 +219,49 @@ async def test_a_closed_hasher_refuses_new_work(hasher: BcryptPasswordHasher) ->
     hasher.close()
     with pytest.raises(RuntimeError):
         await hasher.hash(PASSWORD)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice is per thread on Linux only")
+async def test_bcrypt_threads_run_at_a_lower_priority_than_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+    hashpw = bcrypt.hashpw
+
+    def recording(secret: bytes, salt: bytes) -> bytes:
+        seen.append(thread_niceness())
+        return hashpw(secret, salt)
+
+    monkeypatch.setattr(bcrypt, "hashpw", recording)
+    hasher = BcryptPasswordHasher(rounds=4, max_threads=1, nice=7)
+    try:
+        await hasher.hash(PASSWORD)
+    finally:
+        hasher.close()
+    loop_niceness = thread_niceness()
+    assert seen == [min(19, loop_niceness + 7)]
+
+
+async def test_without_nice_bcrypt_threads_keep_the_loops_priority(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+    hashpw = bcrypt.hashpw
+
+    def recording(secret: bytes, salt: bytes) -> bytes:
+        seen.append(thread_niceness())
+        return hashpw(secret, salt)
+
+    monkeypatch.setattr(bcrypt, "hashpw", recording)
+    hasher = BcryptPasswordHasher(rounds=4, max_threads=1)
+    try:
+        await hasher.hash(PASSWORD)
+    finally:
+        hasher.close()
+    assert seen == [thread_niceness()]
+
+
+@pytest.mark.parametrize("nice", [-1, 20])
+def test_a_nice_value_outside_0_to_19_is_refused(nice: int) -> None:
+    with pytest.raises(ValueError, match="nice must be"):
+        BcryptPasswordHasher(rounds=4, max_threads=1, nice=nice)

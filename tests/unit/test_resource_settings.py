@@ -3,8 +3,11 @@ support (usersvc.config.Settings.from_env)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from usersvc import config
 from usersvc.config import Settings, SettingsError
 
 DIRECT = "postgresql+asyncpg://usersvc_app@db.internal:5432/usersvc"
@@ -60,3 +63,28 @@ def test_the_revocation_url_is_not_in_the_settings_repr() -> None:
     secret_url = "postgresql+asyncpg://app:s3cret-pw@db.internal/usersvc"
 
     assert "s3cret-pw" not in repr(settings(REVOCATION_DATABASE_URL=secret_url))
+
+
+def test_bcrypt_leaves_one_cpu_to_the_event_loop_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(config, "usable_cpus", lambda: 2)
+    assert settings().bcrypt_max_threads == 1
+    monkeypatch.setattr(config, "usable_cpus", lambda: 8)
+    assert settings().bcrypt_max_threads == 7
+
+
+def test_a_single_cpu_still_gets_one_bcrypt_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "usable_cpus", lambda: 1)
+    assert settings().bcrypt_max_threads == 1
+
+
+def test_usable_cpus_follows_the_affinity_mask() -> None:
+    assert config.usable_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_bcrypt_threads_are_niced_by_default_and_configurable() -> None:
+    assert settings().bcrypt_nice == 10
+    assert settings(BCRYPT_NICE="0").bcrypt_nice == 0
+    with pytest.raises(SettingsError, match="USERSVC_BCRYPT_NICE"):
+        settings(BCRYPT_NICE="20")

@@ -115,7 +115,8 @@ def _chain(**options: object) -> list[type]:
         public_methods=PublicMethods(allow_signup=True),
         **options,  # type: ignore[arg-type]
     )
-    return [type(interceptor) for interceptor in interceptors]
+    [pipeline] = interceptors
+    return [type(interceptor) for interceptor in pipeline.interceptors]  # type: ignore[attr-defined]
 
 
 def test_without_tracing_no_tracing_interceptor_is_installed() -> None:

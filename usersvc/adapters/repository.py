@@ -20,12 +20,14 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 from sqlalchemy import (
+    ARRAY,
     ColumnElement,
     DateTime,
     Float,
     Integer,
     Text,
     Uuid,
+    any_,
     bindparam,
     case,
     delete,
@@ -41,6 +43,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import Select
 from sqlalchemy.sql.dml import Update
 
 from usersvc.adapters.database import constraint_name_of, sqlstate_of, translate_connection_errors
@@ -156,6 +159,27 @@ _CLEAR_LOGIN_FAILURES = (
 )
 
 
+def users_by_ids(user_ids: Sequence[uuid.UUID]) -> Select[Any]:
+    """The users among ``user_ids``: one statement (an expanding IN, so
+    its compiled form is cached whatever the count). Raises nothing."""
+    return _select_user.where(_c.id.in_(list(set(user_ids))))
+
+
+# What the read lane (usersvc.adapters.read_lane) compiles and runs: the very
+# statements and row mapping of the repository, so both paths return the
+# same users. The batch read takes one array instead of an IN list, so that
+# its text (and asyncpg's prepared statement) is the same for any count.
+GET_USER_BY_ID = _GET_BY_ID
+GET_USER_BY_EMAIL = _GET_BY_EMAIL
+GET_USERS_BY_IDS = _select_user.where(_c.id == any_(bindparam("user_ids", type_=ARRAY(Uuid))))
+
+
+def user_from_row(row: RowMapping) -> User:
+    """The domain User of a row of the user columns. Raises KeyError for a
+    row without them."""
+    return _user_from_row(row)
+
+
 def _user_from_row(row: RowMapping) -> User:
     return User(
         id=row["id"],
@@ -256,8 +280,7 @@ class SqlAlchemyUserRepository:
         particular order. Raises DatabaseUnavailable."""
         if not user_ids:
             return []
-        stmt = _select_user.where(_c.id.in_(list(set(user_ids))))
-        return [_user_from_row(row) for row in await self._all(stmt)]
+        return [_user_from_row(row) for row in await self._all(users_by_ids(user_ids))]
 
     async def get_by_email(self, email: str) -> User | None:
         """Case-insensitive match, deleted included. Raises DatabaseUnavailable."""

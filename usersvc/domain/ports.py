@@ -198,6 +198,24 @@ class SessionRepository(Protocol):
         work holds are skipped, not waited for."""
 
 
+class UserReader(Protocol):
+    """Plain reads of users, each outside any unit of work: one statement,
+    its own snapshot, nothing locked. For the read-only calls (GetUser,
+    LookupUser, BatchGetUsers) only; a flow that reads and then writes
+    reads through its unit of work. Returns what the same UserRepository
+    methods return."""
+
+    async def get(self, user_id: uuid.UUID) -> User | None:
+        """The user, deleted or not. Raises DatabaseUnavailable."""
+
+    async def get_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
+        """The stored users among ``user_ids`` (deleted included), in no
+        particular order. Raises DatabaseUnavailable."""
+
+    async def get_by_email(self, email: str) -> User | None:
+        """Case-insensitive match, deleted included. Raises DatabaseUnavailable."""
+
+
 class RevocationChecker(Protocol):
     async def is_revoked(self, session_id: str) -> bool:
         """True when the session was revoked (the revocation log holds it).

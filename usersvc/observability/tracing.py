@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import grpc
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Tracer
+    from opentelemetry.trace import Span, Tracer
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from usersvc.api.interceptors.wrapping import WrappingInterceptor
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ class Tracing:
         self.provider = provider
         self.tracer: Tracer = provider.get_tracer(TRACER_NAME)
 
-    def interceptor(self) -> grpc.aio.ServerInterceptor:  # type: ignore[type-arg]
+    def interceptor(self) -> WrappingInterceptor:
         """The server interceptor making a span per RPC. Never raises."""
         from usersvc.api.interceptors.tracing import TracingInterceptor
 
@@ -110,31 +112,17 @@ class Tracing:
         span current where the statement was issued (SQLAlchemy runs the
         driver in a greenlet that shares the caller's contextvars).
         Never raises."""
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace import Status, StatusCode
         from sqlalchemy import event
 
-        tracer = self.tracer
-        database = engine.url.database or ""
+        start = self._statement_starter(engine)
 
         def before(
             conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
         ) -> None:
-            if context is None:
-                return
-            # The statement as the driver gets it: placeholders ($1, ...)
-            # where values go. `parameters` is deliberately never read.
-            operation = statement.lstrip().split(None, 1)[0].upper() if statement else "SQL"
-            span = tracer.start_span(
-                f"{operation} {database}" if database else operation,
-                kind=SpanKind.CLIENT,
-                attributes={
-                    "db.system.name": "postgresql",
-                    "db.namespace": database,
-                    "db.operation.name": operation,
-                    "db.query.text": statement[:MAX_STATEMENT_CHARS],
-                },
-            )
-            setattr(context, _SPAN_KEY, span)
+            # `parameters` is deliberately never read.
+            if context is not None:
+                setattr(context, _SPAN_KEY, start(statement))
 
         def after(
             conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
@@ -157,6 +145,51 @@ class Tracing:
         event.listen(engine.sync_engine, "before_cursor_execute", before)
         event.listen(engine.sync_engine, "after_cursor_execute", after)
         event.listen(engine.sync_engine, "handle_error", failed)
+
+    def _statement_starter(self, engine: AsyncEngine) -> Callable[[str], Span]:
+        from opentelemetry.trace import SpanKind
+
+        tracer = self.tracer
+        database = engine.url.database or ""
+
+        def start(statement: str) -> Span:
+            # The statement as the driver gets it: placeholders ($1, ...)
+            # where values go; values are never looked at.
+            operation = statement.lstrip().split(None, 1)[0].upper() if statement else "SQL"
+            return tracer.start_span(
+                f"{operation} {database}" if database else operation,
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "db.system.name": "postgresql",
+                    "db.namespace": database,
+                    "db.operation.name": operation,
+                    "db.query.text": statement[:MAX_STATEMENT_CHARS],
+                },
+            )
+
+        return start
+
+    def statement_span(self, engine: AsyncEngine) -> Callable[[str], AbstractContextManager[Span]]:
+        """For statements run on the driver connection, past the engine's
+        events (the read lane): a context manager making one client span
+        like the engine's, ended with the error class on failure."""
+        from opentelemetry.trace import Status, StatusCode
+
+        start = self._statement_starter(engine)
+
+        @contextmanager
+        def span(statement: str) -> Iterator[Span]:
+            current = start(statement)
+            try:
+                yield current
+            except BaseException as error:
+                current.set_status(Status(StatusCode.ERROR, type(error).__name__))
+                current.set_attribute("error.type", type(error).__name__)
+                raise
+            finally:
+                current.end()
+
+        return span
 
     def shutdown(self) -> None:
         """Export what is buffered and stop. Never raises."""

@@ -5,14 +5,25 @@ so it runs in a small thread pool. A semaphore admits at most as many hashes
 as there are threads and holds each slot until the thread has finished, so
 work never piles up inside the pool: callers wait on the semaphore, where
 cancellation (an expired deadline) costs nothing.
+
+The threads must never starve the event loop: by default there is one fewer
+than the process's CPUs (usersvc.config.default_bcrypt_threads), and each
+thread lowers its own scheduling priority (``nice``; per thread on Linux), so
+that while logins flood in, the loop and PostgreSQL still get a core at once
+and bcrypt takes only what is left. A login then waits longer; a GetUser does
+not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import re
 import secrets
+import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -21,6 +32,8 @@ import bcrypt
 
 from usersvc.domain.passwords import MAX_PASSWORD_BYTES
 
+logger = logging.getLogger(__name__)
+
 _T = TypeVar("_T")
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$([0-9]{2})\$[./A-Za-z0-9]{53}")
 
@@ -28,14 +41,23 @@ _BCRYPT_HASH = re.compile(r"\$2[aby]\$([0-9]{2})\$[./A-Za-z0-9]{53}")
 class BcryptPasswordHasher:
     """usersvc.domain.ports.PasswordHasher on bcrypt."""
 
-    def __init__(self, rounds: int, max_threads: int) -> None:
-        """Raises ValueError for a cost outside 4..31 or fewer than one thread."""
+    def __init__(self, rounds: int, max_threads: int, *, nice: int = 0) -> None:
+        """``nice`` is added to each bcrypt thread's nice value (0: none).
+        Raises ValueError for a cost outside 4..31, fewer than one thread or
+        a ``nice`` outside 0..19."""
         if not 4 <= rounds <= 31:
             raise ValueError(f"bcrypt rounds must be 4..31, got {rounds}")
         if max_threads < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_threads}")
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be 0..19, got {nice}")
         self._rounds = rounds
-        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="bcrypt")
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_threads,
+            thread_name_prefix="bcrypt",
+            initializer=_lower_thread_priority,
+            initargs=(nice,),
+        )
         self._slots = asyncio.Semaphore(max_threads)
         self._dummy_hash: str | None = None
         self._dummy_lock = asyncio.Lock()
@@ -106,6 +128,27 @@ class BcryptPasswordHasher:
             raise
         job.add_done_callback(release)
         return await asyncio.wrap_future(job)
+
+
+def _lower_thread_priority(nice: int) -> None:
+    # Runs first in each new worker thread. On Linux the nice value belongs
+    # to the thread (setpriority on its thread id); raising it needs no
+    # privilege. Elsewhere this would renice the whole process, so it is
+    # skipped there.
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        thread_id = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread_id)
+        os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + nice))
+    except OSError:
+        logger.warning("could not lower the priority of a bcrypt thread", exc_info=True)
+
+
+def thread_niceness() -> int:
+    """The calling thread's nice value (Linux; the process's elsewhere).
+    Raises OSError when the platform cannot tell."""
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
 def _checkpw(secret: bytes, hashed: bytes) -> bool:

@@ -46,6 +46,7 @@ from usersvc.domain.ports import (
     PasswordHasher,
     UnitOfWork,
     UnitOfWorkFactory,
+    UserReader,
 )
 from usersvc.domain.validation import (
     normalize_display_name,
@@ -95,6 +96,29 @@ class _Draft:
         return [self.email, self.display_name, list(self.roles), sorted(self.labels.items())]
 
 
+class UnitOfWorkUserReader:
+    """usersvc.domain.ports.UserReader through a unit of work per read: for
+    compositions without a read lane (the unit tests' fakes)."""
+
+    def __init__(self, uow_factory: UnitOfWorkFactory) -> None:
+        self._uow_factory = uow_factory
+
+    async def get(self, user_id: uuid.UUID) -> User | None:
+        """Raises DatabaseUnavailable."""
+        async with self._uow_factory() as uow:
+            return await uow.users.get(user_id)
+
+    async def get_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
+        """Raises DatabaseUnavailable."""
+        async with self._uow_factory() as uow:
+            return await uow.users.get_many(user_ids)
+
+    async def get_by_email(self, email: str) -> User | None:
+        """Raises DatabaseUnavailable."""
+        async with self._uow_factory() as uow:
+            return await uow.users.get_by_email(email)
+
+
 class UserService:
     def __init__(
         self,
@@ -104,8 +128,13 @@ class UserService:
         password_policy: PasswordPolicy,
         allow_signup: bool,
         sessions: SessionRevoker,
+        reader: UserReader | None = None,
     ) -> None:
+        """``reader`` serves the plain reads (get_user, lookup_user,
+        batch_get_users) outside a unit of work; without one they read
+        through a unit of work. Raises nothing."""
         self._uow_factory = uow_factory
+        self._reader: UserReader = reader or UnitOfWorkUserReader(uow_factory)
         self._hasher = hasher
         self._policy = password_policy
         self._allow_signup = allow_signup
@@ -291,8 +320,7 @@ class UserService:
         """
         target = _target(principal, user_id, "id")
         policies.ensure(policies.can_read(principal, target), "read this user")
-        async with self._uow_factory() as uow:
-            user = await uow.users.get(target)
+        user = await self._reader.get(target)
         return _visible(principal, user, target)
 
     async def lookup_user(self, *, principal: Principal, email: str) -> User:
@@ -304,8 +332,7 @@ class UserService:
         errors: list[FieldViolation] = []
         normalized = normalize_email(email, field="email", errors=errors)
         raise_for_violations(errors)
-        async with self._uow_factory() as uow:
-            user = await uow.users.get_by_email(normalized)
+        user = await self._reader.get_by_email(normalized)
         if user is None or (
             user.state is UserState.DELETED and not policies.can_see_deleted(principal)
         ):
@@ -332,8 +359,7 @@ class UserService:
             except InvalidArgument as exc:
                 errors.extend(exc.violations)
         raise_for_violations(errors)
-        async with self._uow_factory() as uow:
-            found = await uow.users.get_many(list(dict.fromkeys(targets)))
+        found = await self._reader.get_many(list(dict.fromkeys(targets)))
         by_id = {user.id: user for user in found}
         return [_visible(principal, by_id.get(target), target) for target in targets]
 

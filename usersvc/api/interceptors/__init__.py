@@ -11,6 +11,7 @@ from usersvc.api.interceptors.auth import Authenticator, AuthInterceptor, bearer
 from usersvc.api.interceptors.database_gate import DatabaseGateInterceptor
 from usersvc.api.interceptors.deadline import DEFAULT_MARGIN_SECONDS, DeadlineInterceptor
 from usersvc.api.interceptors.error_mapping import ErrorMappingInterceptor
+from usersvc.api.interceptors.pipeline import Pipeline
 from usersvc.api.interceptors.rate_limit import IPNetwork, RateLimiter, RateLimitInterceptor
 from usersvc.api.interceptors.request_id import RequestIdInterceptor, request_id_from
 from usersvc.api.interceptors.wrapping import WrappingInterceptor, wrap_handler
@@ -25,6 +26,7 @@ __all__ = [
     "DatabaseGateInterceptor",
     "DeadlineInterceptor",
     "ErrorMappingInterceptor",
+    "Pipeline",
     "RateLimitInterceptor",
     "RateLimiter",
     "RequestIdInterceptor",
@@ -49,13 +51,15 @@ def build_interceptors(
     trusted_proxies: Sequence[IPNetwork] = (),
     call_metrics: CallObserver | None = None,
     on_rate_limited: RateLimitedHook | None = None,
-    tracing: grpc.aio.ServerInterceptor | None = None,  # type: ignore[type-arg]
+    tracing: WrappingInterceptor | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-    """The interceptors for ``grpc.aio.server(interceptors=...)``, outermost
-    first; without ``rate_limiter`` nothing is rate limited. ``call_metrics``
-    and ``on_rate_limited`` feed the metrics (None: metrics off). ``tracing``
-    is the span-per-RPC interceptor when tracing is on
-    (usersvc.observability.tracing), else nothing is added. Never raises."""
+    """The interceptors for ``grpc.aio.server(interceptors=...)``: one
+    Pipeline running the interceptors below, outermost first (see
+    pipeline.py for why one); without ``rate_limiter`` nothing is rate
+    limited. ``call_metrics`` and ``on_rate_limited`` feed the metrics
+    (None: metrics off). ``tracing`` is the span-per-RPC interceptor when
+    tracing is on (usersvc.observability.tracing), else nothing is added.
+    Never raises."""
     # The order is the design; each one relies on those outside it:
     # 1. RequestId first, so every later line of the call (the access line, a
     #    traceback) carries the id, and the caller gets it back even when the
@@ -80,7 +84,7 @@ def build_interceptors(
     #    outside it; inside ErrorMapping, so a refusal is a rich
     #    RESOURCE_EXHAUSTED (RATE_LIMITED + RetryInfo). Health and
     #    reflection are exempt (see rate_limit.py).
-    interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+    interceptors: list[WrappingInterceptor] = [
         RequestIdInterceptor(),
         # Also the metrics hook: it sees every call's final code and duration.
         AccessLogInterceptor(metrics=call_metrics),
@@ -108,4 +112,4 @@ def build_interceptors(
                 on_rejected=on_rate_limited,
             )
         )
-    return interceptors
+    return [Pipeline(interceptors)]

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any, Protocol, cast
 
 from usersvc.api.context import set_principal
 from usersvc.api.interceptors.wrapping import (
     Context,
     Handler,
-    StreamBehaviour,
-    UnaryBehaviour,
     WrappingInterceptor,
-    wrap_handler,
+    wrap_with_prelude,
 )
 from usersvc.api.public import PublicMethods
 from usersvc.config import normalize_identity
@@ -115,22 +113,10 @@ class AuthInterceptor(WrappingInterceptor):
         public = self._public_methods.is_public(method)
         identify = self._identify
 
-        def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
-            async def behaviour(request: Any, context: Context) -> Any:
-                set_principal(await identify(context, public))
-                return await inner(request, context)
+        async def authenticate(context: Context) -> None:
+            set_principal(await identify(context, public))
 
-            return behaviour
-
-        def stream(inner: StreamBehaviour) -> StreamBehaviour:
-            async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
-                set_principal(await identify(context, public))
-                async for response in inner(request, context):
-                    yield response
-
-            return behaviour
-
-        return wrap_handler(handler, unary=unary, stream=stream)
+        return wrap_with_prelude(handler, authenticate)
 
     async def _identify(self, context: Context, public: bool) -> Principal:
         token = bearer_token(context.invocation_metadata())

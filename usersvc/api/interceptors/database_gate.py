@@ -14,16 +14,13 @@ Health and reflection are other services and always pass.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 
 from usersvc.api.interceptors.wrapping import (
     Context,
     Handler,
-    StreamBehaviour,
-    UnaryBehaviour,
     WrappingInterceptor,
-    wrap_handler,
+    wrap_with_prelude,
 )
 
 GATED_PREFIX = "/usersvc.v1."
@@ -52,19 +49,7 @@ class DatabaseGateInterceptor(WrappingInterceptor):
             return handler
         ensure_available = self._ensure_available
 
-        def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
-            async def behaviour(request: Any, context: Context) -> Any:
-                ensure_available()
-                return await inner(request, context)
+        def gate(context: Context) -> None:
+            ensure_available()
 
-            return behaviour
-
-        def stream(inner: StreamBehaviour) -> StreamBehaviour:
-            async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
-                ensure_available()
-                async for response in inner(request, context):
-                    yield response
-
-            return behaviour
-
-        return wrap_handler(handler, unary=unary, stream=stream)
+        return wrap_with_prelude(handler, gate)

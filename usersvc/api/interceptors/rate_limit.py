@@ -24,7 +24,7 @@ counted: they cost one signature check and never reach the database.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -32,10 +32,8 @@ from usersvc.api.context import current_principal
 from usersvc.api.interceptors.wrapping import (
     Context,
     Handler,
-    StreamBehaviour,
-    UnaryBehaviour,
     WrappingInterceptor,
-    wrap_handler,
+    wrap_with_prelude,
 )
 from usersvc.api.public import CREATE_USER_METHOD, LOGIN_METHOD, PUBLIC_SERVICE_PREFIXES
 from usersvc.domain.errors import RateLimited
@@ -177,22 +175,7 @@ class RateLimitInterceptor(WrappingInterceptor):
             else:
                 await check(context, principal, API_BUCKET, self._general)
 
-        def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
-            async def behaviour(request: Any, context: Context) -> Any:
-                await admit(context)
-                return await inner(request, context)
-
-            return behaviour
-
-        def stream(inner: StreamBehaviour) -> StreamBehaviour:
-            async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
-                await admit(context)
-                async for response in inner(request, context):
-                    yield response
-
-            return behaviour
-
-        return wrap_handler(handler, unary=unary, stream=stream)
+        return wrap_with_prelude(handler, admit)
 
     async def _check(
         self, context: Context, principal: Principal, bucket: str, rate: Rate | None

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from usersvc.api.context import set_request_id
 from usersvc.api.interceptors.wrapping import (
     Context,
     Handler,
-    StreamBehaviour,
-    UnaryBehaviour,
     WrappingInterceptor,
-    wrap_handler,
+    wrap_with_prelude,
 )
 
 REQUEST_ID_KEY = "x-request-id"
@@ -43,26 +41,9 @@ async def _begin(context: Context) -> None:
     await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
 
 
-def _unary(inner: UnaryBehaviour) -> UnaryBehaviour:
-    async def behaviour(request: Any, context: Context) -> Any:
-        await _begin(context)
-        return await inner(request, context)
-
-    return behaviour
-
-
-def _stream(inner: StreamBehaviour) -> StreamBehaviour:
-    async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
-        await _begin(context)
-        async for response in inner(request, context):
-            yield response
-
-    return behaviour
-
-
 class RequestIdInterceptor(WrappingInterceptor):
     """Sets the request id of each call (``usersvc.api.context``) and echoes
     it in the initial response metadata."""
 
     def wrap(self, handler: Handler, method: str) -> Handler:
-        return wrap_handler(handler, unary=_unary, stream=_stream)
+        return wrap_with_prelude(handler, _begin)

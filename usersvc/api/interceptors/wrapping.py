@@ -28,7 +28,7 @@ KEEP: Final = object()
 
 # Registered methods are few; the cap only matters if a generic handler ever
 # answers arbitrary method names, which must not grow memory without bound.
-_MAX_CACHED_METHODS = 1024
+MAX_CACHED_METHODS = 1024
 
 
 def wrap_handler(
@@ -69,6 +69,54 @@ def wrap_handler(
         request_deserializer=deserializer,  # type: ignore[arg-type]
         response_serializer=handler.response_serializer,
     )
+
+
+def wrap_with_prelude(
+    handler: Handler, prelude: Callable[[Context], Awaitable[None]] | Callable[[Context], None]
+) -> Handler:
+    """``handler`` with ``prelude(context)`` run before its behaviour, for
+    every handler kind: the shape of the interceptors that only check or set
+    something first (request id, database gate, auth, rate limit). An
+    exception from the prelude ends the call before the handler runs.
+    ``prelude`` may be a coroutine function or a plain one (decided here,
+    once, not per call). Never raises."""
+    if inspect.iscoroutinefunction(prelude):
+        before = cast(Callable[[Context], Awaitable[None]], prelude)
+
+        def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+            async def behaviour(request: Any, context: Context) -> Any:
+                await before(context)
+                return await inner(request, context)
+
+            return behaviour
+
+        def stream(inner: StreamBehaviour) -> StreamBehaviour:
+            async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
+                await before(context)
+                async for response in inner(request, context):
+                    yield response
+
+            return behaviour
+
+    else:
+        check = cast(Callable[[Context], None], prelude)
+
+        def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+            async def behaviour(request: Any, context: Context) -> Any:
+                check(context)
+                return await inner(request, context)
+
+            return behaviour
+
+        def stream(inner: StreamBehaviour) -> StreamBehaviour:
+            async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
+                check(context)
+                async for response in inner(request, context):
+                    yield response
+
+            return behaviour
+
+    return wrap_handler(handler, unary=unary, stream=stream)
 
 
 def _as_async_unary(behaviour: Callable[..., Any]) -> UnaryBehaviour:
@@ -129,7 +177,7 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if entry is not None and entry[0] is handler:
             return entry[1]
         wrapped = self.wrap(handler, method)
-        if len(self._wrapped) < _MAX_CACHED_METHODS:
+        if len(self._wrapped) < MAX_CACHED_METHODS:
             self._wrapped[method] = (handler, wrapped)
         return wrapped
 
