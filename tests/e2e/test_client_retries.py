@@ -13,9 +13,12 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
-from usersvc.client import Unavailable, UsersvcClient
+from usersvc.client import DatabaseUnavailable, Unavailable, UsersvcClient, retries
 
 USER = user_pb2.User(id="0190f0e0-0000-7000-8000-000000000001", email="ada@example.com")
 
@@ -23,11 +26,14 @@ USER = user_pb2.User(id="0190f0e0-0000-7000-8000-000000000001", email="ada@examp
 class FlakyServer:
     """Answers UNAVAILABLE to the first ``failures`` attempts of every
     method, then succeeds; with ``headers_first`` it sends response headers
-    before failing, as usersvc does (it echoes x-request-id at once)."""
+    before failing, as usersvc does (it echoes x-request-id at once); with
+    ``database_down`` the failure is usersvc's rich DATABASE_UNAVAILABLE,
+    after the headers, as usersvc's breaker answers it."""
 
     def __init__(self) -> None:
         self.failures = 1
         self.headers_first = False
+        self.database_down = False
         self.attempts: Counter[str] = Counter()
         self.request_ids: list[str] = []
         self.port = 0
@@ -39,6 +45,9 @@ class FlakyServer:
             if name == "CreateUser":
                 self.request_ids.append(request.request_id)
             if self.attempts[name] <= self.failures:
+                if self.database_down:
+                    await context.send_initial_metadata((("x-request-id", "fake"),))
+                    await context.abort_with_status(_database_unavailable())
                 if self.headers_first:
                     await context.send_initial_metadata((("x-request-id", "fake"),))
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
@@ -87,6 +96,18 @@ class FlakyServer:
 
     async def stop(self) -> None:
         await self._server.stop(0)
+
+
+def _database_unavailable() -> grpc.Status:
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason="DATABASE_UNAVAILABLE", domain="usersvc.v1"))
+    return rpc_status.to_status(
+        status_pb2.Status(
+            code=code_pb2.UNAVAILABLE,
+            message="database unavailable; retry later",
+            details=[detail],
+        )
+    )
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -179,3 +200,62 @@ async def test_a_failure_after_response_headers_is_not_retried(
         await client.get_user(USER.id)
     assert flaky.attempts["GetUser"] == 1
     assert info.value.request_id == "fake"
+
+
+async def test_a_read_refused_with_database_unavailable_is_retried_by_the_client(
+    client: UsersvcClient, flaky: FlakyServer
+) -> None:
+    # gRPC cannot retry it (headers came first); the client does, since a
+    # read refused by the breaker did nothing.
+    flaky.database_down = True
+    user = await client.get_user(USER.id)
+    assert user.email == USER.email
+    assert flaky.attempts["GetUser"] == 2
+
+
+async def test_a_create_refused_with_database_unavailable_is_retried_with_its_request_id(
+    client: UsersvcClient, flaky: FlakyServer
+) -> None:
+    flaky.database_down = True
+    await client.create_user("ada@example.com", "a long password")
+    first, second = flaky.request_ids
+    assert first
+    assert first == second
+
+
+async def test_an_update_refused_with_database_unavailable_is_not_retried(
+    client: UsersvcClient, flaky: FlakyServer
+) -> None:
+    flaky.database_down = True
+    with pytest.raises(DatabaseUnavailable):
+        await client.update_user(USER.id, display_name="Ada")
+    assert flaky.attempts["UpdateUser"] == 1
+
+
+async def test_database_unavailable_retries_stop_after_max_attempts(
+    client: UsersvcClient, flaky: FlakyServer
+) -> None:
+    flaky.database_down = True
+    flaky.failures = 100
+    with pytest.raises(DatabaseUnavailable) as info:
+        await client.get_user(USER.id)
+    assert flaky.attempts["GetUser"] == retries.DEFAULT_MAX_ATTEMPTS
+    assert info.value.request_id == "fake"
+
+
+async def test_no_database_retry_when_the_backoff_would_outlast_the_deadline(
+    client: UsersvcClient, flaky: FlakyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retries, "database_backoff", lambda attempt: 5.0)
+    flaky.database_down = True
+    with pytest.raises(DatabaseUnavailable):
+        await client.get_user(USER.id, timeout=1.0)
+    assert flaky.attempts["GetUser"] == 1
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 4, 10])
+def test_database_backoff_doubles_up_to_two_seconds_with_jitter(attempt: int) -> None:
+    ceiling = min(2.0, 0.1 * 2 ** (attempt - 1))
+    pauses = [retries.database_backoff(attempt) for _ in range(200)]
+    assert all(0 <= pause < ceiling for pause in pauses)
+    assert max(pauses) > ceiling / 2  # jittered over the range, not stuck at 0

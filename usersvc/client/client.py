@@ -35,6 +35,7 @@ from usersvc.client.credentials import (
 )
 from usersvc.client.errors import (
     REQUEST_ID_KEY,
+    DatabaseUnavailable,
     TokenExpired,
     TokenRevoked,
     error_from_rpc,
@@ -64,7 +65,8 @@ class UsersvcClient:
     - raises a UsersvcError subclass on failure (usersvc.client.errors),
       never grpc.aio.AioRpcError.
 
-    Which calls gRPC retries by itself: see usersvc.client.retries.
+    Which calls gRPC retries by itself, and which DATABASE_UNAVAILABLE
+    answers the client retries: see usersvc.client.retries.
     """
 
     def __init__(
@@ -73,12 +75,23 @@ class UsersvcClient:
         *,
         credentials: BearerCredentials | None = None,
         default_timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        max_attempts: int = retries.DEFAULT_MAX_ATTEMPTS,
     ) -> None:
+        """Raises ValueError for a max_attempts outside 1..5."""
+        if not 1 <= max_attempts <= 5:
+            raise ValueError("max_attempts must be 1..5")
         self._channel = channel
         self._credentials = credentials
         self._default_timeout = default_timeout
+        self._max_attempts = max_attempts
         self._users: Any = user_service_pb2_grpc.UserServiceStub(channel)
         self._auth: Any = auth_service_pb2_grpc.AuthServiceStub(channel)
+        stubs = {retries.USER_SERVICE: self._users, retries.AUTH_SERVICE: self._auth}
+        # The multicallables of the methods that are safe to repeat, by
+        # identity: the stubs create each one once.
+        self._idempotent = frozenset(
+            id(getattr(stubs[service], method)) for service, method in retries.RETRIED_METHODS
+        )
         self._tokens = _Endpoint(self)
 
     @classmethod
@@ -113,7 +126,12 @@ class UsersvcClient:
                 options=channel_options,
                 interceptors=interceptors,
             )
-        return cls(channel, credentials=credentials, default_timeout=default_timeout)
+        return cls(
+            channel,
+            credentials=credentials,
+            default_timeout=default_timeout,
+            max_attempts=max_attempts,
+        )
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -508,6 +526,7 @@ class UsersvcClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout(timeout)
         renewed = False
+        attempt = 1
         while True:
             token, metadata = await self._metadata(x_request_id, authenticate=authenticate)
             try:
@@ -528,6 +547,20 @@ class UsersvcClient:
             ):
                 renewed = True
                 continue
+            # gRPC's own retries stop once the server has sent headers, which
+            # usersvc does before it knows the database is down (see
+            # retries.py); an idempotent call may be repeated here instead,
+            # after a backoff that still fits the deadline.
+            if (
+                isinstance(error, DatabaseUnavailable)
+                and id(method) in self._idempotent
+                and attempt < self._max_attempts
+            ):
+                pause = retries.database_backoff(attempt)
+                if loop.time() + pause < deadline:
+                    attempt += 1
+                    await asyncio.sleep(pause)
+                    continue
             raise error from cause
 
 

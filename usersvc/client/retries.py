@@ -15,11 +15,17 @@ is only retried until the server sends response headers (gRFC A6): usersvc
 sends them as soon as a call arrives, so what gets retried is a call that
 never reached a server (connection refused or reset, server draining, a
 proxy's trailers-only UNAVAILABLE), not a DATABASE_UNAVAILABLE answer.
+The client itself repeats those on the same methods (UsersvcClient._call),
+at most ``max_attempts`` in all, after ``database_backoff`` and only while
+the deadline allows: nothing was done by the refused call, and the
+server's breaker answers at once while the database is down, so the pauses
+are what spreads the attempts out.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 USER_SERVICE = "usersvc.v1.UserService"
@@ -37,6 +43,21 @@ RETRIED_METHODS: tuple[tuple[str, str], ...] = (
 )
 
 DEFAULT_MAX_ATTEMPTS = 4
+
+
+# Backoff of the client's own retries: like the service config's, doubling
+# from 0.1 s up to 2 s, with full jitter so that many clients refused at the
+# same moment do not come back together.
+_INITIAL_BACKOFF_SECONDS = 0.1
+_MAX_BACKOFF_SECONDS = 2.0
+
+
+def database_backoff(attempt: int) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based):
+    uniform in [0, min(2, 0.1 * 2**(attempt-1))). Never raises for attempt
+    >= 1."""
+    ceiling = min(_MAX_BACKOFF_SECONDS, _INITIAL_BACKOFF_SECONDS * 2 ** (attempt - 1))
+    return random.uniform(0, ceiling)  # noqa: S311 - jitter, not a secret
 
 
 def service_config(*, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict[str, Any]:
