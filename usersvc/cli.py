@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import getpass
 import logging
 import os
@@ -85,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "serve":
+        # A crash in native code (grpc's core, the driver, uvloop) otherwise
+        # ends the process with no word in the log; with this, every thread's
+        # Python stack goes to stderr first. It costs nothing until then.
+        faulthandler.enable()
         if args.worker is not None:
             return _serve_worker(settings, args.worker, args.parent_fd)
         workers = settings.workers if args.workers is None else args.workers

@@ -242,6 +242,22 @@ async def test_serve_becomes_serving_and_exits_0_on_sigterm(
     assert code == 0, (tmp_path / "serve.log").read_text()
 
 
+async def test_a_native_crash_of_serve_leaves_every_threads_python_stack_in_its_log(
+    usersvc: Usersvc, tmp_path: Path
+) -> None:
+    # A segmentation fault stands in for a crash inside grpc's core or a
+    # driver: the log must say where the Python threads were.
+    log = tmp_path / "serve.log"
+    async with usersvc.serving(log) as server:
+        server.send_signal(signal.SIGSEGV)
+        code = await asyncio.wait_for(server.wait(), COMMAND_TIMEOUT_SECONDS)
+
+    text = log.read_text()
+    assert code == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in text
+    assert "most recent call first" in text
+
+
 async def test_served_process_answers_logins_with_its_own_key(
     usersvc: Usersvc, world: World, tmp_path: Path
 ) -> None:
