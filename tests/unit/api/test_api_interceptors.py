@@ -509,3 +509,41 @@ async def test_a_new_handler_for_a_method_is_wrapped_afresh() -> None:
 
 async def _echo(request: Any, context: Any) -> Any:
     return request
+
+
+class _EndingContext:
+    """A servicer context whose call can end: asking an ended call for its
+    peer fails the test (grpc's core may have released it by then)."""
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def peer(self) -> str:
+        assert not self.ended, "peer() read after the call ended"
+        return "ipv4:10.1.2.3:4567"
+
+    def code(self) -> None:
+        return None
+
+
+async def test_a_cancelled_response_stream_is_logged_with_the_peer_read_while_it_was_live(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def two_replies(request: Any, context: Any) -> AsyncIterator[str]:
+        yield "first"
+        yield "second"
+
+    handler = grpc.unary_stream_rpc_method_handler(two_replies)
+    wrapped = AccessLogInterceptor().wrap(handler, "/a.B/Stream")
+    context = _EndingContext()
+    caplog.set_level(logging.INFO, logger="usersvc.access")
+
+    replies = wrapped.unary_stream("request", context)
+    assert await replies.__anext__() == "first"
+    # The client goes away: the generator is closed only after the call ended.
+    context.ended = True
+    await replies.aclose()
+
+    lines = [record for record in caplog.records if record.name == "usersvc.access"]
+    assert len(lines) == 1
+    assert lines[0].peer == "ipv4:10.1.2.3:4567"  # type: ignore[attr-defined]

@@ -60,6 +60,7 @@ class AccessLogInterceptor(WrappingInterceptor):
 
     def wrap(self, handler: Handler, method: str) -> Handler:
         log = self._log
+        peer_of = self._peer
         observer: MethodObserver | None = None
         if self._metrics is not None:
             observer = self._metrics.for_method(
@@ -71,14 +72,15 @@ class AccessLogInterceptor(WrappingInterceptor):
         def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
             async def behaviour(request: Any, context: Context) -> Any:
                 start = time.perf_counter()
+                peer = peer_of(context)
                 if observer is not None:
                     observer.started()
                 try:
                     response = await inner(request, context)
                 except BaseException as error:
-                    log(method, context, start, error, observer)
+                    log(method, context, peer, start, error, observer)
                     raise
-                log(method, context, start, None, observer)
+                log(method, context, peer, start, None, observer)
                 return response
 
             return behaviour
@@ -86,24 +88,37 @@ class AccessLogInterceptor(WrappingInterceptor):
         def stream(inner: StreamBehaviour) -> StreamBehaviour:
             async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
                 start = time.perf_counter()
+                peer = peer_of(context)
                 if observer is not None:
                     observer.started()
                 try:
                     async for response in inner(request, context):
                         yield response
                 except BaseException as error:
-                    log(method, context, start, error, observer)
+                    log(method, context, peer, start, error, observer)
                     raise
-                log(method, context, start, None, observer)
+                log(method, context, peer, start, None, observer)
 
             return behaviour
 
         return wrap_handler(handler, unary=unary, stream=stream)
 
+    def _peer(self, context: Context) -> str:
+        # Read while the call is certainly alive. A response stream that the
+        # client cancels is closed later, when the event loop finalizes its
+        # generator; grpc's core may have released the call by then, and
+        # asking it for the peer then crashed the process (a NULL
+        # dereference inside cygrpc, seen under load).
+        if not self._logger.isEnabledFor(logging.INFO):
+            return ""
+        peer: str = context.peer()
+        return peer
+
     def _log(
         self,
         method: str,
         context: Context,
+        peer: str,
         start: float,
         error: BaseException | None,
         observer: MethodObserver | None = None,
@@ -128,7 +143,7 @@ class AccessLogInterceptor(WrappingInterceptor):
                 "method": method,
                 "code": code,
                 "duration_ms": duration_ms,
-                "peer": context.peer(),
+                "peer": peer,
                 "principal": principal.subject if principal.is_authenticated else "anonymous",
                 "request_id": current_request_id(),
             },
