@@ -40,7 +40,7 @@ test: $(STAMP) buf-lint buf-breaking proto-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) buf-lint buf-breaking proto-check docker-lint
-	$(BIN)/ruff check usersvc tests scripts
+	$(BIN)/ruff check usersvc tests scripts bench
 	$(BIN)/mypy
 
 buf-lint: $(BUF)
@@ -73,7 +73,7 @@ proto-check: $(STAMP)
 # asyncpg ceiling and a naive ORM-per-call server, loaded by h2load; see
 # docs/performance.md. Filters: `make bench SCENARIOS=getuser ROUNDS=3 SECONDS=3`
 # (scenarios: getuser,lookup,list,update,login,batch,import); more options
-# through BENCH_ARGS (`$(BIN)/python -m tests.bench --help`). Uses
+# through BENCH_ARGS (`$(BIN)/python -m bench --help`). Uses
 # USERSVC_BENCH_DATABASE_URL, else a database usersvc_bench on the
 # USERSVC_TEST_DATABASE_URL server, else the embedded PostgreSQL.
 BENCH_ARGS ?=
@@ -82,12 +82,12 @@ BENCH_FLAGS = $(if $(SCENARIOS),--scenarios $(SCENARIOS)) $(if $(ROUNDS),--round
 
 bench: $(STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
-	$(BIN)/python -m tests.bench $(BENCH_FLAGS) $(BENCH_ARGS)
+	$(BIN)/python -m bench $(BENCH_FLAGS) $(BENCH_ARGS)
 
 # The 10-minute memory soak (item 6 of issue 5); DURATION=60 for a smoke run.
 bench-soak: $(STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
-	$(BIN)/python -m tests.bench --soak $(if $(DURATION),--duration $(DURATION)) $(BENCH_ARGS)
+	$(BIN)/python -m bench --soak $(if $(DURATION),--duration $(DURATION)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""The benchmark harness's own arithmetic (tests/bench, run by `make bench`,
+"""The benchmark harness's own arithmetic (bench, run by `make bench`,
 never by the suite): how it frames gRPC requests for h2load, reads h2load's
 output and per-request log, and turns rounds into ratios. No benchmark runs
 here."""
@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from bench.h2load import (
     H2loadError,
     LoadShape,
@@ -20,7 +21,6 @@ from bench.h2load import (
     parse_summary,
 )
 from bench.results import Measurement, RatioSpec, Target, ratio_verdict, rotated
-
 from generated.usersvc.v1 import user_service_pb2
 
 H2LOAD_OUTPUT = """\

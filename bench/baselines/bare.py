@@ -1,7 +1,7 @@
 """The ceiling: grpc.aio and a raw asyncpg pool, one query per call, no
 authentication, no interceptors, no ORM.
 
-    python -m tests.bench.baselines.bare --listen 127.0.0.1:50061 \\
+    python -m bench.baselines.bare --listen 127.0.0.1:50061 \\
         --database-url postgresql+asyncpg://postgres@127.0.0.1:5432/usersvc_bench
 
 Serves UserService GetUser, LookupUser, ListUsers (no filter, create_time

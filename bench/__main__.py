@@ -1,4 +1,4 @@
-"""usersvc benchmark harness: ``make bench`` / ``python -m tests.bench``.
+"""usersvc benchmark harness: ``make bench`` / ``python -m bench``.
 
 Seeds its own database, starts usersvc and the two baselines side by side,
 checks every call with a real gRPC client, then loads each system in turn
@@ -6,8 +6,8 @@ with h2load for R rounds of T seconds, rotating the order every round.
 Ratios are medians of per-round ratios. Prints a table per scenario and
 writes everything to bench-results/<timestamp>.json.
 
-    python -m tests.bench --scenarios getuser --rounds 3 --seconds 3
-    python -m tests.bench --soak --duration 600
+    python -m bench --scenarios getuser --rounds 3 --seconds 3
+    python -m bench --soak --duration 600
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ from .systems import (
     usersvc_system,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
@@ -204,7 +204,7 @@ async def main_async(args: argparse.Namespace) -> int:
     work_dir = args.results_dir / f"run-{stamp}"
     work_dir.mkdir()
     report: dict[str, Any] = {
-        "command": shlex.join([Path(sys.executable).name, "-m", "tests.bench", *sys.argv[1:]]),
+        "command": shlex.join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
         "started": stamp,
         "git": git_revision(),
         "machine": machine(),

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USERSVC = "usersvc"
 BARE = "bare"
 NAIVE = "naive"
@@ -244,7 +244,7 @@ def baseline_system(kind: str, *, database_url: str, work_dir: Path, pool_size: 
     argv = [
         sys.executable,
         "-m",
-        f"tests.bench.baselines.{kind}",
+        f"bench.baselines.{kind}",
         "--listen",
         f"127.0.0.1:{port}",
         "--database-url",

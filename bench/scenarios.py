@@ -2,7 +2,7 @@
 
 A scenario is a Plan: the runs that make up one round (each run is one
 system under one load), the calls to verify first, and the ratios and
-targets computed from the rounds. The runner (tests/bench/runner.py) decides
+targets computed from the rounds. The runner (bench/runner.py) decides
 the order and the timing.
 """
 

@@ -6,7 +6,7 @@ messages (one byte "compressed" flag, a four-byte big-endian length, the
 serialized message), so h2load can replay one unary call with ``-d``. It
 counts HTTP statuses only: a gRPC error is still HTTP 200 with grpc-status in
 the trailers, which is why the harness checks every answer with a real gRPC
-client before it measures (tests/bench/checks.py).
+client before it measures (bench/checks.py).
 
 Standard library only, so the unit suite can import it cheaply.
 """
