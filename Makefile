@@ -69,10 +69,11 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py --check
 
-# Benchmarks (never part of `make test`): usersvc against a bare grpc.aio +
-# asyncpg ceiling and a naive ORM-per-call server, loaded by h2load; see
-# docs/performance.md. Filters: `make bench SCENARIOS=getuser ROUNDS=3 SECONDS=3`
-# (scenarios: getuser,lookup,list,update,login,batch,import); more options
+# Benchmarks (never part of `make test`): usersvc against bare grpc.aio +
+# asyncpg ceilings, a naive ORM-per-call server and the seeds' FastAPI design,
+# loaded by h2load; see docs/performance.md. Filters: `make bench
+# SCENARIOS=getuser ROUNDS=3 SECONDS=3` (scenarios: getuser, lookup, list,
+# update, update-random, create, login, batch, import); more options
 # through BENCH_ARGS (`$(BIN)/python -m bench --help`). Uses
 # USERSVC_BENCH_DATABASE_URL, else a database usersvc_bench on the
 # USERSVC_TEST_DATABASE_URL server, else the embedded PostgreSQL.
@@ -80,12 +81,18 @@ BENCH_ARGS ?=
 BENCH_FLAGS = $(if $(SCENARIOS),--scenarios $(SCENARIOS)) $(if $(ROUNDS),--rounds $(ROUNDS)) \
 	$(if $(SECONDS),--seconds $(SECONDS)) $(if $(SOAK),--soak) $(if $(DURATION),--duration $(DURATION))
 
-bench: $(STAMP)
+# The bench extra (the FastAPI comparison) on top of the dev install.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
 	$(BIN)/python -m bench $(BENCH_FLAGS) $(BENCH_ARGS)
 
 # The 10-minute memory soak (item 6 of issue 5); DURATION=60 for a smoke run.
-bench-soak: $(STAMP)
+bench-soak: $(BENCH_STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
 	$(BIN)/python -m bench --soak $(if $(DURATION),--duration $(DURATION)) $(BENCH_ARGS)
 

@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import jwt
 
 from . import h2load
 from .baselines.bare import connect_kwargs
@@ -52,6 +54,7 @@ from .systems import (
     System,
     SystemFailure,
     baseline_system,
+    seeds_system,
     usersvc_system,
 )
 
@@ -169,6 +172,13 @@ def machine() -> dict[str, Any]:
     }
 
 
+def seeds_token(user_id: object, secret: str) -> str:
+    """An HS256 access token for the seeds' FastAPI design, valid a day."""
+    now = int(time.time())
+    claims = {"sub": str(user_id), "iat": now, "exp": now + 86_400}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
 def git_revision() -> str:
     try:
         head = subprocess.run(
@@ -258,7 +268,16 @@ async def _run(
             )
             for kind in (BARE, NAIVE)
         ]
-    systems = [usersvc, *baselines]
+    seeds: System | None = None
+    seeds_secret = secrets.token_urlsafe(32)
+    if baselines and "getuser" in args.scenarios:
+        seeds = seeds_system(
+            database_url=database.url,
+            work_dir=work_dir,
+            pool_size=args.baseline_pool,
+            secret=seeds_secret,
+        )
+    systems = [usersvc, *baselines, *([seeds] if seeds is not None else [])]
     shape = LoadShape(args.clients, args.streams, args.seconds, args.warmup)
     failed = False
     try:
@@ -296,6 +315,9 @@ async def _run(
             import_batch=args.import_batch,
             import_users=args.import_users,
             workers=args.workers,
+            seeds=seeds,
+            seeds_token=seeds_token(seeded.user.id, seeds_secret),
+            warmup=args.warmup,
         )
         if args.soak:
             failed = await soak(args, ctx, report)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import h2load
-from .calls import verify
+from .calls import HttpCall, verify, verify_http
 from .results import (
     Measurement,
     Verdict,
@@ -110,7 +110,10 @@ class Runner:
             return result
         try:
             for system, label, call in plan.checks:
-                await verify(system.address, system.name, label, call)
+                if isinstance(call, HttpCall):
+                    await verify_http(system.address, system.name, label, call)
+                else:
+                    await verify(system.address, system.name, label, call)
             if plan.checks:
                 say(f"  verified {len(plan.checks)} call(s): OK and the right users")
             bodies = self._write_bodies(plan)
@@ -134,7 +137,10 @@ class Runner:
         bodies: dict[str, Path] = {}
         for number, run in enumerate(plan.runs):
             if isinstance(run, LoadRun):
-                bodies[run.key] = run.call.write_body(self.work_dir / f"{plan.name}-{number}.body")
+                if not isinstance(run.call, HttpCall):
+                    bodies[run.key] = run.call.write_body(
+                        self.work_dir / f"{plan.name}-{number}.body"
+                    )
                 for index, (_, call, _) in enumerate(run.background):
                     bodies[_background_key(run, index)] = call.write_body(
                         self.work_dir / f"{plan.name}-{number}-background-{index}.body"
@@ -181,10 +187,11 @@ class Runner:
         process = h2load.start(
             h2load.command(
                 run.system.url(run.call.path),
-                bodies[run.key],
+                bodies.get(run.key),
                 shape,
                 log_file=log,
                 headers=run.call.h2load_headers(),
+                h1=isinstance(run.call, HttpCall) and run.call.h1,
             ),
             log,
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.calls import total_size_problem
 from bench.h2load import (
     H2loadError,
     LoadShape,
@@ -144,6 +145,45 @@ def test_the_command_carries_the_grpc_headers_the_body_and_the_rate() -> None:
         args
     )
     assert args[-1] == "http://127.0.0.1:1/usersvc.v1.UserService/GetUser"
+
+
+def test_an_http_1_1_get_has_no_body_and_no_grpc_headers() -> None:
+    shape = LoadShape(clients=32, streams=1, seconds=5, warmup_seconds=1)
+
+    args = command(
+        "http://127.0.0.1:1/api/v1/users/x",
+        None,
+        shape,
+        log_file=Path("work/h2load.log"),
+        headers=["authorization: Bearer t"],
+        h1=True,
+    )
+
+    assert "--h1" in args
+    assert not [arg for arg in args if arg.startswith("--data")]
+    assert "--header=content-type: application/grpc" not in args
+    assert "--header=authorization: Bearer t" in args
+    assert "--h1" not in command(
+        "http://127.0.0.1:1/x", Path("b"), shape, log_file=Path("work/h2load.log")
+    )
+
+
+@pytest.mark.parametrize(
+    ("reported", "actual", "allowed"),
+    [
+        (10_000, 10_000, True),
+        (9_999, 10_000, False),
+        (1_000_006, 1_000_006, True),
+        (1_000_000, 1_000_006, True),
+        (1_099_000, 1_000_006, True),
+        (1_101_000, 1_000_006, False),
+        (899_000, 1_000_006, False),
+    ],
+)
+def test_a_first_page_total_is_exact_up_to_10000_and_within_10_percent_beyond(
+    reported: int, actual: int, allowed: bool
+) -> None:
+    assert (total_size_problem(reported, actual) is None) is allowed
 
 
 def test_a_ratio_is_the_median_of_the_per_round_ratios() -> None:
