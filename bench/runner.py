@@ -8,6 +8,7 @@ import asyncio
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,12 +20,13 @@ from .results import (
     Measurement,
     Verdict,
     absolute_verdict,
+    cpu_per_call_us,
     ratio_verdict,
     rotated,
     summary,
 )
 from .scenarios import DriverRun, LoadRun, Plan
-from .systems import System
+from .systems import System, cpu_seconds
 
 # h2load's own timeout on top of the run's length: only a hung run hits it.
 _H2LOAD_GRACE_SECONDS = 60.0
@@ -151,9 +153,17 @@ class Runner:
         loadavg = os.getloadavg()[0]
         if isinstance(run, DriverRun):
             run.system.check_alive()
+            cpu_before, began = cpu_seconds(run.system.pid), time.monotonic()
             units, elapsed = await run.drive(self.seconds)
+            cpu_used, wall = cpu_seconds(run.system.pid) - cpu_before, time.monotonic() - began
             run.system.check_alive()
-            return Measurement(rps=units / elapsed, requests=units, loadavg_1m=loadavg)
+            rps = units / elapsed
+            return Measurement(
+                rps=rps,
+                cpu_us=cpu_per_call_us(cpu_used, wall, rps),
+                requests=units,
+                loadavg_1m=loadavg,
+            )
         return await self._measure_load(run, bodies, loadavg)
 
     async def _measure_load(
@@ -195,7 +205,11 @@ class Runner:
             ),
             log,
         )
+        # The server's CPU over the measured window (the run alone, not
+        # the flood beside it: with a background load there is no figure).
+        cpu_window = asyncio.create_task(_cpu_in_window(run.system, shape))
         main = await asyncio.to_thread(h2load.finish, process, log, timeout=timeout)
+        cpu_used, wall = await cpu_window
         beside = [
             await asyncio.to_thread(h2load.finish, process, log, timeout=timeout)
             for process, log in backgrounds
@@ -211,6 +225,11 @@ class Runner:
             rps=main.summary.requests_per_second,
             p50_ms=main.p50_ms,
             p99_ms=main.p99_ms,
+            cpu_us=(
+                math.nan
+                if run.background
+                else cpu_per_call_us(cpu_used, wall, main.summary.requests_per_second)
+            ),
             requests=main.summary.done,
             clean=main.summary.clean and all(result.summary.no_errors for result in beside),
             problems=tuple(_problems(run, main, beside, codes, carried)),
@@ -220,6 +239,16 @@ class Runner:
             ),
             loadavg_1m=loadavg,
         )
+
+
+async def _cpu_in_window(system: System, shape: h2load.LoadShape) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of ``system`` inside h2load's measured
+    window, a little in from both of its ends."""
+    margin = min(0.2, shape.seconds / 10)
+    await asyncio.sleep(shape.warmup_seconds + margin)
+    before, began = cpu_seconds(system.pid), time.monotonic()
+    await asyncio.sleep(max(0.05, shape.seconds - 2 * margin))
+    return cpu_seconds(system.pid) - before, time.monotonic() - began
 
 
 def _background_key(run: LoadRun, index: int) -> str:
@@ -293,11 +322,14 @@ def print_result(result: ScenarioResult, out: Any = sys.stdout) -> None:
         print(f"   ERROR: {result.error}", file=out)
     if not result.rounds:
         return
-    print(f"   {'run':<28} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}", file=out)
+    print(
+        f"   {'run':<28} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/call':>12}",
+        file=out,
+    )
     for key, values in result.summaries().items():
         print(
             f"   {key:<28} {_num(values['rps'], 0):>10} {_num(values['p50_ms'], 2):>9} "
-            f"{_num(values['p99_ms'], 2):>9}",
+            f"{_num(values['p99_ms'], 2):>9} {_num(values['cpu_us'], 0):>12}",
             file=out,
         )
     for verdict in result.verdicts:

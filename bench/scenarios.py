@@ -205,6 +205,13 @@ def _vs_baselines(
                     p99_target,
                 )
             )
+        specs.append(
+            RatioSpec(
+                f"usersvc / bare {what}CPU per call",
+                (USERSVC + suffix, "cpu_us"),
+                (BARE + suffix, "cpu_us"),
+            )
+        )
     if ctx.has(NAIVE):
         specs.append(
             RatioSpec(
@@ -510,7 +517,8 @@ async def update_random(ctx: Context) -> Plan:
         plan.ratios = [
             RatioSpec(
                 "usersvc / bare req/s", (USERSVC, "rps"), (BARE, "rps"), UPDATE_RANDOM_TARGET
-            )
+            ),
+            RatioSpec("usersvc / bare CPU per call", (USERSVC, "cpu_us"), (BARE, "cpu_us")),
         ]
     plan.notes.append(
         "every answer is checked by the driver (the id, the new name, a new etag); the "
@@ -582,7 +590,8 @@ async def create(ctx: Context) -> Plan:
     if bare is not None:
         plan.runs.append(DriverRun(BARE, bare, drive_on(bare), "calls"))
         plan.ratios = [
-            RatioSpec("usersvc / bare req/s", (USERSVC, "rps"), (BARE, "rps"), CREATE_TARGET)
+            RatioSpec("usersvc / bare req/s", (USERSVC, "rps"), (BARE, "rps"), CREATE_TARGET),
+            RatioSpec("usersvc / bare CPU per call", (USERSVC, "cpu_us"), (BARE, "cpu_us")),
         ]
     plan.notes.append(
         "the ceiling is one INSERT ... RETURNING with a hash computed once; usersvc hashes "

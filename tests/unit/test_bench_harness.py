@@ -21,7 +21,7 @@ from bench.h2load import (
     parse_log,
     parse_summary,
 )
-from bench.results import Measurement, RatioSpec, Target, ratio_verdict, rotated
+from bench.results import Measurement, RatioSpec, Target, cpu_per_call_us, ratio_verdict, rotated
 from generated.usersvc.v1 import user_service_pb2
 
 H2LOAD_OUTPUT = """\
@@ -210,3 +210,10 @@ def test_each_round_starts_the_order_one_place_later() -> None:
         "naive",
         "usersvc",
     ]
+
+
+def test_cpu_per_call_is_the_cpu_rate_over_the_call_rate() -> None:
+    # Half a core for 2 s while serving 1,000 calls/s: 500 us per call.
+    assert cpu_per_call_us(1.0, 2.0, 1000.0) == pytest.approx(500.0)
+    assert math.isnan(cpu_per_call_us(1.0, 2.0, 0.0))
+    assert math.isnan(cpu_per_call_us(1.0, 0.0, 1000.0))
