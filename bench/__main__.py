@@ -50,6 +50,7 @@ from .systems import (
     BARE,
     NAIVE,
     USERSVC,
+    USERSVC_BATCH,
     USERSVC_OVERRIDES,
     System,
     SystemFailure,
@@ -99,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "bench-results")
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the servers' logs and h2load files"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, run each usersvc run once more under py-spy (not counted) "
+        "and print where its CPU goes",
     )
     soak = parser.add_argument_group("soak (item 6)")
     soak.add_argument("--soak", action="store_true", help="run the memory soak instead")
@@ -343,7 +350,12 @@ async def _run(
 
 
 async def scenarios(args: argparse.Namespace, ctx: Context, report: dict[str, Any]) -> bool:
-    runner = Runner(ctx.work_dir, rounds=args.rounds, seconds=args.seconds)
+    runner = Runner(
+        ctx.work_dir,
+        rounds=args.rounds,
+        seconds=args.seconds,
+        profile_systems=frozenset({USERSVC, USERSVC_BATCH}) if args.profile else frozenset(),
+    )
     say(
         f"load: h2load {ctx.shape.describe()}, {args.rounds} rounds x {args.seconds:g} s per "
         f"system (+{args.warmup:g} s warm-up), order rotating each round; "

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import h2load
+from . import h2load, profile
 from .calls import HttpCall, verify, verify_http
 from .results import (
     Measurement,
@@ -45,6 +45,8 @@ class ScenarioResult:
     rounds: list[dict[str, Measurement]] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     error: str | None = None
+    # py-spy's view of the usersvc runs (--profile), by run key.
+    profiles: dict[str, profile.Profile] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
@@ -83,6 +85,7 @@ class ScenarioResult:
                 for run in self.plan.runs
             },
             "verdicts": [verdict.as_json() for verdict in self.verdicts],
+            "profiles": {key: found.as_json() for key, found in self.profiles.items()},
         }
 
 
@@ -96,10 +99,20 @@ def _describe(run: LoadRun | DriverRun) -> str:
 
 
 class Runner:
-    def __init__(self, work_dir: Path, *, rounds: int, seconds: float) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        rounds: int,
+        seconds: float,
+        profile_systems: frozenset[str] = frozenset(),
+    ) -> None:
+        """``profile_systems``: names of the systems whose runs get one more,
+        uncounted pass under py-spy after the rounds."""
         self.work_dir = work_dir
         self.rounds = rounds
         self.seconds = seconds
+        self.profile_systems = profile_systems
         # Calls the previous run left in flight on each system: the server
         # may log their CANCELLED only after the next run's log mark.
         self._left_in_flight: dict[str, int] = {}
@@ -125,6 +138,10 @@ class Runner:
                     measurements[run.key] = await self._measure(run, bodies)
                 result.rounds.append(measurements)
                 say(f"  round {index + 1}/{self.rounds}: {_round_line(plan, measurements)}")
+            for run in plan.runs:
+                if run.system.name in self.profile_systems:
+                    result.profiles[run.key] = await self._profile(plan, run, bodies)
+                    say(f"  profiled {run.key}: {result.profiles[run.key].samples} samples")
         except Exception as exc:  # one broken scenario must not stop the rest
             result.error = f"{type(exc).__name__}: {exc}"
             say(f"  FAILED: {result.error}")
@@ -148,6 +165,19 @@ class Runner:
                         self.work_dir / f"{plan.name}-{number}-background-{index}.body"
                     )
         return bodies
+
+    async def _profile(
+        self, plan: Plan, run: LoadRun | DriverRun, bodies: Mapping[str, Path]
+    ) -> profile.Profile:
+        """One more run of ``run``, not counted, with py-spy sampling its
+        server for the whole of it. Raises ProfileError."""
+        warmup = run.shape.warmup_seconds if isinstance(run, LoadRun) else 0.0
+        output = self.work_dir / f"py-spy-{plan.name}-{run.key.replace(' ', '-')}.txt"
+        sampler = profile.start(run.system.pid, warmup + self.seconds, output)
+        await self._measure(run, bodies)
+        return await asyncio.to_thread(
+            profile.finish, sampler, output, timeout=warmup + self.seconds + 60
+        )
 
     async def _measure(self, run: LoadRun | DriverRun, bodies: Mapping[str, Path]) -> Measurement:
         loadavg = os.getloadavg()[0]
@@ -349,6 +379,13 @@ def print_result(result: ScenarioResult, out: Any = sys.stdout) -> None:
             f"{max(loads):.2f}",
             file=out,
         )
+    for key, found in result.profiles.items():
+        print(f"   profile of {key} (py-spy, {found.samples} samples), self:", file=out)
+        for name, share in found.top_self(8):
+            print(f"     {share:6.1%}  {name}", file=out)
+        print("     usersvc's functions, inclusive:", file=out)
+        for name, share in found.top_own_inclusive(8):
+            print(f"     {share:6.1%}  {name}", file=out)
     for note in plan.notes:
         print(f"   note: {note}", file=out)
     for problem in result.problems:

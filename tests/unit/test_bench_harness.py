@@ -1,7 +1,7 @@
 """The benchmark harness's own arithmetic (bench, run by `make bench`,
 never by the suite): how it frames gRPC requests for h2load, reads h2load's
-output and per-request log, and turns rounds into ratios. No benchmark runs
-here."""
+output and per-request log, turns rounds into ratios and reads py-spy's
+samples. No benchmark runs here."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from bench.h2load import (
     parse_log,
     parse_summary,
 )
+from bench.profile import ProfileError, parse_raw
 from bench.results import Measurement, RatioSpec, Target, cpu_per_call_us, ratio_verdict, rotated
 from generated.usersvc.v1 import user_service_pb2
 
@@ -217,3 +218,24 @@ def test_cpu_per_call_is_the_cpu_rate_over_the_call_rate() -> None:
     assert cpu_per_call_us(1.0, 2.0, 1000.0) == pytest.approx(500.0)
     assert math.isnan(cpu_per_call_us(1.0, 2.0, 0.0))
     assert math.isnan(cpu_per_call_us(1.0, 0.0, 1000.0))
+
+
+def test_py_spy_raw_stacks_give_self_and_inclusive_shares() -> None:
+    raw = (
+        'process 7:"python -m usersvc serve";<module> (usersvc/cli.py);serve (usersvc/server.py);'
+        "execute (asyncpg/connection.py) 6\n"
+        "<module> (usersvc/cli.py);serve (usersvc/server.py) 2\n"
+        "<module> (usersvc/cli.py);log (logging/__init__.py:10) 2\n"
+    )
+
+    found = parse_raw(raw)
+
+    assert found.samples == 10
+    assert found.top_self(1) == [("execute (asyncpg/connection.py)", 0.6)]
+    # The entry point is under every sample and says nothing: left out.
+    assert dict(found.top_own_inclusive(5)) == {"serve (usersvc/server.py)": 0.8}
+
+
+def test_a_raw_line_without_a_count_is_an_error() -> None:
+    with pytest.raises(ProfileError):
+        parse_raw("<module> (usersvc/cli.py)\n")
