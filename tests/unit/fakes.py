@@ -25,8 +25,8 @@ from typing import Any, Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
-from usersvc.domain.imports import ImportedUser
 from usersvc.domain.listing import (
     Comparison,
     Cursor,

@@ -26,7 +26,7 @@ from usersvc.api.public import PublicMethods
 from usersvc.api.user_servicer import UserServicer
 from usersvc.domain import errors
 from usersvc.domain.models import Principal, PrincipalKind, User
-from usersvc.services.imports import ImportResult, ImportRow, ImportRowError
+from usersvc.services.bulk_import import ImportResult, ImportRow, ImportRowError
 from usersvc.services.inputs import (
     CreateUserInput,
     ListUsersInput,
