@@ -9,6 +9,11 @@ repositories raise only domain errors. Sessions follow the SQL schema too:
 deleting a user deletes its sessions, a session's deletion its refresh
 tokens; the revocation log outlives both; "notifications" are published on
 commit only, like PostgreSQL's NOTIFY.
+
+Listing is plain storage: ``list`` pages through the users in the order they
+were stored and ``count`` counts them all, whatever the filter, ordering and
+show_deleted (what those select is tested against PostgreSQL, in
+tests/integration/test_user_service_listing.py and test_filters.py).
 """
 
 from __future__ import annotations
