@@ -1,4 +1,4 @@
-"""The published contract (API.md) as a test: the protos are compiled afresh
+"""The published contract (docs/api.md) as a test: the protos are compiled afresh
 and every service, method and field that callers rely on must be there."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ USER_FIELDS = {
 }
 USER_STATES = {"STATE_UNSPECIFIED", "STATE_ACTIVE", "STATE_DISABLED", "STATE_DELETED"}
 
-# method -> (request fields, response fields), straight from API.md.
+# method -> (request fields, response fields), straight from docs/api.md.
 USER_SERVICE = {
     "CreateUser": (
         {"email", "password", "display_name", "roles", "labels", "request_id"}, {"user"},
