@@ -119,13 +119,20 @@ def test_the_wheel_carries_migrations_generated_code_data_and_type_marker(
 ) -> None:
     with zipfile.ZipFile(installed.wheel) as archive:
         contents = set(archive.namelist())
-    migration_files = _names((PROJECT_ROOT / "usersvc" / "migrations").rglob("*"), PROJECT_ROOT)
+    # The top-level alembic/ directory is installed as usersvc_migrations.
+    migration_files = {
+        f"usersvc_migrations/{name}"
+        for name in _names((PROJECT_ROOT / "alembic").rglob("*"), PROJECT_ROOT / "alembic")
+    }
     generated_files = _names((PROJECT_ROOT / "generated").rglob("*"), PROJECT_ROOT)
+    package_files = _names((PROJECT_ROOT / "usersvc").rglob("*"), PROJECT_ROOT)
 
-    assert {"usersvc/migrations/env.py", "usersvc/migrations/script.py.mako"} <= migration_files
+    assert {"usersvc_migrations/env.py", "usersvc_migrations/script.py.mako"} <= migration_files
     assert migration_files <= contents
-    assert any(name.startswith("usersvc/migrations/versions/0001_") for name in contents)
+    assert any(name.startswith("usersvc_migrations/versions/0001_") for name in contents)
     assert generated_files <= contents
+    assert package_files <= contents
+    assert not [name for name in contents if name.startswith("alembic/")]
     assert {"usersvc/py.typed", "usersvc/data/common_passwords.txt"} <= contents
     assert not [name for name in contents if name.startswith(("tests/", "protos/", "tools/"))]
 
@@ -136,7 +143,7 @@ def test_the_installed_package_is_imported_from_the_venv_not_the_source_tree(
     result = _check(_run(
         [installed.bin / "python", "-c",
          "import usersvc, generated, usersvc.adapters.migrations as m; "
-         "print(usersvc.__file__); print(generated.__file__); print(m.SCRIPT_LOCATION)"],
+         "print(usersvc.__file__); print(generated.__file__); print(m.script_location())"],
         cwd=installed.workdir,
         env={"PATH": os.environ.get("PATH", "")},
     ))
