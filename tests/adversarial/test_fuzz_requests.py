@@ -15,7 +15,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from generated.usersvc.v1 import user_service_pb2
+from usersvc_protos.v1 import user_service_pb2
 
 from .rpcs import RPCS, Outcome, Rpc, call_raw, well_formed_problems
 from .strategies import message_strategy

@@ -11,7 +11,7 @@ import grpc_tools
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
+from usersvc_protos.v1 import auth_service_pb2, user_pb2, user_service_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
