@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from usersvc_protos.v1 import user_service_pb2
 from bench.calls import total_size_problem
 from bench.h2load import (
     H2loadError,
@@ -23,7 +24,6 @@ from bench.h2load import (
 )
 from bench.profile import ProfileError, parse_raw
 from bench.results import Measurement, RatioSpec, Target, cpu_per_call_us, ratio_verdict, rotated
-from generated.usersvc.v1 import user_service_pb2
 
 H2LOAD_OUTPUT = """\
 starting benchmark...
