@@ -278,6 +278,71 @@ async def test_update_of_an_unknown_user_raises_user_not_found(
             await uow.users.update(uuid.uuid4(), UserPatch(display_name="x"))
 
 
+async def test_a_conditional_update_at_the_current_version_applies_and_bumps_it(
+    uow_factory: UnitOfWorkFactory, make_user: UserMaker
+) -> None:
+    user = await make_user(display_name="Eve")
+    async with uow_factory() as uow:
+        updated = await uow.users.update_live(
+            user.id, UserPatch(display_name="Eve2"), version=user.version
+        )
+        await uow.commit()
+    assert updated is not None
+    assert (updated.display_name, updated.version) == ("Eve2", user.version + 1)
+
+
+async def test_a_conditional_update_without_a_version_applies_to_a_live_user(
+    uow_factory: UnitOfWorkFactory, make_user: UserMaker
+) -> None:
+    user = await make_user(display_name="Eve")
+    async with uow_factory() as uow:
+        updated = await uow.users.update_live(user.id, UserPatch(display_name="Eve3"))
+        await uow.commit()
+    assert updated is not None
+    assert updated.display_name == "Eve3"
+
+
+async def test_a_conditional_update_at_a_stale_version_matches_nothing_and_changes_nothing(
+    uow_factory: UnitOfWorkFactory, make_user: UserMaker
+) -> None:
+    user = await make_user(display_name="Eve")
+    async with uow_factory() as uow:
+        refused = await uow.users.update_live(
+            user.id, UserPatch(display_name="late"), version=user.version - 1
+        )
+        await uow.commit()
+    async with uow_factory() as uow:
+        stored = await uow.users.get(user.id)
+    assert refused is None
+    assert stored == user
+
+
+async def test_a_conditional_update_skips_deleted_and_missing_users(
+    uow_factory: UnitOfWorkFactory, make_user: UserMaker
+) -> None:
+    user = await make_user(display_name="Eve")
+    async with uow_factory() as uow:
+        deleted = await uow.users.set_deleted(user.id, True)
+        await uow.commit()
+    async with uow_factory() as uow:
+        on_deleted = await uow.users.update_live(user.id, UserPatch(display_name="x"))
+        at_version = await uow.users.update_live(
+            user.id, UserPatch(display_name="x"), version=deleted.version
+        )
+        on_missing = await uow.users.update_live(uuid.uuid4(), UserPatch(display_name="x"))
+    assert (on_deleted, at_version, on_missing) == (None, None, None)
+
+
+async def test_a_conditional_update_to_another_users_email_raises_email_already_exists(
+    uow_factory: UnitOfWorkFactory, make_user: UserMaker
+) -> None:
+    await make_user(email="first@example.com")
+    second = await make_user(email="second@example.com")
+    async with uow_factory() as uow:
+        with pytest.raises(EmailAlreadyExists):
+            await uow.users.update_live(second.id, UserPatch(email="first@example.com"))
+
+
 async def test_set_password_hash_stores_the_new_hash_and_bumps_the_version(
     uow_factory: UnitOfWorkFactory, make_user: UserMaker
 ) -> None:

@@ -425,6 +425,16 @@ class FakeUserRepository:
         }
         return self._bump(user_id, **changes)
 
+    async def update_live(
+        self, user_id: uuid.UUID, patch: UserPatch, *, version: int | None = None
+    ) -> User | None:
+        row = self._rows.get(user_id)
+        if row is None or row.user.delete_time is not None:
+            return None
+        if version is not None and row.user.version != version:
+            return None
+        return await self.update(user_id, patch)
+
     async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> User:
         return self._bump(user_id, password_hash=password_hash)
 
@@ -459,6 +469,11 @@ class FakeUserRepository:
 
     async def count(self, filter: Filter, *, show_deleted: bool) -> int:
         """Every stored user (plain storage, as ``list``)."""
+        return len(self._rows)
+
+    async def count_matches(self, filter: Filter, *, show_deleted: bool, exact_up_to: int) -> int:
+        """Every stored user (plain storage, as ``list``): exact, whatever
+        the cap; estimates beyond it are tested against PostgreSQL."""
         return len(self._rows)
 
 

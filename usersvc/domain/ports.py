@@ -81,6 +81,14 @@ class UserRepository(Protocol):
         """Apply the patch, bump version and update_time. Raises
         EmailAlreadyExists, UserNotFound."""
 
+    async def update_live(
+        self, user_id: uuid.UUID, patch: UserPatch, *, version: int | None = None
+    ) -> User | None:
+        """In one statement: apply the patch if the user exists, is not
+        deleted and, with ``version``, is still at that version; bump
+        version and update_time. None when nothing matched (the caller looks
+        again to tell which rule refused). Raises EmailAlreadyExists."""
+
     async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> User:
         """Bumps version. Raises UserNotFound."""
 
@@ -98,6 +106,11 @@ class UserRepository(Protocol):
         ordering (ties broken by id), at most ``page_size`` rows."""
 
     async def count(self, filter: Filter, *, show_deleted: bool) -> int: ...
+
+    async def count_matches(self, filter: Filter, *, show_deleted: bool, exact_up_to: int) -> int:
+        """The number of users matching: exact when at most ``exact_up_to``
+        do, otherwise an estimate (never below ``exact_up_to + 1``) that
+        does not read every match."""
 
 
 @dataclass(frozen=True, slots=True)

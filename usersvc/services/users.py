@@ -38,6 +38,7 @@ from usersvc.domain.models import (
     User,
     UserPatch,
     UserState,
+    version_in_etag,
 )
 from usersvc.domain.passwords import PasswordPolicy
 from usersvc.domain.ports import (
@@ -74,6 +75,14 @@ from usersvc.services.sessions import SessionRevoker, session_id_of
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# A first page's total_size is exact up to this many matches and an
+# estimate beyond (API.md, List rules): a first page over a million users
+# must not cost a count of all of them.
+EXACT_TOTAL_UP_TO = 10_000
+# An update that matched no row, and whose second look finds nothing to
+# refuse it for (the user was deleted and undeleted in between), is tried
+# this many times in all before it is answered ABORTED.
+_UPDATE_ATTEMPTS = 2
 MAX_BATCH_SIZE = 1000
 _CREATE_USER = "CreateUser"
 _BATCH_CREATE_USERS = "BatchCreateUsers"
@@ -398,7 +407,9 @@ class UserService:
         query = ListQuery(filter, ordering, request.show_deleted, page_size, after)
         async with self._uow_factory() as uow:
             if total is None:
-                total = await uow.users.count(filter, show_deleted=request.show_deleted)
+                total = await uow.users.count_matches(
+                    filter, show_deleted=request.show_deleted, exact_up_to=EXACT_TOTAL_UP_TO
+                )
             page = await uow.users.list(query)
         next_token = ""
         if page.next_cursor is not None:
@@ -454,11 +465,29 @@ class UserService:
         )
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
+        # One conditional UPDATE ... RETURNING: the state rule (not deleted)
+        # and the etag are its WHERE clause, so the row is locked for one
+        # statement and the commit, not across a SELECT ... FOR UPDATE too.
+        # The permission rules look only at the caller and the target id and
+        # were applied above. An etag this service cannot have made matches
+        # no version.
+        version = None
+        if request.etag:
+            version = version_in_etag(request.etag)
+            if version is None:
+                version = -1
         async with self._uow_factory() as uow:
-            await _lock_live(uow, principal, target, etag=request.etag)
-            user = await uow.users.update(target, normalized)
-            await uow.commit()
-        return user
+            for _ in range(_UPDATE_ATTEMPTS):
+                user = await uow.users.update_live(target, normalized, version=version)
+                if user is not None:
+                    await uow.commit()
+                    return user
+                # Matched no row: a second look tells which rule refused it.
+                _refused_write(principal, await uow.users.get(target), target, etag=request.etag)
+        raise EtagMismatch(
+            "the user changed during the update; read it again and retry",
+            metadata={"id": str(target)},
+        )
 
     async def delete_user(self, *, principal: Principal, user_id: str, etag: str) -> User:
         """Soft-deletes the user and ends all its sessions (the caller's too,
@@ -636,6 +665,17 @@ def _live(principal: Principal, user: User | None, target: uuid.UUID) -> User:
     if found.state is UserState.DELETED:
         raise InvalidState("the user is deleted; undelete it first")
     return found
+
+
+def _refused_write(
+    principal: Principal, user: User | None, target: uuid.UUID, *, etag: str
+) -> None:
+    """Raises what refused a conditional write of ``target``: UserNotFound,
+    InvalidState (see _live) or EtagMismatch when ``etag`` is given and not
+    current. Returns when nothing does (the row changed in between)."""
+    current = _live(principal, user, target)
+    if etag and not hmac.compare_digest(etag.encode(), current.etag.encode()):
+        raise EtagMismatch(metadata={"id": str(target)})
 
 
 async def _lock_live(
