@@ -3,7 +3,9 @@
 ``python -m bench --profile`` runs each usersvc run once more after the
 measured rounds (not counted) with py-spy sampling the server, and reports
 the functions that hold the most samples: on their own (self) and with
-what they call (inclusive, usersvc's own functions only). py-spy is pinned
+what they call (inclusive, usersvc's own functions only). Only samples of
+a thread holding the GIL count, so the shares are of the Python-level work
+(grpc's core and the kernel working without the GIL are not in them). py-spy is pinned
 in the ``bench`` extra; it reads the process from outside (ptrace), so the
 harness needs the right to trace its own children (root, or
 kernel.yama.ptrace_scope 0).
@@ -128,6 +130,9 @@ def start(pid: int, seconds: float, output: Path) -> subprocess.Popen[str]:
             str(max(1, round(seconds))),
             "--rate",
             str(SAMPLES_PER_SECOND),
+            # Only threads holding the GIL: a thread parked on a queue or in
+            # epoll would otherwise count as busy in the frame it waits in.
+            "--gil",
             "--format",
             "raw",
             "--nolineno",

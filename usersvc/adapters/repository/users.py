@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -248,13 +249,13 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         to the end of the transaction. None when no row matched (missing,
         deleted, or at another version). Raises EmailAlreadyExists (as
         ``update``)."""
-        statement = update(users_table).where(users.id == user_id, users.delete_time.is_(None))
+        values = _patch_values(patch)
+        statement = _update_live_statement(tuple(values), version is not None)
+        params = {f"new_{name}": value for name, value in values.items()}
+        params["target_id"] = user_id
         if version is not None:
-            statement = statement.where(users.version == version)
-        statement = statement.values(
-            **_patch_values(patch), version=users.version + 1, update_time=func.now()
-        ).returning(*USER_COLUMNS)
-        result = await self._execute(statement, constraints=_patch_constraints(patch))
+            params["expected_version"] = version
+        result = await self._execute(statement, params, constraints=_patch_constraints(patch))
         row = result.mappings().one_or_none()
         return None if row is None else user_from_row(row)
 
@@ -357,6 +358,22 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
 
     async def _one_or_none(self, statement: Any, params: Mapping[str, Any]) -> RowMapping | None:
         return (await self._execute(statement, params)).mappings().one_or_none()
+
+
+@functools.cache
+def _update_live_statement(fields: tuple[str, ...], with_version: bool) -> Update:
+    # Built once per set of patched fields (a few dozen at most), not per
+    # call: constructing the statement was a visible share of an UpdateUser.
+    # Parameter names must differ from column names in an UPDATE.
+    statement = update(users_table).where(
+        users.id == bindparam("target_id"), users.delete_time.is_(None)
+    )
+    if with_version:
+        statement = statement.where(users.version == bindparam("expected_version"))
+    values = {name: bindparam(f"new_{name}", type_=users[name].type) for name in fields}
+    return statement.values(
+        **values, version=users.version + 1, update_time=func.now()
+    ).returning(*USER_COLUMNS)
 
 
 def _patch_values(patch: UserPatch) -> dict[str, Any]:
