@@ -20,10 +20,10 @@ from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.config import Settings
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.passwords import PasswordPolicy
+from usersvc.domain.revocations import RevocationCache
 from usersvc.services.auth import AuthService
 from usersvc.services.maintenance import SessionMaintenance
 from usersvc.services.passwords import BcryptPasswordHasher
-from usersvc.services.revocations import RevocationCache
 from usersvc.services.sessions import SessionLifetimes, SessionRevoker
 from usersvc.services.tokens import TokenService, load_key_ring
 from usersvc.services.users import UserService

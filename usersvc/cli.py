@@ -230,7 +230,7 @@ def _run_server(
 
 
 def _generate_key(path: Path) -> int:
-    from usersvc.services.tokens import generate_key_file
+    from usersvc.adapters.keys import generate_key_file
 
     try:
         kid = generate_key_file(path)

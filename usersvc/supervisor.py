@@ -325,6 +325,8 @@ def _prepare_once(settings: Settings, env: dict[str, str]) -> None:
         url = start_embedded_postgres(settings.data_dir)
         upgrade(url)
         env["USERSVC_DATABASE_URL"] = url
-    from usersvc.services.tokens import load_key_ring
+    from usersvc.adapters.keys import read_key_material
+    from usersvc.services.tokens import key_ring_of
 
-    load_key_ring(settings, logger)
+    material = read_key_material(settings, logger)
+    key_ring_of(material.signing, material.verification)
