@@ -18,8 +18,7 @@ from usersvc.config import Settings, SettingsError
 if TYPE_CHECKING:
     import grpc
 
-    from usersvc.observability.metrics import Metrics
-    from usersvc.observability.tracing import Tracing
+    from usersvc.bootstrap import Observability
 
 logger = logging.getLogger("usersvc.cli")
 
@@ -140,60 +139,33 @@ def _tracing_problems() -> list[str]:
     return []
 
 
-def _tracing() -> Tracing | None:
-    # In the process that serves: each worker exports its own spans.
-    from usersvc.observability.tracing import configure_tracing
-
-    return configure_tracing(os.environ)
-
-
 def _serve(settings: Settings) -> int:
-    from usersvc.bootstrap import resolve_database_url
+    from usersvc.bootstrap import build_observability, prepare_serving_database
 
-    url, embedded = resolve_database_url(settings)
-    if embedded:
-        # We own the embedded database, so keeping its schema current is our job.
-        from usersvc.adapters.migrations import upgrade
-
-        upgrade(url)
-    metrics = None
-    endpoint = None
-    if settings.metrics_addr is not None:
-        from usersvc.observability.metrics import Metrics, serve_process_metrics
-
-        metrics = Metrics.create()
-        try:
-            endpoint = serve_process_metrics(settings.metrics_addr, metrics)
-        except OSError as exc:
-            logger.error("cannot serve metrics on %s: %s", settings.metrics_addr, exc)
-            return 1
+    url = prepare_serving_database(settings)
     try:
-        return _run_server(settings, url, metrics=metrics, tracing=_tracing())
-    finally:
-        if endpoint is not None:
-            endpoint.close()
+        observability = build_observability(settings)
+    except OSError as exc:
+        logger.error("cannot serve metrics on %s: %s", settings.metrics_addr, exc)
+        return 1
+    return _run_server(settings, url, observability)
 
 
 def _serve_worker(settings: Settings, index: int, parent_fd: int | None) -> int:
     """One worker of ``serve --workers N``: the supervisor prepared the
     database and passes its URL; metrics go to the supervisor's multiprocess
     directory, which the supervisor serves."""
+    from usersvc.bootstrap import build_observability
     from usersvc.logging_setup import add_static_fields
 
     add_static_fields(worker=index, pid=os.getpid())
     if settings.database_url is None:
         logger.error("a worker needs USERSVC_DATABASE_URL from its supervisor")
         return 2
-    metrics = None
-    if settings.metrics_addr is not None and "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        from usersvc.observability.metrics import Metrics
-
-        metrics = Metrics.create()
     return _run_server(
         settings,
         settings.database_url,
-        metrics=metrics,
-        tracing=_tracing(),
+        build_observability(settings, worker=True),
         reuse_port=True,
         parent_fd=parent_fd,
     )
@@ -202,23 +174,23 @@ def _serve_worker(settings: Settings, index: int, parent_fd: int | None) -> int:
 def _run_server(
     settings: Settings,
     url: str,
+    observability: Observability,
     *,
-    metrics: Metrics | None,
-    tracing: Tracing | None = None,
     reuse_port: bool = False,
     parent_fd: int | None = None,
 ) -> int:
     from usersvc.bootstrap import bootstrap
+    from usersvc.domain.keys import KeyConfigError
     from usersvc.server import run_until_signalled
 
     async def run() -> None:
-        await run_until_signalled(
-            bootstrap(settings, database_url=url, metrics=metrics, tracing=tracing),
-            reuse_port=reuse_port,
-            parent_fd=parent_fd,
+        container = bootstrap(
+            settings,
+            database_url=url,
+            metrics=observability.metrics,
+            tracing=observability.tracing,
         )
-
-    from usersvc.services.tokens import KeyConfigError
+        await run_until_signalled(container, reuse_port=reuse_port, parent_fd=parent_fd)
 
     _install_uvloop()
     try:
@@ -226,6 +198,8 @@ def _run_server(
     except (RuntimeError, KeyConfigError) as exc:
         logger.error("cannot start: %s", exc)
         return 1
+    finally:
+        observability.close()
     return 0
 
 
@@ -272,8 +246,7 @@ def _read_admin_password() -> str | None:
 def _create_admin(settings: Settings, email: str, display_name: str) -> int:
     from usersvc.bootstrap import bootstrap, resolve_database_url
     from usersvc.domain.errors import DomainError
-    from usersvc.domain.models import ROLE_ADMIN, ROLE_USER, Principal, PrincipalKind, UserPatch
-    from usersvc.services.inputs import CreateUserInput, UpdateUserInput
+    from usersvc.domain.models import ROLE_ADMIN, Principal, PrincipalKind
 
     password = _read_admin_password()
     if password is None:
@@ -285,33 +258,15 @@ def _create_admin(settings: Settings, email: str, display_name: str) -> int:
 
     async def run() -> str:
         container = bootstrap(settings, database_url=url)
-        users = container.user_service
         try:
-            try:
-                existing = await users.lookup_user(principal=operator, email=email)
-            except DomainError as exc:
-                if exc.reason != "USER_NOT_FOUND":
-                    raise
-                created = await users.create_user(
-                    principal=operator,
-                    request=CreateUserInput(
-                        email=email,
-                        password=password,
-                        display_name=display_name,
-                        roles=(ROLE_USER, ROLE_ADMIN),
-                    ),
-                )
-                return f"created admin {created.email} ({created.id})"
-            roles = tuple(dict.fromkeys((*existing.roles, ROLE_ADMIN)))
-            await users.update_user(
-                principal=operator,
-                request=UpdateUserInput(
-                    user_id=str(existing.id), etag="", patch=UserPatch(roles=roles)
-                ),
+            user, created = await container.user_service.create_or_promote_admin(
+                principal=operator, email=email, password=password, display_name=display_name
             )
-            return f"granted admin to existing user {existing.email} ({existing.id})"
         finally:
             await container.aclose()
+        if created:
+            return f"created admin {user.email} ({user.id})"
+        return f"granted admin to existing user {user.email} ({user.id})"
 
     try:
         print(asyncio.run(run()))
