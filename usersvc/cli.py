@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING
 from usersvc.config import Settings, SettingsError
 
 if TYPE_CHECKING:
-    import grpc
-
     from usersvc.bootstrap import Observability
 
 logger = logging.getLogger("usersvc.cli")
@@ -276,35 +274,6 @@ def _create_admin(settings: Settings, email: str, display_name: str) -> int:
     return 0
 
 
-def _healthcheck_channel(
-    settings: Settings, args: argparse.Namespace, target: str
-) -> grpc.Channel:
-    """A channel to ``target``: plaintext, or TLS when the server has it.
-    Raises OSError for an unreadable file."""
-    import grpc
-    from cryptography import x509
-
-    if settings.tls_cert_file is None:
-        return grpc.insecure_channel(target)
-    server_cert = settings.tls_cert_file.read_bytes()
-    roots = args.ca_file.read_bytes() if args.ca_file else server_cert
-    client_key = args.client_key.read_bytes() if args.client_key else None
-    client_chain = args.client_cert.read_bytes() if args.client_cert else None
-    name = args.server_name
-    if name is None:
-        leaf = x509.load_pem_x509_certificate(server_cert)
-        try:
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            names = san.get_values_for_type(x509.DNSName)
-        except x509.ExtensionNotFound:
-            names = []
-        name = names[0] if names else None
-    # We dial an address; the certificate names a host: check that name.
-    options = [("grpc.ssl_target_name_override", name)] if name else []
-    credentials = grpc.ssl_channel_credentials(roots, client_key, client_chain)
-    return grpc.secure_channel(target, credentials, options=options)
-
-
 def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -312,8 +281,17 @@ def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     host, _, port = settings.listen_addr.rpartition(":")
     if host in ("0.0.0.0", "[::]", "::"):  # noqa: S104 - we connect, not bind
         host = "127.0.0.1"
+    from usersvc.adapters.tls import probe_channel
+
     try:
-        channel = _healthcheck_channel(settings, args, f"{host}:{port}")
+        channel = probe_channel(
+            settings,
+            f"{host}:{port}",
+            ca_file=args.ca_file,
+            server_name=args.server_name,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+        )
     except (OSError, ValueError) as exc:
         print(f"usersvc: cannot set up TLS for the check: {exc}", file=sys.stderr)
         return 1

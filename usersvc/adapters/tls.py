@@ -1,7 +1,8 @@
 """The TLS credentials of the gRPC ports, from the files the settings name:
 each file read and checked at start-up (readable, PEM, the key belongs to
 the certificate), so a mistake stops the process with the variable named
-instead of failing every handshake later."""
+instead of failing every handshake later. Also the channel ``usersvc
+healthcheck`` dials the server with."""
 
 from __future__ import annotations
 
@@ -107,3 +108,39 @@ def client_certificate_mode(settings: Settings) -> str:
     if settings.tls_client_ca_file is None:
         return "off"
     return "required on mtls port" if settings.mtls_listen_addr else "required"
+
+
+def probe_channel(
+    settings: Settings,
+    target: str,
+    *,
+    ca_file: Path | None = None,
+    server_name: str | None = None,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+) -> grpc.Channel:
+    """A channel to ``target`` (``usersvc healthcheck``): plaintext, or TLS
+    when the server has it, trusting ``ca_file`` (default: the server's own
+    certificate file) and checking ``server_name`` (default: the first DNS
+    name of that certificate); ``client_cert``/``client_key`` for a port
+    that requires client certificates. Raises OSError for an unreadable
+    file, ValueError for a certificate that is not PEM."""
+    if settings.tls_cert_file is None:
+        return grpc.insecure_channel(target)
+    server_cert = settings.tls_cert_file.read_bytes()
+    roots = ca_file.read_bytes() if ca_file else server_cert
+    key = client_key.read_bytes() if client_key else None
+    chain = client_cert.read_bytes() if client_cert else None
+    name = server_name
+    if name is None:
+        leaf = x509.load_pem_x509_certificate(server_cert)
+        try:
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = san.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            names = []
+        name = names[0] if names else None
+    # We dial an address; the certificate names a host: check that name.
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    credentials = grpc.ssl_channel_credentials(roots, key, chain)
+    return grpc.secure_channel(target, credentials, options=options)
