@@ -52,6 +52,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("usersvc.bootstrap")
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What the gRPC server (usersvc/server.py) binds and runs."""
+
+    credentials: ServerCredentials
+    public_methods: PublicMethods
+    # One Pipeline running the interceptors in the order
+    # usersvc/api/interceptors/__init__.py writes down.
+    interceptors: list[grpc.aio.ServerInterceptor]  # type: ignore[type-arg]
+    user_servicer: UserServicer
+    auth_servicer: AuthServicer
+
+
 @dataclass
 class Container:
     """Everything one server process runs on; closed in reverse order."""
@@ -59,12 +72,6 @@ class Container:
     settings: Settings
     database_url: str
     engine: AsyncEngine
-    # What the server binds and runs (usersvc/server.py).
-    credentials: ServerCredentials
-    public_methods: PublicMethods
-    interceptors: list[grpc.aio.ServerInterceptor]  # type: ignore[type-arg]
-    user_servicer: UserServicer
-    auth_servicer: AuthServicer
     hasher: BcryptPasswordHasher
     tokens: TokenService
     user_service: UserService
@@ -83,6 +90,8 @@ class Container:
     metrics: Metrics | None = None
     # None unless OTEL_* variables ask for traces and the otel extra is there.
     tracing: Tracing | None = None
+    # None when built with serving=False (a command that serves nothing).
+    serving: Serving | None = None
 
     async def start_background(self) -> None:
         """Start the revocation feed (waiting briefly for its first load)
@@ -232,16 +241,19 @@ def bootstrap(
     lockout_clock: Callable[[], float] = time.time,
     metrics: Metrics | None = None,
     tracing: Tracing | None = None,
+    serving: bool = True,
 ) -> Container:
     """Wire the service; ``lockout_clock`` (like time.time) tells when
     account locks end, for tests that move it; ``metrics`` (None: off) is
     fed by the services and reads the pool; ``tracing`` (from
     usersvc.observability.tracing.configure_tracing; None: off) adds spans
-    to every RPC and SQL statement. Raises TlsConfigError (a RuntimeError)
-    for unusable TLS files, KeyConfigError (a ValueError) for unusable
-    signing keys, ValueError for a malformed USERSVC_REDIS_URL."""
+    to every RPC and SQL statement; ``serving=False`` leaves out what only
+    a server needs (TLS files, interceptors, servicers), for a command such
+    as create-admin. Raises TlsConfigError (a RuntimeError) for unusable TLS
+    files, KeyConfigError (a ValueError) for unusable signing keys,
+    ValueError for a malformed USERSVC_REDIS_URL."""
     # Files first: a bad one stops the start before any pool or thread exists.
-    credentials = load_server_credentials(settings)
+    credentials = load_server_credentials(settings) if serving else None
     key_ring = load_key_ring(settings, logger)
     engine = create_engine(settings, database_url)
     if metrics is not None:
@@ -315,24 +327,28 @@ def bootstrap(
         rate_limiter = RedisRateLimiter.from_url(
             settings.redis_url, timeout_seconds=settings.redis_timeout_seconds
         )
-    public_methods = PublicMethods(allow_signup=settings.allow_signup)
+    served = None
+    if credentials is not None:
+        public_methods = PublicMethods(allow_signup=settings.allow_signup)
+        served = Serving(
+            credentials=credentials,
+            public_methods=public_methods,
+            interceptors=_interceptors(
+                settings,
+                auth_service=auth_service,
+                public_methods=public_methods,
+                monitor=monitor,
+                rate_limiter=rate_limiter,
+                metrics=metrics,
+                tracing=tracing,
+            ),
+            user_servicer=UserServicer(user_service),
+            auth_servicer=AuthServicer(auth_service),
+        )
     return Container(
         settings=settings,
         database_url=database_url,
         engine=engine,
-        credentials=credentials,
-        public_methods=public_methods,
-        interceptors=_interceptors(
-            settings,
-            auth_service=auth_service,
-            public_methods=public_methods,
-            monitor=monitor,
-            rate_limiter=rate_limiter,
-            metrics=metrics,
-            tracing=tracing,
-        ),
-        user_servicer=UserServicer(user_service),
-        auth_servicer=AuthServicer(auth_service),
         hasher=hasher,
         tokens=tokens,
         user_service=user_service,
@@ -353,4 +369,5 @@ def bootstrap(
         rate_limiter=rate_limiter,
         metrics=metrics,
         tracing=tracing,
+        serving=served,
     )

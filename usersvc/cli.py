@@ -255,7 +255,9 @@ def _create_admin(settings: Settings, email: str, display_name: str) -> int:
     )
 
     async def run() -> str:
-        container = bootstrap(settings, database_url=url)
+        # Serves nothing, so reads no TLS files (a job running it may not
+        # have them).
+        container = bootstrap(settings, database_url=url, serving=False)
         try:
             user, created = await container.user_service.create_or_promote_admin(
                 principal=operator, email=email, password=password, display_name=display_name

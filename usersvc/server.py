@@ -69,17 +69,21 @@ class UsersvcServer:
     ) -> UsersvcServer:
         """Bind and start serving; ``reuse_port`` lets the workers of one
         supervisor (usersvc.supervisor) share the port(s). Raises
-        RuntimeError when an address is taken."""
+        RuntimeError when an address is taken, ValueError for a container
+        built with serving=False."""
         settings = container.settings
         addr = listen_addr or settings.listen_addr
-        credentials = container.credentials
+        serving = container.serving
+        if serving is None:
+            raise ValueError("this container was built with serving=False")
+        credentials = serving.credentials
         # Computed now, so the first login for an unknown email takes as long
         # as any other failed login (no timing oracle on a cold start).
         await container.hasher.dummy_hash()
         # The revocation cache is loaded before the first call is served.
         await container.start_background()
         server = grpc.aio.server(
-            interceptors=container.interceptors,
+            interceptors=serving.interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 # Without this a second server on the same port would bind
@@ -95,8 +99,8 @@ class UsersvcServer:
             # ErrorInfo: no interceptor runs), before any work or memory.
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        user_service_pb2_grpc.add_UserServiceServicer_to_server(container.user_servicer, server)
-        auth_service_pb2_grpc.add_AuthServiceServicer_to_server(container.auth_servicer, server)
+        user_service_pb2_grpc.add_UserServiceServicer_to_server(serving.user_servicer, server)
+        auth_service_pb2_grpc.add_AuthServiceServicer_to_server(serving.auth_servicer, server)
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
