@@ -20,17 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
+from support.servers import free_port as _free_port
 
 TEST_REDIS_URL_ENV = "USERSVC_TEST_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 START_TIMEOUT_SECONDS = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def _answers(host: str, port: int) -> bool:

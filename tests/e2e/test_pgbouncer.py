@@ -39,6 +39,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from sqlalchemy.engine import make_url
+from support.servers import free_port as _free_port
 
 from .conftest import RunningServer, running_server
 from .helpers import (
@@ -92,13 +93,6 @@ def _version(binary: str) -> tuple[int, ...]:
     match = re.search(r"PgBouncer (\d+)\.(\d+)", output)
     assert match is not None, output
     return int(match.group(1)), int(match.group(2))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _run_as() -> pwd.struct_passwd | None:
