@@ -8,7 +8,7 @@ creating that user if needed. That user must be able to enter the data
 directory: pgserver would make every parent directory up to ``/`` readable
 and enterable by everyone to get there; we change no permission outside the
 data directory and refuse with a message naming the directory in the way
-instead (docs/operations.md). When the bundled binaries are out of that
+instead. When the bundled binaries are out of that
 user's reach (a virtualenv inside a private home), they are linked (or
 copied) into ``<data_dir>/pginstall`` and run from there.
 """
