@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 from support.servers import free_port as free_port
 
-from usersvc.adapters.embedded import blocking_directory, mirror_install
+from usersvc.adapters.embedded import blocking_directory, mirror_pgserver
 
 SUPERUSER = "postgres"
 MAINTENANCE_DATABASE = "postgres"
@@ -53,13 +53,17 @@ START_TIMEOUT_SECONDS = 30
 DEFAULT_HBA = "local all all trust\nhost all all 127.0.0.1/32 trust\n"
 
 
-def _candidate_bin_dirs() -> list[Path]:
-    candidates: list[Path] = []
+def _pgserver_bin_dir() -> Path | None:
     spec = importlib.util.find_spec("pgserver")
-    if spec is not None and spec.submodule_search_locations:
-        candidates.append(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin")
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    return candidates
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _candidate_bin_dirs() -> list[Path]:
+    bundled = _pgserver_bin_dir()
+    machine = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    return [bundled, *machine] if bundled is not None else machine
 
 
 def _has_tls(bin_dir: Path) -> bool:
@@ -90,16 +94,14 @@ def _usable_bin_dirs(*, require_tls: bool) -> list[Path]:
 
 
 def _binaries_for(user: str | None, base: Path, *, require_tls: bool) -> Path | None:
-    """Binaries ``user`` can run: reachable ones, else the first usable
-    installation linked into ``base/pginstall`` (which the user owns)."""
+    """Binaries ``user`` can run: reachable ones, else pgserver's linked
+    into ``base/pginstall`` (which the user owns); None when neither."""
     reachable = postgres_binaries(require_tls=require_tls, user=user)
     if reachable is not None:
         return reachable
-    usable = _usable_bin_dirs(require_tls=require_tls)
-    if not usable:
+    if _pgserver_bin_dir() not in _usable_bin_dirs(require_tls=require_tls):
         return None
-    mirror_install(usable[0].parent, base / "pginstall")
-    return base / "pginstall" / "bin"
+    return mirror_pgserver(base / "pginstall")
 
 
 def server_user() -> str | None:
@@ -245,7 +247,8 @@ def private_cluster(
                     f"{user!r} cannot enter {blocked} on the way to the cluster's directory {base}"
                 )
         bin_dir = _binaries_for(user, base, require_tls=require_tls)
-        assert bin_dir is not None
+        if bin_dir is None:
+            pytest.skip(f"no PostgreSQL binaries the user {user!r} can run")
         cluster = PostgresCluster(bin_dir=bin_dir, base=base, port=free_port(), user=user)
         if user is not None:
             for path in (base, *owned_files):

@@ -136,14 +136,12 @@ def _prepare_for_server_user(pgserver: Any, data_dir: Path) -> None:
             "as a non-root user, set USERSVC_DATA_DIR to a directory that user can reach, "
             "or set USERSVC_DATABASE_URL"
         )
-    bundled = Path(_commands.POSTGRES_BIN_PATH).parent
-    install = bundled
-    if blocking_directory(bundled / "bin", SERVER_USER) is not None:
-        install = data_dir / "pginstall"
-        mirror_install(bundled, install)
+    bin_dir = Path(_commands.POSTGRES_BIN_PATH)
+    if blocking_directory(bin_dir, SERVER_USER) is not None:
+        bin_dir = mirror_pgserver(data_dir / "pginstall")
     # pgserver reads these module globals when it runs a binary.
-    _commands.POSTGRES_BIN_PATH = install / "bin"
-    postgres_server.POSTGRES_BIN_PATH = install / "bin"
+    _commands.POSTGRES_BIN_PATH = bin_dir
+    postgres_server.POSTGRES_BIN_PATH = bin_dir
     postgres_server.ensure_prefix_permissions = _within(data_dir)
     postgres_server.ensure_folder_permissions = lambda path, flag: None
 
@@ -161,26 +159,40 @@ def _within(data_dir: Path) -> Any:
     return ensure_prefix_permissions
 
 
-def mirror_install(source: Path, target: Path) -> None:
-    """``source`` (pgserver's pginstall) as ``target``: hard links where the
-    file system allows, copies otherwise; directories 0755, so the server
-    user can read them. Kept between runs; redone when incomplete."""
+def mirror_pgserver(target: Path) -> Path:
+    """pgserver's binaries, runnable from ``target``; returns their bin
+    directory. Its binaries find their libraries at
+    ``$ORIGIN/../../../pgserver.libs``, so the layout under site-packages is
+    kept: ``target/pgserver/pginstall`` and ``target/pgserver.libs``. Hard
+    links where the file system allows, copies otherwise; directories 0755
+    (our own, under ``target``). Kept between runs; redone when incomplete."""
+    from pgserver import _commands
+
+    install = Path(_commands.POSTGRES_BIN_PATH).parent
+    site = install.parents[1]
     marker = target / ".complete"
-    if marker.exists():
-        return
+    if not marker.exists():
+        for source in (install, site / "pgserver.libs"):
+            if source.is_dir():
+                _mirror_tree(source, target / source.relative_to(site))
+        # Every directory of the mirror (made here, whatever the umask).
+        for root, _, _ in os.walk(target):
+            Path(root).chmod(0o755)
+        marker.touch()
+    return target / install.relative_to(site) / "bin"
+
+
+def _mirror_tree(source: Path, target: Path) -> None:
     for root, _, files in os.walk(source):
-        relative = Path(root).relative_to(source)
-        (target / relative).mkdir(mode=0o755, parents=True, exist_ok=True)
-        (target / relative).chmod(0o755)
+        directory = target / Path(root).relative_to(source)
+        directory.mkdir(parents=True, exist_ok=True)
         for name in files:
-            destination = target / relative / name
+            destination = directory / name
             destination.unlink(missing_ok=True)
             try:
                 os.link(Path(root) / name, destination, follow_symlinks=False)
             except OSError:
                 shutil.copy2(Path(root) / name, destination, follow_symlinks=False)
-    target.chmod(0o755)
-    marker.touch()
 
 
 def _connection_args(socket_dir: str, port: int) -> list[str]:
