@@ -30,7 +30,7 @@ from support.servers import SERVING as SERVING
 from support.servers import health_status as health_status
 from support.servers import serve_env
 
-from generated.usersvc.v1 import (
+from usersvc_protos.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
     user_service_pb2,
