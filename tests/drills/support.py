@@ -26,7 +26,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from support import servers
+from support.servers import PROJECT_ROOT as PROJECT_ROOT
 from support.servers import SERVING as SERVING
+from support.servers import STARTUP_DEADLINE_SECONDS as STARTUP_DEADLINE_SECONDS
 from support.servers import health_status as health_status
 from support.servers import serve_env
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
+from support.servers import POLL_SECONDS as POLL_SECONDS
 from support.servers import STARTUP_DEADLINE_SECONDS, ServeProcess, serve_env, serve_process
 
 from .helpers import Caller, auth_service_pb2

@@ -17,7 +17,9 @@ from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from log_secrets import SWEEP
 from sqlalchemy import text
+from support.servers import CONSOLE_SCRIPT as CONSOLE_SCRIPT
 from support.servers import PROJECT_ROOT as PROJECT_ROOT
+from support.servers import STARTUP_DEADLINE_SECONDS as STARTUP_DEADLINE_SECONDS
 from support.servers import Completed, free_port, run_usersvc, serve_env, serve_process
 from support.servers import usersvc_command as usersvc_command
 
@@ -32,6 +34,10 @@ from .helpers import (
 )
 
 COMMAND_TIMEOUT_SECONDS = 60.0
+
+
+def read_log(log: Path) -> str:
+    return log.read_text(errors="replace")
 
 
 class Usersvc:
