@@ -72,16 +72,13 @@ def signing_key_pem() -> str:
 def service_env(database_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     """The environment of a drill server: cheap bcrypt, no rate limits (the
     load comes from one address), a short grace period."""
-    return serve_env(
-        database_url,
-        data_dir,
-        log_format="json",
-        USERSVC_JWT_PRIVATE_KEY=signing_key_pem(),
-        USERSVC_RATE_LIMIT_RPS="0",
-        USERSVC_AUTH_RATE_LIMIT_RPS="0",
-        USERSVC_SHUTDOWN_GRACE_SECONDS="10",
-        **extra,
-    )
+    drill = {
+        "USERSVC_JWT_PRIVATE_KEY": signing_key_pem(),
+        "USERSVC_RATE_LIMIT_RPS": "0",
+        "USERSVC_AUTH_RATE_LIMIT_RPS": "0",
+        "USERSVC_SHUTDOWN_GRACE_SECONDS": "10",
+    }
+    return serve_env(database_url, data_dir, log_format="json", **{**drill, **extra})
 
 
 def reason_of(error: grpc.aio.AioRpcError) -> str:
