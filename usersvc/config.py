@@ -16,16 +16,28 @@ one ``SettingsError`` listing them all, so a bad deployment fails at start
 call.
 
 Why a declaration of our own and not pydantic-settings: start-up cost.
-Every ``usersvc`` process imports this module first, the supervisor of
-``serve --workers N``, each worker and ``usersvc healthcheck`` (a container
-runs that every few seconds). Measured on the 2-core development machine
-(Python 3.11, medians of 11 fresh interpreters, ``python -X importtime``):
-this module costs 22 ms to import, usersvc and the standard library included
-(the former dataclass plus a hand-written ``from_env`` cost 36 ms);
-pydantic-settings 2.16 alone costs 168 ms, and the same fields as a
-``BaseSettings`` class 184 ms. That would add about 150 ms to each process
-start and 55% to a ``usersvc healthcheck`` (265 ms today), plus two
-compiled dependencies (pydantic-core), for what 200 lines do here.
+Every ``usersvc`` process imports this module first: the supervisor of
+``serve --workers N`` (which must stay light and never imports grpc), each
+worker, and ``usersvc healthcheck``, which a container runs every few
+seconds. Measured on the 2-core development machine shared with other work
+(Python 3.11, pydantic-settings 2.16.3 with pydantic 2.14, medians of 15
+fresh interpreters, interleaved; usersvc.domain.models included in each):
+
+    python -X importtime, cumulative     median   min
+    this module (declared once)           37 ms   25 ms
+    the former dataclass + from_env       36 ms   24 ms
+    the same fields as BaseSettings      229 ms  144 ms
+
+    wall time of a whole process         median   min
+    usersvc healthcheck (no server)      209 ms  169 ms
+      the same, + BaseSettings           374 ms  292 ms
+    supervisor's imports + from_env      134 ms  101 ms
+      the same, + BaseSettings           257 ms  225 ms
+
+So pydantic-settings would cost about 150 ms per process start (80% more
+per health check) and five more dependencies (pydantic-core compiled), for
+what this module does in a few hundred lines. (This module also keeps
+``typing`` out of the start: it was a tenth of its import time.)
 """
 
 from __future__ import annotations
@@ -36,9 +48,18 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, cast
 
 from usersvc.domain.models import KNOWN_ROLES
+
+# Not typing.TYPE_CHECKING: typing itself would be the costliest import here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+    # Turns the variable's text into its value, or appends what is wrong
+    # to the problems and returns _INVALID (the default is kept then).
+    Parser = Callable[[str, str, list[str]], Any]
 
 PREFIX = "USERSVC_"
 JWT_ALGORITHMS = ("EdDSA", "HS256")
@@ -91,10 +112,7 @@ def split_host_port(addr: str) -> tuple[str, int] | None:
 
 # --------------------------------------------------------------------------- declarations
 
-# A parser turns the variable's text into its value, or appends what is
-# wrong to the problems and returns _INVALID (the default is kept then).
 _INVALID: Any = object()
-Parser = Callable[[str, str, list[str]], Any]
 
 
 @dataclass(frozen=True)
@@ -151,17 +169,14 @@ class Variable:
 _METADATA_KEY = "usersvc.variable"
 
 
-def _declare(
-    variable: Variable,
-    default: Any = MISSING,
-    factory: Callable[[], Any] | None = None,
-    *,
-    hashed: bool = True,
-) -> Any:
+def _declare(variable: Variable, default: T) -> T:
+    return field(default=default, metadata={_METADATA_KEY: variable}, repr=not variable.secret)
+
+
+def _computed(variable: Variable, factory: Callable[[], T], *, hashed: bool = True) -> T:
+    """A default computed when Settings is made (at start)."""
     metadata = {_METADATA_KEY: variable}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata, hash=None if hashed else False)
-    return field(default=default, metadata=metadata, repr=not variable.secret)
+    return field(default_factory=factory, metadata=metadata, hash=None if hashed else False)
 
 
 def _parse_integer(text: str, name: str, problems: list[str]) -> Any:
@@ -270,42 +285,34 @@ REDIS_URL = Check(", ".join(f"`{s}...`" for s in REDIS_SCHEMES), _redis_url)
 
 
 def integer(
-    default: int | None = None,
-    *,
-    lo: int,
-    hi: int,
-    doc: str,
-    factory: Callable[[], int] | None = None,
-    unset: str = "",
-    env: str = "",
+    default: int | Callable[[], int], *, lo: int, hi: int, doc: str, unset: str = "", env: str = ""
 ) -> int:
-    """An integer from ``lo`` to ``hi``; ``factory`` computes the default at
-    start (``unset`` says how)."""
+    """An integer from ``lo`` to ``hi``. A callable default is computed at
+    start; ``unset`` then says how."""
     variable = Variable("integer", _parse_integer, doc, lo=lo, hi=hi, unset=unset, env=env)
-    return cast(int, _declare(variable, default, factory))
+    if callable(default):
+        return _computed(variable, default)
+    return _declare(variable, default)
 
 
 def number(default: float, *, lo: float, hi: float, doc: str, env: str = "") -> float:
     """A decimal number from ``lo`` to ``hi``."""
-    variable = Variable("number", _parse_number, doc, lo=lo, hi=hi, env=env)
-    return cast(float, _declare(variable, default))
+    return _declare(Variable("number", _parse_number, doc, lo=lo, hi=hi, env=env), default)
 
 
 def boolean(default: bool, *, doc: str, env: str = "") -> bool:
     """true/false, 1/0, yes/no, on/off."""
-    return cast(bool, _declare(Variable("boolean", _parse_boolean, doc, env=env), default))
+    return _declare(Variable("boolean", _parse_boolean, doc, env=env), default)
 
 
 def choice(default: str, choices: tuple[str, ...], *, doc: str, env: str = "") -> str:
     """One of ``choices``, in any case; the value is spelled as declared."""
     variable = Variable("choice", _choice_parser(choices), doc, choices=choices, env=env)
-    return cast(str, _declare(variable, default))
+    return _declare(variable, default)
 
 
-def text(
-    default: str | None, *, doc: str, check: Check | None = None, unset: str = "", env: str = ""
-) -> Any:
-    """A string, surrounding spaces stripped; None as default means unset
+def text(default: T, *, doc: str, check: Check | None = None, unset: str = "", env: str = "") -> T:
+    """A string, surrounding spaces stripped; a default of None means unset
     (``unset`` says what that means)."""
     kind = "host:port" if check is HOST_PORT else "string"
     return _declare(Variable(kind, _parse_text, doc, check=check, unset=unset, env=env), default)
@@ -313,7 +320,7 @@ def text(
 
 def secret(
     *, doc: str, check: Check | None = None, unset: str = "", verbatim: bool = False, env: str = ""
-) -> Any:
+) -> str | None:
     """A secret string: never a default, never in repr or in a message."""
     variable = Variable(
         "string, secret",
@@ -328,21 +335,20 @@ def secret(
     return _declare(variable, None)
 
 
-def path(default: Path | None, *, doc: str, unset: str = "", env: str = "") -> Any:
-    """A file or directory path."""
+def path(default: T, *, doc: str, unset: str = "", env: str = "") -> T:
+    """A file or directory path; a default of None means unset."""
     return _declare(Variable("path", _parse_path, doc, unset=unset, env=env), default)
 
 
 def paths(*, doc: str, env: str = "") -> tuple[Path, ...]:
     """A comma-separated list of paths; empty by default."""
-    variable = Variable("paths, comma-separated", _parse_paths, doc, env=env)
-    return cast(tuple[Path, ...], _declare(variable, ()))
+    return _declare(Variable("paths, comma-separated", _parse_paths, doc, env=env), ())
 
 
 def networks(*, doc: str, env: str = "") -> tuple[IPNetwork, ...]:
     """A comma-separated list of IP addresses and CIDR networks; empty by default."""
     variable = Variable("IPs and CIDRs, comma-separated", _parse_networks, doc, env=env)
-    return cast(tuple[IPNetwork, ...], _declare(variable, ()))
+    return _declare(variable, ())
 
 
 def identities(*, doc: str, env: str = "") -> Mapping[str, frozenset[str]]:
@@ -350,7 +356,7 @@ def identities(*, doc: str, env: str = "") -> Mapping[str, frozenset[str]]:
     ``spiffe://corp/billing=service;orders.internal=service+admin``; empty by
     default. Left out of the hash (a dict has none), so Settings stays hashable."""
     variable = Variable("identity=role+role;...", _parse_identities, doc, env=env)
-    return cast(Mapping[str, frozenset[str]], _declare(variable, factory=dict, hashed=False))
+    return _computed(variable, dict, hashed=False)
 
 
 # ------------------------------------------------------------------------------- settings
@@ -493,9 +499,10 @@ class Settings:
         doc="bcrypt cost; older, cheaper hashes are upgraded at the next login",
     )
     bcrypt_max_threads: int = integer(
+        # Looked up at each call, so that tests may replace usable_cpus.
+        lambda: default_bcrypt_threads(),
         lo=1,
         hi=256,
-        factory=lambda: default_bcrypt_threads(),
         unset="usable CPUs (affinity mask) minus 1, at least 1",
         doc="threads hashing passwords: bcrypt never runs on the event loop, and one CPU is "
         "left to it",
@@ -607,7 +614,10 @@ class Settings:
         doc="`production` refuses to start without `USERSVC_DATABASE_URL` and a signing key "
         "(no embedded database, no generated key)",
     )
-    data_dir: Path = path(Path(".usersvc"), doc="embedded database and development key")
+    data_dir: Path = path(
+        Path(".usersvc"),
+        doc="embedded database and development key (relative: to the working directory)",
+    )
     log_format: str = choice(
         "json", ("json", "text"), doc="`json` (one object per line on stderr) or `text`"
     )
