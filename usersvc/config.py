@@ -6,9 +6,16 @@ Each field of ``Settings`` is one variable. Its declaration (``integer(...)``,
 meaning; ``Settings.from_env`` reads every declared variable from it, and
 ``python -m usersvc.config --markdown`` writes docs/configuration.md from it
 (a unit test fails when the committed file is stale). Adding a variable is
-adding one field; the variable's name is the field's, upper-cased, after
-``USERSVC_`` (``env=`` when it differs). Secrets are declared with
-``secret(...)``: no default, kept out of ``repr``, never repeated in a message.
+adding one field, e.g.::
+
+    code_ttl_seconds: int = integer(
+        600, lo=60, hi=86_400, doc="lifetime of verification and reset codes"
+    )
+
+and regenerating docs/configuration.md. The variable's name is the field's,
+upper-cased, after ``USERSVC_`` (``env=`` when it differs). Secrets are
+declared with ``secret(...)``: no default, kept out of ``repr``, never
+repeated in a message. Rules across variables are ``_cross_checks``.
 
 Nothing here runs at import. ``from_env`` collects every problem and raises
 one ``SettingsError`` listing them all, so a bad deployment fails at start
@@ -149,10 +156,10 @@ class Variable:
         values append to ``problems``). Raises nothing."""
         if raw is None:
             return _INVALID
-        text = raw if self.verbatim else raw.strip()
-        if text == "":
+        given = raw if self.verbatim else raw.strip()
+        if given == "":
             return _INVALID
-        value = self.parse(text, name, problems)
+        value = self.parse(given, name, problems)
         if value is _INVALID:
             return value
         # Out of bounds is reported, and the value kept, so that checks
@@ -279,9 +286,9 @@ def _redis_url(url: str) -> str | None:
     return f"must start with one of {', '.join(REDIS_SCHEMES)}"
 
 
-HOST_PORT = Check("host:port", _host_port)
-DATABASE_URL = Check(f"`{DATABASE_SCHEME}...`", _database_url)
-REDIS_URL = Check(", ".join(f"`{s}...`" for s in REDIS_SCHEMES), _redis_url)
+IS_HOST_PORT = Check("host:port", _host_port)
+IS_ASYNCPG_URL = Check(f"`{DATABASE_SCHEME}...`", _database_url)
+IS_REDIS_URL = Check(", ".join(f"`{s}...`" for s in REDIS_SCHEMES), _redis_url)
 
 
 def integer(
@@ -314,7 +321,7 @@ def choice(default: str, choices: tuple[str, ...], *, doc: str, env: str = "") -
 def text(default: T, *, doc: str, check: Check | None = None, unset: str = "", env: str = "") -> T:
     """A string, surrounding spaces stripped; a default of None means unset
     (``unset`` says what that means)."""
-    kind = "host:port" if check is HOST_PORT else "string"
+    kind = "host:port" if check is IS_HOST_PORT else "string"
     return _declare(Variable(kind, _parse_text, doc, check=check, unset=unset, env=env), default)
 
 
@@ -368,19 +375,19 @@ class Settings:
     database_url: str | None = secret(
         doc="SQLAlchemy URL `postgresql+asyncpg://user:pass@host:5432/db`; add `?ssl=require` "
         "(or `verify-full`) for TLS to PostgreSQL",
-        check=DATABASE_URL,
+        check=IS_ASYNCPG_URL,
         unset="embedded PostgreSQL under `USERSVC_DATA_DIR` (development)",
     )
     migration_database_url: str | None = secret(
         doc="URL `usersvc migrate` uses (the schema owner)",
-        check=DATABASE_URL,
+        check=IS_ASYNCPG_URL,
         unset="the value of `USERSVC_DATABASE_URL`",
     )
     revocation_database_url: str | None = secret(
         doc="URL of the revocation listener's LISTEN connection (LISTEN needs a session of its "
         "own): PostgreSQL itself or a session-mode pool, never a transaction pool; required "
         "with `USERSVC_DB_TRANSACTION_POOLING`",
-        check=DATABASE_URL,
+        check=IS_ASYNCPG_URL,
         unset="the value of `USERSVC_DATABASE_URL`",
     )
     db_transaction_pooling: bool = boolean(
@@ -424,7 +431,7 @@ class Settings:
     # -- server
     listen_addr: str = text(
         "127.0.0.1:50051",
-        check=HOST_PORT,
+        check=IS_HOST_PORT,
         doc="host:port to serve gRPC on (`0.0.0.0:50051` in a container)",
     )
     shutdown_grace_seconds: float = number(
@@ -456,7 +463,7 @@ class Settings:
     )
     metrics_addr: str | None = text(
         None,
-        check=HOST_PORT,
+        check=IS_HOST_PORT,
         doc="host:port of the Prometheus `/metrics` endpoint (`0.0.0.0:9090` in a container)",
         unset="no metrics",
     )
@@ -477,7 +484,7 @@ class Settings:
     )
     mtls_listen_addr: str | None = text(
         None,
-        check=HOST_PORT,
+        check=IS_HOST_PORT,
         doc="a second host:port that requires client certificates, while "
         "`USERSVC_LISTEN_ADDR` keeps serving bearer-token callers over TLS",
         unset="no second port",
@@ -594,7 +601,7 @@ class Settings:
         doc="direct peers whose `x-forwarded-for` is believed"
     )
     redis_url: str | None = secret(
-        check=REDIS_URL,
+        check=IS_REDIS_URL,
         doc="Redis that shares the rate limit buckets between processes and replicas",
         unset="buckets per process",
     )
