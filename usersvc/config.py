@@ -56,6 +56,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from usersvc.domain.keys import MIN_HS256_SECRET_BYTES
 from usersvc.domain.models import KNOWN_ROLES
 
 # Not typing.TYPE_CHECKING: typing itself would be the costliest import here.
@@ -70,8 +71,6 @@ if TYPE_CHECKING:
 
 PREFIX = "USERSVC_"
 JWT_ALGORITHMS = ("EdDSA", "HS256")
-# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash.
-MIN_HS256_SECRET_BYTES = 32
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 DATABASE_SCHEME = "postgresql+asyncpg://"
 
