@@ -168,6 +168,8 @@ def bootstrap(
             transaction_pooling=settings.db_transaction_pooling,
             statement_span=None if tracing is None else tracing.statement_span(engine),
         ),
+        # Read at each call: a SIGHUP key reload rotates page tokens too.
+        page_token_keys=lambda: tokens.key_ring.page_token_keys,
     )
     auth_service = AuthService(
         uow_factory=uow_factory,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -125,17 +126,49 @@ class SigningKey:
         return cls(kid, HS256, secret, VerificationKey(kid, HS256, secret, None))
 
 
+_PAGE_TOKEN_KEY_LABEL = b"usersvc page-token key v1"
+
+
+def page_token_key(secret: bytes) -> bytes:
+    """The HMAC key of ListUsers page tokens derived from a signing key's
+    secret (an Ed25519 private key's raw bytes, or the HS256 secret): one
+    more purpose of the key material that is already loaded and rotated,
+    separated from token signing by the label. Raises nothing."""
+    return hmac.new(_PAGE_TOKEN_KEY_LABEL, secret, hashlib.sha256).digest()
+
+
+def _secret_of(private_key: Ed25519PrivateKey | bytes) -> bytes:
+    if isinstance(private_key, bytes):
+        return private_key
+    return private_key.private_bytes_raw()
+
+
 class KeyRing:
     """The key that signs new tokens and every key that verifies tokens.
-    Its methods raise nothing."""
+    Its methods raise nothing.
+
+    ``page_token_keys`` tag ListUsers page tokens: the first (from the
+    signing key) tags new ones; the others come from ``retired_secrets``
+    (private keys of previous signing keys kept as verification key files)
+    and keep tokens issued before a rotation valid."""
 
     def __init__(
-        self, signing_key: SigningKey, verification_keys: Iterable[VerificationKey] = ()
+        self,
+        signing_key: SigningKey,
+        verification_keys: Iterable[VerificationKey] = (),
+        *,
+        retired_secrets: Iterable[bytes] = (),
     ) -> None:
         self.signing_key = signing_key
         keys = {signing_key.kid: signing_key.verification}
         keys.update((key.kid, key) for key in verification_keys)
         self._keys: dict[str, VerificationKey] = keys
+        self.page_token_keys: tuple[bytes, ...] = tuple(
+            dict.fromkeys(
+                page_token_key(secret)
+                for secret in (_secret_of(signing_key.private_key), *retired_secrets)
+            )
+        )
 
     def verification_key(self, kid: str) -> VerificationKey | None:
         return self._keys.get(kid)
@@ -167,16 +200,18 @@ def load_key_ring(settings: Settings, logger: LoggerLike) -> KeyRing:
     Raises KeyConfigError for an unreadable, encrypted or non-Ed25519 key, a
     short or missing HS256 secret, and when production has no key configured.
     """
-    verification_keys = [
-        _load_verification_key(path) for path in settings.jwt_verification_key_files
-    ]
+    loaded = [_load_verification_key(path) for path in settings.jwt_verification_key_files]
     if settings.jwt_algorithm == HS256:
         if settings.jwt_hs256_secret is None:
             raise KeyConfigError("USERSVC_JWT_ALGORITHM=HS256 requires USERSVC_JWT_HS256_SECRET")
         signing = SigningKey.hs256(settings.jwt_hs256_secret.encode("utf-8"))
     else:
         signing = SigningKey.ed25519(_load_ed25519_signing_key(settings, logger))
-    return KeyRing(signing, verification_keys)
+    return KeyRing(
+        signing,
+        [key for key, _ in loaded],
+        retired_secrets=[secret for _, secret in loaded if secret is not None],
+    )
 
 
 def _load_ed25519_signing_key(settings: Settings, logger: LoggerLike) -> Ed25519PrivateKey:
@@ -205,17 +240,18 @@ def _load_ed25519_signing_key(settings: Settings, logger: LoggerLike) -> Ed25519
     return key
 
 
-def _load_verification_key(path: Path) -> VerificationKey:
+def _load_verification_key(path: Path) -> tuple[VerificationKey, bytes | None]:
     """A verification key from a PEM file holding an Ed25519 public key
     (``openssl pkey -pubout``) or private key (the previous signing key
-    file, unchanged)."""
+    file, unchanged), with the private key's raw bytes in the latter case."""
     source = f"USERSVC_JWT_VERIFICATION_KEY_FILES ({path})"
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyConfigError(f"{source}: cannot read the file: {exc.strerror}") from None
     if b"PUBLIC KEY-----" not in data:
-        return VerificationKey.ed25519(_parse_ed25519_pem(data, source).public_key())
+        private_key = _parse_ed25519_pem(data, source)
+        return VerificationKey.ed25519(private_key.public_key()), private_key.private_bytes_raw()
     try:
         public_key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
@@ -223,7 +259,7 @@ def _load_verification_key(path: Path) -> VerificationKey:
     if not isinstance(public_key, Ed25519PublicKey):
         kind = type(public_key).__name__.removesuffix("PublicKey") or "unknown"
         raise KeyConfigError(f"{source}: key type {kind}, but usersvc verifies Ed25519 (EdDSA)")
-    return VerificationKey.ed25519(public_key)
+    return VerificationKey.ed25519(public_key), None
 
 
 def generate_key_file(path: Path) -> str:

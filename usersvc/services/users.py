@@ -13,8 +13,9 @@ import asyncio
 import hashlib
 import hmac
 import json
+import secrets
 import uuid
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from usersvc.domain import policies
@@ -129,16 +130,25 @@ class UserService:
         allow_signup: bool,
         sessions: SessionRevoker,
         reader: UserReader | None = None,
+        page_token_keys: Callable[[], Sequence[bytes]] | None = None,
     ) -> None:
         """``reader`` serves the plain reads (get_user, lookup_user,
         batch_get_users) outside a unit of work; without one they read
-        through a unit of work. Raises nothing."""
+        through a unit of work. ``page_token_keys`` returns the current
+        HMAC keys of page tokens, the first tagging new ones (the server's:
+        usersvc.services.tokens.KeyRing.page_token_keys); without it, a
+        random key of this instance, so tokens work only where issued.
+        Raises nothing."""
         self._uow_factory = uow_factory
         self._reader: UserReader = reader or UnitOfWorkUserReader(uow_factory)
         self._hasher = hasher
         self._policy = password_policy
         self._allow_signup = allow_signup
         self._sessions = sessions
+        if page_token_keys is None:
+            own_key = (secrets.token_bytes(32),)
+            page_token_keys = lambda: own_key  # noqa: E731
+        self._page_token_keys = page_token_keys
 
     # -- create ----------------------------------------------------------------
 
@@ -392,7 +402,10 @@ class UserService:
         total: int | None = None
         if request.page_token:
             token = decode_page_token(
-                request.page_token, fingerprint=fingerprint, ordering=ordering
+                request.page_token,
+                fingerprint=fingerprint,
+                ordering=ordering,
+                keys=self._page_token_keys(),
             )
             after, total = token.cursor, token.total_size
         query = ListQuery(filter, ordering, request.show_deleted, page_size, after)
@@ -403,7 +416,10 @@ class UserService:
         next_token = ""
         if page.next_cursor is not None:
             next_token = encode_page_token(
-                page.next_cursor, fingerprint=fingerprint, total_size=total
+                page.next_cursor,
+                fingerprint=fingerprint,
+                total_size=total,
+                keys=self._page_token_keys(),
             )
         return UserListResult(users=page.users, next_page_token=next_token, total_size=total)
 
