@@ -27,6 +27,11 @@ MAX_LABELS = 64
 MAX_LABEL_KEY_LENGTH = 63
 MAX_LABEL_VALUE_LENGTH = 256
 MAX_REQUEST_ID_LENGTH = 128
+# Labels that callers other than admins and services (anonymous sign-ups,
+# users editing themselves) may set: a small budget, so that self sign-ups
+# cannot make every listing of users large.
+SELF_SERVICE_MAX_LABELS = 16
+SELF_SERVICE_MAX_LABEL_BYTES = 4096
 # Etags the service issues are "v<row version>"; 64 is far above any of them.
 MAX_ETAG_LENGTH = 64
 
@@ -185,6 +190,32 @@ def normalize_labels(
         elif has_forbidden_characters(value):
             errors.append(FieldViolation(f"{field}.{key}", "must not contain control characters"))
     return labels
+
+
+def check_self_service_labels(
+    labels: Mapping[str, str], *, field: str, errors: list[FieldViolation]
+) -> None:
+    """Appends a violation under ``field`` when ``labels`` exceed what a
+    caller other than an admin or a service may set: 16 entries, 4 KiB of
+    keys and values together (UTF-8)."""
+    if len(labels) > SELF_SERVICE_MAX_LABELS:
+        errors.append(
+            FieldViolation(
+                field,
+                f"must hold at most {SELF_SERVICE_MAX_LABELS} entries "
+                "unless set by an admin or a service",
+            )
+        )
+        return
+    size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in labels.items())
+    if size > SELF_SERVICE_MAX_LABEL_BYTES:
+        errors.append(
+            FieldViolation(
+                field,
+                f"keys and values must total at most {SELF_SERVICE_MAX_LABEL_BYTES} bytes "
+                "unless set by an admin or a service",
+            )
+        )
 
 
 def validate_request_id(value: str, *, field: str, errors: list[FieldViolation]) -> str:

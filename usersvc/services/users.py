@@ -30,7 +30,7 @@ from usersvc.domain.errors import (
     UserNotFound,
 )
 from usersvc.domain.filtering import parse_filter, parse_order_by
-from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering
+from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, cursor_of
 from usersvc.domain.models import (
     ROLE_USER,
     NewUser,
@@ -50,6 +50,7 @@ from usersvc.domain.ports import (
     UserReader,
 )
 from usersvc.domain.validation import (
+    check_self_service_labels,
     normalize_display_name,
     normalize_email,
     normalize_labels,
@@ -71,6 +72,7 @@ from usersvc.services.pagination import (
     encode_page_token,
     query_fingerprint,
 )
+from usersvc.services.response_size import MAX_RESPONSE_BYTES, fitting_prefix
 from usersvc.services.sessions import SessionRevoker, session_id_of
 
 DEFAULT_PAGE_SIZE = 50
@@ -163,6 +165,8 @@ class UserService:
         errors: list[FieldViolation] = []
         password_errors: list[FieldViolation] = []
         draft = self._draft(request, "", errors, password_errors)
+        if not policies.has_full_label_limits(principal):
+            check_self_service_labels(draft.labels, field="labels", errors=errors)
         validate_request_id(request.request_id, field="request_id", errors=errors)
         raise_for_violations(errors, password_errors)
         users = await self._create(principal, _CREATE_USER, request.request_id, [draft])
@@ -350,11 +354,13 @@ class UserService:
         return user
 
     async def batch_get_users(self, *, principal: Principal, user_ids: Sequence[str]) -> list[User]:
-        """1..1000 users in request order (repeats allowed).
+        """1..1000 distinct users in request order.
 
-        Raises PermissionDenied, InvalidArgument (violations "ids[i]"),
-        UserNotFound with metadata {"id": ...} naming the first id in request
-        order that is missing (or deleted, unless the caller is an admin).
+        Raises PermissionDenied, InvalidArgument (violations "ids[i]",
+        including an id repeating an earlier one; field "ids" when the users
+        would not fit in one response of 4 MiB), UserNotFound with metadata
+        {"id": ...} naming the first id in request order that is missing (or
+        deleted, unless the caller is an admin).
         """
         policies.ensure(policies.can_batch_get(principal), "batch-get users")
         if not 1 <= len(user_ids) <= MAX_BATCH_SIZE:
@@ -363,15 +369,32 @@ class UserService:
             )
         errors: list[FieldViolation] = []
         targets: list[uuid.UUID] = []
+        first_index_of: dict[uuid.UUID, int] = {}
         for index, raw in enumerate(user_ids):
             try:
-                targets.append(parse_user_id(raw, f"ids[{index}]", principal))
+                target = parse_user_id(raw, f"ids[{index}]", principal)
             except InvalidArgument as exc:
                 errors.extend(exc.violations)
+                continue
+            # Repeats are refused, not answered: each costs a full copy of
+            # the user in the response for nothing.
+            earlier = first_index_of.setdefault(target, index)
+            if earlier != index:
+                errors.append(FieldViolation(f"ids[{index}]", f"repeats ids[{earlier}]"))
+            targets.append(target)
         raise_for_violations(errors)
-        found = await self._reader.get_many(list(dict.fromkeys(targets)))
+        found = await self._reader.get_many(targets)
         by_id = {user.id: user for user in found}
-        return [_visible(principal, by_id.get(target), target) for target in targets]
+        users = [_visible(principal, by_id.get(target), target) for target in targets]
+        fitting = fitting_prefix(users)
+        if fitting < len(users):
+            raise InvalidArgument.single(
+                "ids",
+                f"these {len(users)} users do not fit in one response of "
+                f"{MAX_RESPONSE_BYTES // (1024 * 1024)} MiB (the first {fitting} do); "
+                "ask for fewer ids per call",
+            )
+        return users
 
     async def list_users(self, *, principal: Principal, request: ListUsersInput) -> UserListResult:
         """One keyset page of the users matching the filter.
@@ -413,15 +436,22 @@ class UserService:
             if total is None:
                 total = await uow.users.count(filter, show_deleted=request.show_deleted)
             page = await uow.users.list(query)
+        users, next_cursor = page.users, page.next_cursor
+        fitting = fitting_prefix(users)
+        if fitting < len(users):
+            # A shorter page, as AIP-158 allows: the response stays below
+            # 4 MiB and the token resumes after its last user.
+            users = users[:fitting]
+            next_cursor = cursor_of(ordering.field, users[-1])
         next_token = ""
-        if page.next_cursor is not None:
+        if next_cursor is not None:
             next_token = encode_page_token(
-                page.next_cursor,
+                next_cursor,
                 fingerprint=fingerprint,
                 total_size=total,
                 keys=self._page_token_keys(),
             )
-        return UserListResult(users=page.users, next_page_token=next_token, total_size=total)
+        return UserListResult(users=users, next_page_token=next_token, total_size=total)
 
     # -- update ----------------------------------------------------------------
 
@@ -468,6 +498,8 @@ class UserService:
             if patch.labels is None
             else normalize_labels(patch.labels, field="user.labels", errors=errors),
         )
+        if normalized.labels is not None and not policies.has_full_label_limits(principal):
+            check_self_service_labels(normalized.labels, field="user.labels", errors=errors)
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
         async with self._uow_factory() as uow:
