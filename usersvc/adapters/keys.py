@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,56 @@ def read_key_material(settings: Settings, logger: LoggerLike) -> KeyMaterial:
             raise KeyConfigError("USERSVC_JWT_ALGORITHM=HS256 requires USERSVC_JWT_HS256_SECRET")
         return KeyMaterial(settings.jwt_hs256_secret.encode("utf-8"), verification, retired)
     return KeyMaterial(_load_ed25519_signing_key(settings, logger), verification, retired)
+
+
+def key_file_mode_problems(settings: Settings) -> list[str]:
+    """The configured files holding a private key (the JWT signing key, old
+    signing keys kept for verification, the TLS key) that group or others
+    may read, write or run, each named with its mode. A file that cannot be
+    read is left to the loaders, which name it. Raises nothing."""
+    candidates = [("USERSVC_JWT_PRIVATE_KEY_FILE", settings.jwt_private_key_file)]
+    candidates += [
+        ("USERSVC_JWT_VERIFICATION_KEY_FILES", path)
+        for path in settings.jwt_verification_key_files
+        if _holds_private_key(path)
+    ]
+    candidates.append(("USERSVC_TLS_KEY_FILE", settings.tls_key_file))
+    if not settings.is_production and settings.jwt_private_key_file is None:
+        candidates.append(("the development key", settings.data_dir / DEV_KEY_FILENAME))
+    problems = []
+    for source, path in candidates:
+        if path is None:
+            continue
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            continue
+        if mode & 0o077:
+            problems.append(
+                f"{source}: {path} has mode {mode:04o}, so group or others may access "
+                "the private key; make it readable by the service's user only "
+                f"(chmod 600 {path})"
+            )
+    return problems
+
+
+def check_key_file_modes(settings: Settings, logger: LoggerLike) -> list[str]:
+    """key_file_mode_problems as start-up problems in production; in
+    development each is logged as a warning instead and none is returned.
+    Raises nothing."""
+    problems = key_file_mode_problems(settings)
+    if settings.is_production:
+        return problems
+    for problem in problems:
+        logger.warning("%s (refused in production)", problem)
+    return []
+
+
+def _holds_private_key(path: Path) -> bool:
+    try:
+        return b"PRIVATE KEY-----" in path.read_bytes()
+    except OSError:
+        return False
 
 
 def _load_ed25519_signing_key(settings: Settings, logger: LoggerLike) -> Ed25519PrivateKey:

@@ -176,9 +176,7 @@ def key_ring_of(
     ``verification``; ``retired_secrets`` (raw private keys of previous
     signing keys) keep their page tokens valid. Raises KeyConfigError for an
     HS256 secret shorter than 32 bytes."""
-    key = (
-        SigningKey.hs256(signing) if isinstance(signing, bytes) else SigningKey.ed25519(signing)
-    )
+    key = SigningKey.hs256(signing) if isinstance(signing, bytes) else SigningKey.ed25519(signing)
     return KeyRing(
         key,
         [VerificationKey.ed25519(public) for public in verification],

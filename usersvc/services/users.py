@@ -248,11 +248,11 @@ class UserService:
     async def _create(
         self, principal: Principal, method: str, request_id: str, drafts: Sequence[_Draft]
     ) -> list[User]:
-        scope = _idempotency_scope(principal, method)
         fingerprint = _fingerprint([d.fingerprint_data() for d in drafts]) if request_id else ""
+        scope = _idempotency_scope(principal, method, fingerprint)
         batch = method == _BATCH_CREATE_USERS
         if request_id:
-            stored = await self._stored_response(scope, request_id, fingerprint)
+            stored = await self._stored_response(scope, request_id, fingerprint, principal, drafts)
             if stored is not None:
                 return stored
         # Hashed before the unit of work opens: a connection is never held
@@ -283,7 +283,9 @@ class UserService:
             # insert of the same email (or of the key) beat ours. Answer as a
             # retry would, with the response it stored.
             if request_id:
-                stored = await self._stored_response(scope, request_id, fingerprint)
+                stored = await self._stored_response(
+                    scope, request_id, fingerprint, principal, drafts
+                )
                 if stored is not None:
                     return stored
             if isinstance(exc, EmailAlreadyExists):
@@ -297,13 +299,30 @@ class UserService:
         return users
 
     async def _stored_response(
-        self, scope: str, request_id: str, fingerprint: str
+        self,
+        scope: str,
+        request_id: str,
+        fingerprint: str,
+        principal: Principal,
+        drafts: Sequence[_Draft],
     ) -> list[User] | None:
         async with self._uow_factory() as uow:
             record = await uow.idempotency.get(scope, request_id)
+            credentials = None
+            if record is not None and not principal.is_authenticated and record.users:
+                credentials = await uow.users.get_credentials(record.users[0].id)
         if record is None:
             return None
-        if not hmac.compare_digest(record.fingerprint.encode(), fingerprint.encode()):
+        different = not hmac.compare_digest(record.fingerprint.encode(), fingerprint.encode())
+        if not different and not principal.is_authenticated:
+            # The fingerprint leaves the password out, so an anonymous
+            # caller who knows someone's sign-up (email, name, labels and
+            # request_id) could otherwise collect its answer: the retry must
+            # also carry the password the account was created with.
+            different = credentials is None or not await self._hasher.verify(
+                drafts[0].password, credentials.password_hash
+            )
+        if different:
             raise InvalidArgument.single(
                 "request_id", "this request_id was already used for a different request"
             )
@@ -725,11 +744,16 @@ async def _lock_live(
     return user
 
 
-def _idempotency_scope(principal: Principal, method: str) -> str:
+def _idempotency_scope(principal: Principal, method: str, fingerprint: str) -> str:
     # Keys are per caller and per method: two callers may pick the same key,
-    # and a key of CreateUser says nothing about BatchCreateUsers.
-    subject = principal.subject if principal.is_authenticated else "anonymous"
-    return f"{method}:{principal.kind.value}:{subject}"
+    # and a key of CreateUser says nothing about BatchCreateUsers. Anonymous
+    # callers cannot be told apart, so their scope is the request itself
+    # (its fingerprint, without the password): a retry of the same sign-up
+    # finds its first answer, and another sign-up that happens to use the
+    # same request_id creates its own user instead of receiving that one.
+    if not principal.is_authenticated:
+        return f"{method}:{principal.kind.value}:anonymous:{fingerprint}"
+    return f"{method}:{principal.kind.value}:{principal.subject}"
 
 
 def _fingerprint(data: object) -> str:
