@@ -39,10 +39,13 @@ from .served import served, server_env
 # most a message may hold: they arrive at once and were validated without
 # a pause).
 SHAPES = [(100_000, 1), (10, 10_000)]
-# Generous: a loop that yields keeps this in milliseconds; the stall it
-# guards against was 6.8 s.
-MAX_PROBE_SECONDS = 1.0
-EXTRA_ENV: dict[str, str] = {}
+# Generous bounds for a machine shared with other work. Health/Check
+# touches no database, so its latency is the server's event loop alone: a
+# loop that yields answers it in milliseconds. GetUser also waits for
+# PostgreSQL, which other work on the machine can stall now and then, so
+# its bound is on the 99th percentile.
+MAX_HEALTH_SECONDS = 1.0
+MAX_GET_USER_P99_SECONDS = 1.0
 HASH = bcrypt.hashpw(b"Imported-fairness-password!", bcrypt.gensalt(4)).decode()
 
 
@@ -58,7 +61,7 @@ from usersvc_protos.v1 import user_service_pb2, user_service_pb2_grpc
 address, token = sys.argv[1], sys.argv[2]
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-latencies, health, failures = [], [], []
+get_user, checks_taken, health, failures = [], [], [], []
 with grpc.insecure_channel(address) as channel:
     users = user_service_pb2_grpc.UserServiceStub(channel)
     checks = health_pb2_grpc.HealthStub(channel)
@@ -68,19 +71,23 @@ with grpc.insecure_channel(address) as channel:
         started = time.perf_counter()
         try:
             users.GetUser(request, metadata=(("authorization", "Bearer " + token),), timeout=30)
+            middle = time.perf_counter()
             status = checks.Check(health_pb2.HealthCheckRequest(), timeout=30).status
         except grpc.RpcError as exc:
             failures.append(f"{exc.code()}: {exc.details()}")
             continue
-        latencies.append(time.perf_counter() - started)
+        get_user.append(middle - started)
+        checks_taken.append(time.perf_counter() - middle)
         health.append(status)
-print(json.dumps({"latencies": latencies, "health": health, "failures": failures}), flush=True)
+figures = {"get_user": get_user, "checks": checks_taken, "health": health, "failures": failures}
+print(json.dumps(figures), flush=True)
 """
 
 
 @dataclass
 class Probe:
-    latencies: list[float]
+    get_user: list[float]
+    checks: list[float]
     health: list[int]
     failures: list[str]
 
@@ -134,7 +141,6 @@ async def test_a_100k_user_import_leaves_get_user_and_health_answering(
         tmp_path / "data",
         USERSVC_RATE_LIMIT_RPS="1000000",
         USERSVC_RATE_LIMIT_BURST="1000000",
-        **EXTRA_ENV,
     )
     async with served(env, tmp_path / "server.log") as server:
         await server.wait_serving(1)
@@ -153,17 +159,19 @@ async def test_a_100k_user_import_leaves_get_user_and_health_answering(
                 )
             elapsed = time.perf_counter() - started
     (probe,) = probed
-    worst = max(probe.latencies)
-    ordered = sorted(probe.latencies)
-    p99 = ordered[int(len(ordered) * 0.99) - 1]
+    get_user = sorted(probe.get_user)
+    checks = sorted(probe.checks)
+    p99 = get_user[int(len(get_user) * 0.99) - 1]
     print(
         f"\nImportUsers of {count} messages x {per_message} users: {elapsed:.1f}s, "
-        f"{response.imported_count} imported; GetUser+Health probes during it: "
-        f"{len(probe.latencies)}, max {worst * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
-        f"failures {len(probe.failures)}"
+        f"{response.imported_count} imported; during it {len(get_user)} GetUser calls "
+        f"(max {get_user[-1] * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms) and Health checks "
+        f"(max {checks[-1] * 1000:.0f} ms, p99 {checks[int(len(checks) * 0.99) - 1] * 1000:.0f}"
+        f" ms), failures {len(probe.failures)}"
     )
     assert response.imported_count == count * per_message
     assert not probe.failures, probe.failures[:5]
-    assert len(probe.latencies) > 10
+    assert len(get_user) > 10
     assert set(probe.health) == {health_pb2.HealthCheckResponse.SERVING}
-    assert worst < MAX_PROBE_SECONDS
+    assert checks[-1] < MAX_HEALTH_SECONDS
+    assert p99 < MAX_GET_USER_P99_SECONDS
