@@ -21,11 +21,14 @@ from typing import Any
 
 import asyncpg
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import field_mask_pb2
 
 from usersvc_protos.v1 import auth_service_pb2, user_pb2, user_service_pb2
 from usersvc.domain.listing import Cursor, Filter, Ordering
 from usersvc.services.pagination import encode_page_token, query_fingerprint
+from usersvc.services.tokens import key_ring_of
 
 from .baselines import common as baseline_tokens
 from .calls import (
@@ -299,6 +302,16 @@ async def lookup(ctx: Context) -> Plan:
     return plan
 
 
+def _page_token_keys(system: System) -> tuple[bytes, ...]:
+    """The HMAC keys usersvc tags page tokens with: derived from its signing
+    key, which the harness wrote (systems.usersvc_system)."""
+    pem = Path(system.env["USERSVC_JWT_PRIVATE_KEY_FILE"]).read_bytes()
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise TypeError("the bench's usersvc signs with an Ed25519 key")
+    return key_ring_of(key).page_token_keys
+
+
 def _page_token(system: System, cursor: tuple[Any, Any], total: int) -> str:
     create_time, row_id = cursor
     if system.name == USERSVC:
@@ -306,6 +319,7 @@ def _page_token(system: System, cursor: tuple[Any, Any], total: int) -> str:
             Cursor(sort_value=create_time, id=row_id),
             fingerprint=query_fingerprint(Filter(), Ordering(), False),
             total_size=total,
+            keys=_page_token_keys(system),
         )
     return baseline_tokens.encode_page_token(baseline_tokens.PageToken(create_time, row_id, total))
 
