@@ -97,10 +97,9 @@ async def test_a_rolled_back_change_leaves_no_event(
 ) -> None:
     user = await make_user()
     draft = EventDraft(EventType.USER_UPDATED, changed_fields=("display_name",))
-    async with make_session_factory(engine)() as session:
-        async with session.begin():
-            await session.execute(with_events(_rename(user.id, "Bob"), [draft], CallContext()))
-            await session.rollback()
+    async with make_session_factory(engine)() as session, session.begin():
+        await session.execute(with_events(_rename(user.id, "Bob"), [draft], CallContext()))
+        await session.rollback()
     assert await _all_events(engine) == []
     async with engine.connect() as conn:
         name = await conn.scalar(select(_u.display_name).where(_u.id == user.id))
@@ -158,7 +157,8 @@ async def test_a_failed_login_names_the_cause_and_never_stores_the_email(
     await sequence_pending(engine)
     first, second = await _list(engine)
     assert (first.user_id, first.attributes) == (user.id, {"cause": "locked"})
-    assert first.user is not None and first.user.email == user.email
+    assert first.user is not None
+    assert first.user.email == user.email
     assert (second.user_id, second.user, second.attributes) == (
         None,
         None,

@@ -46,8 +46,8 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.sql import Select
-from sqlalchemy.sql.selectable import CTE
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
+from sqlalchemy.sql.selectable import CTE
 
 from usersvc.adapters.database import translate_connection_errors
 from usersvc.adapters.orm import events_table, users_table
