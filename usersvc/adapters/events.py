@@ -240,7 +240,7 @@ class SqlAlchemyEventRecorder:
 
 async def sequence_pending(engine: AsyncEngine, *, batch: int = SEQUENCE_BATCH) -> int:
     """Number the committed, unnumbered events after the highest number, in
-    (create_time, id) order, as the single sequencer of the cluster (other
+    insertion order, as the single sequencer of the cluster (other
     callers wait for the advisory lock, then see the rows numbered), and
     announce the highest number on EVENTS_CHANNEL. Returns how many rows it
     numbered; call again while it returns ``batch``. Raises
@@ -266,10 +266,10 @@ _SEQUENCE_AFTER_LOCK = text(
     """
     WITH base AS (SELECT coalesce(max(sequence), 0) AS top FROM events),
     pending AS (
-        SELECT id, row_number() OVER (ORDER BY create_time, id) AS n
+        SELECT id, row_number() OVER (ORDER BY position) AS n
         FROM (
-            SELECT id, create_time FROM events WHERE sequence IS NULL
-            ORDER BY create_time, id LIMIT :batch
+            SELECT id, position FROM events WHERE sequence IS NULL
+            ORDER BY position LIMIT :batch
         ) AS oldest
     )
     UPDATE events SET sequence = base.top + pending.n

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -220,6 +221,9 @@ events_table = Table(
     metadata,
     Column("id", Uuid, primary_key=True),
     Column("sequence", BigInteger, nullable=True),
+    # Insertion order, which the sequencer keeps among the rows it numbers
+    # together (the events of one transaction share create_time).
+    Column("position", BigInteger, Identity(always=True), nullable=False),
     Column("type", Text, nullable=False),
     Column("user_id", Uuid, nullable=True),
     Column("actor", Text, nullable=False, server_default=""),
@@ -239,8 +243,7 @@ events_table = Table(
     # The sequencer's and the relay's queues: small partial indexes.
     Index(
         "ix_events_unsequenced",
-        "create_time",
-        "id",
+        "position",
         postgresql_where=text("sequence IS NULL"),
     ),
     Index(

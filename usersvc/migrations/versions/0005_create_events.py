@@ -30,6 +30,7 @@ def upgrade() -> None:
         "events",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("sequence", sa.BigInteger(), nullable=True),
+        sa.Column("position", sa.BigInteger(), sa.Identity(always=True), nullable=False),
         sa.Column("type", sa.Text(), nullable=False),
         sa.Column("user_id", sa.Uuid(), nullable=True),
         sa.Column("actor", sa.Text(), server_default="", nullable=False),
@@ -67,7 +68,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_events_unsequenced",
         "events",
-        ["create_time", "id"],
+        ["position"],
         postgresql_where=sa.text("sequence IS NULL"),
     )
     op.create_index(
