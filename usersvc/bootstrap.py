@@ -17,6 +17,8 @@ from usersvc.adapters.ratelimit import InProcessRateLimiter, RedisRateLimiter
 from usersvc.adapters.read_lane import SqlAlchemyUserReader
 from usersvc.adapters.revocations import CachedRevocationChecker, PostgresRevocationListener
 from usersvc.adapters.unit_of_work import make_uow_factory
+from usersvc.api.context import current_call
+from usersvc.bootstrap_events import EventParts, build_event_parts
 from usersvc.config import Settings
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.passwords import PasswordPolicy
@@ -61,6 +63,8 @@ class Container:
     metrics: Metrics | None = None
     # None unless OTEL_* variables ask for traces and the otel extra is there.
     tracing: Tracing | None = None
+    # Events: numbering, EventService, retention, the NATS relay.
+    events: EventParts | None = None
 
     async def start_background(self) -> None:
         """Start the revocation feed (waiting briefly for its first load)
@@ -71,6 +75,8 @@ class Container:
             await self.database_monitor.start()
         await self.revocation_listener.start()
         self.session_maintenance.start()
+        if self.events is not None:
+            await self.events.start()
         if self.metrics is not None:
             self.metrics.start()
 
@@ -80,6 +86,8 @@ class Container:
         if self.metrics is not None:
             await self.metrics.stop()
         await self.session_maintenance.stop()
+        if self.events is not None:
+            await self.events.stop()
         await self.revocation_listener.stop()
         if self.database_monitor is not None:
             await self.database_monitor.stop()
@@ -126,7 +134,7 @@ def bootstrap(
         if settings.db_probe_interval_seconds > 0
         else None
     )
-    uow_factory = make_uow_factory(engine, monitor)
+    uow_factory = make_uow_factory(engine, monitor, call_context=current_call)
     hasher = BcryptPasswordHasher(
         rounds=settings.bcrypt_rounds,
         max_threads=settings.bcrypt_max_threads,
@@ -212,4 +220,5 @@ def bootstrap(
         rate_limiter=rate_limiter,
         metrics=metrics,
         tracing=tracing,
+        events=build_event_parts(settings, engine, database_url),
     )

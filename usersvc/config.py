@@ -155,6 +155,12 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)
     # Bounds what a slow or unreachable Redis adds to a call.
     redis_timeout_seconds: float = 0.1
+    # Events (docs/events.md): published to NATS JetStream when nats_url is
+    # set, else only kept and served by EventService.
+    nats_url: str | None = field(default=None, repr=False)
+    nats_stream: str = "USERSVC_EVENTS"
+    event_source: str = "usersvc"
+    event_retention_days: int = 90
 
     # Operations.
     environment: str = "development"  # or "production"
@@ -270,6 +276,14 @@ class Settings:
             redis_url=reader.text("REDIS_URL", None),
             redis_timeout_seconds=reader.number(
                 "REDIS_TIMEOUT_SECONDS", defaults.redis_timeout_seconds, lo=0.001, hi=60
+            ),
+            nats_url=reader.text("NATS_URL", None),
+            nats_stream=reader.text("NATS_STREAM", defaults.nats_stream) or defaults.nats_stream,
+            event_source=(
+                reader.text("EVENT_SOURCE", defaults.event_source) or defaults.event_source
+            ),
+            event_retention_days=reader.integer(
+                "EVENT_RETENTION_DAYS", defaults.event_retention_days, lo=1, hi=36_500
             ),
             environment=reader.choice(
                 "ENV", defaults.environment, ("development", "production")

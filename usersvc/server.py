@@ -23,11 +23,13 @@ from grpc_reflection.v1alpha import reflection
 from generated.usersvc.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
+    event_service_pb2_grpc,
     user_service_pb2,
     user_service_pb2_grpc,
 )
 from usersvc.adapters.db_monitor import DatabaseMonitor
 from usersvc.api.auth_servicer import AuthServicer
+from usersvc.api.event_servicer import EVENT_SERVICE, EventServicer
 from usersvc.api.interceptors import build_interceptors
 from usersvc.api.public import PublicMethods
 from usersvc.api.user_servicer import UserServicer
@@ -40,7 +42,7 @@ logger = logging.getLogger("usersvc.server")
 
 USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 AUTH_SERVICE = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
-HEALTH_SERVICES = ("", USER_SERVICE, AUTH_SERVICE)
+HEALTH_SERVICES = ("", USER_SERVICE, AUTH_SERVICE, EVENT_SERVICE)
 
 
 class TlsConfigError(RuntimeError):
@@ -217,10 +219,16 @@ class UsersvcServer:
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(
             AuthServicer(container.auth_service), server
         )
+        services = [USER_SERVICE, AUTH_SERVICE]
+        if container.events is not None:
+            event_service_pb2_grpc.add_EventServiceServicer_to_server(
+                EventServicer(container.events.service), server
+            )
+            services.append(EVENT_SERVICE)
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (USER_SERVICE, AUTH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         port = _bind(server, addr, credentials.main)
         mtls_port = None

@@ -333,7 +333,7 @@ def _comparison(term: EventComparison) -> ColumnElement[bool]:
         if not isinstance(value, str):
             raise InvalidArgument.single("filter", f"{term.field.value} does not support ':'")
         pattern = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return column.like("%" + pattern + "%", escape="\\")
+        return column.like("%" + pattern + "%", escape="\\")  # type: ignore[no-any-return]
     bound = literal(value, column.type)
     match term.op:
         case "=":

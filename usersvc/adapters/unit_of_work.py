@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from usersvc.adapters.database import translate_connection_errors
 from usersvc.adapters.db_monitor import DatabaseAvailability
+from usersvc.adapters.events import CallContextProvider, SqlAlchemyEventRecorder
 from usersvc.adapters.repository import (
     SqlAlchemyIdempotencyRepository,
     SqlAlchemySessionRepository,
@@ -47,14 +48,18 @@ class SqlAlchemyUnitOfWork:
     users: UserRepository
     idempotency: IdempotencyRepository
     sessions: SessionRepository
+    events: SqlAlchemyEventRecorder
 
     def __init__(
         self,
         session_factory: async_sessionmaker[AsyncSession],
         availability: DatabaseAvailability | None = None,
+        call_context: CallContextProvider | None = None,
     ):
         self._session_factory = session_factory
         self._availability = availability
+        # Who is calling and the request id, for the events written here.
+        self._call_context = call_context
         self._session: AsyncSession | None = None
         self._used = False
 
@@ -71,6 +76,7 @@ class SqlAlchemyUnitOfWork:
         self.users = SqlAlchemyUserRepository(self._session)
         self.idempotency = SqlAlchemyIdempotencyRepository(self._session)
         self.sessions = SqlAlchemySessionRepository(self._session)
+        self.events = SqlAlchemyEventRecorder(self._session, self._call_context)
         return self
 
     async def __aexit__(
@@ -140,9 +146,14 @@ def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession
 
 
 def make_uow_factory(
-    engine: AsyncEngine, availability: DatabaseAvailability | None = None
+    engine: AsyncEngine,
+    availability: DatabaseAvailability | None = None,
+    call_context: CallContextProvider | None = None,
 ) -> UnitOfWorkFactory:
     """A factory of fresh units of work on ``engine``, failing fast while
-    ``availability`` (the database monitor) says the database is down.
-    Raises nothing."""
-    return functools.partial(SqlAlchemyUnitOfWork, make_session_factory(engine), availability)
+    ``availability`` (the database monitor) says the database is down;
+    ``call_context`` tells the actor and request id of the events written
+    (None: empty). Raises nothing."""
+    return functools.partial(
+        SqlAlchemyUnitOfWork, make_session_factory(engine), availability, call_context
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar, Token
 
+from usersvc.domain.events import CallContext, actor_of
 from usersvc.domain.models import ANONYMOUS, Principal
 
 _request_id: ContextVar[str] = ContextVar("usersvc_request_id", default="")
@@ -34,3 +35,9 @@ def current_principal() -> Principal:
 def set_principal(principal: Principal) -> Token[Principal]:
     """Make ``principal`` the caller of the running call. Never raises."""
     return _principal.set(principal)
+
+
+def current_call() -> CallContext:
+    """The actor and request id that events written by the running call
+    carry (usersvc.domain.events); empty outside a call. Never raises."""
+    return CallContext(actor=actor_of(_principal.get()), request_id=_request_id.get())
