@@ -277,7 +277,11 @@ class NatsEventRelay:
                 self._nats = await nats.connect(
                     self._nats_url,
                     connect_timeout=2,
+                    # Reconnecting is ours (backoff, logged once). nats-py
+                    # retries the first connect forever with 0 attempts.
                     allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.1,
                     error_cb=_quiet,
                     disconnected_cb=_quiet_cb,
                     closed_cb=_quiet_cb,
