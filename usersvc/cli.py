@@ -321,7 +321,9 @@ def _create_admin(settings: Settings, email: str, display_name: str) -> int:
     return 0
 
 
-def _healthcheck_channel(settings: Settings, args: argparse.Namespace, target: str) -> grpc.Channel:
+def _healthcheck_channel(
+    settings: Settings, args: argparse.Namespace, target: str
+) -> grpc.Channel:
     """A channel to ``target``: plaintext, or TLS when the server has it.
     Raises OSError for an unreadable file."""
     import grpc

@@ -285,7 +285,9 @@ class Settings:
             event_retention_days=reader.integer(
                 "EVENT_RETENTION_DAYS", defaults.event_retention_days, lo=1, hi=36_500
             ),
-            environment=reader.choice("ENV", defaults.environment, ("development", "production")),
+            environment=reader.choice(
+                "ENV", defaults.environment, ("development", "production")
+            ),
             data_dir=reader.path("DATA_DIR") or defaults.data_dir,
             log_format=reader.choice("LOG_FORMAT", defaults.log_format, ("json", "text")),
             log_level=reader.choice(

@@ -76,7 +76,8 @@ def certificate_identity(
     """
     for prop in (_PEER_URI, _PEER_DNS):
         names = [
-            normalize_identity(raw.decode("utf-8", "replace")) for raw in auth_context.get(prop, ())
+            normalize_identity(raw.decode("utf-8", "replace"))
+            for raw in auth_context.get(prop, ())
         ]
         if names:
             return next((name for name in names if name in identities), names[0])
