@@ -15,7 +15,7 @@ from nats_servers import PrivateNats
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from generated.usersvc.v1 import event_service_pb2
+from usersvc_protos.v1 import event_service_pb2
 from usersvc.adapters.event_feed import PostgresEventFeed
 from usersvc.adapters.events import SqlAlchemyEventRecorder, sequence_pending
 from usersvc.adapters.nats_relay import NatsEventRelay

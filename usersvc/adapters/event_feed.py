@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from usersvc.adapters.database import translate_connection_errors
+from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.events import EVENTS_CHANNEL, INSERTED_CHANNEL, sequence_pending
 from usersvc.adapters.orm import events_table
 from usersvc.adapters.revocations import Connector
@@ -132,7 +132,7 @@ class PostgresEventFeed:
                 # the poll interval.
                 while await sequence_pending(self._engine):
                     pass
-                with translate_connection_errors():
+                with translate_database_errors():
                     async with self._engine.connect() as conn:
                         self._note(int(await conn.scalar(_TOP) or 0))
                 if connection.is_closed():

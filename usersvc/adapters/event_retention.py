@@ -12,7 +12,7 @@ import random
 from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from usersvc.adapters.database import translate_connection_errors
+from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.orm import events_table
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ async def delete_expired_events(
     ``keep_unpublished`` spares those the relay has not published. Returns
     how many went. Raises DatabaseUnavailable."""
     stmt = _expired(keep_unpublished=keep_unpublished)
-    with translate_connection_errors():
+    with translate_database_errors():
         async with engine.begin() as conn:
             result = await conn.execute(stmt, {"days": retention_days})  # type: ignore[call-overload]
     count = result.rowcount

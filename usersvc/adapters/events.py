@@ -49,7 +49,7 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
 from sqlalchemy.sql.selectable import CTE
 
-from usersvc.adapters.database import translate_connection_errors
+from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.orm import events_table, users_table
 from usersvc.domain.errors import InvalidArgument
 from usersvc.domain.events import (
@@ -231,7 +231,7 @@ class SqlAlchemyEventRecorder:
                 )
             selects.append(select(*columns).select_from(source))
         rows = selects[0] if len(selects) == 1 else union_all(*selects)
-        with translate_connection_errors():
+        with translate_database_errors():
             await self._session.execute(insert(events_table).from_select(_INSERT_COLUMNS, rows))
 
 
@@ -245,7 +245,7 @@ async def sequence_pending(engine: AsyncEngine, *, batch: int = SEQUENCE_BATCH) 
     announce the highest number on EVENTS_CHANNEL. Returns how many rows it
     numbered; call again while it returns ``batch``. Raises
     DatabaseUnavailable."""
-    with translate_connection_errors():
+    with translate_database_errors():
         async with engine.begin() as conn:
             # The lock first, in its own statement: the UPDATE's snapshot is
             # taken after it is granted, so it sees every row numbered by
@@ -399,7 +399,7 @@ class SqlAlchemyEventReader:
     async def list(self, query: EventQuery) -> list[StoredEvent]:
         """Raises InvalidArgument (filter), DatabaseUnavailable."""
         stmt = event_query(query)
-        with translate_connection_errors():
+        with translate_database_errors():
             async with self._engine.connect() as conn:
                 result = await conn.execute(stmt)
                 rows = result.mappings().all()

@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from usersvc.adapters.database import translate_connection_errors
+from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.events import event_from_row
 from usersvc.adapters.orm import events_table
 from usersvc.adapters.revocations import Connector
@@ -223,7 +223,7 @@ class NatsEventRelay:
             await asyncio.sleep(self._poll_interval)
 
     async def _publish_batch(self, lost: asyncio.Event) -> int:
-        with translate_connection_errors():
+        with translate_database_errors():
             async with self._engine.connect() as conn:
                 rows = (await conn.execute(_UNPUBLISHED, {"batch": self._batch})).mappings().all()
         if not rows:
@@ -264,7 +264,7 @@ class NatsEventRelay:
         return done
 
     async def _mark(self, event_ids: list[Any]) -> None:
-        with translate_connection_errors():
+        with translate_database_errors():
             async with self._engine.begin() as conn:
                 await conn.execute(_MARK, {"event_ids": event_ids})
 

@@ -23,14 +23,14 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
-from generated.usersvc.v1 import user_pb2 as usersvc_dot_v1_dot_user__pb2
+from usersvc_protos.v1 import user_pb2 as usersvc_dot_v1_dot_user__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eusersvc/v1/event_service.proto\x12\nusersvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15usersvc/v1/user.proto\"\xba\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04user\x18\x08 \x01(\x0b\x32\x10.usersvc.v1.User\x12\x16\n\x0e\x63hanged_fields\x18\t \x03(\t\x12\x35\n\nattributes\x18\n \x03(\x0b\x32!.usersvc.v1.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x03\"P\n\x12ListEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.usersvc.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x12WatchEventsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\"7\n\x13WatchEventsResponse\x12 \n\x05\x65vent\x18\x01 \x01(\x0b\x32\x11.usersvc.v1.Event2\xad\x01\n\x0c\x45ventService\x12K\n\nListEvents\x12\x1d.usersvc.v1.ListEventsRequest\x1a\x1e.usersvc.v1.ListEventsResponse\x12P\n\x0bWatchEvents\x12\x1e.usersvc.v1.WatchEventsRequest\x1a\x1f.usersvc.v1.WatchEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generated.usersvc.v1.event_service_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'usersvc_protos.v1.event_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENT_ATTRIBUTESENTRY']._loaded_options = None
