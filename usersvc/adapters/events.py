@@ -79,6 +79,11 @@ SEQUENCE_BATCH = 5_000
 
 CallContextProvider = Callable[[], CallContext]
 
+
+def no_call() -> CallContext:
+    """The context of work outside any call: no actor, no request id."""
+    return NO_CALL
+
 _e = events_table.c
 _u = users_table.c
 _USER_FIELDS = (
@@ -103,6 +108,16 @@ _INSERT_COLUMNS = [
     _e.changed_fields,
     _e.attributes,
 ]
+
+
+def snapshot_sql(alias: str) -> str:
+    """SQL text of the jsonb snapshot of the user columns of ``alias``, for
+    statements written as text. Only constant column names go in; raises
+    ValueError for an alias that is not a plain identifier."""
+    if not alias.isidentifier():
+        raise ValueError(f"not an identifier: {alias!r}")
+    pairs = ", ".join(f"'{name}', {alias}.{name}" for name in _USER_FIELDS)
+    return f"jsonb_build_object({pairs})"
 
 
 def _snapshot_of(columns: Any) -> ColumnElement[Any]:
@@ -177,7 +192,7 @@ class SqlAlchemyEventRecorder:
 
     def __init__(self, session: AsyncSession, context: CallContextProvider | None = None):
         self._session = session
-        self._context = context or (lambda: NO_CALL)
+        self._context = context or no_call
 
     @property
     def context(self) -> CallContext:

@@ -32,6 +32,7 @@ from usersvc.adapters.repository.idempotency import (
 from usersvc.adapters.repository.sessions import SqlAlchemySessionRepository
 from usersvc.adapters.repository.users import SqlAlchemyUserRepository
 from usersvc.domain.errors import DatabaseUnavailable, EmailAlreadyExists
+from usersvc.domain.event_ports import EventRecorder
 from usersvc.domain.ports import (
     IdempotencyKeyTaken,
     IdempotencyRepository,
@@ -55,7 +56,7 @@ class SqlAlchemyUnitOfWork:
     users: UserRepository
     idempotency: IdempotencyRepository
     sessions: SessionRepository
-    events: SqlAlchemyEventRecorder
+    events: EventRecorder
 
     def __init__(
         self,
@@ -80,9 +81,9 @@ class SqlAlchemyUnitOfWork:
         if self._availability is not None:
             self._availability.ensure_available()
         self._session = self._session_factory()
-        self.users = SqlAlchemyUserRepository(self._session)
-        self.idempotency = SqlAlchemyIdempotencyRepository(self._session)
-        self.sessions = SqlAlchemySessionRepository(self._session)
+        self.users = SqlAlchemyUserRepository(self._session, self._call_context)
+        self.idempotency = SqlAlchemyIdempotencyRepository(self._session, self._call_context)
+        self.sessions = SqlAlchemySessionRepository(self._session, self._call_context)
         self.events = SqlAlchemyEventRecorder(self._session, self._call_context)
         return self
 
