@@ -370,7 +370,9 @@ class FakeUserRepository:
         self._uow.events.record(user.id, events)
         return self._write(user, new.password_hash)
 
-    async def add_many(self, news: Sequence[NewUser], *, events: Sequence[EventDraft] = ()) -> list[User]:
+    async def add_many(
+        self, news: Sequence[NewUser], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
         return [await self.add(new, events=events) for new in news]
 
     async def import_batch(
