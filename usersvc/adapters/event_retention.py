@@ -5,7 +5,6 @@ publishes to NATS, never one that is not published yet."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 
@@ -24,6 +23,9 @@ RETENTION_SLICE = 5_000
 def _expired(*, keep_unpublished: bool) -> object:
     conditions = [
         _e.sequence.is_not(None),
+        # The newest event always stays: the sequencer numbers after the
+        # highest number kept, and must never start again from 1.
+        _e.sequence < select(func.max(_e.sequence)).scalar_subquery(),
         _e.create_time < func.now() - func.make_interval(0, 0, 0, bindparam("days")),
     ]
     if keep_unpublished:
@@ -86,7 +88,7 @@ class EventRetention:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval * random.uniform(0.5, 1.0))  # noqa: S311
-            with contextlib.suppress(Exception):
+            try:
                 while (
                     await delete_expired_events(
                         self._engine,
@@ -96,3 +98,6 @@ class EventRetention:
                     == RETENTION_SLICE
                 ):
                     pass
+            except Exception as exc:
+                # Tried again at the next interval; nothing is lost meanwhile.
+                logger.warning("event retention failed: %s: %s", type(exc).__name__, exc)

@@ -197,6 +197,7 @@ class NatsEventRelay:
         while True:
             if lost.is_set() or connection.is_closed():
                 raise ConnectionError("lost the database connection of the publisher lock")
+            known = 0 if self._feed is None else self._feed.latest
             try:
                 published = await self._publish_batch(lost)
                 nats_failures = 0
@@ -214,11 +215,13 @@ class NatsEventRelay:
                         await lost.wait()
                 continue
             if published < self._batch:
-                await self._wait_for_more()
+                await self._wait_for_more(known)
 
-    async def _wait_for_more(self) -> None:
+    async def _wait_for_more(self, known: int) -> None:
+        # ``known`` was read before the rows were: all numbered up to it
+        # have been seen, so only a higher number is news.
         if self._feed is not None:
-            await self._feed.wait_beyond(self.stats.last_sequence, self._poll_interval)
+            await self._feed.wait_beyond(known, self._poll_interval)
         else:
             await asyncio.sleep(self._poll_interval)
 

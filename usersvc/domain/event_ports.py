@@ -33,6 +33,10 @@ class EventReader(Protocol):
 
 class EventFeed(Protocol):
     @property
+    def latest(self) -> int:
+        """The highest number this process knows to be given."""
+
+    @property
     def closed(self) -> bool:
         """True once the process is shutting down: streams should end."""
 

@@ -106,13 +106,17 @@ class EventService:
     async def _follow(self, parsed: EventFilter, after: int) -> AsyncIterator[StoredEvent]:
         last = after
         while not self._closed():
+            # Read before the query: every event numbered up to here is in
+            # its result (or filtered out), so waiting for a higher number
+            # never spins on events the filter skips.
+            known = 0 if self._feed is None else self._feed.latest
             batch = await self._reader.list(EventQuery(parsed, last, WATCH_BATCH))
             for event in batch:
                 yield event
                 last = event.sequence
             if len(batch) == WATCH_BATCH:
                 continue
-            await self._wait(last)
+            await self._wait(max(last, known))
 
     def _closed(self) -> bool:
         return self._feed is not None and self._feed.closed
