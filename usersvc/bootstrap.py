@@ -337,7 +337,7 @@ def bootstrap(
         rate_limiter = RedisRateLimiter.from_url(
             settings.redis_url, timeout_seconds=settings.redis_timeout_seconds
         )
-    events = build_event_parts(settings, engine, database_url)
+    events = build_event_parts(settings, engine, database_url, metrics)
     served = None
     if credentials is not None:
         public_methods = PublicMethods(allow_signup=settings.allow_signup)

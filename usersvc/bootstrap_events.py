@@ -5,18 +5,22 @@ task and, with USERSVC_NATS_URL, the relay to NATS JetStream."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.event_feed import PostgresEventFeed
 from usersvc.adapters.event_retention import EventRetention
 from usersvc.adapters.events import SqlAlchemyEventReader
-from usersvc.adapters.nats_relay import NatsEventRelay
+from usersvc.adapters.nats_relay import NatsEventRelay, RelayHooks
 from usersvc.adapters.revocations import asyncpg_connector
 from usersvc.api.event_servicer import event_to_proto
 from usersvc.config import Settings
 from usersvc.domain.events import StoredEvent
 from usersvc.services.events import EventService
+
+if TYPE_CHECKING:
+    from usersvc.observability.metrics import Metrics
 
 
 @dataclass
@@ -49,8 +53,14 @@ def encode_event(event: StoredEvent) -> bytes:
     return event_to_proto(event).SerializeToString()
 
 
-def build_event_parts(settings: Settings, engine: AsyncEngine, database_url: str) -> EventParts:
-    """Raises sqlalchemy.exc.ArgumentError for an unusable database URL."""
+def build_event_parts(
+    settings: Settings,
+    engine: AsyncEngine,
+    database_url: str,
+    metrics: Metrics | None = None,
+) -> EventParts:
+    """``metrics`` (None: off) hears the relay. Raises
+    sqlalchemy.exc.ArgumentError for an unusable database URL."""
     # LISTEN and the publisher's session lock need a session of their own:
     # behind a transaction pool that is the direct URL (as for revocations).
     listen_url = settings.revocation_database_url or database_url
@@ -65,6 +75,13 @@ def build_event_parts(settings: Settings, engine: AsyncEngine, database_url: str
             source=settings.event_source,
             encode=encode_event,
             feed=feed,
+            hooks=RelayHooks()
+            if metrics is None
+            else RelayHooks(
+                on_published=metrics.event_published,
+                on_error=metrics.event_publish_failed,
+                on_backlog=metrics.events_unpublished,
+            ),
         )
     return EventParts(
         service=EventService(reader=SqlAlchemyEventReader(engine), feed=feed),

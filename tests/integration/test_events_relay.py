@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from usersvc_protos.v1 import event_service_pb2
 from usersvc.adapters.event_feed import PostgresEventFeed
 from usersvc.adapters.events import SqlAlchemyEventRecorder, sequence_pending
-from usersvc.adapters.nats_relay import NatsEventRelay
+from usersvc.adapters.nats_relay import NatsEventRelay, RelayHooks
 from usersvc.adapters.orm import events_table
 from usersvc.adapters.revocations import asyncpg_connector
 from usersvc.adapters.unit_of_work import make_session_factory
@@ -102,7 +102,10 @@ async def test_events_are_published_in_order_with_cloudevents_headers(
 ) -> None:
     user = await make_user()
     await _write_events(engine, user, 25)
-    relay = _relay(engine, test_settings, database_url, private_nats.url)
+    lags: list[float] = []
+    backlogs: list[int] = []
+    hooks = RelayHooks(on_published=lags.append, on_backlog=backlogs.append)
+    relay = _relay(engine, test_settings, database_url, private_nats.url, hooks=hooks)
     await relay.start()
     try:
         await _until(lambda: _none_unpublished(engine), "rows marked published")
@@ -124,6 +127,10 @@ async def test_events_are_published_in_order_with_cloudevents_headers(
     assert headers["content-type"] == "application/protobuf"
     assert first.user.id == str(user.id)
     assert list(first.changed_fields) == ["labels"]
+    # What metrics hear: one lag per PubAck, and the backlog it started from.
+    assert len(lags) == 25
+    assert all(lag >= 0 for lag in lags)
+    assert backlogs[0] == 25
 
 
 async def _none_unpublished(engine: AsyncEngine) -> bool:

@@ -27,7 +27,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, select, update
@@ -70,8 +70,22 @@ _MARK = (
     .where(_e.id == any_(bindparam("event_ids", type_=ARRAY(Uuid))))
     .values(published_at=func.now())
 )
+_BACKLOG = (
+    select(func.count())
+    .select_from(events_table)
+    .where(_e.published_at.is_(None), _e.sequence.is_not(None))
+)
 # Rows marked published per statement.
 MARK_CHUNK = 100
+
+
+@dataclass(frozen=True)
+class RelayHooks:
+    """Who hears what the relay does (metrics); each may be None."""
+
+    on_published: Callable[[float], None] | None = None  # seconds from commit to PubAck
+    on_error: Callable[[], None] | None = None  # a failed publish attempt
+    on_backlog: Callable[[int], None] | None = None  # numbered rows not yet published
 
 
 @dataclass
@@ -120,6 +134,7 @@ class NatsEventRelay:
         publish_timeout: float = 2.0,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
+        hooks: RelayHooks | None = None,
     ) -> None:
         self._engine = engine
         self._connect = connect
@@ -138,6 +153,7 @@ class NatsEventRelay:
         self._nats: Any = None
         self._stream_ready = False
         self._nats_down_logged = False
+        self._hooks = hooks or RelayHooks()
         self.stats = RelayStats()
 
     async def start(self) -> None:
@@ -204,6 +220,8 @@ class NatsEventRelay:
             except _NatsUnavailable as exc:
                 nats_failures += 1
                 self.stats.errors += 1
+                if self._hooks.on_error is not None:
+                    self._hooks.on_error()
                 if not self._nats_down_logged:
                     self._nats_down_logged = True
                     logger.warning(
@@ -229,6 +247,8 @@ class NatsEventRelay:
         with translate_database_errors():
             async with self._engine.connect() as conn:
                 rows = (await conn.execute(_UNPUBLISHED, {"batch": self._batch})).mappings().all()
+        if self._hooks.on_backlog is not None:
+            await self._count_backlog()
         if not rows:
             return 0
         js = await self._jetstream()
@@ -250,6 +270,9 @@ class NatsEventRelay:
                 except Exception as exc:
                     raise _NatsUnavailable(f"{type(exc).__name__}: {exc}") from exc
                 acked.append(event.id)
+                if self._hooks.on_published is not None:
+                    lag = (datetime.now(UTC) - event.create_time).total_seconds()
+                    self._hooks.on_published(lag)
                 done += 1
                 self.stats.published += 1
                 self.stats.last_sequence = event.sequence
@@ -265,6 +288,13 @@ class NatsEventRelay:
             self._nats_down_logged = False
             logger.info("NATS is back; publishing the events that waited")
         return done
+
+    async def _count_backlog(self) -> None:
+        assert self._hooks.on_backlog is not None
+        with translate_database_errors():
+            async with self._engine.connect() as conn:
+                count = await conn.scalar(_BACKLOG)
+        self._hooks.on_backlog(int(count or 0))
 
     async def _mark(self, event_ids: list[Any]) -> None:
         with translate_database_errors():
