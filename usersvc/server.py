@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -61,6 +62,8 @@ class UsersvcServer:
         self._server = server
         self._health = health_servicer
         self._monitor = monitor
+        # Called when the stop begins (ends the event streams).
+        self.on_stop: Callable[[], None] | None = None
         self._stopping = False
         self.port = port
         # The port that requires client certificates, when it is a second one.
@@ -121,6 +124,8 @@ class UsersvcServer:
             mtls_port = _bind(server, settings.mtls_listen_addr, credentials.mtls)
         await server.start()
         started = cls(server, health_servicer, port, mtls_port, container.database_monitor)
+        # WatchEvents streams never end by themselves: a stop ends them.
+        started.on_stop = None if container.events is None else container.events.feed.close
         await started._follow_database()
         logger.info(
             "serving",
@@ -162,6 +167,8 @@ class UsersvcServer:
         if self._monitor is not None:
             self._monitor.remove_listener(self._database_changed)
         await self._set_health(False)
+        if self.on_stop is not None:
+            self.on_stop()
         await self._server.stop(grace)
 
     async def wait_for_termination(self) -> None:

@@ -355,3 +355,38 @@ async def test_a_watch_sees_a_new_event_soon_after_its_commit_on_another_replica
     response = await first
     assert response.event.type == "usersvc.user.disabled.v1"
     assert response.event.sequence == last + 1
+
+
+async def test_watches_that_reach_their_deadline_end_and_give_back_their_connections(
+    publishing: Publishing, people: World
+) -> None:
+    for _ in range(10):
+        call = people.admin.events.WatchEvents(
+            event_service_pb2.WatchEventsRequest(), timeout=0.3
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async for _ in call:
+                pass
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    pool: Any = publishing.server.container.engine.pool
+    deadline = asyncio.get_running_loop().time() + WAIT_SECONDS
+    while pool.checkedout() > 0:
+        assert asyncio.get_running_loop().time() < deadline, "a watch kept its connection"
+        await asyncio.sleep(0.05)
+
+
+async def test_stopping_the_server_ends_open_watches_without_waiting_for_the_grace_period(
+    e2e_settings: Any, recorder: ResponseRecorder, people: World
+) -> None:
+    settings = dataclasses.replace(e2e_settings, shutdown_grace_seconds=30.0)
+    async with running_server(settings, recorder) as running:
+        watcher = Caller(running.channel, people.admin.token, "admin")
+        call = watcher.events.WatchEvents(
+            event_service_pb2.WatchEventsRequest(), timeout=WAIT_SECONDS
+        )
+        assert await _first(call) is not None  # the backlog: the stream is open
+        stopping = asyncio.ensure_future(running.server.stop(30.0))
+        async for _ in call:
+            pass
+        assert await call.code() == grpc.StatusCode.OK
+        await asyncio.wait_for(stopping, 10)

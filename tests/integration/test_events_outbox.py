@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -22,6 +23,7 @@ from usersvc.adapters.unit_of_work import make_session_factory
 from usersvc.domain.event_filter import parse_event_filter
 from usersvc.domain.events import CallContext, EventDraft, EventQuery, EventType
 from usersvc.domain.models import User
+from usersvc.domain.ports import UnitOfWorkFactory
 
 UserMaker = Callable[..., Awaitable[User]]
 
@@ -209,3 +211,31 @@ async def test_the_filter_selects_by_type_user_actor_and_time(
     async with engine.connect() as conn:
         top = await conn.scalar(select(func.max(events_table.c.sequence)))
     assert top == 3
+
+
+async def test_a_change_that_fails_leaves_no_event_and_one_that_commits_leaves_one(
+    engine: AsyncEngine, make_user: UserMaker, uow_factory: UnitOfWorkFactory
+) -> None:
+    from usersvc.domain.errors import EmailAlreadyExists
+    from usersvc.domain.models import UserPatch
+
+    taken, user = await make_user(), await make_user()
+    draft = [EventDraft(EventType.USER_UPDATED, changed_fields=("email",))]
+
+    async def clash() -> None:
+        async with uow_factory() as uow:
+            await uow.users.update(user.id, UserPatch(email=taken.email), events=draft)
+            await uow.commit()
+
+    with pytest.raises(EmailAlreadyExists):
+        await clash()
+    async with uow_factory() as uow:
+        await uow.users.update(user.id, UserPatch(display_name="Kept"), events=draft)
+        # Rolled back: the unit of work ends without a commit.
+    assert await _all_events(engine) == []
+    async with uow_factory() as uow:
+        updated = await uow.users.update(user.id, UserPatch(display_name="Kept"), events=draft)
+        await uow.commit()
+    await sequence_pending(engine)
+    [event] = await _list(engine)
+    assert (event.user_id, event.user) == (user.id, updated)

@@ -73,10 +73,16 @@ class PostgresEventFeed:
         self._closed = False
         self._task = asyncio.create_task(self._run(), name="usersvc-events-feed")
 
-    async def stop(self) -> None:
-        """Stop, release every waiter. Idempotent. Raises nothing."""
+    def close(self) -> None:
+        """From now on ``closed`` is True and waiters return at once: the
+        streams end (the server is stopping); numbering goes on until
+        ``stop``. Raises nothing."""
         self._closed = True
         self._announce()
+
+    async def stop(self) -> None:
+        """Stop, release every waiter. Idempotent. Raises nothing."""
+        self.close()
         task, self._task = self._task, None
         if task is None:
             return
