@@ -77,8 +77,9 @@ class EventServiceServicer:
         """Streams the events after after_sequence that match filter (the backlog
         first), then each new one within a second of its commit, on every
         replica, until the caller cancels, its deadline passes or the server
-        shuts down (the stream then ends with UNAVAILABLE). A stream that falls
-        behind is not dropped: it reads on from the database.
+        shuts down (the stream then ends with OK: resume after the last
+        sequence received). A stream that falls behind is not dropped: it reads
+        on from the database.
         Who: admins, services. Errors: PERMISSION_DENIED, INVALID_ARGUMENT
         (filter, after_sequence).
         """

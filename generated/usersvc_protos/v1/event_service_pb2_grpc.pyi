@@ -50,8 +50,9 @@ class EventServiceStub:
     """Streams the events after after_sequence that match filter (the backlog
     first), then each new one within a second of its commit, on every
     replica, until the caller cancels, its deadline passes or the server
-    shuts down (the stream then ends with UNAVAILABLE). A stream that falls
-    behind is not dropped: it reads on from the database.
+    shuts down (the stream then ends with OK: resume after the last
+    sequence received). A stream that falls behind is not dropped: it reads
+    on from the database.
     Who: admins, services. Errors: PERMISSION_DENIED, INVALID_ARGUMENT
     (filter, after_sequence).
     """
@@ -78,8 +79,9 @@ class EventServiceAsyncStub(EventServiceStub):
     """Streams the events after after_sequence that match filter (the backlog
     first), then each new one within a second of its commit, on every
     replica, until the caller cancels, its deadline passes or the server
-    shuts down (the stream then ends with UNAVAILABLE). A stream that falls
-    behind is not dropped: it reads on from the database.
+    shuts down (the stream then ends with OK: resume after the last
+    sequence received). A stream that falls behind is not dropped: it reads
+    on from the database.
     Who: admins, services. Errors: PERMISSION_DENIED, INVALID_ARGUMENT
     (filter, after_sequence).
     """
@@ -115,8 +117,9 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams the events after after_sequence that match filter (the backlog
         first), then each new one within a second of its commit, on every
         replica, until the caller cancels, its deadline passes or the server
-        shuts down (the stream then ends with UNAVAILABLE). A stream that falls
-        behind is not dropped: it reads on from the database.
+        shuts down (the stream then ends with OK: resume after the last
+        sequence received). A stream that falls behind is not dropped: it reads
+        on from the database.
         Who: admins, services. Errors: PERMISSION_DENIED, INVALID_ARGUMENT
         (filter, after_sequence).
         """
