@@ -51,6 +51,7 @@ from sqlalchemy.sql.selectable import CTE
 
 from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.orm import events_table, users_table
+from usersvc.adapters.repository.user_rows import USER_COLUMNS, user_from_row
 from usersvc.domain.errors import InvalidArgument
 from usersvc.domain.events import (
     MAX_ATTRIBUTE_LENGTH,
@@ -86,18 +87,10 @@ def no_call() -> CallContext:
 
 _e = events_table.c
 _u = users_table.c
-_USER_FIELDS = (
-    "id",
-    "email",
-    "display_name",
-    "roles",
-    "labels",
-    "create_time",
-    "update_time",
-    "disable_time",
-    "delete_time",
-    "version",
-)
+# The snapshot holds exactly the columns a User carries (never the password
+# hash), so a column added there is in the events too.
+USER_FIELDS = tuple(column.name for column in USER_COLUMNS)
+_USER_FIELDS = USER_FIELDS
 _INSERT_COLUMNS = [
     _e.id,
     _e.type,
@@ -385,23 +378,16 @@ def event_from_row(row: RowMapping) -> StoredEvent:
     )
 
 
-def _moment(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
-
-
 def _user_from_snapshot(data: Mapping[str, Any]) -> User:
-    return User(
-        id=uuid.UUID(data["id"]),
-        email=data["email"],
-        display_name=data["display_name"],
-        roles=tuple(data["roles"] or ()),
-        labels=dict(data["labels"] or {}),
-        create_time=datetime.fromisoformat(data["create_time"]),
-        update_time=datetime.fromisoformat(data["update_time"]),
-        disable_time=_moment(data["disable_time"]),
-        delete_time=_moment(data["delete_time"]),
-        version=int(data["version"]),
-    )
+    # JSON gives back text for the id and the times; the rest maps as a row.
+    row: dict[str, Any] = dict(data)
+    row["id"] = uuid.UUID(data["id"])
+    row["roles"] = data["roles"] or []
+    row["labels"] = data["labels"] or {}
+    for name, value in data.items():
+        if name.endswith("_time") and value is not None:
+            row[name] = datetime.fromisoformat(value)
+    return user_from_row(row)  # type: ignore[arg-type]
 
 
 class SqlAlchemyEventReader:

@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from usersvc.adapters.database_errors import translate_database_errors
+from usersvc.adapters.events import USER_FIELDS, snapshot_sql
 from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.events import NO_CALL, CallContext, EventDraft
 from usersvc.domain.models import uuid7
@@ -69,19 +70,14 @@ _INSERT_BATCH = text(
 # statement (usersvc.adapters.events): RETURNING gives the user columns for
 # the snapshot, and one more data-modifying CTE inserts the events, one per
 # inserted user and draft (types and attributes travel as arrays).
-_USER_FIELDS = (
-    "id", "email", "display_name", "roles", "labels", "create_time", "update_time",
-    "disable_time", "delete_time", "version",
-)  # fmt: skip
-_SNAPSHOT = ", ".join(f"'{name}', inserted.{name}" for name in _USER_FIELDS)
 _INSERT_BATCH_WITH_EVENTS = text(
-    _INSERT_BATCH.text.replace("RETURNING id\n", f"RETURNING {', '.join(_USER_FIELDS)}\n").replace(
+    _INSERT_BATCH.text.replace("RETURNING id\n", f"RETURNING {', '.join(USER_FIELDS)}\n").replace(
         "    SELECT coalesce(array_agg(given.seq)",
         # Constant column names only: nothing from the caller is spliced in.
         f"""    , recorded AS (
         INSERT INTO events (id, type, user_id, actor, request_id, user_snapshot, attributes)
         SELECT gen_random_uuid(), draft.type, inserted.id, :actor, :request_id,
-               jsonb_build_object({_SNAPSHOT}), draft.attributes
+               {snapshot_sql("inserted")}, draft.attributes
         FROM inserted CROSS JOIN unnest(
             CAST(:event_types AS text[]), CAST(:event_attributes AS jsonb[])
         ) WITH ORDINALITY AS draft (type, attributes, n)
