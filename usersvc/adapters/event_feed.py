@@ -133,24 +133,31 @@ class PostgresEventFeed:
             await connection.add_listener(INSERTED_CHANNEL, self._on_inserted)
             await connection.add_listener(EVENTS_CHANNEL, self._on_numbered)
             logger.info("events feed connected")
+            polled = True
             while True:
                 # Number whatever is pending, then wait for an insert or
                 # the poll interval.
                 while await sequence_pending(self._engine):
                     pass
-                with translate_database_errors():
-                    async with self._engine.connect() as conn:
-                        top = int(await conn.scalar(_TOP) or 0)
-                # The database is the authority: also when it holds less
-                # than we heard of (a table emptied by hand, or in tests).
-                if top != self.latest:
-                    self.latest = top
-                    self._announce()
+                if polled:
+                    # Notifications may have been lost (while connecting):
+                    # read the highest number. The database is the
+                    # authority, also when it holds less than we heard of
+                    # (a table emptied by hand, or in tests).
+                    with translate_database_errors():
+                        async with self._engine.connect() as conn:
+                            top = int(await conn.scalar(_TOP) or 0)
+                    if top != self.latest:
+                        self.latest = top
+                        self._announce()
                 if connection.is_closed():
                     raise ConnectionError("the events feed's connection closed")
-                with contextlib.suppress(TimeoutError):
+                polled = False
+                try:
                     async with asyncio.timeout(self._poll_interval):
                         await self._kick.wait()
+                except TimeoutError:
+                    polled = True
                 self._kick.clear()
         finally:
             with contextlib.suppress(Exception):

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -154,6 +155,7 @@ class NatsEventRelay:
         self._stream_ready = False
         self._nats_down_logged = False
         self._hooks = hooks or RelayHooks()
+        self._next_count = 0.0
         self.stats = RelayStats()
 
     async def start(self) -> None:
@@ -247,7 +249,9 @@ class NatsEventRelay:
         with translate_database_errors():
             async with self._engine.connect() as conn:
                 rows = (await conn.execute(_UNPUBLISHED, {"batch": self._batch})).mappings().all()
-        if self._hooks.on_backlog is not None:
+        if self._hooks.on_backlog is not None and time.monotonic() >= self._next_count:
+            # At most once a second: the gauge, not the publishing, pays.
+            self._next_count = time.monotonic() + 1.0
             await self._count_backlog()
         if not rows:
             return 0
