@@ -64,7 +64,7 @@ def build_event_parts(
     # LISTEN and the publisher's session lock need a session of their own:
     # behind a transaction pool that is the direct URL (as for revocations).
     listen_url = settings.revocation_database_url or database_url
-    feed = PostgresEventFeed(engine, asyncpg_connector(listen_url, settings))
+    feed = PostgresEventFeed(asyncpg_connector(listen_url, settings))
     relay = None
     if settings.nats_url is not None:
         relay = NatsEventRelay(

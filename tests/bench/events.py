@@ -93,7 +93,7 @@ async def publish_lag(
     engine: AsyncEngine, settings: Settings, url: str, nats: PrivateNats, rate: int, seconds: float
 ) -> tuple[float, float, int]:
     lags: list[float] = []
-    feed = PostgresEventFeed(engine, asyncpg_connector(url, settings))
+    feed = PostgresEventFeed(asyncpg_connector(url, settings))
     relay = _relay(
         engine, settings, url, nats.url, feed=feed, hooks=RelayHooks(on_published=lags.append)
     )

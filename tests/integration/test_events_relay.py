@@ -211,7 +211,7 @@ async def test_the_feed_numbers_new_events_and_wakes_waiters(
     engine: AsyncEngine, test_settings: Settings, database_url: str, make_user: UserMaker
 ) -> None:
     user = await make_user()
-    feed = PostgresEventFeed(engine, asyncpg_connector(database_url, test_settings))
+    feed = PostgresEventFeed(asyncpg_connector(database_url, test_settings))
     await feed.start()
     try:
         start = asyncio.get_running_loop().time()

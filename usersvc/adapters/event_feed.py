@@ -24,17 +24,12 @@ import logging
 import random
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from usersvc.adapters.database_errors import translate_database_errors
-from usersvc.adapters.events import EVENTS_CHANNEL, INSERTED_CHANNEL, sequence_pending
-from usersvc.adapters.orm import events_table
+from usersvc.adapters.events import EVENTS_CHANNEL, INSERTED_CHANNEL, sequence_pending_on
 from usersvc.adapters.revocations import Connector
 
 logger = logging.getLogger(__name__)
 
-_TOP = select(func.coalesce(func.max(events_table.c.sequence), 0))
+_TOP_SQL = "SELECT coalesce(max(sequence), 0) FROM events"
 
 
 class PostgresEventFeed:
@@ -43,14 +38,12 @@ class PostgresEventFeed:
 
     def __init__(
         self,
-        engine: AsyncEngine,
         connect: Connector,
         *,
         poll_interval: float = 1.0,
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
     ) -> None:
-        self._engine = engine
         self._connect = connect
         self._poll_interval = poll_interval
         self._backoff_initial = backoff_initial
@@ -137,16 +130,15 @@ class PostgresEventFeed:
             while True:
                 # Number whatever is pending, then wait for an insert or
                 # the poll interval.
-                while await sequence_pending(self._engine):
+                # On the feed's own connection: nothing taken from the pool.
+                while await sequence_pending_on(connection):
                     pass
                 if polled:
                     # Notifications may have been lost (while connecting):
                     # read the highest number. The database is the
                     # authority, also when it holds less than we heard of
                     # (a table emptied by hand, or in tests).
-                    with translate_database_errors():
-                        async with self._engine.connect() as conn:
-                            top = int(await conn.scalar(_TOP) or 0)
+                    top = int(await connection.fetchval(_TOP_SQL) or 0)
                     if top != self.latest:
                         self.latest = top
                         self._announce()

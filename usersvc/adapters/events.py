@@ -270,22 +270,36 @@ async def sequence_pending(engine: AsyncEngine, *, batch: int = SEQUENCE_BATCH) 
     return len(numbers)
 
 
-_SEQUENCE_AFTER_LOCK = text(
-    """
+# The numbering statement, in the driver's own parameter style ($1: the
+# batch size), so that the feed can run it on its dedicated connection.
+SEQUENCE_SQL = """
     WITH base AS (SELECT coalesce(max(sequence), 0) AS top FROM events),
     pending AS (
         SELECT id, row_number() OVER (ORDER BY position) AS n
         FROM (
             SELECT id, position FROM events WHERE sequence IS NULL
-            ORDER BY position LIMIT :batch
+            ORDER BY position LIMIT $1
         ) AS oldest
     )
     UPDATE events SET sequence = base.top + pending.n
     FROM pending, base
     WHERE events.id = pending.id
     RETURNING events.sequence
-    """
-)
+"""
+_SEQUENCE_AFTER_LOCK = text(SEQUENCE_SQL.replace("$1", ":batch"))
+
+
+async def sequence_pending_on(connection: Any, *, batch: int = SEQUENCE_BATCH) -> int:
+    """``sequence_pending`` on a plain asyncpg connection (the feed's own,
+    so numbering takes nothing from the pool). Raises what asyncpg raises."""
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCER_LOCK_KEY)
+        numbers = [row[0] for row in await connection.fetch(SEQUENCE_SQL, batch)]
+        if numbers:
+            await connection.execute(
+                "SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(max(numbers))
+            )
+    return len(numbers)
 
 
 # --- reading ----------------------------------------------------------------------
