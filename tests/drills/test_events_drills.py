@@ -111,14 +111,17 @@ async def _stream_events(
                 ordered_consumer=True,
                 config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
             )
-            while missing:
-                message = await sub.next_msg(timeout=limit)
-                if (message.headers or {}).get("ce-source") != source:
-                    continue
-                event = event_service_pb2.Event.FromString(message.data)
-                received.append((message, event))
-                if event.type == CREATED:
-                    missing.discard(event.user_id)
+            try:
+                while missing:
+                    message = await sub.next_msg(timeout=limit)
+                    if (message.headers or {}).get("ce-source") != source:
+                        continue
+                    event = event_service_pb2.Event.FromString(message.data)
+                    received.append((message, event))
+                    if event.type == CREATED:
+                        missing.discard(event.user_id)
+            finally:
+                await sub.unsubscribe()  # also ends the consumer's heartbeat task
         return received
     finally:
         await client.close()

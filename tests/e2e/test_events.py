@@ -123,11 +123,14 @@ async def _from_stream(nats_url: str, source: str, ids: set[str]) -> list[Any]:
         )
         mine: list[Any] = []
         seen: set[str] = set()
-        while not ids <= seen:
-            message = await sub.next_msg(timeout=WAIT_SECONDS)
-            if (message.headers or {}).get("ce-source") == source:
-                mine.append(message)
-                seen.add(message.headers["ce-id"])
+        try:
+            while not ids <= seen:
+                message = await sub.next_msg(timeout=WAIT_SECONDS)
+                if (message.headers or {}).get("ce-source") == source:
+                    mine.append(message)
+                    seen.add(message.headers["ce-id"])
+        finally:
+            await sub.unsubscribe()  # also ends the consumer's heartbeat task
         return mine
     finally:
         await client.close()

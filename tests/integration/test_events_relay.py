@@ -88,7 +88,10 @@ async def _received(nats_url: str, count: int) -> list[Any]:
     try:
         js = client.jetstream()
         sub = await js.subscribe("usersvc.>", stream=STREAM, ordered_consumer=True)
-        return [await sub.next_msg(timeout=WAIT_SECONDS) for _ in range(count)]
+        try:
+            return [await sub.next_msg(timeout=WAIT_SECONDS) for _ in range(count)]
+        finally:
+            await sub.unsubscribe()  # also ends the consumer's heartbeat task
     finally:
         await client.close()
 
