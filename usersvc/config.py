@@ -77,6 +77,9 @@ class Settings:
     # Server.
     listen_addr: str = "127.0.0.1:50051"
     shutdown_grace_seconds: float = 10.0
+    # After SIGTERM: health NOT_SERVING at once, calls still served this
+    # long (for balancers to notice), then the stop (usersvc/server.py).
+    shutdown_drain_seconds: float = 0.0
     # A call with a deadline is given up this long before it, so the
     # caller still receives the DEADLINE_EXCEEDED status with its details.
     deadline_margin_ms: int = 50
@@ -201,6 +204,9 @@ class Settings:
             listen_addr=reader.text("LISTEN_ADDR", defaults.listen_addr) or defaults.listen_addr,
             shutdown_grace_seconds=reader.number(
                 "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds, lo=0, hi=3600
+            ),
+            shutdown_drain_seconds=reader.number(
+                "SHUTDOWN_DRAIN_SECONDS", defaults.shutdown_drain_seconds, lo=0, hi=3600
             ),
             max_concurrent_rpcs=reader.integer(
                 "MAX_CONCURRENT_RPCS", defaults.max_concurrent_rpcs, lo=1, hi=1_000_000
