@@ -32,7 +32,9 @@ from usersvc.client import PasswordLogin, UsersvcClient, UsersvcError
 
 from .support import ServeProcess, new_email, new_password, service_env, serving
 
-CALL_DEADLINE_SECONDS = 5.0
+# Generous: the machine is shared, and while one replica restarts the other
+# takes every call; a call that still misses it is stuck, not slow.
+CALL_DEADLINE_SECONDS = 10.0
 # A replica that answered SERVING must take load traffic within this.
 REJOIN_LIMIT_SECONDS = 30.0
 LOAD_METHODS = {
@@ -52,6 +54,10 @@ def replica_envs(
         base / "data-a",
         USERSVC_SHUTDOWN_DRAIN_SECONDS=str(drain_seconds),
         USERSVC_SHUTDOWN_GRACE_SECONDS=str(grace_seconds),
+        # On this shared machine, other people's processes at nice 0 starved
+        # the one bcrypt thread at nice 10: CreateUser took 1 to 9 s whatever
+        # the restarts did. The drill measures restarts, not that.
+        USERSVC_BCRYPT_NICE="0",
     )
     second = dict(first)
     second.update(

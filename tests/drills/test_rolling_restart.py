@@ -33,7 +33,9 @@ from .rolling import (
     rolling_restart,
 )
 
-pytestmark = pytest.mark.slow
+# Each rolling restart takes 30 s of load plus starting processes, which on
+# a busy machine takes a while: more than the suite's default 120 s.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 RATE = 300.0
 SECONDS = 30.0
