@@ -1,8 +1,9 @@
 """Rolling restarts under load, with real processes: two replicas of
 ``usersvc serve`` on one database, clients balancing round_robin over both
 (``ipv4:127.0.0.1:A,127.0.0.1:B``), 300 calls/s of GetUser, GetJwks and
-idempotent CreateUser for 30 s, and each replica in turn stopped with
-SIGTERM and started again.
+idempotent CreateUser for 30 s (longer when the restarts take longer, so
+that both happen under load), and each replica in turn stopped with SIGTERM
+and started again once the other is back in the clients' rotation.
 
 Through ``usersvc.client`` with a 5 s drain, no call may fail: the clients
 watch health, so they stop sending to a replica the moment it reports
@@ -10,8 +11,9 @@ NOT_SERVING, while it still serves what was already on the way; by the
 time it stops accepting calls (GOAWAY) none arrive any more. Through bare
 grpc stubs (round_robin and health checking, but no retries) the drill
 counts the failures with and without the drain; the drain may only lower
-those a stop causes (CANCELLED, UNAVAILABLE). A slow answer on this shared
-machine (DEADLINE_EXCEEDED) is printed but not compared.
+those a stop causes (CANCELLED, UNAVAILABLE from grpc). What the shared
+machine adds (DEADLINE_EXCEEDED, DATABASE_UNAVAILABLE when PostgreSQL runs
+out of connections) is printed but not compared.
 
 Slow (about two minutes together): ``-m 'not slow'`` skips them."""
 
@@ -99,7 +101,7 @@ async def test_usersvc_client_sees_no_failed_call_while_each_replica_restarts(
     print(load.outcomes.report("usersvc.client, rolling restart, 5 s drain"))
     print("stops (exit code, seconds):", [replica.stops for replica in drained])
     assert [code for replica in drained for code, _ in replica.stops] == [0, 0]
-    assert load.outcomes.calls == int(RATE * SECONDS)
+    assert load.outcomes.calls >= int(RATE * SECONDS)
     assert load.outcomes.failed == 0, load.outcomes.report("failures")
 
 
@@ -113,5 +115,5 @@ async def test_bare_grpc_clients_fail_no_more_with_the_drain_than_without(
     async with replicas_for(database_url, tmp_path / "with", DRAIN_SECONDS) as replicas:
         drained = await raw_rolling_restart(replicas)
     print(drained.report("bare grpc, rolling restart, 5 s drain"))
-    assert without.calls == drained.calls == int(RATE * SECONDS)
+    assert min(without.calls, drained.calls) >= int(RATE * SECONDS)
     assert drained.refused <= without.refused
