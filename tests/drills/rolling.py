@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from clusters import free_port
+from support.servers import free_port
 
 from usersvc_protos.v1 import (
     auth_service_pb2,
