@@ -446,6 +446,14 @@ class Settings:
     shutdown_grace_seconds: float = number(
         10.0, lo=0, hi=3600, doc="how long in-flight calls may finish after SIGTERM"
     )
+    shutdown_drain_seconds: float = number(
+        0.0,
+        lo=0,
+        hi=3600,
+        doc="after SIGTERM: health NOT_SERVING at once, but new calls still served this long "
+        "(for balancers and health-checking clients to move away), then new calls refused "
+        "and the grace period begins; set it in Kubernetes",
+    )
     deadline_margin_ms: int = integer(
         50,
         lo=0,
