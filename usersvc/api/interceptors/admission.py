@@ -148,6 +148,8 @@ class AdmissionInterceptor(WrappingInterceptor):
             REFLECTION: Lane(REFLECTION, max_reflection_streams),
         }
         self._timeout = message_timeout_seconds
+        # Calls started whose (first) request message has not arrived yet.
+        self.waiting = 0
         self._on_refused = on_refused
         self._log = RefusalLog(logger, log_interval_seconds)
         self._full = {
@@ -213,6 +215,7 @@ class AdmissionInterceptor(WrappingInterceptor):
             # The request as the handler underneath expects it: its one
             # message, or an iterator whose every message has a deadline.
             iterator = aiter(requests)
+            self.waiting += 1
             try:
                 first = await nxt(iterator, context)
             except StopAsyncIteration:
@@ -220,6 +223,8 @@ class AdmissionInterceptor(WrappingInterceptor):
                     await admit(lane, context)
                     return _empty()
                 await context.abort(missing.code, missing.details, missing.trailing_metadata)
+            finally:
+                self.waiting -= 1
             await admit(lane, context)
             return rest(first, iterator, context) if streaming_request else first
 
