@@ -58,7 +58,8 @@ async def test_a_unary_method_is_served_as_a_request_stream_with_its_one_message
         grpc.unary_unary_rpc_method_handler(handler), "/usersvc.v1.UserService/GetUser"
     )
 
-    assert wrapped.request_streaming and not wrapped.response_streaming
+    assert wrapped.request_streaming
+    assert not wrapped.response_streaming
     assert await wrapped.stream_unary(requests(b"body"), FakeContext()) == ("handled", b"body")
 
 
@@ -86,15 +87,16 @@ async def test_a_call_beyond_its_lane_cap_is_refused_and_the_slot_returns_after(
     refusals: list[str] = []
     gate = admission(on_refused=refusals.append)
     release = asyncio.Event()
+    entered = asyncio.Event()
 
     async def handler(request: Any, context: Any) -> Any:
+        entered.set()
         await release.wait()
         return "done"
 
     wrapped = gate.wrap(grpc.unary_unary_rpc_method_handler(handler), "/x.Y/Z")
     first = asyncio.create_task(wrapped.stream_unary(requests(b""), FakeContext()))
-    while gate.lanes["calls"].in_use == 0:
-        await asyncio.sleep(0)
+    await entered.wait()
     context = FakeContext()
 
     with pytest.raises(Aborted):
