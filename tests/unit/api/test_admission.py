@@ -238,3 +238,18 @@ def test_server_options_carry_the_connection_settings() -> None:
     assert options["grpc.max_connection_idle_ms"] == 2**31 - 1
     assert options["grpc.max_connection_age_ms"] == 60_000
     assert options["grpc.max_connection_age_grace_ms"] == 0
+
+
+def test_the_metrics_know_every_refusal_reason_and_start_them_at_zero() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from usersvc.api.interceptors import admission as admission_module
+    from usersvc.observability.metrics import REFUSAL_REASONS, Metrics
+
+    metrics = Metrics(CollectorRegistry(), multiprocess=False)
+
+    assert REFUSAL_REASONS == admission_module.REFUSAL_REASONS
+    assert all(
+        metrics.registry.get_sample_value("usersvc_calls_refused_total", {"reason": reason}) == 0
+        for reason in REFUSAL_REASONS
+    )
