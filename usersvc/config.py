@@ -476,11 +476,12 @@ class Settings:
         "the call started or the previous message ends the call with DEADLINE_EXCEEDED",
     )
     max_streams_per_connection: int = integer(
-        100,
+        1000,
         lo=1,
         hi=100_000,
         doc="concurrent calls per HTTP/2 connection (`grpc.max_concurrent_streams`); a client "
-        "queues the calls beyond it",
+        "queues the calls beyond it, but a burst beyond it on a new connection may get "
+        "UNAVAILABLE",
     )
     max_metadata_bytes: int = integer(
         8192,

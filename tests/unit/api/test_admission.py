@@ -231,7 +231,7 @@ def test_server_options_carry_the_connection_settings() -> None:
 
     assert options["grpc.max_metadata_size"] == 8192
     assert options["grpc.absolute_max_metadata_size"] == 8192
-    assert options["grpc.max_concurrent_streams"] == 100
+    assert options["grpc.max_concurrent_streams"] == 1000
     assert options["grpc.http2.max_ping_strikes"] == 2
     assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
     assert options["grpc.keepalive_permit_without_calls"] == 1

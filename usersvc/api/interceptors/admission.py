@@ -191,15 +191,21 @@ class AdmissionInterceptor(WrappingInterceptor):
             raise  # unreachable: abort raised
 
     async def _rest(
-        self, first: Any, requests: AsyncIterator[Any], context: Context
+        self,
+        first: Any,
+        requests: AsyncIterator[Any],
+        context: Context,
+        decode: Callable[[Any], Any],
     ) -> AsyncIterator[Any]:
-        yield first
+        # Decoded here, as the handler iterates: a body that does not parse
+        # fails inside the interceptors that map that failure (error_mapping).
+        yield decode(first)
         while True:
             try:
                 message = await self._next(requests, context)
             except StopAsyncIteration:
                 return
-            yield message
+            yield decode(message)
 
     async def _admit(self, lane: Lane, context: Context) -> None:
         if not lane.try_enter():
@@ -210,6 +216,11 @@ class AdmissionInterceptor(WrappingInterceptor):
         nxt, rest, admit = self._next, self._rest, self._admit
         missing = self._missing
         streaming_request = handler.request_streaming
+        # grpc hands this wrapper raw bytes; the handler underneath gets
+        # them decoded as its own deserializer says (None: bytes, which is
+        # what error_mapping's unary handlers take).
+        deserializer = handler.request_deserializer
+        decode: Callable[[Any], Any] = _same if deserializer is None else deserializer
 
         async def take(requests: Any, context: Context) -> Any:
             # The request as the handler underneath expects it: its one
@@ -226,7 +237,9 @@ class AdmissionInterceptor(WrappingInterceptor):
             finally:
                 self.waiting -= 1
             await admit(lane, context)
-            return rest(first, iterator, context) if streaming_request else first
+            if streaming_request:
+                return rest(first, iterator, context, decode)
+            return decode(first)
 
         if handler.response_streaming:
             inner_stream = _as_async_stream(
@@ -243,7 +256,7 @@ class AdmissionInterceptor(WrappingInterceptor):
 
             return grpc.stream_stream_rpc_method_handler(
                 streamed,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
 
@@ -260,13 +273,17 @@ class AdmissionInterceptor(WrappingInterceptor):
 
         return grpc.stream_unary_rpc_method_handler(
             unary,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
 
     def close(self) -> None:
         """Stop the pending log flush (at server stop). Raises nothing."""
         self._log.close()
+
+
+def _same(message: Any) -> Any:
+    return message
 
 
 async def _empty() -> AsyncIterator[Any]:
