@@ -64,9 +64,12 @@ def separate_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-async def never_sends() -> AsyncIterator[bytes]:
-    await asyncio.Event().wait()
-    yield b""  # pragma: no cover - never reached
+async def never_sends(until_set: asyncio.Event | None = None) -> AsyncIterator[bytes]:
+    """A request stream that sends nothing, until ``until_set`` is set (a
+    finished call's client keeps reading its iterator: it must end)."""
+    await (until_set or asyncio.Event()).wait()
+    return
+    yield b""  # pragma: no cover - makes this an async generator
 
 
 async def outcome(call: Awaitable[Any]) -> grpc.StatusCode:
@@ -260,7 +263,11 @@ async def test_a_call_whose_body_never_arrives_ends_with_deadline_exceeded(
         "/usersvc.v1.AuthService/Login", request_serializer=bytes, response_deserializer=bytes
     )
 
-    failure = await fails(login(never_sends(), timeout=30))
+    done = asyncio.Event()
+    try:
+        failure = await fails(login(never_sends(done), timeout=30))
+    finally:
+        done.set()
 
     assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert failure.reason == "DEADLINE_EXCEEDED"
@@ -277,11 +284,16 @@ async def test_an_import_stream_that_stops_sending_is_ended(
     ).populate()
     admin = Caller(impatient.channel, world.admin.token, "admin")
 
+    done = asyncio.Event()
+
     async def one_then_silence() -> AsyncIterator[Any]:
         yield user_service_pb2.ImportUsersRequest()
-        await asyncio.Event().wait()
+        await done.wait()
 
-    failure = await fails(admin.users.ImportUsers(one_then_silence(), timeout=30))
+    try:
+        failure = await fails(admin.users.ImportUsers(one_then_silence(), timeout=30))
+    finally:
+        done.set()
 
     assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "request message not received" in failure.details
