@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from fakes import (
     FakePasswordHasher,
-    FakeUserRepository,
     UserServiceHarness,
     as_admin,
     as_service_account,
@@ -23,14 +22,7 @@ from usersvc.domain.errors import (
     UserNotFound,
     WeakPassword,
 )
-from usersvc.domain.models import (
-    Principal,
-    User,
-    UserPatch,
-    UserState,
-    etag_for,
-    version_in_etag,
-)
+from usersvc.domain.models import Principal, User, UserPatch, UserState
 from usersvc.services.inputs import UpdateUserInput
 
 MISSING = "0190a4b2-6c1e-7cc3-8a1b-00000000dead"
@@ -180,35 +172,6 @@ async def test_an_etag_for_a_missing_user_is_user_not_found() -> None:
     h = user_service()
     with pytest.raises(UserNotFound):
         await update(h, as_admin(), MISSING, etag="v1", display_name="x")
-
-
-async def test_an_update_that_nothing_refused_but_matched_no_row_is_tried_again_then_aborted(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The user was deleted when the UPDATE ran and undeleted before the
-    # second look: the second look finds no rule to blame.
-    h, ann = with_ann()
-    attempts: list[int | None] = []
-
-    async def matched_nothing(
-        self: object, user_id: object, patch: object, *, version: int | None = None
-    ) -> None:
-        attempts.append(version)
-
-    monkeypatch.setattr(FakeUserRepository, "update_live", matched_nothing)
-    with pytest.raises(EtagMismatch):
-        await update(h, as_user(ann), "me", etag=ann.etag, display_name="x")
-    assert attempts == [ann.version, ann.version]
-
-
-@pytest.mark.parametrize("version", [1, 7, 123456789])
-def test_the_version_in_an_etag_is_the_one_it_was_made_for(version: int) -> None:
-    assert version_in_etag(etag_for(version)) == version
-
-
-@pytest.mark.parametrize("etag", ["", "v", "1", "v-1", "v1.0", "V1", "v\u0661", "v" + "9" * 19])
-def test_an_etag_the_service_cannot_have_made_has_no_version(etag: str) -> None:
-    assert version_in_etag(etag) is None
 
 
 async def test_admins_updating_a_deleted_user_with_its_etag_get_invalid_state() -> None:

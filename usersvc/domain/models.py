@@ -63,14 +63,6 @@ def etag_for(version: int) -> str:
     return f"v{version}"
 
 
-def version_in_etag(etag: str) -> int | None:
-    """The row version ``etag_for`` put in ``etag``; None for anything it
-    cannot have made (such an etag is never current)."""
-    digits = etag[1:]
-    if etag[:1] != "v" or not digits.isascii() or not digits.isdigit() or len(digits) > 18:
-        return None
-    return int(digits)
-
 
 @dataclass(frozen=True, slots=True)
 class Credentials:

@@ -29,6 +29,7 @@ from usersvc.domain.errors import (
     PermissionDenied,
     UserNotFound,
 )
+from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.filtering import parse_filter, parse_order_by
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, cursor_of
 from usersvc.domain.models import (
@@ -40,7 +41,6 @@ from usersvc.domain.models import (
     User,
     UserPatch,
     UserState,
-    version_in_etag,
 )
 from usersvc.domain.passwords import PasswordPolicy
 from usersvc.domain.ports import (
@@ -83,10 +83,6 @@ MAX_PAGE_SIZE = 1000
 # estimate beyond (API.md, List rules): a first page over a million users
 # must not cost a count of all of them.
 EXACT_TOTAL_UP_TO = 10_000
-# An update that matched no row, and whose second look finds nothing to
-# refuse it for (the user was deleted and undeleted in between), is tried
-# this many times in all before it is answered ABORTED.
-_UPDATE_ATTEMPTS = 2
 MAX_BATCH_SIZE = 1000
 _CREATE_USER = "CreateUser"
 _BATCH_CREATE_USERS = "BatchCreateUsers"
@@ -280,9 +276,9 @@ class UserService:
         try:
             async with self._uow_factory() as uow:
                 if batch:
-                    users = await uow.users.add_many(news)
+                    users = await uow.users.add_many(news, events=_CREATED)
                 else:
-                    users = [await uow.users.add(news[0])]
+                    users = [await uow.users.add(news[0], events=_CREATED)]
                 if request_id:
                     record = IdempotencyRecord(fingerprint, tuple(users))
                     await uow.idempotency.add(scope, request_id, record)
@@ -559,29 +555,14 @@ class UserService:
             check_self_service_labels(normalized.labels, field="user.labels", errors=errors)
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
-        # One conditional UPDATE ... RETURNING: the state rule (not deleted)
-        # and the etag are its WHERE clause, so the row is locked for one
-        # statement and the commit, not across a SELECT ... FOR UPDATE too.
-        # The permission rules look only at the caller and the target id and
-        # were applied above. An etag this service cannot have made matches
-        # no version.
-        version = None
-        if request.etag:
-            version = version_in_etag(request.etag)
-            if version is None:
-                version = -1
         async with self._uow_factory() as uow:
-            for _ in range(_UPDATE_ATTEMPTS):
-                user = await uow.users.update_live(target, normalized, version=version)
-                if user is not None:
-                    await uow.commit()
-                    return user
-                # Matched no row: a second look tells which rule refused it.
-                _refused_write(principal, await uow.users.get(target), target, etag=request.etag)
-        raise EtagMismatch(
-            "the user changed during the update; read it again and retry",
-            metadata={"id": str(target)},
-        )
+            current = await _lock_live(uow, principal, target, etag=request.etag)
+            changed = _changed_fields(current, normalized)
+            user = await uow.users.update(
+                target, normalized, events=[EventDraft(EventType.USER_UPDATED, changed)]
+            )
+            await uow.commit()
+        return user
 
     async def delete_user(self, *, principal: Principal, user_id: str, etag: str) -> User:
         """Soft-deletes the user and ends all its sessions (the caller's too,
@@ -598,7 +579,7 @@ class UserService:
         raise_for_violations(errors)
         async with self._uow_factory() as uow:
             await _lock_live(uow, principal, target, etag=etag)
-            user = await uow.users.set_deleted(target, True)
+            user = await uow.users.set_deleted(target, True, events=_DELETED)
             revocation = await self._sessions.revoke_user(uow, target, RevokeReason.DELETED)
             await uow.commit()
         self._sessions.committed(revocation)
@@ -618,7 +599,7 @@ class UserService:
                 raise UserNotFound(metadata={"id": str(target)})
             if current.state is not UserState.DELETED:
                 raise InvalidState("the user is not deleted", already_exists=True)
-            user = await uow.users.set_deleted(target, False)
+            user = await uow.users.set_deleted(target, False, events=_UNDELETED)
             await uow.commit()
         return user
 
@@ -634,7 +615,7 @@ class UserService:
             # Revoked first: the purge deletes the session rows, but the
             # revocation log outlives them.
             revocation = await self._sessions.revoke_user(uow, target, RevokeReason.PURGED)
-            if not await uow.users.purge(target):
+            if not await uow.users.purge(target, events=_PURGED):
                 raise UserNotFound(metadata={"id": str(target)})
             await uow.commit()
         self._sessions.committed(revocation)
@@ -663,7 +644,9 @@ class UserService:
             current = await _lock_live(uow, principal, target, etag="")
             if (current.state is UserState.DISABLED) == disabled:
                 return current
-            user = await uow.users.set_disabled(target, disabled)
+            user = await uow.users.set_disabled(
+                target, disabled, events=_DISABLED if disabled else _ENABLED
+            )
             revocation = None
             if disabled:
                 revocation = await self._sessions.revoke_user(uow, target, RevokeReason.DISABLED)
@@ -719,7 +702,7 @@ class UserService:
                     latest.password_hash.encode(), verified_hash.encode()
                 ):
                     raise InvalidCredentials("the current password is wrong")
-            await uow.users.set_password_hash(target, new_hash)
+            await uow.users.set_password_hash(target, new_hash, events=_PASSWORD_CHANGED)
             own_session = (
                 session_id_of(principal.session_id) if principal.user_id() == target else None
             )
@@ -731,6 +714,29 @@ class UserService:
 
 
 # -- helpers ---------------------------------------------------------------------
+
+# What each change writes with it (usersvc.domain.events); never a secret.
+_CREATED = (EventDraft(EventType.USER_CREATED),)
+_DELETED = (EventDraft(EventType.USER_DELETED),)
+_UNDELETED = (EventDraft(EventType.USER_UNDELETED),)
+_PURGED = (EventDraft(EventType.USER_PURGED),)
+_DISABLED = (EventDraft(EventType.USER_DISABLED),)
+_ENABLED = (EventDraft(EventType.USER_ENABLED),)
+_PASSWORD_CHANGED = (EventDraft(EventType.USER_PASSWORD_CHANGED),)
+
+
+def _changed_fields(current: User, patch: UserPatch) -> tuple[str, ...]:
+    """The paths of ``patch`` whose value differs from ``current``."""
+    changed = []
+    if patch.email is not None and patch.email != current.email:
+        changed.append("email")
+    if patch.display_name is not None and patch.display_name != current.display_name:
+        changed.append("display_name")
+    if patch.roles is not None and tuple(patch.roles) != tuple(current.roles):
+        changed.append("roles")
+    if patch.labels is not None and dict(patch.labels) != dict(current.labels):
+        changed.append("labels")
+    return tuple(changed)
 
 
 def _target(principal: Principal, raw_id: str, field: str) -> uuid.UUID:
@@ -759,17 +765,6 @@ def _live(principal: Principal, user: User | None, target: uuid.UUID) -> User:
     if found.state is UserState.DELETED:
         raise InvalidState("the user is deleted; undelete it first")
     return found
-
-
-def _refused_write(
-    principal: Principal, user: User | None, target: uuid.UUID, *, etag: str
-) -> None:
-    """Raises what refused a conditional write of ``target``: UserNotFound,
-    InvalidState (see _live) or EtagMismatch when ``etag`` is given and not
-    current. Returns when nothing does (the row changed in between)."""
-    current = _live(principal, user, target)
-    if etag and not hmac.compare_digest(etag.encode(), current.etag.encode()):
-        raise EtagMismatch(metadata={"id": str(target)})
 
 
 async def _lock_live(
