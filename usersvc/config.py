@@ -120,6 +120,8 @@ class Settings:
     # log rows are deleted every cleanup interval (0: never, by this process).
     refresh_token_ttl_seconds: int = 2_592_000
     session_cleanup_interval_seconds: float = 300.0
+    # Email verification and password reset codes: how long one is valid.
+    code_ttl_seconds: int = 600
     jwt_issuer: str = "usersvc"
     jwt_audience: str = "usersvc"
     # Ed25519 private key in PEM: inline, or a file. Neither: development
@@ -236,6 +238,9 @@ class Settings:
                 defaults.session_cleanup_interval_seconds,
                 lo=0,
                 hi=86_400,
+            ),
+            code_ttl_seconds=reader.integer(
+                "CODE_TTL_SECONDS", defaults.code_ttl_seconds, lo=1, hi=86_400
             ),
             jwt_issuer=reader.text("JWT_ISSUER", defaults.jwt_issuer) or defaults.jwt_issuer,
             jwt_audience=reader.text("JWT_AUDIENCE", defaults.jwt_audience)
