@@ -20,7 +20,9 @@ from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.config import Settings
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.passwords import PasswordPolicy
+from usersvc.services.account_codes import AccountCodeService, code_key
 from usersvc.services.auth import AuthService
+from usersvc.services.batch_writes import BatchWriteService
 from usersvc.services.maintenance import SessionMaintenance
 from usersvc.services.passwords import BcryptPasswordHasher
 from usersvc.services.revocations import RevocationCache
@@ -47,6 +49,8 @@ class Container:
     tokens: TokenService
     user_service: UserService
     auth_service: AuthService
+    account_codes: AccountCodeService
+    batch_writes: BatchWriteService
     revocation_cache: RevocationCache
     revocations: CachedRevocationChecker
     revocation_listener: PostgresRevocationListener
@@ -132,8 +136,9 @@ def bootstrap(
         max_threads=settings.bcrypt_max_threads,
         nice=settings.bcrypt_nice,
     )
+    key_ring = load_key_ring(settings, logger)
     tokens = TokenService(
-        load_key_ring(settings, logger),
+        key_ring,
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         access_ttl_seconds=settings.access_token_ttl_seconds,
@@ -183,6 +188,15 @@ def bootstrap(
         clock=lockout_clock,
         on_login=None if metrics is None else metrics.login_outcome,
     )
+    account_codes = AccountCodeService(
+        uow_factory=uow_factory,
+        hasher=hasher,
+        password_policy=PasswordPolicy(),
+        sessions=revoker,
+        key=code_key(key_ring),
+        ttl_seconds=settings.code_ttl_seconds,
+    )
+    batch_writes = BatchWriteService(uow_factory=uow_factory, sessions=revoker)
     rate_limiter: InProcessRateLimiter | RedisRateLimiter = InProcessRateLimiter()
     if settings.redis_url is not None:
         rate_limiter = RedisRateLimiter.from_url(
@@ -196,6 +210,8 @@ def bootstrap(
         tokens=tokens,
         user_service=user_service,
         auth_service=auth_service,
+        account_codes=account_codes,
+        batch_writes=batch_writes,
         revocation_cache=revocation_cache,
         revocations=revocations,
         # LISTEN needs a session of its own: behind a transaction pool this

@@ -212,7 +212,12 @@ class UsersvcServer:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         user_service_pb2_grpc.add_UserServiceServicer_to_server(
-            UserServicer(container.user_service), server
+            UserServicer(
+                container.user_service,
+                account_codes=container.account_codes,
+                batch_writes=container.batch_writes,
+            ),
+            server,
         )
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(
             AuthServicer(container.auth_service), server

@@ -42,9 +42,9 @@ _INSERT_BATCH = text(
     """
     WITH inserted AS (
         INSERT INTO users (id, email, password_hash, display_name, roles, labels,
-                           create_time, update_time)
+                           create_time, update_time, email_verified)
         SELECT id, email, password_hash, display_name, CAST(roles AS text[]), labels,
-               LEAST(create_time, now()), now()
+               LEAST(create_time, now()), now(), email_verified
         FROM unnest(
             CAST(:ids AS uuid[]),
             CAST(:emails AS text[]),
@@ -52,9 +52,11 @@ _INSERT_BATCH = text(
             CAST(:display_names AS text[]),
             CAST(:roles AS text[]),
             CAST(:labels AS jsonb[]),
-            CAST(:create_times AS timestamptz[])
+            CAST(:create_times AS timestamptz[]),
+            CAST(:email_verified AS boolean[])
         ) WITH ORDINALITY
-          AS batch (id, email, password_hash, display_name, roles, labels, create_time, seq)
+          AS batch (id, email, password_hash, display_name, roles, labels, create_time,
+                    email_verified, seq)
         ORDER BY seq
         ON CONFLICT (lower(email)) DO NOTHING
         RETURNING id
@@ -83,6 +85,7 @@ async def insert_imported_users(session: AsyncSession, users: Sequence[ImportedU
         "roles": [_array_literal(user.roles, role_literals) for user in users],
         "labels": [_json_object(user.labels) for user in users],
         "create_times": [user.create_time for user in users],
+        "email_verified": [user.email_verified for user in users],
     }
     with translate_connection_errors():
         result = await session.execute(_INSERT_BATCH, params)

@@ -242,9 +242,7 @@ class UserCodeRow(Base):
             unique=True,
             postgresql_where=text("use_time IS NULL AND void_time IS NULL"),
         ),
-        CheckConstraint(
-            "kind IN ('email_verification', 'password_reset')", name="kind_known"
-        ),
+        CheckConstraint("kind IN ('email_verification', 'password_reset')", name="kind_known"),
         CheckConstraint("octet_length(code_hash) = 32", name="code_hash_sha256"),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
     )

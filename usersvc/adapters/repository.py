@@ -47,6 +47,7 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.dml import Update
 
 from usersvc.adapters.database import constraint_name_of, sqlstate_of, translate_connection_errors
+from usersvc.adapters.email_change import email_change_values, void_codes_on_email_change
 from usersvc.adapters.filter_sql import filter_clause
 from usersvc.adapters.imports import insert_imported_users
 from usersvc.adapters.orm import (
@@ -98,6 +99,7 @@ _USER_COLUMNS = (
     _c.disable_time,
     _c.delete_time,
     _c.version,
+    _c.email_verified,
 )
 _CREDENTIAL_COLUMNS = (*_USER_COLUMNS, _c.password_hash)
 
@@ -192,6 +194,7 @@ def _user_from_row(row: RowMapping) -> User:
         disable_time=row["disable_time"],
         delete_time=row["delete_time"],
         version=row["version"],
+        email_verified=row["email_verified"],
     )
 
 
@@ -339,6 +342,9 @@ class SqlAlchemyUserRepository:
         values: dict[str, Any] = {}
         if patch.email is not None:
             values["email"] = patch.email
+            # A new email is unverified, and codes sent to the old one are void.
+            values.update(email_change_values(patch.email))
+            await void_codes_on_email_change(self._session, user_id, patch.email)
         if patch.display_name is not None:
             values["display_name"] = patch.display_name
         if patch.roles is not None:
@@ -503,6 +509,7 @@ def _snapshot(user: User) -> dict[str, Any]:
         "disable_time": iso(user.disable_time),
         "delete_time": iso(user.delete_time),
         "version": user.version,
+        "email_verified": user.email_verified,
     }
 
 
@@ -521,6 +528,7 @@ def _user_from_snapshot(data: Mapping[str, Any]) -> User:
         disable_time=moment(data["disable_time"]),
         delete_time=moment(data["delete_time"]),
         version=int(data["version"]),
+        email_verified=bool(data.get("email_verified", False)),
     )
 
 

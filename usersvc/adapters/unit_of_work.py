@@ -22,6 +22,7 @@ from typing import Self
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from usersvc.adapters.accounts import SqlAlchemyAccountRepository
 from usersvc.adapters.database import translate_connection_errors
 from usersvc.adapters.db_monitor import DatabaseAvailability
 from usersvc.adapters.repository import (
@@ -32,6 +33,7 @@ from usersvc.adapters.repository import (
 )
 from usersvc.domain.errors import DatabaseUnavailable
 from usersvc.domain.ports import (
+    AccountRepository,
     IdempotencyRepository,
     SessionRepository,
     UnitOfWorkFactory,
@@ -47,6 +49,7 @@ class SqlAlchemyUnitOfWork:
     users: UserRepository
     idempotency: IdempotencyRepository
     sessions: SessionRepository
+    accounts: AccountRepository
 
     def __init__(
         self,
@@ -71,6 +74,7 @@ class SqlAlchemyUnitOfWork:
         self.users = SqlAlchemyUserRepository(self._session)
         self.idempotency = SqlAlchemyIdempotencyRepository(self._session)
         self.sessions = SqlAlchemySessionRepository(self._session)
+        self.accounts = SqlAlchemyAccountRepository(self._session)
         return self
 
     async def __aexit__(

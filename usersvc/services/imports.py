@@ -63,6 +63,7 @@ class ImportRow:
     roles: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     create_time: datetime | None = None
+    email_verified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,7 @@ def validate_row(
         roles=roles,
         labels=labels,
         create_time=row.create_time,
+        email_verified=row.email_verified,
     )
 
 
