@@ -148,7 +148,9 @@ async def test_an_email_verification_code_does_not_reset_a_password(world: World
 async def test_changing_the_email_clears_the_verification_and_voids_open_codes(
     world: World,
 ) -> None:
-    await world.alice.users.VerifyEmail(verify("me", await verification_code(world, world.alice.id)))
+    await world.alice.users.VerifyEmail(
+        verify("me", await verification_code(world, world.alice.id))
+    )
     open_code = await verification_code(world, world.alice.id)
 
     updated = await world.alice.users.UpdateUser(
@@ -163,7 +165,9 @@ async def test_changing_the_email_clears_the_verification_and_voids_open_codes(
 
 
 async def test_setting_the_same_email_keeps_the_verification(world: World) -> None:
-    await world.alice.users.VerifyEmail(verify("me", await verification_code(world, world.alice.id)))
+    await world.alice.users.VerifyEmail(
+        verify("me", await verification_code(world, world.alice.id))
+    )
 
     updated = await world.alice.users.UpdateUser(
         pb.UpdateUserRequest(
@@ -176,9 +180,13 @@ async def test_setting_the_same_email_keeps_the_verification(world: World) -> No
 
 
 async def test_list_users_filters_on_email_verified(world: World) -> None:
-    await world.alice.users.VerifyEmail(verify("me", await verification_code(world, world.alice.id)))
+    await world.alice.users.VerifyEmail(
+        verify("me", await verification_code(world, world.alice.id))
+    )
 
-    verified = await world.admin.users.ListUsers(pb.ListUsersRequest(filter="email_verified = true"))
+    verified = await world.admin.users.ListUsers(
+        pb.ListUsersRequest(filter="email_verified = true")
+    )
     unverified = await world.admin.users.ListUsers(
         pb.ListUsersRequest(filter="email_verified != true")
     )
@@ -280,7 +288,9 @@ async def test_two_concurrent_verifications_with_the_right_code_succeed_exactly_
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def short_lived(e2e_settings: Any, recorder: ResponseRecorder) -> AsyncIterator[RunningServer]:
+async def short_lived(
+    e2e_settings: Any, recorder: ResponseRecorder
+) -> AsyncIterator[RunningServer]:
     """A server whose codes live one second."""
     settings = dataclasses.replace(e2e_settings, code_ttl_seconds=1)
     async with running_server(settings, recorder) as running:
@@ -450,7 +460,11 @@ async def test_two_concurrent_resets_with_the_right_code_succeed_exactly_once(
             return_exceptions=True,
         )
 
-        winners = [p for p, o in zip((first, second), outcomes) if not isinstance(o, BaseException)]
+        winners = [
+            p
+            for p, o in zip((first, second), outcomes, strict=True)
+            if not isinstance(o, BaseException)
+        ]
         assert len(winners) == 1, outcomes
         assert (await world.login(world.bob.email, winners[0])).user.id == world.bob.id
 
