@@ -61,8 +61,18 @@ class CodeInvalid(InvalidArgument):
     reason = "CODE_INVALID"
     default_message = "the code is wrong, used, expired or void"
 
-    def __init__(self) -> None:
-        super().__init__([FieldViolation("code", self.default_message)], self.default_message)
+    def __init__(
+        self,
+        violations: Sequence[FieldViolation] | None = None,
+        message: str | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ):
+        super().__init__(
+            violations or [FieldViolation("code", self.default_message)],
+            message or self.default_message,
+            metadata=metadata,
+        )
 
 
 class UserNotFound(DomainError):
