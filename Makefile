@@ -40,7 +40,7 @@ test: $(STAMP) buf-lint buf-breaking proto-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) buf-lint buf-breaking proto-check docker-lint
-	$(BIN)/ruff check usersvc tests scripts
+	$(BIN)/ruff check usersvc tests scripts alembic
 	$(BIN)/mypy
 
 buf-lint: $(BUF)

@@ -244,7 +244,7 @@ async def test_a_message_of_more_than_ten_thousand_users_is_invalid(world: World
 async def test_a_deadline_keeps_the_batches_committed_and_drops_the_rest(
     world: World, primary: RunningServer
 ) -> None:
-    from usersvc.services.imports import DEFAULT_BATCH_SIZE
+    from usersvc.services.bulk_import import DEFAULT_BATCH_SIZE
 
     count = 2 * DEFAULT_BATCH_SIZE + 10
     users = [imported(f"late-{n}@deadline.example.com") for n in range(count)]

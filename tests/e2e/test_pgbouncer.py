@@ -285,7 +285,7 @@ async def test_the_core_scenarios_run_concurrently_through_pgbouncer(
 async def test_concurrent_imports_of_several_batches_run_through_pgbouncer(
     pooled: RunningServer, pooled_world: World
 ) -> None:
-    from usersvc.services.imports import DEFAULT_BATCH_SIZE
+    from usersvc.services.bulk_import import DEFAULT_BATCH_SIZE
 
     # A well-formed bcrypt hash (cost 4): only its form is checked on import.
     password_hash = "$2b$04$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"

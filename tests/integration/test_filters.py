@@ -1,4 +1,4 @@
-"""ListUsers filters translated to SQL (usersvc.adapters.filter_sql), run
+"""ListUsers filters translated to SQL (usersvc.adapters.repository.filters), run
 through SqlAlchemyUserRepository.list and count."""
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.unit_of_work import make_uow_factory
-from usersvc.domain.imports import ImportedUser
+from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.models import User
 from usersvc.domain.ports import UnitOfWorkFactory
-from usersvc.services.imports import ImportRow, UserImporter
+from usersvc.services.bulk_import import ImportRow, UserImporter
 
 UserMaker = Callable[..., Awaitable[User]]
 # Well-formed bcrypt hashes (the importer checks the form, never the password).

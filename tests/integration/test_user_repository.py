@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from usersvc.adapters.repository import MAX_ROWS_PER_INSERT
+from usersvc.adapters.repository.users import MAX_ROWS_PER_INSERT
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
 from usersvc.domain.models import NewUser, User, UserPatch, UserState
 from usersvc.domain.ports import UnitOfWorkFactory

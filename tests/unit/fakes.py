@@ -9,13 +9,17 @@ repositories raise only domain errors. Sessions follow the SQL schema too:
 deleting a user deletes its sessions, a session's deletion its refresh
 tokens; the revocation log outlives both; "notifications" are published on
 commit only, like PostgreSQL's NOTIFY.
+
+Listing is plain storage: ``list`` pages through the users in the order they
+were stored and ``count`` counts them all, whatever the filter, ordering and
+show_deleted (what those select is tested against PostgreSQL, in
+tests/integration/test_user_service_listing.py and test_filters.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import operator
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,18 +29,9 @@ from typing import Any, Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
-from usersvc.domain.imports import ImportedUser
-from usersvc.domain.listing import (
-    Comparison,
-    Cursor,
-    Filter,
-    FilterField,
-    ListQuery,
-    Op,
-    Page,
-    SortField,
-)
+from usersvc.domain.listing import Cursor, Filter, ListQuery, Page
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     ROLE_ADMIN,
@@ -50,7 +45,6 @@ from usersvc.domain.models import (
     Session,
     User,
     UserPatch,
-    UserState,
     uuid7,
 )
 from usersvc.domain.passwords import PasswordPolicy
@@ -133,6 +127,8 @@ class FakeDatabase:
         self.open_units = 0
         # Sizes of the import_batch calls of every unit of work, in order.
         self.import_batches: list[int] = []
+        # The ListQuery of every list call, in order.
+        self.list_queries: list[ListQuery] = []
         # Run (once) at the start of the next commit, with the committing
         # unit of work: how a test makes a concurrent transaction win a race.
         self.before_next_commit: list[Callable[[FakeUnitOfWork], None]] = []
@@ -446,79 +442,24 @@ class FakeUserRepository:
         return True
 
     async def list(self, query: ListQuery) -> Page:
-        rows = self._matching(query.filter, query.show_deleted)
-        rows.sort(
-            key=lambda u: _sort_key(u, query.ordering.field), reverse=query.ordering.descending
-        )
+        """The stored users in the order they were stored, ``page_size`` at a
+        time, resuming after the cursor's row. Plain storage: the filter,
+        ordering and show_deleted are the SQL adapter's business (tested
+        against PostgreSQL in tests/integration); the queries asked are kept
+        in ``FakeDatabase.list_queries``."""
+        self._uow.db.list_queries.append(query)
+        stored = [row.user for row in self._rows.values()]
         if query.after is not None:
-            cursor = (query.after.sort_value, query.after.id)
-            before = operator.lt if query.ordering.descending else operator.gt
-            rows = [u for u in rows if before(_sort_key(u, query.ordering.field), cursor)]
-        page = rows[: query.page_size]
-        more = len(rows) > query.page_size
-        last = page[-1] if page else None
-        next_cursor = (
-            Cursor(_sort_key(last, query.ordering.field)[0], last.id)
-            if more and last is not None
-            else None
-        )
-        return Page(users=tuple(page), next_cursor=next_cursor)
+            position = [user.id for user in stored].index(query.after.id)
+            stored = stored[position + 1 :]
+        page = tuple(stored[: query.page_size])
+        more = len(stored) > query.page_size
+        next_cursor = Cursor(page[-1].create_time, page[-1].id) if more else None
+        return Page(users=page, next_cursor=next_cursor)
 
     async def count(self, filter: Filter, *, show_deleted: bool) -> int:
-        return len(self._matching(filter, show_deleted))
-
-    def _matching(self, filter: Filter, show_deleted: bool) -> list[User]:
-        return [
-            row.user
-            for row in self._rows.values()
-            if (show_deleted or row.user.state is not UserState.DELETED)
-            and all(matches(row.user, term) for term in filter.terms)
-        ]
-
-
-def _sort_key(user: User, field: SortField) -> tuple[Any, uuid.UUID]:
-    value: Any = {
-        SortField.CREATE_TIME: user.create_time,
-        SortField.EMAIL: user.email,
-        SortField.DISPLAY_NAME: user.display_name,
-    }[field]
-    return value, user.id
-
-
-_COMPARE: dict[Op, Callable[[Any, Any], bool]] = {
-    Op.EQ: operator.eq,
-    Op.NE: operator.ne,
-    Op.LT: operator.lt,
-    Op.LE: operator.le,
-    Op.GT: operator.gt,
-    Op.GE: operator.ge,
-}
-
-
-def matches(user: User, term: Comparison) -> bool:
-    """The semantics documented in usersvc.domain.filtering, in Python."""
-    value = term.value
-    if term.field is FilterField.LABELS:
-        if term.label_key is None:
-            return value in user.labels
-        if value is None:
-            return term.label_key in user.labels
-        actual = user.labels.get(term.label_key)
-        if term.op is Op.NE:
-            return actual != value
-        return actual is not None and _COMPARE[term.op](actual, value)
-    if term.field is FilterField.ROLES:
-        return value in user.roles
-    if term.field is FilterField.STATE:
-        return _COMPARE[term.op](user.state, value)
-    actual_value: Any = {
-        FilterField.EMAIL: user.email,
-        FilterField.DISPLAY_NAME: user.display_name,
-        FilterField.CREATE_TIME: user.create_time,
-    }[term.field]
-    if term.op is Op.HAS:
-        return str(value) in actual_value
-    return _COMPARE[term.op](actual_value, value)
+        """Every stored user (plain storage, as ``list``)."""
+        return len(self._rows)
 
 
 class FakeIdempotencyRepository:

@@ -1,6 +1,6 @@
 """What an imported row must be: a bcrypt hash the service can verify, and
-the fields CreateUser accepts (usersvc.domain.imports,
-usersvc.services.imports.validate_row)."""
+the fields CreateUser accepts (usersvc.domain.bulk_import,
+usersvc.services.bulk_import.validate_row)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import bcrypt
 import pytest
 
-from usersvc.domain.imports import ImportedUser, bcrypt_hash_problem
-from usersvc.services.imports import ImportRow, ImportRowError, validate_row
+from usersvc.domain.bulk_import import ImportedUser, bcrypt_hash_problem
+from usersvc.services.bulk_import import ImportRow, ImportRowError, validate_row
 
 # bcrypt.hashpw(b"secret-pass", bcrypt.gensalt(4))
 HASH = "$2b$04$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"

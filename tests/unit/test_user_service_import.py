@@ -18,7 +18,7 @@ from fakes import (
 
 from usersvc.domain.errors import DatabaseUnavailable, InvalidArgument, PermissionDenied
 from usersvc.domain.models import ANONYMOUS, Principal, uuid7
-from usersvc.services.imports import ImportResult, ImportRow, UserImporter
+from usersvc.services.bulk_import import ImportResult, ImportRow, UserImporter
 
 HASH = "$2b$04$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"
 OTHER_HASH = "$2y$10$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import DateTime, Integer, LargeBinary, Text, Uuid, bindparam, text
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from usersvc.adapters.database import constraint_name_of, translate_connection_errors
+from usersvc.adapters.database_errors import ConstraintErrors
 from usersvc.adapters.orm import USERS_EMAIL_INDEX
-from usersvc.adapters.repository import user_from_row
+from usersvc.adapters.repository.base import SqlAlchemyRepository
+from usersvc.adapters.repository.user_rows import user_from_row
 from usersvc.domain.codes import CodeKind
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
 from usersvc.domain.models import User, uuid7
@@ -40,6 +39,10 @@ _USER_COLUMNS = (
     "users.update_time, users.disable_time, users.delete_time, users.version, "
     "users.email_verified"
 )
+
+# A swap of emails inside one batch, or a concurrent writer, can still meet
+# the unique index in the UPDATE itself.
+_EMAIL_TAKEN: ConstraintErrors = {USERS_EMAIL_INDEX: EmailAlreadyExists}
 
 _RELAX_COMMIT = text("SET LOCAL synchronous_commit TO off")
 
@@ -169,12 +172,9 @@ _LIVE_SESSIONS = text(
 )
 
 
-class SqlAlchemyAccountRepository:
+class SqlAlchemyAccountRepository(SqlAlchemyRepository):
     """usersvc.domain.ports.AccountRepository on PostgreSQL. Every method
     raises DatabaseUnavailable when the database cannot be reached."""
-
-    def __init__(self, session: AsyncSession):
-        self._session = session
 
     async def relax_commit(self) -> None:
         """The unit of work's commit will not wait for the WAL flush (a
@@ -281,12 +281,7 @@ class SqlAlchemyAccountRepository:
             ],
         }
         await self._execute(_VOID_CODES_OF_CHANGED_EMAILS, params)
-        try:
-            result = await self._execute(_UPDATE_MANY, params)
-        except sa_exc.IntegrityError as exc:
-            if constraint_name_of(exc) == USERS_EMAIL_INDEX:
-                raise EmailAlreadyExists() from exc
-            raise
+        result = await self._execute(_UPDATE_MANY, params, constraints=_EMAIL_TAKEN)
         return _in_order([w.user_id for w in writes], result.mappings().all())
 
     async def delete_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
@@ -298,10 +293,6 @@ class SqlAlchemyAccountRepository:
         """The ids of the users' sessions not yet revoked."""
         result = await self._execute(_LIVE_SESSIONS, {"user_ids": list(user_ids)})
         return list(result.scalars().all())
-
-    async def _execute(self, stmt: Any, params: Mapping[str, Any] | None = None) -> Any:
-        with translate_connection_errors():
-            return await self._session.execute(stmt, params)
 
 
 def _in_order(user_ids: Sequence[uuid.UUID], rows: Sequence[RowMapping]) -> list[User]:

@@ -1,4 +1,4 @@
-"""Engine construction and the translation of connection failures.
+"""Engine construction (failures are translated in usersvc.adapters.database_errors).
 
 One engine per process, built by the composition root from Settings; nothing
 here runs at import.
@@ -20,7 +20,6 @@ statement_timeout: set that one on the role instead, deploy/grants.sql).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,7 +27,6 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlencode
 
-import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
@@ -36,9 +34,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import await_
 
 from usersvc.config import Settings
-from usersvc.domain.errors import DatabaseUnavailable, DomainError
-
-logger = logging.getLogger(__name__)
 
 APPLICATION_NAME = "usersvc"
 
@@ -50,18 +45,6 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 # network drops without a reset, the server cannot cancel anything and the
 # query would otherwise wait for TCP keepalive.
 COMMAND_TIMEOUT_MARGIN_SECONDS = 5.0
-
-# SQLSTATEs meaning "the database cannot serve us right now; retry later":
-# the connection class (08), refused logins (28: from the service's point of
-# view the database is unreachable), too many connections, shutdown and
-# start-up (57P0x), and statement_timeout (57014).
-_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "28")
-_UNAVAILABLE_SQLSTATES = frozenset({"53300", "57014", "57P01", "57P02", "57P03"})
-_STALE_STATEMENT_ERRORS = (
-    asyncpg.exceptions.InvalidCachedStatementError,
-    asyncpg.exceptions.OutdatedSchemaCacheError,
-)
-
 
 # TLS options asyncpg understands only inside a DSN, not as keyword arguments.
 LIBPQ_TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl")
@@ -181,88 +164,3 @@ def install_pre_ping(engine: AsyncEngine) -> None:
             raise sa_exc.InvalidatePoolError() from exc
 
     event.listen(engine.sync_engine.pool, "checkout", ping)
-
-
-def sqlstate_of(exc: BaseException) -> str | None:
-    """The PostgreSQL SQLSTATE carried by ``exc`` (a SQLAlchemy DBAPIError, an
-    adapted DBAPI error or a raw asyncpg error), or None."""
-    candidates: list[object] = [exc]
-    if isinstance(exc, sa_exc.DBAPIError):
-        candidates.append(exc.orig)
-    candidates.extend([exc.__cause__, getattr(exc.__cause__, "__cause__", None)])
-    for candidate in candidates:
-        code = getattr(candidate, "sqlstate", None)
-        if isinstance(code, str) and code:
-            return code
-    return None
-
-
-def constraint_name_of(exc: BaseException) -> str | None:
-    """The name of the violated constraint or index behind an integrity
-    error, when the driver reports it."""
-    for candidate in _error_chain(exc):
-        name = getattr(candidate, "constraint_name", None)
-        if isinstance(name, str) and name:
-            return name
-    return None
-
-
-def _error_chain(exc: BaseException) -> Iterator[object]:
-    seen: set[int] = set()
-    current: object = exc
-    while isinstance(current, BaseException) and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        if isinstance(current, sa_exc.DBAPIError) and current.orig is not None:
-            current = current.orig
-        else:
-            current = current.__cause__
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """True when ``exc`` means the database is unreachable or cannot serve
-    the request right now, so that a retry may succeed (as opposed to a bug
-    or a constraint violation)."""
-    if isinstance(exc, sa_exc.TimeoutError):
-        return True  # no pooled connection within pool_timeout
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    chain = list(_error_chain(exc))
-    # A schema change (a migration) made a cached prepared statement stale;
-    # the dialect has dropped its caches, so the retry will prepare afresh.
-    if any(isinstance(e, _STALE_STATEMENT_ERRORS) for e in chain):
-        return True
-    code = sqlstate_of(exc)
-    if code is not None:
-        return code in _UNAVAILABLE_SQLSTATES or code[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
-    # Failures to connect arrive unwrapped: refused, unreachable, DNS, TLS
-    # handshake and connect timeouts are all OSError subclasses.
-    return any(isinstance(e, OSError) for e in chain)
-
-
-def database_unavailable(exc: BaseException) -> DatabaseUnavailable | None:
-    """DatabaseUnavailable for a failure ``is_unavailable`` accepts, else None."""
-    if isinstance(exc, DomainError) or not is_unavailable(exc):
-        return None
-    # The class name is enough for operators; the chained exception keeps the
-    # details for the traceback the error mapper logs.
-    logger.warning("database unavailable: %s", type(exc).__name__)
-    return DatabaseUnavailable()
-
-
-@contextmanager
-def translate_connection_errors() -> Iterator[None]:
-    """Re-raise failures inside the block that ``is_unavailable`` accepts
-    (lost or refused connections, pool and statement timeouts, stale cached
-    statements) as DatabaseUnavailable, chained; everything else passes
-    through unchanged.
-
-    Raises DatabaseUnavailable.
-    """
-    try:
-        yield
-    except Exception as exc:
-        unavailable = database_unavailable(exc)
-        if unavailable is None:
-            raise
-        raise unavailable from exc

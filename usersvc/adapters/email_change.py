@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Text, Uuid, bindparam, case, false, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from usersvc.adapters.database import translate_connection_errors
+from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.orm import users_table
 
 # Before an UPDATE of users that may change the email: void the open codes
@@ -39,7 +39,7 @@ async def void_codes_on_email_change(
 ) -> None:
     """Void the user's open codes when ``new_email`` differs from its stored
     email; run before the UPDATE that sets it. Raises DatabaseUnavailable."""
-    with translate_connection_errors():
+    with translate_database_errors():
         await session.execute(
             _VOID_CODES_ON_EMAIL_CHANGE, {"user_id": user_id, "new_email": new_email}
         )

@@ -14,7 +14,7 @@ What stays the same as the repository's path:
 
 - the connection is checked out of the engine's pool and back in (its size,
   timeouts, TLS, statement timeout and application name apply);
-- the SQL is the repository's own statements (usersvc.adapters.repository),
+- the SQL is the repository's own statements (usersvc.adapters.repository.user_rows),
   compiled once by the engine's dialect, and rows become domain Users with
   the repository's mapping;
 - failures become DatabaseUnavailable by the same rules, and the database
@@ -48,9 +48,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Select
 from sqlalchemy.util import greenlet_spawn
 
-from usersvc.adapters.database import skipping_pre_ping, translate_connection_errors
+from usersvc.adapters.database import skipping_pre_ping
+from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.db_monitor import DatabaseAvailability
-from usersvc.adapters.repository import (
+from usersvc.adapters.repository.user_rows import (
     GET_USER_BY_EMAIL,
     GET_USER_BY_ID,
     GET_USERS_BY_IDS,
@@ -123,7 +124,7 @@ class SqlAlchemyUserReader:
         if self._availability is not None:
             self._availability.ensure_available()
         try:
-            with translate_connection_errors():
+            with translate_database_errors():
                 try:
                     return await self._run(query, argument, pinged=False)
                 except _DeadConnection:

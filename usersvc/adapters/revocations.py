@@ -50,8 +50,8 @@ from usersvc.adapters.database import (
     COMMAND_TIMEOUT_MARGIN_SECONDS,
     CONNECT_TIMEOUT_SECONDS,
     LIBPQ_TLS_PARAMETERS,
-    translate_connection_errors,
 )
+from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.revocation_channel import REVOCATION_CHANNEL, parse_payload
 from usersvc.config import Settings
 from usersvc.services.revocations import RevocationCache
@@ -403,7 +403,7 @@ class CachedRevocationChecker:
         if self._ensure_available is not None:
             self._ensure_available()
         self.database_checks += 1
-        with translate_connection_errors():
+        with translate_database_errors():
             async with self._engine.connect() as connection:
                 result = await connection.execute(_CHECK_SQL, {"session_id": key})
                 expire_time = result.scalar_one_or_none()

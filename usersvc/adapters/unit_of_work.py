@@ -19,21 +19,22 @@ import logging
 from types import TracebackType
 from typing import Self
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from usersvc.adapters.accounts import SqlAlchemyAccountRepository
-from usersvc.adapters.database import translate_connection_errors
+from usersvc.adapters.database_errors import ConstraintErrors, translate_database_errors
 from usersvc.adapters.db_monitor import DatabaseAvailability
-from usersvc.adapters.repository import (
+from usersvc.adapters.orm import USERS_EMAIL_INDEX
+from usersvc.adapters.repository.idempotency import (
+    IDEMPOTENCY_KEY_CONSTRAINT,
     SqlAlchemyIdempotencyRepository,
-    SqlAlchemySessionRepository,
-    SqlAlchemyUserRepository,
-    raise_integrity_error,
 )
-from usersvc.domain.errors import DatabaseUnavailable
+from usersvc.adapters.repository.sessions import SqlAlchemySessionRepository
+from usersvc.adapters.repository.users import SqlAlchemyUserRepository
+from usersvc.domain.errors import DatabaseUnavailable, EmailAlreadyExists
 from usersvc.domain.ports import (
     AccountRepository,
+    IdempotencyKeyTaken,
     IdempotencyRepository,
     SessionRepository,
     UnitOfWorkFactory,
@@ -41,6 +42,12 @@ from usersvc.domain.ports import (
 )
 
 logger = logging.getLogger(__name__)
+
+# What a violation surfacing at commit stands for.
+_COMMIT_CONSTRAINT_ERRORS: ConstraintErrors = {
+    USERS_EMAIL_INDEX: EmailAlreadyExists,
+    IDEMPOTENCY_KEY_CONSTRAINT: lambda: IdempotencyKeyTaken("request id already used"),
+}
 
 
 class SqlAlchemyUnitOfWork:
@@ -110,17 +117,14 @@ class SqlAlchemyUnitOfWork:
         IdempotencyKeyTaken (constraint checks at commit),
         DatabaseUnavailable, RuntimeError outside ``async with``."""
         session = self._require_session()
-        try:
-            with translate_connection_errors():
-                await session.commit()
-        except sa_exc.IntegrityError as exc:
-            raise_integrity_error(exc)
+        with translate_database_errors(_COMMIT_CONSTRAINT_ERRORS):
+            await session.commit()
 
     async def rollback(self) -> None:
         """Roll back now; the unit of work may go on with a new transaction.
         Raises DatabaseUnavailable, RuntimeError outside ``async with``."""
         session = self._require_session()
-        with translate_connection_errors():
+        with translate_database_errors():
             await session.rollback()
 
     def _require_session(self) -> AsyncSession:
@@ -130,7 +134,7 @@ class SqlAlchemyUnitOfWork:
 
 
 async def _close(session: AsyncSession) -> None:
-    with translate_connection_errors():
+    with translate_database_errors():
         try:
             await session.rollback()
         finally:

@@ -16,8 +16,8 @@ from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
 
+from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.codes import CodeKind
-from usersvc.domain.imports import ImportedUser
 from usersvc.domain.listing import Filter, ListQuery, Page
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (

@@ -58,7 +58,7 @@ from usersvc.domain.validation import (
     validate_etag,
     validate_request_id,
 )
-from usersvc.services.imports import ImportResult, ImportRow, UserImporter
+from usersvc.services.bulk_import import ImportResult, ImportRow, UserImporter
 from usersvc.services.inputs import (
     CreateUserInput,
     ListUsersInput,
@@ -300,7 +300,7 @@ class UserService:
         self, *, principal: Principal, rows: AsyncIterable[ImportRow]
     ) -> ImportResult:
         """Imports users whose passwords are already bcrypt hashes, stored as
-        they are (usersvc.services.imports): bad rows and taken emails are
+        they are (usersvc.services.bulk_import): bad rows and taken emails are
         reported per row, not raised; valid rows are committed batch by
         batch. The caller is checked before a row is read.
 

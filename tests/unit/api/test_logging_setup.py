@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from generated.usersvc.v1 import user_service_pb2
+from usersvc_protos.v1 import user_service_pb2
 from usersvc.api.context import set_request_id
 from usersvc.logging_setup import configure_logging
 

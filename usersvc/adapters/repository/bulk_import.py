@@ -26,8 +26,8 @@ from json.encoder import encode_basestring_ascii
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from usersvc.adapters.database import translate_connection_errors
-from usersvc.domain.imports import ImportedUser
+from usersvc.adapters.database_errors import translate_database_errors
+from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.models import uuid7
 
 # WITH ORDINALITY ... ORDER BY seq: rows are inserted in input order, so of
@@ -87,7 +87,7 @@ async def insert_imported_users(session: AsyncSession, users: Sequence[ImportedU
         "create_times": [user.create_time for user in users],
         "email_verified": [user.email_verified for user in users],
     }
-    with translate_connection_errors():
+    with translate_database_errors():
         result = await session.execute(_INSERT_BATCH, params)
     skipped: list[int] = result.scalar_one()
     inserted = [True] * len(users)

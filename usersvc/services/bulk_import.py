@@ -23,14 +23,14 @@ from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from usersvc.domain.errors import FieldViolation
-from usersvc.domain.imports import (
+from usersvc.domain.bulk_import import (
     REASON_EMAIL_ALREADY_EXISTS,
     REASON_INVALID_ARGUMENT,
     REASON_INVALID_PASSWORD_HASH,
     ImportedUser,
     bcrypt_hash_problem,
 )
+from usersvc.domain.errors import FieldViolation
 from usersvc.domain.ports import UnitOfWorkFactory
 from usersvc.domain.validation import (
     normalize_display_name,
@@ -43,7 +43,7 @@ from usersvc.domain.validation import (
 # the commit are paid for once per thousands of rows; small enough that a
 # batch's transaction stays short (tens of milliseconds) and that a
 # cancelled call loses little work. The database's throughput was flat from
-# 1,000 to 5,000 (usersvc.adapters.imports).
+# 1,000 to 5,000 (usersvc.adapters.repository.bulk_import).
 DEFAULT_BATCH_SIZE = 2000
 # Bounds the response: a million bad rows still answer in a few hundred
 # kilobytes.
@@ -69,7 +69,7 @@ class ImportRow:
 @dataclass(frozen=True, slots=True)
 class ImportRowError:
     """Why row ``row`` (its index in the stream, from 0) was not imported;
-    ``reason`` is one of usersvc.domain.imports' REASON_* values."""
+    ``reason`` is one of usersvc.domain.bulk_import's REASON_* values."""
 
     row: int
     field: str

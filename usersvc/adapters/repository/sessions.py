@@ -1,0 +1,256 @@
+"""Sessions and their refresh tokens: usersvc.domain.ports.SessionRepository
+on PostgreSQL, with the revocation log the replicas follow."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Text, Uuid, bindparam, func, select, text, update
+from sqlalchemy.engine import RowMapping
+
+from usersvc.adapters.orm import refresh_tokens_table, sessions_table
+from usersvc.adapters.repository.base import SqlAlchemyRepository
+from usersvc.adapters.revocation_channel import REVOCATION_CHANNEL, payloads
+from usersvc.domain.errors import UserNotFound
+from usersvc.domain.models import RevokeReason, Session, uuid7
+from usersvc.domain.ports import CleanupResult, RefreshOutcome, RefreshStatus
+
+sessions = sessions_table.c
+tokens = refresh_tokens_table.c
+_SESSION_COLUMNS = (
+    sessions.id,
+    sessions.user_id,
+    sessions.create_time,
+    sessions.expire_time,
+    sessions.revoke_time,
+    sessions.revoke_reason,
+    sessions.last_refresh_time,
+)
+_SESSION_USER_FK = "fk_sessions_user_id_users"
+
+_GET_SESSION = select(*_SESSION_COLUMNS).where(sessions.id == bindparam("session_id"))
+_FIND_REFRESH_TOKEN = select(tokens.session_id).where(
+    tokens.token_hash == bindparam("presented_hash")
+)
+_RETIRED_TOKEN_SESSION = (
+    select(*_SESSION_COLUMNS)
+    .select_from(refresh_tokens_table.join(sessions_table, sessions.id == tokens.session_id))
+    .where(tokens.token_hash == bindparam("presented_hash"))
+)
+
+
+def _use_refresh_token_statement() -> Any:
+    # One statement: the conditional UPDATE is the single-use guarantee.
+    # Concurrent callers queue on the token's row lock; once the winner
+    # commits, PostgreSQL re-checks "use_time IS NULL" for each waiter
+    # (READ COMMITTED), which then updates nothing.
+    used = (
+        update(refresh_tokens_table)
+        .where(tokens.token_hash == bindparam("presented_hash"), tokens.use_time.is_(None))
+        .values(use_time=func.now())
+        .returning(tokens.session_id)
+        .cte("used")
+    )
+    return (
+        update(sessions_table)
+        .where(sessions.id == used.c.session_id)
+        .values(last_refresh_time=func.now())
+        .returning(*_SESSION_COLUMNS)
+    )
+
+
+_USE_REFRESH_TOKEN = _use_refresh_token_statement()
+
+# Revoking is one statement per target kind: end the live sessions and log
+# them for the replicas, atomically. The log also takes given ids that have
+# no session row (access tokens minted before sessions were stored), but not
+# sessions that were already revoked (they are logged already, or were long
+# enough ago that their tokens have expired).
+_REVOKE_SESSIONS = text(
+    """
+    WITH ended AS (
+        UPDATE sessions SET revoke_time = now(), revoke_reason = :reason
+        WHERE id = ANY(CAST(:session_ids AS uuid[])) AND revoke_time IS NULL
+        RETURNING id
+    ), rowless AS (
+        SELECT given.id FROM unnest(CAST(:session_ids AS uuid[])) AS given(id)
+        WHERE NOT EXISTS (SELECT 1 FROM sessions WHERE sessions.id = given.id)
+    ), logged AS (
+        INSERT INTO session_revocations (session_id, expire_time)
+        SELECT id, :expire_time FROM ended
+        UNION
+        SELECT id, :expire_time FROM rowless
+        ON CONFLICT (session_id) DO NOTHING
+        RETURNING session_id
+    )
+    SELECT session_id FROM logged
+    """
+).bindparams(
+    bindparam("reason", type_=Text()),
+    bindparam("expire_time", type_=DateTime(timezone=True)),
+)
+_REVOKE_USER_SESSIONS = text(
+    """
+    WITH ended AS (
+        UPDATE sessions SET revoke_time = now(), revoke_reason = :reason
+        WHERE user_id = :user_id AND revoke_time IS NULL
+          AND id IS DISTINCT FROM CAST(:except_session_id AS uuid)
+        RETURNING id
+    ), logged AS (
+        INSERT INTO session_revocations (session_id, expire_time)
+        SELECT id, :expire_time FROM ended
+        ON CONFLICT (session_id) DO NOTHING
+        RETURNING session_id
+    )
+    SELECT session_id FROM logged
+    """
+).bindparams(
+    bindparam("reason", type_=Text()),
+    bindparam("user_id", type_=Uuid()),
+    bindparam("expire_time", type_=DateTime(timezone=True)),
+)
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+_DELETE_EXPIRED_SESSIONS = text(
+    """
+    DELETE FROM sessions WHERE id IN (
+        SELECT id FROM sessions WHERE expire_time < :cutoff
+        ORDER BY expire_time LIMIT :limit FOR UPDATE SKIP LOCKED
+    )
+    """
+).bindparams(bindparam("cutoff", type_=DateTime(timezone=True)))
+_DELETE_EXPIRED_REVOCATIONS = text(
+    """
+    DELETE FROM session_revocations WHERE session_id IN (
+        SELECT session_id FROM session_revocations WHERE expire_time < :cutoff
+        ORDER BY expire_time LIMIT :limit FOR UPDATE SKIP LOCKED
+    )
+    """
+).bindparams(bindparam("cutoff", type_=DateTime(timezone=True)))
+
+
+def _session_from_row(row: RowMapping) -> Session:
+    reason = row["revoke_reason"]
+    return Session(
+        id=row["id"],
+        user_id=row["user_id"],
+        create_time=row["create_time"],
+        expire_time=row["expire_time"],
+        revoke_time=row["revoke_time"],
+        revoke_reason=None if reason is None else RevokeReason(reason),
+        last_refresh_time=row["last_refresh_time"],
+    )
+
+
+class SqlAlchemySessionRepository(SqlAlchemyRepository):
+    """usersvc.domain.ports.SessionRepository on PostgreSQL. Every method
+    raises DatabaseUnavailable when the database cannot be reached."""
+
+    async def create(self, user_id: uuid.UUID, expire_time: datetime) -> Session:
+        """A new active session. Raises UserNotFound when the user row does
+        not exist (the transaction is then aborted: roll back)."""
+        statement = (
+            sessions_table.insert()
+            .values(id=uuid7(), user_id=user_id, expire_time=expire_time)
+            .returning(*_SESSION_COLUMNS)
+        )
+        missing = {"id": str(user_id)}
+        result = await self._execute(
+            statement, constraints={_SESSION_USER_FK: lambda: UserNotFound(metadata=missing)}
+        )
+        return _session_from_row(result.mappings().one())
+
+    async def add_refresh_token(self, session_id: uuid.UUID, token_hash: bytes) -> None:
+        """Store a new, unused refresh token hash."""
+        statement = refresh_tokens_table.insert().values(
+            token_hash=token_hash, session_id=session_id
+        )
+        await self._execute(statement)
+
+    async def use_refresh_token(self, token_hash: bytes) -> RefreshOutcome:
+        """Retire an unused token (OK, with the session as it now is), or
+        tell a used one (RETIRED) from one never issued (UNKNOWN)."""
+        # Not named after the column: in an UPDATE, a parameter named like
+        # a column would also be taken as that column's new value.
+        params = {"presented_hash": token_hash}
+        row = (await self._execute(_USE_REFRESH_TOKEN, params)).mappings().one_or_none()
+        if row is not None:
+            return RefreshOutcome(RefreshStatus.OK, _session_from_row(row))
+        row = (await self._execute(_RETIRED_TOKEN_SESSION, params)).mappings().one_or_none()
+        if row is not None:
+            return RefreshOutcome(RefreshStatus.RETIRED, _session_from_row(row))
+        return RefreshOutcome(RefreshStatus.UNKNOWN)
+
+    async def find_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
+        """The session of a refresh token, used or not."""
+        result = await self._execute(_FIND_REFRESH_TOKEN, {"presented_hash": token_hash})
+        session_id: uuid.UUID | None = result.scalar_one_or_none()
+        return session_id
+
+    async def get(self, session_id: uuid.UUID) -> Session | None:
+        row = (await self._execute(_GET_SESSION, {"session_id": session_id})).mappings().first()
+        return None if row is None else _session_from_row(row)
+
+    async def revoke(
+        self,
+        *,
+        reason: RevokeReason,
+        revocation_expire_time: datetime,
+        session_ids: Sequence[uuid.UUID] | None = None,
+        user_id: uuid.UUID | None = None,
+        except_session_id: uuid.UUID | None = None,
+    ) -> list[uuid.UUID]:
+        """End sessions, log them and queue a NOTIFY for each chunk of ids
+        (sent by PostgreSQL at commit). Returns the ids newly logged. Raises
+        ValueError unless exactly one of ``session_ids`` and ``user_id`` is
+        given."""
+        if (session_ids is None) == (user_id is None):
+            raise ValueError("revoke takes either session_ids or user_id")
+        if session_ids is not None:
+            if not session_ids:
+                return []
+            result = await self._execute(
+                _REVOKE_SESSIONS,
+                {
+                    "reason": reason.value,
+                    "session_ids": list(dict.fromkeys(session_ids)),
+                    "expire_time": revocation_expire_time,
+                },
+            )
+        else:
+            result = await self._execute(
+                _REVOKE_USER_SESSIONS,
+                {
+                    "reason": reason.value,
+                    "user_id": user_id,
+                    "except_session_id": except_session_id,
+                    "expire_time": revocation_expire_time,
+                },
+            )
+        revoked: list[uuid.UUID] = sorted(result.scalars().all())
+        for payload in payloads(revoked):
+            await self._execute(_NOTIFY, {"channel": REVOCATION_CHANNEL, "payload": payload})
+        return revoked
+
+    async def delete_expired(
+        self, *, session_cutoff: datetime, revocation_cutoff: datetime, limit: int
+    ) -> CleanupResult:
+        """Delete up to ``limit`` expired sessions (refresh tokens cascade)
+        and up to ``limit`` expired revocation log rows, skipping rows that
+        are locked (another replica cleaning up at the same moment)."""
+        expired_sessions = await self._execute(
+            _DELETE_EXPIRED_SESSIONS, {"cutoff": session_cutoff, "limit": limit}
+        )
+        expired_revocations = await self._execute(
+            _DELETE_EXPIRED_REVOCATIONS, {"cutoff": revocation_cutoff, "limit": limit}
+        )
+        return CleanupResult(
+            sessions=_rowcount(expired_sessions), revocations=_rowcount(expired_revocations)
+        )
+
+
+def _rowcount(result: Any) -> int:
+    count = getattr(result, "rowcount", -1)
+    return count if isinstance(count, int) and count >= 0 else 0

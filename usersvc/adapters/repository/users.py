@@ -1,0 +1,307 @@
+"""The users aggregate: usersvc.domain.ports.UserRepository on PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    Integer,
+    Text,
+    bindparam,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.sql.dml import Update
+
+from usersvc.adapters.database_errors import NO_CONSTRAINT_ERRORS, ConstraintErrors
+from usersvc.adapters.email_change import email_change_values, void_codes_on_email_change
+from usersvc.adapters.orm import USERS_EMAIL_INDEX, users_table
+from usersvc.adapters.repository.base import SqlAlchemyRepository
+from usersvc.adapters.repository.bulk_import import insert_imported_users
+from usersvc.adapters.repository.listing import count_statement, cursor_after, page_statement
+from usersvc.adapters.repository.user_rows import (
+    CREDENTIAL_COLUMNS,
+    GET_USER_BY_EMAIL,
+    GET_USER_BY_ID,
+    USER_COLUMNS,
+    credentials_from_row,
+    user_from_row,
+    users,
+    users_by_ids,
+)
+from usersvc.domain.bulk_import import ImportedUser
+from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
+from usersvc.domain.listing import Filter, ListQuery, Page
+from usersvc.domain.lockout import MAX_DOUBLINGS, LockoutPolicy
+from usersvc.domain.models import Credentials, NewUser, User, UserPatch, uuid7
+from usersvc.domain.ports import LoginAttempt
+
+# PostgreSQL accepts at most 65535 bind parameters per statement; 1000 rows of
+# six values stay far below that and match the API's batch limit.
+MAX_ROWS_PER_INSERT = 1000
+
+_GET_USER_BY_ID_FOR_UPDATE = GET_USER_BY_ID.with_for_update()
+_GET_CREDENTIALS_BY_EMAIL = select(*CREDENTIAL_COLUMNS).where(
+    func.lower(users.email) == func.lower(bindparam("email"))
+)
+_GET_CREDENTIALS = select(*CREDENTIAL_COLUMNS).where(users.id == bindparam("user_id"))
+_PURGE = delete(users_table).where(users.id == bindparam("user_id")).returning(users.id)
+
+
+def _start_login_attempt_statement() -> Update:
+    # usersvc.domain.lockout in one statement. Within an UPDATE every column
+    # on the right reads the row as it was, and PostgreSQL re-checks the
+    # WHERE against the latest version when a concurrent UPDATE of the row
+    # committed first: concurrent attempts are counted one after the other,
+    # and the ones that arrive after the lock are refused, not counted.
+    # Parameter names must differ from column names in an UPDATE.
+    now = bindparam("attempt_time", type_=DateTime(timezone=True))
+    reached = users.failed_login_count + 1 >= bindparam("max_failures", type_=Integer)
+    lock_seconds = func.least(
+        bindparam("lockout_seconds", type_=Float)
+        * func.power(2.0, func.least(users.lock_count, MAX_DOUBLINGS)),
+        bindparam("max_lockout_seconds", type_=Float),
+    )
+    return (
+        update(users_table)
+        .where(
+            func.lower(users.email) == func.lower(bindparam("login_email", type_=Text)),
+            or_(users.locked_until.is_(None), users.locked_until <= now),
+        )
+        .values(
+            failed_login_count=case((reached, 0), else_=users.failed_login_count + 1),
+            lock_count=case((reached, users.lock_count + 1), else_=users.lock_count),
+            locked_until=case(
+                (reached, now + func.make_interval(0, 0, 0, 0, 0, 0, lock_seconds)),
+                else_=users.locked_until,
+            ),
+        )
+        .returning(*CREDENTIAL_COLUMNS, users.locked_until)
+    )
+
+
+_START_LOGIN_ATTEMPT = _start_login_attempt_statement()
+# A counted attempt writes the users row and an unknown email writes
+# nothing: waiting for the WAL flush at commit would make a registered
+# email's failed login measurably slower than an unknown one's (and a locked
+# account's). A crash may lose the last moments of counts, never more.
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO off")
+_CLEAR_LOGIN_FAILURES = (
+    update(users_table)
+    .where(users.id == bindparam("user_id"))
+    .values(failed_login_count=0, lock_count=0, locked_until=None)
+    .returning(users.id)
+)
+
+
+class SqlAlchemyUserRepository(SqlAlchemyRepository):
+    """usersvc.domain.ports.UserRepository on PostgreSQL. Every method
+    raises DatabaseUnavailable when the database cannot be reached."""
+
+    async def add(self, new: NewUser) -> User:
+        """Insert one user. Raises EmailAlreadyExists (metadata {"email"})."""
+        created = await self.add_many([new])
+        return created[0]
+
+    async def add_many(self, news: Sequence[NewUser]) -> list[User]:
+        """Insert users in input order with one INSERT ... RETURNING per
+        1000 rows. Raises EmailAlreadyExists with metadata {"email": ...} of
+        the first input whose email clashes with a stored user or an earlier
+        input. After a clash the rows inserted before it are still in the
+        transaction: the caller rolls back."""
+        created: list[User] = []
+        for start in range(0, len(news), MAX_ROWS_PER_INSERT):
+            created.extend(await self._insert_chunk(news[start : start + MAX_ROWS_PER_INSERT]))
+        return created
+
+    async def _insert_chunk(self, news: Sequence[NewUser]) -> list[User]:
+        ids = [uuid7() for _ in news]
+        statement = (
+            pg_insert(users_table)
+            .values(
+                [
+                    {
+                        "id": user_id,
+                        "email": new.email,
+                        "password_hash": new.password_hash,
+                        "display_name": new.display_name,
+                        "roles": list(new.roles),
+                        "labels": dict(new.labels),
+                    }
+                    for user_id, new in zip(ids, news, strict=True)
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=[func.lower(users.email)])
+            .returning(*USER_COLUMNS)
+        )
+        rows = (await self._execute(statement)).mappings().all()
+        # RETURNING order is not guaranteed; the ids were chosen here, so
+        # they put the rows back in input order and reveal skipped inputs.
+        by_id = {row["id"]: row for row in rows}
+        created: list[User] = []
+        for user_id, new in zip(ids, news, strict=True):
+            row = by_id.get(user_id)
+            if row is None:
+                raise EmailAlreadyExists(metadata={"email": new.email})
+            created.append(user_from_row(row))
+        return created
+
+    async def import_batch(self, imported: Sequence[ImportedUser]) -> list[bool]:
+        """Insert the users whose email is free in one INSERT ... SELECT
+        FROM unnest(...) ON CONFLICT DO NOTHING (usersvc.adapters.repository
+        .bulk_import), skipping the others; per input, whether it was
+        inserted."""
+        return await insert_imported_users(self._session, imported)
+
+    async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
+        """The user, deleted or not; ``for_update`` locks the row until the
+        transaction ends."""
+        statement = _GET_USER_BY_ID_FOR_UPDATE if for_update else GET_USER_BY_ID
+        row = await self._one_or_none(statement, {"user_id": user_id})
+        return None if row is None else user_from_row(row)
+
+    async def get_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
+        """The stored users among ``user_ids`` (deleted included), in no
+        particular order."""
+        if not user_ids:
+            return []
+        result = await self._execute(users_by_ids(user_ids))
+        return [user_from_row(row) for row in result.mappings().all()]
+
+    async def get_by_email(self, email: str) -> User | None:
+        """Case-insensitive match, deleted included."""
+        row = await self._one_or_none(GET_USER_BY_EMAIL, {"email": email})
+        return None if row is None else user_from_row(row)
+
+    async def get_credentials_by_email(self, email: str) -> Credentials | None:
+        """Case-insensitive match, deleted included."""
+        row = await self._one_or_none(_GET_CREDENTIALS_BY_EMAIL, {"email": email})
+        return None if row is None else credentials_from_row(row)
+
+    async def get_credentials(self, user_id: uuid.UUID) -> Credentials | None:
+        row = await self._one_or_none(_GET_CREDENTIALS, {"user_id": user_id})
+        return None if row is None else credentials_from_row(row)
+
+    async def start_login_attempt(
+        self, email: str, *, now: datetime, policy: LockoutPolicy
+    ) -> LoginAttempt | None:
+        """Count one login attempt unless the account is locked at ``now``,
+        in one atomic UPDATE ... RETURNING (see the port,
+        usersvc.domain.ports.UserRepository). None for an unknown email or a
+        locked account, which leave nothing written. The transaction's
+        commit then does not wait for the WAL flush."""
+        await self._execute(_ASYNC_COMMIT)
+        row = await self._one_or_none(
+            _START_LOGIN_ATTEMPT,
+            {
+                "login_email": email,
+                "attempt_time": now,
+                "max_failures": policy.max_failures,
+                "lockout_seconds": float(policy.lockout_seconds),
+                "max_lockout_seconds": float(policy.max_lockout_seconds),
+            },
+        )
+        if row is None:
+            return None
+        locked_until = row["locked_until"]
+        return LoginAttempt(
+            credentials=credentials_from_row(row),
+            locked_until=locked_until if locked_until is not None and locked_until > now else None,
+        )
+
+    async def clear_login_failures(self, user_id: uuid.UUID) -> bool:
+        """Reset the failure count, lock and lock count; locks the row until
+        the transaction ends. False when there is no such user."""
+        return await self._one_or_none(_CLEAR_LOGIN_FAILURES, {"user_id": user_id}) is not None
+
+    async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
+        """Apply the patch, bump version and update_time. Raises
+        EmailAlreadyExists (metadata {"email"}; the transaction is then
+        aborted and must be rolled back), UserNotFound."""
+        values: dict[str, Any] = {}
+        if patch.email is not None:
+            values["email"] = patch.email
+            # A new email is unverified, and codes sent to the old one are void.
+            values.update(email_change_values(patch.email))
+            await void_codes_on_email_change(self._session, user_id, patch.email)
+        if patch.display_name is not None:
+            values["display_name"] = patch.display_name
+        if patch.roles is not None:
+            values["roles"] = list(patch.roles)
+        if patch.labels is not None:
+            values["labels"] = dict(patch.labels)
+        constraints = NO_CONSTRAINT_ERRORS
+        if patch.email is not None:
+            taken = {"email": patch.email}
+            constraints = {USERS_EMAIL_INDEX: lambda: EmailAlreadyExists(metadata=taken)}
+        return await self._write(user_id, values, constraints)
+
+    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> User:
+        """Bumps version. Raises UserNotFound."""
+        return await self._write(user_id, {"password_hash": password_hash})
+
+    async def set_disabled(self, user_id: uuid.UUID, disabled: bool) -> User:
+        """Set (keeping an earlier time if already set) or clear
+        disable_time; bumps version. Raises UserNotFound."""
+        value = func.coalesce(users.disable_time, func.now()) if disabled else None
+        return await self._write(user_id, {"disable_time": value})
+
+    async def set_deleted(self, user_id: uuid.UUID, deleted: bool) -> User:
+        """Set (keeping an earlier time if already set) or clear
+        delete_time; bumps version. Raises UserNotFound."""
+        value = func.coalesce(users.delete_time, func.now()) if deleted else None
+        return await self._write(user_id, {"delete_time": value})
+
+    async def purge(self, user_id: uuid.UUID) -> bool:
+        """Delete the row for good; False when there was none."""
+        return await self._one_or_none(_PURGE, {"user_id": user_id}) is not None
+
+    async def list(self, query: ListQuery) -> Page:
+        """One keyset page (usersvc.adapters.repository.listing): at most
+        ``page_size`` rows after ``query.after``. Raises ValueError for a
+        page size below 1 or a cursor that does not fit the ordering (a
+        programming error: the service checks both), InvalidArgument (field
+        "filter") for an unsupported filter."""
+        rows = (await self._execute(page_statement(query))).mappings().all()
+        found = tuple(user_from_row(row) for row in rows[: query.page_size])
+        more = len(rows) > query.page_size
+        next_cursor = cursor_after(query.ordering.field, found[-1]) if more else None
+        return Page(users=found, next_cursor=next_cursor)
+
+    async def count(self, filter: Filter, *, show_deleted: bool) -> int:
+        """Exact number of users matching the filter. Raises InvalidArgument
+        (field "filter") for an unsupported filter."""
+        result = await self._execute(count_statement(filter, show_deleted=show_deleted))
+        return int(result.scalar_one())
+
+    async def _write(
+        self,
+        user_id: uuid.UUID,
+        values: Mapping[str, Any],
+        constraints: ConstraintErrors = NO_CONSTRAINT_ERRORS,
+    ) -> User:
+        statement = (
+            update(users_table)
+            .where(users.id == user_id)
+            .values(**values, version=users.version + 1, update_time=func.now())
+            .returning(*USER_COLUMNS)
+        )
+        row = (await self._execute(statement, constraints=constraints)).mappings().one_or_none()
+        if row is None:
+            raise UserNotFound(metadata={"id": str(user_id)})
+        return user_from_row(row)
+
+    async def _one_or_none(self, statement: Any, params: Mapping[str, Any]) -> RowMapping | None:
+        return (await self._execute(statement, params)).mappings().one_or_none()
