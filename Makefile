@@ -42,6 +42,7 @@ test: $(STAMP) buf-lint buf-breaking proto-check
 lint: $(STAMP) buf-lint buf-breaking proto-check docker-lint
 	$(BIN)/ruff check usersvc tests scripts alembic
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 buf-lint: $(BUF)
 	$(BUF) lint

@@ -17,8 +17,8 @@ from usersvc.adapters.revocation_channel import (
     parse_payload,
     payloads,
 )
+from usersvc.domain.revocations import REVOCATION_MARGIN
 from usersvc.services.sessions import (
-    REVOCATION_MARGIN,
     SessionLifetimes,
     new_refresh_token,
     refresh_token_hash,

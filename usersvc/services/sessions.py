@@ -20,19 +20,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from usersvc.domain.models import RevokeReason
-from usersvc.domain.ports import UnitOfWork
-from usersvc.observability.hooks import RevokedHook
+from usersvc.domain.ports import RevokedHook, UnitOfWork
+from usersvc.domain.revocations import REVOCATION_MARGIN
 
 REFRESH_TOKEN_PREFIX = "rt_"  # noqa: S105 (a marker, not a secret)
 _SECRET_BYTES = 32
 # base64url of 32 bytes without padding.
 _ENCODED_LENGTH = 43
 REFRESH_TOKEN_LENGTH = len(REFRESH_TOKEN_PREFIX) + _ENCODED_LENGTH
-
-# How long after a revocation its log entry is kept beyond the access token
-# lifetime: covers the verifier's leeway on exp and clock differences between
-# replicas and the database.
-REVOCATION_MARGIN = timedelta(seconds=60)
 
 # Called after a commit that revoked sessions, with their ids and the log's
 # expire time: how this process refuses their access tokens at once, without

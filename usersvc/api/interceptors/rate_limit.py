@@ -44,8 +44,8 @@ from usersvc.api.public import (
 )
 from usersvc.domain.errors import RateLimited
 from usersvc.domain.models import Principal
+from usersvc.domain.ports import RateLimitedHook
 from usersvc.domain.rate_limits import Rate
-from usersvc.observability.hooks import RateLimitedHook
 
 FORWARDED_FOR_KEY = "x-forwarded-for"
 AUTH_BUCKET = "auth"
