@@ -299,3 +299,21 @@ async def test_a_batch_delete_with_a_missing_id_or_a_repeat_is_refused(world: Wo
         "requests[0].id",
     )
     assert (await stored(world, users))[0].state == user_pb2.User.STATE_ACTIVE
+
+
+async def test_swapping_two_emails_in_one_batch_is_refused_and_changes_nothing(
+    world: World,
+) -> None:
+    a, b = await seed(world, 2)
+    requests = [
+        pb.UpdateUserRequest(user=user_pb2.User(id=a.id, email=b.email)),
+        pb.UpdateUserRequest(user=user_pb2.User(id=b.id, email=a.email)),
+    ]
+
+    await expect_error(
+        world.admin.users.BatchUpdateUsers(pb.BatchUpdateUsersRequest(requests=requests)),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "EMAIL_ALREADY_EXISTS",
+    )
+
+    assert [u.email for u in await stored(world, [a, b])] == [a.email, b.email]
