@@ -349,6 +349,26 @@ async def batch_get_users_response(
     return response
 
 
+async def batch_update_users_response(
+    users: Sequence[User],
+) -> user_service_pb2.BatchUpdateUsersResponse:
+    """The BatchUpdateUsersResponse of ``users``, in order, letting other
+    tasks run every USERS_PER_YIELD users. Raises ValueError as user_to_proto."""
+    response = user_service_pb2.BatchUpdateUsersResponse()
+    await _fill(response.users, users)
+    return response
+
+
+async def batch_delete_users_response(
+    users: Sequence[User],
+) -> user_service_pb2.BatchDeleteUsersResponse:
+    """The BatchDeleteUsersResponse of ``users``, in order, letting other
+    tasks run every USERS_PER_YIELD users. Raises ValueError as user_to_proto."""
+    response = user_service_pb2.BatchDeleteUsersResponse()
+    await _fill(response.users, users)
+    return response
+
+
 def login_response(result: LoginResult) -> auth_service_pb2.LoginResponse:
     """The LoginResponse of a successful login. Raises ValueError as
     user_to_proto."""

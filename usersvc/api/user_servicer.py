@@ -163,7 +163,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         users = await self._batches().batch_update_users(
             principal=current_principal(), requests=mappers.batch_update_user_inputs(request)
         )
-        return pb.BatchUpdateUsersResponse(users=mappers.users_to_proto(users))
+        return await mappers.batch_update_users_response(users)
 
     async def BatchDeleteUsers(
         self, request: pb.BatchDeleteUsersRequest, context: _Context
@@ -172,7 +172,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             principal=current_principal(),
             requests=[DeleteItem(item.id, item.etag) for item in request.requests],
         )
-        return pb.BatchDeleteUsersResponse(users=mappers.users_to_proto(users))
+        return await mappers.batch_delete_users_response(users)
 
     async def CreateEmailVerificationCode(
         self, request: pb.CreateEmailVerificationCodeRequest, context: _Context
