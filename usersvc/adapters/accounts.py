@@ -10,7 +10,8 @@ Comparing the keyed hashes in SQL leaks nothing useful: without the key
 nobody can choose a code whose hash shares a prefix with the stored one.
 
 The batch writes take the whole batch as one array per column (unnest), so
-1000 users are one UPDATE, not 1000.
+1000 users are one UPDATE, not 1000; their events (one per user and draft,
+usersvc.adapters.events) are written by the same statement.
 """
 
 from __future__ import annotations
@@ -21,15 +22,28 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, LargeBinary, Text, Uuid, bindparam, text
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    LargeBinary,
+    Text,
+    Uuid,
+    bindparam,
+    func,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.engine import RowMapping
 
 from usersvc.adapters.database_errors import ConstraintErrors
-from usersvc.adapters.orm import USERS_EMAIL_INDEX
+from usersvc.adapters.events import snapshot_sql, with_events
+from usersvc.adapters.orm import USERS_EMAIL_INDEX, users_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
-from usersvc.adapters.repository.user_rows import user_from_row
+from usersvc.adapters.repository.user_rows import USER_COLUMNS, user_from_row
 from usersvc.domain.codes import CodeKind
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
+from usersvc.domain.events import EventDraft
 from usersvc.domain.models import User, uuid7
 from usersvc.domain.ports import UserWrite
 
@@ -115,10 +129,12 @@ _VOID_CODES = text(
     "UPDATE user_codes SET void_time = now() WHERE user_id = ANY(CAST(:user_ids AS uuid[])) "
     "AND use_time IS NULL AND void_time IS NULL"
 )
-_SET_EMAIL_VERIFIED = text(
-    "UPDATE users SET email_verified = true, version = version + 1, update_time = now() "  # noqa: S608
-    f"WHERE id = :user_id RETURNING {_USER_COLUMNS}"
-).bindparams(bindparam("user_id", type_=Uuid()))
+_SET_EMAIL_VERIFIED = (
+    update(users_table)
+    .where(users_table.c.id == bindparam("verified_id", type_=Uuid()))
+    .values(email_verified=true(), version=users_table.c.version + 1, update_time=func.now())
+    .returning(*USER_COLUMNS)
+)
 
 _TAKEN_EMAILS = text(
     "SELECT lower(email) AS email FROM users "
@@ -135,9 +151,24 @@ _BATCH_INPUT = """
         CAST(:emails AS text[]),
         CAST(:display_names AS text[]),
         CAST(:roles AS text[]),
-        CAST(:labels AS jsonb[])
-    ) AS v (id, email, display_name, roles, labels)
+        CAST(:labels AS jsonb[]),
+        CAST(:changed AS text[])
+    ) AS v (id, email, display_name, roles, labels, changed)
 """
+# One event per changed user and draft: the user after the change, the
+# draft's type and attributes, the item's changed fields (none for deletes).
+_RECORD = f"""
+    recorded AS (
+        INSERT INTO events (id, type, user_id, actor, request_id, user_snapshot,
+                            changed_fields, attributes)
+        SELECT gen_random_uuid(), drafts.type, changed.id, :actor, :request_id,
+               {snapshot_sql("changed")}, CAST(changed.changed_paths AS text[]),
+               drafts.attributes
+        FROM changed
+        CROSS JOIN unnest(CAST(:event_types AS text[]), CAST(:event_attributes AS jsonb[]))
+            AS drafts (type, attributes)
+    )
+"""  # noqa: S608 (constant column names only)
 _VOID_CODES_OF_CHANGED_EMAILS = text(
     f"""
     UPDATE user_codes AS c SET void_time = now()
@@ -148,6 +179,7 @@ _VOID_CODES_OF_CHANGED_EMAILS = text(
 )
 _UPDATE_MANY = text(
     f"""
+    WITH changed AS (
     UPDATE users SET
         email = coalesce(v.email, users.email),
         email_verified = CASE WHEN v.email IS NOT NULL AND v.email <> users.email
@@ -159,13 +191,21 @@ _UPDATE_MANY = text(
         update_time = now()
     FROM {_BATCH_INPUT}
     WHERE users.id = v.id
-    RETURNING {_USER_COLUMNS}
+    RETURNING {_USER_COLUMNS}, v.changed AS changed_paths
+    ), {_RECORD}
+    SELECT * FROM changed
     """  # noqa: S608 (module constants only)
 )
 _DELETE_MANY = text(
-    "UPDATE users SET delete_time = coalesce(delete_time, now()), version = version + 1, "  # noqa: S608
-    "update_time = now() WHERE id = ANY(CAST(:user_ids AS uuid[])) "
-    f"RETURNING {_USER_COLUMNS}"
+    f"""
+    WITH changed AS (
+        UPDATE users SET delete_time = coalesce(delete_time, now()),
+                         version = version + 1, update_time = now()
+        WHERE id = ANY(CAST(:user_ids AS uuid[]))
+        RETURNING {_USER_COLUMNS}, '{{}}' AS changed_paths
+    ), {_RECORD}
+    SELECT * FROM changed
+    """  # noqa: S608 (module constants only)
 )
 _LIVE_SESSIONS = text(
     "SELECT id FROM sessions WHERE user_id = ANY(CAST(:user_ids AS uuid[])) AND revoke_time IS NULL"
@@ -246,9 +286,12 @@ class SqlAlchemyAccountRepository(SqlAlchemyRepository):
         if user_ids:
             await self._execute(_VOID_CODES, {"user_ids": list(user_ids)})
 
-    async def set_email_verified(self, user_id: uuid.UUID) -> User:
+    async def set_email_verified(
+        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()
+    ) -> User:
         """See the port."""
-        row = (await self._execute(_SET_EMAIL_VERIFIED, {"user_id": user_id})).mappings().first()
+        statement = with_events(_SET_EMAIL_VERIFIED, events, self._call())
+        row = (await self._execute(statement, {"verified_id": user_id})).mappings().first()
         if row is None:
             raise UserNotFound(metadata={"id": str(user_id)})
         return user_from_row(row)
@@ -265,11 +308,15 @@ class SqlAlchemyAccountRepository(SqlAlchemyRepository):
         )
         return set(result.scalars().all())
 
-    async def update_many(self, writes: Sequence[UserWrite]) -> list[User]:
+    async def update_many(
+        self, writes: Sequence[UserWrite], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
         """See the port."""
         if not writes:
             return []
         params = {
+            **self._event_params(events),
+            "changed": [_array_literal(w.changed_fields) for w in writes],
             "ids": [w.user_id for w in writes],
             "emails": [w.patch.email for w in writes],
             "display_names": [w.patch.display_name for w in writes],
@@ -284,10 +331,22 @@ class SqlAlchemyAccountRepository(SqlAlchemyRepository):
         result = await self._execute(_UPDATE_MANY, params, constraints=_EMAIL_TAKEN)
         return _in_order([w.user_id for w in writes], result.mappings().all())
 
-    async def delete_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
+    async def delete_many(
+        self, user_ids: Sequence[uuid.UUID], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
         """See the port."""
-        result = await self._execute(_DELETE_MANY, {"user_ids": list(user_ids)})
+        params = {**self._event_params(events), "user_ids": list(user_ids)}
+        result = await self._execute(_DELETE_MANY, params)
         return _in_order(user_ids, result.mappings().all())
+
+    def _event_params(self, events: Sequence[EventDraft]) -> dict[str, Any]:
+        context = self._call()
+        return {
+            "actor": context.actor,
+            "request_id": context.request_id,
+            "event_types": [draft.type.value for draft in events],
+            "event_attributes": [json.dumps(dict(draft.attributes)) for draft in events],
+        }
 
     async def live_session_ids(self, user_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
         """The ids of the users' sessions not yet revoked."""

@@ -160,6 +160,11 @@ def can_batch_write(principal: Principal) -> bool:
     return _is_admin(principal)
 
 
+def can_read_events(principal: Principal) -> bool:
+    """ListEvents, WatchEvents (the audit trail): admins and services."""
+    return _is_reader(principal)
+
+
 def ensure(allowed: bool, action: str) -> None:
     """Raises PermissionDenied naming ``action`` unless ``allowed``."""
     if not allowed:

@@ -1,6 +1,9 @@
 """Interfaces the services depend on; adapters implement them.
 
 Contract shared by every implementation (the SQL one and the unit-test fakes):
+write methods take ``events`` (usersvc.domain.events.EventDraft): they are
+written about each user the write touches, in the same statement and
+transaction, with the user as it is after the change;
 repositories flush but never commit; the unit of work commits. Methods raise
 only ``usersvc.domain.errors`` types (EmailAlreadyExists, DatabaseUnavailable,
 ...), never driver or ORM exceptions.
@@ -18,6 +21,8 @@ from typing import Protocol, Self
 
 from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.codes import CodeKind
+from usersvc.domain.event_ports import EventRecorder
+from usersvc.domain.events import EventDraft
 from usersvc.domain.listing import Filter, ListQuery, Page
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
@@ -31,15 +36,19 @@ from usersvc.domain.models import (
 
 
 class UserRepository(Protocol):
-    async def add(self, new: NewUser) -> User:
+    async def add(self, new: NewUser, *, events: Sequence[EventDraft] = ()) -> User:
         """Insert one user. Raises EmailAlreadyExists."""
 
-    async def add_many(self, news: Sequence[NewUser]) -> list[User]:
+    async def add_many(
+        self, news: Sequence[NewUser], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
         """Insert users in order, in one statement where possible.
         Raises EmailAlreadyExists with metadata {"email": ...} of a clash
         (with another row or within the batch)."""
 
-    async def import_batch(self, users: Sequence[ImportedUser]) -> list[bool]:
+    async def import_batch(
+        self, users: Sequence[ImportedUser], *, events: Sequence[EventDraft] = ()
+    ) -> list[bool]:
         """Insert the users whose email is free, skipping (not failing on)
         those whose email is taken, case-insensitively, by a stored user or
         an earlier user of the batch. Per input, in order: True when it was
@@ -73,25 +82,35 @@ class UserRepository(Protocol):
         when no user has the email or the account is locked; nothing is
         written then."""
 
-    async def clear_login_failures(self, user_id: uuid.UUID) -> bool:
+    async def clear_login_failures(
+        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()
+    ) -> bool:
         """Reset the failure count, the lock and the lock count (a login
         succeeded), locking the row until the unit of work ends; the user's
         version and etag do not change. False when there is no such user."""
 
-    async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
+    async def update(
+        self, user_id: uuid.UUID, patch: UserPatch, *, events: Sequence[EventDraft] = ()
+    ) -> User:
         """Apply the patch, bump version and update_time. Raises
         EmailAlreadyExists, UserNotFound."""
 
-    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> User:
+    async def set_password_hash(
+        self, user_id: uuid.UUID, password_hash: str, *, events: Sequence[EventDraft] = ()
+    ) -> User:
         """Bumps version. Raises UserNotFound."""
 
-    async def set_disabled(self, user_id: uuid.UUID, disabled: bool) -> User:
+    async def set_disabled(
+        self, user_id: uuid.UUID, disabled: bool, *, events: Sequence[EventDraft] = ()
+    ) -> User:
         """Set or clear disable_time; bumps version. Raises UserNotFound."""
 
-    async def set_deleted(self, user_id: uuid.UUID, deleted: bool) -> User:
+    async def set_deleted(
+        self, user_id: uuid.UUID, deleted: bool, *, events: Sequence[EventDraft] = ()
+    ) -> User:
         """Set or clear delete_time; bumps version. Raises UserNotFound."""
 
-    async def purge(self, user_id: uuid.UUID) -> bool:
+    async def purge(self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()) -> bool:
         """Delete the row for good; False when there was none."""
 
     async def list(self, query: ListQuery) -> Page:
@@ -206,6 +225,8 @@ class UserWrite:
 
     user_id: uuid.UUID
     patch: UserPatch
+    # The paths whose value differs from the stored one (the event's).
+    changed_fields: tuple[str, ...] = ()
 
 
 class AccountRepository(Protocol):
@@ -251,8 +272,11 @@ class AccountRepository(Protocol):
     async def void_codes(self, user_ids: Sequence[uuid.UUID]) -> None:
         """Void every live code, of any kind, of these users."""
 
-    async def set_email_verified(self, user_id: uuid.UUID) -> User:
-        """Mark the email verified; bumps version. Raises UserNotFound."""
+    async def set_email_verified(
+        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()
+    ) -> User:
+        """Mark the email verified; bumps version; ``events`` about the user
+        in the same statement. Raises UserNotFound."""
 
     async def taken_emails(
         self, emails: Sequence[str], *, except_ids: Sequence[uuid.UUID]
@@ -260,16 +284,23 @@ class AccountRepository(Protocol):
         """The emails among ``emails`` (lower-cased) held by users other
         than ``except_ids`` (deleted users included)."""
 
-    async def update_many(self, writes: Sequence[UserWrite]) -> list[User]:
+    async def update_many(
+        self, writes: Sequence[UserWrite], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
         """Apply every patch in one statement, bump each version and
         update_time; a changed email clears email_verified and voids the
-        user's live codes. Returns the users in input order. Raises
-        EmailAlreadyExists (the transaction is then aborted), UserNotFound
-        for a user that is not stored."""
+        user's live codes. Each draft of ``events`` is written for every
+        user, in the same statement, with that write's changed_fields.
+        Returns the users in input order. Raises EmailAlreadyExists (the
+        transaction is then aborted), UserNotFound for a user that is not
+        stored."""
 
-    async def delete_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
+    async def delete_many(
+        self, user_ids: Sequence[uuid.UUID], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
         """Soft-delete the users in one statement (keeping an earlier
-        delete_time), bump each version; input order. Raises UserNotFound."""
+        delete_time), bump each version, ``events`` for every user in the
+        same statement; input order. Raises UserNotFound."""
 
     async def live_session_ids(self, user_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
         """The ids of the users' sessions not yet revoked."""
@@ -309,6 +340,8 @@ class UnitOfWork(Protocol):
     idempotency: IdempotencyRepository
     sessions: SessionRepository
     accounts: AccountRepository
+    # Events not carried by a write above (usersvc.domain.event_ports).
+    events: EventRecorder
 
     async def __aenter__(self) -> Self: ...
 

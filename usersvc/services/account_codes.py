@@ -14,8 +14,10 @@ commits skip the WAL flush on every path that may touch nothing, so that no
 path waits for the disk when another does not. ResetPassword hashes the new
 password with bcrypt before it looks at the code, for the same reason.
 
-Every write below is one call on the unit of work, followed by the commit:
-the place where a per-user event joins the same transaction.
+Every write below is one call on the unit of work, with its event
+(user.email_verified, user.password_reset) in the same statement; the
+sessions a reset ends write their auth.session_revoked events as any
+revocation does.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from usersvc.domain.errors import (
     PermissionDenied,
     UserNotFound,
 )
+from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.models import Principal, RevokeReason, User, UserState, uuid7
 from usersvc.domain.passwords import PasswordPolicy
 from usersvc.domain.ports import PasswordHasher, UnitOfWorkFactory
@@ -56,6 +59,9 @@ from usersvc.services.sessions import SessionRevoker
 from usersvc.services.tokens import KeyRing
 
 _KEY_LABEL = b"usersvc account codes v1"
+# The events of the two writes; no event ever holds a code.
+_EMAIL_VERIFIED = (EventDraft(EventType.USER_EMAIL_VERIFIED),)
+_PASSWORD_RESET = (EventDraft(EventType.USER_PASSWORD_RESET),)
 
 
 def code_key(key_ring: KeyRing) -> bytes:
@@ -179,7 +185,7 @@ class AccountCodeService:
                 await uow.accounts.relax_commit()
                 await uow.commit()
                 raise CodeInvalid()
-            user = await uow.accounts.set_email_verified(target)
+            user = await uow.accounts.set_email_verified(target, events=_EMAIL_VERIFIED)
             await uow.commit()
         return user
 
@@ -248,7 +254,7 @@ class AccountCodeService:
                 await uow.accounts.relax_commit()
                 await uow.commit()
                 raise CodeInvalid()
-            await uow.users.set_password_hash(user_id, new_hash)
+            await uow.users.set_password_hash(user_id, new_hash, events=_PASSWORD_RESET)
             await uow.users.clear_login_failures(user_id)
             revocation = await self._sessions.revoke_user(uow, user_id, RevokeReason.PASSWORD_RESET)
             await uow.commit()

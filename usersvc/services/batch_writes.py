@@ -25,6 +25,7 @@ from usersvc.domain.errors import (
     InvalidState,
     UserNotFound,
 )
+from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.models import Principal, RevokeReason, User, UserPatch, UserState
 from usersvc.domain.ports import UnitOfWorkFactory, UserWrite
 from usersvc.domain.validation import (
@@ -40,6 +41,9 @@ from usersvc.services.sessions import SessionRevoker
 
 MAX_BATCH_SIZE = 1000
 INDEX_KEY = "index"
+# One event per user, written by the batch's own statement.
+_UPDATED = (EventDraft(EventType.USER_UPDATED),)
+_DELETED = (EventDraft(EventType.USER_DELETED),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +127,11 @@ class BatchWriteService:
                             INDEX_KEY: str(index),
                         }
                     )
-            users = await uow.accounts.update_many(writes)
+            writes = [
+                UserWrite(w.user_id, w.patch, _changed_fields(current[w.user_id], w.patch))
+                for w in writes
+            ]
+            users = await uow.accounts.update_many(writes, events=_UPDATED)
             await uow.commit()
         return users
 
@@ -162,7 +170,7 @@ class BatchWriteService:
             current = {user.id: user for user in await uow.accounts.lock_users(targets)}
             for index, (target, item) in enumerate(zip(targets, requests, strict=True)):
                 _check_writable(current.get(target), target, item.etag, index)
-            users = await uow.accounts.delete_many(targets)
+            users = await uow.accounts.delete_many(targets, events=_DELETED)
             sessions = await uow.accounts.live_session_ids(targets)
             revocation = await self._sessions.revoke_sessions(uow, sessions, RevokeReason.DELETED)
             await uow.commit()
@@ -219,3 +227,18 @@ def _check_writable(user: User | None, target: uuid.UUID, etag: str, index: int)
         error = EtagMismatch(metadata=metadata)
     if error is not None:
         raise error
+
+
+def _changed_fields(current: User, patch: UserPatch) -> tuple[str, ...]:
+    """The paths of ``patch`` whose value differs from ``current`` (the
+    user.updated event's changed_fields, as UpdateUser writes them)."""
+    changed = []
+    if patch.email is not None and patch.email != current.email:
+        changed.append("email")
+    if patch.display_name is not None and patch.display_name != current.display_name:
+        changed.append("display_name")
+    if patch.roles is not None and tuple(patch.roles) != tuple(current.roles):
+        changed.append("roles")
+    if patch.labels is not None and dict(patch.labels) != dict(current.labels):
+        changed.append("labels")
+    return tuple(changed)
