@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest_asyncio
 from google.protobuf import field_mask_pb2
+from sqlalchemy import text
 
 from .conftest import RunningServer, running_server
 from .helpers import (
@@ -30,6 +31,7 @@ from .helpers import (
     user_pb2,
     user_service_pb2,
 )
+from .test_batch_writes import events_of
 
 pb = user_service_pb2
 
@@ -478,3 +480,31 @@ async def test_reset_password_needs_no_credentials_but_the_code(world: World) ->
     )
 
     assert response == pb.ResetPasswordResponse()
+
+
+# ------------------------------------------------------------------------ events
+
+
+async def test_verification_and_reset_write_their_events_without_the_codes(
+    world: World, primary: RunningServer
+) -> None:
+    verification = await verification_code(world, world.alice.id)
+    await world.alice.users.VerifyEmail(verify("me", verification))
+    code = await reset_code(world, world.bob.email)
+    await world.anonymous.users.ResetPassword(
+        reset(world.bob.email, code, new_password(world.recorder))
+    )
+
+    verified = await events_of(world, "usersvc.user.email_verified.v1", 1)
+    reset_events = await events_of(world, "usersvc.user.password_reset.v1", 1)
+
+    assert [(e.user_id, e.user.email_verified, e.actor) for e in verified] == [
+        (world.alice.id, True, world.alice.id)
+    ]
+    assert [(e.user_id, e.actor) for e in reset_events] == [(world.bob.id, "")]
+    async with primary.container.engine.connect() as connection:
+        stored = " ".join(
+            (await connection.execute(text("SELECT CAST(events AS text) FROM events"))).scalars()
+        )
+    assert verification not in stored.upper()
+    assert code not in stored.upper()

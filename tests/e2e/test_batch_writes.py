@@ -3,10 +3,14 @@ item under the single-item rules."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
+
+from usersvc_protos.v1 import event_service_pb2
 
 from .helpers import (
     RpcFailure,
@@ -317,3 +321,74 @@ async def test_swapping_two_emails_in_one_batch_is_refused_and_changes_nothing(
     )
 
     assert [u.email for u in await stored(world, [a, b])] == [a.email, b.email]
+
+
+# --------------------------------------------------------------------- events
+
+EVENT_WAIT_SECONDS = 30.0
+
+
+async def events_of(world: World, event_type: str, count: int) -> list[Any]:
+    """The events of ``event_type`` once at least ``count`` are numbered
+    (the sequencer numbers committed events shortly after the commit)."""
+    request = event_service_pb2.ListEventsRequest(page_size=1000, filter=f'type = "{event_type}"')
+    deadline = asyncio.get_running_loop().time() + EVENT_WAIT_SECONDS
+    while True:
+        events = list((await world.admin.events.ListEvents(request)).events)
+        if len(events) >= count:
+            return events
+        assert asyncio.get_running_loop().time() < deadline, f"{len(events)} of {count}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_batch_update_writes_one_event_per_user_with_its_changed_fields(
+    world: World,
+) -> None:
+    users = await seed(world, 3)
+    requests = [
+        rename(users[0], "changed"),
+        pb.UpdateUserRequest(user=user_pb2.User(id=users[1].id, labels={"team": "x"})),
+        rename(users[2], users[2].display_name),
+    ]
+
+    await world.admin.users.BatchUpdateUsers(pb.BatchUpdateUsersRequest(requests=requests))
+
+    events = await events_of(world, "usersvc.user.updated.v1", 3)
+    by_user = {e.user_id: (list(e.changed_fields), e.user.etag, e.actor) for e in events}
+    after = await stored(world, users)
+    assert by_user == {
+        users[0].id: (["display_name"], after[0].etag, world.admin.id),
+        users[1].id: (["labels"], after[1].etag, world.admin.id),
+        users[2].id: ([], after[2].etag, world.admin.id),
+    }
+
+
+async def test_a_failed_batch_writes_no_event(world: World) -> None:
+    users = await seed(world, 3)
+    requests = [rename(u, "changed", etag=u.etag) for u in users]
+    requests[2].user.etag = "v999"
+    await expect_error(
+        world.admin.users.BatchUpdateUsers(pb.BatchUpdateUsersRequest(requests=requests)),
+        grpc.StatusCode.ABORTED,
+        "ETAG_MISMATCH",
+    )
+    # A later change: once its event is numbered, an earlier one would be too.
+    await world.admin.users.BatchUpdateUsers(
+        pb.BatchUpdateUsersRequest(requests=[rename(world.bob.login.user, "marker")])
+    )
+
+    events = await events_of(world, "usersvc.user.updated.v1", 1)
+
+    assert [e.user_id for e in events] == [world.bob.id]
+
+
+async def test_a_batch_delete_writes_a_deleted_event_per_user(world: World) -> None:
+    users = await seed(world, 2)
+
+    await world.admin.users.BatchDeleteUsers(
+        pb.BatchDeleteUsersRequest(requests=[pb.DeleteUserRequest(id=u.id) for u in users])
+    )
+
+    events = await events_of(world, "usersvc.user.deleted.v1", 2)
+    assert sorted(e.user_id for e in events) == sorted(u.id for u in users)
+    assert {e.user.state for e in events} == {user_pb2.User.STATE_DELETED}
