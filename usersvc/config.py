@@ -629,6 +629,12 @@ class Settings:
         doc="how often each process deletes expired sessions, refresh tokens and revocation "
         "entries (`0`: never, by this process)",
     )
+    code_ttl_seconds: int = integer(
+        600,
+        lo=60,
+        hi=86_400,
+        doc="lifetime of email verification and password reset codes",
+    )
     jwt_issuer: str = text("usersvc", doc="`iss` of issued tokens, required on verification")
     jwt_audience: str = text("usersvc", doc="`aud` of issued tokens, required on verification")
     jwt_private_key_pem: str | None = secret(

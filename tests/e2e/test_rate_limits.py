@@ -150,6 +150,22 @@ async def test_anonymous_sign_up_shares_the_login_bucket(
         await expect_rate_limited(anonymous.users.CreateUser(create_request(recorder)))
 
 
+async def test_reset_password_shares_the_login_bucket(
+    e2e_settings: Any, recorder: ResponseRecorder
+) -> None:
+    settings = limited(e2e_settings, auth_rps=TRICKLE, auth_burst=1)
+    async with server(settings, recorder) as running:
+        anonymous = Caller(running.channel, None)
+        await wrong_login(anonymous)
+        await expect_rate_limited(
+            anonymous.users.ResetPassword(
+                user_service_pb2.ResetPasswordRequest(
+                    email="nobody@example.com", code="ABCDEFGH", new_password="Pw-fine-12345"
+                )
+            )
+        )
+
+
 async def test_an_admin_creating_users_is_not_held_to_the_sign_up_bucket(
     e2e_settings: Any, recorder: ResponseRecorder, world: World
 ) -> None:

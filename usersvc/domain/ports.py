@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from usersvc.domain.bulk_import import ImportedUser
+from usersvc.domain.codes import CodeKind
 from usersvc.domain.event_ports import EventRecorder
 from usersvc.domain.events import EventDraft
 from usersvc.domain.listing import Filter, ListQuery, Page
@@ -222,6 +223,99 @@ class SessionRepository(Protocol):
         work holds are skipped, not waited for."""
 
 
+@dataclass(frozen=True, slots=True)
+class UserWrite:
+    """One item of a batch update: the user and the validated fields to
+    set (None: leave as is)."""
+
+    user_id: uuid.UUID
+    patch: UserPatch
+    # The paths whose value differs from the stored one (the event's).
+    changed_fields: tuple[str, ...] = ()
+
+
+class AccountRepository(Protocol):
+    """Codes (email verification, password reset) and the set-based
+    writes of the batch methods. Every method raises DatabaseUnavailable
+    when the database cannot be reached."""
+
+    async def lock_users(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
+        """The stored users among ``user_ids`` (deleted included), locked
+        until the unit of work ends, taken in id order (two batches over
+        the same users cannot deadlock); any order."""
+
+    async def lock_active_user_by_email(self, email: str) -> uuid.UUID | None:
+        """The id of the user with this email (case-insensitive) that is
+        neither deleted nor disabled, locked against concurrent code
+        creation; None when there is none."""
+
+    async def replace_code(
+        self, user_id: uuid.UUID, kind: CodeKind, code_hash: bytes, expire_time: datetime
+    ) -> bool:
+        """Void the user's live code of ``kind`` and store a new one. The
+        same statements run when the user does not exist (no row changes
+        then, and False is returned), so both cases cost the same."""
+
+    async def consume_code(
+        self,
+        kind: CodeKind,
+        code_hash: bytes,
+        *,
+        now: datetime,
+        max_attempts: int,
+        user_id: uuid.UUID | None = None,
+        email: str | None = None,
+    ) -> uuid.UUID | None:
+        """Check and use the live, unexpired code of ``kind`` of the user
+        (by id, or by the email of an active user) in one conditional
+        UPDATE: when its hash is ``code_hash`` it is consumed and the user
+        id returned; otherwise a wrong try is counted (the try that reaches
+        ``max_attempts`` voids the code) and None is returned. Of
+        concurrent callers with the right code exactly one gets the id.
+        Raises ValueError unless exactly one of user_id and email is given."""
+
+    async def void_codes(self, user_ids: Sequence[uuid.UUID]) -> None:
+        """Void every live code, of any kind, of these users."""
+
+    async def set_email_verified(
+        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()
+    ) -> User:
+        """Mark the email verified; bumps version; ``events`` about the user
+        in the same statement. Raises UserNotFound."""
+
+    async def taken_emails(
+        self, emails: Sequence[str], *, except_ids: Sequence[uuid.UUID]
+    ) -> set[str]:
+        """The emails among ``emails`` (lower-cased) held by users other
+        than ``except_ids`` (deleted users included)."""
+
+    async def update_many(
+        self, writes: Sequence[UserWrite], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
+        """Apply every patch in one statement, bump each version and
+        update_time; a changed email clears email_verified and voids the
+        user's live codes. Each draft of ``events`` is written for every
+        user, in the same statement, with that write's changed_fields.
+        Returns the users in input order. Raises EmailAlreadyExists (the
+        transaction is then aborted), UserNotFound for a user that is not
+        stored."""
+
+    async def delete_many(
+        self, user_ids: Sequence[uuid.UUID], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
+        """Soft-delete the users in one statement (keeping an earlier
+        delete_time), bump each version, ``events`` for every user in the
+        same statement; input order. Raises UserNotFound."""
+
+    async def live_session_ids(self, user_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        """The ids of the users' sessions not yet revoked."""
+
+    async def relax_commit(self) -> None:
+        """The unit of work's commit will not wait for the WAL flush (a
+        crash may lose it): for writes whose loss is harmless, so that they
+        cost what a read costs."""
+
+
 class UserReader(Protocol):
     """Plain reads of users, each outside any unit of work: one statement,
     its own snapshot, nothing locked. For the read-only calls (GetUser,
@@ -250,6 +344,7 @@ class UnitOfWork(Protocol):
     users: UserRepository
     idempotency: IdempotencyRepository
     sessions: SessionRepository
+    accounts: AccountRepository
     # Events not carried by a write above (usersvc.domain.event_ports).
     events: EventRecorder
 

@@ -26,6 +26,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.sql.dml import Update
 
 from usersvc.adapters.database_errors import NO_CONSTRAINT_ERRORS, ConstraintErrors
+from usersvc.adapters.email_change import email_change_values, void_codes_on_email_change
 from usersvc.adapters.events import with_events
 from usersvc.adapters.orm import USERS_EMAIL_INDEX, users_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
@@ -262,6 +263,9 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         values: dict[str, Any] = {}
         if patch.email is not None:
             values["email"] = patch.email
+            # A new email is unverified, and codes sent to the old one are void.
+            values.update(email_change_values(patch.email))
+            await void_codes_on_email_change(self._session, user_id, patch.email)
         if patch.display_name is not None:
             values["display_name"] = patch.display_name
         if patch.roles is not None:

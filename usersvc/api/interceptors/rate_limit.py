@@ -9,7 +9,8 @@ client (everything to its left was written by the client and proves
 nothing). IPv6 clients are keyed by their /64, which one host can fill with
 addresses at will.
 
-Which bucket: Login, and CreateUser from anonymous callers (sign-up), draw
+Which bucket: Login, ResetPassword (it guesses at codes as Login guesses at
+passwords), and CreateUser from anonymous callers (sign-up), draw
 from the stricter auth bucket; every other call from the general one. Each
 call makes exactly one check. Health and reflection are never limited: load
 balancers and operators must see the server even while a flood is refused.
@@ -35,7 +36,12 @@ from usersvc.api.interceptors.wrapping import (
     WrappingInterceptor,
     wrap_with_prelude,
 )
-from usersvc.api.public import CREATE_USER_METHOD, LOGIN_METHOD, PUBLIC_SERVICE_PREFIXES
+from usersvc.api.public import (
+    CREATE_USER_METHOD,
+    LOGIN_METHOD,
+    PUBLIC_SERVICE_PREFIXES,
+    RESET_PASSWORD_METHOD,
+)
 from usersvc.domain.errors import RateLimited
 from usersvc.domain.models import Principal
 from usersvc.domain.ports import RateLimitedHook
@@ -164,7 +170,7 @@ class RateLimitInterceptor(WrappingInterceptor):
     def wrap(self, handler: Handler, method: str) -> Handler:
         if method.startswith(EXEMPT_PREFIXES):
             return handler
-        auth_always = method == LOGIN_METHOD
+        auth_always = method in (LOGIN_METHOD, RESET_PASSWORD_METHOD)
         auth_when_anonymous = method == CREATE_USER_METHOD
         check = self._check
 
