@@ -378,14 +378,18 @@ class FakeUserRepository:
         row = self._rows.get(user_id)
         return None if row is None else Credentials(row.user, row.password_hash)
 
-    async def start_login_attempt(
-        self, email: str, *, now: datetime, policy: LockoutPolicy
-    ) -> LoginAttempt | None:
+    async def find_login(self, email: str) -> LoginAttempt | None:
         owner = self._owner_of(email)
         if owner is None:
             return None
         row = self._rows[owner]
-        if row.locked_until is not None and row.locked_until > now:
+        return LoginAttempt(Credentials(row.user, row.password_hash), row.locked_until)
+
+    async def count_login_failure(
+        self, user_id: uuid.UUID, *, now: datetime, policy: LockoutPolicy
+    ) -> datetime | None:
+        row = self._rows.get(user_id)
+        if row is None or (row.locked_until is not None and row.locked_until > now):
             return None
         count = row.failed_login_count + 1
         locked_until = None
@@ -396,13 +400,13 @@ class FakeUserRepository:
             )
         else:
             row = replace(row, failed_login_count=count)
-        self._rows[owner] = row
-        self._uow.written.add(owner)
-        return LoginAttempt(Credentials(row.user, row.password_hash), locked_until)
+        self._rows[user_id] = row
+        self._uow.written.add(user_id)
+        return locked_until
 
-    async def clear_login_failures(self, user_id: uuid.UUID) -> bool:
+    async def clear_login_failures(self, user_id: uuid.UUID, *, now: datetime) -> bool:
         row = self._rows.get(user_id)
-        if row is None:
+        if row is None or (row.locked_until is not None and row.locked_until > now):
             return False
         self._rows[user_id] = replace(row, failed_login_count=0, lock_count=0, locked_until=None)
         self._uow.written.add(user_id)

@@ -60,22 +60,28 @@ class UserRepository(Protocol):
 
     async def get_credentials(self, user_id: uuid.UUID) -> Credentials | None: ...
 
-    async def start_login_attempt(
-        self, email: str, *, now: datetime, policy: LockoutPolicy
-    ) -> LoginAttempt | None:
-        """Count one login attempt against the user with this email
-        (case-insensitive, deleted included) unless the account is locked at
-        ``now``, atomically: concurrent attempts on any replica are all
-        counted. The attempt that reaches ``policy.max_failures`` locks the
-        account from ``now`` for ``policy.lock_seconds(lock_count)``, resets
-        the count and adds one to lock_count (usersvc.domain.lockout). None
-        when no user has the email or the account is locked; nothing is
-        written then."""
+    async def find_login(self, email: str) -> LoginAttempt | None:
+        """The credentials and the lock of the user with this email
+        (case-insensitive, deleted included), for a login to check; None
+        when no user has it. Writes nothing."""
 
-    async def clear_login_failures(self, user_id: uuid.UUID) -> bool:
+    async def count_login_failure(
+        self, user_id: uuid.UUID, *, now: datetime, policy: LockoutPolicy
+    ) -> datetime | None:
+        """Count one failed login (a wrong password, checked) against the
+        user unless the account is locked at ``now``, atomically: concurrent
+        failures on any replica are counted exactly as the same failures one
+        after the other would be. The failure that reaches
+        ``policy.max_failures`` locks the account from ``now`` for
+        ``policy.lock_seconds(lock_count)``, resets the count and adds one to
+        lock_count (usersvc.domain.lockout), and gets the lock's end back;
+        otherwise None. An unknown id or a locked account: nothing written."""
+
+    async def clear_login_failures(self, user_id: uuid.UUID, *, now: datetime) -> bool:
         """Reset the failure count, the lock and the lock count (a login
-        succeeded), locking the row until the unit of work ends; the user's
-        version and etag do not change. False when there is no such user."""
+        succeeded) unless the account is locked at ``now``, locking the row
+        until the unit of work ends; the user's version and etag do not
+        change. False when there is no such user or it is locked."""
 
     async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
         """Apply the patch, bump version and update_time. Raises
@@ -102,9 +108,9 @@ class UserRepository(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class LoginAttempt:
-    """A counted login attempt: the user's credentials to check, and
-    ``locked_until`` when this attempt was the last one allowed (the account
-    is locked until then unless the password turns out right)."""
+    """What a login checks: the user's credentials, and the end of the
+    account's latest lock (in the past when the lock is over; None when it
+    never was locked or a success cleared it)."""
 
     credentials: Credentials
     locked_until: datetime | None = None

@@ -7,10 +7,13 @@ unusable input all cost one bcrypt check at the configured cost and end in
 InvalidCredentials, so neither the answer nor its timing tells whether an
 email is registered, or whether a guess made during a lock was right.
 
-Repeated failures lock an account for a while (usersvc.domain.lockout): each
-attempt is counted in the users row before its password is checked, so that
-however many guesses arrive at once on however many replicas, no more than
-the allowed number are ever checked between two locks.
+Repeated failures lock an account for a while (usersvc.domain.lockout): a
+wrong password, once checked, is counted in the users row by one atomic
+statement, so that concurrent failures on however many replicas lock the
+account exactly as the same failures one after the other would, and
+concurrent logins with the right password never count at all. Guesses that
+were already being checked when the lock fell are still answered (all with
+InvalidCredentials, a right one too: a success re-checks the lock).
 
 Every login starts a session; its access tokens name it (``sid``) and its
 refresh tokens rotate within it, single-use. A refresh token presented a
@@ -77,6 +80,9 @@ TOKEN_TYPE = "Bearer"  # noqa: S105 (an RFC 6750 scheme name, not a secret)
 # valid-length text works, the result is discarded.
 _PLACEHOLDER_PASSWORD = "not-a-password"  # noqa: S105
 _INACTIVE = TokenIntrospection(active=False)
+# Counting a failure against no user: the write a counted failure makes, on
+# no row (uuid7 ids are never all zeros).
+_NOBODY = uuid.UUID(int=0)
 
 
 class AuthService:
@@ -119,36 +125,39 @@ class AuthService:
         problems: list[FieldViolation] = []
         normalized = normalize_email(email, field="email", errors=problems)
         usable = not problems and 0 < len(password.encode("utf-8", "replace")) <= MAX_PASSWORD_BYTES
-        attempt: LoginAttempt | None = None
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        candidate: LoginAttempt | None = None
         if usable:
-            now = datetime.fromtimestamp(self._clock(), UTC)
+            # Read only: no connection is held while bcrypt runs, and an
+            # attempt is counted only once its password turned out wrong.
             async with self._uow_factory() as uow:
-                # Counted and committed before bcrypt runs (and without a
-                # connection held while it does).
-                attempt = await uow.users.start_login_attempt(
-                    normalized, now=now, policy=self._lockout
-                )
-                await uow.commit()
-        if attempt is None:
-            # Unknown email or a locked account: the same bcrypt work as a
-            # real check, so that timing tells neither apart from a wrong
-            # password. A locked account's own hash is not even looked at.
+                candidate = await uow.users.find_login(normalized)
+        if candidate is None or _locked(candidate.locked_until, now):
+            # Unknown email or a locked account: the same bcrypt work and the
+            # same write as a wrong password, so that timing tells neither
+            # apart from one. A locked account's own hash is not even looked
+            # at, and nothing is counted.
             await self._hasher.verify(_PLACEHOLDER_PASSWORD, await self._hasher.dummy_hash())
+            if usable:
+                await self._count_failure(_NOBODY, now)
             self._outcome("unknown_or_locked" if usable else "malformed")
             raise InvalidCredentials()
-        credentials = attempt.credentials
+        credentials = candidate.credentials
         matches = await self._hasher.verify(password, credentials.password_hash)
         if not matches or credentials.user.state is not UserState.ACTIVE:
-            if not matches:
-                self._outcome("bad_password" if attempt.locked_until is None else "locked_out")
-            else:
-                self._outcome("inactive")
-            if attempt.locked_until is not None:
+            # Only a wrong password is a failure that counts; the right one
+            # for a disabled or deleted account does the same write, on no
+            # row.
+            locked_until = await self._count_failure(
+                _NOBODY if matches else credentials.user.id, now
+            )
+            self._outcome("bad_password" if not matches else "inactive")
+            if locked_until is not None:
                 logger.warning(
                     "account locked after repeated failed logins",
                     extra={
                         "user_id": str(credentials.user.id),
-                        "locked_until": attempt.locked_until.isoformat(),
+                        "locked_until": locked_until.isoformat(),
                     },
                 )
             raise InvalidCredentials()
@@ -158,7 +167,7 @@ class AuthService:
         if self._hasher.needs_rehash(credentials.password_hash):
             new_hash = await self._hasher.hash(password)
         refresh = new_refresh_token()
-        now = self._lifetimes.now()
+        session_now = self._lifetimes.now()
         user_id = credentials.user.id
         async with self._uow_factory() as uow:
             # Locked, then read again: a disable, delete or password change
@@ -166,8 +175,12 @@ class AuthService:
             # not have seen this session), and one still running waits for
             # this login and then revokes the session it creates.
             # Clearing the failure count also takes the row lock; a refusal
-            # below rolls the clearing back.
-            await uow.users.clear_login_failures(user_id)
+            # below rolls the clearing back. It clears nothing on an account
+            # that concurrent wrong guesses locked since the check above: as
+            # if this attempt had come after them, it is refused.
+            if not await uow.users.clear_login_failures(user_id, now=now):
+                self._outcome("locked_out")
+                raise InvalidCredentials()
             latest = await uow.users.get_credentials(user_id)
             if (
                 latest is None
@@ -182,11 +195,21 @@ class AuthService:
             if new_hash is not None:
                 # After a cost increase: store a hash at the current cost.
                 user = await uow.users.set_password_hash(user_id, new_hash)
-            session = await uow.sessions.create(user_id, self._lifetimes.session_expire_time(now))
+            session = await uow.sessions.create(
+                user_id, self._lifetimes.session_expire_time(session_now)
+            )
             await uow.sessions.add_refresh_token(session.id, refresh.token_hash)
             await uow.commit()
         self._outcome("success")
         return self._result(user, session.id, refresh.value)
+
+    async def _count_failure(self, user_id: uuid.UUID, now: datetime) -> datetime | None:
+        async with self._uow_factory() as uow:
+            locked_until = await uow.users.count_login_failure(
+                user_id, now=now, policy=self._lockout
+            )
+            await uow.commit()
+        return locked_until
 
     def _outcome(self, outcome: str) -> None:
         if self._on_login is not None:
@@ -338,6 +361,10 @@ class AuthService:
     def jwks_json(self) -> str:
         """The public verification keys (RFC 7517). Raises nothing."""
         return self._tokens.jwks_json()
+
+
+def _locked(locked_until: datetime | None, now: datetime) -> bool:
+    return locked_until is not None and locked_until > now
 
 
 def _foreign_refresh_token() -> InvalidArgument:
