@@ -41,7 +41,7 @@ from .helpers import (
 
 ROOT = Path(__file__).resolve().parents[2]
 GRANTS_SQL = ROOT / "deploy" / "grants.sql"
-TABLES = {"users", "idempotency_keys", "sessions", "refresh_tokens", "session_revocations"}
+TABLES = {"users", "idempotency_keys", "sessions", "session_revocations"}
 
 
 @dataclass(frozen=True)

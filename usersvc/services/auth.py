@@ -57,8 +57,11 @@ from usersvc.domain.models import (
 from usersvc.domain.passwords import MAX_PASSWORD_BYTES
 from usersvc.domain.ports import (
     LoginAttempt,
+    RefreshChain,
+    RefreshOutcome,
     RefreshStatus,
     RevocationChecker,
+    UnitOfWork,
     UnitOfWorkFactory,
 )
 from usersvc.domain.validation import normalize_email, parse_user_id
@@ -66,9 +69,14 @@ from usersvc.observability.hooks import LoginOutcomeHook
 from usersvc.services.inputs import LoginResult, TokenIntrospection
 from usersvc.services.passwords import BcryptPasswordHasher
 from usersvc.services.sessions import (
+    FIRST_GENERATION,
+    PresentedRefreshToken,
+    RefreshSecret,
     SessionRevoker,
-    new_refresh_token,
-    refresh_token_hash,
+    issue_refresh_token,
+    new_refresh_secret,
+    new_tag_key,
+    parse_refresh_token,
     session_id_of,
 )
 from usersvc.services.tokens import TokenService
@@ -151,7 +159,10 @@ class AuthService:
             locked_until = await self._count_failure(
                 _NOBODY if matches else credentials.user.id, now
             )
-            self._outcome("bad_password" if not matches else "inactive")
+            if matches:
+                self._outcome("inactive")
+            else:
+                self._outcome("bad_password" if locked_until is None else "locked_out")
             if locked_until is not None:
                 logger.warning(
                     "account locked after repeated failed logins",
@@ -166,7 +177,8 @@ class AuthService:
         new_hash = None
         if self._hasher.needs_rehash(credentials.password_hash):
             new_hash = await self._hasher.hash(password)
-        refresh = new_refresh_token()
+        secret = new_refresh_secret()
+        tag_key = new_tag_key()
         session_now = self._lifetimes.now()
         user_id = credentials.user.id
         async with self._uow_factory() as uow:
@@ -196,12 +208,15 @@ class AuthService:
                 # After a cost increase: store a hash at the current cost.
                 user = await uow.users.set_password_hash(user_id, new_hash)
             session = await uow.sessions.create(
-                user_id, self._lifetimes.session_expire_time(session_now)
+                user_id,
+                self._lifetimes.session_expire_time(session_now),
+                refresh_hash=secret.token_hash,
+                tag_key=tag_key,
             )
-            await uow.sessions.add_refresh_token(session.id, refresh.token_hash)
             await uow.commit()
         self._outcome("success")
-        return self._result(user, session.id, refresh.value)
+        chain = RefreshChain(FIRST_GENERATION, tag_key)
+        return self._result(user, session.id, issue_refresh_token(session.id, chain, secret))
 
     async def _count_failure(self, user_id: uuid.UUID, now: datetime) -> datetime | None:
         async with self._uow_factory() as uow:
@@ -222,13 +237,13 @@ class AuthService:
         Raises RefreshTokenInvalid (malformed, unknown, retired, session
         revoked or expired, user no longer active), DatabaseUnavailable.
         """
-        token_hash = refresh_token_hash(refresh_token)
-        if token_hash is None:
+        presented = parse_refresh_token(refresh_token)
+        if presented is None:
             raise RefreshTokenInvalid()
-        successor = new_refresh_token()
+        successor = new_refresh_secret()
         now = self._lifetimes.now()
         async with self._uow_factory() as uow:
-            outcome = await uow.sessions.use_refresh_token(token_hash)
+            outcome = await self._use(uow, presented, successor)
             session = outcome.session
             if outcome.status is RefreshStatus.RETIRED and session is not None:
                 revocation = await self._sessions.revoke_sessions(
@@ -242,18 +257,38 @@ class AuthService:
                         extra={"session_id": str(session.id), "user_id": str(session.user_id)},
                     )
                 raise RefreshTokenInvalid()
-            if outcome.status is not RefreshStatus.OK or session is None:
+            chain = outcome.chain
+            if outcome.status is not RefreshStatus.OK or session is None or chain is None:
                 raise RefreshTokenInvalid()
-            # Leaving without a commit keeps the presented token unused; it
+            # Leaving without a commit keeps the presented token valid; it
             # is refused all the same while the session stays dead.
             if not session.is_active(now):
                 raise RefreshTokenInvalid()
             user = await uow.users.get(session.user_id)
             if user is None or user.state is not UserState.ACTIVE:
                 raise RefreshTokenInvalid()
-            await uow.sessions.add_refresh_token(session.id, successor.token_hash)
             await uow.commit()
-        return self._result(user, session.id, successor.value)
+        return self._result(user, session.id, issue_refresh_token(session.id, chain, successor))
+
+    @staticmethod
+    async def _use(
+        uow: UnitOfWork, presented: PresentedRefreshToken, successor: RefreshSecret
+    ) -> RefreshOutcome:
+        if presented.legacy_hash is not None:
+            return await uow.sessions.use_legacy_refresh_token(
+                presented.legacy_hash, successor.token_hash, new_tag_key()
+            )
+        if presented.session_id is None:
+            return RefreshOutcome(RefreshStatus.UNKNOWN)
+        outcome = await uow.sessions.use_refresh_token(
+            presented.session_id, presented.generation, presented.token_hash, successor.token_hash
+        )
+        if outcome.status is RefreshStatus.RETIRED and (
+            outcome.chain is None or not presented.issued_in(outcome.chain)
+        ):
+            # An older generation with a wrong tag: made up, not replayed.
+            return RefreshOutcome(RefreshStatus.UNKNOWN)
+        return outcome
 
     def _result(self, user: User, session_id: uuid.UUID, refresh_token: str) -> LoginResult:
         access_token, expires_in = self._tokens.issue_access_token(user, session_id=str(session_id))
@@ -288,14 +323,11 @@ class AuthService:
         session_id = session_id_of(principal.session_id)
         if session_id is None:
             raise TokenInvalid()
-        token_hash = refresh_token_hash(refresh_token) if refresh_token else None
-        if refresh_token and token_hash is None:
+        presented = parse_refresh_token(refresh_token) if refresh_token else None
+        if refresh_token and presented is None:
             raise _foreign_refresh_token()
         async with self._uow_factory() as uow:
-            if (
-                token_hash is not None
-                and await uow.sessions.find_refresh_token(token_hash) != session_id
-            ):
+            if presented is not None and not await _belongs_to(uow, presented, session_id):
                 raise _foreign_refresh_token()
             revocation = await self._sessions.revoke_sessions(
                 uow, [session_id], RevokeReason.LOGOUT
@@ -365,6 +397,18 @@ class AuthService:
 
 def _locked(locked_until: datetime | None, now: datetime) -> bool:
     return locked_until is not None and locked_until > now
+
+
+async def _belongs_to(
+    uow: UnitOfWork, presented: PresentedRefreshToken, session_id: uuid.UUID
+) -> bool:
+    """Whether the token, valid or retired, was issued in the session."""
+    if presented.legacy_hash is not None:
+        return await uow.sessions.find_legacy_refresh_token(presented.legacy_hash) == session_id
+    if presented.session_id != session_id:
+        return False
+    chain = await uow.sessions.refresh_chain(session_id)
+    return chain is not None and presented.issued_in(chain)
 
 
 def _foreign_refresh_token() -> InvalidArgument:
