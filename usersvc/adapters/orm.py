@@ -176,9 +176,7 @@ class SessionRow(Base):
         CheckConstraint(
             "(revoke_time IS NULL) = (revoke_reason IS NULL)", name="revoke_reason_with_time"
         ),
-        CheckConstraint(
-            "octet_length(refresh_token_hash) = 32", name="refresh_token_hash_sha256"
-        ),
+        CheckConstraint("octet_length(refresh_token_hash) = 32", name="refresh_token_hash_sha256"),
         CheckConstraint("octet_length(refresh_tag_key) = 32", name="refresh_tag_key_length"),
         CheckConstraint(
             "octet_length(legacy_refresh_hash) = 32", name="legacy_refresh_hash_sha256"

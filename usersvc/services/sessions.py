@@ -81,9 +81,7 @@ def new_tag_key() -> bytes:
     return secrets.token_bytes(TAG_KEY_BYTES)
 
 
-def issue_refresh_token(
-    session_id: uuid.UUID, chain: RefreshChain, secret: RefreshSecret
-) -> str:
+def issue_refresh_token(session_id: uuid.UUID, chain: RefreshChain, secret: RefreshSecret) -> str:
     """The token of ``chain``'s generation of the session. Raises nothing."""
     raw = (
         session_id.bytes
