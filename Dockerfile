@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# usersvc container image: `docker build -t usersvc .` (see README, "Container").
+# usersvc container image: `docker build -t usersvc .` (see docs/operations.md, "Container").
 #
 # The base is pinned by tag and by digest (the multi-platform index of
 # python:3.11.13-slim-bookworm), so a rebuild gets the same bytes; bump both
@@ -17,6 +17,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps the rest out).
 COPY constraints.txt pyproject.toml README.md ./
+COPY alembic/ alembic/
 COPY generated/ generated/
 COPY usersvc/ usersvc/
 

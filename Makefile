@@ -40,8 +40,9 @@ test: $(STAMP) buf-lint buf-breaking proto-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) buf-lint buf-breaking proto-check docker-lint
-	$(BIN)/ruff check usersvc tests scripts
+	$(BIN)/ruff check usersvc tests scripts alembic
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 buf-lint: $(BUF)
 	$(BUF) lint

@@ -40,7 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from generated.usersvc.v1 import (  # noqa: E402
+from usersvc_protos.v1 import (  # noqa: E402
     auth_service_pb2,
     auth_service_pb2_grpc,
     user_service_pb2,

@@ -1,9 +1,12 @@
 """Regenerate generated/ from protos/ (messages, gRPC stubs and .pyi types).
 
-protoc run with ``-Iprotos`` writes ``from usersvc.v1 import ...``, which would
-resolve to our own ``usersvc`` package. We keep the descriptor file names clean
-(``usersvc/v1/user.proto``, what reflection publishes) and rewrite the imports
-to the ``generated`` package afterwards.
+protoc run with ``-Iprotos`` writes ``usersvc/v1/*_pb2.py`` with
+``from usersvc.v1 import ...``, which would resolve to our own ``usersvc``
+package. We keep the descriptor file names clean (``usersvc/v1/user.proto``,
+what reflection publishes), put the files in ``generated/usersvc_protos/v1/``
+and rewrite the imports, and the module names the messages report, to
+``usersvc_protos.v1``: the name the wheel installs them under (pyproject.toml
+maps the directory), never a top-level ``generated``.
 
 Usage: python scripts/gen_proto.py [--check]
   --check  regenerate into a temporary directory and fail if generated/ differs.
@@ -21,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-PACKAGE_INITS = ("generated", "generated/usersvc", "generated/usersvc/v1")
+PACKAGE = "usersvc_protos"
+PACKAGE_INITS = (f"generated/{PACKAGE}", f"generated/{PACKAGE}/v1")
 _IMPORT = re.compile(r"^(from|import) usersvc\.v1\b", re.MULTILINE)
 _QUALIFIED = re.compile(r"(?<![\w.])usersvc\.v1\.(\w+_pb2)")
 
@@ -30,8 +34,8 @@ def generate(out: Path) -> None:
     import grpc_tools
 
     protos = sorted(p.relative_to(PROTOS).as_posix() for p in PROTOS.rglob("*.proto"))
-    gen_dir = out / "generated"
-    gen_dir.mkdir(parents=True, exist_ok=True)
+    gen_dir = out / "generated" / ".protoc"
+    gen_dir.mkdir(parents=True)
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     bin_dir = Path(sys.executable).parent
     cmd = [
@@ -46,12 +50,17 @@ def generate(out: Path) -> None:
         *protos,
     ]
     subprocess.run(cmd, check=True, cwd=PROTOS)  # noqa: S603
+    package = out / "generated" / PACKAGE
+    (gen_dir / "usersvc").rename(package)
+    gen_dir.rmdir()
     for init in PACKAGE_INITS:
         (out / init / "__init__.py").write_text("")
-    for path in gen_dir.rglob("*.py*"):
+    # PEP 561: type checkers of installed callers read the .pyi files.
+    (package / "py.typed").write_text("")
+    for path in package.rglob("*.py*"):
         text = path.read_text()
-        text = _IMPORT.sub(r"\1 generated.usersvc.v1", text)
-        text = _QUALIFIED.sub(r"generated.usersvc.v1.\1", text)
+        text = _IMPORT.sub(rf"\1 {PACKAGE}.v1", text)
+        text = _QUALIFIED.sub(rf"{PACKAGE}.v1.\1", text)
         path.write_text(text)
 
 

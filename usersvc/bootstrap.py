@@ -1,39 +1,68 @@
-"""The composition root: the one place that builds engines, repositories,
-services and servicers from Settings. Tests call it with their own settings."""
+"""The composition root: the one place that builds every object of a server
+process from Settings: engine, unit of work factory, services, the signing
+key ring, servicers, the public-method selector, the interceptor chain, the
+TLS credentials, and (for ``serve``) the database to serve from, metrics and
+tracing. usersvc/server.py only binds and serves what this builds;
+usersvc/cli.py only parses arguments and calls these. Tests call
+``bootstrap`` with their own settings."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.database import create_engine
 from usersvc.adapters.db_monitor import DatabaseMonitor
+from usersvc.adapters.keys import LoggerLike, read_key_material
 from usersvc.adapters.ratelimit import InProcessRateLimiter, RedisRateLimiter
 from usersvc.adapters.read_lane import SqlAlchemyUserReader
 from usersvc.adapters.revocations import CachedRevocationChecker, PostgresRevocationListener
+from usersvc.adapters.tls import ServerCredentials, load_server_credentials
 from usersvc.adapters.unit_of_work import make_uow_factory
+from usersvc.api.auth_servicer import AuthServicer
+from usersvc.api.interceptors import build_interceptors
+from usersvc.api.public import PublicMethods
+from usersvc.api.user_servicer import UserServicer
 from usersvc.config import Settings
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.passwords import PasswordPolicy
+from usersvc.domain.rate_limits import rate_or_none
+from usersvc.domain.revocations import RevocationCache
 from usersvc.services.auth import AuthService
 from usersvc.services.maintenance import SessionMaintenance
 from usersvc.services.passwords import BcryptPasswordHasher
-from usersvc.services.revocations import RevocationCache
 from usersvc.services.sessions import SessionLifetimes, SessionRevoker
-from usersvc.services.tokens import TokenService, load_key_ring
+from usersvc.services.tokens import KeyRing, TokenService, key_ring_of
 from usersvc.services.users import UserService
 
 if TYPE_CHECKING:
-    # Imported only with USERSVC_METRICS_ADDR: no prometheus_client otherwise.
-    from usersvc.observability.metrics import Metrics
+    # Imported only with USERSVC_METRICS_ADDR: no prometheus_client otherwise;
+    # only with OTEL_* asking for traces: no OpenTelemetry otherwise.
+    from usersvc.api.interceptors.wrapping import WrappingInterceptor
+    from usersvc.observability.metrics import Metrics, MetricsEndpoint
     from usersvc.observability.tracing import Tracing
 
 logger = logging.getLogger("usersvc.bootstrap")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What the gRPC server (usersvc/server.py) binds and runs."""
+
+    credentials: ServerCredentials
+    public_methods: PublicMethods
+    # One Pipeline running the interceptors in the order
+    # usersvc/api/interceptors/__init__.py writes down.
+    interceptors: list[grpc.aio.ServerInterceptor]  # type: ignore[type-arg]
+    user_servicer: UserServicer
+    auth_servicer: AuthServicer
 
 
 @dataclass
@@ -61,6 +90,8 @@ class Container:
     metrics: Metrics | None = None
     # None unless OTEL_* variables ask for traces and the otel extra is there.
     tracing: Tracing | None = None
+    # None when built with serving=False (a command that serves nothing).
+    serving: Serving | None = None
 
     async def start_background(self) -> None:
         """Start the revocation feed (waiting briefly for its first load)
@@ -90,6 +121,14 @@ class Container:
             self.tracing.shutdown()
 
 
+def load_key_ring(settings: Settings, logger: LoggerLike) -> KeyRing:
+    """The token key ring the settings name (see usersvc/adapters/keys.py).
+    Raises KeyConfigError for an unreadable, encrypted, short or missing
+    key."""
+    material = read_key_material(settings, logger)
+    return key_ring_of(material.signing, material.verification)
+
+
 def resolve_database_url(settings: Settings) -> tuple[str, bool]:
     """The database URL to use and whether it is the embedded server.
 
@@ -102,6 +141,99 @@ def resolve_database_url(settings: Settings) -> tuple[str, bool]:
     return start_embedded_postgres(settings.data_dir), True
 
 
+def prepare_serving_database(settings: Settings) -> str:
+    """The URL ``serve`` runs on: USERSVC_DATABASE_URL as it is (its schema
+    is the deployment's job: ``usersvc migrate``), or in development the
+    embedded PostgreSQL, started and migrated to the newest revision (we own
+    it, so keeping its schema current is our job). Raises what starting or
+    migrating raises (RuntimeError, OSError, SQLAlchemy errors)."""
+    if settings.database_url is not None:
+        return settings.database_url
+    from usersvc.adapters.embedded import prepare_embedded_postgres
+
+    return prepare_embedded_postgres(settings.data_dir)
+
+
+@dataclass
+class Observability:
+    """The metrics and tracing of one serving process, and the metrics
+    endpoint it opened (None: the supervisor serves the workers' metrics,
+    or metrics are off)."""
+
+    metrics: Metrics | None = None
+    tracing: Tracing | None = None
+    endpoint: MetricsEndpoint | None = None
+
+    def close(self) -> None:
+        """Release the metrics port. Raises nothing."""
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+
+
+def build_observability(
+    settings: Settings, *, worker: bool = False, environ: Mapping[str, str] = os.environ
+) -> Observability:
+    """Metrics when USERSVC_METRICS_ADDR is set (a single process serves
+    them itself; a worker writes them for its supervisor to serve) and
+    tracing when the OTEL_* variables in ``environ`` ask for it (each worker
+    exports its own spans). Raises OSError when the metrics address cannot
+    be bound."""
+    from usersvc.observability.tracing import configure_tracing
+
+    observed = Observability()
+    if settings.metrics_addr is not None:
+        from usersvc.observability.metrics import (
+            MULTIPROC_DIR_VARIABLE,
+            Metrics,
+            serve_process_metrics,
+        )
+
+        if not worker:
+            observed.metrics = Metrics.create()
+            observed.endpoint = serve_process_metrics(settings.metrics_addr, observed.metrics)
+        elif MULTIPROC_DIR_VARIABLE in environ:
+            observed.metrics = Metrics.create()
+    try:
+        observed.tracing = configure_tracing(environ)
+    except BaseException:
+        observed.close()
+        raise
+    return observed
+
+
+def _interceptors(
+    settings: Settings,
+    *,
+    auth_service: AuthService,
+    public_methods: PublicMethods,
+    monitor: DatabaseMonitor | None,
+    rate_limiter: InProcessRateLimiter | RedisRateLimiter,
+    metrics: Metrics | None,
+    tracing: Tracing | None,
+) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+    tracing_interceptor: WrappingInterceptor | None = None
+    if tracing is not None:
+        # Imports OpenTelemetry: only when tracing is on.
+        from usersvc.api.interceptors.tracing import TracingInterceptor
+
+        tracing_interceptor = TracingInterceptor(tracing.tracer)
+    return build_interceptors(
+        auth_service=auth_service,
+        public_methods=public_methods,
+        service_identities=settings.service_identities,
+        deadline_margin_seconds=settings.deadline_margin_ms / 1000,
+        ensure_database=None if monitor is None else monitor.ensure_available,
+        rate_limiter=rate_limiter,
+        general_rate=rate_or_none(settings.rate_limit_rps, settings.rate_limit_burst),
+        auth_rate=rate_or_none(settings.auth_rate_limit_rps, settings.auth_rate_limit_burst),
+        trusted_proxies=settings.trusted_proxies,
+        call_metrics=None if metrics is None else metrics.calls,
+        on_rate_limited=None if metrics is None else metrics.rate_limited,
+        tracing=tracing_interceptor,
+    )
+
+
 def bootstrap(
     settings: Settings,
     *,
@@ -109,13 +241,20 @@ def bootstrap(
     lockout_clock: Callable[[], float] = time.time,
     metrics: Metrics | None = None,
     tracing: Tracing | None = None,
+    serving: bool = True,
 ) -> Container:
     """Wire the service; ``lockout_clock`` (like time.time) tells when
     account locks end, for tests that move it; ``metrics`` (None: off) is
     fed by the services and reads the pool; ``tracing`` (from
     usersvc.observability.tracing.configure_tracing; None: off) adds spans
-    to every RPC and SQL statement. Raises ValueError for unusable signing
-    keys or a malformed USERSVC_REDIS_URL."""
+    to every RPC and SQL statement; ``serving=False`` leaves out what only
+    a server needs (TLS files, interceptors, servicers), for a command such
+    as create-admin. Raises TlsConfigError (a RuntimeError) for unusable TLS
+    files, KeyConfigError (a ValueError) for unusable signing keys,
+    ValueError for a malformed USERSVC_REDIS_URL."""
+    # Files first: a bad one stops the start before any pool or thread exists.
+    credentials = load_server_credentials(settings) if serving else None
+    key_ring = load_key_ring(settings, logger)
     engine = create_engine(settings, database_url)
     if metrics is not None:
         metrics.watch_pool(engine.pool)  # type: ignore[arg-type]
@@ -133,7 +272,7 @@ def bootstrap(
         nice=settings.bcrypt_nice,
     )
     tokens = TokenService(
-        load_key_ring(settings, logger),
+        key_ring,
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         access_ttl_seconds=settings.access_token_ttl_seconds,
@@ -188,6 +327,24 @@ def bootstrap(
         rate_limiter = RedisRateLimiter.from_url(
             settings.redis_url, timeout_seconds=settings.redis_timeout_seconds
         )
+    served = None
+    if credentials is not None:
+        public_methods = PublicMethods(allow_signup=settings.allow_signup)
+        served = Serving(
+            credentials=credentials,
+            public_methods=public_methods,
+            interceptors=_interceptors(
+                settings,
+                auth_service=auth_service,
+                public_methods=public_methods,
+                monitor=monitor,
+                rate_limiter=rate_limiter,
+                metrics=metrics,
+                tracing=tracing,
+            ),
+            user_servicer=UserServicer(user_service),
+            auth_servicer=AuthServicer(auth_service),
+        )
     return Container(
         settings=settings,
         database_url=database_url,
@@ -212,4 +369,5 @@ def bootstrap(
         rate_limiter=rate_limiter,
         metrics=metrics,
         tracing=tracing,
+        serving=served,
     )

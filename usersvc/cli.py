@@ -16,10 +16,7 @@ from typing import TYPE_CHECKING
 from usersvc.config import Settings, SettingsError
 
 if TYPE_CHECKING:
-    import grpc
-
-    from usersvc.observability.metrics import Metrics
-    from usersvc.observability.tracing import Tracing
+    from usersvc.bootstrap import Observability
 
 logger = logging.getLogger("usersvc.cli")
 
@@ -140,60 +137,33 @@ def _tracing_problems() -> list[str]:
     return []
 
 
-def _tracing() -> Tracing | None:
-    # In the process that serves: each worker exports its own spans.
-    from usersvc.observability.tracing import configure_tracing
-
-    return configure_tracing(os.environ)
-
-
 def _serve(settings: Settings) -> int:
-    from usersvc.bootstrap import resolve_database_url
+    from usersvc.bootstrap import build_observability, prepare_serving_database
 
-    url, embedded = resolve_database_url(settings)
-    if embedded:
-        # We own the embedded database, so keeping its schema current is our job.
-        from usersvc.adapters.migrations import upgrade
-
-        upgrade(url)
-    metrics = None
-    endpoint = None
-    if settings.metrics_addr is not None:
-        from usersvc.observability.metrics import Metrics, serve_process_metrics
-
-        metrics = Metrics.create()
-        try:
-            endpoint = serve_process_metrics(settings.metrics_addr, metrics)
-        except OSError as exc:
-            logger.error("cannot serve metrics on %s: %s", settings.metrics_addr, exc)
-            return 1
+    url = prepare_serving_database(settings)
     try:
-        return _run_server(settings, url, metrics=metrics, tracing=_tracing())
-    finally:
-        if endpoint is not None:
-            endpoint.close()
+        observability = build_observability(settings)
+    except OSError as exc:
+        logger.error("cannot serve metrics on %s: %s", settings.metrics_addr, exc)
+        return 1
+    return _run_server(settings, url, observability)
 
 
 def _serve_worker(settings: Settings, index: int, parent_fd: int | None) -> int:
     """One worker of ``serve --workers N``: the supervisor prepared the
     database and passes its URL; metrics go to the supervisor's multiprocess
     directory, which the supervisor serves."""
+    from usersvc.bootstrap import build_observability
     from usersvc.logging_setup import add_static_fields
 
     add_static_fields(worker=index, pid=os.getpid())
     if settings.database_url is None:
         logger.error("a worker needs USERSVC_DATABASE_URL from its supervisor")
         return 2
-    metrics = None
-    if settings.metrics_addr is not None and "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        from usersvc.observability.metrics import Metrics
-
-        metrics = Metrics.create()
     return _run_server(
         settings,
         settings.database_url,
-        metrics=metrics,
-        tracing=_tracing(),
+        build_observability(settings, worker=True),
         reuse_port=True,
         parent_fd=parent_fd,
     )
@@ -202,23 +172,23 @@ def _serve_worker(settings: Settings, index: int, parent_fd: int | None) -> int:
 def _run_server(
     settings: Settings,
     url: str,
+    observability: Observability,
     *,
-    metrics: Metrics | None,
-    tracing: Tracing | None = None,
     reuse_port: bool = False,
     parent_fd: int | None = None,
 ) -> int:
     from usersvc.bootstrap import bootstrap
+    from usersvc.domain.keys import KeyConfigError
     from usersvc.server import run_until_signalled
 
     async def run() -> None:
-        await run_until_signalled(
-            bootstrap(settings, database_url=url, metrics=metrics, tracing=tracing),
-            reuse_port=reuse_port,
-            parent_fd=parent_fd,
+        container = bootstrap(
+            settings,
+            database_url=url,
+            metrics=observability.metrics,
+            tracing=observability.tracing,
         )
-
-    from usersvc.services.tokens import KeyConfigError
+        await run_until_signalled(container, reuse_port=reuse_port, parent_fd=parent_fd)
 
     _install_uvloop()
     try:
@@ -226,11 +196,13 @@ def _run_server(
     except (RuntimeError, KeyConfigError) as exc:
         logger.error("cannot start: %s", exc)
         return 1
+    finally:
+        observability.close()
     return 0
 
 
 def _generate_key(path: Path) -> int:
-    from usersvc.services.tokens import generate_key_file
+    from usersvc.adapters.keys import generate_key_file
 
     try:
         kid = generate_key_file(path)
@@ -272,8 +244,7 @@ def _read_admin_password() -> str | None:
 def _create_admin(settings: Settings, email: str, display_name: str) -> int:
     from usersvc.bootstrap import bootstrap, resolve_database_url
     from usersvc.domain.errors import DomainError
-    from usersvc.domain.models import ROLE_ADMIN, ROLE_USER, Principal, PrincipalKind, UserPatch
-    from usersvc.services.inputs import CreateUserInput, UpdateUserInput
+    from usersvc.domain.models import ROLE_ADMIN, Principal, PrincipalKind
 
     password = _read_admin_password()
     if password is None:
@@ -284,34 +255,18 @@ def _create_admin(settings: Settings, email: str, display_name: str) -> int:
     )
 
     async def run() -> str:
-        container = bootstrap(settings, database_url=url)
-        users = container.user_service
+        # Serves nothing, so reads no TLS files (a job running it may not
+        # have them).
+        container = bootstrap(settings, database_url=url, serving=False)
         try:
-            try:
-                existing = await users.lookup_user(principal=operator, email=email)
-            except DomainError as exc:
-                if exc.reason != "USER_NOT_FOUND":
-                    raise
-                created = await users.create_user(
-                    principal=operator,
-                    request=CreateUserInput(
-                        email=email,
-                        password=password,
-                        display_name=display_name,
-                        roles=(ROLE_USER, ROLE_ADMIN),
-                    ),
-                )
-                return f"created admin {created.email} ({created.id})"
-            roles = tuple(dict.fromkeys((*existing.roles, ROLE_ADMIN)))
-            await users.update_user(
-                principal=operator,
-                request=UpdateUserInput(
-                    user_id=str(existing.id), etag="", patch=UserPatch(roles=roles)
-                ),
+            user, created = await container.user_service.create_or_promote_admin(
+                principal=operator, email=email, password=password, display_name=display_name
             )
-            return f"granted admin to existing user {existing.email} ({existing.id})"
         finally:
             await container.aclose()
+        if created:
+            return f"created admin {user.email} ({user.id})"
+        return f"granted admin to existing user {user.email} ({user.id})"
 
     try:
         print(asyncio.run(run()))
@@ -321,35 +276,6 @@ def _create_admin(settings: Settings, email: str, display_name: str) -> int:
     return 0
 
 
-def _healthcheck_channel(
-    settings: Settings, args: argparse.Namespace, target: str
-) -> grpc.Channel:
-    """A channel to ``target``: plaintext, or TLS when the server has it.
-    Raises OSError for an unreadable file."""
-    import grpc
-    from cryptography import x509
-
-    if settings.tls_cert_file is None:
-        return grpc.insecure_channel(target)
-    server_cert = settings.tls_cert_file.read_bytes()
-    roots = args.ca_file.read_bytes() if args.ca_file else server_cert
-    client_key = args.client_key.read_bytes() if args.client_key else None
-    client_chain = args.client_cert.read_bytes() if args.client_cert else None
-    name = args.server_name
-    if name is None:
-        leaf = x509.load_pem_x509_certificate(server_cert)
-        try:
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            names = san.get_values_for_type(x509.DNSName)
-        except x509.ExtensionNotFound:
-            names = []
-        name = names[0] if names else None
-    # We dial an address; the certificate names a host: check that name.
-    options = [("grpc.ssl_target_name_override", name)] if name else []
-    credentials = grpc.ssl_channel_credentials(roots, client_key, client_chain)
-    return grpc.secure_channel(target, credentials, options=options)
-
-
 def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -357,8 +283,17 @@ def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     host, _, port = settings.listen_addr.rpartition(":")
     if host in ("0.0.0.0", "[::]", "::"):  # noqa: S104 - we connect, not bind
         host = "127.0.0.1"
+    from usersvc.adapters.tls import probe_channel
+
     try:
-        channel = _healthcheck_channel(settings, args, f"{host}:{port}")
+        channel = probe_channel(
+            settings,
+            f"{host}:{port}",
+            ca_file=args.ca_file,
+            server_name=args.server_name,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+        )
     except (OSError, ValueError) as exc:
         print(f"usersvc: cannot set up TLS for the check: {exc}", file=sys.stderr)
         return 1

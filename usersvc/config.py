@@ -13,12 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from usersvc.domain.keys import MIN_HS256_SECRET_BYTES
 from usersvc.domain.models import KNOWN_ROLES
 
 PREFIX = "USERSVC_"
 JWT_ALGORITHMS = ("EdDSA", "HS256")
-# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash.
-MIN_HS256_SECRET_BYTES = 32
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

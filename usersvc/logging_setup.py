@@ -1,7 +1,7 @@
 """Process-wide logging: JSON lines for machines (the default), text for people.
 
 Every record carries the request id of the call it was logged in (from
-``usersvc.api.context``), so one call's lines can be found together. Fields
+``usersvc.observability.context``), so one call's lines can be found together. Fields
 passed with ``extra=`` (method, code, duration_ms, peer, principal, ...) become
 top-level JSON keys. Nothing in the service logs request or response bodies:
 they hold passwords and tokens.
@@ -25,7 +25,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from usersvc.api.context import current_request_id
+from usersvc.observability.context import current_request_id
 
 FORMATS = ("json", "text")
 # Marks the handler configure_logging installs, so a second call replaces it.

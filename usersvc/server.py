@@ -1,6 +1,7 @@
-"""The grpc.aio server: UserService, AuthService, health, reflection,
-interceptors, TLS and mTLS, a graceful stop on SIGTERM/SIGINT, and a reload of
-the token keys on SIGHUP."""
+"""The grpc.aio server: binds the ports (TLS and mTLS as usersvc/bootstrap.py
+built them), serves UserService and AuthService through the interceptor chain
+built there, plus health and reflection; a graceful stop on SIGTERM/SIGINT,
+and a reload of the token keys on SIGHUP. It builds nothing of its own."""
 
 from __future__ import annotations
 
@@ -9,123 +10,28 @@ import gc
 import logging
 import os
 import signal
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from generated.usersvc.v1 import (
+from usersvc_protos.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
     user_service_pb2,
     user_service_pb2_grpc,
 )
 from usersvc.adapters.db_monitor import DatabaseMonitor
-from usersvc.api.auth_servicer import AuthServicer
-from usersvc.api.interceptors import build_interceptors
-from usersvc.api.public import PublicMethods
-from usersvc.api.user_servicer import UserServicer
-from usersvc.bootstrap import Container
-from usersvc.config import Settings
-from usersvc.domain.rate_limits import rate_or_none
-from usersvc.services.tokens import KeyConfigError, load_key_ring
+from usersvc.adapters.tls import client_certificate_mode
+from usersvc.bootstrap import Container, load_key_ring
+from usersvc.domain.keys import KeyConfigError
 
 logger = logging.getLogger("usersvc.server")
 
 USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 AUTH_SERVICE = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 HEALTH_SERVICES = ("", USER_SERVICE, AUTH_SERVICE)
-
-
-class TlsConfigError(RuntimeError):
-    """The TLS files cannot be used (raised at start-up)."""
-
-
-@dataclass(frozen=True)
-class ServerCredentials:
-    """What each port is bound with: None is plaintext."""
-
-    main: grpc.ServerCredentials | None
-    # Set only with USERSVC_MTLS_LISTEN_ADDR.
-    mtls: grpc.ServerCredentials | None
-
-
-def load_server_credentials(settings: Settings) -> ServerCredentials:
-    """The credentials of the gRPC ports, from the TLS settings.
-
-    grpc (checked with grpcio 1.85) offers servers two modes only: with
-    ``require_client_auth=False`` the handshake does not even ask for a
-    client certificate (whatever root certificates are given, no x509
-    property ever reaches ``auth_context``), and with True every client must
-    present one that the CA verifies. "Optional but verified" does not
-    exist, and an unverified identity must never be trusted, so:
-
-    - a client CA and USERSVC_MTLS_LISTEN_ADDR: the main port is TLS without
-      client certificates (bearer tokens, as before), the second port
-      requires a verified client certificate (services; a bearer token sent
-      there still decides who calls);
-    - a client CA alone: the one port requires a verified client certificate
-      from every caller, bearer-token callers included;
-    - no client CA: TLS only; no certificate identities at all.
-
-    Raises TlsConfigError for a file that is unreadable, not PEM, or a key
-    that does not belong to the certificate.
-    """
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
-        return ServerCredentials(main=None, mtls=None)
-    chain = _read_certificates(settings.tls_cert_file, "USERSVC_TLS_CERT_FILE")
-    key = _read_private_key(settings.tls_key_file, chain[0])
-    pairs = [(key, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))]
-    if settings.tls_client_ca_file is None:
-        return ServerCredentials(main=grpc.ssl_server_credentials(pairs), mtls=None)
-    client_ca = b"".join(
-        c.public_bytes(serialization.Encoding.PEM)
-        for c in _read_certificates(settings.tls_client_ca_file, "USERSVC_TLS_CLIENT_CA_FILE")
-    )
-    required = grpc.ssl_server_credentials(
-        pairs, root_certificates=client_ca, require_client_auth=True
-    )
-    if settings.mtls_listen_addr is None:
-        return ServerCredentials(main=required, mtls=None)
-    return ServerCredentials(main=grpc.ssl_server_credentials(pairs), mtls=required)
-
-
-def _read_file(path: Path, variable: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise TlsConfigError(f"{variable}: cannot read {path}: {exc.strerror}") from None
-
-
-def _read_certificates(path: Path, variable: str) -> list[x509.Certificate]:
-    try:
-        certificates = x509.load_pem_x509_certificates(_read_file(path, variable))
-    except ValueError:
-        raise TlsConfigError(f"{variable}: {path} holds no PEM certificate") from None
-    return certificates
-
-
-def _read_private_key(path: Path, certificate: x509.Certificate) -> bytes:
-    variable = "USERSVC_TLS_KEY_FILE"
-    data = _read_file(path, variable)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise TlsConfigError(f"{variable}: {path} is encrypted; provide it unencrypted") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise TlsConfigError(f"{variable}: {path} holds no PEM private key") from None
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
-        raise TlsConfigError(
-            f"{variable}: {path} is not the key of the first certificate in USERSVC_TLS_CERT_FILE"
-        )
-    return data
 
 
 def _bind(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -163,39 +69,21 @@ class UsersvcServer:
     ) -> UsersvcServer:
         """Bind and start serving; ``reuse_port`` lets the workers of one
         supervisor (usersvc.supervisor) share the port(s). Raises
-        RuntimeError when an address is taken, TlsConfigError (a
-        RuntimeError) for unusable TLS files."""
+        RuntimeError when an address is taken, ValueError for a container
+        built with serving=False."""
         settings = container.settings
         addr = listen_addr or settings.listen_addr
-        credentials = load_server_credentials(settings)
+        serving = container.serving
+        if serving is None:
+            raise ValueError("this container was built with serving=False")
+        credentials = serving.credentials
         # Computed now, so the first login for an unknown email takes as long
         # as any other failed login (no timing oracle on a cold start).
         await container.hasher.dummy_hash()
         # The revocation cache is loaded before the first call is served.
         await container.start_background()
         server = grpc.aio.server(
-            interceptors=build_interceptors(
-                auth_service=container.auth_service,
-                public_methods=PublicMethods(allow_signup=settings.allow_signup),
-                service_identities=settings.service_identities,
-                deadline_margin_seconds=settings.deadline_margin_ms / 1000,
-                ensure_database=(
-                    None
-                    if container.database_monitor is None
-                    else container.database_monitor.ensure_available
-                ),
-                rate_limiter=container.rate_limiter,
-                general_rate=rate_or_none(settings.rate_limit_rps, settings.rate_limit_burst),
-                auth_rate=rate_or_none(
-                    settings.auth_rate_limit_rps, settings.auth_rate_limit_burst
-                ),
-                trusted_proxies=settings.trusted_proxies,
-                call_metrics=None if container.metrics is None else container.metrics.calls,
-                on_rate_limited=(
-                    None if container.metrics is None else container.metrics.rate_limited
-                ),
-                tracing=None if container.tracing is None else container.tracing.interceptor(),
-            ),
+            interceptors=serving.interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 # Without this a second server on the same port would bind
@@ -211,12 +99,8 @@ class UsersvcServer:
             # ErrorInfo: no interceptor runs), before any work or memory.
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        user_service_pb2_grpc.add_UserServiceServicer_to_server(
-            UserServicer(container.user_service), server
-        )
-        auth_service_pb2_grpc.add_AuthServiceServicer_to_server(
-            AuthServicer(container.auth_service), server
-        )
+        user_service_pb2_grpc.add_UserServiceServicer_to_server(serving.user_servicer, server)
+        auth_service_pb2_grpc.add_AuthServiceServicer_to_server(serving.auth_servicer, server)
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -235,7 +119,7 @@ class UsersvcServer:
                 "addr": addr,
                 "port": port,
                 "tls": credentials.main is not None,
-                "client_certificates": _client_certificate_mode(settings),
+                "client_certificates": client_certificate_mode(settings),
                 "mtls_port": mtls_port,
             },
         )
@@ -273,12 +157,6 @@ class UsersvcServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
-
-
-def _client_certificate_mode(settings: Settings) -> str:
-    if settings.tls_client_ca_file is None:
-        return "off"
-    return "required on mtls port" if settings.mtls_listen_addr else "required"
 
 
 def reload_keys(container: Container) -> bool:

@@ -319,12 +319,11 @@ def _prepare_once(settings: Settings, env: dict[str, str]) -> None:
     to the workers) and the development signing key (generated here, or N
     workers would race to create it). Raises what those raise."""
     if settings.database_url is None:
-        from usersvc.adapters.embedded import start_embedded_postgres
-        from usersvc.adapters.migrations import upgrade
+        from usersvc.adapters.embedded import prepare_embedded_postgres
 
-        url = start_embedded_postgres(settings.data_dir)
-        upgrade(url)
-        env["USERSVC_DATABASE_URL"] = url
-    from usersvc.services.tokens import load_key_ring
+        env["USERSVC_DATABASE_URL"] = prepare_embedded_postgres(settings.data_dir)
+    from usersvc.adapters.keys import read_key_material
+    from usersvc.services.tokens import key_ring_of
 
-    load_key_ring(settings, logger)
+    material = read_key_material(settings, logger)
+    key_ring_of(material.signing, material.verification)

@@ -18,7 +18,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 
-from generated.usersvc.v1 import auth_service_pb2, user_service_pb2
+from usersvc_protos.v1 import auth_service_pb2, user_service_pb2
 
 SERVICES = (
     user_service_pb2.DESCRIPTOR.services_by_name["UserService"],

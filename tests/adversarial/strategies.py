@@ -29,7 +29,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from hypothesis import strategies as st
 
-from generated.usersvc.v1 import user_pb2
+from usersvc_protos.v1 import user_pb2
 
 from .payloads import SQL_PAYLOADS
 

@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from generated.usersvc.v1 import user_service_pb2
+from usersvc_protos.v1 import user_service_pb2
 
 from .invariants import consistency_problems
 from .rpcs import Outcome

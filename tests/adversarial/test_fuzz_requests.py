@@ -15,7 +15,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from generated.usersvc.v1 import user_service_pb2
+from usersvc_protos.v1 import user_service_pb2
 
 from .rpcs import RPCS, Outcome, Rpc, call_raw, well_formed_problems
 from .strategies import message_strategy
@@ -35,7 +35,7 @@ CALLERS = ("anonymous", "user", "admin")
 SIZE_MARGIN = 4096
 # Methods anyone may call, so a garbage token need not decide them.
 PUBLIC_RPCS = frozenset({"Login", "GetJwks", "RefreshToken", "CreateUser"})
-# Methods only admins and services may call (API.md): a plain user never
+# Methods only admins and services may call (docs/api.md): a plain user never
 # succeeds with them, whatever it sends.
 PRIVILEGED_RPCS = frozenset(
     {

@@ -21,7 +21,7 @@ from e2e.helpers import bearer, new_email
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
+from usersvc_protos.v1 import auth_service_pb2, user_pb2, user_service_pb2
 
 from .rpcs import RPCS, Outcome, call_raw, well_formed_problems
 from .support import Cast, assert_consistent

@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
+from usersvc_protos.v1 import auth_service_pb2, user_pb2, user_service_pb2
 
 from .payloads import SLEEP_SECONDS, SQL_PAYLOADS, survives_text_fields
 from .rpcs import RPCS, Outcome, Rpc, call_raw, well_formed_problems

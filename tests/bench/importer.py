@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 import bcrypt
 import grpc
 
-from generated.usersvc.v1 import user_service_pb2
+from usersvc_protos.v1 import user_service_pb2
 
 from .calls import USER_SERVICE, bearer
 from .results import AbsoluteSpec

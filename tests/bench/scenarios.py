@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf import field_mask_pb2
 
-from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
+from usersvc_protos.v1 import auth_service_pb2, user_pb2, user_service_pb2
 from usersvc.domain.listing import Cursor, Filter, Ordering
 from usersvc.services.pagination import encode_page_token, query_fingerprint
 

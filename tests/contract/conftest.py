@@ -1,4 +1,4 @@
-"""The consumer contract suite: the public API of usersvc (API.md) checked
+"""The consumer contract suite: the public API of usersvc (docs/api.md) checked
 against a live server over the network, with nothing but the server's own
 reflection and public protobuf/gRPC packages.
 

@@ -1,5 +1,5 @@
 """What reflection publishes: the services, methods, messages and fields
-API.md fixes by name."""
+docs/api.md fixes by name."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ USER_FIELDS = {
 USER_STATES = {"STATE_UNSPECIFIED", "STATE_ACTIVE", "STATE_DISABLED", "STATE_DELETED"}
 TOKEN_PAIR = {"access_token", "refresh_token", "token_type", "expires_in", "user"}
 
-# (service, method) -> (request fields, response fields), from API.md.
+# (service, method) -> (request fields, response fields), from docs/api.md.
 METHODS = {
     (USER_SERVICE, "CreateUser"): (
         {"email", "password", "display_name", "roles", "labels", "request_id"}, {"user"},

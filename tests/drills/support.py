@@ -33,7 +33,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from generated.usersvc.v1 import (
+from usersvc_protos.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
     user_service_pb2,

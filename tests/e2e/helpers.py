@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from log_secrets import SWEEP
 
-from generated.usersvc.v1 import (
+from usersvc_protos.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
     user_pb2,

@@ -114,7 +114,7 @@ async def methods_open_to_anonymous(server: RunningServer) -> tuple[set[str], se
 async def test_the_walk_covers_every_method_of_both_usersvc_services(
     primary: RunningServer,
 ) -> None:
-    from generated.usersvc.v1 import auth_service_pb2, user_service_pb2
+    from usersvc_protos.v1 import auth_service_pb2, user_service_pb2
 
     _, walked = await methods_open_to_anonymous(primary)
     for module, name in ((user_service_pb2, "UserService"), (auth_service_pb2, "AuthService")):

@@ -1,4 +1,4 @@
-"""The README's client example, run word for word in a separate Python
+"""The client example of docs/api.md, run word for word in a separate Python
 process against a real server: only the address and the email change."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ README_EMAIL = "grace@example.com"
 
 
 def readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "api.md").read_text()
     block = re.search(
         r"<!-- client:start -->\s*```python\n(.*?)```\s*<!-- client:end -->", text, re.DOTALL
     )
-    assert block, "README.md has no client example"
+    assert block, "docs/api.md has no client example"
     return block.group(1)
 
 

@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
+from usersvc_protos.v1 import auth_service_pb2, user_pb2, user_service_pb2
 from usersvc.client import DatabaseUnavailable, Unavailable, UsersvcClient, retries
 
 USER = user_pb2.User(id="0190f0e0-0000-7000-8000-000000000001", email="ada@example.com")

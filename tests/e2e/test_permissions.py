@@ -1,4 +1,4 @@
-"""Who may call what: every RPC against every kind of caller, as API.md's
+"""Who may call what: every RPC against every kind of caller, as docs/api.md's
 "who may call" column says. A caller without permission is refused whether
 or not the target exists."""
 

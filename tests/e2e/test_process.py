@@ -201,6 +201,22 @@ async def test_create_admin_grants_admin_to_an_existing_user(
     assert {"user", "admin"} <= set(login.user.roles)
 
 
+async def test_create_admin_serves_nothing_so_reads_no_tls_files(
+    usersvc: Usersvc, world: World, tmp_path: Path
+) -> None:
+    email, password = new_email("no-tls"), new_password(world.recorder)
+
+    result = await usersvc.with_env(
+        USERSVC_ADMIN_PASSWORD=password,
+        USERSVC_TLS_CERT_FILE=str(tmp_path / "absent-cert.pem"),
+        USERSVC_TLS_KEY_FILE=str(tmp_path / "absent-key.pem"),
+    ).run("create-admin", "--email", email)
+    login = await world.login(email, password)
+
+    assert result.returncode == 0, result.stderr
+    assert "admin" in login.user.roles
+
+
 async def test_create_admin_without_a_password_or_terminal_exits_2(usersvc: Usersvc) -> None:
     result = await usersvc.run("create-admin", "--email", new_email("nopass"))
 

@@ -354,7 +354,7 @@ async def test_with_one_port_a_mapped_certificate_gets_its_roles(
 async def test_a_server_whose_key_does_not_match_its_certificate_refuses_to_start(
     e2e_settings: Any, pki: Pki, recorder: ResponseRecorder
 ) -> None:
-    from usersvc.server import TlsConfigError
+    from usersvc.adapters.tls import TlsConfigError
 
     settings = tls_settings(e2e_settings, pki, tls_key_file=pki.billing.key_file)
     with pytest.raises(TlsConfigError, match="USERSVC_TLS_KEY_FILE"):

@@ -9,7 +9,7 @@ command until it reports SERVING.
 Dependencies: the fresh venv has only the wheel installed (``--no-deps``);
 a ``.pth`` line adds this project's venv site-packages *after* its own, so
 the third-party packages resolve (no index is needed) while ``usersvc`` and
-``generated`` can only come from the wheel. A path listed in a ``.pth`` file
+``usersvc_protos`` can only come from the wheel. A path listed in a ``.pth`` file
 is appended to sys.path, but the ``.pth`` files inside it are not run, so
 the editable install's import hook does not come along; the tests check
 where the modules are imported from."""
@@ -119,13 +119,24 @@ def test_the_wheel_carries_migrations_generated_code_data_and_type_marker(
 ) -> None:
     with zipfile.ZipFile(installed.wheel) as archive:
         contents = set(archive.namelist())
-    migration_files = _names((PROJECT_ROOT / "usersvc" / "migrations").rglob("*"), PROJECT_ROOT)
-    generated_files = _names((PROJECT_ROOT / "generated").rglob("*"), PROJECT_ROOT)
+    # The top-level alembic/ directory is installed as usersvc_migrations.
+    migration_files = {
+        f"usersvc_migrations/{name}"
+        for name in _names((PROJECT_ROOT / "alembic").rglob("*"), PROJECT_ROOT / "alembic")
+    }
+    # generated/usersvc_protos/ is installed as usersvc_protos, never as `generated`.
+    generated_files = _names(
+        (PROJECT_ROOT / "generated" / "usersvc_protos").rglob("*"), PROJECT_ROOT / "generated"
+    )
+    package_files = _names((PROJECT_ROOT / "usersvc").rglob("*"), PROJECT_ROOT)
 
-    assert {"usersvc/migrations/env.py", "usersvc/migrations/script.py.mako"} <= migration_files
+    assert {"usersvc_migrations/env.py", "usersvc_migrations/script.py.mako"} <= migration_files
     assert migration_files <= contents
-    assert any(name.startswith("usersvc/migrations/versions/0001_") for name in contents)
+    assert any(name.startswith("usersvc_migrations/versions/0001_") for name in contents)
     assert generated_files <= contents
+    assert package_files <= contents
+    assert "usersvc_protos/py.typed" in generated_files
+    assert not [name for name in contents if name.startswith(("alembic/", "generated/"))]
     assert {"usersvc/py.typed", "usersvc/data/common_passwords.txt"} <= contents
     assert not [name for name in contents if name.startswith(("tests/", "protos/", "tools/"))]
 
@@ -135,8 +146,9 @@ def test_the_installed_package_is_imported_from_the_venv_not_the_source_tree(
 ) -> None:
     result = _check(_run(
         [installed.bin / "python", "-c",
-         "import usersvc, generated, usersvc.adapters.migrations as m; "
-         "print(usersvc.__file__); print(generated.__file__); print(m.SCRIPT_LOCATION)"],
+         "import importlib.util, usersvc, usersvc_protos, usersvc.adapters.migrations as m; "
+         "assert importlib.util.find_spec('generated') is None; "
+         "print(usersvc.__file__); print(usersvc_protos.__file__); print(m.script_location())"],
         cwd=installed.workdir,
         env={"PATH": os.environ.get("PATH", "")},
     ))

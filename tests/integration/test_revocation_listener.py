@@ -24,7 +24,7 @@ from usersvc.adapters.revocations import (
     asyncpg_connector,
 )
 from usersvc.config import Settings
-from usersvc.services.revocations import RevocationCache
+from usersvc.domain.revocations import RevocationCache
 
 DEADLINE_SECONDS = 10.0
 

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 CONTRACT_SUITE = Path(__file__).resolve().parents[1] / "contract"
-FORBIDDEN = ("usersvc", "generated", "tests")
+FORBIDDEN = ("usersvc", "usersvc_protos", "usersvc_migrations", "generated", "tests")
 DYNAMIC_IMPORTERS = {"import_module", "__import__"}
 
 
@@ -62,11 +62,11 @@ def test_the_check_catches_each_kind_of_forbidden_import() -> None:
     source = "\n".join([
         "import usersvc",
         "from usersvc.config import Settings",
-        "from generated.usersvc.v1 import user_pb2",
+        "from usersvc_protos.v1 import user_pb2",
         "import tests.e2e.helpers",
         "from ..e2e import helpers",
         "import importlib; importlib.import_module('usersvc.api')",
-        "__import__('generated.usersvc')",
+        "__import__('usersvc_protos')",
     ])
     assert len(forbidden_imports(source)) == 7
 

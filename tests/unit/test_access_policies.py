@@ -1,4 +1,4 @@
-"""Who may call what (usersvc.domain.policies): the table in API.md."""
+"""Who may call what (usersvc.domain.policies): the table in docs/api.md."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from bench.h2load import (
 )
 from bench.results import Measurement, RatioSpec, Target, ratio_verdict, rotated
 
-from generated.usersvc.v1 import user_service_pb2
+from usersvc_protos.v1 import user_service_pb2
 
 H2LOAD_OUTPUT = """\
 starting benchmark...

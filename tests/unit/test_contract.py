@@ -1,4 +1,4 @@
-"""The published contract (API.md) as a test: the protos are compiled afresh
+"""The published contract (docs/api.md) as a test: the protos are compiled afresh
 and every service, method and field that callers rely on must be there."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import grpc_tools
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
+from usersvc_protos.v1 import auth_service_pb2, user_pb2, user_service_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
@@ -22,7 +22,7 @@ USER_FIELDS = {
 }
 USER_STATES = {"STATE_UNSPECIFIED", "STATE_ACTIVE", "STATE_DISABLED", "STATE_DELETED"}
 
-# method -> (request fields, response fields), straight from API.md.
+# method -> (request fields, response fields), straight from docs/api.md.
 USER_SERVICE = {
     "CreateUser": (
         {"email", "password", "display_name", "roles", "labels", "request_id"}, {"user"},

@@ -1,5 +1,6 @@
-"""Several keys at once (usersvc.services.tokens): verification keys from
-files, HS256, key files made by ``generate_key_file``, and the verified-token
+"""Several keys at once (usersvc.services.tokens, read by
+usersvc.adapters.keys): verification keys from files, HS256, key files made
+by ``generate_key_file``, and the verified-token
 cache when the ring changes. These tests touch only pytest's tmp_path."""
 
 from __future__ import annotations
@@ -19,19 +20,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from usersvc.adapters.keys import generate_key_file
+from usersvc.bootstrap import load_key_ring
 from usersvc.config import Settings
 from usersvc.domain.errors import TokenInvalid
+from usersvc.domain.keys import KeyConfigError, jwk_thumbprint
 from usersvc.domain.models import User
-from usersvc.services.tokens import (
-    HS256,
-    KeyConfigError,
-    KeyRing,
-    SigningKey,
-    TokenService,
-    generate_key_file,
-    jwk_thumbprint,
-    load_key_ring,
-)
+from usersvc.services.tokens import HS256, KeyRing, SigningKey, TokenService
 
 LOGGER = logging.getLogger("tests.key_ring")
 SECRET = b"0123456789abcdef0123456789abcdef"

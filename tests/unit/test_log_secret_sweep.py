@@ -14,7 +14,7 @@ import bcrypt
 import pytest
 from log_secrets import LogSweep, SecretLedger
 
-from generated.usersvc.v1 import auth_service_pb2, user_service_pb2
+from usersvc_protos.v1 import auth_service_pb2, user_service_pb2
 
 LOGGER = "usersvc.test.sweep"
 

@@ -18,8 +18,8 @@ from usersvc.adapters.revocation_channel import (
     payloads,
 )
 from usersvc.domain.ports import RefreshChain
+from usersvc.domain.revocations import REVOCATION_MARGIN
 from usersvc.services.sessions import (
-    REVOCATION_MARGIN,
     SessionLifetimes,
     issue_refresh_token,
     new_refresh_secret,

@@ -1,4 +1,4 @@
-"""The in-memory set of revoked sessions (usersvc.services.revocations)."""
+"""The in-memory set of revoked sessions (usersvc.domain.revocations)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from usersvc.services.revocations import RevocationCache
+from usersvc.domain.revocations import RevocationCache
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 

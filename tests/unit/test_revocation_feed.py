@@ -21,7 +21,7 @@ from usersvc.adapters.revocations import (
     asyncpg_connect_arguments,
 )
 from usersvc.config import Settings
-from usersvc.services.revocations import RevocationCache
+from usersvc.domain.revocations import RevocationCache
 
 SETTINGS = Settings(db_statement_timeout_ms=5000)
 

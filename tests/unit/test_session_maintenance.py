@@ -18,8 +18,9 @@ from fakes import (
 
 from usersvc.domain.models import User
 from usersvc.domain.ports import CleanupResult
+from usersvc.domain.revocations import REVOCATION_MARGIN
 from usersvc.services.maintenance import SessionMaintenance
-from usersvc.services.sessions import REVOCATION_MARGIN, SessionLifetimes
+from usersvc.services.sessions import SessionLifetimes
 
 # Past expiry, a session is kept one access token lifetime plus the margin.
 KEEP = timedelta(seconds=ACCESS_TTL_SECONDS) + REVOCATION_MARGIN

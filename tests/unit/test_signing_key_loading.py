@@ -1,4 +1,5 @@
-"""Where the token signing key comes from (usersvc.services.tokens.load_key_ring).
+"""Where the token signing key comes from (usersvc.adapters.keys, read
+through usersvc.bootstrap.load_key_ring).
 
 These tests touch only pytest's tmp_path."""
 
@@ -13,13 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from usersvc.adapters.keys import DEV_KEY_FILENAME
+from usersvc.bootstrap import load_key_ring
 from usersvc.config import Settings
-from usersvc.services.tokens import (
-    DEV_KEY_FILENAME,
-    KeyConfigError,
-    SigningKey,
-    load_key_ring,
-)
+from usersvc.domain.keys import KeyConfigError
+from usersvc.services.tokens import SigningKey
 
 LOGGER = logging.getLogger("tests.signing_keys")
 

@@ -18,8 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from usersvc.domain.errors import TokenExpired, TokenInvalid
+from usersvc.domain.keys import jwk_thumbprint
 from usersvc.domain.models import PrincipalKind, User
-from usersvc.services.tokens import KeyRing, SigningKey, TokenService, jwk_thumbprint
+from usersvc.services.tokens import KeyRing, SigningKey, TokenService
 
 ISSUER = "usersvc-test"
 AUDIENCE = "usersvc-test-api"

@@ -132,7 +132,7 @@ def test_with_tracing_its_interceptor_sits_right_inside_the_request_id() -> None
     from usersvc.api.interceptors.tracing import TracingInterceptor
     from usersvc.observability.tracing import Tracing
 
-    chain = _chain(tracing=Tracing(TracerProvider()).interceptor())
+    chain = _chain(tracing=TracingInterceptor(Tracing(TracerProvider()).tracer))
     assert chain[:3] == [RequestIdInterceptor, TracingInterceptor, AccessLogInterceptor]
 
 

@@ -26,6 +26,17 @@ SUPERUSER = "postgres"
 _DATABASE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
+def prepare_embedded_postgres(data_dir: Path) -> str:
+    """The embedded PostgreSQL of ``data_dir``, started and migrated to the
+    newest revision: what ``serve`` runs on in development. Returns its URL.
+    Raises what start_embedded_postgres and migrations.upgrade raise."""
+    from usersvc.adapters.migrations import upgrade
+
+    url = start_embedded_postgres(data_dir)
+    upgrade(url)
+    return url
+
+
 def start_embedded_postgres(data_dir: Path, *, database: str = DEFAULT_DATABASE) -> str:
     """Start (or reuse) the PostgreSQL whose data lives in ``data_dir/pgdata``,
     create ``database`` there if missing, and return its SQLAlchemy URL,

@@ -8,16 +8,19 @@ keeps its migration context in module globals: run one migration at a time per
 process (replicas in separate processes are fine; they take turns on an
 advisory lock).
 
-The scripts are part of the package (``usersvc/migrations/``: env.py,
-script.py.mako, versions/), so a wheel install, such as the container
-image's, migrates as well as a checkout does. The Config is built here in
-code; ``alembic.ini`` at the top of the repository only serves developers who
-run the ``alembic`` command line there (``alembic revision --autogenerate``).
+The scripts live in the repository's top-level ``alembic/`` (env.py,
+script.py.mako, versions/, as ``alembic init`` lays them out) and are
+installed as the package ``usersvc_migrations`` (pyproject.toml maps the
+directory to that name), so a wheel install, such as the container image's,
+migrates as well as a checkout does. The Config is built here in code;
+``alembic.ini`` at the top of the repository serves developers who run the
+``alembic`` command line there (``alembic revision --autogenerate``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from pathlib import Path
 
 import alembic.command
@@ -28,22 +31,33 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-SCRIPT_LOCATION = Path(__file__).resolve().parent.parent / "migrations"
+# The installed name of the top-level alembic/ directory. It has no
+# __init__.py (so `import alembic` in the repository still gets the library),
+# which makes it a namespace package: found by spec, never imported.
+SCRIPTS_PACKAGE = "usersvc_migrations"
 
 # Key of the PostgreSQL advisory lock env.py holds while migrating ("usersvc"
 # in ASCII), so replicas starting together migrate one after the other.
 MIGRATION_LOCK_KEY = 0x75736572737663
 
 
+def script_location() -> Path:
+    """The directory holding env.py, script.py.mako and versions/. Raises
+    FileNotFoundError when the install lacks the migration scripts (a broken
+    build)."""
+    spec = importlib.util.find_spec(SCRIPTS_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "env.py").is_file():
+            return Path(location).resolve()
+    raise FileNotFoundError(f"migration scripts ({SCRIPTS_PACKAGE}) not installed")
+
+
 def alembic_config(url: str | None = None) -> Config:
     """An Alembic Config for this project, usable from any working directory
     and without an ini file; ``url`` overrides the environment. Raises
-    FileNotFoundError when the package lacks its migration scripts (a broken
-    build)."""
-    if not (SCRIPT_LOCATION / "env.py").is_file():
-        raise FileNotFoundError(f"migration scripts not found at {SCRIPT_LOCATION}")
+    FileNotFoundError when the install lacks its migration scripts."""
     config = Config()
-    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    config.set_main_option("script_location", str(script_location()))
     # The version files are found by path; "os" is what alembic.ini says too.
     config.set_main_option("path_separator", "os")
     config.attributes["configure_logger"] = False

@@ -54,8 +54,7 @@ from usersvc.adapters.database import (
 from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.revocation_channel import REVOCATION_CHANNEL, parse_payload
 from usersvc.config import Settings
-from usersvc.services.revocations import RevocationCache
-from usersvc.services.sessions import REVOCATION_MARGIN
+from usersvc.domain.revocations import REVOCATION_MARGIN, RevocationCache
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from generated.usersvc.v1 import auth_service_pb2 as pb
-from generated.usersvc.v1 import auth_service_pb2_grpc
+from usersvc_protos.v1 import auth_service_pb2 as pb
+from usersvc_protos.v1 import auth_service_pb2_grpc
 from usersvc.api import mappers
 from usersvc.api.context import current_principal
 

@@ -1,8 +1,9 @@
-"""Per-call state of an RPC: its request id and the calling principal.
+"""Per-call state of an RPC: the calling principal (its request id is in
+usersvc/observability/context.py, where logging reads it too).
 
 grpc.aio runs every RPC in its own asyncio task, and a task starts with a copy
 of the context it was created in, so values set here during one call are never
-seen by another. The interceptors set them; servicers and logging read them.
+seen by another. The interceptors set them; servicers read them.
 """
 
 from __future__ import annotations
@@ -11,18 +12,7 @@ from contextvars import ContextVar, Token
 
 from usersvc.domain.models import ANONYMOUS, Principal
 
-_request_id: ContextVar[str] = ContextVar("usersvc_request_id", default="")
 _principal: ContextVar[Principal] = ContextVar("usersvc_principal", default=ANONYMOUS)
-
-
-def current_request_id() -> str:
-    """The request id of the running call; "" outside a call. Never raises."""
-    return _request_id.get()
-
-
-def set_request_id(request_id: str) -> Token[str]:
-    """Make ``request_id`` the id of the running call. Never raises."""
-    return _request_id.set(request_id)
 
 
 def current_principal() -> Principal:

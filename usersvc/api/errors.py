@@ -4,7 +4,7 @@ from it.
 Every status built here carries a google.rpc.Status in the
 ``grpc-status-details-bin`` trailer with exactly one google.rpc.ErrorInfo
 (domain "usersvc.v1"), plus google.rpc.BadRequest on INVALID_ARGUMENT and
-google.rpc.RetryInfo on RESOURCE_EXHAUSTED (API.md, "Errors"). Applied in one
+google.rpc.RetryInfo on RESOURCE_EXHAUSTED (docs/api.md, "Errors"). Applied in one
 place: ``usersvc.api.interceptors.ErrorMappingInterceptor``.
 """
 

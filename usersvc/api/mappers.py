@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf import timestamp_pb2
 
-from generated.usersvc.v1 import auth_service_pb2, user_pb2, user_service_pb2
+from usersvc_protos.v1 import auth_service_pb2, user_pb2, user_service_pb2
 from usersvc.domain.errors import FieldViolation, InvalidArgument
 from usersvc.domain.models import User, UserPatch, UserState
 from usersvc.domain.validation import raise_for_violations, validate_sizes

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import field_mask_pb2
 
-from generated.usersvc.v1 import (
+from usersvc_protos.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
     user_pb2,

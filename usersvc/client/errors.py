@@ -2,7 +2,7 @@
 
 The server puts a ``google.rpc.Status`` in the ``grpc-status-details-bin``
 trailer with one ``ErrorInfo`` (domain ``usersvc.v1``) whose ``reason`` is the
-stable, machine-readable part of the error (API.md, "Errors"). The reason picks
+stable, machine-readable part of the error (docs/api.md, "Errors"). The reason picks
 the exception class; errors without details (a deadline that ran out in the
 client, a connection that could not be made, a proxy's answer) fall back to a
 class chosen by the status code alone.

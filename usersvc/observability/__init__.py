@@ -1,3 +1,4 @@
-"""What operators watch: Prometheus metrics (``metrics``) and the small
-hooks the rest of the code calls to feed them (``hooks``); OpenTelemetry
-traces (``tracing``), optional (the ``otel`` extra)."""
+"""What operators watch: Prometheus metrics (``metrics``, fed through the
+hooks of usersvc/domain/ports.py); OpenTelemetry traces (``tracing``),
+optional (the ``otel`` extra); the request id every log line and span
+carries (``context``). Nothing here imports the API layer."""

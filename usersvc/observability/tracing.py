@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from usersvc.api.interceptors.wrapping import WrappingInterceptor
-
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "usersvc"
@@ -93,19 +91,14 @@ def _exporters(environ: Mapping[str, str]) -> list[str]:
 
 
 class Tracing:
-    """A TracerProvider and the hooks usersvc puts on it: the RPC
-    interceptor and the engine's SQL spans. Tests build one around a
-    provider with an in-memory exporter."""
+    """A TracerProvider and the hooks usersvc puts on it: the engine's SQL
+    spans here, and the tracer of the RPC interceptor
+    (usersvc/api/interceptors/tracing.py, built by usersvc/bootstrap.py).
+    Tests build one around a provider with an in-memory exporter."""
 
     def __init__(self, provider: TracerProvider) -> None:
         self.provider = provider
         self.tracer: Tracer = provider.get_tracer(TRACER_NAME)
-
-    def interceptor(self) -> WrappingInterceptor:
-        """The server interceptor making a span per RPC. Never raises."""
-        from usersvc.api.interceptors.tracing import TracingInterceptor
-
-        return TracingInterceptor(self.tracer)
 
     def instrument_engine(self, engine: AsyncEngine) -> None:
         """Give every statement ``engine`` runs a client span, a child of the

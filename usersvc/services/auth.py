@@ -57,6 +57,7 @@ from usersvc.domain.models import (
 from usersvc.domain.passwords import MAX_PASSWORD_BYTES
 from usersvc.domain.ports import (
     LoginAttempt,
+    LoginOutcomeHook,
     RefreshChain,
     RefreshOutcome,
     RefreshStatus,
@@ -65,7 +66,6 @@ from usersvc.domain.ports import (
     UnitOfWorkFactory,
 )
 from usersvc.domain.validation import normalize_email, parse_user_id
-from usersvc.observability.hooks import LoginOutcomeHook
 from usersvc.services.inputs import LoginResult, TokenIntrospection
 from usersvc.services.passwords import BcryptPasswordHasher
 from usersvc.services.sessions import (

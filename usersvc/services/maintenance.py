@@ -22,7 +22,8 @@ import random
 
 from usersvc.domain.errors import DatabaseUnavailable
 from usersvc.domain.ports import CleanupResult, UnitOfWorkFactory
-from usersvc.services.sessions import REVOCATION_MARGIN, SessionLifetimes
+from usersvc.domain.revocations import REVOCATION_MARGIN
+from usersvc.services.sessions import SessionLifetimes
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from usersvc.domain.models import RevokeReason
-from usersvc.domain.ports import RefreshChain, UnitOfWork
-from usersvc.observability.hooks import RevokedHook
+from usersvc.domain.ports import RefreshChain, RevokedHook, UnitOfWork
+from usersvc.domain.revocations import REVOCATION_MARGIN
 
 REFRESH_TOKEN_PREFIX = "rt_"  # noqa: S105 (a marker, not a secret)
 _SECRET_BYTES = 32
@@ -49,11 +49,6 @@ REFRESH_TOKEN_LENGTH = len(REFRESH_TOKEN_PREFIX) + (4 * _TOKEN_BYTES + 2) // 3
 LEGACY_REFRESH_TOKEN_LENGTH = len(REFRESH_TOKEN_PREFIX) + 43
 FIRST_GENERATION = 1
 _MAX_GENERATION = 2**63 - 1  # PostgreSQL's bigint
-
-# How long after a revocation its log entry is kept beyond the access token
-# lifetime: covers the verifier's leeway on exp and clock differences between
-# replicas and the database.
-REVOCATION_MARGIN = timedelta(seconds=60)
 
 # Called after a commit that revoked sessions, with their ids and the log's
 # expire time: how this process refuses their access tokens at once, without

@@ -24,28 +24,27 @@ default.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import logging
 import math
-import os
-import tempfile
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from usersvc.config import MIN_HS256_SECRET_BYTES, Settings
 from usersvc.domain.errors import TokenExpired, TokenInvalid
+from usersvc.domain.keys import (
+    MIN_HS256_SECRET_BYTES,
+    KeyConfigError,
+    b64url,
+    ed25519_jwk,
+    jwk_thumbprint,
+)
 from usersvc.domain.models import Principal, PrincipalKind, User
 
 EDDSA = "EdDSA"
@@ -54,30 +53,8 @@ ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 (a media type, not a secret)
 # RFC 9068 names the media type application/at+jwt; "at+jwt" is its short form.
 _ACCEPTED_TYPES = frozenset({ACCESS_TOKEN_TYPE, "application/" + ACCESS_TOKEN_TYPE})
 _REQUIRED_CLAIMS = ("exp", "iat", "nbf", "sub", "jti", "iss", "aud", "sid", "roles")
-DEV_KEY_FILENAME = "jwt-ed25519.pem"
 # Far above any token we issue; stops a caller from making us parse megabytes.
 MAX_TOKEN_LENGTH = 8192
-
-
-class KeyConfigError(ValueError):
-    """The configured signing key cannot be used (raised at start-up)."""
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-# RFC 7638 section 3.2 (oct) and RFC 8037 section 2 (OKP).
-_THUMBPRINT_MEMBERS = {"OKP": ("crv", "kty", "x"), "oct": ("k", "kty")}
-
-
-def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
-    """RFC 7638 thumbprint (SHA-256, base64url) of a JWK of type OKP (members
-    crv, kty, x) or oct (k, kty). Raises KeyError when a member is missing or
-    the key type is another."""
-    required = {name: jwk[name] for name in _THUMBPRINT_MEMBERS[jwk["kty"]]}
-    canonical = json.dumps(required, separators=(",", ":"), sort_keys=True)
-    return _b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +71,7 @@ class VerificationKey:
         """The verification key (kid: RFC 7638 thumbprint) of ``public_key``.
         Raises nothing."""
         raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        jwk = {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
+        jwk = ed25519_jwk(raw)
         kid = jwk_thumbprint(jwk)
         return cls(kid, EDDSA, public_key, {**jwk, "kid": kid, "alg": EDDSA, "use": "sig"})
 
@@ -121,7 +98,7 @@ class SigningKey:
         32 bytes (RFC 7518 section 3.2)."""
         if len(secret) < MIN_HS256_SECRET_BYTES:
             raise KeyConfigError(f"an HS256 secret needs at least {MIN_HS256_SECRET_BYTES} bytes")
-        kid = jwk_thumbprint({"kty": "oct", "k": _b64url(secret)})
+        kid = jwk_thumbprint({"kty": "oct", "k": b64url(secret)})
         return cls(kid, HS256, secret, VerificationKey(kid, HS256, secret, None))
 
 
@@ -154,165 +131,17 @@ class KeyRing:
         return {"keys": published}
 
 
-LoggerLike = logging.Logger | logging.LoggerAdapter[Any]
-
-
-def load_key_ring(settings: Settings, logger: LoggerLike) -> KeyRing:
-    """The key ring from settings. It signs with the HS256 secret when
-    ``jwt_algorithm`` is HS256, else with the Ed25519 PKCS#8 PEM in
-    ``jwt_private_key_pem`` or ``jwt_private_key_file`` (in development,
-    without either, a key generated once under ``data_dir`` and reused). Every
-    file of ``jwt_verification_key_files`` adds a key that only verifies.
-
-    Raises KeyConfigError for an unreadable, encrypted or non-Ed25519 key, a
-    short or missing HS256 secret, and when production has no key configured.
-    """
-    verification_keys = [
-        _load_verification_key(path) for path in settings.jwt_verification_key_files
-    ]
-    if settings.jwt_algorithm == HS256:
-        if settings.jwt_hs256_secret is None:
-            raise KeyConfigError("USERSVC_JWT_ALGORITHM=HS256 requires USERSVC_JWT_HS256_SECRET")
-        signing = SigningKey.hs256(settings.jwt_hs256_secret.encode("utf-8"))
-    else:
-        signing = SigningKey.ed25519(_load_ed25519_signing_key(settings, logger))
-    return KeyRing(signing, verification_keys)
-
-
-def _load_ed25519_signing_key(settings: Settings, logger: LoggerLike) -> Ed25519PrivateKey:
-    if settings.jwt_private_key_pem:
-        pem = settings.jwt_private_key_pem
-        # A PEM squeezed into one environment line often arrives with
-        # literal "\n" sequences instead of line breaks.
-        if "\n" not in pem and "\\n" in pem:
-            pem = pem.replace("\\n", "\n")
-        key = _parse_ed25519_pem(pem.encode("utf-8"), "USERSVC_JWT_PRIVATE_KEY")
-    elif settings.jwt_private_key_file is not None:
-        path = settings.jwt_private_key_file
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise KeyConfigError(
-                f"USERSVC_JWT_PRIVATE_KEY_FILE: cannot read {path}: {exc.strerror}"
-            ) from None
-        key = _parse_ed25519_pem(data, f"USERSVC_JWT_PRIVATE_KEY_FILE ({path})")
-    elif settings.is_production:
-        raise KeyConfigError(
-            "production requires USERSVC_JWT_PRIVATE_KEY or USERSVC_JWT_PRIVATE_KEY_FILE"
-        )
-    else:
-        key = _development_key(settings.data_dir / DEV_KEY_FILENAME, logger)
-    return key
-
-
-def _load_verification_key(path: Path) -> VerificationKey:
-    """A verification key from a PEM file holding an Ed25519 public key
-    (``openssl pkey -pubout``) or private key (the previous signing key
-    file, unchanged)."""
-    source = f"USERSVC_JWT_VERIFICATION_KEY_FILES ({path})"
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KeyConfigError(f"{source}: cannot read the file: {exc.strerror}") from None
-    if b"PUBLIC KEY-----" not in data:
-        return VerificationKey.ed25519(_parse_ed25519_pem(data, source).public_key())
-    try:
-        public_key = serialization.load_pem_public_key(data)
-    except (ValueError, UnsupportedAlgorithm):
-        raise KeyConfigError(f"{source}: not a PEM public or private key") from None
-    if not isinstance(public_key, Ed25519PublicKey):
-        kind = type(public_key).__name__.removesuffix("PublicKey") or "unknown"
-        raise KeyConfigError(f"{source}: key type {kind}, but usersvc verifies Ed25519 (EdDSA)")
-    return VerificationKey.ed25519(public_key)
-
-
-def generate_key_file(path: Path) -> str:
-    """Write a new Ed25519 private key (PKCS#8 PEM, mode 0600) to ``path``
-    and return its kid.
-
-    Raises FileExistsError when ``path`` exists (a key is never overwritten:
-    tokens signed by it would stop verifying), OSError when it cannot be
-    written.
-    """
-    key = Ed25519PrivateKey.generate()
-    _write_new_key_file(path, key)
-    return SigningKey.ed25519(key).kid
-
-
-def _write_new_key_file(path: Path, key: Ed25519PrivateKey) -> None:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+def key_ring_of(
+    signing: Ed25519PrivateKey | bytes, verification: Iterable[Ed25519PublicKey] = ()
+) -> KeyRing:
+    """The ring that signs with ``signing`` (an Ed25519 private key, or the
+    HS256 secret as bytes) and also verifies with each key of
+    ``verification``. Raises KeyConfigError for an HS256 secret shorter than
+    32 bytes."""
+    key = (
+        SigningKey.hs256(signing) if isinstance(signing, bytes) else SigningKey.ed25519(signing)
     )
-    # Written to a private (0600) temporary file, then linked into place:
-    # the key is never readable by others, a reader never sees half of it,
-    # and the link fails rather than replace a file that is already there.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".jwt-key-")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(pem)
-        os.link(tmp_name, path)
-    finally:
-        os.unlink(tmp_name)
-
-
-def _parse_ed25519_pem(pem: bytes, source: str) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except TypeError:
-        raise KeyConfigError(
-            f"{source}: the key is encrypted; provide an unencrypted PKCS#8 PEM"
-        ) from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise KeyConfigError(
-            f"{source}: not a PEM private key (expected '-----BEGIN PRIVATE KEY-----'; "
-            "create one with: openssl genpkey -algorithm ed25519)"
-        ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        kind = type(key).__name__.removesuffix("PrivateKey") or "unknown"
-        raise KeyConfigError(
-            f"{source}: key type {kind}, but usersvc signs tokens with Ed25519 (EdDSA): "
-            "create one with: openssl genpkey -algorithm ed25519"
-        )
-    return key
-
-
-def _development_key(path: Path, logger: LoggerLike) -> Ed25519PrivateKey:
-    """The key stored at ``path``, created (mode 0600) on first use. Tokens
-    then survive restarts, which a key made fresh at every start would not."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        key = _create_development_key(path)
-        logger.warning(
-            "generated a development JWT signing key at %s; "
-            "set USERSVC_JWT_PRIVATE_KEY_FILE for any real deployment",
-            path,
-        )
-        return key
-    except OSError as exc:
-        raise KeyConfigError(f"cannot read the development key {path}: {exc.strerror}") from None
-    logger.warning(
-        "using the development JWT signing key at %s; "
-        "set USERSVC_JWT_PRIVATE_KEY_FILE for any real deployment",
-        path,
-    )
-    return _parse_ed25519_pem(data, str(path))
-
-
-def _create_development_key(path: Path) -> Ed25519PrivateKey:
-    key = Ed25519PrivateKey.generate()
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            _write_new_key_file(path, key)
-        except FileExistsError:
-            # A second process starting at the same moment won the link.
-            return _parse_ed25519_pem(path.read_bytes(), str(path))
-    except OSError as exc:
-        raise KeyConfigError(f"cannot write the development key {path}: {exc.strerror}") from None
-    return key
+    return KeyRing(key, [VerificationKey.ed25519(public) for public in verification])
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from usersvc.domain.errors import (
 from usersvc.domain.filtering import parse_filter, parse_order_by
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering
 from usersvc.domain.models import (
+    ROLE_ADMIN,
     ROLE_USER,
     NewUser,
     Principal,
@@ -338,6 +339,32 @@ class UserService:
         ):
             raise UserNotFound()
         return user
+
+    async def create_or_promote_admin(
+        self, *, principal: Principal, email: str, password: str, display_name: str
+    ) -> tuple[User, bool]:
+        """Make ``email`` an admin (``usersvc create-admin``): a new user with
+        the roles user and admin, or the existing user with admin added to
+        its roles (its password untouched). Returns the user and whether it
+        was created.
+
+        Raises what lookup_user, create_user and update_user raise
+        (PermissionDenied unless ``principal`` is an admin, InvalidArgument,
+        WeakPassword, EmailAlreadyExists on a race with another creation).
+        """
+        try:
+            existing = await self.lookup_user(principal=principal, email=email)
+        except UserNotFound:
+            request = CreateUserInput(
+                email=email,
+                password=password,
+                display_name=display_name,
+                roles=(ROLE_USER, ROLE_ADMIN),
+            )
+            return await self.create_user(principal=principal, request=request), True
+        roles = tuple(dict.fromkeys((*existing.roles, ROLE_ADMIN)))
+        patch = UpdateUserInput(user_id=str(existing.id), etag="", patch=UserPatch(roles=roles))
+        return await self.update_user(principal=principal, request=patch), False
 
     async def batch_get_users(self, *, principal: Principal, user_ids: Sequence[str]) -> list[User]:
         """1..1000 users in request order (repeats allowed).

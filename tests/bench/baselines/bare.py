@@ -18,8 +18,8 @@ import asyncpg
 import grpc
 from sqlalchemy.engine import make_url
 
-from generated.usersvc.v1 import user_service_pb2 as pb
-from generated.usersvc.v1 import user_service_pb2_grpc
+from usersvc_protos.v1 import user_service_pb2 as pb
+from usersvc_protos.v1 import user_service_pb2_grpc
 
 from .common import (
     UPDATABLE_PATHS,

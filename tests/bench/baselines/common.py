@@ -23,7 +23,7 @@ from datetime import datetime
 import grpc
 from google.protobuf import timestamp_pb2
 
-from generated.usersvc.v1 import user_pb2
+from usersvc_protos.v1 import user_pb2
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000

@@ -17,8 +17,8 @@ import grpc
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from generated.usersvc.v1 import user_service_pb2 as pb
-from generated.usersvc.v1 import user_service_pb2_grpc
+from usersvc_protos.v1 import user_service_pb2 as pb
+from usersvc_protos.v1 import user_service_pb2_grpc
 from usersvc.adapters.orm import UserRow
 
 from .common import (

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest_asyncio
 
-from generated.usersvc.v1 import auth_service_pb2_grpc, user_service_pb2_grpc
+from usersvc_protos.v1 import auth_service_pb2_grpc, user_service_pb2_grpc
 
 from .support import FakeAuthService, RunningServer, start_server
 

@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from generated.usersvc.v1 import auth_service_pb2_grpc, user_service_pb2_grpc
+from usersvc_protos.v1 import auth_service_pb2_grpc, user_service_pb2_grpc
 from usersvc.api.auth_servicer import AuthServicer
 from usersvc.api.interceptors import build_interceptors
 from usersvc.api.public import PublicMethods

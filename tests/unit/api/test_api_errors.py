@@ -1,4 +1,4 @@
-"""The one table from domain errors to gRPC statuses (API.md, "Errors")."""
+"""The one table from domain errors to gRPC statuses (docs/api.md, "Errors")."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from generated.usersvc.v1 import (
+from usersvc_protos.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
     user_service_pb2,

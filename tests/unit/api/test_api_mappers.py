@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from google.protobuf import field_mask_pb2
 
-from generated.usersvc.v1 import user_pb2, user_service_pb2
+from usersvc_protos.v1 import user_pb2, user_service_pb2
 from usersvc.api import mappers
 from usersvc.domain.errors import InvalidArgument
 from usersvc.domain.models import UserPatch

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from google.protobuf import field_mask_pb2
 
-from generated.usersvc.v1 import auth_service_pb2, auth_service_pb2_grpc, user_pb2
-from generated.usersvc.v1 import user_service_pb2 as pb
+from usersvc_protos.v1 import auth_service_pb2, auth_service_pb2_grpc, user_pb2
+from usersvc_protos.v1 import user_service_pb2 as pb
 from usersvc.api.auth_servicer import AuthServicer
 from usersvc.api.context import set_principal
 from usersvc.api.user_servicer import UserServicer

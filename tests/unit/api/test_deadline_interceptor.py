@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 from grpc_status import rpc_status
 
-from generated.usersvc.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
+from usersvc_protos.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from usersvc.api.interceptors import DeadlineInterceptor, ErrorMappingInterceptor
 
 from .support import only_error_info

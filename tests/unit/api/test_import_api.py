@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 from grpc_status import rpc_status
 
-from generated.usersvc.v1 import user_service_pb2 as pb
+from usersvc_protos.v1 import user_service_pb2 as pb
 from usersvc.api import mappers
 from usersvc.domain import errors
 from usersvc.services.bulk_import import ImportResult, ImportRow, ImportRowError

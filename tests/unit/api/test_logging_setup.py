@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from generated.usersvc.v1 import user_service_pb2
-from usersvc.api.context import set_request_id
+from usersvc_protos.v1 import user_service_pb2
 from usersvc.logging_setup import configure_logging
+from usersvc.observability.context import set_request_id
 
 from .support import RunningServer, bearer
 

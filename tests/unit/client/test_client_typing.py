@@ -5,6 +5,7 @@ against the real stub types."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_a_strictly_typed_caller_sees_the_generated_message_types(tmp_path: Path
             str(tmp_path / "cache"),
             str(tmp_path / "caller.py"),
         ],
-        env={"MYPYPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        env={"MYPYPATH": f"{ROOT}{os.pathsep}{ROOT / 'generated'}", "PATH": "/usr/bin:/bin"},
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -71,7 +72,7 @@ def test_a_strictly_typed_caller_sees_the_generated_message_types(tmp_path: Path
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
     assert errors == [], result.stdout
     assert revealed == [
-        "generated.usersvc.v1.user_pb2.User",
+        "usersvc_protos.v1.user_pb2.User",
         "str",
         "google.protobuf.internal.containers.ScalarMap[str, str]",
         "int",

@@ -16,8 +16,8 @@ from usersvc.api.interceptors.rate_limit import IPNetwork, RateLimiter, RateLimi
 from usersvc.api.interceptors.request_id import RequestIdInterceptor, request_id_from
 from usersvc.api.interceptors.wrapping import WrappingInterceptor, wrap_handler
 from usersvc.api.public import PublicMethods
+from usersvc.domain.ports import CallObserver, RateLimitedHook
 from usersvc.domain.rate_limits import Rate
-from usersvc.observability.hooks import CallObserver, RateLimitedHook
 
 __all__ = [
     "AccessLogInterceptor",

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from usersvc.api.context import current_principal, current_request_id
+from usersvc.api.context import current_principal
 from usersvc.api.interceptors.wrapping import (
     Context,
     Handler,
@@ -21,7 +21,8 @@ from usersvc.api.interceptors.wrapping import (
     WrappingInterceptor,
     wrap_handler,
 )
-from usersvc.observability.hooks import CallObserver, MethodObserver
+from usersvc.domain.ports import CallObserver, MethodObserver
+from usersvc.observability.context import current_request_id
 
 ACCESS_LOGGER = "usersvc.access"
 _MAX_UNKNOWN_METHOD_CHARS = 256

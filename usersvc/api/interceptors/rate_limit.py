@@ -38,8 +38,8 @@ from usersvc.api.interceptors.wrapping import (
 from usersvc.api.public import CREATE_USER_METHOD, LOGIN_METHOD, PUBLIC_SERVICE_PREFIXES
 from usersvc.domain.errors import RateLimited
 from usersvc.domain.models import Principal
+from usersvc.domain.ports import RateLimitedHook
 from usersvc.domain.rate_limits import Rate
-from usersvc.observability.hooks import RateLimitedHook
 
 FORWARDED_FOR_KEY = "x-forwarded-for"
 AUTH_BUCKET = "auth"

@@ -9,13 +9,13 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from usersvc.api.context import set_request_id
 from usersvc.api.interceptors.wrapping import (
     Context,
     Handler,
     WrappingInterceptor,
     wrap_with_prelude,
 )
+from usersvc.observability.context import set_request_id
 
 REQUEST_ID_KEY = "x-request-id"
 # Short, and no characters that could forge log fields or lines.

@@ -20,7 +20,6 @@ import grpc
 from opentelemetry import propagate
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, use_span
 
-from usersvc.api.context import current_request_id
 from usersvc.api.interceptors.wrapping import (
     Context,
     Handler,
@@ -29,6 +28,7 @@ from usersvc.api.interceptors.wrapping import (
     WrappingInterceptor,
     wrap_handler,
 )
+from usersvc.observability.context import current_request_id
 
 REQUEST_ID_ATTRIBUTE = "usersvc.request_id"
 

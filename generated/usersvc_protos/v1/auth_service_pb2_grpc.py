@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from generated.usersvc.v1 import auth_service_pb2 as usersvc_dot_v1_dot_auth__service__pb2
+from usersvc_protos.v1 import auth_service_pb2 as usersvc_dot_v1_dot_auth__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -23,14 +23,14 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
-from generated.usersvc.v1 import user_pb2 as usersvc_dot_v1_dot_user__pb2
+from usersvc_protos.v1 import user_pb2 as usersvc_dot_v1_dot_user__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dusersvc/v1/auth_service.proto\x12\nusersvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15usersvc/v1/user.proto\"/\n\x0cLoginRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\x84\x01\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12\x12\n\nexpires_in\x18\x04 \x01(\x03\x12\x1e\n\x04user\x18\x05 \x01(\x0b\x32\x10.usersvc.v1.User\",\n\x13RefreshTokenRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x8b\x01\n\x14RefreshTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12\x12\n\nexpires_in\x18\x04 \x01(\x03\x12\x1e\n\x04user\x18\x05 \x01(\x0b\x32\x10.usersvc.v1.User\"&\n\rLogoutRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x10\n\x0eLogoutResponse\"+\n\x18RevokeAllSessionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"2\n\x19RevokeAllSessionsResponse\x12\x15\n\rrevoked_count\x18\x01 \x01(\x05\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"\'\n\x16IntrospectTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x8a\x01\n\x17IntrospectTokenResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x0b\n\x03sub\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe1\x03\n\x0b\x41uthService\x12<\n\x05Login\x12\x18.usersvc.v1.LoginRequest\x1a\x19.usersvc.v1.LoginResponse\x12Q\n\x0cRefreshToken\x12\x1f.usersvc.v1.RefreshTokenRequest\x1a .usersvc.v1.RefreshTokenResponse\x12?\n\x06Logout\x12\x19.usersvc.v1.LogoutRequest\x1a\x1a.usersvc.v1.LogoutResponse\x12`\n\x11RevokeAllSessions\x12$.usersvc.v1.RevokeAllSessionsRequest\x1a%.usersvc.v1.RevokeAllSessionsResponse\x12\x42\n\x07GetJwks\x12\x1a.usersvc.v1.GetJwksRequest\x1a\x1b.usersvc.v1.GetJwksResponse\x12Z\n\x0fIntrospectToken\x12\".usersvc.v1.IntrospectTokenRequest\x1a#.usersvc.v1.IntrospectTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generated.usersvc.v1.auth_service_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'usersvc_protos.v1.auth_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOGINREQUEST']._serialized_start=101

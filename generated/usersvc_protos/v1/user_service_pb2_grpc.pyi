@@ -5,7 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from generated.usersvc.v1 import user_service_pb2 as _user_service_pb2
+from usersvc_protos.v1 import user_service_pb2 as _user_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -29,7 +29,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15usersvc/v1/use
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generated.usersvc.v1.user_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'usersvc_protos.v1.user_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USER_LABELSENTRY']._loaded_options = None

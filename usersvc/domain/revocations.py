@@ -21,7 +21,12 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
+
+# How long after a revocation its log entry is kept beyond the access token
+# lifetime: covers the verifier's leeway on exp and clock differences between
+# replicas and the database.
+REVOCATION_MARGIN = timedelta(seconds=60)
 
 
 class RevocationCache:
