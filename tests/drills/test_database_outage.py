@@ -270,9 +270,11 @@ async def test_a_database_that_stops_answering_is_noticed_and_calls_then_fail_fa
         await proxy.close()
 
     # Late probes trip the breaker only once they have gone on for
-    # SLOW_SECONDS; then within a probe interval plus a probe timeout
-    # (0.5 s + 1 s by default).
-    assert noticed < SLOW_SECONDS + 2.0
+    # SLOW_SECONDS, counted from the end of the first late probe (one probe
+    # cycle, interval plus timeout: 0.5 s + 1 s by default, after the
+    # freeze) to the end of the first late probe past the window (up to one
+    # more cycle).
+    assert noticed < SLOW_SECONDS + 2 * (0.5 + 1.0)
     assert (refused.code, refused.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
     assert refused.seconds < 0.5
 
