@@ -1,8 +1,9 @@
 """A machine whose every core is saturated by other processes is slow, not
 down: a real ``usersvc serve`` on a private PostgreSQL, under the drills'
 steady load, while busy processes (two per core, each stopping itself after
-SATURATION_SECONDS) take the CPU. No call may get DATABASE_UNAVAILABLE and
-health must stay SERVING: the database breaker trips on refused connections
+SATURATION_SECONDS) take the CPU. The probe timeout is tight (50 ms), so
+that saturation does make probes late. No call may get DATABASE_UNAVAILABLE
+and health must stay SERVING: the database breaker trips on refused connections
 at once but on late probes only after a sustained window
 (usersvc.adapters.db_monitor). That a stopped PostgreSQL still trips it at
 once is the restart drill's part (tests/drills/test_drills.py).
