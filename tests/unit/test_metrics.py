@@ -1,6 +1,7 @@
 """Metrics (usersvc.observability.metrics) and the hooks that feed them:
 the access log interceptor, AuthService's login outcomes, the session
-revoker's counts, and the settings that turn metrics and workers on."""
+revoker's counts. The settings that turn metrics and workers on are in
+test_settings.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from fakes import FakeClock, auth_service
 from prometheus_client import CollectorRegistry
 
 from usersvc.api.interceptors import AccessLogInterceptor
-from usersvc.config import Settings, SettingsError
 from usersvc.domain.errors import InvalidCredentials
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import RevokeReason
@@ -318,44 +318,3 @@ async def test_committed_revocations_are_counted_by_reason(hasher: BcryptPasswor
     revoker.committed(nothing)
 
     assert counted == [("disabled", 2)]
-
-
-# --------------------------------------------------------------- settings
-
-
-def test_workers_and_metrics_addr_come_from_the_environment() -> None:
-    settings = Settings.from_env(
-        {
-            "USERSVC_WORKERS": "4",
-            "USERSVC_METRICS_ADDR": "0.0.0.0:9090",
-            "USERSVC_LISTEN_ADDR": "0.0.0.0:50051",
-        }
-    )
-
-    assert settings.workers == 4
-    assert settings.metrics_addr == "0.0.0.0:9090"
-
-
-def test_defaults_are_one_process_and_no_metrics() -> None:
-    settings = Settings.from_env({})
-
-    assert settings.workers == 1
-    assert settings.metrics_addr is None
-
-
-@pytest.mark.parametrize(
-    ("environ", "problem"),
-    [
-        ({"USERSVC_METRICS_ADDR": "9090"}, "USERSVC_METRICS_ADDR must be host:port"),
-        ({"USERSVC_WORKERS": "0"}, "USERSVC_WORKERS must be between 1 and 256"),
-        (
-            {"USERSVC_WORKERS": "2", "USERSVC_LISTEN_ADDR": "127.0.0.1:0"},
-            "USERSVC_LISTEN_ADDR needs a fixed port with 2 workers",
-        ),
-    ],
-)
-def test_bad_worker_and_metrics_settings_are_refused(environ: dict[str, str], problem: str) -> None:
-    with pytest.raises(SettingsError) as refused:
-        Settings.from_env(environ)
-
-    assert any(problem in p for p in refused.value.problems)

@@ -1,5 +1,6 @@
-"""When tracing is on (the OTEL_* variables and the otel extra), and that
-it costs nothing when it is off: no interceptor, no OpenTelemetry import."""
+"""Tracing with the otel extra, and that it costs nothing when it is off:
+no interceptor, no OpenTelemetry import. Which OTEL_* variables turn it on
+and which are refused: test_settings.py."""
 
 from __future__ import annotations
 
@@ -14,72 +15,11 @@ from usersvc.api.interceptors import (
     build_interceptors,
 )
 from usersvc.api.public import PublicMethods
-from usersvc.observability.tracing import (
-    TracingConfigError,
-    check_tracing_environment,
-    configure_tracing,
-    otel_installed,
-    tracing_requested,
-)
-
-
-@pytest.mark.parametrize(
-    ("environ", "requested"),
-    [
-        ({}, False),
-        ({"OTEL_SERVICE_NAME": "usersvc"}, False),
-        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
-        ({"OTEL_TRACES_EXPORTER": "console,otlp"}, True),
-        ({"OTEL_TRACES_EXPORTER": "none"}, False),
-        ({"OTEL_TRACES_EXPORTER": " None "}, False),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, True),
-        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"}, True),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_TRACES_EXPORTER": "none"}, False),
-        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, False),
-        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "TRUE"}, False),
-        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "false"}, True),
-    ],
-)
-def test_tracing_is_on_only_when_the_otel_variables_ask_for_it(
-    environ: dict[str, str], requested: bool
-) -> None:
-    assert tracing_requested(environ) is requested
+from usersvc.observability.tracing import configure_tracing, otel_installed
 
 
 def test_without_otel_variables_there_is_no_tracing() -> None:
     assert configure_tracing({}) is None
-
-
-def test_an_exporter_usersvc_does_not_ship_is_refused_by_name() -> None:
-    pytest.importorskip("opentelemetry.sdk")
-    with pytest.raises(TracingConfigError, match="OTEL_TRACES_EXPORTER: zipkin"):
-        configure_tracing({"OTEL_TRACES_EXPORTER": "otlp,zipkin"})
-
-
-def test_an_otlp_protocol_other_than_grpc_is_refused() -> None:
-    pytest.importorskip("opentelemetry.sdk")
-    with pytest.raises(TracingConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
-        configure_tracing(
-            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
-        )
-
-
-def test_the_check_names_the_exporters_and_needs_no_import() -> None:
-    assert check_tracing_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}) == ["otlp"]
-    assert check_tracing_environment({"OTEL_TRACES_EXPORTER": "console,otlp"}) == [
-        "console",
-        "otlp",
-    ]
-    with pytest.raises(TracingConfigError, match="OTEL_TRACES_EXPORTER: jaeger"):
-        check_tracing_environment({"OTEL_TRACES_EXPORTER": "jaeger"})
-
-
-def test_variables_that_do_not_turn_tracing_on_are_not_judged() -> None:
-    # A protocol set for another program's exporter must not stop usersvc.
-    assert check_tracing_environment({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}) == []
-    assert check_tracing_environment(
-        {"OTEL_TRACES_EXPORTER": "zipkin", "OTEL_SDK_DISABLED": "true"}
-    ) == []
 
 
 def test_the_console_exporter_builds_a_provider_named_usersvc() -> None:
