@@ -26,7 +26,11 @@ class FakeConnection:
         if self.closed or self.broken or not self._database.up:
             raise ConnectionResetError("connection lost")
         if self._database.hang:
-            await asyncio.Event().wait()
+            # Answers once the database stops hanging (late), unless the
+            # monitor gives up first.
+            await self._database.answering.wait()
+            if self.closed or not self._database.up:
+                raise ConnectionResetError("connection lost")
         self._database.statements.append(query)
         return "SELECT 1"
 
@@ -45,9 +49,21 @@ class FakeDatabase:
 
     def __init__(self) -> None:
         self.up = True
-        self.hang = False
+        self.answering = asyncio.Event()
+        self.answering.set()
         self.connections: list[FakeConnection] = []
         self.statements: list[str] = []
+
+    @property
+    def hang(self) -> bool:
+        return not self.answering.is_set()
+
+    @hang.setter
+    def hang(self, hanging: bool) -> None:
+        if hanging:
+            self.answering.clear()
+        else:
+            self.answering.set()
 
     async def connect(self) -> FakeConnection:
         if not self.up:
@@ -322,6 +338,39 @@ async def test_a_slow_connect_counts_as_late_not_as_refused(
     said = await late_probes(monitor, clock, 0, 5, 5)
 
     assert said == [True, True, False]
+
+
+async def test_late_probes_wait_for_the_same_answer_instead_of_opening_connections(
+    database: FakeDatabase, monitors: list[DatabaseMonitor]
+) -> None:
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
+    await monitor.start()
+
+    database.hang = True
+    late = await late_probes(monitor, clock, 1, 1, 1, 1)
+    database.hang = False
+    answered = await late_probes(monitor, clock, 1)
+
+    assert (late, answered) == ([True] * 4, [True])
+    assert len(database.connections) == 1
+    assert database.statements == ["SELECT 1"] * 2  # start's, then the late one's
+
+
+async def test_an_answer_missing_for_the_whole_window_is_given_up_with_its_connection(
+    database: FakeDatabase, monitors: list[DatabaseMonitor]
+) -> None:
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
+    await monitor.start()
+
+    database.hang = True
+    said = await late_probes(monitor, clock, 0, 5, 5)
+    given_up = database.connections[0].closed
+    again = await late_probes(monitor, clock, 1)
+
+    assert (said, given_up, again) == ([True, True, False], True, [False])
+    assert len(database.connections) == 2
 
 
 def test_an_unusable_slow_window_is_refused(database: FakeDatabase) -> None:

@@ -13,10 +13,15 @@ reset, closed by a shutting-down server, a refused login) means down at
 once. A probe that only runs out of time (the server's socket accepts, the
 answer is late: PostgreSQL or the whole machine starved of CPU, a stalled
 disk) is a miss; misses trip the breaker only when they go on: at least
-``slow_misses`` probes in a row over at least ``slow_seconds``. One answer
-in time ends the streak. So a saturated machine never turns into refused
-calls, a stopped PostgreSQL still trips within one interval, and one that
-accepts connections but never answers is noticed after ``slow_seconds``.
+``slow_misses`` probes in a row over at least ``slow_seconds``. A late
+probe is not abandoned: its query (or connect) goes on, and the next
+probes wait for that same answer instead of starting another, so a
+starved machine is not also asked for a new connection every interval; an
+answer, however late, ends the streak. Only an answer still missing after
+``slow_seconds`` is given up (connection dropped, a fresh one next). So a
+saturated machine never turns into refused calls, a stopped PostgreSQL
+still trips within one interval, and one that accepts connections but
+never answers is noticed after ``slow_seconds``.
 
 While it is down, ``ensure_available`` raises DatabaseUnavailable at once:
 a unit of work does not wait for a connect timeout or a pool timeout to
@@ -105,6 +110,10 @@ class DatabaseMonitor:
         self._clock = clock
         self._late_since: float | None = None
         self._late_count = 0
+        # The probe query still running after its probe gave up waiting,
+        # and since when: the next probes wait for it.
+        self._pending: asyncio.Task[ProbeResult] | None = None
+        self._pending_since = 0.0
         self._connect = connect
         self._interval = interval
         self._timeout = timeout
@@ -128,9 +137,10 @@ class DatabaseMonitor:
         arguments = asyncpg_connect_arguments(
             database_url, settings, application_name=MONITOR_APPLICATION_NAME
         )
-        # A probe's connect is bounded by the probe's timeout, not by the
-        # connect timeout meant for the pool.
-        arguments["timeout"] = settings.db_probe_timeout_seconds
+        # A probe waits only its timeout, but a connect that is merely slow
+        # may finish in the background (see the module's docstring): bounded
+        # by the slow window, not by the connect timeout meant for the pool.
+        arguments["timeout"] = max(settings.db_probe_timeout_seconds, SLOW_SECONDS)
 
         async def connect() -> Any:
             return await asyncpg.connect(**arguments)
@@ -181,6 +191,7 @@ class DatabaseMonitor:
         if task is not None:
             task.cancel()
             await asyncio.wait({task})
+        self._drop_pending()
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed():
             try:
@@ -194,15 +205,29 @@ class DatabaseMonitor:
         listeners of a change). Returns whether it is available. Raises
         nothing but CancelledError."""
         self.probes += 1
+        if self._pending is None:
+            self._pending = asyncio.create_task(self._select_one(), name="usersvc-db-probe")
+            self._pending_since = self._clock()
+        pending = self._pending
         try:
             async with asyncio.timeout(self._timeout):
-                result = await self._select_one()
+                result = await asyncio.shield(pending)
         except TimeoutError:
             result = ProbeResult.LATE
-            # Its next use would wait behind the late answer.
-            self._discard()
+            if self._clock() - self._pending_since >= self._slow_seconds:
+                # No answer for the whole window: give up on it, and on its
+                # connection; the next probe starts afresh.
+                self._drop_pending()
+        else:
+            self._pending = None
         await self._set(self._judge(result))
         return self._available
+
+    def _drop_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.done():
+            pending.cancel()
+            self._discard()
 
     def _judge(self, result: ProbeResult) -> bool:
         """Availability after a probe's result: the state machine."""
