@@ -69,6 +69,27 @@ async def drop_database(server_url: str, database_url: str) -> None:
     await run_admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(autouse=True)
+async def no_task_left_pending() -> AsyncIterator[None]:
+    """A test fails when an asyncio task it (or one of its function-scoped
+    fixtures) started is still pending on the session loop after its last
+    fixture was torn down; the leftovers are cancelled, so the next test
+    starts clean. Session and module fixtures are set up before this one,
+    so their long-lived tasks are not counted."""
+    from support.tasks import cancel, describe, left_pending, live_tasks
+
+    before = live_tasks()
+    yield
+    leftovers = await left_pending(before)
+    if leftovers:
+        await cancel(leftovers)
+        pytest.fail(
+            "asyncio tasks left pending by this test:\n"
+            + "\n".join(f"  {describe(task)}" for task in leftovers),
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> str:
     """URL of a PostgreSQL server where the tests may create databases."""
@@ -100,6 +121,46 @@ async def empty_database_url(pg_server_url: str) -> AsyncIterator[str]:
     url = await create_database(pg_server_url, prefix="usersvc_scratch")
     try:
         yield url
+    finally:
+        await drop_database(pg_server_url, url)
+
+
+@pytest.fixture(scope="session")
+async def served_with_admin(
+    pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[dict[str, str]]:
+    """For suites that take nothing but an address (tests/contract, which
+    imports none of our code and asks for this fixture by name): ``usersvc
+    migrate``, ``create-admin`` and ``serve`` as subprocesses (through
+    tests/support/servers.py) on a fresh database with sign-up open.
+    Yields ``address``, ``admin_email`` and ``admin_password``."""
+    from support.servers import run_usersvc, serve_env, serve_process
+
+    url = await create_database(pg_server_url, prefix="usersvc_served")
+    workdir = tmp_path_factory.mktemp("served-with-admin")
+    admin_email = "contract-admin@example.com"
+    admin_password = f"contract admin {secrets.token_hex(8)}"
+    env = serve_env(
+        url,
+        workdir / "data",
+        log_format="text",
+        USERSVC_ALLOW_SIGNUP="true",
+        # Such suites sign up and log in from one address within moments.
+        USERSVC_AUTH_RATE_LIMIT_RPS="1000",
+        USERSVC_AUTH_RATE_LIMIT_BURST="1000",
+    )
+    try:
+        for command in (["migrate"], ["create-admin", "--email", admin_email]):
+            done = await run_usersvc(
+                {**env, "USERSVC_ADMIN_PASSWORD": admin_password}, *command, cwd=workdir
+            )
+            assert done.returncode == 0, f"usersvc {command}: {done.stdout}{done.stderr}"
+        async with serve_process(env, workdir / "serve.log", cwd=workdir, stop="sigterm") as server:
+            yield {
+                "address": server.address,
+                "admin_email": admin_email,
+                "admin_password": admin_password,
+            }
     finally:
         await drop_database(pg_server_url, url)
 

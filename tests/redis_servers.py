@@ -14,23 +14,19 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import IO
 
 import pytest
+from support.servers import free_port as _free_port
 
 TEST_REDIS_URL_ENV = "USERSVC_TEST_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 START_TIMEOUT_SECONDS = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def _answers(host: str, port: int) -> bool:
@@ -66,6 +62,7 @@ class PrivateRedis:
     binary: str
     port: int = field(default_factory=_free_port)
     process: subprocess.Popen[bytes] | None = None
+    _output: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -74,6 +71,9 @@ class PrivateRedis:
     def start(self) -> None:
         """Start (again, empty) on this port and wait until it answers.
         Raises RuntimeError when it does not within START_TIMEOUT_SECONDS."""
+        # Its output, read back when it does not start.
+        output = tempfile.TemporaryFile()  # noqa: SIM115 (outlives this block)
+        self._output = output
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -88,14 +88,16 @@ class PrivateRedis:
                 "--protected-mode",
                 "no",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while not _answers("127.0.0.1", self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
+                output.seek(0)
+                said = output.read().decode(errors="replace")[-3000:]
                 self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
+                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{said}")
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -104,6 +106,9 @@ class PrivateRedis:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+        if self._output is not None:
+            self._output.close()
+            self._output = None
 
 
 @contextmanager

@@ -126,7 +126,9 @@ def load_key_ring(settings: Settings, logger: LoggerLike) -> KeyRing:
     Raises KeyConfigError for an unreadable, encrypted, short or missing
     key."""
     material = read_key_material(settings, logger)
-    return key_ring_of(material.signing, material.verification)
+    return key_ring_of(
+        material.signing, material.verification, retired_secrets=material.retired_secrets
+    )
 
 
 def resolve_database_url(settings: Settings) -> tuple[str, bool]:
@@ -307,6 +309,8 @@ def bootstrap(
             transaction_pooling=settings.db_transaction_pooling,
             statement_span=None if tracing is None else tracing.statement_span(engine),
         ),
+        # Read at each call: a SIGHUP key reload rotates page tokens too.
+        page_token_keys=lambda: tokens.key_ring.page_token_keys,
     )
     auth_service = AuthService(
         uow_factory=uow_factory,

@@ -326,4 +326,4 @@ def _prepare_once(settings: Settings, env: dict[str, str]) -> None:
     from usersvc.services.tokens import key_ring_of
 
     material = read_key_material(settings, logger)
-    key_ring_of(material.signing, material.verification)
+    key_ring_of(material.signing, material.verification, retired_secrets=material.retired_secrets)

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support.servers import in_process
 
 from .support import FUZZ_COUNTS, Cast, Server, generous, truncate_all
 
@@ -44,22 +44,8 @@ def adversarial_settings(database_url: str, tmp_path_factory: pytest.TempPathFac
 async def adversarial_server(adversarial_settings: Any) -> AsyncIterator[Server]:
     """One server per test module: its pool of up to 40 connections is
     closed when the module ends, not held through the rest of the suite."""
-    from usersvc.bootstrap import bootstrap
-    from usersvc.server import UsersvcServer
-
-    container = bootstrap(adversarial_settings, database_url=adversarial_settings.database_url)
-    try:
-        server = await UsersvcServer.start(container, listen_addr="127.0.0.1:0")
-        try:
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-            try:
-                yield Server(container, server, channel)
-            finally:
-                await channel.close()
-        finally:
-            await server.stop(0)
-    finally:
-        await container.aclose()
+    async with in_process(adversarial_settings) as running:
+        yield Server(running.container, running.server, running.channel)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -15,22 +15,16 @@ The suite signs up users named ``contract-<random>@example.com`` (as an admin
 when self sign-up is disabled); it deletes nothing.
 
 Without ``USERSVC_CONTRACT_ADDR`` (as in this repository's ``make test``) it
-starts one: ``usersvc migrate``, ``usersvc create-admin`` and ``usersvc
-serve`` as subprocesses, on a free port and a fresh database of the test
-PostgreSQL server (the ``pg_server_url`` fixture of tests/conftest.py).
+asks, by name, for the ``served_with_admin`` fixture of tests/conftest.py:
+``usersvc migrate``, ``usersvc create-admin`` and ``usersvc serve`` as
+subprocesses, on a free port and a fresh database of the test PostgreSQL
+server.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +39,6 @@ ADDR_ENV = "USERSVC_CONTRACT_ADDR"
 ADMIN_EMAIL_ENV = "USERSVC_CONTRACT_ADMIN_EMAIL"
 ADMIN_PASSWORD_ENV = "USERSVC_CONTRACT_ADMIN_PASSWORD"
 CA_FILE_ENV = "USERSVC_CONTRACT_CA_FILE"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-STARTUP_DEADLINE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -64,116 +56,22 @@ class Account:
     access_token: str
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _usersvc() -> list[str]:
-    script = PROJECT_ROOT / ".venv" / "bin" / "usersvc"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "usersvc"]
-
-
-def _admin_sql(server_url: str, statement: str) -> None:
-    # CREATE/DROP DATABASE on a connection of their own, outside a transaction.
-    from sqlalchemy.ext.asyncio import create_async_engine
-    from sqlalchemy.pool import NullPool
-
-    async def run() -> None:
-        engine = create_async_engine(server_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-        try:
-            async with engine.connect() as connection:
-                await connection.exec_driver_sql(statement)
-        finally:
-            await engine.dispose()
-
-    # In a thread of its own: asyncio.run must not replace the event loop of
-    # the thread that pytest-asyncio runs the rest of the session on.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as worker:
-        worker.submit(asyncio.run, run()).result()
-
-
-def _wait_until_serving(env: dict[str, str], server: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"usersvc serve exited with {server.returncode}:\n{log.read_text()}")
-        check = subprocess.run(
-            [*_usersvc(), "healthcheck", "--timeout", "2"],
-            env=env, capture_output=True, timeout=30, check=False,
-        )
-        if check.returncode == 0:
-            return
-    pytest.fail(f"usersvc serve not SERVING within {STARTUP_DEADLINE_SECONDS}s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="session")
-def target(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Target]:
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     address = os.environ.get(ADDR_ENV, "").strip()
     if address:
         yield Target(
             address, os.environ.get(ADMIN_EMAIL_ENV), os.environ.get(ADMIN_PASSWORD_ENV)
         )
         return
-    yield from _local_server(request, tmp_path_factory)
+    yield from _local_server(request)
 
 
-def _local_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Target]:
-    from sqlalchemy.engine import make_url
-
-    server_url: str = request.getfixturevalue("pg_server_url")
-    database = f"usersvc_contract_{secrets.token_hex(6)}"
-    database_url = make_url(server_url).set(database=database).render_as_string(
-        hide_password=False
-    )
-    _admin_sql(server_url, f'CREATE DATABASE "{database}"')
-    workdir = tmp_path_factory.mktemp("contract-server")
-    admin_email = "contract-admin@example.com"
-    admin_password = f"contract admin {secrets.token_hex(8)}"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSVC_")}
-    env.update(
-        USERSVC_DATABASE_URL=database_url,
-        USERSVC_LISTEN_ADDR=f"127.0.0.1:{_free_port()}",
-        USERSVC_DATA_DIR=str(workdir / "data"),
-        USERSVC_ALLOW_SIGNUP="true",
-        USERSVC_BCRYPT_ROUNDS="4",
-        # The suite signs up and logs in from one address within moments.
-        USERSVC_AUTH_RATE_LIMIT_RPS="1000",
-        USERSVC_AUTH_RATE_LIMIT_BURST="1000",
-        USERSVC_LOG_FORMAT="text",
-    )
-    log = workdir / "serve.log"
-    try:
-        for command in (["migrate"], ["create-admin", "--email", admin_email]):
-            done = subprocess.run(
-                [*_usersvc(), *command],
-                env={**env, "USERSVC_ADMIN_PASSWORD": admin_password},
-                cwd=workdir, capture_output=True, text=True, timeout=120, check=False,
-            )
-            assert done.returncode == 0, f"usersvc {command}: {done.stdout}{done.stderr}"
-        with log.open("wb") as sink:
-            server = subprocess.Popen(
-                [*_usersvc(), "serve"], env=env, cwd=workdir,
-                stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
-            )
-        try:
-            _wait_until_serving(env, server, log)
-            yield Target(env["USERSVC_LISTEN_ADDR"], admin_email, admin_password)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-    finally:
-        _admin_sql(server_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+def _local_server(request: pytest.FixtureRequest) -> Iterator[Target]:
+    # By name: the fixture lives in the repository's tests/conftest.py, so
+    # this suite imports none of the repository's code.
+    served: dict[str, str] = request.getfixturevalue("served_with_admin")
+    yield Target(served["address"], served["admin_email"], served["admin_password"])
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.servers import serve_env, serve_process
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -29,50 +28,19 @@ def _session_script() -> str:
     return block.group(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def served(
+async def served(
     database_url: str, clean_db: None, tmp_path: Path
-) -> Iterator[tuple[int, dict[str, str]]]:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "USERSVC_DATABASE_URL": database_url,
-        "USERSVC_LISTEN_ADDR": f"127.0.0.1:{port}",
-        "USERSVC_DATA_DIR": str(tmp_path),
-        "USERSVC_BCRYPT_ROUNDS": "4",
-        "USERSVC_LOG_LEVEL": "WARNING",
-    }
-    process = subprocess.Popen(
-        [str(BIN / "usersvc"), "serve"], env=env, cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+) -> AsyncIterator[tuple[int, dict[str, str]]]:
+    env = serve_env(
+        database_url,
+        tmp_path,
+        log_format="text",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        USERSVC_LOG_LEVEL="WARNING",
     )
-    try:
-        _wait_serving(env, process)
-        yield port, env
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def _wait_serving(env: dict[str, str], process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-        check = subprocess.run(
-            [str(BIN / "usersvc"), "healthcheck", "--timeout", "1"],
-            env=env, capture_output=True, check=False,
-        )
-        if check.returncode == 0:
-            return
-    raise AssertionError("server did not become SERVING within 30 s")
+    async with serve_process(env, tmp_path / "serve.log", stop="sigterm") as server:
+        yield int(server.address.rsplit(":", 1)[1]), env
 
 
 def _grpcurl_runs() -> bool:

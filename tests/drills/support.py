@@ -12,11 +12,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import json
-import os
 import secrets
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -25,13 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
-from clusters import free_port
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from support import servers
+from support.servers import PROJECT_ROOT as PROJECT_ROOT
+from support.servers import SERVING as SERVING
+from support.servers import STARTUP_DEADLINE_SECONDS as STARTUP_DEADLINE_SECONDS
+from support.servers import health_status as health_status
+from support.servers import serve_env
 
 from usersvc_protos.v1 import (
     auth_service_pb2,
@@ -40,13 +39,9 @@ from usersvc_protos.v1 import (
     user_service_pb2_grpc,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONSOLE_SCRIPT = PROJECT_ROOT / ".venv" / "bin" / "usersvc"
-STARTUP_DEADLINE_SECONDS = 60.0
 # Every load call carries a deadline: a call that hangs shows up as
 # DEADLINE_EXCEEDED in the tally instead of hanging the drill.
 CALL_DEADLINE_SECONDS = 3.0
-SERVING = health_pb2.HealthCheckResponse.SERVING
 # The reason tallied for a status without ErrorInfo: grpc's own (a call
 # refused at the door, a deadline the client's clock ended), not the service's.
 TRANSPORT = "-"
@@ -77,21 +72,13 @@ def signing_key_pem() -> str:
 def service_env(database_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     """The environment of a drill server: cheap bcrypt, no rate limits (the
     load comes from one address), a short grace period."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSVC_")}
-    env.update(
-        USERSVC_DATABASE_URL=database_url,
-        USERSVC_LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        USERSVC_DATA_DIR=str(data_dir),
-        USERSVC_BCRYPT_ROUNDS="4",
-        USERSVC_JWT_PRIVATE_KEY=signing_key_pem(),
-        USERSVC_RATE_LIMIT_RPS="0",
-        USERSVC_AUTH_RATE_LIMIT_RPS="0",
-        USERSVC_SHUTDOWN_GRACE_SECONDS="10",
-        USERSVC_LOG_FORMAT="json",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
+    drill = {
+        "USERSVC_JWT_PRIVATE_KEY": signing_key_pem(),
+        "USERSVC_RATE_LIMIT_RPS": "0",
+        "USERSVC_AUTH_RATE_LIMIT_RPS": "0",
+        "USERSVC_SHUTDOWN_GRACE_SECONDS": "10",
+    }
+    return serve_env(database_url, data_dir, log_format="json", **{**drill, **extra})
 
 
 def reason_of(error: grpc.aio.AioRpcError) -> str:
@@ -111,83 +98,19 @@ def reason_of(error: grpc.aio.AioRpcError) -> str:
 # ----------------------------------------------------------------- the process
 
 
-@dataclass
-class ServeProcess:
-    process: asyncio.subprocess.Process
-    listen_addr: str
-    log_file: Path
+class ServeProcess(servers.ServeProcess):
+    """tests/support/servers.py's ServeProcess; ``log()`` is its text."""
 
     def log(self) -> str:
-        return self.log_file.read_text(errors="replace")
-
-    def access_lines(self) -> list[dict[str, Any]]:
-        """The access log: one JSON object per call the server accepted."""
-        lines = []
-        for raw in self.log().splitlines():
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if record.get("logger") == "usersvc.access":
-                lines.append(record)
-        return lines
-
-    async def sigterm_and_wait(self, limit: float) -> tuple[int, float]:
-        """SIGTERM, then the exit code and the seconds it took."""
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.process.wait(), limit)
-        return code, time.monotonic() - started
-
-
-def _command() -> list[str]:
-    if CONSOLE_SCRIPT.exists():
-        return [str(CONSOLE_SCRIPT)]
-    return [sys.executable, "-m", "usersvc"]
-
-
-async def health_status(address: str, service: str = "", limit: float = 1.0) -> int | None:
-    """The health status the server reports, None when it does not answer."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=limit
-            )
-        except grpc.aio.AioRpcError:
-            return None
-    status: int = reply.status
-    return status
+        return self.log_text()
 
 
 @asynccontextmanager
 async def serving(env: Mapping[str, str], log_file: Path) -> AsyncIterator[ServeProcess]:
     """``usersvc serve`` with ``env``, SERVING when entered; killed on exit
     if still running."""
-    with log_file.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            *_command(),
-            "serve",
-            env=dict(env),
-            cwd=PROJECT_ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    server = ServeProcess(process, env["USERSVC_LISTEN_ADDR"], log_file)
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + STARTUP_DEADLINE_SECONDS
-        while await health_status(server.listen_addr) != SERVING:
-            if process.returncode is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{server.log()}")
-            if loop.time() > deadline:
-                pytest.fail(f"server not SERVING in {STARTUP_DEADLINE_SECONDS}s:\n{server.log()}")
-            await asyncio.sleep(0.05)  # a poll interval, bounded above
+    async with servers.serve_process(env, log_file, kind=ServeProcess) as server:
         yield server
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 # ----------------------------------------------------------------- the load

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
+from support.servers import in_process
 
 from usersvc_protos.v1 import (
     auth_service_pb2,
@@ -98,9 +99,7 @@ class Served:
 async def in_process_server(
     database_url: str, data_dir: Path, *, bcrypt_rounds: int = 4
 ) -> AsyncIterator[Served]:
-    from usersvc.bootstrap import bootstrap
     from usersvc.config import Settings
-    from usersvc.server import UsersvcServer
 
     settings = Settings(
         database_url=database_url,
@@ -110,16 +109,8 @@ async def in_process_server(
         rate_limit_rps=0,
         auth_rate_limit_rps=0,
     )
-    container = bootstrap(settings, database_url=database_url)
-    try:
-        server = await UsersvcServer.start(container, listen_addr="127.0.0.1:0")
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                yield Served(container, channel)
-        finally:
-            await server.stop(0)
-    finally:
-        await container.aclose()
+    async with in_process(settings) as running:
+        yield Served(running.container, running.channel)
 
 
 @pytest.fixture

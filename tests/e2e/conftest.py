@@ -29,19 +29,13 @@ import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from log_secrets import SWEEP, Finding, SecretHarvester
+from support.servers import InProcessServer, in_process
 
 from .helpers import Caller, ResponseRecorder, World, auth_service_pb2
 
-
-@dataclasses.dataclass
-class RunningServer:
-    container: Any  # usersvc.bootstrap.Container
-    server: Any  # usersvc.server.UsersvcServer
-    channel: grpc.aio.Channel
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
+# The in-process server of tests/support/servers.py: container, server,
+# channel, address.
+RunningServer = InProcessServer
 
 
 @asynccontextmanager
@@ -49,24 +43,11 @@ async def running_server(
     settings: Any, recorder: ResponseRecorder, **bootstrap_options: Any
 ) -> AsyncIterator[RunningServer]:
     """A real server on an ephemeral port and a recording channel to it;
-    ``bootstrap_options`` go to usersvc.bootstrap.bootstrap (a clock)."""
-    from usersvc.bootstrap import bootstrap
-    from usersvc.server import UsersvcServer
-
+    ``bootstrap_options`` go to usersvc.bootstrap.bootstrap (a clock). Its
+    settings' secrets join the log sweep."""
     SWEEP.ledger.add_settings(settings)
-    container = bootstrap(settings, database_url=settings.database_url, **bootstrap_options)
-    try:
-        server = await UsersvcServer.start(container, listen_addr="127.0.0.1:0")
-        try:
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", interceptors=[recorder])
-            try:
-                yield RunningServer(container, server, channel)
-            finally:
-                await channel.close()
-        finally:
-            await server.stop(0)
-    finally:
-        await container.aclose()
+    async with in_process(settings, interceptors=[recorder], **bootstrap_options) as running:
+        yield running
 
 
 E2E_DIR = Path(__file__).resolve().parent

@@ -4,103 +4,41 @@ deadlines on what it logs, and /metrics scraped over HTTP."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.servers import POLL_SECONDS as POLL_SECONDS
+from support.servers import STARTUP_DEADLINE_SECONDS, ServeProcess, serve_env, serve_process
 
 from .helpers import Caller, auth_service_pb2
-from .test_process import PROJECT_ROOT, free_port, usersvc_command
 
-DEADLINE_SECONDS = 60.0
-# How often state is polled; every wait is bounded by DEADLINE_SECONDS.
-POLL_SECONDS = 0.02
+DEADLINE_SECONDS = STARTUP_DEADLINE_SECONDS
 
 
 def server_env(database_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     """The environment of a served process: the test database, a free port,
     cheap bcrypt, JSON logs (parsed by the tests)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSVC_")}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env.update(
-        USERSVC_DATABASE_URL=database_url,
-        USERSVC_LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        USERSVC_DATA_DIR=str(data_dir),
-        USERSVC_BCRYPT_ROUNDS="4",
-        USERSVC_LOG_FORMAT="json",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
+    return serve_env(database_url, data_dir, log_format="json", **extra)
 
 
-@dataclass
-class Served:
-    process: asyncio.subprocess.Process
-    log: Path
-    env: Mapping[str, str]
+class Served(ServeProcess):
+    """tests/support/servers.py's ServeProcess with what this tier asks of
+    it: the log file as ``log``, access lines by request id, and the pids
+    that logged "serving" (a supervisor's workers)."""
 
     @property
-    def address(self) -> str:
-        return self.env["USERSVC_LISTEN_ADDR"]
-
-    def lines(self) -> list[dict[str, Any]]:
-        """Every JSON line logged so far (a line still being written is skipped)."""
-        records = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
-
-    def matching(self, msg: str, **fields: Any) -> list[dict[str, Any]]:
-        return [
-            r
-            for r in self.lines()
-            if r.get("msg") == msg and all(r.get(k) == v for k, v in fields.items())
-        ]
-
-    async def wait_for(self, what: str, condition: Callable[[], Any], *, alive: bool = True) -> Any:
-        """Poll ``condition`` until it returns something truthy (returned);
-        fail after the deadline, or when the process exits while ``alive``
-        is required."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEADLINE_SECONDS
-        while loop.time() < deadline:
-            result = condition()
-            if result:
-                return result
-            if alive and self.process.returncode is not None:
-                pytest.fail(
-                    f"server exited ({self.process.returncode}) waiting for {what}:\n"
-                    + self.log.read_text(errors="replace")[-6000:]
-                )
-            await asyncio.sleep(POLL_SECONDS)
-        pytest.fail(
-            f"not within {DEADLINE_SECONDS}s: {what}\n"
-            + self.log.read_text(errors="replace")[-6000:]
-        )
+    def log(self) -> Path:
+        return self.log_file
 
     def matching_access(self, request_id: str) -> list[dict[str, Any]]:
         """The access lines of the call tagged ``request_id``."""
-        return [
-            r
-            for r in self.lines()
-            if r.get("logger") == "usersvc.access" and r.get("request_id") == request_id
-        ]
+        return [r for r in self.access_lines() if r.get("request_id") == request_id]
 
     def serving_pids(self) -> set[int]:
         """Pids of the processes that logged "serving" (each worker once)."""
@@ -114,40 +52,14 @@ class Served:
             )
         )
 
-    async def stop(self, sig: int) -> int:
-        self.process.send_signal(sig)
-        return await asyncio.wait_for(self.process.wait(), DEADLINE_SECONDS)
-
 
 @asynccontextmanager
 async def served(env: Mapping[str, str], log: Path, *args: str) -> AsyncIterator[Served]:
     """``usersvc serve *args`` in the background until the block ends
-    (killed then if still running, workers included)."""
-    with log.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            *usersvc_command(),
-            "serve",
-            *args,
-            env=dict(env),
-            cwd=PROJECT_ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    running = Served(process, log, env)
-    try:
+    (killed then if still running, workers included). Not waited for: the
+    tests wait for what they need (``wait_serving``, a log line)."""
+    async with serve_process(env, log, *args, wait=False, kind=Served) as running:
         yield running
-    finally:
-        if process.returncode is None:
-            import psutil
-
-            with_children = [psutil.Process(process.pid)]
-            with suppress(psutil.NoSuchProcess):
-                with_children += with_children[0].children(recursive=True)
-            for p in reversed(with_children):
-                with suppress(psutil.NoSuchProcess):
-                    p.kill()
-            await process.wait()
 
 
 def answered_by(served: Served, request_id: str) -> int | None:

@@ -249,12 +249,19 @@ async def test_a_deadline_keeps_the_batches_committed_and_drops_the_rest(
     count = 2 * DEFAULT_BATCH_SIZE + 10
     users = [imported(f"late-{n}@deadline.example.com") for n in range(count)]
 
+    answered = asyncio.Event()
+
     async def then_stall() -> AsyncIterator[user_service_pb2.ImportUsersRequest]:
         for message in chunks(users, DEFAULT_BATCH_SIZE):
             yield message
-        await asyncio.Event().wait()  # the client never finishes its stream
+        # The client does not finish its stream before the call has ended
+        # (then it does, or grpc's task reading it would wait forever).
+        await answered.wait()
 
-    failure = await fails(world.admin.users.ImportUsers(then_stall(), timeout=3.0))
+    try:
+        failure = await fails(world.admin.users.ImportUsers(then_stall(), timeout=3.0))
+    finally:
+        answered.set()
 
     assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert await total_users(world, "@deadline.example.com") == 2 * DEFAULT_BATCH_SIZE

@@ -39,6 +39,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from sqlalchemy.engine import make_url
+from support.servers import free_port as _free_port
 
 from .conftest import RunningServer, running_server
 from .helpers import (
@@ -94,13 +95,6 @@ def _version(binary: str) -> tuple[int, ...]:
     return int(match.group(1)), int(match.group(2))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _run_as() -> pwd.struct_passwd | None:
     """PgBouncer refuses to run as root: then it runs as postgres (or nobody)."""
     if os.geteuid() != 0:
@@ -139,7 +133,9 @@ def _config(database_url: str, port: int, directory: Path, binary: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wait_until_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+def _wait_until_listening(
+    process: subprocess.Popen[bytes], port: int, log: Path, output: Path
+) -> None:
     # Polled with a deadline: a starting process offers nothing to wait on.
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -149,8 +145,12 @@ def _wait_until_listening(process: subprocess.Popen[bytes], port: int, log: Path
             return
         time.sleep(0.05)
     process.kill()
-    details = log.read_text(errors="replace") if log.exists() else "(no log)"
-    pytest.fail(f"pgbouncer did not start listening on {port}:\n{details}")
+    details = "\n".join(
+        f"{path.name}:\n{path.read_text(errors='replace')}"
+        for path in (output, log)
+        if path.exists()
+    )
+    pytest.fail(f"pgbouncer did not start listening on {port}:\n{details or '(no output)'}")
 
 
 @contextlib.contextmanager
@@ -173,9 +173,12 @@ def running_pgbouncer(database_url: str) -> Iterator[PgBouncer]:
                 os.chown(path, account.pw_uid, account.pw_gid)
             command[1:1] = ["-u", account.pw_name]
         log = directory / "pgbouncer.log"
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # What it says before its log file is open (a config it cannot read).
+        output = directory / "pgbouncer.out"
+        with output.open("wb") as sink:
+            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
         try:
-            _wait_until_listening(process, port, log)
+            _wait_until_listening(process, port, log, output)
             pooled = upstream.set(host="127.0.0.1", port=port, database="usersvc", password=None)
             yield PgBouncer(url=pooled.render_as_string(hide_password=False), log=log)
         finally:

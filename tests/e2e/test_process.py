@@ -4,14 +4,10 @@ subprocesses against the test database."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +17,11 @@ from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from log_secrets import SWEEP
 from sqlalchemy import text
+from support.servers import CONSOLE_SCRIPT as CONSOLE_SCRIPT
+from support.servers import PROJECT_ROOT as PROJECT_ROOT
+from support.servers import STARTUP_DEADLINE_SECONDS as STARTUP_DEADLINE_SECONDS
+from support.servers import Completed, free_port, run_usersvc, serve_env, serve_process
+from support.servers import usersvc_command as usersvc_command
 
 from .helpers import (
     Caller,
@@ -32,40 +33,16 @@ from .helpers import (
     user_service_pb2,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONSOLE_SCRIPT = PROJECT_ROOT / ".venv" / "bin" / "usersvc"
-STARTUP_DEADLINE_SECONDS = 60.0
 COMMAND_TIMEOUT_SECONDS = 60.0
-
-
-def usersvc_command() -> list[str]:
-    """The installed console script; ``python -m usersvc`` where the package
-    is not installed yet (same entry point, same code)."""
-    if CONSOLE_SCRIPT.exists():
-        return [str(CONSOLE_SCRIPT)]
-    return [sys.executable, "-m", "usersvc"]
 
 
 def read_log(log: Path) -> str:
     return log.read_text(errors="replace")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass(frozen=True)
-class Completed:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 class Usersvc:
-    """Runs ``usersvc`` subcommands with a given environment."""
+    """Runs ``usersvc`` subcommands with a given environment (through
+    tests/support/servers.py); every output is swept for secrets."""
 
     def __init__(self, env: Mapping[str, str]):
         self.env = dict(env)
@@ -78,38 +55,10 @@ class Usersvc:
         return self.env["USERSVC_LISTEN_ADDR"]
 
     async def run(self, *args: str) -> Completed:
-        process = await asyncio.create_subprocess_exec(
-            *usersvc_command(),
-            *args,
-            env=self.env,
-            cwd=PROJECT_ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            out, err = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT_SECONDS)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
-        assert process.returncode is not None
+        result = await run_usersvc(self.env, *args, limit_seconds=COMMAND_TIMEOUT_SECONDS)
         SWEEP.ledger.add_environment(self.env)
-        SWEEP.add_text(f"usersvc {args[0] if args else ''}", out + b"\n" + err)
-        return Completed(process.returncode, out.decode(), err.decode())
-
-    async def wait_until_serving(self, server: asyncio.subprocess.Process, log: Path) -> None:
-        """Poll ``usersvc healthcheck`` until it exits 0 (bounded by a deadline
-        and by the server process staying alive)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + STARTUP_DEADLINE_SECONDS
-        while loop.time() < deadline:
-            if server.returncode is not None:
-                pytest.fail(f"server exited with {server.returncode}:\n{read_log(log)}")
-            result = await self.run("healthcheck", "--timeout", "2")
-            if result.returncode == 0:
-                return
-        pytest.fail(f"server not SERVING within {STARTUP_DEADLINE_SECONDS}s:\n{read_log(log)}")
+        SWEEP.add_text(f"usersvc {args[0] if args else ''}", f"{result.stdout}\n{result.stderr}")
+        return result
 
     @asynccontextmanager
     async def serving(self, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
@@ -117,37 +66,13 @@ class Usersvc:
         on exit if a test left it running. The log is swept for secrets
         after the test (it lies in the test's tmp_path)."""
         SWEEP.ledger.add_environment(self.env)
-        with log.open("wb") as sink:
-            server = await asyncio.create_subprocess_exec(
-                *usersvc_command(),
-                "serve",
-                env=self.env,
-                cwd=PROJECT_ROOT,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
-            )
-        try:
-            await self.wait_until_serving(server, log)
-            yield server
-        finally:
-            if server.returncode is None:
-                server.kill()
-                await server.wait()
+        async with serve_process(self.env, log) as served:
+            yield served.process
 
 
 @pytest.fixture
 def usersvc(database_url: str, tmp_path: Path) -> Usersvc:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSVC_")}
-    env.update(
-        USERSVC_DATABASE_URL=database_url,
-        USERSVC_LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        USERSVC_DATA_DIR=str(tmp_path / "data"),
-        USERSVC_BCRYPT_ROUNDS="4",
-        USERSVC_LOG_FORMAT="text",
-        PYTHONUNBUFFERED="1",
-    )
-    return Usersvc(env)
+    return Usersvc(serve_env(database_url, tmp_path / "data", log_format="text"))
 
 
 # ----------------------------------------------------------------- migrate

@@ -10,11 +10,7 @@ in-process servers (tests/e2e/conftest.py) so that they can look inside.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,9 +21,9 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support.servers import ServeProcess, free_port, serve_env, serve_process
 
 from .conftest import RunningServer, running_server
 from .helpers import (
@@ -40,8 +36,6 @@ from .helpers import (
     user_service_pb2,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONSOLE_SCRIPT = PROJECT_ROOT / ".venv" / "bin" / "usersvc"
 STARTUP_DEADLINE_SECONDS = 60.0
 STOP_DEADLINE_SECONDS = 30.0
 # The requirement; the loop gives up later so that a miss is measured, not
@@ -55,64 +49,28 @@ ROUNDS = 5
 # ----------------------------------------------------------------- two processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def usersvc_command() -> list[str]:
-    if CONSOLE_SCRIPT.exists():
-        return [str(CONSOLE_SCRIPT)]
-    return [sys.executable, "-m", "usersvc"]
-
-
 class ServerProcess:
-    """A ``usersvc serve`` subprocess and a channel to it."""
+    """A ``usersvc serve`` subprocess (tests/support/servers.py) and a
+    channel to it."""
 
-    def __init__(self, name: str, process: asyncio.subprocess.Process, port: int, log: Path):
+    def __init__(self, name: str, served: ServeProcess):
         self.name = name
-        self.process = process
-        self.address = f"127.0.0.1:{port}"
-        self.log = log
+        self.served = served
+        self.process = served.process
+        self.address = served.address
+        self.log = served.log_file
         self.channel = grpc.aio.insecure_channel(self.address)
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.served.log_text()
 
     async def wait_until_serving(self) -> None:
-        health = health_pb2_grpc.HealthStub(self.channel)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + STARTUP_DEADLINE_SECONDS
-        while loop.time() < deadline:
-            if self.process.returncode is not None:
-                pytest.fail(
-                    f"{self.name} exited with {self.process.returncode}:\n{self.log_text()}"
-                )
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-            except grpc.aio.AioRpcError:
-                reply = None
-            if reply is not None and reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            # Polled with a deadline: a starting process has no event to await.
-            await asyncio.sleep(0.05)
-        pytest.fail(f"{self.name} not SERVING in {STARTUP_DEADLINE_SECONDS}s:\n{self.log_text()}")
+        await self.served.wait_healthy(STARTUP_DEADLINE_SECONDS)
 
     async def terminate(self) -> int:
         """SIGTERM, then wait for a graceful exit (kill after the deadline)."""
         await self.channel.close()
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(STOP_DEADLINE_SECONDS):
-                    await self.process.wait()
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        assert self.process.returncode is not None
-        return self.process.returncode
+        return await self.served.terminate(STOP_DEADLINE_SECONDS)
 
 
 @pytest.fixture
@@ -132,22 +90,13 @@ def key_file(tmp_path: Path, signing_key: Ed25519PrivateKey) -> Path:
 
 @asynccontextmanager
 async def serve(name: str, env: dict[str, str], log: Path) -> AsyncIterator[ServerProcess]:
-    port = free_port()
-    with log.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            *usersvc_command(),
-            "serve",
-            env={**env, "USERSVC_LISTEN_ADDR": f"127.0.0.1:{port}"},
-            cwd=PROJECT_ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    server = ServerProcess(name, process, port, log)
-    try:
-        yield server
-    finally:
-        await server.terminate()
+    env = {**env, "USERSVC_LISTEN_ADDR": f"127.0.0.1:{free_port()}"}
+    async with serve_process(env, log, wait=False, stop="sigterm") as served:
+        server = ServerProcess(name, served)
+        try:
+            yield server
+        finally:
+            await server.terminate()
 
 
 @pytest.fixture
@@ -155,14 +104,12 @@ async def two_replicas(
     database_url: str, key_file: Path, tmp_path: Path
 ) -> AsyncIterator[tuple[ServerProcess, ServerProcess]]:
     """Replicas A and B: separate processes, one database, one signing key."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSVC_")}
-    env.update(
-        USERSVC_DATABASE_URL=database_url,
+    env = serve_env(
+        database_url,
+        tmp_path,
+        log_format="text",
         USERSVC_JWT_PRIVATE_KEY_FILE=str(key_file),
-        USERSVC_BCRYPT_ROUNDS="4",
-        USERSVC_LOG_FORMAT="text",
         USERSVC_SHUTDOWN_GRACE_SECONDS="1",
-        PYTHONUNBUFFERED="1",
     )
     async with (
         serve(

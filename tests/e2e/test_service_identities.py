@@ -9,10 +9,7 @@ under test has two ports: the main one (TLS, bearer tokens) and the mTLS one
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import os
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +17,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from log_secrets import SWEEP
+from support.servers import clean_environ, run_usersvc
 
 from .conftest import RunningServer, running_server
 from .helpers import (
@@ -298,28 +296,17 @@ async def test_plaintext_to_a_tls_port_fails(tls_server: RunningServer, port_nam
 async def test_the_healthcheck_command_verifies_the_tls_server(
     tls_server: RunningServer, pki: Pki, e2e_settings: Any
 ) -> None:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSVC_")} | {
+    env = clean_environ() | {
         "USERSVC_LISTEN_ADDR": f"127.0.0.1:{tls_server.server.port}",
         "USERSVC_TLS_CERT_FILE": str(pki.server.cert_file),
         "USERSVC_TLS_KEY_FILE": str(pki.server.key_file),
         "USERSVC_DATA_DIR": str(e2e_settings.data_dir),
         "USERSVC_LOG_FORMAT": "text",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "usersvc",
-        "healthcheck",
-        "--ca-file",
-        str(pki.ca.cert_file),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
-    SWEEP.add_text("usersvc healthcheck", err)
-    assert process.returncode == 0, err.decode()
-    assert out.decode().strip() == "SERVING"
+    result = await run_usersvc(env, "healthcheck", "--ca-file", str(pki.ca.cert_file))
+    SWEEP.add_text("usersvc healthcheck", result.stderr)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "SERVING"
 
 
 # -- one port, client certificates required ---------------------------------------------------

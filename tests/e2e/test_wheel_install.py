@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from clusters import free_port
 from dockerfile import stage
+from support.servers import serve_process
 
 from usersvc.adapters import migrations
 
@@ -224,20 +225,13 @@ async def test_the_dockerfiles_commands_migrate_serve_and_pass_the_healthcheck(
     assert await migrations.current_async(empty_database_url) == migrations.head()
 
     log = installed.workdir / "serve.log"
-    with log.open("wb") as sink:
-        server = await asyncio.create_subprocess_exec(
-            *entrypoint, *command, env=env, cwd=cwd,
-            stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink,
-        )
-    try:
-        healthy = await _wait_until_healthy(healthcheck, env, cwd, server)
-        assert healthy.stdout.strip() == "SERVING"
-        server.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(server.wait(), COMMAND_TIMEOUT_SECONDS) == 0
-    except BaseException:
-        print(log.read_text(errors="replace"))
-        raise
-    finally:
-        if server.returncode is None:
-            server.kill()
-            await server.wait()
+    # The image's own command line (the installed script found on PATH),
+    # checked with the image's own health check command.
+    async with serve_process(env, log, wait=False, cwd=cwd, command=entrypoint) as server:
+        try:
+            healthy = await _wait_until_healthy(healthcheck, env, cwd, server.process)
+            assert healthy.stdout.strip() == "SERVING"
+            assert await server.stop(signal.SIGTERM, COMMAND_TIMEOUT_SECONDS) == 0
+        except BaseException:
+            print(server.log_text())
+            raise

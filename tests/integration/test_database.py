@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +17,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.database import create_engine
-from usersvc.adapters.embedded import start_embedded_postgres, stop_embedded_postgres
+from usersvc.adapters.embedded import (
+    EmbeddedDatabaseError,
+    start_embedded_postgres,
+    stop_embedded_postgres,
+)
 from usersvc.config import Settings
 
 EngineMaker = Callable[..., AsyncEngine]
@@ -72,6 +79,9 @@ def embedded_data_dir() -> Iterator[Path]:
     # as another user, which cannot enter pytest's private temporary folders.
     with tempfile.TemporaryDirectory(prefix="usersvc-embedded-") as name:
         data_dir = Path(name).resolve()
+        # mkdtemp makes it 0700; the server's user must be able to enter it
+        # (we own it: opening it is ours to do, not the embedded start's).
+        data_dir.chmod(0o755)
         try:
             yield data_dir
         finally:
@@ -97,3 +107,67 @@ async def test_starting_the_embedded_postgres_again_reuses_it(embedded_data_dir:
     first = await asyncio.to_thread(start_embedded_postgres, embedded_data_dir)
     second = await asyncio.to_thread(start_embedded_postgres, embedded_data_dir)
     assert first == second
+
+
+def modes(*paths: Path) -> dict[Path, int]:
+    """The permission bits of each path and of all its parents up to /."""
+    return {
+        directory: stat.S_IMODE(directory.stat().st_mode)
+        for path in paths
+        for directory in (path, *path.parents)
+    }
+
+
+def bundled_binaries() -> Path:
+    import pgserver
+
+    return Path(pgserver.__file__).resolve().parent / "pginstall" / "bin"
+
+
+@pytest.fixture
+def private_directory() -> Iterator[Path]:
+    """A fresh directory as ``mktemp -d`` makes it (0700, like /root)."""
+    with tempfile.TemporaryDirectory(prefix="usersvc-private-") as name:
+        private = Path(name).resolve()
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        yield private
+
+
+def test_the_embedded_start_in_a_private_directory_changes_no_permission_above_it(
+    private_directory: Path,
+) -> None:
+    # A clone inside such a directory: as root, PostgreSQL runs as another
+    # user, who cannot pass; the start must say so instead of opening that
+    # directory (and /tmp, and the virtualenv's parents) to everyone.
+    data_dir = private_directory / "data"
+    before = modes(private_directory, bundled_binaries())
+    try:
+        if os.geteuid() == 0:
+            with pytest.raises(EmbeddedDatabaseError, match=re.escape(str(private_directory))):
+                start_embedded_postgres(data_dir)
+        else:
+            url = start_embedded_postgres(data_dir)
+            assert make_url(url).database == "usersvc"
+    finally:
+        stop_embedded_postgres(data_dir)
+    assert modes(private_directory, bundled_binaries()) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as another user only for root")
+async def test_as_root_the_embedded_start_where_its_user_may_pass_changes_nothing_above(
+    private_directory: Path, test_settings: Settings
+) -> None:
+    # Enter, not list: the least the server's user needs, granted by us.
+    await asyncio.to_thread(private_directory.chmod, 0o711)
+    data_dir = private_directory / "data"
+    before = modes(private_directory, bundled_binaries())
+    try:
+        url = await asyncio.to_thread(start_embedded_postgres, data_dir)
+        engine = create_engine(test_settings, url)
+        try:
+            assert await show(engine, "server_version_num") >= "160000"
+        finally:
+            await engine.dispose()
+    finally:
+        stop_embedded_postgres(data_dir)
+    assert modes(private_directory, bundled_binaries()) == before

@@ -4,13 +4,22 @@ binaries) from a data directory, reachable only through a Unix socket.
 
 pgserver stops the server when the last process using the data directory
 exits. When run as root it runs PostgreSQL as a ``pgserver`` system user,
-creating that user if needed.
+creating that user if needed. That user must be able to enter the data
+directory: pgserver would make every parent directory up to ``/`` readable
+and enterable by everyone to get there; we change no permission outside the
+data directory and refuse with a message naming the directory in the way
+instead. When the bundled binaries are out of that
+user's reach (a virtualenv inside a private home), they are linked (or
+copied) into ``<data_dir>/pginstall`` and run from there.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import stat
 import subprocess
 import warnings
 from pathlib import Path
@@ -22,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DATABASE = "usersvc"
 SUPERUSER = "postgres"
+# The system user pgserver runs PostgreSQL as when we are root.
+SERVER_USER = "pgserver"
 
 _DATABASE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -56,6 +67,8 @@ def start_embedded_postgres(data_dir: Path, *, database: str = DEFAULT_DATABASE)
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        _prepare_for_server_user(pgserver, data_dir)
     logger.warning(
         "using the embedded PostgreSQL in %s: for development only; "
         "set USERSVC_DATABASE_URL to use a real database server",
@@ -90,6 +103,107 @@ def stop_embedded_postgres(data_dir: Path) -> None:
     server = pgserver.PostgresServer._instances.get(pgdata)
     if server is not None:
         server.cleanup()
+
+
+class EmbeddedDatabaseError(RuntimeError):
+    """The embedded PostgreSQL cannot run from this data directory."""
+
+
+def blocking_directory(path: Path, user: str) -> Path | None:
+    """The first directory from ``/`` down to ``path`` (included) that the
+    system user ``user`` may not enter; None when it can reach ``path``."""
+    import grp
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    groups = {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    for directory in (*reversed(path.parents), path):
+        info = directory.stat()
+        if info.st_uid == entry.pw_uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid in groups:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return directory
+    return None
+
+
+def _prepare_for_server_user(pgserver: Any, data_dir: Path) -> None:
+    """As root: make sure the server user can reach the data directory
+    (refuse otherwise), and can run the binaries (a copy under the data
+    directory when it cannot run pgserver's own). pgserver's own permission
+    fixes are turned off: they chmod every parent directory up to ``/``."""
+    from pgserver import _commands, postgres_server, utils
+
+    utils.ensure_user_exists(SERVER_USER)
+    blocked = blocking_directory(data_dir, SERVER_USER)
+    if blocked is not None:
+        raise EmbeddedDatabaseError(
+            f"the embedded PostgreSQL runs as the system user {SERVER_USER!r} (PostgreSQL "
+            f"refuses to run as root), which cannot enter {blocked} (mode "
+            f"{stat.S_IMODE(blocked.stat().st_mode):o}) on the way to {data_dir}: run usersvc "
+            "as a non-root user, set USERSVC_DATA_DIR to a directory that user can reach, "
+            "or set USERSVC_DATABASE_URL"
+        )
+    bin_dir = Path(_commands.POSTGRES_BIN_PATH)
+    if blocking_directory(bin_dir, SERVER_USER) is not None:
+        bin_dir = mirror_pgserver(data_dir / "pginstall")
+    # pgserver reads these module globals when it runs a binary.
+    _commands.POSTGRES_BIN_PATH = bin_dir
+    postgres_server.POSTGRES_BIN_PATH = bin_dir
+    postgres_server.ensure_prefix_permissions = _within(data_dir)
+    postgres_server.ensure_folder_permissions = lambda path, flag: None
+
+
+def _within(data_dir: Path) -> Any:
+    def ensure_prefix_permissions(path: Path) -> None:
+        # Instead of pgserver's chmod of every parent: the check above made
+        # sure the data directory is reachable; its socket directory must be.
+        blocked = blocking_directory(path, SERVER_USER)
+        if blocked is not None:
+            raise EmbeddedDatabaseError(
+                f"{SERVER_USER!r} cannot enter {blocked} on the way to {path}"
+            )
+
+    return ensure_prefix_permissions
+
+
+def mirror_pgserver(target: Path) -> Path:
+    """pgserver's binaries, runnable from ``target``; returns their bin
+    directory. Its binaries find their libraries at
+    ``$ORIGIN/../../../pgserver.libs``, so the layout under site-packages is
+    kept: ``target/pgserver/pginstall`` and ``target/pgserver.libs``. Hard
+    links where the file system allows, copies otherwise; directories 0755
+    (our own, under ``target``). Kept between runs; redone when incomplete."""
+    from pgserver import _commands
+
+    install = Path(_commands.POSTGRES_BIN_PATH).parent
+    site = install.parents[1]
+    marker = target / ".complete"
+    if not marker.exists():
+        for source in (install, site / "pgserver.libs"):
+            if source.is_dir():
+                _mirror_tree(source, target / source.relative_to(site))
+        # Every directory of the mirror (made here, whatever the umask).
+        for root, _, _ in os.walk(target):
+            Path(root).chmod(0o755)
+        marker.touch()
+    return target / install.relative_to(site) / "bin"
+
+
+def _mirror_tree(source: Path, target: Path) -> None:
+    for root, _, files in os.walk(source):
+        directory = target / Path(root).relative_to(source)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            destination = directory / name
+            destination.unlink(missing_ok=True)
+            try:
+                os.link(Path(root) / name, destination, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(Path(root) / name, destination, follow_symlinks=False)
 
 
 def _connection_args(socket_dir: str, port: int) -> list[str]:

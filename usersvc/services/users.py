@@ -13,8 +13,9 @@ import asyncio
 import hashlib
 import hmac
 import json
+import secrets
 import uuid
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from usersvc.domain import policies
@@ -29,7 +30,7 @@ from usersvc.domain.errors import (
     UserNotFound,
 )
 from usersvc.domain.filtering import parse_filter, parse_order_by
-from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering
+from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, cursor_of
 from usersvc.domain.models import (
     ROLE_ADMIN,
     ROLE_USER,
@@ -50,6 +51,7 @@ from usersvc.domain.ports import (
     UserReader,
 )
 from usersvc.domain.validation import (
+    check_self_service_labels,
     normalize_display_name,
     normalize_email,
     normalize_labels,
@@ -71,6 +73,7 @@ from usersvc.services.pagination import (
     encode_page_token,
     query_fingerprint,
 )
+from usersvc.services.response_size import MAX_RESPONSE_BYTES, fitting_prefix
 from usersvc.services.sessions import SessionRevoker, session_id_of
 
 DEFAULT_PAGE_SIZE = 50
@@ -130,16 +133,25 @@ class UserService:
         allow_signup: bool,
         sessions: SessionRevoker,
         reader: UserReader | None = None,
+        page_token_keys: Callable[[], Sequence[bytes]] | None = None,
     ) -> None:
         """``reader`` serves the plain reads (get_user, lookup_user,
         batch_get_users) outside a unit of work; without one they read
-        through a unit of work. Raises nothing."""
+        through a unit of work. ``page_token_keys`` returns the current
+        HMAC keys of page tokens, the first tagging new ones (the server's:
+        usersvc.services.tokens.KeyRing.page_token_keys); without it, a
+        random key of this instance, so tokens work only where issued.
+        Raises nothing."""
         self._uow_factory = uow_factory
         self._reader: UserReader = reader or UnitOfWorkUserReader(uow_factory)
         self._hasher = hasher
         self._policy = password_policy
         self._allow_signup = allow_signup
         self._sessions = sessions
+        if page_token_keys is None:
+            own_key = (secrets.token_bytes(32),)
+            page_token_keys = lambda: own_key  # noqa: E731
+        self._page_token_keys = page_token_keys
 
     # -- create ----------------------------------------------------------------
 
@@ -154,6 +166,8 @@ class UserService:
         errors: list[FieldViolation] = []
         password_errors: list[FieldViolation] = []
         draft = self._draft(request, "", errors, password_errors)
+        if not policies.has_full_label_limits(principal):
+            check_self_service_labels(draft.labels, field="labels", errors=errors)
         validate_request_id(request.request_id, field="request_id", errors=errors)
         raise_for_violations(errors, password_errors)
         users = await self._create(principal, _CREATE_USER, request.request_id, [draft])
@@ -234,11 +248,11 @@ class UserService:
     async def _create(
         self, principal: Principal, method: str, request_id: str, drafts: Sequence[_Draft]
     ) -> list[User]:
-        scope = _idempotency_scope(principal, method)
         fingerprint = _fingerprint([d.fingerprint_data() for d in drafts]) if request_id else ""
+        scope = _idempotency_scope(principal, method, fingerprint)
         batch = method == _BATCH_CREATE_USERS
         if request_id:
-            stored = await self._stored_response(scope, request_id, fingerprint)
+            stored = await self._stored_response(scope, request_id, fingerprint, principal, drafts)
             if stored is not None:
                 return stored
         # Hashed before the unit of work opens: a connection is never held
@@ -269,7 +283,9 @@ class UserService:
             # insert of the same email (or of the key) beat ours. Answer as a
             # retry would, with the response it stored.
             if request_id:
-                stored = await self._stored_response(scope, request_id, fingerprint)
+                stored = await self._stored_response(
+                    scope, request_id, fingerprint, principal, drafts
+                )
                 if stored is not None:
                     return stored
             if isinstance(exc, EmailAlreadyExists):
@@ -283,13 +299,30 @@ class UserService:
         return users
 
     async def _stored_response(
-        self, scope: str, request_id: str, fingerprint: str
+        self,
+        scope: str,
+        request_id: str,
+        fingerprint: str,
+        principal: Principal,
+        drafts: Sequence[_Draft],
     ) -> list[User] | None:
         async with self._uow_factory() as uow:
             record = await uow.idempotency.get(scope, request_id)
+            credentials = None
+            if record is not None and not principal.is_authenticated and record.users:
+                credentials = await uow.users.get_credentials(record.users[0].id)
         if record is None:
             return None
-        if not hmac.compare_digest(record.fingerprint.encode(), fingerprint.encode()):
+        different = not hmac.compare_digest(record.fingerprint.encode(), fingerprint.encode())
+        if not different and not principal.is_authenticated:
+            # The fingerprint leaves the password out, so an anonymous
+            # caller who knows someone's sign-up (email, name, labels and
+            # request_id) could otherwise collect its answer: the retry must
+            # also carry the password the account was created with.
+            different = credentials is None or not await self._hasher.verify(
+                drafts[0].password, credentials.password_hash
+            )
+        if different:
             raise InvalidArgument.single(
                 "request_id", "this request_id was already used for a different request"
             )
@@ -367,11 +400,13 @@ class UserService:
         return await self.update_user(principal=principal, request=patch), False
 
     async def batch_get_users(self, *, principal: Principal, user_ids: Sequence[str]) -> list[User]:
-        """1..1000 users in request order (repeats allowed).
+        """1..1000 distinct users in request order.
 
-        Raises PermissionDenied, InvalidArgument (violations "ids[i]"),
-        UserNotFound with metadata {"id": ...} naming the first id in request
-        order that is missing (or deleted, unless the caller is an admin).
+        Raises PermissionDenied, InvalidArgument (violations "ids[i]",
+        including an id repeating an earlier one; field "ids" when the users
+        would not fit in one response of 4 MiB), UserNotFound with metadata
+        {"id": ...} naming the first id in request order that is missing (or
+        deleted, unless the caller is an admin).
         """
         policies.ensure(policies.can_batch_get(principal), "batch-get users")
         if not 1 <= len(user_ids) <= MAX_BATCH_SIZE:
@@ -380,15 +415,32 @@ class UserService:
             )
         errors: list[FieldViolation] = []
         targets: list[uuid.UUID] = []
+        first_index_of: dict[uuid.UUID, int] = {}
         for index, raw in enumerate(user_ids):
             try:
-                targets.append(parse_user_id(raw, f"ids[{index}]", principal))
+                target = parse_user_id(raw, f"ids[{index}]", principal)
             except InvalidArgument as exc:
                 errors.extend(exc.violations)
+                continue
+            # Repeats are refused, not answered: each costs a full copy of
+            # the user in the response for nothing.
+            earlier = first_index_of.setdefault(target, index)
+            if earlier != index:
+                errors.append(FieldViolation(f"ids[{index}]", f"repeats ids[{earlier}]"))
+            targets.append(target)
         raise_for_violations(errors)
-        found = await self._reader.get_many(list(dict.fromkeys(targets)))
+        found = await self._reader.get_many(targets)
         by_id = {user.id: user for user in found}
-        return [_visible(principal, by_id.get(target), target) for target in targets]
+        users = [_visible(principal, by_id.get(target), target) for target in targets]
+        fitting = fitting_prefix(users)
+        if fitting < len(users):
+            raise InvalidArgument.single(
+                "ids",
+                f"these {len(users)} users do not fit in one response of "
+                f"{MAX_RESPONSE_BYTES // (1024 * 1024)} MiB (the first {fitting} do); "
+                "ask for fewer ids per call",
+            )
+        return users
 
     async def list_users(self, *, principal: Principal, request: ListUsersInput) -> UserListResult:
         """One keyset page of the users matching the filter.
@@ -419,7 +471,10 @@ class UserService:
         total: int | None = None
         if request.page_token:
             token = decode_page_token(
-                request.page_token, fingerprint=fingerprint, ordering=ordering
+                request.page_token,
+                fingerprint=fingerprint,
+                ordering=ordering,
+                keys=self._page_token_keys(),
             )
             after, total = token.cursor, token.total_size
         query = ListQuery(filter, ordering, request.show_deleted, page_size, after)
@@ -427,12 +482,22 @@ class UserService:
             if total is None:
                 total = await uow.users.count(filter, show_deleted=request.show_deleted)
             page = await uow.users.list(query)
+        users, next_cursor = page.users, page.next_cursor
+        fitting = fitting_prefix(users)
+        if fitting < len(users):
+            # A shorter page, as AIP-158 allows: the response stays below
+            # 4 MiB and the token resumes after its last user.
+            users = users[:fitting]
+            next_cursor = cursor_of(ordering.field, users[-1])
         next_token = ""
-        if page.next_cursor is not None:
+        if next_cursor is not None:
             next_token = encode_page_token(
-                page.next_cursor, fingerprint=fingerprint, total_size=total
+                next_cursor,
+                fingerprint=fingerprint,
+                total_size=total,
+                keys=self._page_token_keys(),
             )
-        return UserListResult(users=page.users, next_page_token=next_token, total_size=total)
+        return UserListResult(users=users, next_page_token=next_token, total_size=total)
 
     # -- update ----------------------------------------------------------------
 
@@ -479,6 +544,8 @@ class UserService:
             if patch.labels is None
             else normalize_labels(patch.labels, field="user.labels", errors=errors),
         )
+        if normalized.labels is not None and not policies.has_full_label_limits(principal):
+            check_self_service_labels(normalized.labels, field="user.labels", errors=errors)
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
         async with self._uow_factory() as uow:
@@ -677,11 +744,16 @@ async def _lock_live(
     return user
 
 
-def _idempotency_scope(principal: Principal, method: str) -> str:
+def _idempotency_scope(principal: Principal, method: str, fingerprint: str) -> str:
     # Keys are per caller and per method: two callers may pick the same key,
-    # and a key of CreateUser says nothing about BatchCreateUsers.
-    subject = principal.subject if principal.is_authenticated else "anonymous"
-    return f"{method}:{principal.kind.value}:{subject}"
+    # and a key of CreateUser says nothing about BatchCreateUsers. Anonymous
+    # callers cannot be told apart, so their scope is the request itself
+    # (its fingerprint, without the password): a retry of the same sign-up
+    # finds its first answer, and another sign-up that happens to use the
+    # same request_id creates its own user instead of receiving that one.
+    if not principal.is_authenticated:
+        return f"{method}:{principal.kind.value}:anonymous:{fingerprint}"
+    return f"{method}:{principal.kind.value}:{principal.subject}"
 
 
 def _fingerprint(data: object) -> str:

@@ -60,8 +60,12 @@ def _reason(error: grpc.aio.AioRpcError) -> str:
 async def _access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """The access lines, once there is one. The server (same event loop)
     writes its line after the status went out, so a client can see the
-    response a few loop iterations before the line exists."""
-    for _ in range(1000):
+    response a few loop iterations before the line exists (more on a busy
+    machine, where grpc's threads get the CPU late: bounded by time, not by
+    a count of iterations)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10.0
+    while loop.time() < deadline:
         lines = [r for r in caplog.records if r.name == "usersvc.access"]
         if lines:
             return lines

@@ -224,13 +224,20 @@ async def test_an_undecodable_message_in_the_stream_is_a_rich_invalid_argument(
 async def test_an_import_still_reading_near_its_deadline_gets_a_rich_deadline_exceeded(
     served: RunningServer,
 ) -> None:
-    async def never_ending() -> AsyncIterator[pb.ImportUsersRequest]:
-        yield message("a@x.io")
-        await asyncio.Event().wait()
+    answered = asyncio.Event()
 
-    error = await _failure(
-        served.user_stub.ImportUsers(never_ending(), metadata=bearer(), timeout=0.5)
-    )
+    async def until_answered() -> AsyncIterator[pb.ImportUsersRequest]:
+        yield message("a@x.io")
+        # Ends once the call has: grpc's task that reads the stream would
+        # otherwise wait on it forever.
+        await answered.wait()
+
+    try:
+        error = await _failure(
+            served.user_stub.ImportUsers(until_answered(), metadata=bearer(), timeout=0.5)
+        )
+    finally:
+        answered.set()
 
     assert (error.code(), _reason(error)) == (
         grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -20,8 +20,10 @@ INSERT on users and works the same through PgBouncer.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring_ascii
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -66,6 +68,18 @@ _INSERT_BATCH = text(
 )
 
 
+_COLUMNS = (
+    "ids",
+    "emails",
+    "password_hashes",
+    "display_names",
+    "roles",
+    "labels",
+    "create_times",
+)
+_ROWS_PER_YIELD = 100
+
+
 async def insert_imported_users(session: AsyncSession, users: Sequence[ImportedUser]) -> list[bool]:
     """Insert ``users`` within ``session``'s transaction, skipping those
     whose email is taken (see usersvc.domain.ports.UserRepository
@@ -73,17 +87,22 @@ async def insert_imported_users(session: AsyncSession, users: Sequence[ImportedU
     DatabaseUnavailable."""
     if not users:
         return []
-    ids = [uuid7() for _ in users]
     role_literals: dict[tuple[str, ...], str] = {}
-    params = {
-        "ids": ids,
-        "emails": [user.email for user in users],
-        "password_hashes": [user.password_hash for user in users],
-        "display_names": [user.display_name for user in users],
-        "roles": [_array_literal(user.roles, role_literals) for user in users],
-        "labels": [_json_object(user.labels) for user in users],
-        "create_times": [user.create_time for user in users],
-    }
+    columns: dict[str, list[Any]] = {name: [] for name in _COLUMNS}
+    for start in range(0, len(users), _ROWS_PER_YIELD):
+        if start:
+            # Thousands of rows take tens of milliseconds to prepare: other
+            # calls on this process get the event loop in between.
+            await asyncio.sleep(0)
+        for user in users[start : start + _ROWS_PER_YIELD]:
+            columns["ids"].append(uuid7())
+            columns["emails"].append(user.email)
+            columns["password_hashes"].append(user.password_hash)
+            columns["display_names"].append(user.display_name)
+            columns["roles"].append(_array_literal(user.roles, role_literals))
+            columns["labels"].append(_json_object(user.labels))
+            columns["create_times"].append(user.create_time)
+    params: dict[str, Any] = dict(columns)
     with translate_database_errors():
         result = await session.execute(_INSERT_BATCH, params)
     skipped: list[int] = result.scalar_one()
