@@ -168,14 +168,14 @@ async def test_clearing_resets_the_count_the_lock_and_the_lock_count_but_not_the
     for _ in range(POLICY.max_failures + 1):
         await fail(uow_factory, user.id, NOW - timedelta(hours=1))
     async with uow_factory() as uow:
-        assert await uow.users.clear_login_failures(user.id, now=NOW) is True
+        assert await uow.users.clear_login_failures(user.id) is True
         await uow.commit()
     assert await lock_state(engine, user.id) == LockState(0, 0, None)
     async with uow_factory() as uow:
         assert await uow.users.get(user.id) == user
 
 
-async def test_clearing_a_locked_account_returns_false_and_changes_nothing(
+async def test_clearing_unless_locked_leaves_a_locked_account_alone(
     uow_factory: UnitOfWorkFactory, make_user: UserMaker, engine: AsyncEngine
 ) -> None:
     user = await make_user(email="ann@example.com")
@@ -183,14 +183,14 @@ async def test_clearing_a_locked_account_returns_false_and_changes_nothing(
         await fail(uow_factory, user.id)
     before = await lock_state(engine, user.id)
     async with uow_factory() as uow:
-        assert await uow.users.clear_login_failures(user.id, now=NOW) is False
+        assert await uow.users.clear_login_failures(user.id, unless_locked_at=NOW) is False
         await uow.commit()
     assert await lock_state(engine, user.id) == before
 
 
 async def test_clearing_an_unknown_user_returns_false(uow_factory: UnitOfWorkFactory) -> None:
     async with uow_factory() as uow:
-        assert await uow.users.clear_login_failures(uuid.uuid4(), now=NOW) is False
+        assert await uow.users.clear_login_failures(uuid.uuid4()) is False
 
 
 async def test_concurrent_failures_are_each_counted_once(
@@ -234,3 +234,28 @@ async def test_counting_a_failure_makes_the_commit_skip_the_wal_flush_wait(
         await uow.users.count_login_failure(user.id, now=NOW, policy=POLICY)
         setting = await uow._session.execute(text("SHOW synchronous_commit"))  # type: ignore[attr-defined]
         assert setting.scalar_one() == "off"
+
+
+async def test_clearing_unless_locked_clears_an_account_whose_lock_has_ended(
+    uow_factory: UnitOfWorkFactory, make_user: UserMaker, engine: AsyncEngine
+) -> None:
+    user = await make_user(email="ann@example.com")
+    for _ in range(POLICY.max_failures):
+        await fail(uow_factory, user.id)
+    async with uow_factory() as uow:
+        later = NOW + timedelta(seconds=60)
+        assert await uow.users.clear_login_failures(user.id, unless_locked_at=later) is True
+        await uow.commit()
+    assert await lock_state(engine, user.id) == LockState(0, 0, None)
+
+
+async def test_clearing_without_a_time_ends_a_lock(
+    uow_factory: UnitOfWorkFactory, make_user: UserMaker, engine: AsyncEngine
+) -> None:
+    user = await make_user(email="ann@example.com")
+    for _ in range(POLICY.max_failures):
+        await fail(uow_factory, user.id)
+    async with uow_factory() as uow:
+        assert await uow.users.clear_login_failures(user.id) is True
+        await uow.commit()
+    assert await lock_state(engine, user.id) == LockState(0, 0, None)

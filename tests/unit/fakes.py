@@ -407,9 +407,17 @@ class FakeUserRepository:
         self._uow.written.add(user_id)
         return locked_until
 
-    async def clear_login_failures(self, user_id: uuid.UUID, *, now: datetime) -> bool:
+    async def clear_login_failures(
+        self, user_id: uuid.UUID, *, unless_locked_at: datetime | None = None
+    ) -> bool:
         row = self._rows.get(user_id)
-        if row is None or (row.locked_until is not None and row.locked_until > now):
+        if row is None:
+            return False
+        if (
+            unless_locked_at is not None
+            and row.locked_until is not None
+            and row.locked_until > unless_locked_at
+        ):
             return False
         self._rows[user_id] = replace(row, failed_login_count=0, lock_count=0, locked_until=None)
         self._uow.written.add(user_id)

@@ -77,11 +77,15 @@ class UserRepository(Protocol):
         lock_count (usersvc.domain.lockout), and gets the lock's end back;
         otherwise None. An unknown id or a locked account: nothing written."""
 
-    async def clear_login_failures(self, user_id: uuid.UUID, *, now: datetime) -> bool:
+    async def clear_login_failures(
+        self, user_id: uuid.UUID, *, unless_locked_at: datetime | None = None
+    ) -> bool:
         """Reset the failure count, the lock and the lock count (a login
-        succeeded) unless the account is locked at ``now``, locking the row
-        until the unit of work ends; the user's version and etag do not
-        change. False when there is no such user or it is locked."""
+        succeeded, or an administrator ends a lock), locking the row until
+        the unit of work ends; the user's version and etag do not change.
+        With ``unless_locked_at``, nothing changes if the account is locked
+        at that time. False when there is no such user, or nothing changed
+        because of the lock."""
 
     async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
         """Apply the patch, bump version and update_time. Raises

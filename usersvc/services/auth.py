@@ -190,7 +190,7 @@ class AuthService:
             # below rolls the clearing back. It clears nothing on an account
             # that concurrent wrong guesses locked since the check above: as
             # if this attempt had come after them, it is refused.
-            if not await uow.users.clear_login_failures(user_id, now=now):
+            if not await uow.users.clear_login_failures(user_id, unless_locked_at=now):
                 self._outcome("locked_out")
                 raise InvalidCredentials()
             latest = await uow.users.get_credentials(user_id)

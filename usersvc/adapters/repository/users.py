@@ -105,15 +105,15 @@ _COUNT_LOGIN_FAILURE = _count_login_failure_statement()
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO off")
 _CLEAR_LOGIN_FAILURES = (
     update(users_table)
-    .where(
-        users.id == bindparam("user_id"),
-        or_(
-            users.locked_until.is_(None),
-            users.locked_until <= bindparam("attempt_time", type_=DateTime(timezone=True)),
-        ),
-    )
+    .where(users.id == bindparam("user_id"))
     .values(failed_login_count=0, lock_count=0, locked_until=None)
     .returning(users.id)
+)
+_CLEAR_LOGIN_FAILURES_UNLESS_LOCKED = _CLEAR_LOGIN_FAILURES.where(
+    or_(
+        users.locked_until.is_(None),
+        users.locked_until <= bindparam("attempt_time", type_=DateTime(timezone=True)),
+    )
 )
 
 
@@ -238,12 +238,18 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         locked_until: datetime | None = row["locked_until"]
         return locked_until if locked_until is not None and locked_until > now else None
 
-    async def clear_login_failures(self, user_id: uuid.UUID, *, now: datetime) -> bool:
-        """Reset the failure count, lock and lock count unless the account
-        is locked at ``now``; locks the row until the transaction ends.
-        False when there is no such user or it is locked."""
-        params = {"user_id": user_id, "attempt_time": now}
-        return await self._one_or_none(_CLEAR_LOGIN_FAILURES, params) is not None
+    async def clear_login_failures(
+        self, user_id: uuid.UUID, *, unless_locked_at: datetime | None = None
+    ) -> bool:
+        """Reset the failure count, lock and lock count (unless the account
+        is locked at ``unless_locked_at``, when given); locks the row until
+        the transaction ends. False when there is no such user, or it is
+        locked then."""
+        if unless_locked_at is None:
+            return await self._one_or_none(_CLEAR_LOGIN_FAILURES, {"user_id": user_id}) is not None
+        params = {"user_id": user_id, "attempt_time": unless_locked_at}
+        found = await self._one_or_none(_CLEAR_LOGIN_FAILURES_UNLESS_LOCKED, params)
+        return found is not None
 
     async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
         """Apply the patch, bump version and update_time. Raises
