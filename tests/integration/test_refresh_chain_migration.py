@@ -24,7 +24,7 @@ ROTATIONS = 100
 
 @pytest.fixture
 async def old_engine(empty_database_url: str) -> AsyncIterator[AsyncEngine]:
-    await migrations.upgrade_async(empty_database_url, "0003")
+    await migrations.upgrade_async(empty_database_url, "0005")
     engine = create_async_engine(empty_database_url, poolclass=NullPool)
     yield engine
     await engine.dispose()
@@ -131,7 +131,7 @@ async def test_down_again_the_legacy_tokens_go_back_to_refresh_tokens(
 ) -> None:
     session_id, valid = await old_scheme_session(old_engine, 3)
     await migrations.upgrade_async(empty_database_url)
-    await migrations.downgrade_async(empty_database_url, "0003")
+    await migrations.downgrade_async(empty_database_url, "0005")
     async with old_engine.connect() as connection:
         rows = (
             await connection.execute(

@@ -144,6 +144,11 @@ def can_introspect(principal: Principal) -> bool:
     return _is_reader(principal)
 
 
+def can_read_events(principal: Principal) -> bool:
+    """ListEvents, WatchEvents (the audit trail): admins and services."""
+    return _is_reader(principal)
+
+
 def ensure(allowed: bool, action: str) -> None:
     """Raises PermissionDenied naming ``action`` unless ``allowed``."""
     if not allowed:

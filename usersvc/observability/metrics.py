@@ -79,6 +79,9 @@ LOGIN_OUTCOMES = (
     "inactive",
 )
 RATE_LIMIT_BUCKETS = ("auth", "api")
+# Why a call was refused before any work (usersvc/api/interceptors/admission.py,
+# which cannot be imported here: it imports grpc).
+REFUSAL_REASONS = ("calls", "health", "streams", "reflection", "request_timeout")
 
 
 class PoolLike(Protocol):
@@ -228,17 +231,48 @@ class Metrics:
             ("bucket",),
             registry=registry,
         )
+        self._refused = Counter(
+            "usersvc_calls_refused_total",
+            "Calls refused before any work: a lane at its cap (calls, health, streams, "
+            "reflection) or a request message that did not arrive in time (request_timeout).",
+            ("reason",),
+            registry=registry,
+        )
         self._revoked = Counter(
             "usersvc_sessions_revoked_total",
             "Sessions revoked, by reason.",
             ("reason",),
             registry=registry,
         )
+        self._events_published = Counter(
+            "usersvc_events_published_total",
+            "Events published to NATS JetStream (PubAck received).",
+            registry=registry,
+        )
+        self._event_publish_errors = Counter(
+            "usersvc_event_publish_errors_total",
+            "Failed attempts to publish an event (NATS down or slow); the event is retried.",
+            registry=registry,
+        )
+        self._event_lag = Histogram(
+            "usersvc_event_publish_lag_seconds",
+            "From an event's transaction to its PubAck.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+        )
+        self._events_unpublished = Gauge(
+            "usersvc_events_unpublished",
+            "Numbered events not yet published, as the publishing replica last counted them.",
+            registry=registry,
+            multiprocess_mode="max",
+        )
         # Known label values start at 0, so rate() sees the first event.
         for outcome in LOGIN_OUTCOMES:
             self._logins.labels(outcome)
         for bucket in RATE_LIMIT_BUCKETS:
             self._rate_limited.labels(bucket)
+        for reason in REFUSAL_REASONS:
+            self._refused.labels(reason)
         self._pool_gauges: dict[str, Gauge] = {}
         self._sampler: asyncio.Task[None] | None = None
 
@@ -254,8 +288,21 @@ class Metrics:
     def rate_limited(self, bucket: str) -> None:
         self._rate_limited.labels(bucket).inc()
 
+    def call_refused(self, reason: str) -> None:
+        self._refused.labels(reason).inc()
+
     def sessions_revoked(self, reason: str, count: int) -> None:
         self._revoked.labels(reason).inc(count)
+
+    def event_published(self, lag_seconds: float) -> None:
+        self._events_published.inc()
+        self._event_lag.observe(max(0.0, lag_seconds))
+
+    def event_publish_failed(self) -> None:
+        self._event_publish_errors.inc()
+
+    def events_unpublished(self, count: int) -> None:
+        self._events_unpublished.set(count)
 
     def watch_pool(self, pool: PoolLike) -> None:
         """Report ``pool`` in the pool gauges: read at scrape time in one

@@ -46,6 +46,7 @@ from usersvc.domain.errors import (
     Unauthenticated,
     UserNotFound,
 )
+from usersvc.domain.events import EventDraft, EventType, LoginFailureCause
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     Principal,
@@ -91,6 +92,7 @@ _INACTIVE = TokenIntrospection(active=False)
 # Counting a failure against no user: the write a counted failure makes, on
 # no row (uuid7 ids are never all zeros).
 _NOBODY = uuid.UUID(int=0)
+_LOGIN_SUCCEEDED = (EventDraft(EventType.LOGIN_SUCCEEDED),)
 
 
 class AuthService:
@@ -146,9 +148,9 @@ class AuthService:
             # apart from one. A locked account's own hash is not even looked
             # at, and nothing is counted.
             await self._hasher.verify(_PLACEHOLDER_PASSWORD, await self._hasher.dummy_hash())
-            if usable:
-                await self._count_failure(_NOBODY, now)
             self._outcome("unknown_or_locked" if usable else "malformed")
+            if usable:
+                await self._record_failure(now, email=normalized)
             raise InvalidCredentials()
         credentials = candidate.credentials
         matches = await self._hasher.verify(password, credentials.password_hash)
@@ -156,8 +158,8 @@ class AuthService:
             # Only a wrong password is a failure that counts; the right one
             # for a disabled or deleted account does the same write, on no
             # row.
-            locked_until = await self._count_failure(
-                _NOBODY if matches else credentials.user.id, now
+            locked_until = await self._record_failure(
+                now, user=credentials.user, password_matched=matches
             )
             if matches:
                 self._outcome("inactive")
@@ -190,7 +192,9 @@ class AuthService:
             # below rolls the clearing back. It clears nothing on an account
             # that concurrent wrong guesses locked since the check above: as
             # if this attempt had come after them, it is refused.
-            if not await uow.users.clear_login_failures(user_id, unless_locked_at=now):
+            if not await uow.users.clear_login_failures(
+                user_id, unless_locked_at=now, events=_LOGIN_SUCCEEDED
+            ):
                 self._outcome("locked_out")
                 raise InvalidCredentials()
             latest = await uow.users.get_credentials(user_id)
@@ -218,11 +222,42 @@ class AuthService:
         chain = RefreshChain(FIRST_GENERATION, tag_key)
         return self._result(user, session.id, issue_refresh_token(session.id, chain, secret))
 
-    async def _count_failure(self, user_id: uuid.UUID, now: datetime) -> datetime | None:
+    async def _record_failure(
+        self,
+        now: datetime,
+        *,
+        email: str = "",
+        user: User | None = None,
+        password_matched: bool = False,
+    ) -> datetime | None:
+        """After bcrypt, in one transaction for every kind of failure: count
+        a wrong password of ``user`` (the same statement on no row for the
+        others) and write the auth.login_failed event (and auth
+        .account_locked when this failure locked the account); ``email``
+        when no account was checked. Returns the end of the lock this
+        failure started. Raises DatabaseUnavailable."""
+        counted = user.id if user is not None and not password_matched else _NOBODY
         async with self._uow_factory() as uow:
             locked_until = await uow.users.count_login_failure(
-                user_id, now=now, policy=self._lockout
+                counted, now=now, policy=self._lockout
             )
+            if user is None:
+                await uow.events.add_login_failure(email)
+            else:
+                cause = (
+                    LoginFailureCause.DISABLED
+                    if password_matched
+                    else LoginFailureCause.WRONG_PASSWORD
+                )
+                drafts = [EventDraft(EventType.LOGIN_FAILED, attributes={"cause": cause.value})]
+                if locked_until is not None:
+                    drafts.append(
+                        EventDraft(
+                            EventType.ACCOUNT_LOCKED,
+                            attributes={"locked_until": locked_until.isoformat()},
+                        )
+                    )
+                await uow.events.add(user.id, drafts)
             await uow.commit()
         return locked_until
 
@@ -248,6 +283,15 @@ class AuthService:
             if outcome.status is RefreshStatus.RETIRED and session is not None:
                 revocation = await self._sessions.revoke_sessions(
                     uow, [session.id], RevokeReason.REFRESH_TOKEN_REUSE
+                )
+                await uow.events.add(
+                    session.user_id,
+                    [
+                        EventDraft(
+                            EventType.REFRESH_TOKEN_REUSED,
+                            attributes={"session_id": str(session.id)},
+                        )
+                    ],
                 )
                 await uow.commit()
                 self._sessions.committed(revocation)

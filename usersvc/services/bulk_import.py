@@ -31,6 +31,7 @@ from usersvc.domain.bulk_import import (
     bcrypt_hash_problem,
 )
 from usersvc.domain.errors import FieldViolation
+from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.ports import UnitOfWorkFactory
 from usersvc.domain.validation import (
     normalize_display_name,
@@ -56,6 +57,9 @@ ROWS_PER_YIELD = 32
 # kilobytes.
 MAX_REPORTED_ERRORS = 1000
 EARLIEST_CREATE_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+# One user.created event per imported user, in the import's statement.
+_IMPORTED = (EventDraft(EventType.USER_CREATED, attributes={"origin": "import"}),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +260,7 @@ class UserImporter:
 
     async def _write(self, batch: _Batch, tally: _Tally) -> None:
         async with self._uow_factory() as uow:
-            inserted = await uow.users.import_batch(batch.users)
+            inserted = await uow.users.import_batch(batch.users, events=_IMPORTED)
             await uow.commit()
         _count(batch.rows, inserted, tally)
 

@@ -29,6 +29,7 @@ from usersvc.domain.errors import (
     PermissionDenied,
     UserNotFound,
 )
+from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.filtering import parse_filter, parse_order_by
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, cursor_of
 from usersvc.domain.models import (
@@ -271,9 +272,9 @@ class UserService:
         try:
             async with self._uow_factory() as uow:
                 if batch:
-                    users = await uow.users.add_many(news)
+                    users = await uow.users.add_many(news, events=_CREATED)
                 else:
-                    users = [await uow.users.add(news[0])]
+                    users = [await uow.users.add(news[0], events=_CREATED)]
                 if request_id:
                     record = IdempotencyRecord(fingerprint, tuple(users))
                     await uow.idempotency.add(scope, request_id, record)
@@ -549,8 +550,11 @@ class UserService:
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
         async with self._uow_factory() as uow:
-            await _lock_live(uow, principal, target, etag=request.etag)
-            user = await uow.users.update(target, normalized)
+            current = await _lock_live(uow, principal, target, etag=request.etag)
+            changed = _changed_fields(current, normalized)
+            user = await uow.users.update(
+                target, normalized, events=[EventDraft(EventType.USER_UPDATED, changed)]
+            )
             await uow.commit()
         return user
 
@@ -569,7 +573,7 @@ class UserService:
         raise_for_violations(errors)
         async with self._uow_factory() as uow:
             await _lock_live(uow, principal, target, etag=etag)
-            user = await uow.users.set_deleted(target, True)
+            user = await uow.users.set_deleted(target, True, events=_DELETED)
             revocation = await self._sessions.revoke_user(uow, target, RevokeReason.DELETED)
             await uow.commit()
         self._sessions.committed(revocation)
@@ -589,7 +593,7 @@ class UserService:
                 raise UserNotFound(metadata={"id": str(target)})
             if current.state is not UserState.DELETED:
                 raise InvalidState("the user is not deleted", already_exists=True)
-            user = await uow.users.set_deleted(target, False)
+            user = await uow.users.set_deleted(target, False, events=_UNDELETED)
             await uow.commit()
         return user
 
@@ -605,7 +609,7 @@ class UserService:
             # Revoked first: the purge deletes the session rows, but the
             # revocation log outlives them.
             revocation = await self._sessions.revoke_user(uow, target, RevokeReason.PURGED)
-            if not await uow.users.purge(target):
+            if not await uow.users.purge(target, events=_PURGED):
                 raise UserNotFound(metadata={"id": str(target)})
             await uow.commit()
         self._sessions.committed(revocation)
@@ -634,7 +638,9 @@ class UserService:
             current = await _lock_live(uow, principal, target, etag="")
             if (current.state is UserState.DISABLED) == disabled:
                 return current
-            user = await uow.users.set_disabled(target, disabled)
+            user = await uow.users.set_disabled(
+                target, disabled, events=_DISABLED if disabled else _ENABLED
+            )
             revocation = None
             if disabled:
                 revocation = await self._sessions.revoke_user(uow, target, RevokeReason.DISABLED)
@@ -690,7 +696,7 @@ class UserService:
                     latest.password_hash.encode(), verified_hash.encode()
                 ):
                     raise InvalidCredentials("the current password is wrong")
-            await uow.users.set_password_hash(target, new_hash)
+            await uow.users.set_password_hash(target, new_hash, events=_PASSWORD_CHANGED)
             own_session = (
                 session_id_of(principal.session_id) if principal.user_id() == target else None
             )
@@ -702,6 +708,29 @@ class UserService:
 
 
 # -- helpers ---------------------------------------------------------------------
+
+# What each change writes with it (usersvc.domain.events); never a secret.
+_CREATED = (EventDraft(EventType.USER_CREATED),)
+_DELETED = (EventDraft(EventType.USER_DELETED),)
+_UNDELETED = (EventDraft(EventType.USER_UNDELETED),)
+_PURGED = (EventDraft(EventType.USER_PURGED),)
+_DISABLED = (EventDraft(EventType.USER_DISABLED),)
+_ENABLED = (EventDraft(EventType.USER_ENABLED),)
+_PASSWORD_CHANGED = (EventDraft(EventType.USER_PASSWORD_CHANGED),)
+
+
+def _changed_fields(current: User, patch: UserPatch) -> tuple[str, ...]:
+    """The paths of ``patch`` whose value differs from ``current``."""
+    changed = []
+    if patch.email is not None and patch.email != current.email:
+        changed.append("email")
+    if patch.display_name is not None and patch.display_name != current.display_name:
+        changed.append("display_name")
+    if patch.roles is not None and tuple(patch.roles) != tuple(current.roles):
+        changed.append("roles")
+    if patch.labels is not None and dict(patch.labels) != dict(current.labels):
+        changed.append("labels")
+    return tuple(changed)
 
 
 def _target(principal: Principal, raw_id: str, field: str) -> uuid.UUID:

@@ -29,7 +29,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from usersvc.adapters.database_errors import translate_database_errors
+from usersvc.adapters.events import USER_FIELDS, snapshot_sql
 from usersvc.domain.bulk_import import ImportedUser
+from usersvc.domain.events import NO_CALL, CallContext, EventDraft
 from usersvc.domain.models import uuid7
 
 # WITH ORDINALITY ... ORDER BY seq: rows are inserted in input order, so of
@@ -66,6 +68,26 @@ _INSERT_BATCH = text(
     WHERE NOT EXISTS (SELECT FROM inserted WHERE inserted.id = given.id)
     """
 )
+# The same statement writing events for each inserted user, in the same
+# statement (usersvc.adapters.events): RETURNING gives the user columns for
+# the snapshot, and one more data-modifying CTE inserts the events, one per
+# inserted user and draft (types and attributes travel as arrays).
+_INSERT_BATCH_WITH_EVENTS = text(
+    _INSERT_BATCH.text.replace("RETURNING id\n", f"RETURNING {', '.join(USER_FIELDS)}\n").replace(
+        "    SELECT coalesce(array_agg(given.seq)",
+        # Constant column names only: nothing from the caller is spliced in.
+        f"""    , recorded AS (
+        INSERT INTO events (id, type, user_id, actor, request_id, user_snapshot, attributes)
+        SELECT gen_random_uuid(), draft.type, inserted.id, :actor, :request_id,
+               {snapshot_sql("inserted")}, draft.attributes
+        FROM inserted CROSS JOIN unnest(
+            CAST(:event_types AS text[]), CAST(:event_attributes AS jsonb[])
+        ) WITH ORDINALITY AS draft (type, attributes, n)
+        ORDER BY inserted.id, draft.n
+    )
+    SELECT coalesce(array_agg(given.seq)""",  # noqa: S608
+    )
+)
 
 
 _COLUMNS = (
@@ -80,11 +102,18 @@ _COLUMNS = (
 _ROWS_PER_YIELD = 100
 
 
-async def insert_imported_users(session: AsyncSession, users: Sequence[ImportedUser]) -> list[bool]:
+async def insert_imported_users(
+    session: AsyncSession,
+    users: Sequence[ImportedUser],
+    *,
+    events: Sequence[EventDraft] = (),
+    context: CallContext = NO_CALL,
+) -> list[bool]:
     """Insert ``users`` within ``session``'s transaction, skipping those
     whose email is taken (see usersvc.domain.ports.UserRepository
-    .import_batch); per input, whether it was inserted. Raises
-    DatabaseUnavailable."""
+    .import_batch), with ``events`` for each inserted user written by the
+    same statement (``context`` gives their actor and request id); per
+    input, whether it was inserted. Raises DatabaseUnavailable."""
     if not users:
         return []
     role_literals: dict[tuple[str, ...], str] = {}
@@ -103,8 +132,15 @@ async def insert_imported_users(session: AsyncSession, users: Sequence[ImportedU
             columns["labels"].append(_json_object(user.labels))
             columns["create_times"].append(user.create_time)
     params: dict[str, Any] = dict(columns)
+    statement = _INSERT_BATCH
+    if events:
+        statement = _INSERT_BATCH_WITH_EVENTS
+        params["actor"] = context.actor
+        params["request_id"] = context.request_id
+        params["event_types"] = [draft.type.value for draft in events]
+        params["event_attributes"] = [_json_object(draft.attributes) for draft in events]
     with translate_database_errors():
-        result = await session.execute(_INSERT_BATCH, params)
+        result = await session.execute(statement, params)
     skipped: list[int] = result.scalar_one()
     inserted = [True] * len(users)
     for position in skipped:
