@@ -144,10 +144,11 @@ class SecretLedger:
     def _add_refresh_token_hash(self, token: str) -> None:
         # The service stores SHA-256 of the token's bytes; hex is how a
         # bytea would most likely reach a log line.
-        from usersvc.services.sessions import refresh_token_hash
+        from usersvc.services.sessions import parse_refresh_token
 
-        digest = refresh_token_hash(token)
-        if digest is not None:
+        presented = parse_refresh_token(token)
+        if presented is not None:
+            digest = presented.legacy_hash or presented.token_hash
             self.add("refresh token hash", digest.hex())
         self.add("refresh token hash", hashlib.sha256(token.encode()).hexdigest())
 

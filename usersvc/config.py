@@ -434,7 +434,11 @@ class Settings:
         "fail fast and health is NOT_SERVING (`0`: no probe, no fast failure)",
     )
     db_probe_timeout_seconds: float = number(
-        1.0, lo=0.01, hi=600, doc="a probe slower than this counts as the database being down"
+        1.0,
+        lo=0.01,
+        hi=600,
+        doc="a probe slower than this is late; a refused connection counts as the database "
+        "being down at once, late probes only after 10 s of them in a row",
     )
 
     # -- server

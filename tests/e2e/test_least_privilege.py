@@ -42,14 +42,7 @@ from .helpers import (
 
 ROOT = Path(__file__).resolve().parents[2]
 GRANTS_SQL = ROOT / "deploy" / "grants.sql"
-TABLES = {
-    "users",
-    "idempotency_keys",
-    "sessions",
-    "refresh_tokens",
-    "session_revocations",
-    "user_codes",
-}
+TABLES = {"users", "idempotency_keys", "sessions", "session_revocations", "user_codes"}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
@@ -70,24 +70,36 @@ class UserRepository(Protocol):
 
     async def get_credentials(self, user_id: uuid.UUID) -> Credentials | None: ...
 
-    async def start_login_attempt(
-        self, email: str, *, now: datetime, policy: LockoutPolicy
-    ) -> LoginAttempt | None:
-        """Count one login attempt against the user with this email
-        (case-insensitive, deleted included) unless the account is locked at
-        ``now``, atomically: concurrent attempts on any replica are all
-        counted. The attempt that reaches ``policy.max_failures`` locks the
-        account from ``now`` for ``policy.lock_seconds(lock_count)``, resets
-        the count and adds one to lock_count (usersvc.domain.lockout). None
-        when no user has the email or the account is locked; nothing is
-        written then."""
+    async def find_login(self, email: str) -> LoginAttempt | None:
+        """The credentials and the lock of the user with this email
+        (case-insensitive, deleted included), for a login to check; None
+        when no user has it. Writes nothing."""
+
+    async def count_login_failure(
+        self, user_id: uuid.UUID, *, now: datetime, policy: LockoutPolicy
+    ) -> datetime | None:
+        """Count one failed login (a wrong password, checked) against the
+        user unless the account is locked at ``now``, atomically: concurrent
+        failures on any replica are counted exactly as the same failures one
+        after the other would be. The failure that reaches
+        ``policy.max_failures`` locks the account from ``now`` for
+        ``policy.lock_seconds(lock_count)``, resets the count and adds one to
+        lock_count (usersvc.domain.lockout), and gets the lock's end back;
+        otherwise None. An unknown id or a locked account: nothing written."""
 
     async def clear_login_failures(
-        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()
+        self,
+        user_id: uuid.UUID,
+        *,
+        unless_locked_at: datetime | None = None,
+        events: Sequence[EventDraft] = (),
     ) -> bool:
         """Reset the failure count, the lock and the lock count (a login
-        succeeded), locking the row until the unit of work ends; the user's
-        version and etag do not change. False when there is no such user."""
+        succeeded, or an administrator ends a lock), locking the row until
+        the unit of work ends; the user's version and etag do not change.
+        With ``unless_locked_at``, nothing changes if the account is locked
+        at that time. False when there is no such user, or nothing changed
+        because of the lock."""
 
     async def update(
         self, user_id: uuid.UUID, patch: UserPatch, *, events: Sequence[EventDraft] = ()
@@ -127,9 +139,9 @@ class UserRepository(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class LoginAttempt:
-    """A counted login attempt: the user's credentials to check, and
-    ``locked_until`` when this attempt was the last one allowed (the account
-    is locked until then unless the password turns out right)."""
+    """What a login checks: the user's credentials, and the end of the
+    account's latest lock (in the past when the lock is over; None when it
+    never was locked or a success cleared it)."""
 
     credentials: Credentials
     locked_until: datetime | None = None
@@ -154,19 +166,33 @@ class IdempotencyKeyTaken(Exception):
 
 
 class RefreshStatus(enum.Enum):
-    OK = "ok"  # the token was unused and is now retired by this call
-    RETIRED = "retired"  # already used: a replay, or a concurrent use that lost
+    OK = "ok"  # the token was the valid one and is now retired by this call
+    RETIRED = "retired"  # an older generation: a replay, or a concurrent use that lost
     UNKNOWN = "unknown"  # never issued, or its session is gone
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshChain:
+    """A session's refresh token chain: the generation of its one valid
+    token, and the key that authenticates each generation's tag."""
+
+    generation: int
+    tag_key: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class RefreshOutcome:
     """What presenting a refresh token found. ``session`` is set for OK
     (as it is after this use) and RETIRED (the session to revoke); None for
-    UNKNOWN. OK says nothing about the session being active: check it."""
+    UNKNOWN. ``chain`` is the session's chain: for OK after this use (the
+    successor's generation), for RETIRED as it is (to check the presented
+    token's tag against: a chain token of an older generation is RETIRED
+    only if its tag is right). OK says nothing about the session being
+    active: check it."""
 
     status: RefreshStatus
     session: Session | None = None
+    chain: RefreshChain | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,21 +202,44 @@ class CleanupResult:
 
 
 class SessionRepository(Protocol):
-    async def create(self, user_id: uuid.UUID, expire_time: datetime) -> Session:
-        """A new active session of the user. Raises UserNotFound when the
-        user row does not exist."""
+    async def create(
+        self,
+        user_id: uuid.UUID,
+        expire_time: datetime,
+        *,
+        refresh_hash: bytes,
+        tag_key: bytes,
+    ) -> Session:
+        """A new active session of the user whose valid refresh token is
+        the first generation, with the secret whose hash is
+        ``refresh_hash``. Raises UserNotFound when the user row does not
+        exist."""
 
-    async def add_refresh_token(self, session_id: uuid.UUID, token_hash: bytes) -> None:
-        """Store the hash of a new, unused refresh token of the session."""
+    async def use_refresh_token(
+        self, session_id: uuid.UUID, generation: int, token_hash: bytes, successor_hash: bytes
+    ) -> RefreshOutcome:
+        """Move the session's chain to the next generation, whose secret
+        hashes to ``successor_hash``, if ``generation`` and ``token_hash``
+        are its valid token's, atomically: of any number of concurrent
+        callers presenting the same valid token, exactly one gets OK (once
+        its unit of work commits); the others get RETIRED, as does any
+        older generation (the caller checks its tag against the chain).
+        Also records the session's last_refresh_time on OK. The rows
+        written per session stay the same however often this runs."""
 
-    async def use_refresh_token(self, token_hash: bytes) -> RefreshOutcome:
-        """Retire the token atomically: of any number of concurrent callers
-        presenting the same unused token, exactly one gets OK (once its unit
-        of work commits); the others get RETIRED. Also records the session's
-        last_refresh_time on OK."""
+    async def use_legacy_refresh_token(
+        self, token_hash: bytes, successor_hash: bytes, tag_key: bytes
+    ) -> RefreshOutcome:
+        """The same for a token from before the chain, known by its hash:
+        OK starts the session's chain (first generation, ``tag_key``);
+        RETIRED when it was used already."""
 
-    async def find_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
-        """The session of a refresh token, used or not; None when unknown."""
+    async def refresh_chain(self, session_id: uuid.UUID) -> RefreshChain | None:
+        """The session's chain; None without a session or before its chain
+        started."""
+
+    async def find_legacy_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
+        """The session of a token from before the chain, used or not."""
 
     async def get(self, session_id: uuid.UUID) -> Session | None: ...
 
