@@ -74,7 +74,8 @@ proto-check: $(STAMP)
 # asyncpg ceilings, a naive ORM-per-call server and the seeds' FastAPI design,
 # loaded by h2load; see docs/performance.md. Filters: `make bench
 # SCENARIOS=getuser ROUNDS=3 SECONDS=3` (scenarios: getuser, lookup, list,
-# update, update-random, create, login, batch, import); more options
+# update, update-random, create, login, batch, import, batch-writes, events);
+# more options
 # through BENCH_ARGS (`$(BIN)/python -m bench --help`). Uses
 # USERSVC_BENCH_DATABASE_URL, else a database usersvc_bench on the
 # USERSVC_TEST_DATABASE_URL server, else the embedded PostgreSQL.
@@ -92,11 +93,11 @@ bench: $(BENCH_STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
 	$(BIN)/python -m bench $(BENCH_FLAGS) $(BENCH_ARGS)
 
-# Events: relay throughput to JetStream, commit-to-PubAck lag at a steady
-# write rate, and the cost of the event write on UpdateUser/CreateUser's
-# statements, side by side (bench/events.py; a private nats-server).
-bench-events: $(STAMP)
-	$(BIN)/python -m bench.events $(BENCH_ARGS)
+# The events scenario alone (relay throughput to JetStream, commit-to-PubAck
+# lag, the cost of the event write; bench/events.py): an alias of
+# `make bench SCENARIOS=events`.
+bench-events:
+	$(MAKE) bench SCENARIOS=events
 
 # The 10-minute memory soak (item 6 of issue 5); DURATION=60 for a smoke run.
 bench-soak: $(BENCH_STAMP)

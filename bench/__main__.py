@@ -97,6 +97,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--import-users", type=int, default=100_000, help="users imported per round (100,000)"
     )
+    parser.add_argument(
+        "--batch-writes-users", type=int, default=1000, help="users renamed per run (1000)"
+    )
+    parser.add_argument(
+        "--events", type=int, default=20_000, help="events relayed per round (20,000)"
+    )
+    parser.add_argument(
+        "--events-rate", type=int, default=500, help="writes/s of the lag run (500)"
+    )
+    parser.add_argument(
+        "--events-writes", type=int, default=1000, help="writes per event-cost run (1000)"
+    )
     parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "bench-results")
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the servers' logs and h2load files"
@@ -325,6 +337,10 @@ async def _run(
             seeds=seeds,
             seeds_token=seeds_token(seeded.user.id, seeds_secret),
             warmup=args.warmup,
+            batch_writes_users=args.batch_writes_users,
+            events_count=args.events,
+            events_rate=args.events_rate,
+            events_writes=args.events_writes,
         )
         if args.soak:
             failed = await soak(args, ctx, report)

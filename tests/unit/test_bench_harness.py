@@ -239,3 +239,24 @@ def test_py_spy_raw_stacks_give_self_and_inclusive_shares() -> None:
 def test_a_raw_line_without_a_count_is_an_error() -> None:
     with pytest.raises(ProfileError):
         parse_raw("<module> (usersvc/cli.py)\n")
+
+
+def test_every_scenario_has_a_builder_and_the_default_run_includes_events_and_batch_writes() -> (
+    None
+):
+    from bench.__main__ import parse_args
+    from bench.scenarios import BUILDERS, SCENARIOS
+
+    assert set(BUILDERS) == set(SCENARIOS)
+    assert {"events", "batch-writes"} <= set(parse_args([]).scenarios)
+    assert parse_args(["--scenarios", "events,batch-writes"]).scenarios == [
+        "batch-writes",
+        "events",
+    ]
+
+
+def test_an_unknown_scenario_is_refused() -> None:
+    from bench.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--scenarios", "events,bench_batch_writes"])
