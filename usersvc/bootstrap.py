@@ -294,19 +294,21 @@ def bootstrap(
         on_revoked=revocation_cache.add,
         on_counted=None if metrics is None else metrics.sessions_revoked,
     )
+    # GetUser, LookupUser, BatchGetUsers and the role check of admin and
+    # service tokens: one autocommit statement.
+    reader = SqlAlchemyUserReader(
+        engine,
+        monitor,
+        transaction_pooling=settings.db_transaction_pooling,
+        statement_span=None if tracing is None else tracing.statement_span(engine),
+    )
     user_service = UserService(
         uow_factory=uow_factory,
         hasher=hasher,
         password_policy=PasswordPolicy(),
         allow_signup=settings.allow_signup,
         sessions=revoker,
-        # GetUser, LookupUser and BatchGetUsers: one autocommit statement.
-        reader=SqlAlchemyUserReader(
-            engine,
-            monitor,
-            transaction_pooling=settings.db_transaction_pooling,
-            statement_span=None if tracing is None else tracing.statement_span(engine),
-        ),
+        reader=reader,
     )
     auth_service = AuthService(
         uow_factory=uow_factory,
@@ -321,6 +323,7 @@ def bootstrap(
         ),
         clock=lockout_clock,
         on_login=None if metrics is None else metrics.login_outcome,
+        reader=reader,
     )
     rate_limiter: InProcessRateLimiter | RedisRateLimiter = InProcessRateLimiter()
     if settings.redis_url is not None:

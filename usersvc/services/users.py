@@ -443,7 +443,8 @@ class UserService:
         patch: field "update_mask"; bad values, etag over 64 characters:
         "user.<field>"),
         UserNotFound, InvalidState (deleted user, admins), EtagMismatch,
-        EmailAlreadyExists.
+        EmailAlreadyExists. A change of roles ends all the user's sessions
+        (the caller's own too, on a self change).
         """
         target = _target(principal, request.user_id, "user.id")
         patch = request.patch
@@ -481,10 +482,22 @@ class UserService:
         )
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
+        revocation = None
         async with self._uow_factory() as uow:
-            await _lock_live(uow, principal, target, etag=request.etag)
+            current = await _lock_live(uow, principal, target, etag=request.etag)
+            if normalized.roles is not None:
+                await _ensure_caller_still_admin(uow, principal, current)
             user = await uow.users.update(target, normalized)
+            if normalized.roles is not None and set(normalized.roles) != set(current.roles):
+                # Access tokens carry roles: every session of the user ends,
+                # like on a disable, so no token with the old roles lives on
+                # (on every replica through the revocation feed).
+                revocation = await self._sessions.revoke_user(
+                    uow, target, RevokeReason.ROLES_CHANGED
+                )
             await uow.commit()
+        if revocation is not None:
+            self._sessions.committed(revocation)
         return user
 
     async def delete_user(self, *, principal: Principal, user_id: str, etag: str) -> User:
@@ -675,6 +688,21 @@ async def _lock_live(
     if etag and not hmac.compare_digest(etag.encode(), user.etag.encode()):
         raise EtagMismatch(metadata={"id": str(target)})
     return user
+
+
+async def _ensure_caller_still_admin(uow: UnitOfWork, principal: Principal, target: User) -> None:
+    """A role change is the one write that grants privilege: the calling
+    user must hold the admin role in the database now, not merely in its
+    token. Read within the writing transaction, after the target's row lock
+    (a self change reads that locked row), so a concurrent demotion of the
+    caller is seen. Certificate-authenticated services have no row: their
+    roles come from configuration. Raises PermissionDenied."""
+    caller_id = principal.user_id()
+    if caller_id is None:
+        return
+    caller = target if caller_id == target.id else await uow.users.get(caller_id)
+    if caller is None or caller.state is not UserState.ACTIVE or not caller.has_role(ROLE_ADMIN):
+        raise PermissionDenied("the caller no longer holds the admin role")
 
 
 def _idempotency_scope(principal: Principal, method: str) -> str:
