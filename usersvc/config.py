@@ -501,8 +501,9 @@ class Settings:
     bcrypt_rounds: int = integer(
         12,
         lo=4,
-        hi=31,
-        doc="bcrypt cost; older, cheaper hashes are upgraded at the next login",
+        hi=16,
+        doc="bcrypt cost; stored hashes of another cost are re-hashed at this one at the "
+        "next login",
     )
     bcrypt_max_threads: int = integer(
         # Looked up at each call, so that tests may replace usable_cpus.

@@ -144,6 +144,10 @@ class AuthService:
         credentials = attempt.credentials
         matches = await self._hasher.verify(password, credentials.password_hash)
         if not matches or credentials.user.state is not UserState.ACTIVE:
+            # A stored hash cheaper than the configured cost (an import, an
+            # older setting) would answer faster than an unknown email does:
+            # pad to the configured cost so time does not tell them apart.
+            await self._hasher.pad(credentials.password_hash)
             if not matches:
                 self._outcome("bad_password" if attempt.locked_until is None else "locked_out")
             else:
@@ -185,7 +189,8 @@ class AuthService:
                 raise InvalidCredentials()
             user = latest.user
             if new_hash is not None:
-                # After a cost increase: store a hash at the current cost.
+                # After a change of the configured cost, or an import at
+                # another cost: store a hash at the configured one.
                 user = await uow.users.set_password_hash(user_id, new_hash)
             session = await uow.sessions.create(user_id, self._lifetimes.session_expire_time(now))
             await uow.sessions.add_refresh_token(session.id, refresh.token_hash)
