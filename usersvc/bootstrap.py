@@ -294,6 +294,11 @@ def bootstrap(
         on_revoked=revocation_cache.add,
         on_counted=None if metrics is None else metrics.sessions_revoked,
     )
+    lockout = LockoutPolicy(
+        max_failures=settings.login_max_failures,
+        lockout_seconds=settings.login_lockout_seconds,
+        max_lockout_seconds=settings.login_lockout_max_seconds,
+    )
     # GetUser, LookupUser, BatchGetUsers and the role check of admin and
     # service tokens: one autocommit statement.
     reader = SqlAlchemyUserReader(
@@ -309,6 +314,8 @@ def bootstrap(
         allow_signup=settings.allow_signup,
         sessions=revoker,
         reader=reader,
+        lockout=lockout,
+        clock=lockout_clock,
     )
     auth_service = AuthService(
         uow_factory=uow_factory,
@@ -316,11 +323,7 @@ def bootstrap(
         tokens=tokens,
         revocations=revocations,
         sessions=revoker,
-        lockout=LockoutPolicy(
-            max_failures=settings.login_max_failures,
-            lockout_seconds=settings.login_lockout_seconds,
-            max_lockout_seconds=settings.login_lockout_max_seconds,
-        ),
+        lockout=lockout,
         clock=lockout_clock,
         on_login=None if metrics is None else metrics.login_outcome,
         reader=reader,

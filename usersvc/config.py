@@ -593,8 +593,10 @@ class Settings:
         5.0,
         lo=0,
         hi=1_000_000,
-        doc="the stricter bucket that replaces the general one for Login and anonymous "
-        "CreateUser, per caller: requests a second (`0`: no limit)",
+        doc="the stricter bucket that replaces the general one for calls that run bcrypt or "
+        "tell whether an email is registered (Login, CreateUser, BatchCreateUsers, an "
+        "UpdateUser of the email, ChangePassword), per caller and per account aimed at: "
+        "requests a second (`0`: no limit)",
     )
     auth_rate_limit_burst: int = integer(10, lo=1, hi=1_000_000, doc="the stricter bucket's size")
     trusted_proxies: tuple[IPNetwork, ...] = networks(

@@ -13,9 +13,11 @@ import asyncio
 import hashlib
 import hmac
 import json
+import time
 import uuid
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from usersvc.domain import policies
 from usersvc.domain.errors import (
@@ -30,6 +32,7 @@ from usersvc.domain.errors import (
 )
 from usersvc.domain.filtering import parse_filter, parse_order_by
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering
+from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     ROLE_ADMIN,
     ROLE_USER,
@@ -130,10 +133,16 @@ class UserService:
         allow_signup: bool,
         sessions: SessionRevoker,
         reader: UserReader | None = None,
+        lockout: LockoutPolicy | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``reader`` serves the plain reads (get_user, lookup_user,
         batch_get_users) outside a unit of work; without one they read
-        through a unit of work. Raises nothing."""
+        through a unit of work. ``lockout`` and ``clock`` are the login's
+        (usersvc.services.auth): a wrong current password in ChangePassword
+        counts towards the same lock. Raises nothing."""
+        self._lockout = lockout or LockoutPolicy()
+        self._clock = clock
         self._uow_factory = uow_factory
         self._reader: UserReader = reader or UnitOfWorkUserReader(uow_factory)
         self._hasher = hasher
@@ -602,10 +611,14 @@ class UserService:
         caller's own on a self change. Changing one's own password needs the
         current one (admins included); admins changing another user's do not.
 
+        A wrong current password counts towards the account's login lock
+        (usersvc.domain.lockout); while it is locked the current password is
+        not even checked.
+
         Raises PermissionDenied, InvalidArgument (missing current_password),
         UserNotFound, InvalidState (deleted user, admins),
-        InvalidCredentials (wrong current password), WeakPassword (field
-        "new_password").
+        InvalidCredentials (wrong current password, locked account),
+        WeakPassword (field "new_password").
         """
         target = _target(principal, user_id, "id")
         policies.ensure(
@@ -618,9 +631,23 @@ class UserService:
             )
         async with self._uow_factory() as uow:
             credentials = await uow.users.get_credentials(target)
-        if credentials is None:
-            raise UserNotFound(metadata={"id": str(target)})
-        user = _live(principal, credentials.user, target)
+            if credentials is None:
+                raise UserNotFound(metadata={"id": str(target)})
+            user = _live(principal, credentials.user, target)
+            attempt = None
+            if needs_current:
+                # Counted like a login, before bcrypt runs, and refused the
+                # same way while the account is locked: a stolen token must
+                # not guess the password at a rate Login would not allow.
+                now = datetime.fromtimestamp(self._clock(), UTC)
+                attempt = await uow.users.start_login_attempt(
+                    user.email, now=now, policy=self._lockout
+                )
+                await uow.commit()
+        if needs_current:
+            if attempt is None or attempt.credentials.user.id != target:
+                raise InvalidCredentials("the current password is wrong")
+            credentials = attempt.credentials
         verified_hash = credentials.password_hash
         if needs_current and not await self._hasher.verify(current_password, verified_hash):
             raise InvalidCredentials("the current password is wrong")
@@ -637,6 +664,9 @@ class UserService:
                 ):
                     raise InvalidCredentials("the current password is wrong")
             await uow.users.set_password_hash(target, new_hash)
+            if needs_current:
+                # The current password was proven: like a successful login.
+                await uow.users.clear_login_failures(target)
             own_session = (
                 session_id_of(principal.session_id) if principal.user_id() == target else None
             )
