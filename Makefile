@@ -9,7 +9,7 @@ BUF := tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
 
 .PHONY: venv run test lint proto proto-check buf-lint buf-breaking proto-release docker-lint \
-	bench bench-soak clean
+	bench bench-soak bench-events clean
 
 venv: $(STAMP)
 
@@ -84,6 +84,12 @@ BENCH_FLAGS = $(if $(SCENARIOS),--scenarios $(SCENARIOS)) $(if $(ROUNDS),--round
 bench: $(STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
 	$(BIN)/python -m tests.bench $(BENCH_FLAGS) $(BENCH_ARGS)
+
+# Events: relay throughput to JetStream, commit-to-PubAck lag at a steady
+# write rate, and the cost of the event write on UpdateUser/CreateUser's
+# statements, side by side (tests/bench/events.py; a private nats-server).
+bench-events: $(STAMP)
+	$(BIN)/python -m tests.bench.events $(BENCH_ARGS)
 
 # The 10-minute memory soak (item 6 of issue 5); DURATION=60 for a smoke run.
 bench-soak: $(STAMP)

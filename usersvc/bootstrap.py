@@ -27,9 +27,12 @@ from usersvc.adapters.revocations import CachedRevocationChecker, PostgresRevoca
 from usersvc.adapters.tls import ServerCredentials, load_server_credentials
 from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.api.auth_servicer import AuthServicer
+from usersvc.api.context import current_call
+from usersvc.api.event_servicer import EventServicer
 from usersvc.api.interceptors import build_interceptors
 from usersvc.api.public import PublicMethods
 from usersvc.api.user_servicer import UserServicer
+from usersvc.bootstrap_events import EventParts, build_event_parts
 from usersvc.config import Settings
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.passwords import PasswordPolicy
@@ -63,6 +66,7 @@ class Serving:
     interceptors: list[grpc.aio.ServerInterceptor]  # type: ignore[type-arg]
     user_servicer: UserServicer
     auth_servicer: AuthServicer
+    event_servicer: EventServicer | None = None
 
 
 @dataclass
@@ -92,6 +96,8 @@ class Container:
     tracing: Tracing | None = None
     # None when built with serving=False (a command that serves nothing).
     serving: Serving | None = None
+    # Events: numbering, EventService, retention, the NATS relay.
+    events: EventParts | None = None
 
     async def start_background(self) -> None:
         """Start the revocation feed (waiting briefly for its first load)
@@ -102,6 +108,8 @@ class Container:
             await self.database_monitor.start()
         await self.revocation_listener.start()
         self.session_maintenance.start()
+        if self.events is not None:
+            await self.events.start()
         if self.metrics is not None:
             self.metrics.start()
 
@@ -111,6 +119,8 @@ class Container:
         if self.metrics is not None:
             await self.metrics.stop()
         await self.session_maintenance.stop()
+        if self.events is not None:
+            await self.events.stop()
         await self.revocation_listener.stop()
         if self.database_monitor is not None:
             await self.database_monitor.stop()
@@ -126,7 +136,9 @@ def load_key_ring(settings: Settings, logger: LoggerLike) -> KeyRing:
     Raises KeyConfigError for an unreadable, encrypted, short or missing
     key."""
     material = read_key_material(settings, logger)
-    return key_ring_of(material.signing, material.verification)
+    return key_ring_of(
+        material.signing, material.verification, retired_secrets=material.retired_secrets
+    )
 
 
 def resolve_database_url(settings: Settings) -> tuple[str, bool]:
@@ -265,7 +277,7 @@ def bootstrap(
         if settings.db_probe_interval_seconds > 0
         else None
     )
-    uow_factory = make_uow_factory(engine, monitor)
+    uow_factory = make_uow_factory(engine, monitor, call_context=current_call)
     hasher = BcryptPasswordHasher(
         rounds=settings.bcrypt_rounds,
         max_threads=settings.bcrypt_max_threads,
@@ -316,6 +328,8 @@ def bootstrap(
         reader=reader,
         lockout=lockout,
         clock=lockout_clock,
+        # Read at each call: a SIGHUP key reload rotates page tokens too.
+        page_token_keys=lambda: tokens.key_ring.page_token_keys,
     )
     auth_service = AuthService(
         uow_factory=uow_factory,
@@ -333,6 +347,7 @@ def bootstrap(
         rate_limiter = RedisRateLimiter.from_url(
             settings.redis_url, timeout_seconds=settings.redis_timeout_seconds
         )
+    events = build_event_parts(settings, engine, database_url, metrics)
     served = None
     if credentials is not None:
         public_methods = PublicMethods(allow_signup=settings.allow_signup)
@@ -350,6 +365,7 @@ def bootstrap(
             ),
             user_servicer=UserServicer(user_service),
             auth_servicer=AuthServicer(auth_service),
+            event_servicer=EventServicer(events.service),
         )
     return Container(
         settings=settings,
@@ -376,4 +392,5 @@ def bootstrap(
         metrics=metrics,
         tracing=tracing,
         serving=served,
+        events=events,
     )

@@ -92,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers = settings.workers if args.workers is None else args.workers
         problems = settings.worker_checks(workers) if workers >= 1 else ["--workers must be >= 1"]
         problems += _tracing_problems()
+        if not problems:
+            from usersvc.adapters.keys import check_key_file_modes
+
+            problems += check_key_file_modes(settings, logger)
         if problems:
             print("usersvc: " + "; ".join(problems), file=sys.stderr)
             return 2

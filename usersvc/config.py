@@ -290,6 +290,16 @@ IS_ASYNCPG_URL = Check(f"`{DATABASE_SCHEME}...`", _database_url)
 IS_REDIS_URL = Check(", ".join(f"`{s}...`" for s in REDIS_SCHEMES), _redis_url)
 
 
+def _stream_name(name: str) -> str | None:
+    # NATS refuses these in a stream name.
+    if any(ch in name for ch in " \t.*>/\\"):
+        return f"must be a NATS stream name (no spaces, '.', '*', '>', '/'), got {name!r}"
+    return None
+
+
+IS_STREAM_NAME = Check("a NATS stream name: no spaces, `.`, `*`, `>`, `/`", _stream_name)
+
+
 def integer(
     default: int | Callable[[], int], *, lo: int, hi: int, doc: str, unset: str = "", env: str = ""
 ) -> int:
@@ -435,6 +445,14 @@ class Settings:
     )
     shutdown_grace_seconds: float = number(
         10.0, lo=0, hi=3600, doc="how long in-flight calls may finish after SIGTERM"
+    )
+    shutdown_drain_seconds: float = number(
+        0.0,
+        lo=0,
+        hi=3600,
+        doc="after SIGTERM: health NOT_SERVING at once, but new calls still served this long "
+        "(for balancers and health-checking clients to move away), then new calls refused "
+        "and the grace period begins; set it in Kubernetes",
     )
     deadline_margin_ms: int = integer(
         50,
@@ -613,6 +631,21 @@ class Settings:
         hi=60,
         doc="connect and socket timeout for Redis: bounds what a slow or unreachable Redis "
         "adds to a call",
+    )
+
+    # -- events (docs/events.md)
+    nats_url: str | None = secret(
+        doc="NATS server for publishing events (JetStream)",
+        unset="events are kept and served by EventService, not published",
+    )
+    nats_stream: str = text(
+        "USERSVC_EVENTS",
+        check=IS_STREAM_NAME,
+        doc="JetStream stream the events go to (created when missing, subjects `usersvc.>`)",
+    )
+    event_source: str = text("usersvc", doc="CloudEvents `ce-source` of published events")
+    event_retention_days: int = integer(
+        90, lo=1, hi=36_500, doc="how long events are kept (never deleted before published)"
     )
 
     # -- operations

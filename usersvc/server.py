@@ -1,29 +1,35 @@
 """The grpc.aio server: binds the ports (TLS and mTLS as usersvc/bootstrap.py
 built them), serves UserService and AuthService through the interceptor chain
-built there, plus health and reflection; a graceful stop on SIGTERM/SIGINT,
-and a reload of the token keys on SIGHUP. It builds nothing of its own."""
+built there, plus health and reflection; a graceful stop on SIGTERM/SIGINT
+(NOT_SERVING, the drain, then GOAWAY and the grace period for the calls in
+flight), and a reload of the token keys on SIGHUP. It builds nothing of its
+own."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
-from typing import Any
+from collections.abc import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from usersvc_protos.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
+    event_service_pb2,
+    event_service_pb2_grpc,
     user_service_pb2,
     user_service_pb2_grpc,
 )
 from usersvc.adapters.db_monitor import DatabaseMonitor
 from usersvc.adapters.tls import client_certificate_mode
+from usersvc.api.health import HealthReporter
 from usersvc.bootstrap import Container, load_key_ring
 from usersvc.domain.keys import KeyConfigError
 
@@ -31,7 +37,8 @@ logger = logging.getLogger("usersvc.server")
 
 USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 AUTH_SERVICE = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
-HEALTH_SERVICES = ("", USER_SERVICE, AUTH_SERVICE)
+EVENT_SERVICE = event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
+HEALTH_SERVICES = ("", USER_SERVICE, AUTH_SERVICE, EVENT_SERVICE)
 
 
 def _bind(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -46,11 +53,10 @@ def _bind(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredential
 class UsersvcServer:
     """A started server. Use ``start`` to build one and ``stop`` to drain it."""
 
-    # grpc_health's aio servicer has no type stubs; its set() is a coroutine.
     def __init__(
         self,
         server: grpc.aio.Server,
-        health_servicer: Any,
+        health_servicer: HealthReporter,
         port: int,
         mtls_port: int | None = None,
         monitor: DatabaseMonitor | None = None,
@@ -58,6 +64,8 @@ class UsersvcServer:
         self._server = server
         self._health = health_servicer
         self._monitor = monitor
+        # Called when the stop begins (ends the event streams).
+        self.on_stop: Callable[[], None] | None = None
         self._stopping = False
         self.port = port
         # The port that requires client certificates, when it is a second one.
@@ -101,10 +109,16 @@ class UsersvcServer:
         )
         user_service_pb2_grpc.add_UserServiceServicer_to_server(serving.user_servicer, server)
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(serving.auth_servicer, server)
-        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        services = [USER_SERVICE, AUTH_SERVICE]
+        if serving.event_servicer is not None:
+            event_service_pb2_grpc.add_EventServiceServicer_to_server(
+                serving.event_servicer, server
+            )
+            services.append(EVENT_SERVICE)
+        health_servicer = HealthReporter()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (USER_SERVICE, AUTH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         port = _bind(server, addr, credentials.main)
         mtls_port = None
@@ -112,6 +126,8 @@ class UsersvcServer:
             mtls_port = _bind(server, settings.mtls_listen_addr, credentials.mtls)
         await server.start()
         started = cls(server, health_servicer, port, mtls_port, container.database_monitor)
+        # WatchEvents streams never end by themselves: a stop ends them.
+        started.on_stop = None if container.events is None else container.events.feed.close
         await started._follow_database()
         logger.info(
             "serving",
@@ -138,21 +154,39 @@ class UsersvcServer:
             await self._set_health(available)
 
     async def _set_health(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for name in HEALTH_SERVICES:
-            await self._health.set(name, status)
+            await self._health.set(name, serving)
 
-    async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING, refuse new calls, let in-flight calls finish
-        within ``grace`` seconds, then cancel what is left."""
+    async def stop(
+        self, grace: float, *, drain: float = 0.0, hurry: asyncio.Event | None = None
+    ) -> None:
+        """Report NOT_SERVING for every service at once; keep serving new
+        calls for ``drain`` seconds (cut short when ``hurry`` is set), so
+        that balancers and health-checking clients move away first; then
+        refuse new calls (GOAWAY), let in-flight calls finish within
+        ``grace`` seconds, and cancel what is left. Raises nothing.
+
+        Why the drain matters: grpc core, when the stop begins, drops the
+        calls it has received but not yet handed to the service, and those
+        whose headers arrive before the client has read the GOAWAY; their
+        callers see CANCELLED (grpc/grpc#41785, docs/operations.md). With no
+        calls arriving any more when the stop begins, there are none."""
         self._stopping = True
         if self._monitor is not None:
             self._monitor.remove_listener(self._database_changed)
         await self._set_health(False)
+        if drain > 0:
+            logger.info("draining", extra={"drain_seconds": drain})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((hurry or asyncio.Event()).wait(), drain)
+        # Long-lived streams (WatchEvents) end once the drain is over.
+        if self.on_stop is not None:
+            self.on_stop()
+        # Health Watch streams would otherwise hold the stop for the whole
+        # grace period. Closed now, they end after the server has begun to
+        # refuse new calls (stop() below starts that before it first waits),
+        # so a client's fresh Watch cannot slip in as a new call in flight.
+        await self._health.close()
         await self._server.stop(grace)
 
     async def wait_for_termination(self) -> None:
@@ -211,17 +245,24 @@ async def run_until_signalled(
     # spike every few seconds under load (docs/performance.md).
     gc.freeze()
     stop = asyncio.Event()
+    # A second SIGTERM/SIGINT cuts the drain short.
+    hurry = asyncio.Event()
+
+    def on_stop_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, reload_keys, container)
     if parent_fd is not None:
         loop.add_reader(parent_fd, _parent_gone, parent_fd, stop)
     try:
         await stop.wait()
         grace = container.settings.shutdown_grace_seconds
-        logger.info("stopping", extra={"grace_seconds": grace})
-        await server.stop(grace)
+        drain = container.settings.shutdown_drain_seconds
+        logger.info("stopping", extra={"grace_seconds": grace, "drain_seconds": drain})
+        await server.stop(grace, drain=drain, hurry=hurry)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

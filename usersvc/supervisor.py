@@ -38,7 +38,8 @@ from usersvc.config import Settings, split_host_port
 
 logger = logging.getLogger("usersvc.supervisor")
 
-# Beyond the workers' own drain (USERSVC_SHUTDOWN_GRACE_SECONDS), how long
+# Beyond the workers' own stop (USERSVC_SHUTDOWN_DRAIN_SECONDS, then
+# USERSVC_SHUTDOWN_GRACE_SECONDS for the calls in flight), how long
 # they get to close their pools before they are killed.
 STOP_MARGIN_SECONDS = 15.0
 
@@ -301,7 +302,9 @@ def supervise(settings: Settings, workers: int) -> int:
         workers=workers,
         command=worker_command,
         env=env,
-        stop_timeout=settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS,
+        stop_timeout=settings.shutdown_drain_seconds
+        + settings.shutdown_grace_seconds
+        + STOP_MARGIN_SECONDS,
         on_worker_exit=on_worker_exit,
     )
     logger.info("starting workers", extra={"workers": workers, "addr": settings.listen_addr})
@@ -326,4 +329,4 @@ def _prepare_once(settings: Settings, env: dict[str, str]) -> None:
     from usersvc.services.tokens import key_ring_of
 
     material = read_key_material(settings, logger)
-    key_ring_of(material.signing, material.verification)
+    key_ring_of(material.signing, material.verification, retired_secrets=material.retired_secrets)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
@@ -567,14 +569,23 @@ async def test_payloads_in_order_by_are_invalid_argument(cast: Cast, payload: st
 # --------------------------------------------------------------------------- page tokens
 
 
+# Page tokens are a 32-byte HMAC tag and JSON. These tests tag their
+# forgeries with the server's own key, as an attacker holding it would: what
+# is tested is that even an authentic token's cursor stays data.
+TAG_BYTES = 32
+
+
 def decode_token(token: str) -> dict[str, Any]:
-    body: dict[str, Any] = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    body: dict[str, Any] = json.loads(raw[TAG_BYTES:])
     return body
 
 
-def encode_token(body: dict[str, Any]) -> str:
+def encode_token(cast: Cast, body: dict[str, Any]) -> str:
+    key = cast.server.container.tokens.key_ring.page_token_keys[0]
     data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    tagged = hmac.new(key, data, hashlib.sha256).digest() + data
+    return base64.urlsafe_b64encode(tagged).rstrip(b"=").decode()
 
 
 async def real_token(cast: Cast, order_by: str) -> str:
@@ -593,7 +604,7 @@ async def test_forged_cursor_values_in_page_tokens_are_data(cast: Cast, order_by
     tokens = []
     for payload in SQL_PAYLOADS:
         forged = dict(body, k=[payload, body["k"][1]])
-        tokens.append(encode_token(forged))
+        tokens.append(encode_token(cast, forged))
 
     outcomes = [await list_ids(cast, order_by=order_by, page_token=t) for t in tokens]
 
@@ -613,9 +624,9 @@ async def test_payloads_elsewhere_in_page_tokens_are_invalid_argument(cast: Cast
         if key == "whole":
             tokens.append(payload)
         elif key == "k.id":
-            tokens.append(encode_token(dict(body, k=[body["k"][0], payload])))
+            tokens.append(encode_token(cast, dict(body, k=[body["k"][0], payload])))
         else:
-            tokens.append(encode_token(dict(body, **{key: payload})))
+            tokens.append(encode_token(cast, dict(body, **{key: payload})))
 
     outcomes = [await list_ids(cast, order_by="email", page_token=t) for t in tokens]
 

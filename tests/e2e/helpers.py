@@ -24,6 +24,7 @@ from log_secrets import SWEEP
 from usersvc_protos.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
+    event_service_pb2_grpc,
     user_pb2,
     user_service_pb2,
     user_service_pb2_grpc,
@@ -268,6 +269,9 @@ class Caller:
         metadata = bearer(token) if token is not None else ()
         self.users: Any = _WithMetadata(user_service_pb2_grpc.UserServiceStub(channel), metadata)
         self.auth: Any = _WithMetadata(auth_service_pb2_grpc.AuthServiceStub(channel), metadata)
+        self.events: Any = _WithMetadata(
+            event_service_pb2_grpc.EventServiceStub(channel), metadata
+        )
 
     def __repr__(self) -> str:
         return f"Caller({self.name})"

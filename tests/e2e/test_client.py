@@ -84,6 +84,24 @@ def counter() -> MethodCounter:
     return MethodCounter()
 
 
+class TimeoutRecorder(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """The timeout each call was made with, by method name."""
+
+    def __init__(self) -> None:
+        self.timeouts: dict[str, list[float | None]] = {}
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[Any, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        method = client_call_details.method
+        name = (method.decode() if isinstance(method, bytes) else str(method)).rsplit("/", 1)[-1]
+        self.timeouts.setdefault(name, []).append(client_call_details.timeout)
+        return await continuation(client_call_details, request)
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -278,6 +296,57 @@ async def test_the_login_credential_refreshes_shortly_before_the_token_expires(
         assert counter.calls["Login"] == 1
         assert credentials.refresh_token != first_refresh_token
         assert me.id == world.bob.id
+
+
+async def test_the_credentials_login_gets_only_what_is_left_of_the_calls_deadline(
+    primary: RunningServer, world: World, recorder: ResponseRecorder
+) -> None:
+    timeouts = TimeoutRecorder()
+    credentials = PasswordLogin(world.bob.email, world.bob.password)
+    async with connect(
+        primary, recorder, timeouts, credentials=credentials, default_timeout=60
+    ) as bob:
+        await bob.get_user(timeout=2)
+    (login_timeout,) = timeouts.timeouts["Login"]
+    assert login_timeout is not None
+    assert 0 < login_timeout <= 2
+    (get_timeout,) = timeouts.timeouts["GetUser"]
+    assert get_timeout is not None
+    # What the login took is not given to the call again.
+    assert get_timeout < login_timeout
+
+
+async def test_the_credentials_refresh_gets_only_what_is_left_of_the_calls_deadline(
+    short_ttl: RunningServer,
+    world: World,
+    recorder: ResponseRecorder,
+    clock: FakeClock,
+) -> None:
+    timeouts = TimeoutRecorder()
+    credentials = PasswordLogin(world.bob.email, world.bob.password, clock=clock)
+    async with connect(
+        short_ttl, recorder, timeouts, credentials=credentials, default_timeout=60
+    ) as bob:
+        await bob.get_user()
+        clock.now += SHORT_TTL_SECONDS
+        await bob.get_user(timeout=1.5)
+    (refresh_timeout,) = timeouts.timeouts["RefreshToken"]
+    assert refresh_timeout is not None
+    assert 0 < refresh_timeout <= 1.5
+
+
+async def test_a_call_whose_deadline_has_passed_does_not_wait_for_a_login(
+    primary: RunningServer, world: World, recorder: ResponseRecorder
+) -> None:
+    timeouts = TimeoutRecorder()
+    credentials = PasswordLogin(world.bob.email, world.bob.password)
+    async with connect(
+        primary, recorder, timeouts, credentials=credentials, default_timeout=60
+    ) as bob:
+        with pytest.raises(DeadlineExceeded):
+            await bob.get_user(timeout=0)
+    assert timeouts.timeouts["Login"] == [0.0]
+    assert "GetUser" not in timeouts.timeouts
 
 
 async def test_twenty_concurrent_calls_share_one_refresh(

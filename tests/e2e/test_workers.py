@@ -14,6 +14,7 @@ import grpc
 import psutil
 import pytest
 from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 
 from .helpers import Caller, World, auth_service_pb2, new_email, user_pb2, user_service_pb2
@@ -168,6 +169,38 @@ async def test_sigterm_drains_in_flight_calls_in_every_worker_and_exits_0(
 
     assert still_running
     assert updated.user.display_name == "Drained"
+    assert code == 0, server.log.read_text()
+    assert stopped == workers
+
+
+async def test_sigterm_with_a_drain_leaves_every_worker_serving_not_serving_until_it_ends(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**env, "USERSVC_SHUTDOWN_DRAIN_SECONDS": "300"}
+    async with served(env, tmp_path / "serve.log", "--workers", str(WORKERS)) as server:
+        workers = await server.wait_serving(WORKERS)
+        server.process.send_signal(signal.SIGTERM)
+        await server.wait_for(
+            "every worker draining",
+            lambda: {int(r["pid"]) for r in server.matching("draining")} >= workers,
+        )
+        # New connections, spread by the kernel: every worker still answers,
+        # and every one says NOT_SERVING.
+        answered = await answering_pids(server, workers)
+        statuses = set()
+        for _ in range(8):
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=10
+                )
+            statuses.add(reply.status)
+        # A second signal ends the drain (the supervisor forwards it too).
+        server.process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(server.process.wait(), DEADLINE_SECONDS)
+        stopped = {int(r["pid"]) for r in server.matching("stopped") if "pid" in r}
+
+    assert answered == workers
+    assert statuses == {health_pb2.HealthCheckResponse.NOT_SERVING}
     assert code == 0, server.log.read_text()
     assert stopped == workers
 

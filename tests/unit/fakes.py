@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
+from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Page
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
@@ -125,6 +126,8 @@ class FakeDatabase:
         self.claimed_tokens: set[bytes] = set()
         self.commits = 0
         self.open_units = 0
+        # Committed events as (type, user id, attributes, changed fields).
+        self.events: list[FakeEvent] = []
         # Sizes of the import_batch calls of every unit of work, in order.
         self.import_batches: list[int] = []
         # The ListQuery of every list call, in order.
@@ -199,6 +202,7 @@ class FakeUnitOfWork:
     users: FakeUserRepository
     idempotency: FakeIdempotencyRepository
     sessions: FakeSessionRepository
+    events: FakeEventRecorder
 
     def __init__(self, db: FakeDatabase) -> None:
         self.db = db
@@ -213,7 +217,9 @@ class FakeUnitOfWork:
         self._session_base = self.db.session_state.copy()
         self.session_state = self._session_base.copy()
         self.pending_notifications: list[list[uuid.UUID]] = []
+        self.pending_events: list[FakeEvent] = []
         self.claims: set[bytes] = set()
+        self.events = FakeEventRecorder(self)
         self.users = FakeUserRepository(self)
         self.idempotency = FakeIdempotencyRepository(self)
         self.sessions = FakeSessionRepository(self)
@@ -267,6 +273,7 @@ class FakeUnitOfWork:
             h: t for h, t in committed.tokens.items() if t.session_id in committed.sessions
         }
         self.db.notifications.extend(self.pending_notifications)
+        self.db.events.extend(self.pending_events)
         self.db.commits += 1
         self._release_claims()
         self._begin()
@@ -274,6 +281,38 @@ class FakeUnitOfWork:
     async def rollback(self) -> None:
         self._release_claims()
         self._begin()
+
+
+@dataclass(frozen=True)
+class FakeEvent:
+    type: str
+    user_id: uuid.UUID | None
+    attributes: Mapping[str, str]
+    changed_fields: tuple[str, ...] = ()
+
+
+class FakeEventRecorder:
+    """usersvc.domain.event_ports.EventRecorder: events join the unit of
+    work's pending ones and are kept only if it commits."""
+
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self._uow = uow
+
+    def record(self, user_id: uuid.UUID | None, drafts: Sequence[EventDraft]) -> None:
+        self._uow.pending_events.extend(
+            FakeEvent(d.type.value, user_id, dict(d.attributes), tuple(d.changed_fields))
+            for d in drafts
+        )
+
+    async def add(self, user_id: uuid.UUID | None, drafts: Sequence[EventDraft]) -> None:
+        self.record(user_id, drafts)
+
+    async def add_login_failure(self, email: str) -> None:
+        owner = next((i for i, r in self._uow.rows.items() if r.user.email == email.lower()), None)
+        cause = "unknown_email" if owner is None else "locked"
+        self._uow.pending_events.append(
+            FakeEvent(EventType.LOGIN_FAILED.value, owner, {"cause": cause})
+        )
 
 
 class FakeUserRepository:
@@ -301,17 +340,18 @@ class FakeUserRepository:
         self._uow.written.add(user.id)
         return user
 
-    def _bump(self, user_id: uuid.UUID, **changes: Any) -> User:
+    def _bump(self, user_id: uuid.UUID, events: Sequence[EventDraft], **changes: Any) -> User:
         row = self._rows.get(user_id)
         if row is None:
             raise UserNotFound(metadata={"id": str(user_id)})
+        self._uow.events.record(user_id, events)
         password_hash = changes.pop("password_hash", row.password_hash)
         user = replace(
             row.user, version=row.user.version + 1, update_time=self._uow.db.now(), **changes
         )
         return self._write(user, password_hash)
 
-    async def add(self, new: NewUser) -> User:
+    async def add(self, new: NewUser, *, events: Sequence[EventDraft] = ()) -> User:
         if self._owner_of(new.email) is not None:
             raise EmailAlreadyExists(metadata={"email": new.email.lower()})
         now = self._uow.db.now()
@@ -327,12 +367,17 @@ class FakeUserRepository:
             delete_time=None,
             version=1,
         )
+        self._uow.events.record(user.id, events)
         return self._write(user, new.password_hash)
 
-    async def add_many(self, news: Sequence[NewUser]) -> list[User]:
-        return [await self.add(new) for new in news]
+    async def add_many(
+        self, news: Sequence[NewUser], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
+        return [await self.add(new, events=events) for new in news]
 
-    async def import_batch(self, users: Sequence[ImportedUser]) -> list[bool]:
+    async def import_batch(
+        self, users: Sequence[ImportedUser], *, events: Sequence[EventDraft] = ()
+    ) -> list[bool]:
         self.import_batches.append(len(users))
         inserted = []
         for new in users:
@@ -354,6 +399,7 @@ class FakeUserRepository:
                 version=1,
             )
             self._write(user, new.password_hash)
+            self._uow.events.record(user.id, events)
             inserted.append(True)
         return inserted
 
@@ -400,15 +446,20 @@ class FakeUserRepository:
         self._uow.written.add(owner)
         return LoginAttempt(Credentials(row.user, row.password_hash), locked_until)
 
-    async def clear_login_failures(self, user_id: uuid.UUID) -> bool:
+    async def clear_login_failures(
+        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()
+    ) -> bool:
         row = self._rows.get(user_id)
         if row is None:
             return False
+        self._uow.events.record(user_id, events)
         self._rows[user_id] = replace(row, failed_login_count=0, lock_count=0, locked_until=None)
         self._uow.written.add(user_id)
         return True
 
-    async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
+    async def update(
+        self, user_id: uuid.UUID, patch: UserPatch, *, events: Sequence[EventDraft] = ()
+    ) -> User:
         if patch.email is not None:
             owner = self._owner_of(patch.email)
             if owner is not None and owner != user_id:
@@ -423,20 +474,27 @@ class FakeUserRepository:
             )
             if value is not None
         }
-        return self._bump(user_id, **changes)
+        return self._bump(user_id, events, **changes)
 
-    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> User:
-        return self._bump(user_id, password_hash=password_hash)
+    async def set_password_hash(
+        self, user_id: uuid.UUID, password_hash: str, *, events: Sequence[EventDraft] = ()
+    ) -> User:
+        return self._bump(user_id, events, password_hash=password_hash)
 
-    async def set_disabled(self, user_id: uuid.UUID, disabled: bool) -> User:
-        return self._bump(user_id, disable_time=self._uow.db.now() if disabled else None)
+    async def set_disabled(
+        self, user_id: uuid.UUID, disabled: bool, *, events: Sequence[EventDraft] = ()
+    ) -> User:
+        return self._bump(user_id, events, disable_time=self._uow.db.now() if disabled else None)
 
-    async def set_deleted(self, user_id: uuid.UUID, deleted: bool) -> User:
-        return self._bump(user_id, delete_time=self._uow.db.now() if deleted else None)
+    async def set_deleted(
+        self, user_id: uuid.UUID, deleted: bool, *, events: Sequence[EventDraft] = ()
+    ) -> User:
+        return self._bump(user_id, events, delete_time=self._uow.db.now() if deleted else None)
 
-    async def purge(self, user_id: uuid.UUID) -> bool:
+    async def purge(self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()) -> bool:
         if self._rows.pop(user_id, None) is None:
             return False
+        self._uow.events.record(user_id, events)
         self._uow.purged.add(user_id)
         self._uow.written.discard(user_id)
         return True
@@ -564,6 +622,17 @@ class FakeSessionRepository:
             state.revocations[session_id] = StoredRevocation(now, revocation_expire_time)
         if logged:
             self._uow.pending_notifications.append(logged)
+        for owner in sorted({s.user_id for s in live}):
+            count = sum(1 for s in live if s.user_id == owner)
+            self._uow.events.record(
+                owner,
+                [
+                    EventDraft(
+                        EventType.SESSION_REVOKED,
+                        attributes={"reason": reason.value, "count": str(count)},
+                    )
+                ],
+            )
         return logged
 
     async def delete_expired(

@@ -264,3 +264,53 @@ def test_normalising_arbitrary_input_only_ever_appends_violations(
         "labels",
         "request_id",
     }
+
+
+# -- canonical emails and invisible characters ---------------------------------------
+
+
+def _email(value: str) -> tuple[str, list[str]]:
+    from usersvc.domain.validation import normalize_email
+
+    errors: list[FieldViolation] = []
+    email = normalize_email(value, field="email", errors=errors)
+    return email, [violation.description for violation in errors]
+
+
+@pytest.mark.parametrize(
+    ("given", "canonical"),
+    [
+        ("Zoe\u0308@Example.com", "zo\u00eb@example.com"),
+        ("\uff41\uff4e\uff4e@example.com", "ann@example.com"),
+        ("ann@xn--bcher-kva.de", "ann@b\u00fccher.de"),
+        ("ann@B\u00dcCHER.de", "ann@b\u00fccher.de"),
+        ("\u0391\u0392\u0393@example.gr", "\u03b1\u03b2\u03b3@example.gr"),
+    ],
+)
+def test_emails_take_one_canonical_form(given: str, canonical: str) -> None:
+    assert _email(given) == (canonical, [])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\u0430lice@example.com",
+        "alice@ex\u0430mple.com",
+        "\u03bfmega@example.com",
+        "al\u200bice@example.com",
+        "al\u202eice@example.com",
+        "a@xn--zz-invalid.com",
+    ],
+)
+def test_look_alike_and_invisible_emails_are_refused(value: str) -> None:
+    _, problems = _email(value)
+    assert problems
+
+
+@pytest.mark.parametrize("char", ["\u200e", "\u202e", "\u2066", "\u200b", "\u2060", "\ufeff"])
+def test_display_names_refuse_bidi_and_zero_width_characters(char: str) -> None:
+    from usersvc.domain.validation import normalize_display_name
+
+    errors: list[FieldViolation] = []
+    normalize_display_name(f"a{char}b", field="display_name", errors=errors)
+    assert [v.field for v in errors] == ["display_name"]

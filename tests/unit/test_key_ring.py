@@ -274,3 +274,36 @@ def test_after_a_replacement_new_tokens_carry_the_new_signing_kid() -> None:
     token, _ = service.issue_access_token(a_user(), session_id="s-2")
     assert jwt.get_unverified_header(token)["kid"] == new.kid
     assert service.key_ring.kids == {old.kid, new.kid}
+
+
+# -- page-token keys -------------------------------------------------------------------
+
+
+def test_page_token_keys_come_from_the_signing_key_and_not_its_bytes() -> None:
+    key = Ed25519PrivateKey.generate()
+    ring = KeyRing(SigningKey.ed25519(key))
+    again = KeyRing(SigningKey.ed25519(key))
+    (page_key,) = ring.page_token_keys
+    assert again.page_token_keys == (page_key,)
+    assert page_key != key.private_bytes_raw()
+    assert KeyRing(SigningKey.ed25519(Ed25519PrivateKey.generate())).page_token_keys != (page_key,)
+
+
+def test_a_previous_private_key_listed_for_verification_keeps_its_page_token_key(
+    tmp_path: Path,
+) -> None:
+    old, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    before = load_key_ring(
+        Settings(jwt_private_key_pem=private_pem(old).decode(), data_dir=tmp_path), LOGGER
+    )
+    during = load_key_ring(
+        Settings(
+            jwt_private_key_pem=private_pem(new).decode(),
+            jwt_verification_key_files=(write(tmp_path / "old.pem", private_pem(old)),),
+            data_dir=tmp_path,
+        ),
+        LOGGER,
+    )
+    assert len(during.page_token_keys) == 2
+    assert during.page_token_keys[1] == before.page_token_keys[0]
+    assert during.page_token_keys[0] != before.page_token_keys[0]

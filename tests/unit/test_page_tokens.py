@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -26,15 +28,25 @@ BY_TIME = Ordering()
 BY_EMAIL = Ordering(SortField.EMAIL)
 FINGERPRINT = query_fingerprint(Filter(), BY_TIME, False)
 ROW = uuid.UUID("0190a4b2-6c1e-7cc3-8a1b-1234567890ab")
+KEY = b"k" * 32
+OLD_KEY = b"o" * 32
+KEYS = (KEY,)
 
 
-def encode_body(body: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+def encode_tagged(data: bytes, key: bytes = KEY) -> str:
+    tagged = hmac.new(key, data, hashlib.sha256).digest() + data
+    return base64.urlsafe_b64encode(tagged).rstrip(b"=").decode()
+
+
+def encode_body(body: Any, key: bytes = KEY) -> str:
+    """A correctly tagged token around any body: what is tested is the
+    body's validation."""
+    return encode_tagged(json.dumps(body).encode(), key)
 
 
 def body(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "v": 1,
+        "v": 2,
         "k": ["2024-01-01T00:00:00+00:00", str(ROW)],
         "f": FINGERPRINT,
         "t": 3,
@@ -45,7 +57,7 @@ def body(**changes: Any) -> dict[str, Any]:
 
 def page_token_error(token: str, ordering: Ordering = BY_TIME) -> str:
     with pytest.raises(InvalidArgument) as caught:
-        decode_page_token(token, fingerprint=FINGERPRINT, ordering=ordering)
+        decode_page_token(token, fingerprint=FINGERPRINT, ordering=ordering, keys=KEYS)
     (violation,) = caught.value.violations
     assert violation.field == "page_token"
     return violation.description
@@ -53,21 +65,27 @@ def page_token_error(token: str, ordering: Ordering = BY_TIME) -> str:
 
 def test_a_time_cursor_round_trips() -> None:
     moment = datetime(2024, 5, 1, 12, 30, 45, 123456, tzinfo=UTC)
-    token = encode_page_token(Cursor(moment, ROW), fingerprint=FINGERPRINT, total_size=42)
-    decoded = decode_page_token(token, fingerprint=FINGERPRINT, ordering=BY_TIME)
+    token = encode_page_token(
+        Cursor(moment, ROW), fingerprint=FINGERPRINT, total_size=42, keys=KEYS
+    )
+    decoded = decode_page_token(token, fingerprint=FINGERPRINT, ordering=BY_TIME, keys=KEYS)
     assert decoded.cursor == Cursor(moment, ROW)
     assert decoded.total_size == 42
 
 
 def test_a_text_cursor_round_trips() -> None:
     fingerprint = query_fingerprint(Filter(), BY_EMAIL, False)
-    token = encode_page_token(Cursor("zoë@example.com", ROW), fingerprint=fingerprint, total_size=0)
-    decoded = decode_page_token(token, fingerprint=fingerprint, ordering=BY_EMAIL)
+    token = encode_page_token(
+        Cursor("zoë@example.com", ROW), fingerprint=fingerprint, total_size=0, keys=KEYS
+    )
+    decoded = decode_page_token(token, fingerprint=fingerprint, ordering=BY_EMAIL, keys=KEYS)
     assert decoded.cursor == Cursor("zoë@example.com", ROW)
 
 
 def test_tokens_are_url_safe_without_padding() -> None:
-    token = encode_page_token(Cursor("a" * 50, ROW), fingerprint=FINGERPRINT, total_size=1)
+    token = encode_page_token(
+        Cursor("a" * 50, ROW), fingerprint=FINGERPRINT, total_size=1, keys=KEYS
+    )
     assert set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -77,15 +95,15 @@ def test_tokens_are_url_safe_without_padding() -> None:
     st.integers(min_value=0, max_value=2**31 - 1),
 )
 def test_any_text_cursor_round_trips(value: str, row: uuid.UUID, total: int) -> None:
-    token = encode_page_token(Cursor(value, row), fingerprint="f", total_size=total)
-    decoded = decode_page_token(token, fingerprint="f", ordering=BY_EMAIL)
+    token = encode_page_token(Cursor(value, row), fingerprint="f", total_size=total, keys=KEYS)
+    decoded = decode_page_token(token, fingerprint="f", ordering=BY_EMAIL, keys=KEYS)
     assert (decoded.cursor, decoded.total_size) == (Cursor(value, row), total)
 
 
 def test_a_time_cursor_in_another_offset_is_the_same_instant() -> None:
     moment = datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
-    token = encode_page_token(Cursor(moment, ROW), fingerprint=FINGERPRINT, total_size=1)
-    decoded = decode_page_token(token, fingerprint=FINGERPRINT, ordering=BY_TIME)
+    token = encode_page_token(Cursor(moment, ROW), fingerprint=FINGERPRINT, total_size=1, keys=KEYS)
+    decoded = decode_page_token(token, fingerprint=FINGERPRINT, ordering=BY_TIME, keys=KEYS)
     assert decoded.cursor.sort_value == datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
@@ -118,7 +136,7 @@ def test_the_fingerprint_changes_with_filter_order_and_show_deleted(
 
 
 def test_a_token_for_another_query_is_refused_with_a_clear_message() -> None:
-    token = encode_page_token(Cursor("a", ROW), fingerprint="other", total_size=1)
+    token = encode_page_token(Cursor("a", ROW), fingerprint="other", total_size=1, keys=KEYS)
     assert "another filter/order_by/show_deleted" in page_token_error(token)
 
 
@@ -136,7 +154,7 @@ def test_a_token_for_another_query_is_refused_with_a_clear_message() -> None:
         "_w",  # not UTF-8
         encode_body("just a string"),
         encode_body([1, 2]),
-        encode_body(body(v=2)),
+        encode_body(body(v=1)),
         encode_body(body(v=True)),
         encode_body(body(t=-1)),
         encode_body(body(t=2**31)),
@@ -160,13 +178,7 @@ def test_malformed_tokens_are_invalid_arguments(token: str) -> None:
 
 
 def test_nan_in_a_token_is_malformed() -> None:
-    token = (
-        base64.urlsafe_b64encode(
-            f'{{"v":1,"k":["a","{ROW}"],"f":"{FINGERPRINT}","t":NaN}}'.encode()
-        )
-        .decode()
-        .rstrip("=")
-    )
+    token = encode_tagged(f'{{"v":2,"k":["a","{ROW}"],"f":"{FINGERPRINT}","t":NaN}}'.encode())
     assert page_token_error(token, BY_EMAIL)
 
 
@@ -178,13 +190,16 @@ def test_a_text_cursor_with_control_characters_is_malformed(value: str) -> None:
 
 def test_a_tampered_token_is_malformed_or_refused_never_a_crash() -> None:
     token = encode_page_token(
-        Cursor(datetime(2024, 1, 1, tzinfo=UTC), ROW), fingerprint=FINGERPRINT, total_size=9
+        Cursor(datetime(2024, 1, 1, tzinfo=UTC), ROW),
+        fingerprint=FINGERPRINT,
+        total_size=9,
+        keys=KEYS,
     )
     for index in range(len(token)):
         replacement = "A" if token[index] != "A" else "B"
         tampered = token[:index] + replacement + token[index + 1 :]
         try:
-            decode_page_token(tampered, fingerprint=FINGERPRINT, ordering=BY_TIME)
+            decode_page_token(tampered, fingerprint=FINGERPRINT, ordering=BY_TIME, keys=KEYS)
         except InvalidArgument as exc:
             fields = [v.field for v in exc.violations]
         else:
@@ -195,9 +210,43 @@ def test_a_tampered_token_is_malformed_or_refused_never_a_crash() -> None:
 @given(st.text(max_size=200))
 def test_arbitrary_text_is_never_more_than_an_invalid_argument(token: str) -> None:
     try:
-        decode_page_token(token, fingerprint=FINGERPRINT, ordering=BY_TIME)
+        decode_page_token(token, fingerprint=FINGERPRINT, ordering=BY_TIME, keys=KEYS)
     except InvalidArgument as exc:
         fields = [v.field for v in exc.violations]
     else:
         fields = ["page_token"]
     assert fields == ["page_token"]
+
+
+# -- tags ----------------------------------------------------------------------------------
+
+
+def test_an_untagged_token_is_malformed() -> None:
+    untagged = base64.urlsafe_b64encode(json.dumps(body()).encode()).rstrip(b"=").decode()
+    assert page_token_error(untagged)
+
+
+def test_a_token_tagged_with_an_unknown_key_is_malformed() -> None:
+    assert page_token_error(encode_body(body(), key=b"x" * 32))
+
+
+def test_a_token_of_a_retired_key_is_accepted_while_that_key_is_listed() -> None:
+    token = encode_body(body(t=5), key=OLD_KEY)
+    decoded = decode_page_token(
+        token, fingerprint=FINGERPRINT, ordering=BY_TIME, keys=(KEY, OLD_KEY)
+    )
+    assert decoded.total_size == 5
+
+
+def test_new_tokens_are_tagged_with_the_first_key() -> None:
+    token = encode_page_token(
+        Cursor("a", ROW), fingerprint=FINGERPRINT, total_size=1, keys=(OLD_KEY, KEY)
+    )
+    decode_page_token(token, fingerprint=FINGERPRINT, ordering=BY_EMAIL, keys=(OLD_KEY,))
+    with pytest.raises(InvalidArgument):
+        decode_page_token(token, fingerprint=FINGERPRINT, ordering=BY_EMAIL, keys=(KEY,))
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+def test_a_time_outside_the_utc_range_is_malformed(moment: str) -> None:
+    assert page_token_error(encode_body(body(k=[moment, str(ROW)])))

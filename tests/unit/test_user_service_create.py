@@ -200,10 +200,35 @@ async def test_a_retry_returns_the_first_response_even_after_the_user_changed() 
 
 async def test_reusing_a_request_id_for_another_request_is_refused() -> None:
     h = user_service()
-    await h.service.create_user(principal=ANONYMOUS, request=new(request_id="r-1"))
+    admin = as_admin()
+    await h.service.create_user(principal=admin, request=new(request_id="r-1"))
     with pytest.raises(InvalidArgument) as caught:
         await h.service.create_user(
-            principal=ANONYMOUS, request=new("bob@example.com", request_id="r-1")
+            principal=admin, request=new("bob@example.com", request_id="r-1")
+        )
+    assert fields_of(caught.value) == ["request_id"]
+    assert len(h.db.rows) == 1
+
+
+async def test_anonymous_sign_ups_with_one_request_id_but_other_bodies_are_separate() -> None:
+    h = user_service()
+    first = await h.service.create_user(principal=ANONYMOUS, request=new(request_id="r-1"))
+    second = await h.service.create_user(
+        principal=ANONYMOUS, request=new("bob@example.com", request_id="r-1")
+    )
+    assert (first.email, second.email) == ("ann@example.com", "bob@example.com")
+    assert len(h.db.rows) == 2
+
+
+async def test_an_anonymous_retry_returns_the_first_answer_only_with_the_same_password() -> None:
+    h = user_service()
+    first = await h.service.create_user(principal=ANONYMOUS, request=new(request_id="r-1"))
+    again = await h.service.create_user(principal=ANONYMOUS, request=new(request_id="r-1"))
+    assert again == first
+    with pytest.raises(InvalidArgument) as caught:
+        await h.service.create_user(
+            principal=ANONYMOUS,
+            request=new(request_id="r-1", password="Another-strong-pass-99"),
         )
     assert fields_of(caught.value) == ["request_id"]
     assert len(h.db.rows) == 1
@@ -255,7 +280,7 @@ async def test_the_loser_of_a_race_on_the_key_returns_the_winners_response() -> 
         h.db.idempotency[key] = IdempotencyRecord(record.fingerprint, (winner,))
 
     h.db.before_next_commit.append(concurrent_winner)
-    result = await h.service.create_user(principal=ANONYMOUS, request=new(request_id="r-1"))
+    result = await h.service.create_user(principal=as_admin(), request=new(request_id="r-1"))
     assert result == winner
     assert [u.email for u in (r.user for r in h.db.rows.values())] == [winner.email]
 

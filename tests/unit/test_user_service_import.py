@@ -4,6 +4,7 @@ one by one, and a response bounded however many rows fail."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 
 import pytest
@@ -18,7 +19,7 @@ from fakes import (
 
 from usersvc.domain.errors import DatabaseUnavailable, InvalidArgument, PermissionDenied
 from usersvc.domain.models import ANONYMOUS, Principal, uuid7
-from usersvc.services.bulk_import import ImportResult, ImportRow, UserImporter
+from usersvc.services.bulk_import import ROWS_PER_YIELD, ImportResult, ImportRow, UserImporter
 
 HASH = "$2b$04$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"
 OTHER_HASH = "$2y$10$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"
@@ -267,3 +268,26 @@ async def test_errors_up_to_the_cap_are_not_truncated() -> None:
 def test_a_batch_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         UserImporter(uow_factory=FakeDatabase().uow, batch_size=0)
+
+
+async def test_rows_arriving_together_leave_the_event_loop_to_other_tasks() -> None:
+    # One message of 10,000 rows arrives at once: the stream hands them over
+    # without ever waiting. Validating them must still let other calls run.
+    rows = 10_000
+    ticks = 0
+
+    async def other_call() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other_call())
+    try:
+        result = await importer(FakeDatabase(), batch_size=rows).run(
+            Stream(good(n) for n in range(rows))
+        )
+    finally:
+        ticker.cancel()
+    assert result.imported_count == rows
+    assert ticks >= rows // ROWS_PER_YIELD

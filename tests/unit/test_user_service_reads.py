@@ -150,13 +150,25 @@ async def test_admins_look_up_deleted_users() -> None:
 # -- batch_get_users -----------------------------------------------------------------------
 
 
-async def test_batch_get_keeps_request_order_and_repeats() -> None:
+async def test_batch_get_keeps_request_order() -> None:
     h = user_service()
     a, b, c = (h.db.insert(f"{n}@example.com") for n in "abc")
     users = await h.service.batch_get_users(
-        principal=as_service_account(), user_ids=[str(c.id), str(a.id), str(c.id), str(b.id)]
+        principal=as_service_account(), user_ids=[str(c.id), str(a.id), str(b.id)]
     )
-    assert users == [c, a, c, b]
+    assert users == [c, a, b]
+
+
+async def test_batch_get_refuses_repeated_ids_naming_each_repeat() -> None:
+    h = user_service()
+    a, c = (h.db.insert(f"{n}@example.com") for n in "ac")
+    with pytest.raises(InvalidArgument) as caught:
+        await h.service.batch_get_users(
+            principal=as_service_account(),
+            user_ids=[str(c.id), str(a.id), str(c.id), str(c.id)],
+        )
+    assert fields_of(caught.value) == ["ids[2]", "ids[3]"]
+    assert "repeats ids[0]" in caught.value.violations[0].description
 
 
 async def test_batch_get_fails_whole_on_the_first_missing_id() -> None:
@@ -187,7 +199,9 @@ async def test_batch_get_returns_deleted_users_to_admins() -> None:
 async def test_batch_get_reports_every_malformed_id() -> None:
     h = user_service()
     with pytest.raises(InvalidArgument) as caught:
-        await h.service.batch_get_users(principal=as_admin(), user_ids=[MISSING, "x", MISSING, ""])
+        await h.service.batch_get_users(
+            principal=as_admin(), user_ids=[MISSING, "x", str(uuid.uuid4()), ""]
+        )
     assert fields_of(caught.value) == ["ids[1]", "ids[3]"]
 
 

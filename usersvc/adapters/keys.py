@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ class KeyMaterial:
 
     signing: Ed25519PrivateKey | bytes = field(repr=False)
     verification: tuple[Ed25519PublicKey, ...] = ()
+    # Raw private keys among the verification files (previous signing keys
+    # kept as they were): their page tokens stay valid during a rotation.
+    retired_secrets: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def read_key_material(settings: Settings, logger: LoggerLike) -> KeyMaterial:
@@ -45,14 +49,64 @@ def read_key_material(settings: Settings, logger: LoggerLike) -> KeyMaterial:
     Raises KeyConfigError for an unreadable, encrypted or non-Ed25519 key, a
     missing HS256 secret, and when production has no key configured.
     """
-    verification = tuple(
-        _load_verification_key(path) for path in settings.jwt_verification_key_files
-    )
+    loaded = [_load_verification_key(path) for path in settings.jwt_verification_key_files]
+    verification = tuple(public for public, _ in loaded)
+    retired = tuple(private.private_bytes_raw() for _, private in loaded if private is not None)
     if settings.jwt_algorithm == HS256:
         if settings.jwt_hs256_secret is None:
             raise KeyConfigError("USERSVC_JWT_ALGORITHM=HS256 requires USERSVC_JWT_HS256_SECRET")
-        return KeyMaterial(settings.jwt_hs256_secret.encode("utf-8"), verification)
-    return KeyMaterial(_load_ed25519_signing_key(settings, logger), verification)
+        return KeyMaterial(settings.jwt_hs256_secret.encode("utf-8"), verification, retired)
+    return KeyMaterial(_load_ed25519_signing_key(settings, logger), verification, retired)
+
+
+def key_file_mode_problems(settings: Settings) -> list[str]:
+    """The configured files holding a private key (the JWT signing key, old
+    signing keys kept for verification, the TLS key) that group or others
+    may read, write or run, each named with its mode. A file that cannot be
+    read is left to the loaders, which name it. Raises nothing."""
+    candidates = [("USERSVC_JWT_PRIVATE_KEY_FILE", settings.jwt_private_key_file)]
+    candidates += [
+        ("USERSVC_JWT_VERIFICATION_KEY_FILES", path)
+        for path in settings.jwt_verification_key_files
+        if _holds_private_key(path)
+    ]
+    candidates.append(("USERSVC_TLS_KEY_FILE", settings.tls_key_file))
+    if not settings.is_production and settings.jwt_private_key_file is None:
+        candidates.append(("the development key", settings.data_dir / DEV_KEY_FILENAME))
+    problems = []
+    for source, path in candidates:
+        if path is None:
+            continue
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            continue
+        if mode & 0o077:
+            problems.append(
+                f"{source}: {path} has mode {mode:04o}, so group or others may access "
+                "the private key; make it readable by the service's user only "
+                f"(chmod 600 {path})"
+            )
+    return problems
+
+
+def check_key_file_modes(settings: Settings, logger: LoggerLike) -> list[str]:
+    """key_file_mode_problems as start-up problems in production; in
+    development each is logged as a warning instead and none is returned.
+    Raises nothing."""
+    problems = key_file_mode_problems(settings)
+    if settings.is_production:
+        return problems
+    for problem in problems:
+        logger.warning("%s (refused in production)", problem)
+    return []
+
+
+def _holds_private_key(path: Path) -> bool:
+    try:
+        return b"PRIVATE KEY-----" in path.read_bytes()
+    except OSError:
+        return False
 
 
 def _load_ed25519_signing_key(settings: Settings, logger: LoggerLike) -> Ed25519PrivateKey:
@@ -81,17 +135,18 @@ def _load_ed25519_signing_key(settings: Settings, logger: LoggerLike) -> Ed25519
     return key
 
 
-def _load_verification_key(path: Path) -> Ed25519PublicKey:
+def _load_verification_key(path: Path) -> tuple[Ed25519PublicKey, Ed25519PrivateKey | None]:
     """A verification key from a PEM file holding an Ed25519 public key
     (``openssl pkey -pubout``) or private key (the previous signing key
-    file, unchanged)."""
+    file, unchanged; then returned too)."""
     source = f"USERSVC_JWT_VERIFICATION_KEY_FILES ({path})"
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyConfigError(f"{source}: cannot read the file: {exc.strerror}") from None
     if b"PUBLIC KEY-----" not in data:
-        return _parse_ed25519_pem(data, source).public_key()
+        private_key = _parse_ed25519_pem(data, source)
+        return private_key.public_key(), private_key
     try:
         public_key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
@@ -99,7 +154,7 @@ def _load_verification_key(path: Path) -> Ed25519PublicKey:
     if not isinstance(public_key, Ed25519PublicKey):
         kind = type(public_key).__name__.removesuffix("PublicKey") or "unknown"
         raise KeyConfigError(f"{source}: key type {kind}, but usersvc verifies Ed25519 (EdDSA)")
-    return public_key
+    return public_key, None
 
 
 def generate_key_file(path: Path) -> str:

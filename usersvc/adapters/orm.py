@@ -15,14 +15,17 @@ from typing import Any, cast
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    Column,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
     MetaData,
     Table,
     Text,
+    UniqueConstraint,
     Uuid,
     func,
     text,
@@ -205,3 +208,48 @@ idempotency_keys_table = cast(Table, IdempotencyKeyRow.__table__)
 sessions_table = cast(Table, SessionRow.__table__)
 refresh_tokens_table = cast(Table, RefreshTokenRow.__table__)
 session_revocations_table = cast(Table, SessionRevocationRow.__table__)
+
+
+# --- events: the audit trail and transactional outbox -------------------------
+# A Core table, not a mapped class: nothing reads it through the ORM. Written
+# in the same transaction as each change (usersvc.adapters.events). Rows are
+# inserted without a sequence; the sequencer numbers committed rows in order,
+# readers see only numbered ones, and the relay publishes them to NATS.
+# No foreign key to users: the trail outlives a purge.
+events_table = Table(
+    "events",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("sequence", BigInteger, nullable=True),
+    # Insertion order, which the sequencer keeps among the rows it numbers
+    # together (the events of one transaction share create_time).
+    Column("position", BigInteger, Identity(always=True), nullable=False),
+    Column("type", Text, nullable=False),
+    Column("user_id", Uuid, nullable=True),
+    Column("actor", Text, nullable=False, server_default=""),
+    Column("request_id", Text, nullable=False, server_default=""),
+    Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The user after the change (the user columns, never the password hash).
+    Column("user_snapshot", JSONB, nullable=True),
+    Column("changed_fields", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
+    Column("attributes", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("published_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("sequence"),
+    # ListEvents filters, each in sequence order.
+    Index("ix_events_user_id_sequence", "user_id", "sequence"),
+    Index("ix_events_type_sequence", "type", "sequence"),
+    Index("ix_events_actor_sequence", "actor", "sequence"),
+    Index("ix_events_create_time", "create_time"),
+    # The sequencer's and the relay's queues: small partial indexes.
+    Index(
+        "ix_events_unsequenced",
+        "position",
+        postgresql_where=text("sequence IS NULL"),
+    ),
+    Index(
+        "ix_events_unpublished",
+        "sequence",
+        postgresql_where=text("published_at IS NULL AND sequence IS NOT NULL"),
+    ),
+    CheckConstraint("jsonb_typeof(attributes) = 'object'", name="attributes_object"),
+)

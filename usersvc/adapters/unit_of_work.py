@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from usersvc.adapters.database_errors import ConstraintErrors, translate_database_errors
 from usersvc.adapters.db_monitor import DatabaseAvailability
+from usersvc.adapters.events import CallContextProvider, SqlAlchemyEventRecorder
 from usersvc.adapters.orm import USERS_EMAIL_INDEX
 from usersvc.adapters.repository.idempotency import (
     IDEMPOTENCY_KEY_CONSTRAINT,
@@ -31,6 +32,7 @@ from usersvc.adapters.repository.idempotency import (
 from usersvc.adapters.repository.sessions import SqlAlchemySessionRepository
 from usersvc.adapters.repository.users import SqlAlchemyUserRepository
 from usersvc.domain.errors import DatabaseUnavailable, EmailAlreadyExists
+from usersvc.domain.event_ports import EventRecorder
 from usersvc.domain.ports import (
     IdempotencyKeyTaken,
     IdempotencyRepository,
@@ -54,14 +56,18 @@ class SqlAlchemyUnitOfWork:
     users: UserRepository
     idempotency: IdempotencyRepository
     sessions: SessionRepository
+    events: EventRecorder
 
     def __init__(
         self,
         session_factory: async_sessionmaker[AsyncSession],
         availability: DatabaseAvailability | None = None,
+        call_context: CallContextProvider | None = None,
     ):
         self._session_factory = session_factory
         self._availability = availability
+        # Who is calling and the request id, for the events written here.
+        self._call_context = call_context
         self._session: AsyncSession | None = None
         self._used = False
 
@@ -75,9 +81,10 @@ class SqlAlchemyUnitOfWork:
         if self._availability is not None:
             self._availability.ensure_available()
         self._session = self._session_factory()
-        self.users = SqlAlchemyUserRepository(self._session)
-        self.idempotency = SqlAlchemyIdempotencyRepository(self._session)
-        self.sessions = SqlAlchemySessionRepository(self._session)
+        self.users = SqlAlchemyUserRepository(self._session, self._call_context)
+        self.idempotency = SqlAlchemyIdempotencyRepository(self._session, self._call_context)
+        self.sessions = SqlAlchemySessionRepository(self._session, self._call_context)
+        self.events = SqlAlchemyEventRecorder(self._session, self._call_context)
         return self
 
     async def __aexit__(
@@ -144,9 +151,14 @@ def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession
 
 
 def make_uow_factory(
-    engine: AsyncEngine, availability: DatabaseAvailability | None = None
+    engine: AsyncEngine,
+    availability: DatabaseAvailability | None = None,
+    call_context: CallContextProvider | None = None,
 ) -> UnitOfWorkFactory:
     """A factory of fresh units of work on ``engine``, failing fast while
-    ``availability`` (the database monitor) says the database is down.
-    Raises nothing."""
-    return functools.partial(SqlAlchemyUnitOfWork, make_session_factory(engine), availability)
+    ``availability`` (the database monitor) says the database is down;
+    ``call_context`` tells the actor and request id of the events written
+    (None: empty). Raises nothing."""
+    return functools.partial(
+        SqlAlchemyUnitOfWork, make_session_factory(engine), availability, call_context
+    )

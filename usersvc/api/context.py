@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from contextvars import ContextVar, Token
 
+from usersvc.domain.events import CallContext, actor_of
 from usersvc.domain.models import ANONYMOUS, Principal
+from usersvc.observability.context import current_request_id
 
 _principal: ContextVar[Principal] = ContextVar("usersvc_principal", default=ANONYMOUS)
 
@@ -24,3 +26,9 @@ def current_principal() -> Principal:
 def set_principal(principal: Principal) -> Token[Principal]:
     """Make ``principal`` the caller of the running call. Never raises."""
     return _principal.set(principal)
+
+
+def current_call() -> CallContext:
+    """The actor and request id that events written by the running call
+    carry (usersvc.domain.events); empty outside a call. Never raises."""
+    return CallContext(actor=actor_of(_principal.get()), request_id=current_request_id())

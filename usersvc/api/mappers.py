@@ -7,8 +7,10 @@ emit a password hash because the domain User has none.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
@@ -268,13 +270,38 @@ def _is_set(user: user_pb2.User, name: str) -> bool:
     return bool(getattr(user, name))
 
 
-def user_list_response(result: UserListResult) -> user_service_pb2.ListUsersResponse:
-    """The ListUsersResponse of a page. Raises ValueError as user_to_proto."""
-    return user_service_pb2.ListUsersResponse(
-        users=users_to_proto(result.users),
-        next_page_token=result.next_page_token,
-        total_size=result.total_size,
+# Users mapped between two returns to the event loop: a 4 MiB page of users
+# with many labels takes tens of milliseconds to map, about 1 ms per 32.
+USERS_PER_YIELD = 32
+
+
+async def _fill(target: Any, users: Sequence[User]) -> None:
+    for index, user in enumerate(users):
+        if index and index % USERS_PER_YIELD == 0:
+            await asyncio.sleep(0)
+        target.append(user_to_proto(user))
+
+
+async def user_list_response(
+    result: UserListResult,
+) -> user_service_pb2.ListUsersResponse:
+    """The ListUsersResponse of a page, letting other tasks run every
+    USERS_PER_YIELD users. Raises ValueError as user_to_proto."""
+    response = user_service_pb2.ListUsersResponse(
+        next_page_token=result.next_page_token, total_size=result.total_size
     )
+    await _fill(response.users, result.users)
+    return response
+
+
+async def batch_get_users_response(
+    users: Sequence[User],
+) -> user_service_pb2.BatchGetUsersResponse:
+    """The BatchGetUsersResponse of ``users``, in order, letting other tasks
+    run every USERS_PER_YIELD users. Raises ValueError as user_to_proto."""
+    response = user_service_pb2.BatchGetUsersResponse()
+    await _fill(response.users, users)
+    return response
 
 
 def login_response(result: LoginResult) -> auth_service_pb2.LoginResponse:

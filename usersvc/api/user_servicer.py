@@ -53,7 +53,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         result = await self._users.list_users(
             principal=current_principal(), request=mappers.list_users_input(request)
         )
-        return mappers.user_list_response(result)
+        return await mappers.user_list_response(result)
 
     async def UpdateUser(
         self, request: pb.UpdateUserRequest, context: _Context
@@ -122,7 +122,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         users = await self._users.batch_get_users(
             principal=current_principal(), user_ids=tuple(request.ids)
         )
-        return pb.BatchGetUsersResponse(users=mappers.users_to_proto(users))
+        return await mappers.batch_get_users_response(users)
 
     async def ImportUsers(
         self, request_iterator: AsyncIterator[pb.ImportUsersRequest], context: _Context

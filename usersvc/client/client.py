@@ -92,7 +92,6 @@ class UsersvcClient:
         self._idempotent = frozenset(
             id(getattr(stubs[service], method)) for service, method in retries.RETRIED_METHODS
         )
-        self._tokens = _Endpoint(self)
 
     @classmethod
     def connect(
@@ -406,10 +405,12 @@ class UsersvcClient:
 
         # A client stream cannot be replayed, so it is never repeated after
         # a token refresh: the token is fetched fresh beforehand instead.
-        _, metadata = await self._metadata(x_request_id, authenticate=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout(timeout)
+        _, metadata = await self._metadata(x_request_id, authenticate=True, deadline=deadline)
         try:
             response: user_service_pb2.ImportUsersResponse = await self._users.ImportUsers(
-                requests(), timeout=self._timeout(timeout), metadata=metadata
+                requests(), timeout=max(0.0, deadline - loop.time()), metadata=metadata
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
@@ -502,15 +503,18 @@ class UsersvcClient:
         return self._default_timeout if timeout is None else timeout
 
     async def _metadata(
-        self, x_request_id: str | None, *, authenticate: bool
+        self, x_request_id: str | None, *, authenticate: bool, deadline: float
     ) -> tuple[str | None, list[tuple[str, str]]]:
-        """(the access token sent, the call's metadata)."""
+        """(the access token sent, the call's metadata). A Login or
+        RefreshToken the credentials make for it gets the time left until
+        ``deadline`` (event loop time), the deadline of the call that needs
+        the token."""
         metadata: list[tuple[str, str]] = []
         if x_request_id:
             metadata.append((REQUEST_ID_KEY, x_request_id))
         token = None
         if authenticate and self._credentials is not None:
-            token = await self._credentials.access_token(self._tokens)
+            token = await self._credentials.access_token(_Endpoint(self, deadline))
             metadata.append(("authorization", f"Bearer {token}"))
         return token, metadata
 
@@ -528,7 +532,9 @@ class UsersvcClient:
         renewed = False
         attempt = 1
         while True:
-            token, metadata = await self._metadata(x_request_id, authenticate=authenticate)
+            token, metadata = await self._metadata(
+                x_request_id, authenticate=authenticate, deadline=deadline
+            )
             try:
                 return await method(
                     request, timeout=max(0.0, deadline - loop.time()), metadata=metadata
@@ -565,17 +571,23 @@ class UsersvcClient:
 
 
 class _Endpoint:
-    """The client's Login and RefreshToken, as a login credential needs them."""
+    """The client's Login and RefreshToken, as a login credential needs them
+    for one call: within what is left of that call's ``deadline`` (event
+    loop time), never longer than the call itself may take."""
 
-    def __init__(self, client: UsersvcClient) -> None:
+    def __init__(self, client: UsersvcClient, deadline: float) -> None:
         self._client = client
+        self._deadline = deadline
+
+    def _remaining(self) -> float:
+        return max(0.0, self._deadline - asyncio.get_running_loop().time())
 
     async def login_tokens(self, email: str, password: str) -> IssuedTokens:
-        response = await self._client.login(email, password)
+        response = await self._client.login(email, password, timeout=self._remaining())
         return IssuedTokens(response.access_token, response.refresh_token, response.expires_in)
 
     async def refresh_tokens(self, refresh_token: str) -> IssuedTokens:
-        response = await self._client.refresh_token(refresh_token)
+        response = await self._client.refresh_token(refresh_token, timeout=self._remaining())
         return IssuedTokens(response.access_token, response.refresh_token, response.expires_in)
 
 

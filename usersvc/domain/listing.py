@@ -75,6 +75,20 @@ class Cursor:
     id: uuid.UUID
 
 
+def cursor_of(field: SortField, user: User) -> Cursor:
+    """The cursor of the page that starts after ``user`` in an ordering by
+    ``field``. Raises nothing."""
+    sort_value: str | datetime
+    match field:
+        case SortField.CREATE_TIME:
+            sort_value = user.create_time
+        case SortField.EMAIL:
+            sort_value = user.email
+        case SortField.DISPLAY_NAME:
+            sort_value = user.display_name
+    return Cursor(sort_value=sort_value, id=user.id)
+
+
 @dataclass(frozen=True, slots=True)
 class ListQuery:
     filter: Filter

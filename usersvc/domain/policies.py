@@ -52,6 +52,13 @@ def can_create(
     return _is_service(principal) or allow_signup
 
 
+def has_full_label_limits(principal: Principal) -> bool:
+    """Admins and services may set labels up to the full limits; anyone else
+    (anonymous sign-ups, users editing themselves) within the smaller
+    self-service budget (usersvc.domain.validation)."""
+    return _is_reader(principal)
+
+
 def can_batch_create(principal: Principal) -> bool:
     """Admins and services (each item is also checked with can_create)."""
     return _is_reader(principal)
@@ -134,6 +141,11 @@ def can_revoke_sessions(principal: Principal, target_id: uuid.UUID) -> bool:
 
 def can_introspect(principal: Principal) -> bool:
     """IntrospectToken: admins and services."""
+    return _is_reader(principal)
+
+
+def can_read_events(principal: Principal) -> bool:
+    """ListEvents, WatchEvents (the audit trail): admins and services."""
     return _is_reader(principal)
 
 

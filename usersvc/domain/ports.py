@@ -1,6 +1,9 @@
 """Interfaces the services depend on; adapters implement them.
 
 Contract shared by every implementation (the SQL one and the unit-test fakes):
+write methods take ``events`` (usersvc.domain.events.EventDraft): they are
+written about each user the write touches, in the same statement and
+transaction, with the user as it is after the change;
 repositories flush but never commit; the unit of work commits. Methods raise
 only ``usersvc.domain.errors`` types (EmailAlreadyExists, DatabaseUnavailable,
 ...), never driver or ORM exceptions.
@@ -17,6 +20,8 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from usersvc.domain.bulk_import import ImportedUser
+from usersvc.domain.event_ports import EventRecorder
+from usersvc.domain.events import EventDraft
 from usersvc.domain.listing import Filter, ListQuery, Page
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
@@ -30,15 +35,19 @@ from usersvc.domain.models import (
 
 
 class UserRepository(Protocol):
-    async def add(self, new: NewUser) -> User:
+    async def add(self, new: NewUser, *, events: Sequence[EventDraft] = ()) -> User:
         """Insert one user. Raises EmailAlreadyExists."""
 
-    async def add_many(self, news: Sequence[NewUser]) -> list[User]:
+    async def add_many(
+        self, news: Sequence[NewUser], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
         """Insert users in order, in one statement where possible.
         Raises EmailAlreadyExists with metadata {"email": ...} of a clash
         (with another row or within the batch)."""
 
-    async def import_batch(self, users: Sequence[ImportedUser]) -> list[bool]:
+    async def import_batch(
+        self, users: Sequence[ImportedUser], *, events: Sequence[EventDraft] = ()
+    ) -> list[bool]:
         """Insert the users whose email is free, skipping (not failing on)
         those whose email is taken, case-insensitively, by a stored user or
         an earlier user of the batch. Per input, in order: True when it was
@@ -72,25 +81,35 @@ class UserRepository(Protocol):
         when no user has the email or the account is locked; nothing is
         written then."""
 
-    async def clear_login_failures(self, user_id: uuid.UUID) -> bool:
+    async def clear_login_failures(
+        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()
+    ) -> bool:
         """Reset the failure count, the lock and the lock count (a login
         succeeded), locking the row until the unit of work ends; the user's
         version and etag do not change. False when there is no such user."""
 
-    async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
+    async def update(
+        self, user_id: uuid.UUID, patch: UserPatch, *, events: Sequence[EventDraft] = ()
+    ) -> User:
         """Apply the patch, bump version and update_time. Raises
         EmailAlreadyExists, UserNotFound."""
 
-    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> User:
+    async def set_password_hash(
+        self, user_id: uuid.UUID, password_hash: str, *, events: Sequence[EventDraft] = ()
+    ) -> User:
         """Bumps version. Raises UserNotFound."""
 
-    async def set_disabled(self, user_id: uuid.UUID, disabled: bool) -> User:
+    async def set_disabled(
+        self, user_id: uuid.UUID, disabled: bool, *, events: Sequence[EventDraft] = ()
+    ) -> User:
         """Set or clear disable_time; bumps version. Raises UserNotFound."""
 
-    async def set_deleted(self, user_id: uuid.UUID, deleted: bool) -> User:
+    async def set_deleted(
+        self, user_id: uuid.UUID, deleted: bool, *, events: Sequence[EventDraft] = ()
+    ) -> User:
         """Set or clear delete_time; bumps version. Raises UserNotFound."""
 
-    async def purge(self, user_id: uuid.UUID) -> bool:
+    async def purge(self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()) -> bool:
         """Delete the row for good; False when there was none."""
 
     async def list(self, query: ListQuery) -> Page:
@@ -226,6 +245,8 @@ class UnitOfWork(Protocol):
     users: UserRepository
     idempotency: IdempotencyRepository
     sessions: SessionRepository
+    # Events not carried by a write above (usersvc.domain.event_ports).
+    events: EventRecorder
 
     async def __aenter__(self) -> Self: ...
 

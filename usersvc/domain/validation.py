@@ -27,6 +27,11 @@ MAX_LABELS = 64
 MAX_LABEL_KEY_LENGTH = 63
 MAX_LABEL_VALUE_LENGTH = 256
 MAX_REQUEST_ID_LENGTH = 128
+# Labels that callers other than admins and services (anonymous sign-ups,
+# users editing themselves) may set: a small budget, so that self sign-ups
+# cannot make every listing of users large.
+SELF_SERVICE_MAX_LABELS = 16
+SELF_SERVICE_MAX_LABEL_BYTES = 4096
 # Etags the service issues are "v<row version>"; 64 is far above any of them.
 MAX_ETAG_LENGTH = 64
 
@@ -47,6 +52,16 @@ _UUID_TEXT = re.compile(
 # (PostgreSQL cannot store them), private use, line/paragraph separators.
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Zl", "Zp"})
 _ASCII_WHITESPACE = " \t\r\n\x0b\x0c"
+# Characters that change how text around them is shown without showing
+# themselves: bidi embeddings, overrides, isolates and marks (a name that
+# reads "alice" and sorts as something else), and zero-width characters.
+_INVISIBLE = frozenset(
+    [chr(c) for c in range(0x202A, 0x202F)]
+    + [chr(c) for c in range(0x2066, 0x206A)]
+    + ["\u200e", "\u200f", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"]
+)
+# Scripts whose letters look alike: one of them per part of an address.
+_CONFUSABLE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK"})
 
 
 def has_forbidden_characters(text: str) -> bool:
@@ -66,15 +81,62 @@ def _preview(text: str, limit: int = 40) -> str:
 
 
 def normalize_email(value: str, *, field: str, errors: list[FieldViolation]) -> str:
-    """Surrounding ASCII whitespace stripped, lower-cased. Appends a violation
-    (under ``field``) unless the result is a plausible addr-spec:
-    ``local@domain``, local part 1..64 bytes of dot-atom text, domain of at
-    least two labels, at most 254 characters in all."""
-    email = value.strip(_ASCII_WHITESPACE).lower()
+    """The canonical form of an email, the one stored, compared for
+    uniqueness and looked up: surrounding ASCII whitespace stripped, Unicode
+    NFKC (so composed and decomposed letters, full-width forms and
+    ligatures are one address), lower-cased, and an internationalised
+    domain in its Unicode form (``xn--bcher-kva.de`` is ``bücher.de``).
+
+    Appends a violation (under ``field``) unless the result is a plausible
+    addr-spec: ``local@domain``, local part 1..64 bytes of dot-atom text,
+    domain of at least two labels that IDNA accepts, at most 254 characters
+    in all, no invisible characters, and no part mixing Latin, Cyrillic or
+    Greek letters ("alice" spelt with a Cyrillic U+0430)."""
+    email = value.strip(_ASCII_WHITESPACE)
+    if not email.isascii():
+        email = unicodedata.normalize("NFKC", email)
+    email = email.lower()
     problem = _email_problem(email)
+    if problem is None:
+        local, domain = email.split("@")
+        domain, problem = _canonical_domain(domain)
+        email = f"{local}@{domain}"
+    if problem is None and not email.isascii():
+        problem = _mixed_script_problem(email)
     if problem is not None:
         errors.append(FieldViolation(field, problem))
     return email
+
+
+def _canonical_domain(domain: str) -> tuple[str, str | None]:
+    """The domain with every label in Unicode form (IDNA ToUnicode of its
+    ToASCII form), or a problem when IDNA refuses it. Raises nothing."""
+    if domain.isascii() and "xn--" not in domain:
+        return domain, None
+    try:
+        ascii_form = domain.encode("idna")
+        unicode_form = ascii_form.decode("idna").lower()
+    except UnicodeError:
+        return domain, "the domain is not a valid internationalised domain name"
+    if len(ascii_form) > MAX_DOMAIN_LENGTH:
+        return domain, f"the domain must be at most {MAX_DOMAIN_LENGTH} characters"
+    return unicode_form, _domain_problem(unicode_form)
+
+
+def _script(ch: str) -> str:
+    return unicodedata.name(ch, "").split(" ", 1)[0]
+
+
+def _mixed_script_problem(email: str) -> str | None:
+    local, domain = email.split("@")
+    for part in (local, *domain.split(".")):
+        scripts = {_script(ch) for ch in part if ch.isalpha()} & _CONFUSABLE_SCRIPTS
+        if len(scripts) > 1:
+            return (
+                "must not mix " + " and ".join(sorted(s.title() for s in scripts)) + " letters "
+                "in one part (look-alike addresses)"
+            )
+    return None
 
 
 def _email_problem(email: str) -> str | None:
@@ -84,6 +146,8 @@ def _email_problem(email: str) -> str | None:
         return f"must be at most {MAX_EMAIL_LENGTH} characters"
     if any(ch.isspace() for ch in email) or has_forbidden_characters(email):
         return "must not contain whitespace or control characters"
+    if not email.isascii() and any(unicodedata.category(ch) == "Cf" for ch in email):
+        return "must not contain invisible or text-direction characters"
     if email.count("@") != 1:
         return "must contain exactly one '@'"
     local, domain = email.split("@")
@@ -120,7 +184,9 @@ def _domain_problem(domain: str) -> str | None:
 
 def normalize_display_name(value: str, *, field: str, errors: list[FieldViolation]) -> str:
     """Surrounding whitespace stripped. Appends a violation when longer than
-    200 characters or holding control characters."""
+    200 characters, holding control characters, or holding bidi controls
+    (U+200E/F, U+202A..202E, U+2066..2069) or zero-width characters
+    (U+200B..200D, U+2060, U+FEFF)."""
     name = value.strip()
     if len(name) > MAX_DISPLAY_NAME_LENGTH:
         errors.append(
@@ -128,6 +194,12 @@ def normalize_display_name(value: str, *, field: str, errors: list[FieldViolatio
         )
     elif has_forbidden_characters(name):
         errors.append(FieldViolation(field, "must not contain control characters"))
+    elif not name.isascii() and not _INVISIBLE.isdisjoint(name):
+        errors.append(
+            FieldViolation(
+                field, "must not contain text-direction (bidi) controls or zero-width characters"
+            )
+        )
     return name
 
 
@@ -185,6 +257,32 @@ def normalize_labels(
         elif has_forbidden_characters(value):
             errors.append(FieldViolation(f"{field}.{key}", "must not contain control characters"))
     return labels
+
+
+def check_self_service_labels(
+    labels: Mapping[str, str], *, field: str, errors: list[FieldViolation]
+) -> None:
+    """Appends a violation under ``field`` when ``labels`` exceed what a
+    caller other than an admin or a service may set: 16 entries, 4 KiB of
+    keys and values together (UTF-8)."""
+    if len(labels) > SELF_SERVICE_MAX_LABELS:
+        errors.append(
+            FieldViolation(
+                field,
+                f"must hold at most {SELF_SERVICE_MAX_LABELS} entries "
+                "unless set by an admin or a service",
+            )
+        )
+        return
+    size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in labels.items())
+    if size > SELF_SERVICE_MAX_LABEL_BYTES:
+        errors.append(
+            FieldViolation(
+                field,
+                f"keys and values must total at most {SELF_SERVICE_MAX_LABEL_BYTES} bytes "
+                "unless set by an admin or a service",
+            )
+        )
 
 
 def validate_request_id(value: str, *, field: str, errors: list[FieldViolation]) -> str:

@@ -234,6 +234,28 @@ class Metrics:
             ("reason",),
             registry=registry,
         )
+        self._events_published = Counter(
+            "usersvc_events_published_total",
+            "Events published to NATS JetStream (PubAck received).",
+            registry=registry,
+        )
+        self._event_publish_errors = Counter(
+            "usersvc_event_publish_errors_total",
+            "Failed attempts to publish an event (NATS down or slow); the event is retried.",
+            registry=registry,
+        )
+        self._event_lag = Histogram(
+            "usersvc_event_publish_lag_seconds",
+            "From an event's transaction to its PubAck.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+        )
+        self._events_unpublished = Gauge(
+            "usersvc_events_unpublished",
+            "Numbered events not yet published, as the publishing replica last counted them.",
+            registry=registry,
+            multiprocess_mode="max",
+        )
         # Known label values start at 0, so rate() sees the first event.
         for outcome in LOGIN_OUTCOMES:
             self._logins.labels(outcome)
@@ -256,6 +278,16 @@ class Metrics:
 
     def sessions_revoked(self, reason: str, count: int) -> None:
         self._revoked.labels(reason).inc(count)
+
+    def event_published(self, lag_seconds: float) -> None:
+        self._events_published.inc()
+        self._event_lag.observe(max(0.0, lag_seconds))
+
+    def event_publish_failed(self) -> None:
+        self._event_publish_errors.inc()
+
+    def events_unpublished(self, count: int) -> None:
+        self._events_unpublished.set(count)
 
     def watch_pool(self, pool: PoolLike) -> None:
         """Report ``pool`` in the pool gauges: read at scrape time in one

@@ -43,6 +43,7 @@ from usersvc.domain.errors import (
     Unauthenticated,
     UserNotFound,
 )
+from usersvc.domain.events import EventDraft, EventType, LoginFailureCause
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     Principal,
@@ -79,6 +80,7 @@ TOKEN_TYPE = "Bearer"  # noqa: S105 (an RFC 6750 scheme name, not a secret)
 # valid-length text works, the result is discarded.
 _PLACEHOLDER_PASSWORD = "not-a-password"  # noqa: S105
 _INACTIVE = TokenIntrospection(active=False)
+_LOGIN_SUCCEEDED = (EventDraft(EventType.LOGIN_SUCCEEDED),)
 
 
 class AuthService:
@@ -140,6 +142,12 @@ class AuthService:
             # password. A locked account's own hash is not even looked at.
             await self._hasher.verify(_PLACEHOLDER_PASSWORD, await self._hasher.dummy_hash())
             self._outcome("unknown_or_locked" if usable else "malformed")
+            if usable:
+                # After bcrypt, like a wrong password's event: the same
+                # work in the same order for every failure.
+                async with self._uow_factory() as uow:
+                    await uow.events.add_login_failure(normalized)
+                    await uow.commit()
             raise InvalidCredentials()
         credentials = attempt.credentials
         matches = await self._hasher.verify(password, credentials.password_hash)
@@ -160,6 +168,7 @@ class AuthService:
                         "locked_until": attempt.locked_until.isoformat(),
                     },
                 )
+            await self._record_failure(credentials.user, attempt, password_matched=matches)
             raise InvalidCredentials()
         # Hashed before the unit of work opens: bcrypt never holds a
         # connection.
@@ -176,7 +185,7 @@ class AuthService:
             # this login and then revokes the session it creates.
             # Clearing the failure count also takes the row lock; a refusal
             # below rolls the clearing back.
-            await uow.users.clear_login_failures(user_id)
+            await uow.users.clear_login_failures(user_id, events=_LOGIN_SUCCEEDED)
             latest = await uow.users.get_credentials(user_id)
             if (
                 latest is None
@@ -197,6 +206,25 @@ class AuthService:
             await uow.commit()
         self._outcome("success")
         return self._result(user, session.id, refresh.value)
+
+    async def _record_failure(
+        self, user: User, attempt: LoginAttempt, *, password_matched: bool
+    ) -> None:
+        # The attempt itself was counted (and committed) before bcrypt ran;
+        # what it turned out to be is written now, in a transaction of its
+        # own. Raises DatabaseUnavailable.
+        cause = LoginFailureCause.DISABLED if password_matched else LoginFailureCause.WRONG_PASSWORD
+        drafts = [EventDraft(EventType.LOGIN_FAILED, attributes={"cause": cause.value})]
+        if attempt.locked_until is not None:
+            drafts.append(
+                EventDraft(
+                    EventType.ACCOUNT_LOCKED,
+                    attributes={"locked_until": attempt.locked_until.isoformat()},
+                )
+            )
+        async with self._uow_factory() as uow:
+            await uow.events.add(user.id, drafts)
+            await uow.commit()
 
     def _outcome(self, outcome: str) -> None:
         if self._on_login is not None:
@@ -220,6 +248,15 @@ class AuthService:
             if outcome.status is RefreshStatus.RETIRED and session is not None:
                 revocation = await self._sessions.revoke_sessions(
                     uow, [session.id], RevokeReason.REFRESH_TOKEN_REUSE
+                )
+                await uow.events.add(
+                    session.user_id,
+                    [
+                        EventDraft(
+                            EventType.REFRESH_TOKEN_REUSED,
+                            attributes={"session_id": str(session.id)},
+                        )
+                    ],
                 )
                 await uow.commit()
                 self._sessions.committed(revocation)

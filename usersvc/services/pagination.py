@@ -1,15 +1,23 @@
 """ListUsers page tokens (AIP-158): opaque to callers, keyset inside.
 
-A token is urlsafe base64 (no padding) of compact JSON::
+A token is urlsafe base64 (no padding) of a 32-byte HMAC-SHA256 tag followed
+by compact JSON::
 
-    {"v": 1, "k": [<sort value>, "<id>"], "f": "<fingerprint>", "t": <total_size>}
+    {"v": 2, "k": [<sort value>, "<id>"], "f": "<fingerprint>", "t": <total_size>}
 
 ``k`` is the cursor (the last row's sort value and id), ``t`` carries the
 total counted on the first page. ``f`` binds the token to the query it was
 issued for: a short hash of the canonical filter, order_by and show_deleted,
 so a token reused with another query is refused instead of silently paging
-through a different result. Tokens are not signed: a forged one can only
-start a page somewhere in rows the caller may list anyway.
+through a different result.
+
+The tag is computed with the first of the server's page-token keys (derived
+from the signing key, see usersvc.services.tokens.KeyRing) and checked,
+in constant time, against each of them before the JSON is read: a forged,
+edited or truncated token (a made-up cursor, a made-up total) is refused as
+INVALID_ARGUMENT on ``page_token`` and never reaches a query, and tokens
+issued under the previous signing key stay valid while it is still
+configured as a verification key.
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from usersvc.domain.errors import InvalidArgument
@@ -29,12 +39,13 @@ from usersvc.domain.filtering import format_filter
 from usersvc.domain.listing import Cursor, Filter, Ordering, SortField
 from usersvc.domain.validation import has_forbidden_characters
 
-TOKEN_VERSION = 1
+TOKEN_VERSION = 2
 MAX_PAGE_TOKEN_LENGTH = 1024
 _MAX_TOTAL = 2**31 - 1  # total_size is an int32 on the wire
 _TOKEN_TEXT = re.compile(r"[A-Za-z0-9_-]+")
 _KEYS = frozenset({"v", "k", "f", "t"})
 _FIELD = "page_token"
+_TAG_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +63,11 @@ def query_fingerprint(filter: Filter, ordering: Ordering, show_deleted: bool) ->
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-def encode_page_token(cursor: Cursor, *, fingerprint: str, total_size: int) -> str:
-    """The token that resumes after ``cursor``. Raises nothing."""
+def encode_page_token(
+    cursor: Cursor, *, fingerprint: str, total_size: int, keys: Sequence[bytes]
+) -> str:
+    """The token that resumes after ``cursor``, tagged with ``keys[0]``.
+    Raises IndexError when ``keys`` is empty."""
     value = cursor.sort_value
     sort_value = value.isoformat() if isinstance(value, datetime) else value
     body = {
@@ -63,17 +77,22 @@ def encode_page_token(cursor: Cursor, *, fingerprint: str, total_size: int) -> s
         "t": total_size,
     }
     data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    tagged = _tag(keys[0], data) + data
+    return base64.urlsafe_b64encode(tagged).rstrip(b"=").decode("ascii")
 
 
-def decode_page_token(token: str, *, fingerprint: str, ordering: Ordering) -> PageToken:
+def decode_page_token(
+    token: str, *, fingerprint: str, ordering: Ordering, keys: Sequence[bytes]
+) -> PageToken:
     """The cursor and carried total of a token issued for the query named by
-    ``fingerprint`` (whose ordering is ``ordering``).
+    ``fingerprint`` (whose ordering is ``ordering``) and tagged with one of
+    ``keys``.
 
-    Raises InvalidArgument (field "page_token") for a malformed token and for
-    one issued for another filter, order_by or show_deleted.
+    Raises InvalidArgument (field "page_token") for a malformed, forged or
+    altered token and for one issued for another filter, order_by or
+    show_deleted.
     """
-    body = _load(token)
+    body = _load(token, keys)
     if body.get("f") != fingerprint:
         raise InvalidArgument.single(
             _FIELD, "page_token was issued for another filter/order_by/show_deleted"
@@ -96,11 +115,29 @@ def _reject_constant(_: str) -> Any:
     raise ValueError("NaN and Infinity are not JSON")
 
 
-def _load(token: str) -> dict[str, Any]:
+def _tag(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def _authentic(tag: bytes, data: bytes, keys: Sequence[bytes]) -> bool:
+    # Every key is tried (no early exit), each comparison in constant time.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(tag, _tag(key, data))
+    return matched
+
+
+def _load(token: str, keys: Sequence[bytes]) -> dict[str, Any]:
     if len(token) > MAX_PAGE_TOKEN_LENGTH or _TOKEN_TEXT.fullmatch(token) is None:
         raise _malformed()
     try:
-        data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        tagged = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise _malformed() from None
+    tag, data = tagged[:_TAG_BYTES], tagged[_TAG_BYTES:]
+    if len(tag) != _TAG_BYTES or not _authentic(tag, data, keys):
+        raise _malformed()
+    try:
         body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except (binascii.Error, ValueError, RecursionError):
         raise _malformed() from None
@@ -124,6 +161,12 @@ def _sort_value(value: object, ordering: Ordering) -> str | datetime:
         raise _malformed() from None
     if moment.tzinfo is None:
         raise _malformed()
+    try:
+        # A time whose UTC form falls outside years 1..9999 cannot be sent
+        # to the database.
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise _malformed() from None
     return moment
 
 

@@ -24,6 +24,8 @@ default.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import time
@@ -102,17 +104,49 @@ class SigningKey:
         return cls(kid, HS256, secret, VerificationKey(kid, HS256, secret, None))
 
 
+_PAGE_TOKEN_KEY_LABEL = b"usersvc page-token key v1"
+
+
+def page_token_key(secret: bytes) -> bytes:
+    """The HMAC key of ListUsers page tokens derived from a signing key's
+    secret (an Ed25519 private key's raw bytes, or the HS256 secret): one
+    more purpose of the key material that is already loaded and rotated,
+    separated from token signing by the label. Raises nothing."""
+    return hmac.new(_PAGE_TOKEN_KEY_LABEL, secret, hashlib.sha256).digest()
+
+
+def _secret_of(private_key: Ed25519PrivateKey | bytes) -> bytes:
+    if isinstance(private_key, bytes):
+        return private_key
+    return private_key.private_bytes_raw()
+
+
 class KeyRing:
     """The key that signs new tokens and every key that verifies tokens.
-    Its methods raise nothing."""
+    Its methods raise nothing.
+
+    ``page_token_keys`` tag ListUsers page tokens: the first (from the
+    signing key) tags new ones; the others come from ``retired_secrets``
+    (private keys of previous signing keys kept as verification key files)
+    and keep tokens issued before a rotation valid."""
 
     def __init__(
-        self, signing_key: SigningKey, verification_keys: Iterable[VerificationKey] = ()
+        self,
+        signing_key: SigningKey,
+        verification_keys: Iterable[VerificationKey] = (),
+        *,
+        retired_secrets: Iterable[bytes] = (),
     ) -> None:
         self.signing_key = signing_key
         keys = {signing_key.kid: signing_key.verification}
         keys.update((key.kid, key) for key in verification_keys)
         self._keys: dict[str, VerificationKey] = keys
+        self.page_token_keys: tuple[bytes, ...] = tuple(
+            dict.fromkeys(
+                page_token_key(secret)
+                for secret in (_secret_of(signing_key.private_key), *retired_secrets)
+            )
+        )
 
     def verification_key(self, kid: str) -> VerificationKey | None:
         return self._keys.get(kid)
@@ -132,16 +166,22 @@ class KeyRing:
 
 
 def key_ring_of(
-    signing: Ed25519PrivateKey | bytes, verification: Iterable[Ed25519PublicKey] = ()
+    signing: Ed25519PrivateKey | bytes,
+    verification: Iterable[Ed25519PublicKey] = (),
+    *,
+    retired_secrets: Iterable[bytes] = (),
 ) -> KeyRing:
     """The ring that signs with ``signing`` (an Ed25519 private key, or the
     HS256 secret as bytes) and also verifies with each key of
-    ``verification``. Raises KeyConfigError for an HS256 secret shorter than
-    32 bytes."""
-    key = (
-        SigningKey.hs256(signing) if isinstance(signing, bytes) else SigningKey.ed25519(signing)
+    ``verification``; ``retired_secrets`` (raw private keys of previous
+    signing keys) keep their page tokens valid. Raises KeyConfigError for an
+    HS256 secret shorter than 32 bytes."""
+    key = SigningKey.hs256(signing) if isinstance(signing, bytes) else SigningKey.ed25519(signing)
+    return KeyRing(
+        key,
+        [VerificationKey.ed25519(public) for public in verification],
+        retired_secrets=retired_secrets,
     )
-    return KeyRing(key, [VerificationKey.ed25519(public) for public in verification])
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterable, Callable, Mapping, Sequence
@@ -30,8 +31,9 @@ from usersvc.domain.errors import (
     PermissionDenied,
     UserNotFound,
 )
+from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.filtering import parse_filter, parse_order_by
-from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering
+from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, cursor_of
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     ROLE_ADMIN,
@@ -53,6 +55,7 @@ from usersvc.domain.ports import (
     UserReader,
 )
 from usersvc.domain.validation import (
+    check_self_service_labels,
     normalize_display_name,
     normalize_email,
     normalize_labels,
@@ -74,6 +77,7 @@ from usersvc.services.pagination import (
     encode_page_token,
     query_fingerprint,
 )
+from usersvc.services.response_size import MAX_RESPONSE_BYTES, fitting_prefix
 from usersvc.services.sessions import SessionRevoker, session_id_of
 
 DEFAULT_PAGE_SIZE = 50
@@ -133,14 +137,19 @@ class UserService:
         allow_signup: bool,
         sessions: SessionRevoker,
         reader: UserReader | None = None,
+        page_token_keys: Callable[[], Sequence[bytes]] | None = None,
         lockout: LockoutPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``reader`` serves the plain reads (get_user, lookup_user,
         batch_get_users) outside a unit of work; without one they read
-        through a unit of work. ``lockout`` and ``clock`` are the login's
-        (usersvc.services.auth): a wrong current password in ChangePassword
-        counts towards the same lock. Raises nothing."""
+        through a unit of work. ``page_token_keys`` returns the current
+        HMAC keys of page tokens, the first tagging new ones (the server's:
+        usersvc.services.tokens.KeyRing.page_token_keys); without it, a
+        random key of this instance, so tokens work only where issued.
+        ``lockout`` and ``clock`` are the login's (usersvc.services.auth): a
+        wrong current password in ChangePassword counts towards the same
+        lock. Raises nothing."""
         self._lockout = lockout or LockoutPolicy()
         self._clock = clock
         self._uow_factory = uow_factory
@@ -149,6 +158,10 @@ class UserService:
         self._policy = password_policy
         self._allow_signup = allow_signup
         self._sessions = sessions
+        if page_token_keys is None:
+            own_key = (secrets.token_bytes(32),)
+            page_token_keys = lambda: own_key  # noqa: E731
+        self._page_token_keys = page_token_keys
 
     # -- create ----------------------------------------------------------------
 
@@ -163,6 +176,8 @@ class UserService:
         errors: list[FieldViolation] = []
         password_errors: list[FieldViolation] = []
         draft = self._draft(request, "", errors, password_errors)
+        if not policies.has_full_label_limits(principal):
+            check_self_service_labels(draft.labels, field="labels", errors=errors)
         validate_request_id(request.request_id, field="request_id", errors=errors)
         raise_for_violations(errors, password_errors)
         users = await self._create(principal, _CREATE_USER, request.request_id, [draft])
@@ -243,11 +258,11 @@ class UserService:
     async def _create(
         self, principal: Principal, method: str, request_id: str, drafts: Sequence[_Draft]
     ) -> list[User]:
-        scope = _idempotency_scope(principal, method)
         fingerprint = _fingerprint([d.fingerprint_data() for d in drafts]) if request_id else ""
+        scope = _idempotency_scope(principal, method, fingerprint)
         batch = method == _BATCH_CREATE_USERS
         if request_id:
-            stored = await self._stored_response(scope, request_id, fingerprint)
+            stored = await self._stored_response(scope, request_id, fingerprint, principal, drafts)
             if stored is not None:
                 return stored
         # Hashed before the unit of work opens: a connection is never held
@@ -266,9 +281,9 @@ class UserService:
         try:
             async with self._uow_factory() as uow:
                 if batch:
-                    users = await uow.users.add_many(news)
+                    users = await uow.users.add_many(news, events=_CREATED)
                 else:
-                    users = [await uow.users.add(news[0])]
+                    users = [await uow.users.add(news[0], events=_CREATED)]
                 if request_id:
                     record = IdempotencyRecord(fingerprint, tuple(users))
                     await uow.idempotency.add(scope, request_id, record)
@@ -278,7 +293,9 @@ class UserService:
             # insert of the same email (or of the key) beat ours. Answer as a
             # retry would, with the response it stored.
             if request_id:
-                stored = await self._stored_response(scope, request_id, fingerprint)
+                stored = await self._stored_response(
+                    scope, request_id, fingerprint, principal, drafts
+                )
                 if stored is not None:
                     return stored
             if isinstance(exc, EmailAlreadyExists):
@@ -292,13 +309,30 @@ class UserService:
         return users
 
     async def _stored_response(
-        self, scope: str, request_id: str, fingerprint: str
+        self,
+        scope: str,
+        request_id: str,
+        fingerprint: str,
+        principal: Principal,
+        drafts: Sequence[_Draft],
     ) -> list[User] | None:
         async with self._uow_factory() as uow:
             record = await uow.idempotency.get(scope, request_id)
+            credentials = None
+            if record is not None and not principal.is_authenticated and record.users:
+                credentials = await uow.users.get_credentials(record.users[0].id)
         if record is None:
             return None
-        if not hmac.compare_digest(record.fingerprint.encode(), fingerprint.encode()):
+        different = not hmac.compare_digest(record.fingerprint.encode(), fingerprint.encode())
+        if not different and not principal.is_authenticated:
+            # The fingerprint leaves the password out, so an anonymous
+            # caller who knows someone's sign-up (email, name, labels and
+            # request_id) could otherwise collect its answer: the retry must
+            # also carry the password the account was created with.
+            different = credentials is None or not await self._hasher.verify(
+                drafts[0].password, credentials.password_hash
+            )
+        if different:
             raise InvalidArgument.single(
                 "request_id", "this request_id was already used for a different request"
             )
@@ -376,11 +410,13 @@ class UserService:
         return await self.update_user(principal=principal, request=patch), False
 
     async def batch_get_users(self, *, principal: Principal, user_ids: Sequence[str]) -> list[User]:
-        """1..1000 users in request order (repeats allowed).
+        """1..1000 distinct users in request order.
 
-        Raises PermissionDenied, InvalidArgument (violations "ids[i]"),
-        UserNotFound with metadata {"id": ...} naming the first id in request
-        order that is missing (or deleted, unless the caller is an admin).
+        Raises PermissionDenied, InvalidArgument (violations "ids[i]",
+        including an id repeating an earlier one; field "ids" when the users
+        would not fit in one response of 4 MiB), UserNotFound with metadata
+        {"id": ...} naming the first id in request order that is missing (or
+        deleted, unless the caller is an admin).
         """
         policies.ensure(policies.can_batch_get(principal), "batch-get users")
         if not 1 <= len(user_ids) <= MAX_BATCH_SIZE:
@@ -389,15 +425,32 @@ class UserService:
             )
         errors: list[FieldViolation] = []
         targets: list[uuid.UUID] = []
+        first_index_of: dict[uuid.UUID, int] = {}
         for index, raw in enumerate(user_ids):
             try:
-                targets.append(parse_user_id(raw, f"ids[{index}]", principal))
+                target = parse_user_id(raw, f"ids[{index}]", principal)
             except InvalidArgument as exc:
                 errors.extend(exc.violations)
+                continue
+            # Repeats are refused, not answered: each costs a full copy of
+            # the user in the response for nothing.
+            earlier = first_index_of.setdefault(target, index)
+            if earlier != index:
+                errors.append(FieldViolation(f"ids[{index}]", f"repeats ids[{earlier}]"))
+            targets.append(target)
         raise_for_violations(errors)
-        found = await self._reader.get_many(list(dict.fromkeys(targets)))
+        found = await self._reader.get_many(targets)
         by_id = {user.id: user for user in found}
-        return [_visible(principal, by_id.get(target), target) for target in targets]
+        users = [_visible(principal, by_id.get(target), target) for target in targets]
+        fitting = fitting_prefix(users)
+        if fitting < len(users):
+            raise InvalidArgument.single(
+                "ids",
+                f"these {len(users)} users do not fit in one response of "
+                f"{MAX_RESPONSE_BYTES // (1024 * 1024)} MiB (the first {fitting} do); "
+                "ask for fewer ids per call",
+            )
+        return users
 
     async def list_users(self, *, principal: Principal, request: ListUsersInput) -> UserListResult:
         """One keyset page of the users matching the filter.
@@ -428,7 +481,10 @@ class UserService:
         total: int | None = None
         if request.page_token:
             token = decode_page_token(
-                request.page_token, fingerprint=fingerprint, ordering=ordering
+                request.page_token,
+                fingerprint=fingerprint,
+                ordering=ordering,
+                keys=self._page_token_keys(),
             )
             after, total = token.cursor, token.total_size
         query = ListQuery(filter, ordering, request.show_deleted, page_size, after)
@@ -436,12 +492,22 @@ class UserService:
             if total is None:
                 total = await uow.users.count(filter, show_deleted=request.show_deleted)
             page = await uow.users.list(query)
+        users, next_cursor = page.users, page.next_cursor
+        fitting = fitting_prefix(users)
+        if fitting < len(users):
+            # A shorter page, as AIP-158 allows: the response stays below
+            # 4 MiB and the token resumes after its last user.
+            users = users[:fitting]
+            next_cursor = cursor_of(ordering.field, users[-1])
         next_token = ""
-        if page.next_cursor is not None:
+        if next_cursor is not None:
             next_token = encode_page_token(
-                page.next_cursor, fingerprint=fingerprint, total_size=total
+                next_cursor,
+                fingerprint=fingerprint,
+                total_size=total,
+                keys=self._page_token_keys(),
             )
-        return UserListResult(users=page.users, next_page_token=next_token, total_size=total)
+        return UserListResult(users=users, next_page_token=next_token, total_size=total)
 
     # -- update ----------------------------------------------------------------
 
@@ -489,6 +555,8 @@ class UserService:
             if patch.labels is None
             else normalize_labels(patch.labels, field="user.labels", errors=errors),
         )
+        if normalized.labels is not None and not policies.has_full_label_limits(principal):
+            check_self_service_labels(normalized.labels, field="user.labels", errors=errors)
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
         revocation = None
@@ -496,7 +564,10 @@ class UserService:
             current = await _lock_live(uow, principal, target, etag=request.etag)
             if normalized.roles is not None:
                 await _ensure_caller_still_admin(uow, principal, current)
-            user = await uow.users.update(target, normalized)
+            changed = _changed_fields(current, normalized)
+            user = await uow.users.update(
+                target, normalized, events=[EventDraft(EventType.USER_UPDATED, changed)]
+            )
             if normalized.roles is not None and set(normalized.roles) != set(current.roles):
                 # Access tokens carry roles: every session of the user ends,
                 # like on a disable, so no token with the old roles lives on
@@ -524,7 +595,7 @@ class UserService:
         raise_for_violations(errors)
         async with self._uow_factory() as uow:
             await _lock_live(uow, principal, target, etag=etag)
-            user = await uow.users.set_deleted(target, True)
+            user = await uow.users.set_deleted(target, True, events=_DELETED)
             revocation = await self._sessions.revoke_user(uow, target, RevokeReason.DELETED)
             await uow.commit()
         self._sessions.committed(revocation)
@@ -544,7 +615,7 @@ class UserService:
                 raise UserNotFound(metadata={"id": str(target)})
             if current.state is not UserState.DELETED:
                 raise InvalidState("the user is not deleted", already_exists=True)
-            user = await uow.users.set_deleted(target, False)
+            user = await uow.users.set_deleted(target, False, events=_UNDELETED)
             await uow.commit()
         return user
 
@@ -560,7 +631,7 @@ class UserService:
             # Revoked first: the purge deletes the session rows, but the
             # revocation log outlives them.
             revocation = await self._sessions.revoke_user(uow, target, RevokeReason.PURGED)
-            if not await uow.users.purge(target):
+            if not await uow.users.purge(target, events=_PURGED):
                 raise UserNotFound(metadata={"id": str(target)})
             await uow.commit()
         self._sessions.committed(revocation)
@@ -589,7 +660,9 @@ class UserService:
             current = await _lock_live(uow, principal, target, etag="")
             if (current.state is UserState.DISABLED) == disabled:
                 return current
-            user = await uow.users.set_disabled(target, disabled)
+            user = await uow.users.set_disabled(
+                target, disabled, events=_DISABLED if disabled else _ENABLED
+            )
             revocation = None
             if disabled:
                 revocation = await self._sessions.revoke_user(uow, target, RevokeReason.DISABLED)
@@ -663,7 +736,7 @@ class UserService:
                     latest.password_hash.encode(), verified_hash.encode()
                 ):
                     raise InvalidCredentials("the current password is wrong")
-            await uow.users.set_password_hash(target, new_hash)
+            await uow.users.set_password_hash(target, new_hash, events=_PASSWORD_CHANGED)
             if needs_current:
                 # The current password was proven: like a successful login.
                 await uow.users.clear_login_failures(target)
@@ -678,6 +751,29 @@ class UserService:
 
 
 # -- helpers ---------------------------------------------------------------------
+
+# What each change writes with it (usersvc.domain.events); never a secret.
+_CREATED = (EventDraft(EventType.USER_CREATED),)
+_DELETED = (EventDraft(EventType.USER_DELETED),)
+_UNDELETED = (EventDraft(EventType.USER_UNDELETED),)
+_PURGED = (EventDraft(EventType.USER_PURGED),)
+_DISABLED = (EventDraft(EventType.USER_DISABLED),)
+_ENABLED = (EventDraft(EventType.USER_ENABLED),)
+_PASSWORD_CHANGED = (EventDraft(EventType.USER_PASSWORD_CHANGED),)
+
+
+def _changed_fields(current: User, patch: UserPatch) -> tuple[str, ...]:
+    """The paths of ``patch`` whose value differs from ``current``."""
+    changed = []
+    if patch.email is not None and patch.email != current.email:
+        changed.append("email")
+    if patch.display_name is not None and patch.display_name != current.display_name:
+        changed.append("display_name")
+    if patch.roles is not None and tuple(patch.roles) != tuple(current.roles):
+        changed.append("roles")
+    if patch.labels is not None and dict(patch.labels) != dict(current.labels):
+        changed.append("labels")
+    return tuple(changed)
 
 
 def _target(principal: Principal, raw_id: str, field: str) -> uuid.UUID:
@@ -735,11 +831,16 @@ async def _ensure_caller_still_admin(uow: UnitOfWork, principal: Principal, targ
         raise PermissionDenied("the caller no longer holds the admin role")
 
 
-def _idempotency_scope(principal: Principal, method: str) -> str:
+def _idempotency_scope(principal: Principal, method: str, fingerprint: str) -> str:
     # Keys are per caller and per method: two callers may pick the same key,
-    # and a key of CreateUser says nothing about BatchCreateUsers.
-    subject = principal.subject if principal.is_authenticated else "anonymous"
-    return f"{method}:{principal.kind.value}:{subject}"
+    # and a key of CreateUser says nothing about BatchCreateUsers. Anonymous
+    # callers cannot be told apart, so their scope is the request itself
+    # (its fingerprint, without the password): a retry of the same sign-up
+    # finds its first answer, and another sign-up that happens to use the
+    # same request_id creates its own user instead of receiving that one.
+    if not principal.is_authenticated:
+        return f"{method}:{principal.kind.value}:anonymous:{fingerprint}"
+    return f"{method}:{principal.kind.value}:{principal.subject}"
 
 
 def _fingerprint(data: object) -> str:

@@ -14,13 +14,20 @@ from usersvc.adapters.database_errors import (
     ConstraintErrors,
     translate_database_errors,
 )
+from usersvc.adapters.events import CallContextProvider, no_call
+from usersvc.domain.events import CallContext
 
 
 class SqlAlchemyRepository:
     """A repository bound to one unit of work's AsyncSession."""
 
-    def __init__(self, session: AsyncSession):
+    def __init__(self, session: AsyncSession, call_context: CallContextProvider | None = None):
         self._session = session
+        # The actor and request id of the events the repository writes.
+        self._call_context = call_context or no_call
+
+    def _call(self) -> CallContext:
+        return self._call_context()
 
     async def _execute(
         self,

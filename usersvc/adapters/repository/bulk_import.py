@@ -20,14 +20,18 @@ INSERT on users and works the same through PgBouncer.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring_ascii
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from usersvc.adapters.database_errors import translate_database_errors
+from usersvc.adapters.events import USER_FIELDS, snapshot_sql
 from usersvc.domain.bulk_import import ImportedUser
+from usersvc.domain.events import NO_CALL, CallContext, EventDraft
 from usersvc.domain.models import uuid7
 
 # WITH ORDINALITY ... ORDER BY seq: rows are inserted in input order, so of
@@ -64,28 +68,79 @@ _INSERT_BATCH = text(
     WHERE NOT EXISTS (SELECT FROM inserted WHERE inserted.id = given.id)
     """
 )
+# The same statement writing events for each inserted user, in the same
+# statement (usersvc.adapters.events): RETURNING gives the user columns for
+# the snapshot, and one more data-modifying CTE inserts the events, one per
+# inserted user and draft (types and attributes travel as arrays).
+_INSERT_BATCH_WITH_EVENTS = text(
+    _INSERT_BATCH.text.replace("RETURNING id\n", f"RETURNING {', '.join(USER_FIELDS)}\n").replace(
+        "    SELECT coalesce(array_agg(given.seq)",
+        # Constant column names only: nothing from the caller is spliced in.
+        f"""    , recorded AS (
+        INSERT INTO events (id, type, user_id, actor, request_id, user_snapshot, attributes)
+        SELECT gen_random_uuid(), draft.type, inserted.id, :actor, :request_id,
+               {snapshot_sql("inserted")}, draft.attributes
+        FROM inserted CROSS JOIN unnest(
+            CAST(:event_types AS text[]), CAST(:event_attributes AS jsonb[])
+        ) WITH ORDINALITY AS draft (type, attributes, n)
+        ORDER BY inserted.id, draft.n
+    )
+    SELECT coalesce(array_agg(given.seq)""",  # noqa: S608
+    )
+)
 
 
-async def insert_imported_users(session: AsyncSession, users: Sequence[ImportedUser]) -> list[bool]:
+_COLUMNS = (
+    "ids",
+    "emails",
+    "password_hashes",
+    "display_names",
+    "roles",
+    "labels",
+    "create_times",
+)
+_ROWS_PER_YIELD = 100
+
+
+async def insert_imported_users(
+    session: AsyncSession,
+    users: Sequence[ImportedUser],
+    *,
+    events: Sequence[EventDraft] = (),
+    context: CallContext = NO_CALL,
+) -> list[bool]:
     """Insert ``users`` within ``session``'s transaction, skipping those
     whose email is taken (see usersvc.domain.ports.UserRepository
-    .import_batch); per input, whether it was inserted. Raises
-    DatabaseUnavailable."""
+    .import_batch), with ``events`` for each inserted user written by the
+    same statement (``context`` gives their actor and request id); per
+    input, whether it was inserted. Raises DatabaseUnavailable."""
     if not users:
         return []
-    ids = [uuid7() for _ in users]
     role_literals: dict[tuple[str, ...], str] = {}
-    params = {
-        "ids": ids,
-        "emails": [user.email for user in users],
-        "password_hashes": [user.password_hash for user in users],
-        "display_names": [user.display_name for user in users],
-        "roles": [_array_literal(user.roles, role_literals) for user in users],
-        "labels": [_json_object(user.labels) for user in users],
-        "create_times": [user.create_time for user in users],
-    }
+    columns: dict[str, list[Any]] = {name: [] for name in _COLUMNS}
+    for start in range(0, len(users), _ROWS_PER_YIELD):
+        if start:
+            # Thousands of rows take tens of milliseconds to prepare: other
+            # calls on this process get the event loop in between.
+            await asyncio.sleep(0)
+        for user in users[start : start + _ROWS_PER_YIELD]:
+            columns["ids"].append(uuid7())
+            columns["emails"].append(user.email)
+            columns["password_hashes"].append(user.password_hash)
+            columns["display_names"].append(user.display_name)
+            columns["roles"].append(_array_literal(user.roles, role_literals))
+            columns["labels"].append(_json_object(user.labels))
+            columns["create_times"].append(user.create_time)
+    params: dict[str, Any] = dict(columns)
+    statement = _INSERT_BATCH
+    if events:
+        statement = _INSERT_BATCH_WITH_EVENTS
+        params["actor"] = context.actor
+        params["request_id"] = context.request_id
+        params["event_types"] = [draft.type.value for draft in events]
+        params["event_attributes"] = [_json_object(draft.attributes) for draft in events]
     with translate_database_errors():
-        result = await session.execute(_INSERT_BATCH, params)
+        result = await session.execute(statement, params)
     skipped: list[int] = result.scalar_one()
     inserted = [True] * len(users)
     for position in skipped:

@@ -11,10 +11,12 @@ from typing import Any
 from sqlalchemy import DateTime, Text, Uuid, bindparam, func, select, text, update
 from sqlalchemy.engine import RowMapping
 
+from usersvc.adapters.events import snapshot_sql
 from usersvc.adapters.orm import refresh_tokens_table, sessions_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
 from usersvc.adapters.revocation_channel import REVOCATION_CHANNEL, payloads
 from usersvc.domain.errors import UserNotFound
+from usersvc.domain.events import EventType
 from usersvc.domain.models import RevokeReason, Session, uuid7
 from usersvc.domain.ports import CleanupResult, RefreshOutcome, RefreshStatus
 
@@ -69,12 +71,24 @@ _USE_REFRESH_TOKEN = _use_refresh_token_statement()
 # no session row (access tokens minted before sessions were stored), but not
 # sessions that were already revoked (they are logged already, or were long
 # enough ago that their tokens have expired).
+# Each also writes one auth.session_revoked event per user whose sessions it
+# ended (usersvc.adapters.events), in the same statement.
+_RECORDED = f"""
+    , recorded AS (
+        INSERT INTO events (id, type, user_id, actor, request_id, user_snapshot, attributes)
+        SELECT gen_random_uuid(), :event_type, u.id, :actor, :request_id,
+               {snapshot_sql("u")},
+               jsonb_build_object('reason', :reason, 'count', CAST(count(*) AS text))
+        FROM ended JOIN users AS u ON u.id = ended.user_id
+        GROUP BY u.id
+    )
+"""  # noqa: S608 (constant column names only)
 _REVOKE_SESSIONS = text(
     """
     WITH ended AS (
         UPDATE sessions SET revoke_time = now(), revoke_reason = :reason
         WHERE id = ANY(CAST(:session_ids AS uuid[])) AND revoke_time IS NULL
-        RETURNING id
+        RETURNING id, user_id
     ), rowless AS (
         SELECT given.id FROM unnest(CAST(:session_ids AS uuid[])) AS given(id)
         WHERE NOT EXISTS (SELECT 1 FROM sessions WHERE sessions.id = given.id)
@@ -86,8 +100,9 @@ _REVOKE_SESSIONS = text(
         ON CONFLICT (session_id) DO NOTHING
         RETURNING session_id
     )
+    -- recorded
     SELECT session_id FROM logged
-    """
+    """.replace("-- recorded", _RECORDED)
 ).bindparams(
     bindparam("reason", type_=Text()),
     bindparam("expire_time", type_=DateTime(timezone=True)),
@@ -98,15 +113,16 @@ _REVOKE_USER_SESSIONS = text(
         UPDATE sessions SET revoke_time = now(), revoke_reason = :reason
         WHERE user_id = :user_id AND revoke_time IS NULL
           AND id IS DISTINCT FROM CAST(:except_session_id AS uuid)
-        RETURNING id
+        RETURNING id, user_id
     ), logged AS (
         INSERT INTO session_revocations (session_id, expire_time)
         SELECT id, :expire_time FROM ended
         ON CONFLICT (session_id) DO NOTHING
         RETURNING session_id
     )
+    -- recorded
     SELECT session_id FROM logged
-    """
+    """.replace("-- recorded", _RECORDED)
 ).bindparams(
     bindparam("reason", type_=Text()),
     bindparam("user_id", type_=Uuid()),
@@ -202,10 +218,11 @@ class SqlAlchemySessionRepository(SqlAlchemyRepository):
         user_id: uuid.UUID | None = None,
         except_session_id: uuid.UUID | None = None,
     ) -> list[uuid.UUID]:
-        """End sessions, log them and queue a NOTIFY for each chunk of ids
-        (sent by PostgreSQL at commit). Returns the ids newly logged. Raises
-        ValueError unless exactly one of ``session_ids`` and ``user_id`` is
-        given."""
+        """End sessions, log them, write one auth.session_revoked event per
+        user whose sessions ended (attributes reason and count) and queue a
+        NOTIFY for each chunk of ids (sent by PostgreSQL at commit).
+        Returns the ids newly logged. Raises ValueError unless exactly one
+        of ``session_ids`` and ``user_id`` is given."""
         if (session_ids is None) == (user_id is None):
             raise ValueError("revoke takes either session_ids or user_id")
         if session_ids is not None:
@@ -217,6 +234,7 @@ class SqlAlchemySessionRepository(SqlAlchemyRepository):
                     "reason": reason.value,
                     "session_ids": list(dict.fromkeys(session_ids)),
                     "expire_time": revocation_expire_time,
+                    **self._event_params(),
                 },
             )
         else:
@@ -227,12 +245,21 @@ class SqlAlchemySessionRepository(SqlAlchemyRepository):
                     "user_id": user_id,
                     "except_session_id": except_session_id,
                     "expire_time": revocation_expire_time,
+                    **self._event_params(),
                 },
             )
         revoked: list[uuid.UUID] = sorted(result.scalars().all())
         for payload in payloads(revoked):
             await self._execute(_NOTIFY, {"channel": REVOCATION_CHANNEL, "payload": payload})
         return revoked
+
+    def _event_params(self) -> dict[str, str]:
+        call = self._call()
+        return {
+            "event_type": EventType.SESSION_REVOKED.value,
+            "actor": call.actor,
+            "request_id": call.request_id,
+        }
 
     async def delete_expired(
         self, *, session_cutoff: datetime, revocation_cutoff: datetime, limit: int

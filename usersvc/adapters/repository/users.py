@@ -26,6 +26,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.sql.dml import Update
 
 from usersvc.adapters.database_errors import NO_CONSTRAINT_ERRORS, ConstraintErrors
+from usersvc.adapters.events import with_events
 from usersvc.adapters.orm import USERS_EMAIL_INDEX, users_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
 from usersvc.adapters.repository.bulk_import import insert_imported_users
@@ -42,6 +43,7 @@ from usersvc.adapters.repository.user_rows import (
 )
 from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
+from usersvc.domain.events import EventDraft
 from usersvc.domain.listing import Filter, ListQuery, Page
 from usersvc.domain.lockout import MAX_DOUBLINGS, LockoutPolicy
 from usersvc.domain.models import Credentials, NewUser, User, UserPatch, uuid7
@@ -101,31 +103,39 @@ _CLEAR_LOGIN_FAILURES = (
     update(users_table)
     .where(users.id == bindparam("user_id"))
     .values(failed_login_count=0, lock_count=0, locked_until=None)
-    .returning(users.id)
+    .returning(*USER_COLUMNS)
 )
+NO_EVENTS: tuple[EventDraft, ...] = ()
 
 
 class SqlAlchemyUserRepository(SqlAlchemyRepository):
     """usersvc.domain.ports.UserRepository on PostgreSQL. Every method
     raises DatabaseUnavailable when the database cannot be reached."""
 
-    async def add(self, new: NewUser) -> User:
-        """Insert one user. Raises EmailAlreadyExists (metadata {"email"})."""
-        created = await self.add_many([new])
+    async def add(self, new: NewUser, *, events: Sequence[EventDraft] = NO_EVENTS) -> User:
+        """Insert one user, with ``events`` about it in the same statement.
+        Raises EmailAlreadyExists (metadata {"email"})."""
+        created = await self.add_many([new], events=events)
         return created[0]
 
-    async def add_many(self, news: Sequence[NewUser]) -> list[User]:
+    async def add_many(
+        self, news: Sequence[NewUser], *, events: Sequence[EventDraft] = NO_EVENTS
+    ) -> list[User]:
         """Insert users in input order with one INSERT ... RETURNING per
         1000 rows. Raises EmailAlreadyExists with metadata {"email": ...} of
         the first input whose email clashes with a stored user or an earlier
         input. After a clash the rows inserted before it are still in the
-        transaction: the caller rolls back."""
+        transaction: the caller rolls back. ``events`` are written for each
+        inserted user, in the same statement."""
         created: list[User] = []
         for start in range(0, len(news), MAX_ROWS_PER_INSERT):
-            created.extend(await self._insert_chunk(news[start : start + MAX_ROWS_PER_INSERT]))
+            chunk = news[start : start + MAX_ROWS_PER_INSERT]
+            created.extend(await self._insert_chunk(chunk, events))
         return created
 
-    async def _insert_chunk(self, news: Sequence[NewUser]) -> list[User]:
+    async def _insert_chunk(
+        self, news: Sequence[NewUser], events: Sequence[EventDraft]
+    ) -> list[User]:
         ids = [uuid7() for _ in news]
         statement = (
             pg_insert(users_table)
@@ -145,6 +155,7 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
             .on_conflict_do_nothing(index_elements=[func.lower(users.email)])
             .returning(*USER_COLUMNS)
         )
+        statement = with_events(statement, events, self._call())
         rows = (await self._execute(statement)).mappings().all()
         # RETURNING order is not guaranteed; the ids were chosen here, so
         # they put the rows back in input order and reveal skipped inputs.
@@ -157,12 +168,17 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
             created.append(user_from_row(row))
         return created
 
-    async def import_batch(self, imported: Sequence[ImportedUser]) -> list[bool]:
+    async def import_batch(
+        self, imported: Sequence[ImportedUser], *, events: Sequence[EventDraft] = NO_EVENTS
+    ) -> list[bool]:
         """Insert the users whose email is free in one INSERT ... SELECT
         FROM unnest(...) ON CONFLICT DO NOTHING (usersvc.adapters.repository
         .bulk_import), skipping the others; per input, whether it was
-        inserted."""
-        return await insert_imported_users(self._session, imported)
+        inserted. ``events`` are written for each inserted user, in the
+        same statement."""
+        return await insert_imported_users(
+            self._session, imported, events=events, context=self._call()
+        )
 
     async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
         """The user, deleted or not; ``for_update`` locks the row until the
@@ -220,12 +236,18 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
             locked_until=locked_until if locked_until is not None and locked_until > now else None,
         )
 
-    async def clear_login_failures(self, user_id: uuid.UUID) -> bool:
+    async def clear_login_failures(
+        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = NO_EVENTS
+    ) -> bool:
         """Reset the failure count, lock and lock count; locks the row until
-        the transaction ends. False when there is no such user."""
-        return await self._one_or_none(_CLEAR_LOGIN_FAILURES, {"user_id": user_id}) is not None
+        the transaction ends; ``events`` about the user go with it. False
+        when there is no such user."""
+        statement = with_events(_CLEAR_LOGIN_FAILURES, events, self._call())
+        return await self._one_or_none(statement, {"user_id": user_id}) is not None
 
-    async def update(self, user_id: uuid.UUID, patch: UserPatch) -> User:
+    async def update(
+        self, user_id: uuid.UUID, patch: UserPatch, *, events: Sequence[EventDraft] = NO_EVENTS
+    ) -> User:
         """Apply the patch, bump version and update_time. Raises
         EmailAlreadyExists (metadata {"email"}; the transaction is then
         aborted and must be rolled back), UserNotFound."""
@@ -242,27 +264,37 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         if patch.email is not None:
             taken = {"email": patch.email}
             constraints = {USERS_EMAIL_INDEX: lambda: EmailAlreadyExists(metadata=taken)}
-        return await self._write(user_id, values, constraints)
+        return await self._write(user_id, values, constraints, events)
 
-    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> User:
+    async def set_password_hash(
+        self, user_id: uuid.UUID, password_hash: str, *, events: Sequence[EventDraft] = NO_EVENTS
+    ) -> User:
         """Bumps version. Raises UserNotFound."""
-        return await self._write(user_id, {"password_hash": password_hash})
+        return await self._write(user_id, {"password_hash": password_hash}, events=events)
 
-    async def set_disabled(self, user_id: uuid.UUID, disabled: bool) -> User:
+    async def set_disabled(
+        self, user_id: uuid.UUID, disabled: bool, *, events: Sequence[EventDraft] = NO_EVENTS
+    ) -> User:
         """Set (keeping an earlier time if already set) or clear
         disable_time; bumps version. Raises UserNotFound."""
         value = func.coalesce(users.disable_time, func.now()) if disabled else None
-        return await self._write(user_id, {"disable_time": value})
+        return await self._write(user_id, {"disable_time": value}, events=events)
 
-    async def set_deleted(self, user_id: uuid.UUID, deleted: bool) -> User:
+    async def set_deleted(
+        self, user_id: uuid.UUID, deleted: bool, *, events: Sequence[EventDraft] = NO_EVENTS
+    ) -> User:
         """Set (keeping an earlier time if already set) or clear
         delete_time; bumps version. Raises UserNotFound."""
         value = func.coalesce(users.delete_time, func.now()) if deleted else None
-        return await self._write(user_id, {"delete_time": value})
+        return await self._write(user_id, {"delete_time": value}, events=events)
 
-    async def purge(self, user_id: uuid.UUID) -> bool:
-        """Delete the row for good; False when there was none."""
-        return await self._one_or_none(_PURGE, {"user_id": user_id}) is not None
+    async def purge(
+        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = NO_EVENTS
+    ) -> bool:
+        """Delete the row for good, with ``events`` (holding the id only, no
+        user) in the same statement; False when there was none."""
+        statement = with_events(_PURGE, events, self._call(), snapshot=False)
+        return await self._one_or_none(statement, {"user_id": user_id}) is not None
 
     async def list(self, query: ListQuery) -> Page:
         """One keyset page (usersvc.adapters.repository.listing): at most
@@ -287,12 +319,17 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         user_id: uuid.UUID,
         values: Mapping[str, Any],
         constraints: ConstraintErrors = NO_CONSTRAINT_ERRORS,
+        events: Sequence[EventDraft] = NO_EVENTS,
     ) -> User:
-        statement = (
+        # The events go in the UPDATE's own statement (a data-modifying
+        # CTE): no extra round trip, and no event without the change.
+        statement = with_events(
             update(users_table)
             .where(users.id == user_id)
             .values(**values, version=users.version + 1, update_time=func.now())
-            .returning(*USER_COLUMNS)
+            .returning(*USER_COLUMNS),
+            events,
+            self._call(),
         )
         row = (await self._execute(statement, constraints=constraints)).mappings().one_or_none()
         if row is None:

@@ -1,0 +1,165 @@
+"""The per-process events feed: numbers new events and wakes their readers.
+
+One dedicated asyncpg connection per process (outside the pool: LISTEN needs
+a connection that stays ours) LISTENs on two channels:
+
+- INSERTED_CHANNEL (the events table's trigger, at commit): this process
+  runs the sequencer (usersvc.adapters.events.sequence_pending). Every
+  replica may; the advisory lock makes them take turns, so numbering stays
+  single-file, and there is no sequencer to fail over.
+- EVENTS_CHANNEL (the sequencer, with the highest new number): WatchEvents
+  streams and the relay waiting in this process are woken.
+
+Notifications are only a hint. Every ``poll_interval`` the feed numbers
+pending rows and reads the highest number anyway, so a notification lost
+while the connection was down delays an event by at most that long. While
+the database is unreachable it retries with capped, jittered backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+from usersvc.adapters.events import EVENTS_CHANNEL, INSERTED_CHANNEL, sequence_pending_on
+from usersvc.adapters.revocations import Connector
+
+logger = logging.getLogger(__name__)
+
+_TOP_SQL = "SELECT coalesce(max(sequence), 0) FROM events"
+
+
+class PostgresEventFeed:
+    """usersvc.domain.event_ports.EventFeed. ``start`` when serving,
+    ``stop`` on shutdown (waiters are released then)."""
+
+    def __init__(
+        self,
+        connect: Connector,
+        *,
+        poll_interval: float = 1.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+    ) -> None:
+        self._connect = connect
+        self._poll_interval = poll_interval
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()  # rows were inserted: number them
+        self._changed = asyncio.Event()  # replaced on every new number
+        self._closed = False
+        self.latest = 0  # the highest number known here
+
+    @property
+    def closed(self) -> bool:
+        """True once ``stop`` began: streams should end. Raises nothing."""
+        return self._closed
+
+    async def start(self) -> None:
+        """Start in the background. Raises RuntimeError when started twice."""
+        if self._task is not None:
+            raise RuntimeError("the events feed is already running")
+        self._closed = False
+        self._task = asyncio.create_task(self._run(), name="usersvc-events-feed")
+
+    def close(self) -> None:
+        """From now on ``closed`` is True and waiters return at once: the
+        streams end (the server is stopping); numbering goes on until
+        ``stop``. Raises nothing."""
+        self._closed = True
+        self._announce()
+
+    async def stop(self) -> None:
+        """Stop, release every waiter. Idempotent. Raises nothing."""
+        self.close()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait({task})
+
+    async def wait_beyond(self, sequence: int, seconds: float) -> None:
+        """Return once an event numbered above ``sequence`` is known, the
+        feed stops, or ``seconds`` passed (whichever is first).
+        Raises nothing but CancelledError."""
+        if self.latest > sequence or self._closed:
+            return
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while self.latest <= sequence and not self._closed:
+                    await changed.wait()
+                    changed = self._changed
+
+    def _announce(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _note(self, top: int) -> None:
+        if top > self.latest:
+            self.latest = top
+            self._announce()
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._listen_once()
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning(
+                        "events feed unavailable; retrying: %s: %s", type(exc).__name__, exc
+                    )
+            ceiling = min(self._backoff_max, self._backoff_initial * 2.0 ** min(failures, 32))
+            await asyncio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311
+
+    async def _listen_once(self) -> None:
+        connection = await self._connect()
+        try:
+            connection.add_termination_listener(self._on_inserted)
+            await connection.add_listener(INSERTED_CHANNEL, self._on_inserted)
+            await connection.add_listener(EVENTS_CHANNEL, self._on_numbered)
+            logger.info("events feed connected")
+            polled = True
+            while True:
+                # Number whatever is pending, then wait for an insert or
+                # the poll interval.
+                # On the feed's own connection: nothing taken from the pool.
+                while await sequence_pending_on(connection):
+                    pass
+                if polled:
+                    # Notifications may have been lost (while connecting):
+                    # read the highest number. The database is the
+                    # authority, also when it holds less than we heard of
+                    # (a table emptied by hand, or in tests).
+                    top = int(await connection.fetchval(_TOP_SQL) or 0)
+                    if top != self.latest:
+                        self.latest = top
+                        self._announce()
+                if connection.is_closed():
+                    raise ConnectionError("the events feed's connection closed")
+                polled = False
+                try:
+                    async with asyncio.timeout(self._poll_interval):
+                        await self._kick.wait()
+                except TimeoutError:
+                    polled = True
+                self._kick.clear()
+        finally:
+            with contextlib.suppress(Exception):
+                connection.terminate()
+
+    def _on_inserted(self, *_args: Any) -> None:
+        self._kick.set()
+
+    def _on_numbered(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            self._note(int(payload))
+        except ValueError:
+            self._kick.set()
