@@ -229,12 +229,23 @@ async def test_padding_after_a_cheaper_hash_does_one_check_at_the_configured_cos
     assert checked == [b"$2b$05$", b"$2b$05$"]
 
 
-def test_the_bcrypt_threads_never_hold_the_process_at_exit() -> None:
+async def test_the_bcrypt_threads_never_hold_the_process_at_exit() -> None:
     hasher = BcryptPasswordHasher(rounds=4, max_threads=2)
     try:
+        await hasher.hash(PASSWORD)
         threads = hasher._executor._threads
         assert len(threads) == 2
         assert all(t.daemon and t.is_alive() for t in threads)
+    finally:
+        hasher.close()
+
+
+def test_no_bcrypt_thread_starts_before_the_first_job() -> None:
+    # A worker process may fork after the hasher is built; threads do not
+    # survive a fork.
+    hasher = BcryptPasswordHasher(rounds=4, max_threads=2)
+    try:
+        assert not any(t.is_alive() for t in hasher._executor._threads)
     finally:
         hasher.close()
 

@@ -172,7 +172,8 @@ _Job = tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]
 
 class _DaemonThreadPool:
     """The few methods of a ThreadPoolExecutor the hasher uses, on daemon
-    threads (see the module docstring for why). Threads start with the pool;
+    threads (see the module docstring for why). Like an executor's, the
+    threads start with the first job (never before a worker process forks);
     the hasher's semaphore keeps the queue short."""
 
     def __init__(self, threads: int, nice: int) -> None:
@@ -185,8 +186,7 @@ class _DaemonThreadPool:
             )
             for index in range(threads)
         ]
-        for thread in self._threads:
-            thread.start()
+        self._started = False
 
     def submit(self, fn: Callable[..., _T], *args: Any) -> Future[_T]:
         """Raises RuntimeError after shutdown."""
@@ -194,6 +194,10 @@ class _DaemonThreadPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the bcrypt pool is shut down")
+            if not self._started:
+                self._started = True
+                for thread in self._threads:
+                    thread.start()
             self._jobs.put((fn, args, future))
         return future
 
@@ -211,8 +215,9 @@ class _DaemonThreadPool:
                 break
             if job is not None:
                 job[2].cancel()
-        for _ in self._threads:
-            self._jobs.put(None)
+        if self._started:
+            for _ in self._threads:
+                self._jobs.put(None)
 
     def _work(self, nice: int) -> None:
         _lower_thread_priority(nice)
