@@ -40,7 +40,7 @@ test: $(STAMP) buf-lint buf-breaking proto-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) buf-lint buf-breaking proto-check docker-lint
-	$(BIN)/ruff check usersvc tests scripts alembic
+	$(BIN)/ruff check usersvc tests scripts alembic bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
@@ -70,31 +70,38 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py --check
 
-# Benchmarks (never part of `make test`): usersvc against a bare grpc.aio +
-# asyncpg ceiling and a naive ORM-per-call server, loaded by h2load; see
-# docs/performance.md. Filters: `make bench SCENARIOS=getuser ROUNDS=3 SECONDS=3`
-# (scenarios: getuser,lookup,list,update,login,batch,import); more options
-# through BENCH_ARGS (`$(BIN)/python -m tests.bench --help`). Uses
+# Benchmarks (never part of `make test`): usersvc against bare grpc.aio +
+# asyncpg ceilings, a naive ORM-per-call server and the seeds' FastAPI design,
+# loaded by h2load; see docs/performance.md. Filters: `make bench
+# SCENARIOS=getuser ROUNDS=3 SECONDS=3` (scenarios: getuser, lookup, list,
+# update, update-random, create, login, batch, import); more options
+# through BENCH_ARGS (`$(BIN)/python -m bench --help`). Uses
 # USERSVC_BENCH_DATABASE_URL, else a database usersvc_bench on the
 # USERSVC_TEST_DATABASE_URL server, else the embedded PostgreSQL.
 BENCH_ARGS ?=
 BENCH_FLAGS = $(if $(SCENARIOS),--scenarios $(SCENARIOS)) $(if $(ROUNDS),--rounds $(ROUNDS)) \
 	$(if $(SECONDS),--seconds $(SECONDS)) $(if $(SOAK),--soak) $(if $(DURATION),--duration $(DURATION))
 
-bench: $(STAMP)
+# The bench extra (the FastAPI comparison) on top of the dev install.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
-	$(BIN)/python -m tests.bench $(BENCH_FLAGS) $(BENCH_ARGS)
+	$(BIN)/python -m bench $(BENCH_FLAGS) $(BENCH_ARGS)
 
 # Events: relay throughput to JetStream, commit-to-PubAck lag at a steady
 # write rate, and the cost of the event write on UpdateUser/CreateUser's
-# statements, side by side (tests/bench/events.py; a private nats-server).
+# statements, side by side (bench/events.py; a private nats-server).
 bench-events: $(STAMP)
-	$(BIN)/python -m tests.bench.events $(BENCH_ARGS)
+	$(BIN)/python -m bench.events $(BENCH_ARGS)
 
 # The 10-minute memory soak (item 6 of issue 5); DURATION=60 for a smoke run.
-bench-soak: $(STAMP)
+bench-soak: $(BENCH_STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
-	$(BIN)/python -m tests.bench --soak $(if $(DURATION),--duration $(DURATION)) $(BENCH_ARGS)
+	$(BIN)/python -m bench --soak $(if $(DURATION),--duration $(DURATION)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -29,7 +29,7 @@ from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.api.auth_servicer import AuthServicer
 from usersvc.api.context import current_call
 from usersvc.api.event_servicer import EventServicer
-from usersvc.api.interceptors import build_interceptors
+from usersvc.api.interceptors import AdmissionInterceptor, build_interceptors
 from usersvc.api.public import PublicMethods
 from usersvc.api.user_servicer import UserServicer
 from usersvc.bootstrap_events import EventParts, build_event_parts
@@ -243,6 +243,13 @@ def _interceptors(
         call_metrics=None if metrics is None else metrics.calls,
         on_rate_limited=None if metrics is None else metrics.rate_limited,
         tracing=tracing_interceptor,
+        admission=AdmissionInterceptor(
+            max_calls=settings.max_concurrent_rpcs,
+            max_streams=settings.max_open_streams,
+            max_reflection_streams=settings.max_reflection_streams,
+            message_timeout_seconds=settings.request_message_timeout_seconds,
+            on_refused=None if metrics is None else metrics.call_refused,
+        ),
     )
 
 

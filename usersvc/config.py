@@ -468,8 +468,82 @@ class Settings:
         1000,
         lo=1,
         hi=1_000_000,
-        doc="calls served at once per process (queued or running); gRPC answers any call "
-        "beyond it with RESOURCE_EXHAUSTED at once, so a flood is shed instead of piling up",
+        doc="calls served at once per process, counted once their request message has "
+        "arrived (health checks and long-lived streams have caps of their own); any call "
+        "beyond it gets RESOURCE_EXHAUSTED `OVERLOADED` at once, so a flood is shed instead "
+        "of piling up",
+    )
+    max_open_streams: int = integer(
+        100,
+        lo=1,
+        hi=100_000,
+        doc="long-lived response streams (`Health/Watch`) open at once per process; more "
+        "get RESOURCE_EXHAUSTED `OVERLOADED`",
+    )
+    max_reflection_streams: int = integer(
+        4,
+        lo=0,
+        hi=10_000,
+        doc="server reflection streams open at once per process (`0`: reflection refused)",
+    )
+    request_message_timeout_seconds: float = number(
+        10.0,
+        lo=0.1,
+        hi=3600,
+        doc="a request message (each one, on a stream) that has not arrived this long after "
+        "the call started or the previous message ends the call with DEADLINE_EXCEEDED",
+    )
+    max_streams_per_connection: int = integer(
+        1000,
+        lo=1,
+        hi=100_000,
+        doc="concurrent calls per HTTP/2 connection (`grpc.max_concurrent_streams`); a client "
+        "queues the calls beyond it, but a burst beyond it on a new connection may get "
+        "UNAVAILABLE",
+    )
+    max_metadata_bytes: int = integer(
+        8192,
+        lo=1024,
+        hi=65_536,
+        doc="request headers (metadata) larger than this are refused with RESOURCE_EXHAUSTED "
+        "by gRPC, always (soft and hard limit alike)",
+    )
+    keepalive_min_ping_interval_ms: int = integer(
+        10_000,
+        lo=0,
+        hi=3_600_000,
+        doc="pings closer together than this count as a strike "
+        "(`grpc.http2.min_ping_interval_without_data_ms`); clients' keepalive time must be "
+        "at least this",
+    )
+    keepalive_max_ping_strikes: int = integer(
+        2,
+        lo=0,
+        hi=1000,
+        doc="strikes after which a connection is closed with GOAWAY ENHANCE_YOUR_CALM (`0`: never)",
+    )
+    keepalive_permit_without_calls: bool = boolean(
+        True, doc="accept keepalive pings on a connection with no call in progress"
+    )
+    max_connection_idle_seconds: float = number(
+        300.0,
+        lo=0,
+        hi=86_400,
+        doc="close a connection (GOAWAY) after this long without any call in progress (`0`: never)",
+    )
+    max_connection_age_seconds: float = number(
+        1800.0,
+        lo=0,
+        hi=604_800,
+        doc="close a connection (GOAWAY) after this long, ±10 % jitter, so clients "
+        "rebalance and no connection lives for ever (`0`: never)",
+    )
+    max_connection_age_grace_seconds: float = number(
+        30.0,
+        lo=0,
+        hi=86_400,
+        doc="calls still running on a connection past its age get this long before it is "
+        "cut (long-lived streams reconnect)",
     )
     workers: int = integer(
         1,

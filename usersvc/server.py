@@ -31,6 +31,7 @@ from usersvc.adapters.db_monitor import DatabaseMonitor
 from usersvc.adapters.tls import client_certificate_mode
 from usersvc.api.health import HealthReporter
 from usersvc.bootstrap import Container, load_key_ring
+from usersvc.config import Settings
 from usersvc.domain.keys import KeyConfigError
 
 logger = logging.getLogger("usersvc.server")
@@ -48,6 +49,42 @@ def _bind(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredential
         return server.add_secure_port(addr, credentials)
     except RuntimeError as exc:
         raise RuntimeError(f"cannot listen on {addr}: address in use or invalid") from exc
+
+
+def _ms(seconds: float) -> int:
+    # gRPC reads 0 as "at once"; its "never" is INT_MAX.
+    return round(seconds * 1000) if seconds > 0 else _GRPC_NEVER
+
+
+_GRPC_NEVER = 2**31 - 1
+
+
+def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """The grpc channel arguments of the server: message and metadata size,
+    per-connection call limit, keepalive enforcement, connection idle and age
+    limits (docs/operations.md, "Connection limits"). Raises nothing."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # Without this a second server on the same port would bind
+        # silently and share its traffic (grpc enables SO_REUSEPORT).
+        # Workers share it on purpose; their supervisor checked that
+        # nobody else holds the port before starting them.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        # Both limits alike: between a soft and a hard limit gRPC refuses
+        # headers at random, so 9 KB passed most of the time.
+        ("grpc.max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.keepalive_min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+        ("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_seconds)),
+        (
+            "grpc.max_connection_age_grace_ms",
+            round(settings.max_connection_age_grace_seconds * 1000),
+        ),
+    ]
 
 
 class UsersvcServer:
@@ -92,20 +129,11 @@ class UsersvcServer:
         await container.start_background()
         server = grpc.aio.server(
             interceptors=serving.interceptors,
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                # Without this a second server on the same port would bind
-                # silently and share its traffic (grpc enables SO_REUSEPORT).
-                # Workers share it on purpose; their supervisor checked that
-                # nobody else holds the port before starting them.
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ],
-            # Beyond this many calls in progress grpc itself answers
-            # RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!", no
-            # ErrorInfo: no interceptor runs), before any work or memory.
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            options=server_options(settings, reuse_port=reuse_port),
+            # No maximum_concurrent_rpcs: grpc counts a call from its headers,
+            # so calls whose body never arrives would fill it. The admission
+            # interceptor (usersvc/api/interceptors/admission.py) caps calls
+            # once their request has arrived, per kind, instead.
         )
         user_service_pb2_grpc.add_UserServiceServicer_to_server(serving.user_servicer, server)
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(serving.auth_servicer, server)

@@ -36,6 +36,7 @@ CALL_TIMEOUT_SECONDS = 15.0
 class Reply:
     message: Any
     initial_metadata: dict[str, str]
+    trailing_metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Failure:
     message: str
     status: status_pb2.Status | None
     initial_metadata: dict[str, str] = field(default_factory=dict)
+    trailing_metadata: dict[str, str] = field(default_factory=dict)
 
     def error_infos(self) -> list[error_details_pb2.ErrorInfo]:
         return self._unpacked(error_details_pb2.ErrorInfo)
@@ -149,7 +151,9 @@ class ReflectedApi:
             )
         except grpc.RpcError as error:
             raise CallFailed(failure_of(error)) from None
-        return Reply(response, _as_dict(call.initial_metadata()))
+        return Reply(
+            response, _as_dict(call.initial_metadata()), _as_dict(call.trailing_metadata())
+        )
 
 
 def failure_of(error: grpc.RpcError) -> Failure:
@@ -164,6 +168,7 @@ def failure_of(error: grpc.RpcError) -> Failure:
         message=call.details() or "",
         status=status,
         initial_metadata=_as_dict(call.initial_metadata()),
+        trailing_metadata=_as_dict(trailers),
     )
 
 

@@ -17,15 +17,15 @@ def test_health_reports_serving(api: ReflectedApi, service: str) -> None:
     assert status.values_by_number[reply.message.status].name == "SERVING"
 
 
-def test_the_callers_request_id_is_echoed_in_the_response_headers(api: ReflectedApi) -> None:
+def test_the_callers_request_id_is_echoed_in_the_response_trailers(api: ReflectedApi) -> None:
     request_id = f"contract-{secrets.token_hex(8)}"
     reply = api.call(f"{AUTH_SERVICE}.GetJwks", metadata=[("x-request-id", request_id)])
-    assert reply.initial_metadata.get("x-request-id") == request_id
+    assert reply.trailing_metadata.get("x-request-id") == request_id
 
 
 def test_a_request_id_is_generated_when_the_caller_sends_none(api: ReflectedApi) -> None:
-    first = api.call(f"{AUTH_SERVICE}.GetJwks").initial_metadata.get("x-request-id")
-    second = api.call(f"{AUTH_SERVICE}.GetJwks").initial_metadata.get("x-request-id")
+    first = api.call(f"{AUTH_SERVICE}.GetJwks").trailing_metadata.get("x-request-id")
+    second = api.call(f"{AUTH_SERVICE}.GetJwks").trailing_metadata.get("x-request-id")
     assert first
     assert second
     assert first != second

@@ -25,10 +25,11 @@ USER = user_pb2.User(id="0190f0e0-0000-7000-8000-000000000001", email="ada@examp
 
 class FlakyServer:
     """Answers UNAVAILABLE to the first ``failures`` attempts of every
-    method, then succeeds; with ``headers_first`` it sends response headers
-    before failing, as usersvc does (it echoes x-request-id at once); with
-    ``database_down`` the failure is usersvc's rich DATABASE_UNAVAILABLE,
-    after the headers, as usersvc's breaker answers it."""
+    method, then succeeds; with ``database_down`` the failure is usersvc's
+    rich DATABASE_UNAVAILABLE, trailers-only with the x-request-id echo, as
+    usersvc's breaker answers it; with ``headers_first`` it sends response
+    headers (the echo) before failing, as servers from before the trailer
+    echo did."""
 
     def __init__(self) -> None:
         self.failures = 1
@@ -45,11 +46,12 @@ class FlakyServer:
             if name == "CreateUser":
                 self.request_ids.append(request.request_id)
             if self.attempts[name] <= self.failures:
-                if self.database_down:
-                    await context.send_initial_metadata((("x-request-id", "fake"),))
-                    await context.abort_with_status(_database_unavailable())
                 if self.headers_first:
                     await context.send_initial_metadata((("x-request-id", "fake"),))
+                if self.database_down:
+                    status = _database_unavailable()
+                    trailers = (("x-request-id", "fake"), *status.trailing_metadata)
+                    await context.abort(status.code, status.details, trailers)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
             return response(request)
 
@@ -192,9 +194,8 @@ async def test_max_attempts_1_turns_retries_off(flaky: FlakyServer) -> None:
 async def test_a_failure_after_response_headers_is_not_retried(
     client: UsersvcClient, flaky: FlakyServer
 ) -> None:
-    # gRFC A6: once headers arrive the call is committed. usersvc sends its
-    # headers (x-request-id) first, so its own UNAVAILABLE answers reach the
-    # caller as errors; retries cover calls that never reached a server.
+    # gRFC A6: once headers arrive the call is committed (usersvc sends
+    # none of its own; servers from before the trailer echo did).
     flaky.headers_first = True
     with pytest.raises(Unavailable) as info:
         await client.get_user(USER.id)
@@ -202,12 +203,23 @@ async def test_a_failure_after_response_headers_is_not_retried(
     assert info.value.request_id == "fake"
 
 
-async def test_a_read_refused_with_database_unavailable_is_retried_by_the_client(
+async def test_a_read_refused_with_database_unavailable_is_retried(
     client: UsersvcClient, flaky: FlakyServer
 ) -> None:
-    # gRPC cannot retry it (headers came first); the client does, since a
-    # read refused by the breaker did nothing.
+    # Trailers-only, as usersvc answers: gRPC repeats it, since a read
+    # refused by the breaker did nothing.
     flaky.database_down = True
+    user = await client.get_user(USER.id)
+    assert user.email == USER.email
+    assert flaky.attempts["GetUser"] == 2
+
+
+async def test_database_unavailable_from_a_headers_first_server_is_retried_by_the_client(
+    client: UsersvcClient, flaky: FlakyServer
+) -> None:
+    # gRPC cannot retry it (headers came first); the client does.
+    flaky.database_down = True
+    flaky.headers_first = True
     user = await client.get_user(USER.id)
     assert user.email == USER.email
     assert flaky.attempts["GetUser"] == 2
@@ -232,10 +244,14 @@ async def test_an_update_refused_with_database_unavailable_is_not_retried(
     assert flaky.attempts["UpdateUser"] == 1
 
 
+@pytest.mark.parametrize("headers_first", [False, True])
 async def test_database_unavailable_retries_stop_after_max_attempts(
-    client: UsersvcClient, flaky: FlakyServer
+    client: UsersvcClient, flaky: FlakyServer, headers_first: bool
 ) -> None:
+    # Either gRPC or the client repeats a refused call, never both (which
+    # would make max_attempts squared).
     flaky.database_down = True
+    flaky.headers_first = headers_first
     flaky.failures = 100
     with pytest.raises(DatabaseUnavailable) as info:
         await client.get_user(USER.id)
@@ -248,6 +264,7 @@ async def test_no_database_retry_when_the_backoff_would_outlast_the_deadline(
 ) -> None:
     monkeypatch.setattr(retries, "database_backoff", lambda attempt: 5.0)
     flaky.database_down = True
+    flaky.headers_first = True
     with pytest.raises(DatabaseUnavailable):
         await client.get_user(USER.id, timeout=1.0)
     assert flaky.attempts["GetUser"] == 1

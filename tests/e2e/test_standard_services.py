@@ -100,13 +100,14 @@ async def test_reflection_describes_the_user_service_and_its_methods(
 # ----------------------------------------------------------------- request ids
 
 
-async def test_x_request_id_is_echoed_in_the_response_headers(anonymous: Caller) -> None:
+async def test_x_request_id_is_echoed_in_the_response_trailers(anonymous: Caller) -> None:
     call = anonymous.auth.GetJwks(
         auth_service_pb2.GetJwksRequest(), metadata=(("x-request-id", "e2e-req-42"),)
     )
     await call
 
-    assert metadata_value(await call.initial_metadata(), "x-request-id") == "e2e-req-42"
+    assert metadata_value(await call.trailing_metadata(), "x-request-id") == "e2e-req-42"
+    assert metadata_value(await call.initial_metadata(), "x-request-id") is None
 
 
 async def test_a_request_id_is_generated_when_absent(anonymous: Caller) -> None:
@@ -115,8 +116,8 @@ async def test_a_request_id_is_generated_when_absent(anonymous: Caller) -> None:
     await first
     await second
 
-    one = metadata_value(await first.initial_metadata(), "x-request-id")
-    two = metadata_value(await second.initial_metadata(), "x-request-id")
+    one = metadata_value(await first.trailing_metadata(), "x-request-id")
+    two = metadata_value(await second.trailing_metadata(), "x-request-id")
     assert one
     assert two
     assert one != two
@@ -129,10 +130,8 @@ async def test_x_request_id_is_echoed_on_a_failing_call(anonymous: Caller) -> No
         )
     )
 
-    echoed = metadata_value(failure.initial_metadata, "x-request-id") or metadata_value(
-        failure.trailing_metadata, "x-request-id"
-    )
-    assert echoed == "e2e-fail-7"
+    assert metadata_value(failure.trailing_metadata, "x-request-id") == "e2e-fail-7"
+    assert failure.reason == "TOKEN_INVALID"
 
 
 # ----------------------------------------------------------------- transport-level errors

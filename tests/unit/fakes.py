@@ -519,6 +519,11 @@ class FakeUserRepository:
         """Every stored user (plain storage, as ``list``)."""
         return len(self._rows)
 
+    async def count_matches(self, filter: Filter, *, show_deleted: bool, exact_up_to: int) -> int:
+        """Every stored user (plain storage, as ``list``): exact, whatever
+        the cap; estimates beyond it are tested against PostgreSQL."""
+        return len(self._rows)
+
 
 class FakeIdempotencyRepository:
     def __init__(self, uow: FakeUnitOfWork) -> None:

@@ -1,7 +1,7 @@
-"""The benchmark harness's own arithmetic (tests/bench, run by `make bench`,
+"""The benchmark harness's own arithmetic (bench, run by `make bench`,
 never by the suite): how it frames gRPC requests for h2load, reads h2load's
-output and per-request log, and turns rounds into ratios. No benchmark runs
-here."""
+output and per-request log, turns rounds into ratios and reads py-spy's
+samples. No benchmark runs here."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import struct
 from pathlib import Path
 
 import pytest
+
+from usersvc_protos.v1 import user_service_pb2
+from bench.calls import total_size_problem
 from bench.h2load import (
     H2loadError,
     LoadShape,
@@ -19,9 +22,8 @@ from bench.h2load import (
     parse_log,
     parse_summary,
 )
-from bench.results import Measurement, RatioSpec, Target, ratio_verdict, rotated
-
-from usersvc_protos.v1 import user_service_pb2
+from bench.profile import ProfileError, parse_raw
+from bench.results import Measurement, RatioSpec, Target, cpu_per_call_us, ratio_verdict, rotated
 
 H2LOAD_OUTPUT = """\
 starting benchmark...
@@ -146,6 +148,45 @@ def test_the_command_carries_the_grpc_headers_the_body_and_the_rate() -> None:
     assert args[-1] == "http://127.0.0.1:1/usersvc.v1.UserService/GetUser"
 
 
+def test_an_http_1_1_get_has_no_body_and_no_grpc_headers() -> None:
+    shape = LoadShape(clients=32, streams=1, seconds=5, warmup_seconds=1)
+
+    args = command(
+        "http://127.0.0.1:1/api/v1/users/x",
+        None,
+        shape,
+        log_file=Path("work/h2load.log"),
+        headers=["authorization: Bearer t"],
+        h1=True,
+    )
+
+    assert "--h1" in args
+    assert not [arg for arg in args if arg.startswith("--data")]
+    assert "--header=content-type: application/grpc" not in args
+    assert "--header=authorization: Bearer t" in args
+    assert "--h1" not in command(
+        "http://127.0.0.1:1/x", Path("b"), shape, log_file=Path("work/h2load.log")
+    )
+
+
+@pytest.mark.parametrize(
+    ("reported", "actual", "allowed"),
+    [
+        (10_000, 10_000, True),
+        (9_999, 10_000, False),
+        (1_000_006, 1_000_006, True),
+        (1_000_000, 1_000_006, True),
+        (1_099_000, 1_000_006, True),
+        (1_101_000, 1_000_006, False),
+        (899_000, 1_000_006, False),
+    ],
+)
+def test_a_first_page_total_is_exact_up_to_10000_and_within_10_percent_beyond(
+    reported: int, actual: int, allowed: bool
+) -> None:
+    assert (total_size_problem(reported, actual) is None) is allowed
+
+
 def test_a_ratio_is_the_median_of_the_per_round_ratios() -> None:
     rounds = [
         {"a": Measurement(rps=90.0), "b": Measurement(rps=100.0)},
@@ -170,3 +211,31 @@ def test_each_round_starts_the_order_one_place_later() -> None:
         "naive",
         "usersvc",
     ]
+
+
+def test_cpu_per_call_is_the_cpu_rate_over_the_call_rate() -> None:
+    # Half a core for 2 s while serving 1,000 calls/s: 500 us per call.
+    assert cpu_per_call_us(1.0, 2.0, 1000.0) == pytest.approx(500.0)
+    assert math.isnan(cpu_per_call_us(1.0, 2.0, 0.0))
+    assert math.isnan(cpu_per_call_us(1.0, 0.0, 1000.0))
+
+
+def test_py_spy_raw_stacks_give_self_and_inclusive_shares() -> None:
+    raw = (
+        'process 7:"python -m usersvc serve";<module> (usersvc/cli.py);serve (usersvc/server.py);'
+        "execute (asyncpg/connection.py) 6\n"
+        "<module> (usersvc/cli.py);serve (usersvc/server.py) 2\n"
+        "<module> (usersvc/cli.py);log (logging/__init__.py:10) 2\n"
+    )
+
+    found = parse_raw(raw)
+
+    assert found.samples == 10
+    assert found.top_self(1) == [("execute (asyncpg/connection.py)", 0.6)]
+    # The entry point is under every sample and says nothing: left out.
+    assert dict(found.top_own_inclusive(5)) == {"serve (usersvc/server.py)": 0.8}
+
+
+def test_a_raw_line_without_a_count_is_an_error() -> None:
+    with pytest.raises(ProfileError):
+        parse_raw("<module> (usersvc/cli.py)\n")

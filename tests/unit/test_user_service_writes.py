@@ -185,6 +185,25 @@ async def test_the_current_etag_is_accepted() -> None:
     assert updated.display_name == "Ann"
 
 
+async def test_an_etag_the_service_never_made_is_stale_not_an_error() -> None:
+    h, ann = with_ann()
+    with pytest.raises(EtagMismatch):
+        await update(h, as_user(ann), "me", etag="W/not-ours", display_name="Second")
+    assert h.db.user(ann.id) == ann
+
+
+async def test_an_etag_for_a_missing_user_is_user_not_found() -> None:
+    h = user_service()
+    with pytest.raises(UserNotFound):
+        await update(h, as_admin(), MISSING, etag="v1", display_name="x")
+
+
+async def test_admins_updating_a_deleted_user_with_its_etag_get_invalid_state() -> None:
+    h, ann = with_ann(deleted=True)
+    with pytest.raises(InvalidState):
+        await update(h, as_admin(), str(ann.id), etag=ann.etag, display_name="x")
+
+
 async def test_admins_updating_a_deleted_user_get_invalid_state() -> None:
     h, ann = with_ann(deleted=True)
     with pytest.raises(InvalidState) as caught:

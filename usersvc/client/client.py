@@ -553,13 +553,15 @@ class UsersvcClient:
             ):
                 renewed = True
                 continue
-            # gRPC's own retries stop once the server has sent headers, which
-            # usersvc does before it knows the database is down (see
-            # retries.py); an idempotent call may be repeated here instead,
+            # usersvc answers without response headers, so gRPC has already
+            # repeated a refused idempotent call (retries.py). It cannot
+            # once headers came first, as servers from before the trailer
+            # echo send them: such an answer may be repeated here instead,
             # after a backoff that still fits the deadline.
             if (
                 isinstance(error, DatabaseUnavailable)
                 and id(method) in self._idempotent
+                and _came_after_headers(cause)
                 and attempt < self._max_attempts
             ):
                 pause = retries.database_backoff(attempt)
@@ -594,6 +596,12 @@ class _Endpoint:
 def _user_of(response: Any) -> user_pb2.User:
     user: user_pb2.User = response.user
     return user
+
+
+def _came_after_headers(error: grpc.aio.AioRpcError) -> bool:
+    # Custom response headers (an x-request-id echo) mean the answer was not
+    # trailers-only, which is what gRPC's retries need (gRFC A6).
+    return bool(error.initial_metadata())
 
 
 def _new_request_id() -> str:

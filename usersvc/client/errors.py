@@ -276,10 +276,9 @@ def _status_from(trailing: Any) -> status_pb2.Status | None:
 
 
 def _request_id_from(error: grpc.aio.AioRpcError) -> str | None:
-    # The server sends the id in the response headers before running the
-    # call, so it is there on failures too; trailers are a fallback for
-    # proxies that answer trailers-only.
-    metadata: tuple[Any, ...] = (error.initial_metadata(), error.trailing_metadata())
+    # The server echoes the id in the trailers, beside the status; servers
+    # from before that sent it in the response headers, read second.
+    metadata: tuple[Any, ...] = (error.trailing_metadata(), error.initial_metadata())
     for pairs in metadata:
         for key, value in pairs or ():
             if key == REQUEST_ID_KEY and isinstance(value, str):

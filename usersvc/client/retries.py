@@ -12,10 +12,16 @@ session), and every update, delete and state change.
 gRPC retries within the call's deadline, with exponential backoff and
 jitter, and stops retrying altogether (retryThrottling) when most recent
 calls fail, so a dead server does not get three times the traffic. A call
-is only retried until the server sends response headers (gRFC A6): usersvc
-sends them as soon as a call arrives, so what gets retried is a call that
-never reached a server (connection refused or reset, server draining, a
-proxy's trailers-only UNAVAILABLE), not a DATABASE_UNAVAILABLE answer.
+is only retried until the server sends response headers (gRFC A6). usersvc
+sends none of its own (the x-request-id echo travels in the trailers), so
+its answers are trailers-only and gRPC retries both a call that never
+reached a server (connection refused or reset, server draining) and
+usersvc's DATABASE_UNAVAILABLE (its breaker refused the call before doing
+anything). A server from before the trailer echo sent headers first; the
+client itself repeats those DATABASE_UNAVAILABLE answers on the same
+methods (UsersvcClient._call), at most ``max_attempts`` in all, after
+``database_backoff`` and only while the deadline allows.
+
 CANCELLED is what grpc core answers to a call it received but dropped
 when a server began to stop (grpc/grpc#41785, docs/operations.md): a
 call the service never saw. (A caller's own cancellation is not an answer
@@ -34,11 +40,6 @@ that is lost or closed (GOAWAY) is dialled again after 0.2 s, then after
 up to 2 s between attempts (gRPC's defaults: 1 s, growing to 120 s), so a
 restarted server gets calls again within about 2 s of listening.
 
-The client itself repeats DATABASE_UNAVAILABLE on the same methods
-(UsersvcClient._call), at most ``max_attempts`` in all, after ``database_backoff`` and only while
-the deadline allows: nothing was done by the refused call, and the
-server's breaker answers at once while the database is down, so the pauses
-are what spreads the attempts out.
 """
 
 from __future__ import annotations

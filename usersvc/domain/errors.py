@@ -129,6 +129,14 @@ class RateLimited(DomainError):
         super().__init__(message)
 
 
+class Overloaded(RateLimited):
+    """Too many calls of this kind in progress on this server: not the
+    caller's rate, the server's capacity (retry later, or elsewhere)."""
+
+    reason = "OVERLOADED"
+    default_message = "server busy; retry later"
+
+
 class DatabaseUnavailable(DomainError):
     reason = "DATABASE_UNAVAILABLE"
     default_message = "database unavailable; retry later"

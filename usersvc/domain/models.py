@@ -63,6 +63,7 @@ def etag_for(version: int) -> str:
     return f"v{version}"
 
 
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """What Login needs about a user: kept apart from User so a hash can

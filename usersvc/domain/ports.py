@@ -118,6 +118,11 @@ class UserRepository(Protocol):
 
     async def count(self, filter: Filter, *, show_deleted: bool) -> int: ...
 
+    async def count_matches(self, filter: Filter, *, show_deleted: bool, exact_up_to: int) -> int:
+        """The number of users matching: exact when at most ``exact_up_to``
+        do, otherwise an estimate (never below ``exact_up_to + 1``) that
+        does not read every match."""
+
 
 @dataclass(frozen=True, slots=True)
 class LoginAttempt:

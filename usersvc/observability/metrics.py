@@ -79,6 +79,9 @@ LOGIN_OUTCOMES = (
     "inactive",
 )
 RATE_LIMIT_BUCKETS = ("auth", "api")
+# Why a call was refused before any work (usersvc/api/interceptors/admission.py,
+# which cannot be imported here: it imports grpc).
+REFUSAL_REASONS = ("calls", "health", "streams", "reflection", "request_timeout")
 
 
 class PoolLike(Protocol):
@@ -228,6 +231,13 @@ class Metrics:
             ("bucket",),
             registry=registry,
         )
+        self._refused = Counter(
+            "usersvc_calls_refused_total",
+            "Calls refused before any work: a lane at its cap (calls, health, streams, "
+            "reflection) or a request message that did not arrive in time (request_timeout).",
+            ("reason",),
+            registry=registry,
+        )
         self._revoked = Counter(
             "usersvc_sessions_revoked_total",
             "Sessions revoked, by reason.",
@@ -261,6 +271,8 @@ class Metrics:
             self._logins.labels(outcome)
         for bucket in RATE_LIMIT_BUCKETS:
             self._rate_limited.labels(bucket)
+        for reason in REFUSAL_REASONS:
+            self._refused.labels(reason)
         self._pool_gauges: dict[str, Gauge] = {}
         self._sampler: asyncio.Task[None] | None = None
 
@@ -275,6 +287,9 @@ class Metrics:
 
     def rate_limited(self, bucket: str) -> None:
         self._rate_limited.labels(bucket).inc()
+
+    def call_refused(self, reason: str) -> None:
+        self._refused.labels(reason).inc()
 
     def sessions_revoked(self, reason: str, count: int) -> None:
         self._revoked.labels(reason).inc(count)

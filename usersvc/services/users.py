@@ -82,6 +82,10 @@ from usersvc.services.sessions import SessionRevoker, session_id_of
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# A first page's total_size is exact up to this many matches and an
+# estimate beyond (API.md, List rules): a first page over a million users
+# must not cost a count of all of them.
+EXACT_TOTAL_UP_TO = 10_000
 MAX_BATCH_SIZE = 1000
 _CREATE_USER = "CreateUser"
 _BATCH_CREATE_USERS = "BatchCreateUsers"
@@ -490,7 +494,9 @@ class UserService:
         query = ListQuery(filter, ordering, request.show_deleted, page_size, after)
         async with self._uow_factory() as uow:
             if total is None:
-                total = await uow.users.count(filter, show_deleted=request.show_deleted)
+                total = await uow.users.count_matches(
+                    filter, show_deleted=request.show_deleted, exact_up_to=EXACT_TOTAL_UP_TO
+                )
             page = await uow.users.list(query)
         users, next_cursor = page.users, page.next_cursor
         fitting = fitting_prefix(users)

@@ -82,13 +82,13 @@ async def test_the_callers_request_id_is_echoed(served: RunningServer) -> None:
         metadata=(*bearer(), ("x-request-id", "req-42.a:b_c")),
     )
     await call
-    assert _request_id_of(await call.initial_metadata()) == "req-42.a:b_c"
+    assert _request_id_of(await call.trailing_metadata()) == "req-42.a:b_c"
 
 
 async def test_a_request_id_is_generated_when_the_caller_sends_none(served: RunningServer) -> None:
     call = served.user_stub.GetUser(user_service_pb2.GetUserRequest(id="me"), metadata=bearer())
     await call
-    assert HEX32.fullmatch(_request_id_of(await call.initial_metadata()) or "")
+    assert HEX32.fullmatch(_request_id_of(await call.trailing_metadata()) or "")
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,18 @@ async def test_an_unsafe_request_id_is_replaced(served: RunningServer, bad_id: s
         user_service_pb2.GetUserRequest(id="me"), metadata=(*bearer(), ("x-request-id", bad_id))
     )
     await call
-    assert HEX32.fullmatch(_request_id_of(await call.initial_metadata()) or "")
+    assert HEX32.fullmatch(_request_id_of(await call.trailing_metadata()) or "")
+
+
+async def test_the_request_id_is_sent_in_the_trailers_only(served: RunningServer) -> None:
+    # No response headers of its own: grpc.aio would send them as a write of
+    # their own, and they would keep gRPC from retrying a refused call.
+    call = served.user_stub.GetUser(
+        user_service_pb2.GetUserRequest(id="me"), metadata=(*bearer(), ("x-request-id", "t-1"))
+    )
+    await call
+    assert _request_id_of(await call.initial_metadata()) is None
+    assert _request_id_of(await call.trailing_metadata()) == "t-1"
 
 
 async def test_the_request_id_is_echoed_on_failed_calls_too(served: RunningServer) -> None:
@@ -108,7 +119,24 @@ async def test_the_request_id_is_echoed_on_failed_calls_too(served: RunningServe
             user_service_pb2.GetUserRequest(id="me"), metadata=(("x-request-id", "failing-1"),)
         )
     )
-    assert _request_id_of(error.initial_metadata()) == "failing-1"
+    assert _request_id_of(error.trailing_metadata()) == "failing-1"
+    # Beside the rich status, not instead of it.
+    assert _reason(error) == "TOKEN_INVALID"
+
+
+async def test_the_request_id_is_echoed_on_unexpected_errors_too(
+    served: RunningServer,
+) -> None:
+    served.users.error = RuntimeError("boom")
+    error = await _failure(
+        served.user_stub.GetUser(
+            user_service_pb2.GetUserRequest(id="me"),
+            metadata=(*bearer(), ("x-request-id", "failing-2")),
+        )
+    )
+    assert error.code() is grpc.StatusCode.INTERNAL
+    assert _request_id_of(error.trailing_metadata()) == "failing-2"
+    assert _reason(error) == "INTERNAL"
 
 
 # access log
@@ -468,12 +496,12 @@ async def test_reflection_streams_both_ways_through_the_interceptors(
 
 
 async def test_a_streaming_call_gets_a_request_id(served: RunningServer) -> None:
-    call = health_pb2_grpc.HealthStub(served.channel).Watch(
-        health_pb2.HealthCheckRequest(), metadata=(("x-request-id", "watch-1"),)
+    call = reflection_pb2_grpc.ServerReflectionStub(served.channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+        metadata=(("x-request-id", "stream-1"),),
     )
-    metadata = await call.initial_metadata()
-    call.cancel()
-    assert _request_id_of(metadata) == "watch-1"
+    assert [response async for response in call]
+    assert _request_id_of(await call.trailing_metadata()) == "stream-1"
 
 
 # the wrapped handler is built once per method

@@ -17,12 +17,12 @@ def rpc_error(
     status: grpc.Status, *, request_id: str | None = "req-1", details: str | None = None
 ) -> grpc.aio.AioRpcError:
     """What grpc.aio raises in a client for ``status``, as the server sends it
-    (request id in the headers, rich status in the trailers)."""
-    initial = grpc.aio.Metadata(("x-request-id", request_id)) if request_id else grpc.aio.Metadata()
+    (no headers; request id and rich status in the trailers)."""
+    echo = (("x-request-id", request_id),) if request_id else ()
     return grpc.aio.AioRpcError(
         status.code,
-        initial,
-        grpc.aio.Metadata(*status.trailing_metadata),
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(*echo, *status.trailing_metadata),
         details if details is not None else status.details,
         None,
     )
@@ -137,6 +137,19 @@ def test_an_error_without_details_gets_the_class_of_its_code() -> None:
     assert exc.reason is None
     assert exc.request_id is None
     assert exc.field_violations == ()
+
+
+def test_the_request_id_of_an_older_server_is_read_from_the_headers() -> None:
+    # Servers from before the trailer echo sent it in the response headers.
+    status = server_errors.to_rpc_status(domain.UserNotFound("no such user"))
+    error = grpc.aio.AioRpcError(
+        status.code,
+        grpc.aio.Metadata(("x-request-id", "old-1")),
+        grpc.aio.Metadata(*status.trailing_metadata),
+        status.details,
+        None,
+    )
+    assert client.error_from_rpc(error).request_id == "old-1"
 
 
 def test_a_garbled_details_trailer_still_gives_the_error_of_the_code() -> None:

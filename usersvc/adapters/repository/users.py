@@ -30,7 +30,15 @@ from usersvc.adapters.events import with_events
 from usersvc.adapters.orm import USERS_EMAIL_INDEX, users_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
 from usersvc.adapters.repository.bulk_import import insert_imported_users
-from usersvc.adapters.repository.listing import count_statement, cursor_after, page_statement
+from usersvc.adapters.repository.listing import (
+    MATCH_STATISTICS,
+    capped_count_statement,
+    count_statement,
+    cursor_after,
+    page_statement,
+    planned_rows,
+    planned_rows_statement,
+)
 from usersvc.adapters.repository.user_rows import (
     CREDENTIAL_COLUMNS,
     GET_USER_BY_EMAIL,
@@ -314,6 +322,48 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         result = await self._execute(count_statement(filter, show_deleted=show_deleted))
         return int(result.scalar_one())
 
+    async def count_matches(self, filter: Filter, *, show_deleted: bool, exact_up_to: int) -> int:
+        """The number of users matching the filter: exact when at most
+        ``exact_up_to`` do, else an estimate, never below ``exact_up_to + 1``.
+
+        How (docs/performance.md, "Cheap first pages"): without a filter,
+        the table's live rows from PostgreSQL's cumulative statistics
+        (times the share not deleted, from the last ANALYZE); when that is
+        more than twice the cap, no row is counted at all. Otherwise the
+        matches are counted, stopping at ``exact_up_to + 1``; past the cap,
+        a filtered count is the planner's estimate of the filter's share of
+        the table times the live rows. Raises InvalidArgument (field
+        "filter") for an unsupported filter."""
+        table_estimate: float | None = None
+        if not filter.terms:
+            table_estimate = await self._table_estimate(show_deleted=show_deleted)
+            if table_estimate is not None and table_estimate > 2 * exact_up_to:
+                return round(table_estimate)
+        capped = capped_count_statement(filter, show_deleted=show_deleted, cap=exact_up_to)
+        exact = int((await self._execute(capped)).scalar_one())
+        if exact <= exact_up_to:
+            return exact
+        if table_estimate is None or table_estimate <= exact_up_to:
+            table_estimate = await self._planned_estimate(filter, show_deleted=show_deleted)
+        return max(round(table_estimate), exact_up_to + 1)
+
+    async def _table_estimate(self, *, show_deleted: bool) -> float | None:
+        statistics = (await self._execute(MATCH_STATISTICS)).mappings().one_or_none()
+        if statistics is None or not statistics["live_rows"]:
+            return None
+        share = 1.0 if show_deleted else statistics["not_deleted_share"]
+        return float(statistics["live_rows"]) * (1.0 if share is None else float(share))
+
+    async def _planned_estimate(self, filter: Filter, *, show_deleted: bool) -> float:
+        explained = await self._execute(planned_rows_statement(filter, show_deleted=show_deleted))
+        rows = planned_rows(explained.scalar_one())
+        statistics = (await self._execute(MATCH_STATISTICS)).mappings().one_or_none()
+        # The planner sizes the table from pg_class, stale between VACUUMs
+        # (dead rows inflate it); its share of that, times the live rows.
+        if statistics is not None and statistics["live_rows"] and statistics["planner_rows"]:
+            return rows / float(statistics["planner_rows"]) * float(statistics["live_rows"])
+        return rows
+
     async def _write(
         self,
         user_id: uuid.UUID,
@@ -338,3 +388,4 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
 
     async def _one_or_none(self, statement: Any, params: Mapping[str, Any]) -> RowMapping | None:
         return (await self._execute(statement, params)).mappings().one_or_none()
+

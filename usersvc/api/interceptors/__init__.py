@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import grpc
 
 from usersvc.api.interceptors.access_log import AccessLogInterceptor
+from usersvc.api.interceptors.admission import AdmissionInterceptor
 from usersvc.api.interceptors.auth import Authenticator, AuthInterceptor, bearer_token
 from usersvc.api.interceptors.database_gate import DatabaseGateInterceptor
 from usersvc.api.interceptors.deadline import DEFAULT_MARGIN_SECONDS, DeadlineInterceptor
@@ -21,6 +22,7 @@ from usersvc.domain.rate_limits import Rate
 
 __all__ = [
     "AccessLogInterceptor",
+    "AdmissionInterceptor",
     "AuthInterceptor",
     "Authenticator",
     "DatabaseGateInterceptor",
@@ -52,6 +54,7 @@ def build_interceptors(
     call_metrics: CallObserver | None = None,
     on_rate_limited: RateLimitedHook | None = None,
     tracing: WrappingInterceptor | None = None,
+    admission: AdmissionInterceptor | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
     """The interceptors for ``grpc.aio.server(interceptors=...)``: one
     Pipeline running the interceptors below, outermost first (see
@@ -59,8 +62,14 @@ def build_interceptors(
     limited. ``call_metrics`` and ``on_rate_limited`` feed the metrics
     (None: metrics off). ``tracing`` is the span-per-RPC interceptor when
     tracing is on (usersvc.observability.tracing), else nothing is added.
+    ``admission`` (None: no caps, no request deadline) goes outermost.
     Never raises."""
     # The order is the design; each one relies on those outside it:
+    # 0. Admission outermost: it takes the request messages from grpc itself
+    #    (with a deadline each) and admits a call only once its request has
+    #    arrived, before any other work; it changes the handler kind grpc
+    #    sees, which only the outermost may do. Its refusals are counted and
+    #    logged by itself, not per call: a flood must stay cheap.
     # 1. RequestId first, so every later line of the call (the access line, a
     #    traceback) carries the id, and the caller gets it back even when the
     #    call fails.
@@ -112,4 +121,6 @@ def build_interceptors(
                 on_rejected=on_rate_limited,
             )
         )
+    if admission is not None:
+        interceptors.insert(0, admission)
     return [Pipeline(interceptors)]

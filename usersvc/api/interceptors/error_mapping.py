@@ -81,8 +81,12 @@ def _stream_decoder(message_name: str) -> Callable[[Any], Any]:
 
 
 async def _abort(context: Context, status: grpc.Status) -> NoReturn:
-    # abort_with_status spelled out: the type stubs predate it.
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    # abort() replaces the trailers set earlier in the call (the x-request-id
+    # echo, request_id.py) with its own, so send both: the call's first, then
+    # the status's grpc-status-details-bin. abort_with_status spelled out:
+    # the type stubs predate it.
+    trailers = tuple(context.trailing_metadata() or ()) + tuple(status.trailing_metadata or ())
+    await context.abort(status.code, status.details, trailers)
 
 
 class ErrorMappingInterceptor(WrappingInterceptor):

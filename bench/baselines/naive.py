@@ -2,10 +2,10 @@
 per call, written the way tutorials write it (``select(UserRow)``, ORM
 objects, ``commit`` then ``refresh``). No authentication, no interceptors.
 
-    python -m tests.bench.baselines.naive --listen 127.0.0.1:50062 \\
+    python -m bench.baselines.naive --listen 127.0.0.1:50062 \\
         --database-url postgresql+asyncpg://postgres@127.0.0.1:5432/usersvc_bench
 
-Serves the same four calls as tests/bench/baselines/bare.py.
+Serves the same four calls as bench/baselines/bare.py.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from .baselines.bare import connect_kwargs
 BENCH_DATABASE_URL_ENV = "USERSVC_BENCH_DATABASE_URL"
 TEST_DATABASE_URL_ENV = "USERSVC_TEST_DATABASE_URL"
 BENCH_DATABASE = "usersvc_bench"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_DATA_DIR = PROJECT_ROOT / ".usersvc" / "bench-pgdata"
 
 SEED_DOMAIN = "seed.bench"

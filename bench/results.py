@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-METRICS = ("rps", "p50_ms", "p99_ms")
+METRICS = ("rps", "p50_ms", "p99_ms", "cpu_us")
 # Metrics a verdict may use besides METRICS.
 _OTHER_METRICS = ("background_rps",)
 T = TypeVar("T")
@@ -29,6 +29,9 @@ class Measurement:
     rps: float
     p50_ms: float = math.nan
     p99_ms: float = math.nan
+    # The server's CPU time (its process and children, user + system) per
+    # call in the loaded window, in microseconds: its CPU rate over rps.
+    cpu_us: float = math.nan
     requests: int = 0
     clean: bool = True
     problems: tuple[str, ...] = ()
@@ -162,6 +165,14 @@ def ratio_verdict(spec: RatioSpec, rounds: Sequence[Mapping[str, Measurement]]) 
 def absolute_verdict(spec: AbsoluteSpec, rounds: Sequence[Mapping[str, Measurement]]) -> Verdict:
     per_round = [m[spec.run].metric(spec.metric) for m in rounds if spec.run in m]
     return Verdict(spec.label, tuple(per_round), median(per_round), spec.target, spec.unit)
+
+
+def cpu_per_call_us(cpu_seconds: float, wall_seconds: float, rps: float) -> float:
+    """Microseconds of server CPU per call: the CPU rate over the window
+    divided by the calls per second; NaN without calls or time."""
+    if wall_seconds <= 0 or rps <= 0 or math.isnan(rps):
+        return math.nan
+    return cpu_seconds / wall_seconds / rps * 1e6
 
 
 def summary(rounds: Sequence[Mapping[str, Measurement]], key: str) -> dict[str, float]:

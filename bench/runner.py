@@ -8,23 +8,25 @@ import asyncio
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import h2load
-from .calls import verify
+from . import h2load, profile
+from .calls import HttpCall, verify, verify_http
 from .results import (
     Measurement,
     Verdict,
     absolute_verdict,
+    cpu_per_call_us,
     ratio_verdict,
     rotated,
     summary,
 )
 from .scenarios import DriverRun, LoadRun, Plan
-from .systems import System
+from .systems import System, cpu_seconds
 
 # h2load's own timeout on top of the run's length: only a hung run hits it.
 _H2LOAD_GRACE_SECONDS = 60.0
@@ -43,6 +45,8 @@ class ScenarioResult:
     rounds: list[dict[str, Measurement]] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     error: str | None = None
+    # py-spy's view of the usersvc runs (--profile), by run key.
+    profiles: dict[str, profile.Profile] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
@@ -81,6 +85,7 @@ class ScenarioResult:
                 for run in self.plan.runs
             },
             "verdicts": [verdict.as_json() for verdict in self.verdicts],
+            "profiles": {key: found.as_json() for key, found in self.profiles.items()},
         }
 
 
@@ -94,10 +99,20 @@ def _describe(run: LoadRun | DriverRun) -> str:
 
 
 class Runner:
-    def __init__(self, work_dir: Path, *, rounds: int, seconds: float) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        rounds: int,
+        seconds: float,
+        profile_systems: frozenset[str] = frozenset(),
+    ) -> None:
+        """``profile_systems``: names of the systems whose runs get one more,
+        uncounted pass under py-spy after the rounds."""
         self.work_dir = work_dir
         self.rounds = rounds
         self.seconds = seconds
+        self.profile_systems = profile_systems
         # Calls the previous run left in flight on each system: the server
         # may log their CANCELLED only after the next run's log mark.
         self._left_in_flight: dict[str, int] = {}
@@ -110,7 +125,10 @@ class Runner:
             return result
         try:
             for system, label, call in plan.checks:
-                await verify(system.address, system.name, label, call)
+                if isinstance(call, HttpCall):
+                    await verify_http(system.address, system.name, label, call)
+                else:
+                    await verify(system.address, system.name, label, call)
             if plan.checks:
                 say(f"  verified {len(plan.checks)} call(s): OK and the right users")
             bodies = self._write_bodies(plan)
@@ -120,6 +138,10 @@ class Runner:
                     measurements[run.key] = await self._measure(run, bodies)
                 result.rounds.append(measurements)
                 say(f"  round {index + 1}/{self.rounds}: {_round_line(plan, measurements)}")
+            for run in plan.runs:
+                if run.system.name in self.profile_systems:
+                    result.profiles[run.key] = await self._profile(plan, run, bodies)
+                    say(f"  profiled {run.key}: {result.profiles[run.key].samples} samples")
         except Exception as exc:  # one broken scenario must not stop the rest
             result.error = f"{type(exc).__name__}: {exc}"
             say(f"  FAILED: {result.error}")
@@ -134,20 +156,44 @@ class Runner:
         bodies: dict[str, Path] = {}
         for number, run in enumerate(plan.runs):
             if isinstance(run, LoadRun):
-                bodies[run.key] = run.call.write_body(self.work_dir / f"{plan.name}-{number}.body")
+                if not isinstance(run.call, HttpCall):
+                    bodies[run.key] = run.call.write_body(
+                        self.work_dir / f"{plan.name}-{number}.body"
+                    )
                 for index, (_, call, _) in enumerate(run.background):
                     bodies[_background_key(run, index)] = call.write_body(
                         self.work_dir / f"{plan.name}-{number}-background-{index}.body"
                     )
         return bodies
 
+    async def _profile(
+        self, plan: Plan, run: LoadRun | DriverRun, bodies: Mapping[str, Path]
+    ) -> profile.Profile:
+        """One more run of ``run``, not counted, with py-spy sampling its
+        server for the whole of it. Raises ProfileError."""
+        warmup = run.shape.warmup_seconds if isinstance(run, LoadRun) else 0.0
+        output = self.work_dir / f"py-spy-{plan.name}-{run.key.replace(' ', '-')}.txt"
+        sampler = profile.start(run.system.pid, warmup + self.seconds, output)
+        await self._measure(run, bodies)
+        return await asyncio.to_thread(
+            profile.finish, sampler, output, timeout=warmup + self.seconds + 60
+        )
+
     async def _measure(self, run: LoadRun | DriverRun, bodies: Mapping[str, Path]) -> Measurement:
         loadavg = os.getloadavg()[0]
         if isinstance(run, DriverRun):
             run.system.check_alive()
+            cpu_before, began = cpu_seconds(run.system.pid), time.monotonic()
             units, elapsed = await run.drive(self.seconds)
+            cpu_used, wall = cpu_seconds(run.system.pid) - cpu_before, time.monotonic() - began
             run.system.check_alive()
-            return Measurement(rps=units / elapsed, requests=units, loadavg_1m=loadavg)
+            rps = units / elapsed
+            return Measurement(
+                rps=rps,
+                cpu_us=cpu_per_call_us(cpu_used, wall, rps),
+                requests=units,
+                loadavg_1m=loadavg,
+            )
         return await self._measure_load(run, bodies, loadavg)
 
     async def _measure_load(
@@ -181,14 +227,19 @@ class Runner:
         process = h2load.start(
             h2load.command(
                 run.system.url(run.call.path),
-                bodies[run.key],
+                bodies.get(run.key),
                 shape,
                 log_file=log,
                 headers=run.call.h2load_headers(),
+                h1=isinstance(run.call, HttpCall) and run.call.h1,
             ),
             log,
         )
+        # The server's CPU over the measured window (the run alone, not
+        # the flood beside it: with a background load there is no figure).
+        cpu_window = asyncio.create_task(_cpu_in_window(run.system, shape))
         main = await asyncio.to_thread(h2load.finish, process, log, timeout=timeout)
+        cpu_used, wall = await cpu_window
         beside = [
             await asyncio.to_thread(h2load.finish, process, log, timeout=timeout)
             for process, log in backgrounds
@@ -204,6 +255,11 @@ class Runner:
             rps=main.summary.requests_per_second,
             p50_ms=main.p50_ms,
             p99_ms=main.p99_ms,
+            cpu_us=(
+                math.nan
+                if run.background
+                else cpu_per_call_us(cpu_used, wall, main.summary.requests_per_second)
+            ),
             requests=main.summary.done,
             clean=main.summary.clean and all(result.summary.no_errors for result in beside),
             problems=tuple(_problems(run, main, beside, codes, carried)),
@@ -213,6 +269,16 @@ class Runner:
             ),
             loadavg_1m=loadavg,
         )
+
+
+async def _cpu_in_window(system: System, shape: h2load.LoadShape) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of ``system`` inside h2load's measured
+    window, a little in from both of its ends."""
+    margin = min(0.2, shape.seconds / 10)
+    await asyncio.sleep(shape.warmup_seconds + margin)
+    before, began = cpu_seconds(system.pid), time.monotonic()
+    await asyncio.sleep(max(0.05, shape.seconds - 2 * margin))
+    return cpu_seconds(system.pid) - before, time.monotonic() - began
 
 
 def _background_key(run: LoadRun, index: int) -> str:
@@ -286,11 +352,14 @@ def print_result(result: ScenarioResult, out: Any = sys.stdout) -> None:
         print(f"   ERROR: {result.error}", file=out)
     if not result.rounds:
         return
-    print(f"   {'run':<28} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}", file=out)
+    print(
+        f"   {'run':<28} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/call':>12}",
+        file=out,
+    )
     for key, values in result.summaries().items():
         print(
             f"   {key:<28} {_num(values['rps'], 0):>10} {_num(values['p50_ms'], 2):>9} "
-            f"{_num(values['p99_ms'], 2):>9}",
+            f"{_num(values['p99_ms'], 2):>9} {_num(values['cpu_us'], 0):>12}",
             file=out,
         )
     for verdict in result.verdicts:
@@ -310,6 +379,13 @@ def print_result(result: ScenarioResult, out: Any = sys.stdout) -> None:
             f"{max(loads):.2f}",
             file=out,
         )
+    for key, found in result.profiles.items():
+        print(f"   profile of {key} (py-spy, {found.samples} samples), self:", file=out)
+        for name, share in found.top_self(8):
+            print(f"     {share:6.1%}  {name}", file=out)
+        print("     usersvc's functions, inclusive:", file=out)
+        for name, share in found.top_own_inclusive(8):
+            print(f"     {share:6.1%}  {name}", file=out)
     for note in plan.notes:
         print(f"   note: {note}", file=out)
     for problem in result.problems:

@@ -2,7 +2,7 @@
 
 A scenario is a Plan: the runs that make up one round (each run is one
 system under one load), the calls to verify first, and the ratios and
-targets computed from the rounds. The runner (tests/bench/runner.py) decides
+targets computed from the rounds. The runner (bench/runner.py) decides
 the order and the timing.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -18,18 +19,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import field_mask_pb2
 
 from usersvc_protos.v1 import auth_service_pb2, user_pb2, user_service_pb2
 from usersvc.domain.listing import Cursor, Filter, Ordering
 from usersvc.services.pagination import encode_page_token, query_fingerprint
+from usersvc.services.tokens import key_ring_of
 
 from .baselines import common as baseline_tokens
 from .calls import (
     AUTH_SERVICE,
     USER_SERVICE,
     Call,
+    HttpCall,
     bearer,
     expect_display_name,
     expect_page,
@@ -39,21 +45,51 @@ from .calls import (
 )
 from .h2load import LoadShape
 from .results import AbsoluteSpec, RatioSpec, Target
-from .seed import ADMIN_EMAIL, USER_EMAIL, Seeded, delete_users, reset_lockouts, user_at
-from .systems import BARE, NAIVE, USERSVC, USERSVC_BATCH, System, usersvc_system
+from .seed import (
+    ADMIN_EMAIL,
+    SEED_DOMAIN,
+    USER_EMAIL,
+    Seeded,
+    delete_users,
+    reset_lockouts,
+    user_at,
+)
+from .systems import BARE, NAIVE, SEEDS, USERSVC, USERSVC_BATCH, System, usersvc_system
 
-SCENARIOS = ("getuser", "lookup", "list", "update", "login", "batch", "import")
+SCENARIOS = (
+    "getuser",
+    "lookup",
+    "list",
+    "update",
+    "update-random",
+    "create",
+    "login",
+    "batch",
+    "import",
+)
 # Scenarios that compare usersvc with the baselines (the others load usersvc only).
-COMPARED = frozenset({"getuser", "lookup", "list", "update"})
+COMPARED = frozenset({"getuser", "lookup", "list", "update", "update-random", "create"})
 
-GETUSER_RPS_TARGET = Target(">=", 0.85)
-GETUSER_P99_TARGET = Target("<=", 2.0)
+# Ratios to the ceiling (bare) of the same call, measured in the same round.
+READ_RPS_TARGET = Target(">=", 0.85)
+READ_P99_TARGET = Target("<=", 1.5)
+SEEDS_RPS_TARGET = Target(">=", 3.0)
+LIST_RPS_TARGET = Target(">=", 0.7)
+UPDATE_RANDOM_TARGET = Target(">=", 0.6)
+UPDATE_HOT_TARGET = Target(">=", 0.5)
+CREATE_TARGET = Target(">=", 0.5)
 DEEP_PAGE_TARGET = Target("<=", 1.5)
+FIRST_PAGE_TARGET = Target("<=", 1.5)
 FLOOD_P99_TARGET = Target("<=", 2.0)
 IMPORT_TARGET = Target(">=", 20_000)
 DEEP_FRACTION = 0.9
 IMPORT_METHOD = "ImportUsers"
 BATCH_DOMAIN = "batch.bench"
+CREATE_DOMAIN = "create.bench"
+# Calls in flight on the hot row (the figure the performance issue measured).
+HOT_ROW_IN_FLIGHT = 64
+# Rows the random-row update spreads over (each driver task owns its share).
+UPDATE_SAMPLE_ROWS = 4096
 
 
 @dataclass
@@ -63,7 +99,7 @@ class LoadRun:
 
     key: str
     system: System
-    call: Call
+    call: Call | HttpCall
     shape: LoadShape
     background: list[tuple[System, Call, LoadShape]] = field(default_factory=list)
     # Runs before every measurement of this run (not timed).
@@ -89,7 +125,7 @@ class Plan:
     name: str
     title: str
     runs: list[LoadRun | DriverRun] = field(default_factory=list)
-    checks: list[tuple[System, str, Call]] = field(default_factory=list)
+    checks: list[tuple[System, str, Call | HttpCall]] = field(default_factory=list)
     ratios: list[RatioSpec] = field(default_factory=list)
     absolutes: list[AbsoluteSpec] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -118,6 +154,10 @@ class Context:
     import_users: int
     workers: int | None
     extra_systems: list[System] = field(default_factory=list)
+    # The seeds' FastAPI design and a token it accepts (getuser only).
+    seeds: System | None = None
+    seeds_token: str = ""
+    warmup: float = 1.0
 
     @property
     def compared(self) -> list[System]:
@@ -139,7 +179,14 @@ async def login(address: str, email: str, password: str) -> str:
     return str(response.access_token)
 
 
-def _vs_baselines(ctx: Context, key_suffix: str = "", *, getuser: bool = False) -> list[RatioSpec]:
+def _vs_baselines(
+    ctx: Context,
+    key_suffix: str = "",
+    *,
+    rps_target: Target | None = None,
+    p99_target: Target | None = None,
+    p99: bool = True,
+) -> list[RatioSpec]:
     specs: list[RatioSpec] = []
     suffix = f" {key_suffix}" if key_suffix else ""
     what = f"{key_suffix} " if key_suffix else ""
@@ -149,15 +196,23 @@ def _vs_baselines(ctx: Context, key_suffix: str = "", *, getuser: bool = False) 
                 f"usersvc / bare {what}req/s",
                 (USERSVC + suffix, "rps"),
                 (BARE + suffix, "rps"),
-                GETUSER_RPS_TARGET if getuser else None,
+                rps_target,
             )
         )
+        if p99:
+            specs.append(
+                RatioSpec(
+                    f"usersvc / bare {what}p99",
+                    (USERSVC + suffix, "p99_ms"),
+                    (BARE + suffix, "p99_ms"),
+                    p99_target,
+                )
+            )
         specs.append(
             RatioSpec(
-                f"usersvc / bare {what}p99",
-                (USERSVC + suffix, "p99_ms"),
-                (BARE + suffix, "p99_ms"),
-                GETUSER_P99_TARGET if getuser else None,
+                f"usersvc / bare {what}CPU per call",
+                (USERSVC + suffix, "cpu_us"),
+                (BARE + suffix, "cpu_us"),
             )
         )
     if ctx.has(NAIVE):
@@ -169,6 +224,19 @@ def _vs_baselines(ctx: Context, key_suffix: str = "", *, getuser: bool = False) 
             )
         )
     return specs
+
+
+def expect_json_user(*, id: str, email: str) -> Callable[[Any], str | None]:
+    """The FastAPI design's JSON user has this id and email."""
+
+    def check(answer: Any) -> str | None:
+        if not isinstance(answer, dict):
+            return f"not a JSON object: {answer!r}"
+        if answer.get("id") != id or answer.get("email") != email:
+            return f"user {answer.get('id')!r} {answer.get('email')!r}, expected {id!r} {email!r}"
+        return None
+
+    return check
 
 
 def getuser(ctx: Context) -> Plan:
@@ -186,7 +254,32 @@ def getuser(ctx: Context) -> Plan:
     for system in ctx.compared:
         plan.runs.append(LoadRun(system.name, system, call, ctx.shape))
         plan.checks.append((system, "GetUser", call))
-    plan.ratios = _vs_baselines(ctx, getuser=True)
+    plan.ratios = _vs_baselines(ctx, rps_target=READ_RPS_TARGET, p99_target=READ_P99_TARGET)
+    if ctx.seeds is not None:
+        from .baselines.seeds import USERS_PATH
+
+        http_call = HttpCall(
+            USERS_PATH + user_id,
+            expect_json_user(id=user_id, email=USER_EMAIL),
+            bearer(ctx.seeds_token),
+        )
+        # HTTP/1.1 has one call in flight per connection: as many
+        # connections as the gRPC runs have calls in flight.
+        shape = replace(ctx.shape, clients=ctx.shape.in_flight, streams=1)
+        plan.runs.append(LoadRun(SEEDS, ctx.seeds, http_call, shape))
+        plan.checks.append((ctx.seeds, "GET /api/v1/users/{id}", http_call))
+        plan.ratios.append(
+            RatioSpec(
+                "usersvc / fastapi (seeds' design) req/s",
+                (USERSVC, "rps"),
+                (SEEDS, "rps"),
+                SEEDS_RPS_TARGET,
+            )
+        )
+        plan.notes.append(
+            f"fastapi: h2load --h1 {shape.describe()}, JSON over HTTP/1.1, HS256 bearer "
+            "token, AsyncSession.get per request (bench/baselines/seeds.py)"
+        )
     return plan
 
 
@@ -205,8 +298,18 @@ async def lookup(ctx: Context) -> Plan:
     for system in ctx.compared:
         plan.runs.append(LoadRun(system.name, system, call, ctx.shape))
         plan.checks.append((system, "LookupUser", call))
-    plan.ratios = _vs_baselines(ctx)
+    plan.ratios = _vs_baselines(ctx, rps_target=READ_RPS_TARGET, p99_target=READ_P99_TARGET)
     return plan
+
+
+def _page_token_keys(system: System) -> tuple[bytes, ...]:
+    """The HMAC keys usersvc tags page tokens with: derived from its signing
+    key, which the harness wrote (systems.usersvc_system)."""
+    pem = Path(system.env["USERSVC_JWT_PRIVATE_KEY_FILE"]).read_bytes()
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise TypeError("the bench's usersvc signs with an Ed25519 key")
+    return key_ring_of(key).page_token_keys
 
 
 def _page_token(system: System, cursor: tuple[Any, Any], total: int) -> str:
@@ -216,6 +319,7 @@ def _page_token(system: System, cursor: tuple[Any, Any], total: int) -> str:
             Cursor(sort_value=create_time, id=row_id),
             fingerprint=query_fingerprint(Filter(), Ordering(), False),
             total_size=total,
+            keys=_page_token_keys(system),
         )
     return baseline_tokens.encode_page_token(baseline_tokens.PageToken(create_time, row_id, total))
 
@@ -231,7 +335,7 @@ async def list_pages(ctx: Context) -> Plan:
         cursors[name] = (create_time, row_id, depth)
     plan = Plan(
         "list",
-        f"ListUsers, {page} per page: first page (counts total_size), page 2, "
+        f"ListUsers, {page} per page: first page (with total_size), page 2, "
         f"and the page after depth {deep:,} of {total:,} (keyset cursors); "
         f"h2load {ctx.list_shape.describe()}",
     )
@@ -260,10 +364,10 @@ async def list_pages(ctx: Context) -> Plan:
         name = system.name
         plan.ratios.append(
             RatioSpec(
-                f"{name}: deep / first page p50",
-                (f"{name} deep", "p50_ms"),
+                f"{name}: first page / page 2 p50",
                 (f"{name} first", "p50_ms"),
-                DEEP_PAGE_TARGET if name == USERSVC else None,
+                (f"{name} page2", "p50_ms"),
+                FIRST_PAGE_TARGET if name == USERSVC else None,
             )
         )
         plan.ratios.append(
@@ -274,22 +378,32 @@ async def list_pages(ctx: Context) -> Plan:
                 DEEP_PAGE_TARGET if name == USERSVC else None,
             )
         )
-    for which in ("first", "deep"):
-        plan.ratios.extend(spec for spec in _vs_baselines(ctx, which) if "p99" not in spec.label)
+    for which in ("first", "page2", "deep"):
+        plan.ratios.extend(
+            _vs_baselines(
+                ctx, which, rps_target=LIST_RPS_TARGET if which == "page2" else None, p99=False
+            )
+        )
     plan.notes.append(
-        "the first page also counts the matching users (total_size, AIP-132); later "
-        "pages carry the count in the token, so 'deep / page 2' isolates the keyset cost"
+        "a first page's total_size is exact up to 10,000 matches and an estimate beyond "
+        "(API.md); the bare ceiling takes the planner's estimate in its one statement; "
+        "later pages carry the figure in the token"
     )
     plan.notes.append(
-        "fewer calls in flight than the other scenarios: a first page costs a count over "
-        "every row, and 32 of them at once only measure PostgreSQL's queue"
+        "4 calls in flight on one connection, as before the first page became cheap, so "
+        "the figures compare with earlier runs"
     )
     return plan
 
 
 def update(ctx: Context) -> Plan:
     user_id = str(ctx.seeded.user.id)
-    plan = Plan("update", "UpdateUser (display_name mask, no etag; every call the same user)")
+    shape = replace(ctx.shape, streams=max(1, HOT_ROW_IN_FLIGHT // ctx.shape.clients))
+    plan = Plan(
+        "update",
+        "UpdateUser on one hot row (display_name mask, no etag; every call the same "
+        f"user), h2load {shape.describe()}",
+    )
     for system in ctx.compared:
         name = f"Bench {system.name}"
         call = Call(
@@ -302,13 +416,207 @@ def update(ctx: Context) -> Plan:
             expect_display_name(user_id, name),
             bearer(ctx.user_token),
         )
-        plan.runs.append(LoadRun(system.name, system, call, ctx.shape))
+        plan.runs.append(LoadRun(system.name, system, call, shape))
         plan.checks.append((system, "UpdateUser", call))
-    plan.ratios = [spec for spec in _vs_baselines(ctx) if "p99" not in spec.label]
+    plan.ratios = _vs_baselines(ctx, rps_target=UPDATE_HOT_TARGET)
     plan.notes.append(
         "h2load repeats one body, so every update hits one row: the calls queue on its "
-        "row lock, as a hot row would"
+        "row lock, as a hot row would; the ceiling is one UPDATE ... WHERE id = $1 RETURNING"
     )
+    return plan
+
+
+async def _drive_unary(
+    address: str,
+    path: str,
+    response_type: type[Any],
+    *,
+    tasks: int,
+    seconds: float,
+    warmup: float,
+    metadata: tuple[tuple[str, str], ...],
+    one_call: Callable[[int, Any, tuple[tuple[str, str], ...]], Awaitable[None]],
+) -> tuple[int, float]:
+    """A closed loop of ``tasks`` Python gRPC callers, each awaiting
+    ``one_call(task, method, metadata)`` again and again; calls that end
+    within the ``warmup`` are not counted. (calls counted, seconds)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        method = channel.unary_unary(
+            path,
+            request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=response_type.FromString,
+        )
+        began = time.perf_counter()
+        counting_from = began + warmup
+        deadline = counting_from + seconds
+
+        async def worker(task: int) -> int:
+            done = 0
+            while (now := time.perf_counter()) < deadline:
+                await one_call(task, method, metadata)
+                if now >= counting_from:
+                    done += 1
+            return done
+
+        counts = await asyncio.gather(*(worker(task) for task in range(tasks)))
+        return sum(counts), time.perf_counter() - counting_from
+
+
+async def _sample_rows(url: str, count: int) -> list[tuple[str, int]]:
+    """(id, version) of ``count`` seeded users spread over the table."""
+    from .baselines.bare import connect_kwargs
+
+    connection = await asyncpg.connect(**connect_kwargs(url))
+    try:
+        rows = await connection.fetch(
+            "SELECT id, version FROM users TABLESAMPLE SYSTEM (2) "
+            "WHERE email LIKE $1 AND delete_time IS NULL LIMIT $2",
+            f"user%@{SEED_DOMAIN}",
+            count,
+        )
+    finally:
+        await connection.close()
+    return [(str(row["id"]), int(row["version"])) for row in rows]
+
+
+async def update_random(ctx: Context) -> Plan:
+    tasks = ctx.shape.in_flight
+    sample = await _sample_rows(ctx.database_url, UPDATE_SAMPLE_ROWS)
+    if len(sample) < tasks:
+        raise LookupError(f"only {len(sample)} seeded users to update, need {tasks}")
+    # Each task owns every tasks-th row, so no two calls in flight race for
+    # one row and every etag sent is the current one. The etags go from
+    # system to system with the rows: both answer with the row's version.
+    etags = {row_id: f"v{version}" for row_id, version in sample}
+    owned = [[row_id for row_id, _ in sample[task::tasks]] for task in range(tasks)]
+    serial = itertools.count()
+    mask = field_mask_pb2.FieldMask(paths=["display_name"])
+
+    async def one_call(task: int, method: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        row_id = random.choice(owned[task])
+        name = f"Bench random {next(serial)}"
+        request = user_service_pb2.UpdateUserRequest(
+            user=user_pb2.User(id=row_id, display_name=name, etag=etags[row_id]),
+            update_mask=mask,
+        )
+        user = (await method(request, metadata=metadata, timeout=30)).user
+        if user.id != row_id or user.display_name != name or user.etag == etags[row_id]:
+            raise AssertionError(f"UpdateUser of {row_id} answered {user.id} {user.etag}")
+        etags[row_id] = user.etag
+
+    def drive_on(system: System, token: str) -> Drive:
+        async def drive(seconds: float) -> tuple[int, float]:
+            return await _drive_unary(
+                system.address,
+                USER_SERVICE + "UpdateUser",
+                user_service_pb2.UpdateUserResponse,
+                tasks=tasks,
+                seconds=seconds,
+                warmup=ctx.warmup,
+                metadata=bearer(token),
+                one_call=one_call,
+            )
+
+        return drive
+
+    plan = Plan(
+        "update-random",
+        f"UpdateUser of random rows with their etag (display_name mask, {len(sample):,} "
+        f"rows, {tasks} calls in flight, Python grpc.aio client)",
+    )
+    plan.runs = [DriverRun(USERSVC, ctx.usersvc, drive_on(ctx.usersvc, ctx.admin_token), "calls")]
+    bare = next((system for system in ctx.baselines if system.name == BARE), None)
+    if bare is not None:
+        plan.runs.append(DriverRun(BARE, bare, drive_on(bare, ctx.admin_token), "calls"))
+        plan.ratios = [
+            RatioSpec(
+                "usersvc / bare req/s", (USERSVC, "rps"), (BARE, "rps"), UPDATE_RANDOM_TARGET
+            ),
+            RatioSpec("usersvc / bare CPU per call", (USERSVC, "cpu_us"), (BARE, "cpu_us")),
+        ]
+    plan.notes.append(
+        "every answer is checked by the driver (the id, the new name, a new etag); the "
+        "ceiling is one UPDATE ... WHERE id = $1 AND version = $2 RETURNING; the client "
+        "runs in the harness's process and costs both systems alike"
+    )
+    return plan
+
+
+async def create(ctx: Context) -> Plan:
+    system = usersvc_system(
+        name=USERSVC_BATCH,
+        database_url=ctx.database_url,
+        work_dir=ctx.work_dir,
+        bcrypt_rounds=4,
+        workers=ctx.workers,
+    )
+    await _start_extra(ctx, system)
+    token = await login(system.address, ADMIN_EMAIL, ctx.seeded.admin.password)
+    tasks = ctx.shape.in_flight
+    password = _strong_password()
+    serial = itertools.count()
+    run_tag = secrets.token_hex(3)
+
+    async def one_call(task: int, method: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        email = f"c{run_tag}-{next(serial)}@{CREATE_DOMAIN}"
+        request = user_service_pb2.CreateUserRequest(
+            email=email, password=password, display_name="Created user"
+        )
+        user = (await method(request, metadata=metadata, timeout=30)).user
+        if user.email != email or not user.id:
+            raise AssertionError(f"CreateUser of {email} answered {user.email!r}")
+
+    def drive_on(target: System) -> Drive:
+        async def drive(seconds: float) -> tuple[int, float]:
+            return await _drive_unary(
+                target.address,
+                USER_SERVICE + "CreateUser",
+                user_service_pb2.CreateUserResponse,
+                tasks=tasks,
+                seconds=seconds,
+                warmup=ctx.warmup,
+                metadata=bearer(token),
+                one_call=one_call,
+            )
+
+        return drive
+
+    plan = Plan(
+        "create",
+        f"CreateUser, one user per call, {tasks} calls in flight (Python grpc.aio client), "
+        "usersvc at bcrypt cost 4",
+    )
+    plan.runs = [DriverRun(USERSVC, system, drive_on(system), "calls")]
+    for target in [system, *ctx.baselines]:
+        if target.name in (USERSVC_BATCH, BARE):
+            check_email = f"check-{target.name}-{run_tag}@{CREATE_DOMAIN}"
+            check = Call(
+                USER_SERVICE + "CreateUser",
+                user_service_pb2.CreateUserRequest(
+                    email=check_email, password=password, display_name="Created user"
+                ),
+                user_service_pb2.CreateUserResponse,
+                expect_user(email=check_email),
+                bearer(token),
+            )
+            plan.checks.append((target, "CreateUser", check))
+    bare = next((target for target in ctx.baselines if target.name == BARE), None)
+    if bare is not None:
+        plan.runs.append(DriverRun(BARE, bare, drive_on(bare), "calls"))
+        plan.ratios = [
+            RatioSpec("usersvc / bare req/s", (USERSVC, "rps"), (BARE, "rps"), CREATE_TARGET),
+            RatioSpec("usersvc / bare CPU per call", (USERSVC, "cpu_us"), (BARE, "cpu_us")),
+        ]
+    plan.notes.append(
+        "the ceiling is one INSERT ... RETURNING with a hash computed once; usersvc hashes "
+        "each password at cost 4 (USERSVC_BCRYPT_ROUNDS=4) on its bcrypt threads"
+    )
+
+    async def teardown() -> None:
+        await _stop_extra(ctx, system)
+        await delete_users(ctx.database_url, CREATE_DOMAIN)
+
+    plan.teardown = teardown
     return plan
 
 
@@ -494,6 +802,8 @@ BUILDERS: dict[str, Callable[[Context], Plan | Awaitable[Plan]]] = {
     "lookup": lookup,
     "list": list_pages,
     "update": update,
+    "update-random": update_random,
+    "create": create,
     "login": login_flood,
     "batch": batch_create,
     "import": import_users,

@@ -1,5 +1,6 @@
 """The servers under test, each a subprocess on a port of its own: usersvc
-itself (``usersvc serve``, production settings) and the two baselines.
+itself (``usersvc serve``, production settings), the bare ceilings, the
+naive ORM server, and the seeds' FastAPI design (HTTP/1.1).
 
 Nothing is pinned to a CPU: the systems share the machine's cores with
 PostgreSQL and h2load the way a real deployment shares a host. Only one
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -26,10 +28,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USERSVC = "usersvc"
 BARE = "bare"
 NAIVE = "naive"
+SEEDS = "fastapi"
 USERSVC_BATCH = "usersvc-bcrypt4"
 
 # Production settings except where a benchmark would measure the setting
@@ -77,6 +80,8 @@ class System:
     env: dict[str, str]
     port: int
     log: Path
+    # "grpc", or "http" for the FastAPI comparison.
+    protocol: str = "grpc"
     process: subprocess.Popen[bytes] | None = None
     _log_offset: int = field(default=0, repr=False)
 
@@ -111,6 +116,21 @@ class System:
         deadline = time.monotonic() + within
         while True:
             self.check_alive()
+            if self.protocol == "http":
+                # uvicorn listens once its start-up (the engine) is done.
+                try:
+                    _, writer = await asyncio.wait_for(
+                        asyncio.open_connection("127.0.0.1", self.port), timeout=1.0
+                    )
+                except (TimeoutError, OSError):
+                    if time.monotonic() > deadline:
+                        raise SystemFailure(
+                            f"{self.name} not ready after {within:.0f} s; log: {self.log}"
+                        ) from None
+                    await asyncio.sleep(0.2)
+                    continue
+                writer.close()
+                return
             try:
                 async with grpc.aio.insecure_channel(self.address) as channel:
                     await asyncio.wait_for(channel.channel_ready(), timeout=1.0)
@@ -150,6 +170,9 @@ class System:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            # uvicorn re-raises the SIGTERM it handled once it has shut down.
+            if self.protocol == "http" and self.process.returncode == -signal.SIGTERM:
+                return 0
         return self.process.returncode
 
     def mark_log(self) -> None:
@@ -238,13 +261,13 @@ def baseline_system(kind: str, *, database_url: str, work_dir: Path, pool_size: 
     """The bare (asyncpg) or naive (ORM session per call) baseline."""
     port = free_port()
     descriptions = {
-        BARE: "grpc.aio + raw asyncpg pool, no auth (the ceiling)",
+        BARE: "grpc.aio + raw asyncpg pool, one statement per call, no auth (the ceilings)",
         NAIVE: "grpc.aio + SQLAlchemy ORM session per call, no auth",
     }
     argv = [
         sys.executable,
         "-m",
-        f"tests.bench.baselines.{kind}",
+        f"bench.baselines.{kind}",
         "--listen",
         f"127.0.0.1:{port}",
         "--database-url",
@@ -262,6 +285,32 @@ def baseline_system(kind: str, *, database_url: str, work_dir: Path, pool_size: 
     )
 
 
+def seeds_system(*, database_url: str, work_dir: Path, pool_size: int, secret: str) -> System:
+    """The seeds' design (bench/baselines/seeds.py): FastAPI + ORM under
+    uvicorn, HTTP/1.1, verifying HS256 tokens signed with ``secret``."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.baselines.seeds",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--database-url",
+        database_url,
+        "--pool-size",
+        str(pool_size),
+    ]
+    return System(
+        name=SEEDS,
+        description="FastAPI + SQLAlchemy ORM under uvicorn (httptools, uvloop), HTTP/1.1 JSON",
+        argv=argv,
+        env=_child_env({"BENCH_SEEDS_SECRET": secret}),
+        port=port,
+        log=work_dir / f"{SEEDS}.log",
+        protocol="http",
+    )
+
+
 @contextlib.contextmanager
 def running(systems: list[System]) -> Iterator[list[System]]:
     """Start every system, stop them all on the way out."""
@@ -272,6 +321,23 @@ def running(systems: list[System]) -> Iterator[list[System]]:
     finally:
         for system in systems:
             system.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants so far
+    (``usersvc serve --workers N`` forks); NaN when it is gone."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
+    except psutil.NoSuchProcess:
+        return math.nan
 
 
 def rss_bytes(pid: int) -> int:

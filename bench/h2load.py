@@ -6,7 +6,7 @@ messages (one byte "compressed" flag, a four-byte big-endian length, the
 serialized message), so h2load can replay one unary call with ``-d``. It
 counts HTTP statuses only: a gRPC error is still HTTP 200 with grpc-status in
 the trailers, which is why the harness checks every answer with a real gRPC
-client before it measures (tests/bench/checks.py).
+client before it measures (bench/checks.py).
 
 Standard library only, so the unit suite can import it cheaply.
 """
@@ -84,15 +84,18 @@ class LoadShape:
 
 def command(
     url: str,
-    body_file: Path,
+    body_file: Path | None,
     shape: LoadShape,
     *,
     log_file: Path,
     headers: Sequence[str] = (),
+    h1: bool = False,
     h2load: str = "h2load",
 ) -> list[str]:
-    """The h2load command line for one measured run of a unary call at
-    ``url`` (http://host:port/package.Service/Method). Raises nothing."""
+    """The h2load command line for one measured run of a unary gRPC call at
+    ``url`` (http://host:port/package.Service/Method) whose framed request
+    is ``body_file``; with no body file, a plain GET of ``url`` (the HTTP
+    comparison). ``h1`` speaks HTTP/1.1 instead of HTTP/2. Raises nothing."""
     args = [
         h2load,
         "--threads=1",
@@ -100,12 +103,16 @@ def command(
         f"--max-concurrent-streams={shape.streams}",
         f"--duration={_seconds(shape.seconds)}",
         f"--warm-up-time={_seconds(shape.warmup_seconds)}",
-        f"--data={body_file}",
         f"--log-file={log_file}",
     ]
+    if body_file is not None:
+        args.append(f"--data={body_file}")
+    if h1:
+        args.append("--h1")
     if shape.rps_per_client is not None:
         args.append(f"--rps={shape.rps_per_client:g}")
-    for header in (*GRPC_HEADERS, *headers):
+    protocol_headers = GRPC_HEADERS if body_file is not None else ()
+    for header in (*protocol_headers, *headers):
         args.append(f"--header={header}")
     args.append(url)
     return args

@@ -1,4 +1,4 @@
-"""usersvc benchmark harness: ``make bench`` / ``python -m tests.bench``.
+"""usersvc benchmark harness: ``make bench`` / ``python -m bench``.
 
 Seeds its own database, starts usersvc and the two baselines side by side,
 checks every call with a real gRPC client, then loads each system in turn
@@ -6,8 +6,8 @@ with h2load for R rounds of T seconds, rotating the order every round.
 Ratios are medians of per-round ratios. Prints a table per scenario and
 writes everything to bench-results/<timestamp>.json.
 
-    python -m tests.bench --scenarios getuser --rounds 3 --seconds 3
-    python -m tests.bench --soak --duration 600
+    python -m bench --scenarios getuser --rounds 3 --seconds 3
+    python -m bench --soak --duration 600
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import jwt
 
 from . import h2load
 from .baselines.bare import connect_kwargs
@@ -48,18 +50,20 @@ from .systems import (
     BARE,
     NAIVE,
     USERSVC,
+    USERSVC_BATCH,
     USERSVC_OVERRIDES,
     System,
     SystemFailure,
     baseline_system,
+    seeds_system,
     usersvc_system,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
@@ -96,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "bench-results")
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the servers' logs and h2load files"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, run each usersvc run once more under py-spy (not counted) "
+        "and print where its CPU goes",
     )
     soak = parser.add_argument_group("soak (item 6)")
     soak.add_argument("--soak", action="store_true", help="run the memory soak instead")
@@ -169,6 +179,13 @@ def machine() -> dict[str, Any]:
     }
 
 
+def seeds_token(user_id: object, secret: str) -> str:
+    """An HS256 access token for the seeds' FastAPI design, valid a day."""
+    now = int(time.time())
+    claims = {"sub": str(user_id), "iat": now, "exp": now + 86_400}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
 def git_revision() -> str:
     try:
         head = subprocess.run(
@@ -204,7 +221,7 @@ async def main_async(args: argparse.Namespace) -> int:
     work_dir = args.results_dir / f"run-{stamp}"
     work_dir.mkdir()
     report: dict[str, Any] = {
-        "command": shlex.join([Path(sys.executable).name, "-m", "tests.bench", *sys.argv[1:]]),
+        "command": shlex.join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
         "started": stamp,
         "git": git_revision(),
         "machine": machine(),
@@ -258,7 +275,16 @@ async def _run(
             )
             for kind in (BARE, NAIVE)
         ]
-    systems = [usersvc, *baselines]
+    seeds: System | None = None
+    seeds_secret = secrets.token_urlsafe(32)
+    if baselines and "getuser" in args.scenarios:
+        seeds = seeds_system(
+            database_url=database.url,
+            work_dir=work_dir,
+            pool_size=args.baseline_pool,
+            secret=seeds_secret,
+        )
+    systems = [usersvc, *baselines, *([seeds] if seeds is not None else [])]
     shape = LoadShape(args.clients, args.streams, args.seconds, args.warmup)
     failed = False
     try:
@@ -296,6 +322,9 @@ async def _run(
             import_batch=args.import_batch,
             import_users=args.import_users,
             workers=args.workers,
+            seeds=seeds,
+            seeds_token=seeds_token(seeded.user.id, seeds_secret),
+            warmup=args.warmup,
         )
         if args.soak:
             failed = await soak(args, ctx, report)
@@ -321,7 +350,12 @@ async def _run(
 
 
 async def scenarios(args: argparse.Namespace, ctx: Context, report: dict[str, Any]) -> bool:
-    runner = Runner(ctx.work_dir, rounds=args.rounds, seconds=args.seconds)
+    runner = Runner(
+        ctx.work_dir,
+        rounds=args.rounds,
+        seconds=args.seconds,
+        profile_systems=frozenset({USERSVC, USERSVC_BATCH}) if args.profile else frozenset(),
+    )
     say(
         f"load: h2load {ctx.shape.describe()}, {args.rounds} rounds x {args.seconds:g} s per "
         f"system (+{args.warmup:g} s warm-up), order rotating each round; "
