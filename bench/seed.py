@@ -317,10 +317,9 @@ async def delete_users(url: str, domain: str) -> None:
 
 
 async def reset_lockouts(url: str) -> None:
-    """Clear the bench accounts' failed-login counts. A login h2load cancels
-    at the end of its run was counted before its password was checked and is
-    never cleared by a success, so the counts would creep up to a lock over
-    the rounds. Raises asyncpg errors."""
+    """Clear the bench accounts' failed-login counts and locks, so that each
+    round starts from accounts in the same state whatever earlier rounds or
+    runs left behind. Raises asyncpg errors."""
     connection = await asyncpg.connect(**connect_kwargs(url))
     try:
         await connection.execute(

@@ -70,7 +70,13 @@ SECRET_FIELDS: Mapping[str, str] = {
     "access_token": "access token",
     "refresh_token": "refresh token",
     "token": "token",
+    "code": "code",
 }
+# Email verification and password reset codes: 8 characters, shorter than
+# MIN_SECRET_CHARS, so kept apart and looked for as whole words of their
+# alphabet, in any case (a person may type them in lower case).
+CODE_KIND = "code"
+_CODE_WORD = re.compile(r"(?<![A-Za-z0-9])[A-Za-z2-9]{8}(?![A-Za-z0-9])")
 # Settings (and environment variables, upper-cased) that hold secrets.
 SECRET_SETTINGS: Mapping[str, str] = {
     "jwt_private_key_pem": "signing key",
@@ -101,6 +107,7 @@ class SecretLedger:
     def __init__(self) -> None:
         self._by_key: dict[str, list[tuple[str, str]]] = {}
         self._known: set[str] = set()
+        self._codes: set[str] = set()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -110,6 +117,10 @@ class SecretLedger:
         """Remember ``value`` as a secret of ``kind``; too short ones are ignored."""
         if isinstance(value, bytes):
             value = value.decode(errors="replace")
+        if kind == CODE_KIND and value:
+            with self._lock:
+                self._codes.add(value.strip().upper())
+            return
         if not value or len(value) < MIN_SECRET_CHARS:
             return
         with self._lock:
@@ -133,10 +144,11 @@ class SecretLedger:
     def _add_refresh_token_hash(self, token: str) -> None:
         # The service stores SHA-256 of the token's bytes; hex is how a
         # bytea would most likely reach a log line.
-        from usersvc.services.sessions import refresh_token_hash
+        from usersvc.services.sessions import parse_refresh_token
 
-        digest = refresh_token_hash(token)
-        if digest is not None:
+        presented = parse_refresh_token(token)
+        if presented is not None:
+            digest = presented.legacy_hash or presented.token_hash
             self.add("refresh token hash", digest.hex())
         self.add("refresh token hash", hashlib.sha256(token.encode()).hexdigest())
 
@@ -195,6 +207,10 @@ class SecretLedger:
                 if secret not in seen and secret in text:
                     seen.add(secret)
                     yield kind, secret
+        if self._codes:
+            for match in _CODE_WORD.finditer(text):
+                if match.group(0).upper() in self._codes:
+                    yield CODE_KIND, match.group(0)
         for kind, pattern in SHAPES:
             for match in pattern.finditer(text):
                 before = text[match.start() - 1 : match.start()]

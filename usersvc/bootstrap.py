@@ -38,7 +38,9 @@ from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.passwords import PasswordPolicy
 from usersvc.domain.rate_limits import rate_or_none
 from usersvc.domain.revocations import RevocationCache
+from usersvc.services.account_codes import AccountCodeService, code_key
 from usersvc.services.auth import AuthService
+from usersvc.services.batch_writes import BatchWriteService
 from usersvc.services.maintenance import SessionMaintenance
 from usersvc.services.passwords import BcryptPasswordHasher
 from usersvc.services.sessions import SessionLifetimes, SessionRevoker
@@ -80,6 +82,8 @@ class Container:
     tokens: TokenService
     user_service: UserService
     auth_service: AuthService
+    account_codes: AccountCodeService
+    batch_writes: BatchWriteService
     revocation_cache: RevocationCache
     revocations: CachedRevocationChecker
     revocation_listener: PostgresRevocationListener
@@ -349,6 +353,15 @@ def bootstrap(
         on_login=None if metrics is None else metrics.login_outcome,
         reader=reader,
     )
+    account_codes = AccountCodeService(
+        uow_factory=uow_factory,
+        hasher=hasher,
+        password_policy=PasswordPolicy(),
+        sessions=revoker,
+        key=code_key(key_ring),
+        ttl_seconds=settings.code_ttl_seconds,
+    )
+    batch_writes = BatchWriteService(uow_factory=uow_factory, sessions=revoker)
     rate_limiter: InProcessRateLimiter | RedisRateLimiter = InProcessRateLimiter()
     if settings.redis_url is not None:
         rate_limiter = RedisRateLimiter.from_url(
@@ -370,7 +383,9 @@ def bootstrap(
                 metrics=metrics,
                 tracing=tracing,
             ),
-            user_servicer=UserServicer(user_service),
+            user_servicer=UserServicer(
+                user_service, account_codes=account_codes, batch_writes=batch_writes
+            ),
             auth_servicer=AuthServicer(auth_service),
             event_servicer=EventServicer(events.service),
         )
@@ -382,6 +397,8 @@ def bootstrap(
         tokens=tokens,
         user_service=user_service,
         auth_service=auth_service,
+        account_codes=account_codes,
+        batch_writes=batch_writes,
         revocation_cache=revocation_cache,
         revocations=revocations,
         # LISTEN needs a session of its own: behind a transaction pool this

@@ -434,7 +434,11 @@ class Settings:
         "fail fast and health is NOT_SERVING (`0`: no probe, no fast failure)",
     )
     db_probe_timeout_seconds: float = number(
-        1.0, lo=0.01, hi=600, doc="a probe slower than this counts as the database being down"
+        1.0,
+        lo=0.01,
+        hi=600,
+        doc="a probe slower than this is late; a refused connection counts as the database "
+        "being down at once, late probes only after 10 s of them in a row",
     )
 
     # -- server
@@ -629,6 +633,12 @@ class Settings:
         hi=86_400,
         doc="how often each process deletes expired sessions, refresh tokens and revocation "
         "entries (`0`: never, by this process)",
+    )
+    code_ttl_seconds: int = integer(
+        600,
+        lo=60,
+        hi=86_400,
+        doc="lifetime of email verification and password reset codes",
     )
     jwt_issuer: str = text("usersvc", doc="`iss` of issued tokens, required on verification")
     jwt_audience: str = text("usersvc", doc="`aud` of issued tokens, required on verification")

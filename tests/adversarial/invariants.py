@@ -49,10 +49,6 @@ CHECKS: dict[str, str] = {
         "SELECT count(*) FROM sessions AS s LEFT JOIN users AS u ON u.id = s.user_id "
         "WHERE u.id IS NULL"
     ),
-    "no refresh token of a missing session": (
-        "SELECT count(*) FROM refresh_tokens AS r LEFT JOIN sessions AS s ON s.id = r.session_id "
-        "WHERE s.id IS NULL"
-    ),
     "no live session of a deleted or disabled user": (
         "SELECT count(*) FROM sessions AS s JOIN users AS u ON u.id = s.user_id "
         "WHERE s.revoke_time IS NULL AND s.expire_time > now() "
@@ -64,9 +60,9 @@ CHECKS: dict[str, str] = {
         "WHERE s.revoke_time > now() - interval '5 minutes' "
         "AND NOT EXISTS (SELECT 1 FROM session_revocations AS v WHERE v.session_id = s.id)"
     ),
-    "a live session has at most one unused refresh token": (
-        "SELECT count(*) FROM (SELECT session_id FROM refresh_tokens WHERE use_time IS NULL "
-        "GROUP BY session_id HAVING count(*) > 1) AS doubled"
+    "a session's refresh chain has a valid token and a key": (
+        "SELECT count(*) FROM sessions WHERE refresh_generation > 0 "
+        "AND (refresh_token_hash IS NULL OR refresh_tag_key IS NULL)"
     ),
 }
 

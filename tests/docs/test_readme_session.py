@@ -79,6 +79,10 @@ def test_the_readme_grpcurl_session_runs_as_printed(served: tuple[int, dict[str,
     # The session lifecycle: reuse ends the session, logout revokes at once.
     assert result.stderr.count('"reason":"REFRESH_TOKEN_INVALID"') == 2
     assert result.stderr.count('"reason":"TOKEN_REVOKED"') == 2
+    # The reset: a code, a login with the new password, and the code refused
+    # the second time.
+    assert out.count("ada@example.com\n") == 2
+    assert result.stderr.count('"reason":"CODE_INVALID"') == 1
     # The failing call at the end prints both field violations.
     assert "Code: InvalidArgument" in result.stderr
     assert re.search(r'"field":\s*"email"', result.stderr)

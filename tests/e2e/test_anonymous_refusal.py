@@ -22,12 +22,14 @@ from .conftest import RunningServer
 from .helpers import CALL_TIMEOUT_SECONDS, decode_failure
 
 # Anyone may call these: signing in, the key set, refreshing with the refresh
-# token as the credential, self sign-up (when enabled), health and reflection.
+# token as the credential, resetting a password with the code as the
+# credential, self sign-up (when enabled), health and reflection.
 ALWAYS_PUBLIC = frozenset(
     {
         "/usersvc.v1.AuthService/Login",
         "/usersvc.v1.AuthService/GetJwks",
         "/usersvc.v1.AuthService/RefreshToken",
+        "/usersvc.v1.UserService/ResetPassword",
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/List",
         "/grpc.health.v1.Health/Watch",

@@ -140,7 +140,7 @@ ROUNDS_AFTER = 3
 # change an expand/contract migration makes.
 _MIGRATION = [
     f"ALTER TABLE {table} ADD COLUMN added_while_serving text"
-    for table in ("users", "sessions", "refresh_tokens", "session_revocations", "idempotency_keys")
+    for table in ("users", "sessions", "session_revocations", "idempotency_keys")
 ]
 
 

@@ -195,6 +195,19 @@ async def _make_every_kind_of_event(people: World, max_failures: int) -> str:
     current = (await admin.users.GetUser(user_service_pb2.GetUserRequest(id=user.id))).user
     await admin.users.DeleteUser(user_service_pb2.DeleteUserRequest(id=user.id, etag=current.etag))
     await admin.users.UndeleteUser(user_service_pb2.UndeleteUserRequest(id=user.id))
+    code = await admin.users.CreateEmailVerificationCode(
+        user_service_pb2.CreateEmailVerificationCodeRequest(id=user.id)
+    )
+    await admin.users.VerifyEmail(user_service_pb2.VerifyEmailRequest(id=user.id, code=code.code))
+    reset = await admin.users.CreatePasswordResetCode(
+        user_service_pb2.CreatePasswordResetCodeRequest(email=user.email)
+    )
+    SWEEP.ledger.add("password", password + "y")
+    await anonymous.users.ResetPassword(
+        user_service_pb2.ResetPasswordRequest(
+            email=user.email, code=reset.code, new_password=password + "y"
+        )
+    )
     await admin.users.BatchCreateUsers(
         user_service_pb2.BatchCreateUsersRequest(
             requests=[create_request(people.recorder) for _ in range(2)]
@@ -213,6 +226,8 @@ EVERY_TYPE = {
     "usersvc.user.disabled.v1",
     "usersvc.user.enabled.v1",
     "usersvc.user.password_changed.v1",
+    "usersvc.user.password_reset.v1",
+    "usersvc.user.email_verified.v1",
     "usersvc.auth.login_succeeded.v1",
     "usersvc.auth.login_failed.v1",
     "usersvc.auth.account_locked.v1",

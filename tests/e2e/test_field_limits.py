@@ -58,6 +58,7 @@ ETAG_65 = "v" * 65
 LABELS_65 = {f"k{i}": "v" for i in range(65)}
 ROLES_17 = ["user"] * 17
 TOKEN_47 = "rt_" + "A" * 44
+CODE_65 = "A" * 65
 # A well-formed bcrypt hash (cost 4).
 BCRYPT_HASH = "$2b$04$Svru9xUp63Tg3ojPEEy/buT7mQ9cR71FGvUmXAJSjrBpPfx/2rjB6"
 
@@ -552,6 +553,115 @@ LIMITS: tuple[Limit, ...] = (
         lambda w: _import(w, _imported(labels={"team": "v" * 257})),
         ROW_INVALID,
         ("labels.team",),
+    ),
+    Limit(
+        "usersvc.v1.BatchUpdateUsersRequest",
+        "requests",
+        "1..1000",
+        "1001 items",
+        lambda w: w.admin.users.BatchUpdateUsers(
+            user_service_pb2.BatchUpdateUsersRequest(
+                requests=[user_service_pb2.UpdateUserRequest(user=_own(w, display_name="x"))] * 1001
+            )
+        ),
+        INVALID,
+        ("requests",),
+    ),
+    Limit(
+        "usersvc.v1.BatchDeleteUsersRequest",
+        "requests",
+        "1..1000",
+        "1001 items",
+        lambda w: w.admin.users.BatchDeleteUsers(
+            user_service_pb2.BatchDeleteUsersRequest(
+                requests=[user_service_pb2.DeleteUserRequest(id=w.bob.id)] * 1001
+            )
+        ),
+        INVALID,
+        ("requests",),
+    ),
+    Limit(
+        "usersvc.v1.CreateEmailVerificationCodeRequest",
+        "id",
+        "36 characters",
+        "37 characters",
+        lambda w: w.admin.users.CreateEmailVerificationCode(
+            user_service_pb2.CreateEmailVerificationCodeRequest(id=ID_37)
+        ),
+        INVALID,
+        ("id",),
+    ),
+    Limit(
+        "usersvc.v1.VerifyEmailRequest",
+        "id",
+        "36 characters",
+        "37 characters",
+        lambda w: w.admin.users.VerifyEmail(
+            user_service_pb2.VerifyEmailRequest(id=ID_37, code="ABCDEFGH")
+        ),
+        INVALID,
+        ("id",),
+    ),
+    Limit(
+        "usersvc.v1.VerifyEmailRequest",
+        "code",
+        "64 characters",
+        "65 characters",
+        lambda w: w.alice.users.VerifyEmail(
+            user_service_pb2.VerifyEmailRequest(id="me", code=CODE_65)
+        ),
+        INVALID,
+        ("code",),
+    ),
+    Limit(
+        "usersvc.v1.CreatePasswordResetCodeRequest",
+        "email",
+        "254",
+        "255 characters",
+        lambda w: w.service.users.CreatePasswordResetCode(
+            user_service_pb2.CreatePasswordResetCodeRequest(email=EMAIL_255)
+        ),
+        INVALID,
+        ("email",),
+    ),
+    Limit(
+        "usersvc.v1.ResetPasswordRequest",
+        "email",
+        "254",
+        "255 characters",
+        lambda w: w.anonymous.users.ResetPassword(
+            user_service_pb2.ResetPasswordRequest(
+                email=EMAIL_255, code="ABCDEFGH", new_password="Pw-fine-12345"
+            )
+        ),
+        INVALID,
+        ("email",),
+    ),
+    Limit(
+        "usersvc.v1.ResetPasswordRequest",
+        "code",
+        "64 characters",
+        "65 characters",
+        lambda w: w.anonymous.users.ResetPassword(
+            user_service_pb2.ResetPasswordRequest(
+                email=w.alice.email, code=CODE_65, new_password="Pw-fine-12345"
+            )
+        ),
+        INVALID,
+        ("code",),
+    ),
+    Limit(
+        "usersvc.v1.ResetPasswordRequest",
+        "new_password",
+        "72 UTF-8 bytes",
+        "73 bytes",
+        lambda w: w.anonymous.users.ResetPassword(
+            user_service_pb2.ResetPasswordRequest(
+                email=w.alice.email, code="ABCDEFGH", new_password=PASSWORD_73_BYTES
+            )
+        ),
+        WEAK,
+        ("new_password",),
     ),
     # -- AuthService -----------------------------------------------------------------------
     Limit(

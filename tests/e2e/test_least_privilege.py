@@ -36,12 +36,13 @@ from .helpers import (
     create_request,
     expect_error,
     unverified_parts,
+    user_pb2,
     user_service_pb2,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 GRANTS_SQL = ROOT / "deploy" / "grants.sql"
-TABLES = {"users", "idempotency_keys", "sessions", "refresh_tokens", "session_revocations"}
+TABLES = {"users", "idempotency_keys", "sessions", "session_revocations", "user_codes"}
 
 
 @dataclass(frozen=True)
@@ -333,6 +334,42 @@ async def test_refresh_and_logout_work_as_the_app_role(app_world: World) -> None
         grpc.StatusCode.UNAUTHENTICATED,
         "TOKEN_REVOKED",
     )
+
+
+async def test_codes_and_batch_writes_work_as_the_app_role(app_world: World) -> None:
+    users = app_world.admin.users
+    verification = await users.CreateEmailVerificationCode(
+        user_service_pb2.CreateEmailVerificationCodeRequest(id=app_world.alice.id)
+    )
+    verified = await app_world.alice.users.VerifyEmail(
+        user_service_pb2.VerifyEmailRequest(id="me", code=verification.code)
+    )
+    reset = await users.CreatePasswordResetCode(
+        user_service_pb2.CreatePasswordResetCodeRequest(email=app_world.bob.email)
+    )
+    await app_world.anonymous.users.ResetPassword(
+        user_service_pb2.ResetPasswordRequest(
+            email=app_world.bob.email, code=reset.code, new_password="Reset-as-app-role-1"
+        )
+    )
+    renamed = await users.BatchUpdateUsers(
+        user_service_pb2.BatchUpdateUsersRequest(
+            requests=[
+                user_service_pb2.UpdateUserRequest(
+                    user={"id": app_world.alice.id, "display_name": "Batched"}
+                )
+            ]
+        )
+    )
+    deleted = await users.BatchDeleteUsers(
+        user_service_pb2.BatchDeleteUsersRequest(
+            requests=[user_service_pb2.DeleteUserRequest(id=app_world.bob.id)]
+        )
+    )
+
+    assert verified.user.email_verified
+    assert renamed.users[0].display_name == "Batched"
+    assert deleted.users[0].state == user_pb2.User.STATE_DELETED
 
 
 async def test_a_logout_reaches_a_replica_through_listen_as_the_app_role(

@@ -231,12 +231,40 @@ async def test_failed_logins_and_a_lock_leave_the_users_etag_alone(lockouts: Loc
     assert after.user.etag == before.user.etag
 
 
-async def test_concurrent_guesses_get_no_more_password_checks_than_the_maximum(
-    lockouts: Lockouts,
+async def outcome(lockouts: Lockouts, email: str, password: str) -> str:
+    try:
+        await lockouts.login(email, password)
+    except grpc.aio.AioRpcError as error:
+        return error.code().name
+    return "OK"
+
+
+@pytest.mark.parametrize("logins", [5, 20])
+async def test_concurrent_logins_with_the_right_password_all_succeed_and_never_lock(
+    lockouts: Lockouts, logins: int
 ) -> None:
-    user_id, email, _ = await lockouts.account()
-    await asyncio.gather(*(lockouts.refused(email) for _ in range(20)))
-    assert await lockouts.counters(user_id) == (0, 1, True)
+    user_id, email, password = await lockouts.account()
+    outcomes = await asyncio.gather(*(outcome(lockouts, email, password) for _ in range(logins)))
+    print(f"\n{logins} concurrent right-password logins over gRPC: {outcomes.count('OK')} OK")
+    assert outcomes == ["OK"] * logins
+    assert await lockouts.counters(user_id) == (0, 0, False)
+
+
+@pytest.mark.parametrize("logins", [5, 20])
+async def test_concurrent_wrong_passwords_lock_exactly_as_sequential_ones(
+    lockouts: Lockouts, logins: int
+) -> None:
+    sequential_id, sequential_email, _ = await lockouts.account()
+    concurrent_id, concurrent_email, password = await lockouts.account()
+    # Each one answered INVALID_CREDENTIALS (refused checks the reason).
+    await lockouts.fail(sequential_email, logins)
+    await asyncio.gather(*(lockouts.refused(concurrent_email) for _ in range(logins)))
+    expected = await lockouts.counters(sequential_id)
+    found = await lockouts.counters(concurrent_id)
+    print(f"\n{logins} wrong logins over gRPC: sequential {expected}, concurrent {found}")
+    assert expected == (0, 1, True)
+    assert found == expected
+    await lockouts.refused(concurrent_email, password)
 
 
 async def test_twenty_concurrent_failures_on_two_replicas_are_counted_exactly(

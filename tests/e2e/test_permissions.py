@@ -190,6 +190,34 @@ RPCS: dict[str, Rpc] = {
         lambda w, c, t: c.users.EnableUser(user_service_pb2.EnableUserRequest(id=t.id)),
         disabled_unless_self,
     ),
+    "BatchUpdateUsers": admins_only(
+        lambda w, c, t: c.users.BatchUpdateUsers(
+            user_service_pb2.BatchUpdateUsersRequest(
+                requests=[
+                    user_service_pb2.UpdateUserRequest(
+                        user=user_pb2.User(id=t.id, display_name="Renamed")
+                    )
+                ]
+            )
+        )
+    ),
+    "BatchDeleteUsers": admins_only(
+        lambda w, c, t: c.users.BatchDeleteUsers(
+            user_service_pb2.BatchDeleteUsersRequest(
+                requests=[user_service_pb2.DeleteUserRequest(id=t.id)]
+            )
+        )
+    ),
+    "CreateEmailVerificationCode": readers(
+        lambda w, c, t: c.users.CreateEmailVerificationCode(
+            user_service_pb2.CreateEmailVerificationCodeRequest(id=t.id)
+        )
+    ),
+    "CreatePasswordResetCode": readers(
+        lambda w, c, t: c.users.CreatePasswordResetCode(
+            user_service_pb2.CreatePasswordResetCodeRequest(email=t.email)
+        )
+    ),
     "Login": Rpc(
         lambda w, c, t: c.auth.Login(
             auth_service_pb2.LoginRequest(email=t.email, password=t.password)

@@ -160,6 +160,22 @@ async def test_anonymous_sign_up_shares_the_login_bucket(
         await expect_rate_limited(anonymous.users.CreateUser(create_request(recorder)))
 
 
+async def test_reset_password_shares_the_login_bucket(
+    e2e_settings: Any, recorder: ResponseRecorder
+) -> None:
+    settings = limited(e2e_settings, auth_rps=TRICKLE, auth_burst=1)
+    async with server(settings, recorder) as running:
+        anonymous = Caller(running.channel, None)
+        await wrong_login(anonymous)
+        await expect_rate_limited(
+            anonymous.users.ResetPassword(
+                user_service_pb2.ResetPasswordRequest(
+                    email="nobody@example.com", code="ABCDEFGH", new_password="Pw-fine-12345"
+                )
+            )
+        )
+
+
 async def test_create_user_with_any_credentials_draws_from_the_strict_bucket(
     e2e_settings: Any, recorder: ResponseRecorder, world: World
 ) -> None:

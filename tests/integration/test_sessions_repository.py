@@ -9,6 +9,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,26 +38,42 @@ def token_hash() -> bytes:
     return hashlib.sha256(os.urandom(32)).digest()
 
 
+@dataclass(frozen=True)
+class Token:
+    """A refresh token as the repository sees one."""
+
+    session_id: uuid.UUID
+    generation: int
+    digest: bytes
+
+
+FIRST_HASHES: dict[uuid.UUID, bytes] = {}
+
+
 async def open_session(
     uow_factory: UnitOfWorkFactory, user: User, *, expire_time: datetime | None = None
 ) -> Session:
+    digest = token_hash()
     async with uow_factory() as uow:
-        session = await uow.sessions.create(user.id, expire_time or later())
+        session = await uow.sessions.create(
+            user.id, expire_time or later(), refresh_hash=digest, tag_key=os.urandom(32)
+        )
         await uow.commit()
+    FIRST_HASHES[session.id] = digest
     return session
 
 
-async def add_token(uow_factory: UnitOfWorkFactory, session: Session) -> bytes:
-    digest = token_hash()
-    async with uow_factory() as uow:
-        await uow.sessions.add_refresh_token(session.id, digest)
-        await uow.commit()
-    return digest
+def first_token(session: Session) -> Token:
+    return Token(session.id, 1, FIRST_HASHES[session.id])
 
 
-async def use(uow_factory: UnitOfWorkFactory, digest: bytes) -> RefreshOutcome:
+async def use(
+    uow_factory: UnitOfWorkFactory, token: Token, successor: bytes | None = None
+) -> RefreshOutcome:
     async with uow_factory() as uow:
-        outcome = await uow.sessions.use_refresh_token(digest)
+        outcome = await uow.sessions.use_refresh_token(
+            token.session_id, token.generation, token.digest, successor or token_hash()
+        )
         await uow.commit()
     return outcome
 
@@ -126,7 +143,9 @@ async def test_a_session_for_a_missing_user_is_user_not_found(
 ) -> None:
     async with uow_factory() as uow:
         with pytest.raises(UserNotFound):
-            await uow.sessions.create(uuid.uuid4(), later())
+            await uow.sessions.create(
+                uuid.uuid4(), later(), refresh_hash=token_hash(), tag_key=os.urandom(32)
+            )
 
 
 async def test_an_unknown_session_reads_as_none(uow_factory: UnitOfWorkFactory) -> None:
@@ -141,62 +160,91 @@ async def test_the_first_use_of_a_refresh_token_is_ok_and_stamps_the_session(
     uow_factory: UnitOfWorkFactory, make_user: UserMaker
 ) -> None:
     session = await open_session(uow_factory, await make_user())
-    outcome = await use(uow_factory, await add_token(uow_factory, session))
+    outcome = await use(uow_factory, first_token(session))
     assert outcome.status is RefreshStatus.OK
     assert outcome.session is not None
     assert outcome.session.id == session.id
     assert outcome.session.last_refresh_time is not None
+    assert outcome.chain is not None
+    assert outcome.chain.generation == 2
 
 
 async def test_a_second_use_is_retired_and_names_the_session(
     uow_factory: UnitOfWorkFactory, make_user: UserMaker
 ) -> None:
     session = await open_session(uow_factory, await make_user())
-    digest = await add_token(uow_factory, session)
-    await use(uow_factory, digest)
-    outcome = await use(uow_factory, digest)
+    await use(uow_factory, first_token(session))
+    outcome = await use(uow_factory, first_token(session))
     assert outcome.status is RefreshStatus.RETIRED
     assert outcome.session is not None
     assert outcome.session.id == session.id
+    assert outcome.chain is not None
+    assert outcome.chain.generation == 2
 
 
-async def test_a_token_never_stored_is_unknown(uow_factory: UnitOfWorkFactory) -> None:
-    assert await use(uow_factory, token_hash()) == RefreshOutcome(RefreshStatus.UNKNOWN)
-
-
-async def test_a_use_that_rolls_back_leaves_the_token_unused(
+async def test_the_successor_is_the_valid_token_and_its_predecessors_are_retired(
     uow_factory: UnitOfWorkFactory, make_user: UserMaker
 ) -> None:
     session = await open_session(uow_factory, await make_user())
-    digest = await add_token(uow_factory, session)
-    async with uow_factory() as uow:
-        await uow.sessions.use_refresh_token(digest)
-    assert (await use(uow_factory, digest)).status is RefreshStatus.OK
+    successor = token_hash()
+    await use(uow_factory, first_token(session), successor)
+    second = Token(session.id, 2, successor)
+    assert (await use(uow_factory, second)).status is RefreshStatus.OK
+    assert (await use(uow_factory, second)).status is RefreshStatus.RETIRED
 
 
-async def test_a_token_is_found_by_its_hash_used_or_not(
+async def test_tokens_never_issued_are_unknown(
     uow_factory: UnitOfWorkFactory, make_user: UserMaker
 ) -> None:
     session = await open_session(uow_factory, await make_user())
-    unused, used = await add_token(uow_factory, session), await add_token(uow_factory, session)
-    await use(uow_factory, used)
+    made_up = [
+        Token(uuid.uuid4(), 1, token_hash()),  # no such session
+        Token(session.id, 1, token_hash()),  # the current generation, another secret
+        Token(session.id, 5, FIRST_HASHES[session.id]),  # a generation not reached yet
+    ]
+    for token in made_up:
+        assert await use(uow_factory, token) == RefreshOutcome(RefreshStatus.UNKNOWN)
+    assert (await use(uow_factory, first_token(session))).status is RefreshStatus.OK
+
+
+async def test_a_use_that_rolls_back_leaves_the_token_valid(
+    uow_factory: UnitOfWorkFactory, make_user: UserMaker
+) -> None:
+    session = await open_session(uow_factory, await make_user())
+    token = first_token(session)
     async with uow_factory() as uow:
-        found = [await uow.sessions.find_refresh_token(h) for h in (unused, used, token_hash())]
-    assert found == [session.id, session.id, None]
+        await uow.sessions.use_refresh_token(
+            token.session_id, token.generation, token.digest, token_hash()
+        )
+    assert (await use(uow_factory, token)).status is RefreshStatus.OK
+
+
+async def test_the_chain_of_a_session_is_its_generation_and_key(
+    uow_factory: UnitOfWorkFactory, make_user: UserMaker
+) -> None:
+    session = await open_session(uow_factory, await make_user())
+    await use(uow_factory, first_token(session))
+    async with uow_factory() as uow:
+        chain = await uow.sessions.refresh_chain(session.id)
+        missing = await uow.sessions.refresh_chain(uuid.uuid4())
+    assert chain is not None
+    assert (chain.generation, len(chain.tag_key), missing) == (2, 32, None)
 
 
 async def test_twenty_concurrent_uses_of_one_refresh_token_let_exactly_one_succeed(
     uow_factory: UnitOfWorkFactory, make_user: UserMaker
 ) -> None:
     session = await open_session(uow_factory, await make_user())
-    digest = await add_token(uow_factory, session)
+    token = first_token(session)
     start = asyncio.Barrier(20)
 
     async def contend() -> RefreshStatus:
         async with uow_factory() as uow:
             await uow.sessions.get(session.id)  # hold a connection before the race starts
             await start.wait()
-            outcome = await uow.sessions.use_refresh_token(digest)
+            outcome = await uow.sessions.use_refresh_token(
+                token.session_id, token.generation, token.digest, token_hash()
+            )
             await uow.commit()
         return outcome.status
 
@@ -210,10 +258,12 @@ async def test_uses_waiting_on_the_winner_see_the_token_retired_once_it_commits(
     wait_for_lock_waiters: Callable[[int], Awaitable[None]],
 ) -> None:
     session = await open_session(uow_factory, await make_user())
-    digest = await add_token(uow_factory, session)
+    token = first_token(session)
     async with uow_factory() as winner:
-        first = await winner.sessions.use_refresh_token(digest)
-        waiters = [asyncio.create_task(use(uow_factory, digest)) for _ in range(5)]
+        first = await winner.sessions.use_refresh_token(
+            token.session_id, token.generation, token.digest, token_hash()
+        )
+        waiters = [asyncio.create_task(use(uow_factory, token)) for _ in range(5)]
         await wait_for_lock_waiters(5)
         await winner.commit()
     outcomes = await asyncio.gather(*waiters)
@@ -227,10 +277,12 @@ async def test_when_the_winner_rolls_back_one_waiter_gets_the_token(
     wait_for_lock_waiters: Callable[[int], Awaitable[None]],
 ) -> None:
     session = await open_session(uow_factory, await make_user())
-    digest = await add_token(uow_factory, session)
+    token = first_token(session)
     async with uow_factory() as winner:
-        await winner.sessions.use_refresh_token(digest)
-        waiters = [asyncio.create_task(use(uow_factory, digest)) for _ in range(3)]
+        await winner.sessions.use_refresh_token(
+            token.session_id, token.generation, token.digest, token_hash()
+        )
+        waiters = [asyncio.create_task(use(uow_factory, token)) for _ in range(3)]
         await wait_for_lock_waiters(3)
         await winner.rollback()
     outcomes = await asyncio.gather(*waiters)
@@ -240,10 +292,42 @@ async def test_when_the_winner_rolls_back_one_waiter_gets_the_token(
 async def test_a_refresh_token_hash_must_be_32_bytes(
     uow_factory: UnitOfWorkFactory, make_user: UserMaker
 ) -> None:
-    session = await open_session(uow_factory, await make_user())
+    user = await make_user()
     async with uow_factory() as uow:
-        with pytest.raises(Exception, match="token_hash_sha256"):
-            await uow.sessions.add_refresh_token(session.id, b"short")
+        with pytest.raises(Exception, match="refresh_token_hash_sha256"):
+            await uow.sessions.create(
+                user.id, later(), refresh_hash=b"short", tag_key=os.urandom(32)
+            )
+
+
+async def test_a_hundred_rotations_leave_one_row_per_session_in_every_table_touched(
+    uow_factory: UnitOfWorkFactory, engine: AsyncEngine, make_user: UserMaker
+) -> None:
+    sessions = [await open_session(uow_factory, await make_user()) for _ in range(3)]
+    for session in sessions:
+        token = first_token(session)
+        for generation in range(1, 101):
+            successor = token_hash()
+            assert (await use(uow_factory, token, successor)).status is RefreshStatus.OK
+            token = Token(session.id, generation + 1, successor)
+    async with engine.connect() as connection:
+        tables = (
+            await connection.execute(
+                text(
+                    "SELECT table_name FROM information_schema.tables "
+                    "WHERE table_schema = 'public' AND table_name <> 'alembic_version'"
+                )
+            )
+        ).scalars()
+        counts = {}
+        for table in sorted(tables):
+            counted = await connection.execute(text(f'SELECT count(*) FROM "{table}"'))
+            counts[table] = counted.scalar_one()
+    print(f"\nafter 100 rotations of each of {len(sessions)} sessions, rows per table: {counts}")
+    assert counts["sessions"] == len(sessions)
+    assert "refresh_tokens" not in counts
+    assert counts["users"] == len(sessions)
+    assert sum(counts.values()) == 2 * len(sessions)  # one user row, one session row each
 
 
 # -- revoking ----------------------------------------------------------------------
@@ -361,7 +445,14 @@ async def test_a_large_revocation_is_split_into_notifications_under_the_limit(
 ) -> None:
     user = await make_user()
     async with uow_factory() as uow:
-        opened = {(await uow.sessions.create(user.id, later())).id for _ in range(400)}
+        opened = {
+            (
+                await uow.sessions.create(
+                    user.id, later(), refresh_hash=token_hash(), tag_key=os.urandom(32)
+                )
+            ).id
+            for _ in range(400)
+        }
         await uow.commit()
     ids = await revoke_user(uow_factory, user)
     received: set[str] = set()
@@ -381,7 +472,6 @@ async def test_a_purge_deletes_the_sessions_but_not_the_revocation_log(
 ) -> None:
     user = await make_user()
     session = await open_session(uow_factory, user)
-    await add_token(uow_factory, session)
     async with uow_factory() as uow:
         await uow.sessions.revoke(
             reason=RevokeReason.PURGED, revocation_expire_time=later(), user_id=user.id
@@ -389,10 +479,8 @@ async def test_a_purge_deletes_the_sessions_but_not_the_revocation_log(
         await uow.users.purge(user.id)
         await uow.commit()
     async with engine.connect() as connection:
-        left = await connection.execute(
-            text("SELECT (SELECT count(*) FROM sessions), (SELECT count(*) FROM refresh_tokens)")
-        )
-        assert tuple(left.one()) == (0, 0)
+        left = await connection.execute(text("SELECT count(*) FROM sessions"))
+        assert left.scalar_one() == 0
     assert set(await revocation_log(engine)) == {session.id}
 
 
@@ -405,7 +493,6 @@ async def test_cleanup_deletes_sessions_expired_before_the_cutoff_with_their_tok
     user = await make_user()
     old = await open_session(uow_factory, user, expire_time=later(-2 * HOUR))
     kept = await open_session(uow_factory, user, expire_time=later(-HOUR / 2))
-    await add_token(uow_factory, old)
     async with uow_factory() as uow:
         result = await uow.sessions.delete_expired(
             session_cutoff=later(-HOUR), revocation_cutoff=later(), limit=100
@@ -414,9 +501,6 @@ async def test_cleanup_deletes_sessions_expired_before_the_cutoff_with_their_tok
         survivors = [await uow.sessions.get(s.id) for s in (old, kept)]
     assert result.sessions == 1
     assert [s is not None for s in survivors] == [False, True]
-    async with engine.connect() as connection:
-        tokens = await connection.execute(text("SELECT count(*) FROM refresh_tokens"))
-        assert tokens.scalar_one() == 0
 
 
 async def test_cleanup_deletes_revocations_past_their_expire_time(

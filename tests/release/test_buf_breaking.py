@@ -85,7 +85,7 @@ def test_removing_a_field_fails_naming_it(tmp_path: Path) -> None:
 
 def test_renumbering_a_field_fails_naming_it(tmp_path: Path) -> None:
     root = workspace(tmp_path)
-    edit(root / USER_PROTO, r"^(\s*string etag = )10;$", r"\g<1>11;")
+    edit(root / USER_PROTO, r"^(\s*string etag = )10;$", r"\g<1>99;")
     result = buf_breaking(root)
     assert result.returncode != 0
     assert '"etag"' in result.stdout, result.stdout + result.stderr

@@ -54,6 +54,7 @@ from usersvc.domain.ports import (
     IdempotencyKeyTaken,
     IdempotencyRecord,
     LoginAttempt,
+    RefreshChain,
     RefreshOutcome,
     RefreshStatus,
 )
@@ -77,9 +78,13 @@ class _Row:
 
 
 @dataclass(frozen=True)
-class StoredRefreshToken:
-    session_id: uuid.UUID
-    use_time: datetime | None = None
+class StoredChain:
+    """A session's refresh token chain, as the sessions row holds it."""
+
+    generation: int
+    token_hash: bytes | None
+    tag_key: bytes | None
+    legacy_hash: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -93,17 +98,17 @@ class _SessionState:
     """The session tables, as one unit of work sees them."""
 
     sessions: dict[uuid.UUID, Session] = field(default_factory=dict)
-    tokens: dict[bytes, StoredRefreshToken] = field(default_factory=dict)
+    chains: dict[uuid.UUID, StoredChain] = field(default_factory=dict)
     revocations: dict[uuid.UUID, StoredRevocation] = field(default_factory=dict)
 
     def copy(self) -> _SessionState:
-        return _SessionState(dict(self.sessions), dict(self.tokens), dict(self.revocations))
+        return _SessionState(dict(self.sessions), dict(self.chains), dict(self.revocations))
 
     def apply(self, base: _SessionState, changed: _SessionState) -> None:
         """Write into self what ``changed`` changed relative to ``base``
         (row by row, like a transaction's writes), keeping what other units
         of work committed meanwhile."""
-        for name in ("sessions", "tokens", "revocations"):
+        for name in ("sessions", "chains", "revocations"):
             target, before, after = (getattr(x, name) for x in (self, base, changed))
             for key, value in after.items():
                 if before.get(key) != value:
@@ -121,9 +126,9 @@ class FakeDatabase:
         self.session_state = _SessionState()
         # Each committed revocation's session ids, in commit order.
         self.notifications: list[list[uuid.UUID]] = []
-        # Unused refresh tokens an open unit of work has retired: the row
+        # Sessions whose chain an open unit of work has advanced: the row
         # lock that makes a concurrent use see the token as retired.
-        self.claimed_tokens: set[bytes] = set()
+        self.claimed_chains: set[uuid.UUID] = set()
         self.commits = 0
         self.open_units = 0
         # Committed events as (type, user id, attributes, changed fields).
@@ -190,8 +195,8 @@ class FakeDatabase:
         return self.session_state.sessions
 
     @property
-    def refresh_tokens(self) -> dict[bytes, StoredRefreshToken]:
-        return self.session_state.tokens
+    def refresh_chains(self) -> dict[uuid.UUID, StoredChain]:
+        return self.session_state.chains
 
     @property
     def revocations(self) -> dict[uuid.UUID, StoredRevocation]:
@@ -218,14 +223,14 @@ class FakeUnitOfWork:
         self.session_state = self._session_base.copy()
         self.pending_notifications: list[list[uuid.UUID]] = []
         self.pending_events: list[FakeEvent] = []
-        self.claims: set[bytes] = set()
+        self.claims: set[uuid.UUID] = set()
         self.events = FakeEventRecorder(self)
         self.users = FakeUserRepository(self)
         self.idempotency = FakeIdempotencyRepository(self)
         self.sessions = FakeSessionRepository(self)
 
     def _release_claims(self) -> None:
-        self.db.claimed_tokens -= getattr(self, "claims", set())
+        self.db.claimed_chains -= getattr(self, "claims", set())
 
     async def __aenter__(self) -> Self:
         self.db.open_units += 1
@@ -269,9 +274,7 @@ class FakeUnitOfWork:
             # ON DELETE CASCADE, as in the schema.
             for session_id in [s.id for s in committed.sessions.values() if s.user_id == user_id]:
                 del committed.sessions[session_id]
-        committed.tokens = {
-            h: t for h, t in committed.tokens.items() if t.session_id in committed.sessions
-        }
+        committed.chains = {i: c for i, c in committed.chains.items() if i in committed.sessions}
         self.db.notifications.extend(self.pending_notifications)
         self.db.events.extend(self.pending_events)
         self.db.commits += 1
@@ -424,14 +427,18 @@ class FakeUserRepository:
         row = self._rows.get(user_id)
         return None if row is None else Credentials(row.user, row.password_hash)
 
-    async def start_login_attempt(
-        self, email: str, *, now: datetime, policy: LockoutPolicy
-    ) -> LoginAttempt | None:
+    async def find_login(self, email: str) -> LoginAttempt | None:
         owner = self._owner_of(email)
         if owner is None:
             return None
         row = self._rows[owner]
-        if row.locked_until is not None and row.locked_until > now:
+        return LoginAttempt(Credentials(row.user, row.password_hash), row.locked_until)
+
+    async def count_login_failure(
+        self, user_id: uuid.UUID, *, now: datetime, policy: LockoutPolicy
+    ) -> datetime | None:
+        row = self._rows.get(user_id)
+        if row is None or (row.locked_until is not None and row.locked_until > now):
             return None
         count = row.failed_login_count + 1
         locked_until = None
@@ -442,15 +449,25 @@ class FakeUserRepository:
             )
         else:
             row = replace(row, failed_login_count=count)
-        self._rows[owner] = row
-        self._uow.written.add(owner)
-        return LoginAttempt(Credentials(row.user, row.password_hash), locked_until)
+        self._rows[user_id] = row
+        self._uow.written.add(user_id)
+        return locked_until
 
     async def clear_login_failures(
-        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()
+        self,
+        user_id: uuid.UUID,
+        *,
+        unless_locked_at: datetime | None = None,
+        events: Sequence[EventDraft] = (),
     ) -> bool:
         row = self._rows.get(user_id)
         if row is None:
+            return False
+        if (
+            unless_locked_at is not None
+            and row.locked_until is not None
+            and row.locked_until > unless_locked_at
+        ):
             return False
         self._uow.events.record(user_id, events)
         self._rows[user_id] = replace(row, failed_login_count=0, lock_count=0, locked_until=None)
@@ -552,7 +569,14 @@ class FakeSessionRepository:
     def _state(self) -> _SessionState:
         return self._uow.session_state
 
-    async def create(self, user_id: uuid.UUID, expire_time: datetime) -> Session:
+    async def create(
+        self,
+        user_id: uuid.UUID,
+        expire_time: datetime,
+        *,
+        refresh_hash: bytes = bytes(32),
+        tag_key: bytes = bytes(32),
+    ) -> Session:
         if user_id not in self._uow.rows:
             raise UserNotFound(metadata={"id": str(user_id)})
         session = Session(
@@ -564,34 +588,84 @@ class FakeSessionRepository:
             revoke_reason=None,
         )
         self._state.sessions[session.id] = session
+        self._state.chains[session.id] = StoredChain(1, refresh_hash, tag_key)
         return session
 
-    async def add_refresh_token(self, session_id: uuid.UUID, token_hash: bytes) -> None:
-        assert token_hash not in self._state.tokens, "refresh token hashes are unique"
-        assert session_id in self._state.sessions, "refresh tokens belong to a session"
-        self._state.tokens[token_hash] = StoredRefreshToken(session_id)
-
-    async def use_refresh_token(self, token_hash: bytes) -> RefreshOutcome:
-        token = self._state.tokens.get(token_hash)
-        if token is None:
-            return RefreshOutcome(RefreshStatus.UNKNOWN)
-        session = self._state.sessions[token.session_id]
-        claimed_elsewhere = (
-            token_hash in self._uow.db.claimed_tokens and token_hash not in self._uow.claims
+    def add_legacy_session(
+        self, user_id: uuid.UUID, expire_time: datetime, token_hash: bytes
+    ) -> Session:
+        """Arrange a session from before the chain, with its one token."""
+        session = Session(
+            id=uuid7(),
+            user_id=user_id,
+            create_time=self._uow.db.now(),
+            expire_time=expire_time,
+            revoke_time=None,
+            revoke_reason=None,
         )
-        if token.use_time is not None or claimed_elsewhere:
-            return RefreshOutcome(RefreshStatus.RETIRED, session)
-        now = self._uow.db.now()
-        self._state.tokens[token_hash] = replace(token, use_time=now)
-        self._uow.claims.add(token_hash)
-        self._uow.db.claimed_tokens.add(token_hash)
-        session = replace(session, last_refresh_time=now)
         self._state.sessions[session.id] = session
-        return RefreshOutcome(RefreshStatus.OK, session)
+        self._state.chains[session.id] = StoredChain(0, None, None, token_hash)
+        return session
 
-    async def find_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
-        token = self._state.tokens.get(token_hash)
-        return None if token is None else token.session_id
+    def _claimed_elsewhere(self, session_id: uuid.UUID) -> bool:
+        return session_id in self._uow.db.claimed_chains and session_id not in self._uow.claims
+
+    def _advance(self, session_id: uuid.UUID, chain: StoredChain) -> RefreshOutcome:
+        now = self._uow.db.now()
+        self._state.chains[session_id] = chain
+        self._uow.claims.add(session_id)
+        self._uow.db.claimed_chains.add(session_id)
+        session = replace(self._state.sessions[session_id], last_refresh_time=now)
+        self._state.sessions[session_id] = session
+        assert chain.tag_key is not None
+        return RefreshOutcome(
+            RefreshStatus.OK, session, RefreshChain(chain.generation, chain.tag_key)
+        )
+
+    async def use_refresh_token(
+        self, session_id: uuid.UUID, generation: int, token_hash: bytes, successor_hash: bytes
+    ) -> RefreshOutcome:
+        chain = self._state.chains.get(session_id)
+        if chain is None or chain.tag_key is None:
+            return RefreshOutcome(RefreshStatus.UNKNOWN)
+        session = self._state.sessions[session_id]
+        current = RefreshChain(chain.generation, chain.tag_key)
+        if self._claimed_elsewhere(session_id):
+            # A concurrent unit of work advanced it: after its commit this
+            # generation is an older one.
+            current = RefreshChain(chain.generation + 1, chain.tag_key)
+        elif generation == chain.generation and token_hash == chain.token_hash:
+            return self._advance(
+                session_id, replace(chain, generation=generation + 1, token_hash=successor_hash)
+            )
+        if generation < current.generation:
+            return RefreshOutcome(RefreshStatus.RETIRED, session, current)
+        return RefreshOutcome(RefreshStatus.UNKNOWN)
+
+    async def use_legacy_refresh_token(
+        self, token_hash: bytes, successor_hash: bytes, tag_key: bytes
+    ) -> RefreshOutcome:
+        for session_id, chain in self._state.chains.items():
+            if chain.legacy_hash == token_hash:
+                if chain.generation != 0 or self._claimed_elsewhere(session_id):
+                    return RefreshOutcome(RefreshStatus.RETIRED, self._state.sessions[session_id])
+                return self._advance(
+                    session_id,
+                    replace(chain, generation=1, token_hash=successor_hash, tag_key=tag_key),
+                )
+        return RefreshOutcome(RefreshStatus.UNKNOWN)
+
+    async def refresh_chain(self, session_id: uuid.UUID) -> RefreshChain | None:
+        chain = self._state.chains.get(session_id)
+        if chain is None or chain.tag_key is None:
+            return None
+        return RefreshChain(chain.generation, chain.tag_key)
+
+    async def find_legacy_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
+        for session_id, chain in self._state.chains.items():
+            if chain.legacy_hash == token_hash:
+                return session_id
+        return None
 
     async def get(self, session_id: uuid.UUID) -> Session | None:
         return self._state.sessions.get(session_id)
@@ -650,7 +724,7 @@ class FakeSessionRepository:
         )[:limit]
         for session in doomed:
             del state.sessions[session.id]
-        state.tokens = {h: t for h, t in state.tokens.items() if t.session_id in state.sessions}
+        state.chains = {i: c for i, c in state.chains.items() if i in state.sessions}
         gone = sorted(
             (i for i, r in state.revocations.items() if r.expire_time < revocation_cutoff),
             key=lambda i: state.revocations[i].expire_time,

@@ -37,7 +37,7 @@ from usersvc.domain.errors import (
 from usersvc.domain.models import ANONYMOUS, Principal, RevokeReason, User, UserPatch
 from usersvc.services.inputs import LoginResult
 from usersvc.services.passwords import BcryptPasswordHasher
-from usersvc.services.sessions import new_refresh_token
+from usersvc.services.sessions import parse_refresh_token
 from usersvc.services.tokens import KeyRing, SigningKey, TokenService
 
 PASSWORD = "correct horse battery staple"
@@ -73,8 +73,14 @@ async def h() -> AsyncIterator[Harness]:
     hasher.close()
 
 
-def _hash_of(token: str) -> bytes:
-    return hashlib.sha256(base64.urlsafe_b64decode(token[3:] + "=")).digest()
+def _generation_of(token: str) -> int:
+    presented = parse_refresh_token(token)
+    assert presented is not None
+    return presented.generation
+
+
+def _unknown_refresh_token() -> str:
+    return "rt_" + base64.urlsafe_b64encode(bytes(range(72))).decode()
 
 
 # -- login -------------------------------------------------------------------------
@@ -100,8 +106,14 @@ async def test_a_login_returns_a_refresh_token_stored_only_as_its_hash(h: Harnes
     h.add_user()
     result = await h.login()
     assert result.refresh_token.startswith("rt_")
-    assert list(h.db.refresh_tokens) == [_hash_of(result.refresh_token)]
-    assert result.refresh_token.encode() not in b"".join(h.db.refresh_tokens)
+    presented = parse_refresh_token(result.refresh_token)
+    assert presented is not None
+    (chain,) = h.db.refresh_chains.values()
+    assert (chain.generation, chain.token_hash) == (1, presented.token_hash)
+    assert (
+        chain.token_hash
+        == hashlib.sha256(base64.urlsafe_b64decode(result.refresh_token[3:])[24:56]).digest()
+    )
 
 
 async def test_a_login_after_a_concurrent_disable_is_refused_without_a_session(
@@ -139,9 +151,11 @@ async def test_a_refresh_retires_the_presented_token_and_stores_the_new_one(h: H
     h.add_user()
     first = await h.login()
     second = await h.auth.refresh_token(refresh_token=first.refresh_token)
-    tokens = h.db.refresh_tokens
-    assert tokens[_hash_of(first.refresh_token)].use_time is not None
-    assert tokens[_hash_of(second.refresh_token)].use_time is None
+    presented = parse_refresh_token(second.refresh_token)
+    assert presented is not None
+    (chain,) = h.db.refresh_chains.values()
+    assert (_generation_of(first.refresh_token), _generation_of(second.refresh_token)) == (1, 2)
+    assert (chain.generation, chain.token_hash) == (2, presented.token_hash)
 
 
 async def test_a_refresh_records_the_sessions_last_refresh_time(h: Harness) -> None:
@@ -163,7 +177,7 @@ async def test_a_refreshed_access_token_carries_the_users_current_roles(h: Harne
 
 async def test_an_unknown_refresh_token_is_invalid(h: Harness) -> None:
     with pytest.raises(RefreshTokenInvalid):
-        await h.auth.refresh_token(refresh_token=new_refresh_token().value)
+        await h.auth.refresh_token(refresh_token=_unknown_refresh_token())
 
 
 @pytest.mark.parametrize("token", ["", "rt_", "not-a-token", "x" * 10_000])
@@ -247,9 +261,13 @@ async def test_a_reuse_on_an_already_revoked_session_announces_nothing_again(h: 
 async def test_the_loser_of_a_concurrent_use_counts_as_reuse(h: Harness) -> None:
     h.add_user()
     first = await h.login()
-    token_hash = _hash_of(first.refresh_token)
+    presented = parse_refresh_token(first.refresh_token)
+    assert presented is not None
+    assert presented.session_id is not None
     async with h.db.uow() as winner:
-        await winner.sessions.use_refresh_token(token_hash)
+        await winner.sessions.use_refresh_token(
+            presented.session_id, 1, presented.token_hash, bytes(32)
+        )
         with pytest.raises(RefreshTokenInvalid):
             await h.auth.refresh_token(refresh_token=first.refresh_token)
     assert h.db.sessions[await h.session_id(first)].revoke_reason is (
@@ -300,7 +318,8 @@ async def test_a_refused_refresh_leaves_the_token_unused(h: Harness) -> None:
     h.clock.advance(REFRESH_TTL_SECONDS)
     with pytest.raises(RefreshTokenInvalid):
         await h.auth.refresh_token(refresh_token=first.refresh_token)
-    assert h.db.refresh_tokens[_hash_of(first.refresh_token)].use_time is None
+    (chain,) = h.db.refresh_chains.values()
+    assert chain.generation == _generation_of(first.refresh_token)
 
 
 # -- logout ------------------------------------------------------------------------
@@ -362,7 +381,7 @@ async def test_logout_with_a_refresh_token_not_of_the_session_ends_nothing(
     mine, other = await h.login(), await h.login()
     token = {
         "other session": other.refresh_token,
-        "unknown": new_refresh_token().value,
+        "unknown": _unknown_refresh_token(),
         "malformed": "rt_nope",
     }[kind]
     with pytest.raises(InvalidArgument) as caught:
@@ -609,3 +628,57 @@ async def test_introspection_of_a_token_whose_roles_changed_is_inactive(h: Harne
     await _store_roles(h, ann, "user", "service")
     seen = await h.auth.introspect_token(principal=as_admin(), token=result.access_token)
     assert not seen.active
+
+
+# -- the chain's storage and sessions from before it -------------------------------
+
+
+async def test_a_hundred_rotations_keep_one_chain_entry_and_the_old_tokens_count_as_reuse(
+    h: Harness,
+) -> None:
+    h.add_user()
+    tokens = [(await h.login()).refresh_token]
+    for _ in range(100):
+        tokens.append((await h.auth.refresh_token(refresh_token=tokens[-1])).refresh_token)
+    assert len(h.db.refresh_chains) == len(h.db.sessions) == 1
+    assert _generation_of(tokens[-1]) == 101
+    with pytest.raises(RefreshTokenInvalid):
+        await h.auth.refresh_token(refresh_token=tokens[37])
+    (session,) = h.db.sessions.values()
+    assert session.revoke_reason is RevokeReason.REFRESH_TOKEN_REUSE
+
+
+async def test_a_made_up_older_generation_is_unknown_and_ends_nothing(h: Harness) -> None:
+    h.add_user()
+    first = await h.login()
+    await h.auth.refresh_token(refresh_token=first.refresh_token)
+    raw = bytearray(base64.urlsafe_b64decode(first.refresh_token[3:]))
+    raw[-1] ^= 1  # the tag
+    forged = "rt_" + base64.urlsafe_b64encode(bytes(raw)).decode()
+    with pytest.raises(RefreshTokenInvalid):
+        await h.auth.refresh_token(refresh_token=forged)
+    (session,) = h.db.sessions.values()
+    assert session.revoke_time is None
+    assert h.db.notifications == []
+
+
+async def test_a_token_from_before_the_chain_works_once_and_is_reuse_after(h: Harness) -> None:
+    ann = h.add_user()
+    secret = bytes(range(32))
+    legacy = "rt_" + base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
+    async with h.db.uow() as uow:
+        session = uow.sessions.add_legacy_session(
+            ann.id,
+            h.built.revoker.lifetimes.now() + timedelta(seconds=REFRESH_TTL_SECONDS),
+            hashlib.sha256(secret).digest(),
+        )
+        await uow.commit()
+    refreshed = await h.auth.refresh_token(refresh_token=legacy)
+    assert await h.session_id(refreshed) == session.id
+    assert _generation_of(refreshed.refresh_token) == 1
+    again = await h.auth.refresh_token(refresh_token=refreshed.refresh_token)
+    with pytest.raises(RefreshTokenInvalid):
+        await h.auth.refresh_token(refresh_token=legacy)
+    assert h.db.sessions[session.id].revoke_reason is RevokeReason.REFRESH_TOKEN_REUSE
+    with pytest.raises(RefreshTokenInvalid):
+        await h.auth.refresh_token(refresh_token=again.refresh_token)

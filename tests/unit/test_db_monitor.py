@@ -26,7 +26,11 @@ class FakeConnection:
         if self.closed or self.broken or not self._database.up:
             raise ConnectionResetError("connection lost")
         if self._database.hang:
-            await asyncio.Event().wait()
+            # Answers once the database stops hanging (late), unless the
+            # monitor gives up first.
+            await self._database.answering.wait()
+            if self.closed or not self._database.up:
+                raise ConnectionResetError("connection lost")
         self._database.statements.append(query)
         return "SELECT 1"
 
@@ -45,9 +49,21 @@ class FakeDatabase:
 
     def __init__(self) -> None:
         self.up = True
-        self.hang = False
+        self.answering = asyncio.Event()
+        self.answering.set()
         self.connections: list[FakeConnection] = []
         self.statements: list[str] = []
+
+    @property
+    def hang(self) -> bool:
+        return not self.answering.is_set()
+
+    @hang.setter
+    def hang(self, hanging: bool) -> None:
+        if hanging:
+            self.answering.clear()
+        else:
+            self.answering.set()
 
     async def connect(self) -> FakeConnection:
         if not self.up:
@@ -178,16 +194,190 @@ async def test_a_killed_connection_is_replaced_without_the_database_counting_as_
     assert len(database.connections) == 2
 
 
-async def test_a_database_that_never_answers_counts_as_down_after_the_timeout(
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def slow_monitor(
+    database: FakeDatabase, monitors: list[DatabaseMonitor], clock: FakeClock
+) -> DatabaseMonitor:
+    """Late after 0.02 s; trips on 3 late probes in a row over 10 s."""
+    monitor = DatabaseMonitor(
+        database.connect,
+        interval=3600.0,
+        timeout=0.02,
+        slow_misses=3,
+        slow_seconds=10.0,
+        clock=clock,
+    )
+    monitors.append(monitor)
+    return monitor
+
+
+async def late_probes(monitor: DatabaseMonitor, clock: FakeClock, *gaps: float) -> list[bool]:
+    """One probe after each gap (seconds on the fake clock); what each said."""
+    said = []
+    for gap in gaps:
+        clock.now += gap
+        said.append(await monitor.probe())
+    return said
+
+
+async def test_a_database_that_never_answers_counts_as_down_once_it_has_been_late_long_enough(
     database: FakeDatabase, monitors: list[DatabaseMonitor]
 ) -> None:
-    monitor = make_monitor(database, monitors, timeout=0.05)
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
     await monitor.start()
 
     database.hang = True
-    available = await monitor.probe()
+    said = await late_probes(monitor, clock, 0, 5, 4.9, 0.1)
 
-    assert not available
+    assert said == [True, True, True, False]
+    assert monitor.late_probes == 4
+
+
+async def test_late_probes_in_quick_succession_do_not_trip_before_the_window(
+    database: FakeDatabase, monitors: list[DatabaseMonitor]
+) -> None:
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
+    await monitor.start()
+
+    database.hang = True
+    said = await late_probes(monitor, clock, *([0.5] * 19))
+
+    assert said == [True] * 19
+    monitor.ensure_available()
+
+
+async def test_a_long_window_with_too_few_late_probes_does_not_trip(
+    database: FakeDatabase, monitors: list[DatabaseMonitor]
+) -> None:
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
+    await monitor.start()
+
+    database.hang = True
+    said = await late_probes(monitor, clock, 0, 60)
+
+    assert said == [True, True]
+
+
+async def test_one_answer_in_time_ends_the_streak_of_late_probes(
+    database: FakeDatabase, monitors: list[DatabaseMonitor]
+) -> None:
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
+    await monitor.start()
+
+    database.hang = True
+    before = await late_probes(monitor, clock, 0, 5)
+    database.hang = False
+    answered = await late_probes(monitor, clock, 1)
+    database.hang = True
+    after = await late_probes(monitor, clock, 1, 5, 3.9)
+
+    # 15 s of mostly late probes, but never 10 s of them in a row.
+    assert (before, answered, after) == ([True, True], [True], [True, True, True])
+
+
+async def test_a_refused_connection_trips_at_once_even_in_a_streak_of_late_probes(
+    database: FakeDatabase, monitors: list[DatabaseMonitor]
+) -> None:
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
+    await monitor.start()
+
+    database.hang = True
+    late = await late_probes(monitor, clock, 0, 1)
+    database.hang = False
+    database.up = False
+    refused = await late_probes(monitor, clock, 0.1)
+
+    assert (late, refused) == ([True, True], [False])
+
+
+async def test_late_probes_keep_a_tripped_breaker_open_and_an_answer_closes_it(
+    database: FakeDatabase, monitors: list[DatabaseMonitor]
+) -> None:
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
+    changes = Changes()
+    monitor.add_listener(changes)
+    await monitor.start()
+
+    database.up = False
+    down = await late_probes(monitor, clock, 0)
+    database.up = True
+    database.hang = True
+    late = await late_probes(monitor, clock, 1)
+    database.hang = False
+    back = await late_probes(monitor, clock, 1)
+
+    assert (down, late, back) == ([False], [False], [True])
+    assert changes.seen == [False, True]
+
+
+async def test_a_slow_connect_counts_as_late_not_as_refused(
+    database: FakeDatabase, monitors: list[DatabaseMonitor]
+) -> None:
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
+    await monitor.start()
+
+    async def connect_timing_out() -> FakeConnection:
+        raise TimeoutError  # what asyncpg.connect raises after its timeout
+
+    monitor._connect = connect_timing_out
+    database.connections[0].broken = True
+    said = await late_probes(monitor, clock, 0, 5, 5)
+
+    assert said == [True, True, False]
+
+
+async def test_late_probes_wait_for_the_same_answer_instead_of_opening_connections(
+    database: FakeDatabase, monitors: list[DatabaseMonitor]
+) -> None:
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
+    await monitor.start()
+
+    database.hang = True
+    late = await late_probes(monitor, clock, 1, 1, 1, 1)
+    database.hang = False
+    answered = await late_probes(monitor, clock, 1)
+
+    assert (late, answered) == ([True] * 4, [True])
+    assert len(database.connections) == 1
+    assert database.statements == ["SELECT 1"] * 2  # start's, then the late one's
+
+
+async def test_an_answer_missing_for_the_whole_window_is_given_up_with_its_connection(
+    database: FakeDatabase, monitors: list[DatabaseMonitor]
+) -> None:
+    clock = FakeClock()
+    monitor = slow_monitor(database, monitors, clock)
+    await monitor.start()
+
+    database.hang = True
+    said = await late_probes(monitor, clock, 0, 5, 5)
+    given_up = database.connections[0].closed
+    again = await late_probes(monitor, clock, 1)
+
+    assert (said, given_up, again) == ([True, True, False], True, [False])
+    assert len(database.connections) == 2
+
+
+def test_an_unusable_slow_window_is_refused(database: FakeDatabase) -> None:
+    with pytest.raises(ValueError, match="slow_misses"):
+        DatabaseMonitor(database.connect, interval=1.0, timeout=1.0, slow_misses=0)
+    with pytest.raises(ValueError, match="slow_seconds"):
+        DatabaseMonitor(database.connect, interval=1.0, timeout=1.0, slow_seconds=-1)
 
 
 async def test_a_reported_failure_runs_a_probe_before_the_interval_is_up(

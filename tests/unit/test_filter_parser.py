@@ -411,3 +411,29 @@ def test_order_by_never_raises_anything_but_invalid_argument(text: str) -> None:
     else:
         fields = ["order_by"]
     assert fields == ["order_by"]
+
+
+@pytest.mark.parametrize(
+    ("text", "op", "value"),
+    [
+        ("email_verified = true", Op.EQ, True),
+        ('email_verified = "false"', Op.EQ, False),
+        ("email_verified != true", Op.NE, True),
+    ],
+)
+def test_email_verified_compares_with_a_boolean(text: str, op: Op, value: bool) -> None:
+    assert parse_filter(text) == Filter((Comparison(FilterField.EMAIL_VERIFIED, op, value),))
+
+
+@pytest.mark.parametrize(
+    "text", ["email_verified = yes", "email_verified < true", "email_verified : true"]
+)
+def test_email_verified_with_another_literal_or_operator_is_invalid(text: str) -> None:
+    with pytest.raises(InvalidArgument):
+        parse_filter(text)
+
+
+def test_an_email_verified_filter_formats_back_to_itself() -> None:
+    parsed = parse_filter('email_verified = "true" AND state = STATE_ACTIVE')
+
+    assert parse_filter(format_filter(parsed)) == parsed

@@ -177,3 +177,22 @@ def test_the_search_stays_linear_with_many_secrets() -> None:
     text = "\n".join(f"line {n} " + secrets.token_hex(60) for n in range(2_000))
 
     assert list(ledger.search(text + planted)) == [("access token", planted)]
+
+
+def test_a_reset_code_from_a_response_is_found_in_any_case(sweep: LogSweep) -> None:
+    from usersvc.services.account_codes import new_code
+
+    code = new_code()
+    sweep.ledger.add_message(user_service_pb2.CreatePasswordResetCodeResponse(code=code))
+    logging.getLogger(LOGGER).info("reset requested with %s", code.lower())
+
+    assert kinds(sweep) == ["code"]
+
+
+def test_a_code_shaped_word_nobody_issued_passes(sweep: LogSweep) -> None:
+    from usersvc.services.account_codes import new_code
+
+    sweep.ledger.add_message(user_service_pb2.VerifyEmailRequest(code=new_code()))
+    logging.getLogger(LOGGER).info("DATABASE state HEALTHY")
+
+    assert kinds(sweep) == []

@@ -5,6 +5,7 @@ Real bcrypt at cost 4 (about a millisecond)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -227,3 +228,53 @@ async def test_a_lock_is_logged_with_the_user_id_and_never_the_password(
     locks = [r for r in caplog.records if "locked" in r.getMessage()]
     assert [getattr(r, "user_id", None) for r in locks] == [str(user.id)]
     assert not any(WRONG in r.getMessage() or WRONG in str(r.__dict__) for r in caplog.records)
+
+
+async def test_the_right_password_for_a_disabled_account_counts_nothing(h: Harness) -> None:
+    user = h.add_user(disabled=True)
+    for _ in range(POLICY.max_failures + 1):
+        assert not await h.login_works()
+    row = h.db.rows[user.id]
+    assert (row.failed_login_count, row.lock_count, row.locked_until) == (0, 0, None)
+
+
+async def test_a_right_password_checked_while_others_locked_the_account_is_refused(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Wrong guesses that finish while the right one is being checked lock
+    # the account first: the right one is then refused, as if it had come
+    # after them, and no session starts.
+    user = h.add_user()
+    hasher = h.auth._hasher
+    check = hasher.verify
+
+    async def verify_while_others_lock(password: str, password_hash: str) -> bool:
+        matches = await check(password, password_hash)
+        if password == PASSWORD:
+            await h.fail(POLICY.max_failures)
+        return matches
+
+    monkeypatch.setattr(hasher, "verify", verify_while_others_lock)
+    assert not await h.login_works()
+    assert h.db.sessions == {}
+    assert h.db.rows[user.id].lock_count == 1
+
+
+async def test_a_login_cancelled_during_its_check_counts_nothing(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = h.add_user()
+    checking = asyncio.Event()
+
+    async def endless_verify(password: str, password_hash: str) -> bool:
+        checking.set()
+        await asyncio.Event().wait()  # never finishes: the caller gives up first
+        return False
+
+    monkeypatch.setattr(h.auth._hasher, "verify", endless_verify)
+    attempt = asyncio.create_task(h.auth.login(email="ann@example.com", password=WRONG))
+    await checking.wait()
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    assert h.db.rows[user.id].failed_login_count == 0

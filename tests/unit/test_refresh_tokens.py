@@ -17,48 +17,107 @@ from usersvc.adapters.revocation_channel import (
     parse_payload,
     payloads,
 )
+from usersvc.domain.ports import RefreshChain
 from usersvc.domain.revocations import REVOCATION_MARGIN
 from usersvc.services.sessions import (
     SessionLifetimes,
-    new_refresh_token,
-    refresh_token_hash,
+    issue_refresh_token,
+    new_refresh_secret,
+    new_tag_key,
+    parse_refresh_token,
     session_id_of,
 )
 
-TOKEN_SHAPE = re.compile(r"rt_[A-Za-z0-9_-]{43}")
+TOKEN_SHAPE = re.compile(r"rt_[A-Za-z0-9_-]{96}")
+SESSION = uuid.UUID("0190f3c1-0000-7000-8000-000000000001")
 
 
-def test_a_refresh_token_is_rt_and_43_base64url_characters() -> None:
-    assert TOKEN_SHAPE.fullmatch(new_refresh_token().value)
+def new_token(generation: int = 1, key: bytes | None = None) -> tuple[str, bytes, RefreshChain]:
+    """A token of ``generation``, the hash of its secret, and its chain."""
+    secret = new_refresh_secret()
+    chain = RefreshChain(generation, key or new_tag_key())
+    return issue_refresh_token(SESSION, chain, secret), secret.token_hash, chain
+
+
+def test_a_refresh_token_is_rt_and_96_base64url_characters() -> None:
+    assert TOKEN_SHAPE.fullmatch(new_token()[0])
 
 
 def test_two_refresh_tokens_differ() -> None:
-    assert new_refresh_token().value != new_refresh_token().value
+    assert new_token()[0] != new_token()[0]
+
+
+def test_a_token_carries_its_session_generation_and_the_hash_of_its_secret() -> None:
+    token, token_hash, chain = new_token(generation=7)
+    presented = parse_refresh_token(token)
+    assert presented is not None
+    assert (presented.session_id, presented.generation, presented.token_hash) == (
+        SESSION,
+        7,
+        token_hash,
+    )
+    assert presented.issued_in(chain)
 
 
 def test_the_stored_hash_is_the_sha256_of_the_32_random_bytes() -> None:
-    token = new_refresh_token()
-    secret = base64.urlsafe_b64decode(token.value[3:] + "=")
-    assert (len(secret), token.token_hash) == (32, hashlib.sha256(secret).digest())
+    secret = new_refresh_secret()
+    assert (len(secret.value), secret.token_hash) == (32, hashlib.sha256(secret.value).digest())
 
 
-def test_hashing_a_presented_token_finds_the_stored_hash() -> None:
-    token = new_refresh_token()
-    assert refresh_token_hash(token.value) == token.token_hash
+def test_a_retired_generation_is_recognised_by_its_tag() -> None:
+    key = new_tag_key()
+    old, _, _ = new_token(generation=3, key=key)
+    presented = parse_refresh_token(old)
+    assert presented is not None
+    assert presented.issued_in(RefreshChain(9, key))
 
 
-def test_a_refresh_token_never_shows_in_its_repr() -> None:
-    token = new_refresh_token()
-    assert token.value not in repr(token)
-    assert token.token_hash.hex() not in repr(token)
+def test_a_made_up_generation_or_another_key_is_not_issued_in_the_chain() -> None:
+    key = new_tag_key()
+    token, _, _ = new_token(generation=3, key=key)
+    presented = parse_refresh_token(token)
+    assert presented is not None
+    # A later generation than the chain's, another session's key, a
+    # tampered tag.
+    assert not presented.issued_in(RefreshChain(2, key))
+    assert not presented.issued_in(RefreshChain(3, new_tag_key()))
+    raw = bytearray(base64.urlsafe_b64decode(token[3:]))
+    raw[-1] ^= 1
+    tampered = parse_refresh_token("rt_" + base64.urlsafe_b64encode(bytes(raw)).decode())
+    assert tampered is not None
+    assert not tampered.issued_in(RefreshChain(3, key))
+
+
+def test_a_token_from_before_the_chain_is_known_by_its_hash() -> None:
+    secret = new_refresh_secret()
+    legacy = "rt_" + base64.urlsafe_b64encode(secret.value).rstrip(b"=").decode()
+    presented = parse_refresh_token(legacy)
+    assert presented is not None
+    assert (presented.legacy_hash, presented.session_id) == (secret.token_hash, None)
+
+
+def test_a_refresh_secret_never_shows_in_its_repr() -> None:
+    secret = new_refresh_secret()
+    assert secret.value.hex() not in repr(secret)
+    assert secret.token_hash.hex() not in repr(secret)
+    token, token_hash, _ = new_token()
+    presented = parse_refresh_token(token)
+    assert token_hash.hex() not in repr(presented)
 
 
 def _noncanonical(token: str) -> str:
-    # The last character carries 4 unused bits; flipping one of them decodes
-    # to the same bytes.
+    # The last character of a 43-character legacy token carries 4 unused
+    # bits; flipping one of them decodes to the same bytes.
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    index = alphabet.index(token[-1])
-    return token[:-1] + alphabet[index ^ 1]
+    legacy = "rt_" + base64.urlsafe_b64encode(bytes(32)).rstrip(b"=").decode()
+    index = alphabet.index(legacy[-1])
+    return legacy[:-1] + alphabet[index ^ 1]
+
+
+def _generation(token: str, generation: int) -> str:
+    raw = bytearray(base64.urlsafe_b64decode(token[3:]))
+    raw[16:24] = generation.to_bytes(8, "big")
+    return "rt_" + base64.urlsafe_b64encode(bytes(raw)).decode()
 
 
 @pytest.mark.parametrize(
@@ -76,6 +135,8 @@ def _noncanonical(token: str) -> str:
         lambda t: t.replace("rt_", "RT_"),
         lambda t: " " + t[:-1],
         _noncanonical,
+        lambda t: _generation(t, 0),
+        lambda t: _generation(t, 2**63),
         lambda t: "eyJhbGciOiJFZERTQSJ9.e30.sig",
     ],
     ids=[
@@ -91,12 +152,14 @@ def _noncanonical(token: str) -> str:
         "upper-case prefix",
         "leading space",
         "non-canonical last character",
+        "generation 0",
+        "generation beyond bigint",
         "a JWT",
     ],
 )
-def test_anything_but_an_issued_shape_has_no_hash(make: object) -> None:
+def test_anything_but_an_issued_shape_is_refused(make: object) -> None:
     assert callable(make)
-    assert refresh_token_hash(make(new_refresh_token().value)) is None
+    assert parse_refresh_token(make(new_token()[0])) is None
 
 
 def test_a_session_id_must_be_a_uuid() -> None:

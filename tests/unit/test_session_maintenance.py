@@ -46,8 +46,12 @@ class Harness:
     async def session_expired_for(self, age: timedelta) -> uuid.UUID:
         """A session whose expire_time lies ``age`` before now."""
         async with self.db.uow() as uow:
-            session = await uow.sessions.create(self.user.id, self.lifetimes.now() - age)
-            await uow.sessions.add_refresh_token(session.id, uuid.uuid4().bytes * 2)
+            session = await uow.sessions.create(
+                self.user.id,
+                self.lifetimes.now() - age,
+                refresh_hash=uuid.uuid4().bytes * 2,
+                tag_key=uuid.uuid4().bytes * 2,
+            )
             await uow.commit()
         return session.id
 
@@ -65,11 +69,11 @@ async def test_a_session_expired_longer_than_an_access_token_lives_is_deleted() 
     assert old not in h.db.sessions
 
 
-async def test_a_deleted_sessions_refresh_tokens_go_with_it() -> None:
+async def test_a_deleted_sessions_refresh_chain_goes_with_it() -> None:
     h = Harness()
     await h.session_expired_for(KEEP + timedelta(seconds=1))
     await h.maintenance.run_once()
-    assert h.db.refresh_tokens == {}
+    assert h.db.refresh_chains == {}
 
 
 async def test_a_session_that_expired_recently_is_kept() -> None:

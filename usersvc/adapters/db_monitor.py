@@ -8,6 +8,21 @@ makes the database look down): ``SELECT 1`` within ``timeout``. A probe that
 fails on the kept connection is retried at once on a fresh one (a killed
 backend is not an outage); only when that fails too is the database down.
 
+Slow is not down. A probe that fails with a connection error (refused,
+reset, closed by a shutting-down server, a refused login) means down at
+once. A probe that only runs out of time (the server's socket accepts, the
+answer is late: PostgreSQL or the whole machine starved of CPU, a stalled
+disk) is a miss; misses trip the breaker only when they go on: at least
+``slow_misses`` probes in a row over at least ``slow_seconds``. A late
+probe is not abandoned: its query (or connect) goes on, and the next
+probes wait for that same answer instead of starting another, so a
+starved machine is not also asked for a new connection every interval; an
+answer, however late, ends the streak. Only an answer still missing after
+``slow_seconds`` is given up (connection dropped, a fresh one next). So a
+saturated machine never turns into refused calls, a stopped PostgreSQL
+still trips within one interval, and one that accepts connections but
+never answers is noticed after ``slow_seconds``.
+
 While it is down, ``ensure_available`` raises DatabaseUnavailable at once:
 a unit of work does not wait for a connect timeout or a pool timeout to
 learn what the monitor already knows (a circuit breaker, open). The probes
@@ -24,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -39,6 +56,17 @@ logger = logging.getLogger(__name__)
 MONITOR_APPLICATION_NAME = "usersvc-health"
 # However many calls report failures, probes keep at least this far apart.
 MIN_PROBE_GAP_SECONDS = 0.05
+# Probes that only time out trip the breaker once this many in a row have,
+# over at least this long.
+SLOW_MISSES = 3
+SLOW_SECONDS = 10.0
+
+
+class ProbeResult(enum.Enum):
+    ANSWERED = "answered"
+    REFUSED = "refused"  # a connection error: the database is down
+    LATE = "late"  # no answer within the timeout: slow, or hanging
+
 
 Connector = Callable[[], Awaitable[Any]]  # -> asyncpg.Connection
 Listener = Callable[[bool], Awaitable[None]]
@@ -65,9 +93,27 @@ class DatabaseMonitor:
         interval: float,
         timeout: float,
         close_timeout: float = 2.0,
+        slow_misses: int = SLOW_MISSES,
+        slow_seconds: float = SLOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """Late probes trip the breaker after ``slow_misses`` in a row over
+        at least ``slow_seconds`` (by ``clock``). Raises ValueError for a
+        non-positive interval or timeout, fewer than one miss or a negative
+        window."""
         if interval <= 0 or timeout <= 0:
             raise ValueError("the probe interval and timeout must be positive")
+        if slow_misses < 1 or slow_seconds < 0:
+            raise ValueError("need slow_misses >= 1 and slow_seconds >= 0")
+        self._slow_misses = slow_misses
+        self._slow_seconds = slow_seconds
+        self._clock = clock
+        self._late_since: float | None = None
+        self._late_count = 0
+        # The probe query still running after its probe gave up waiting,
+        # and since when: the next probes wait for it.
+        self._pending: asyncio.Task[ProbeResult] | None = None
+        self._pending_since = 0.0
         self._connect = connect
         self._interval = interval
         self._timeout = timeout
@@ -80,6 +126,7 @@ class DatabaseMonitor:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.probes = 0  # probes run; observable by tests and metrics
+        self.late_probes = 0  # probes that ran out of time
 
     @classmethod
     def for_database(cls, settings: Settings, database_url: str) -> DatabaseMonitor:
@@ -90,9 +137,10 @@ class DatabaseMonitor:
         arguments = asyncpg_connect_arguments(
             database_url, settings, application_name=MONITOR_APPLICATION_NAME
         )
-        # A probe's connect is bounded by the probe's timeout, not by the
-        # connect timeout meant for the pool.
-        arguments["timeout"] = settings.db_probe_timeout_seconds
+        # A probe waits only its timeout, but a connect that is merely slow
+        # may finish in the background (see the module's docstring): bounded
+        # by the slow window, not by the connect timeout meant for the pool.
+        arguments["timeout"] = max(settings.db_probe_timeout_seconds, SLOW_SECONDS)
 
         async def connect() -> Any:
             return await asyncpg.connect(**arguments)
@@ -143,6 +191,7 @@ class DatabaseMonitor:
         if task is not None:
             task.cancel()
             await asyncio.wait({task})
+        self._drop_pending()
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed():
             try:
@@ -156,16 +205,56 @@ class DatabaseMonitor:
         listeners of a change). Returns whether it is available. Raises
         nothing but CancelledError."""
         self.probes += 1
+        if self._pending is None:
+            self._pending = asyncio.create_task(self._select_one(), name="usersvc-db-probe")
+            self._pending_since = self._clock()
+        pending = self._pending
         try:
             async with asyncio.timeout(self._timeout):
-                available = await self._select_one()
+                result = await asyncio.shield(pending)
         except TimeoutError:
-            available = False
-            self._discard()
-        await self._set(available)
-        return available
+            result = ProbeResult.LATE
+            if self._clock() - self._pending_since >= self._slow_seconds:
+                # No answer for the whole window: give up on it, and on its
+                # connection; the next probe starts afresh.
+                self._drop_pending()
+        else:
+            self._pending = None
+        await self._set(self._judge(result))
+        return self._available
 
-    async def _select_one(self) -> bool:
+    def _drop_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.done():
+            pending.cancel()
+            self._discard()
+
+    def _judge(self, result: ProbeResult) -> bool:
+        """Availability after a probe's result: the state machine."""
+        if result is ProbeResult.ANSWERED:
+            self._late_since, self._late_count = None, 0
+            return True
+        if result is ProbeResult.REFUSED:
+            self._late_since, self._late_count = None, 0
+            return False
+        self.late_probes += 1
+        now = self._clock()
+        if self._late_since is None:
+            self._late_since = now
+        self._late_count += 1
+        if self._late_count >= self._slow_misses and now - self._late_since >= self._slow_seconds:
+            return False
+        if self._available and self._late_count == 1:
+            logger.warning(
+                "database probe got no answer within %.2f s; "
+                "counted as down only if that goes on for %.0f s",
+                self._timeout,
+                self._slow_seconds,
+            )
+        # A late answer proves nothing either way: the state stays.
+        return self._available
+
+    async def _select_one(self) -> ProbeResult:
         if self._connection is not None:
             try:
                 await self._connection.execute("SELECT 1")
@@ -174,18 +263,22 @@ class DatabaseMonitor:
                 # fine, which a new connection shows.
                 self._discard()
             else:
-                return True
+                return ProbeResult.ANSWERED
         try:
             self._connection = await self._connect()
             await self._connection.execute("SELECT 1")
+        except TimeoutError:
+            # asyncpg's own connect timeout: as late as the probe's.
+            self._discard()
+            return ProbeResult.LATE
         except Exception as exc:
             # Whatever stops a fresh connection from answering (refused,
             # unreachable, shutting down, refused login) means: not usable.
             self._discard()
             if self._available:
                 logger.warning("database probe failed: %s: %s", type(exc).__name__, exc)
-            return False
-        return True
+            return ProbeResult.REFUSED
+        return ProbeResult.ANSWERED
 
     def _discard(self) -> None:
         connection, self._connection = self._connection, None

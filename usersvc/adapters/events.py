@@ -201,7 +201,7 @@ class SqlAlchemyEventRecorder:
 
     async def add_login_failure(self, email: str) -> None:
         """auth.login_failed for an attempt that found no account to check
-        (start_login_attempt returned None): cause "locked" with the user
+        (find_login found no account, or a locked one): cause "locked" with the user
         when an account has this email (case-insensitive), else
         "unknown_email" without a user. The email itself is not stored."""
         found = (

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -92,6 +93,10 @@ class UserRow(Base):
     )
     lock_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set by VerifyEmail, cleared whenever the email changes.
+    email_verified: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("false")
+    )
 
     __table_args__ = (
         # Also serves ORDER BY lower(email), id: lower(email) is unique, so the
@@ -147,6 +152,22 @@ class SessionRow(Base):
     # A usersvc.domain.models.RevokeReason value; free text in the schema so
     # that a new reason needs no migration.
     revoke_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The refresh token chain (usersvc.services.sessions), constant in size
+    # however often the session is refreshed: the generation of the one
+    # valid refresh token, the SHA-256 of its 256 random bits, and the key
+    # that authenticates every generation the session ever issued (so that
+    # a retired token presented again is recognised as one). Generation 0:
+    # a session from before the chain, whose one token is legacy_refresh_hash.
+    refresh_generation: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, server_default=text("0")
+    )
+    refresh_token_hash: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    refresh_tag_key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # The SHA-256 of the session's refresh token issued before the chain
+    # (migration 0006): usable while refresh_generation is 0, recognised as
+    # retired after. Looked up by hash, so indexed; NULL for every session
+    # created since.
+    legacy_refresh_hash: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     __table_args__ = (
         # Revoking a user's sessions and the cascade of a purge look rows up
@@ -154,33 +175,20 @@ class SessionRow(Base):
         # cascade to scan the table.
         Index("ix_sessions_user_id", user_id),
         Index("ix_sessions_expire_time", expire_time),
+        Index(
+            "ix_sessions_legacy_refresh_hash",
+            legacy_refresh_hash,
+            unique=True,
+            postgresql_where=legacy_refresh_hash.is_not(None),
+        ),
         CheckConstraint(
             "(revoke_time IS NULL) = (revoke_reason IS NULL)", name="revoke_reason_with_time"
         ),
-    )
-
-
-class RefreshTokenRow(Base):
-    """A refresh token, stored only as the SHA-256 of its 256 random bits: a
-    fast hash suffices for secrets nobody can guess, and the primary key
-    lookup is the comparison (no early-exit string compare on secrets)."""
-
-    __tablename__ = "refresh_tokens"
-
-    token_hash: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
-    session_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False
-    )
-    create_time: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
-    )
-    # Set when the token is rotated away; the row stays until the session
-    # expires, so that a replay is recognised as one (reuse detection).
-    use_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-    __table_args__ = (
-        Index("ix_refresh_tokens_session_id", session_id),
-        CheckConstraint("octet_length(token_hash) = 32", name="token_hash_sha256"),
+        CheckConstraint("octet_length(refresh_token_hash) = 32", name="refresh_token_hash_sha256"),
+        CheckConstraint("octet_length(refresh_tag_key) = 32", name="refresh_tag_key_length"),
+        CheckConstraint(
+            "octet_length(legacy_refresh_hash) = 32", name="legacy_refresh_hash_sha256"
+        ),
     )
 
 
@@ -202,12 +210,56 @@ class SessionRevocationRow(Base):
     __table_args__ = (Index("ix_session_revocations_expire_time", expire_time),)
 
 
+# The partial unique index that keeps one live code per user and kind; a
+# concurrent second insert waits on it instead of adding a second live code.
+USER_CODES_LIVE_INDEX = "uq_user_codes_live_user_id_kind"
+
+
+class UserCodeRow(Base):
+    """An email verification or password reset code, stored only as its
+    HMAC-SHA256 under a server key (usersvc.services.account_codes): the
+    table alone lets nobody use or guess a code."""
+
+    __tablename__ = "user_codes"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid7)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
+    # A usersvc.domain.codes.CodeKind value.
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    code_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    create_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    expire_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # Wrong codes presented while this one was live.
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    # At most one of these is set: consumed by a success, or voided (a newer
+    # code, too many wrong tries, an email change).
+    use_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    void_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        Index(
+            USER_CODES_LIVE_INDEX,
+            user_id,
+            kind,
+            unique=True,
+            postgresql_where=text("use_time IS NULL AND void_time IS NULL"),
+        ),
+        CheckConstraint("kind IN ('email_verification', 'password_reset')", name="kind_known"),
+        CheckConstraint("octet_length(code_hash) = 32", name="code_hash_sha256"),
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    )
+
+
 # Core handles for the repositories (typed as Table, which __table__ is not).
 users_table = cast(Table, UserRow.__table__)
 idempotency_keys_table = cast(Table, IdempotencyKeyRow.__table__)
 sessions_table = cast(Table, SessionRow.__table__)
-refresh_tokens_table = cast(Table, RefreshTokenRow.__table__)
 session_revocations_table = cast(Table, SessionRevocationRow.__table__)
+user_codes_table = cast(Table, UserCodeRow.__table__)
 
 
 # --- events: the audit trail and transactional outbox -------------------------

@@ -21,6 +21,7 @@ from typing import Self
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from usersvc.adapters.accounts import SqlAlchemyAccountRepository
 from usersvc.adapters.database_errors import ConstraintErrors, translate_database_errors
 from usersvc.adapters.db_monitor import DatabaseAvailability
 from usersvc.adapters.events import CallContextProvider, SqlAlchemyEventRecorder
@@ -34,6 +35,7 @@ from usersvc.adapters.repository.users import SqlAlchemyUserRepository
 from usersvc.domain.errors import DatabaseUnavailable, EmailAlreadyExists
 from usersvc.domain.event_ports import EventRecorder
 from usersvc.domain.ports import (
+    AccountRepository,
     IdempotencyKeyTaken,
     IdempotencyRepository,
     SessionRepository,
@@ -56,6 +58,7 @@ class SqlAlchemyUnitOfWork:
     users: UserRepository
     idempotency: IdempotencyRepository
     sessions: SessionRepository
+    accounts: AccountRepository
     events: EventRecorder
 
     def __init__(
@@ -85,6 +88,7 @@ class SqlAlchemyUnitOfWork:
         self.idempotency = SqlAlchemyIdempotencyRepository(self._session, self._call_context)
         self.sessions = SqlAlchemySessionRepository(self._session, self._call_context)
         self.events = SqlAlchemyEventRecorder(self._session, self._call_context)
+        self.accounts = SqlAlchemyAccountRepository(self._session, self._call_context)
         return self
 
     async def __aexit__(

@@ -44,6 +44,7 @@ STATUS_CODES: Mapping[type[domain.DomainError], grpc.StatusCode] = MappingProxyT
     {
         domain.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
         domain.WeakPassword: grpc.StatusCode.INVALID_ARGUMENT,
+        domain.CodeInvalid: grpc.StatusCode.INVALID_ARGUMENT,
         domain.UserNotFound: grpc.StatusCode.NOT_FOUND,
         domain.EmailAlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
         domain.EtagMismatch: grpc.StatusCode.ABORTED,

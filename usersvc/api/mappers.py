@@ -37,7 +37,9 @@ _STATES = {
 # AIP-134: the fields UpdateUser may change, and those a caller may read but
 # never write. A mask naming anything else is a caller bug, not a no-op.
 WRITABLE_FIELDS = ("email", "display_name", "labels", "roles")
-OUTPUT_ONLY_FIELDS = frozenset({"id", "state", "create_time", "update_time", "delete_time", "etag"})
+OUTPUT_ONLY_FIELDS = frozenset(
+    {"id", "state", "create_time", "update_time", "delete_time", "etag", "email_verified"}
+)
 _ALL_FIELDS = "*"
 # Every meaningful mask fits: four writable fields, or "*".
 MAX_UPDATE_MASK_PATHS = 10
@@ -65,6 +67,7 @@ def user_to_proto(user: User) -> user_pb2.User:
         create_time=_timestamp(user.create_time),
         update_time=_timestamp(user.update_time),
         etag=user.etag,
+        email_verified=user.email_verified,
     )
     if user.delete_time is not None:
         message.delete_time.CopyFrom(_timestamp(user.delete_time))
@@ -134,6 +137,7 @@ async def import_rows(
                 roles=tuple(user.roles),
                 labels=dict(user.labels),
                 create_time=_import_time(user) if user.HasField("create_time") else None,
+                email_verified=user.email_verified,
             )
 
 
@@ -194,10 +198,45 @@ def update_user_input(request: user_service_pb2.UpdateUserRequest) -> UpdateUser
     unknown or output only, "user.<field>" for an oversized field outside
     the mask.
     """
-    user = request.user
+    return _update_input(request.user, request.update_mask.paths)
+
+
+def batch_update_user_inputs(
+    request: user_service_pb2.BatchUpdateUsersRequest,
+) -> list[UpdateUserInput]:
+    """The service inputs of a BatchUpdateUsersRequest's items, in order:
+    each as update_user_input makes it, an item without an update_mask of
+    its own taking the request's.
+
+    Raises InvalidArgument: "update_mask" for a bad request mask; otherwise
+    every bad item's violations, named "requests[<i>].<field>", with
+    metadata "index" naming the first bad item.
+    """
+    hoisted = list(request.update_mask.paths)
+    if hoisted:
+        _selected_fields(hoisted, user_pb2.User())
+    inputs: list[UpdateUserInput] = []
+    violations: list[FieldViolation] = []
+    first_bad: int | None = None
+    for index, item in enumerate(request.requests):
+        try:
+            inputs.append(_update_input(item.user, list(item.update_mask.paths) or hoisted))
+        except InvalidArgument as exc:
+            violations.extend(
+                FieldViolation(f"requests[{index}].{v.field}", v.description)
+                for v in exc.violations
+            )
+            if first_bad is None:
+                first_bad = index
+    if violations:
+        raise InvalidArgument(violations, metadata={"index": str(first_bad)})
+    return inputs
+
+
+def _update_input(user: user_pb2.User, paths: Iterable[str]) -> UpdateUserInput:
     if not user.id:
         raise InvalidArgument.single("user.id", "required: the id of the user to update")
-    selected = _selected_fields(request.update_mask.paths, user)
+    selected = _selected_fields(paths, user)
     _check_unselected_sizes(user, selected)
     return UpdateUserInput(
         user_id=user.id,
@@ -270,6 +309,12 @@ def _is_set(user: user_pb2.User, name: str) -> bool:
     return bool(getattr(user, name))
 
 
+def issued_code_timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    """The wire form of a code's expire_time. Raises ValueError for a naive
+    time."""
+    return _timestamp(moment)
+
+
 # Users mapped between two returns to the event loop: a 4 MiB page of users
 # with many labels takes tens of milliseconds to map, about 1 ms per 32.
 USERS_PER_YIELD = 32
@@ -300,6 +345,26 @@ async def batch_get_users_response(
     """The BatchGetUsersResponse of ``users``, in order, letting other tasks
     run every USERS_PER_YIELD users. Raises ValueError as user_to_proto."""
     response = user_service_pb2.BatchGetUsersResponse()
+    await _fill(response.users, users)
+    return response
+
+
+async def batch_update_users_response(
+    users: Sequence[User],
+) -> user_service_pb2.BatchUpdateUsersResponse:
+    """The BatchUpdateUsersResponse of ``users``, in order, letting other
+    tasks run every USERS_PER_YIELD users. Raises ValueError as user_to_proto."""
+    response = user_service_pb2.BatchUpdateUsersResponse()
+    await _fill(response.users, users)
+    return response
+
+
+async def batch_delete_users_response(
+    users: Sequence[User],
+) -> user_service_pb2.BatchDeleteUsersResponse:
+    """The BatchDeleteUsersResponse of ``users``, in order, letting other
+    tasks run every USERS_PER_YIELD users. Raises ValueError as user_to_proto."""
+    response = user_service_pb2.BatchDeleteUsersResponse()
     await _fill(response.users, users)
     return response
 

@@ -10,6 +10,8 @@ GET_JWKS_METHOD = "/usersvc.v1.AuthService/GetJwks"
 # The refresh token itself is the credential: its holder has no access token.
 REFRESH_TOKEN_METHOD = "/usersvc.v1.AuthService/RefreshToken"  # noqa: S105 - a method name
 CREATE_USER_METHOD = "/usersvc.v1.UserService/CreateUser"
+# The reset code is the credential: its holder has lost the password.
+RESET_PASSWORD_METHOD = "/usersvc.v1.UserService/ResetPassword"  # noqa: S105 - a method name
 
 # Whole services: health checks (load balancers, `usersvc healthcheck`) and
 # reflection (`grpcurl list`) carry no credentials.
@@ -27,7 +29,7 @@ class PublicMethods:
     __slots__ = ("_methods",)
 
     def __init__(self, allow_signup: bool) -> None:
-        methods = {LOGIN_METHOD, GET_JWKS_METHOD, REFRESH_TOKEN_METHOD}
+        methods = {LOGIN_METHOD, GET_JWKS_METHOD, REFRESH_TOKEN_METHOD, RESET_PASSWORD_METHOD}
         if allow_signup:
             methods.add(CREATE_USER_METHOD)
         self._methods = frozenset(methods)

@@ -16,8 +16,11 @@ from usersvc_protos.v1 import user_service_pb2 as pb
 from usersvc_protos.v1 import user_service_pb2_grpc
 from usersvc.api import mappers
 from usersvc.api.context import current_principal
+from usersvc.services.batch_writes import DeleteItem
 
 if TYPE_CHECKING:
+    from usersvc.services.account_codes import AccountCodeService
+    from usersvc.services.batch_writes import BatchWriteService
     from usersvc.services.users import UserService
 
 _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -26,8 +29,29 @@ _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     """Every method raises what the service raises (usersvc.domain.errors)."""
 
-    def __init__(self, user_service: UserService) -> None:
+    def __init__(
+        self,
+        user_service: UserService,
+        *,
+        account_codes: AccountCodeService | None = None,
+        batch_writes: BatchWriteService | None = None,
+    ) -> None:
+        """``account_codes`` and ``batch_writes`` serve the code and batch
+        write methods; a composition without them (unit tests of the other
+        methods) answers those methods with INTERNAL."""
         self._users = user_service
+        self._account_codes = account_codes
+        self._batch_writes = batch_writes
+
+    def _codes(self) -> AccountCodeService:
+        if self._account_codes is None:
+            raise RuntimeError("the account code service is not wired")
+        return self._account_codes
+
+    def _batches(self) -> BatchWriteService:
+        if self._batch_writes is None:
+            raise RuntimeError("the batch write service is not wired")
+        return self._batch_writes
 
     async def CreateUser(
         self, request: pb.CreateUserRequest, context: _Context
@@ -132,3 +156,56 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             principal=current_principal(), rows=mappers.import_rows(request_iterator)
         )
         return mappers.import_users_response(result)
+
+    async def BatchUpdateUsers(
+        self, request: pb.BatchUpdateUsersRequest, context: _Context
+    ) -> pb.BatchUpdateUsersResponse:
+        users = await self._batches().batch_update_users(
+            principal=current_principal(), requests=mappers.batch_update_user_inputs(request)
+        )
+        return await mappers.batch_update_users_response(users)
+
+    async def BatchDeleteUsers(
+        self, request: pb.BatchDeleteUsersRequest, context: _Context
+    ) -> pb.BatchDeleteUsersResponse:
+        users = await self._batches().batch_delete_users(
+            principal=current_principal(),
+            requests=[DeleteItem(item.id, item.etag) for item in request.requests],
+        )
+        return await mappers.batch_delete_users_response(users)
+
+    async def CreateEmailVerificationCode(
+        self, request: pb.CreateEmailVerificationCodeRequest, context: _Context
+    ) -> pb.CreateEmailVerificationCodeResponse:
+        issued = await self._codes().create_email_verification_code(
+            principal=current_principal(), user_id=request.id
+        )
+        return pb.CreateEmailVerificationCodeResponse(
+            code=issued.code, expire_time=mappers.issued_code_timestamp(issued.expire_time)
+        )
+
+    async def VerifyEmail(
+        self, request: pb.VerifyEmailRequest, context: _Context
+    ) -> pb.VerifyEmailResponse:
+        user = await self._codes().verify_email(
+            principal=current_principal(), user_id=request.id, code=request.code
+        )
+        return pb.VerifyEmailResponse(user=mappers.user_to_proto(user))
+
+    async def CreatePasswordResetCode(
+        self, request: pb.CreatePasswordResetCodeRequest, context: _Context
+    ) -> pb.CreatePasswordResetCodeResponse:
+        issued = await self._codes().create_password_reset_code(
+            principal=current_principal(), email=request.email
+        )
+        return pb.CreatePasswordResetCodeResponse(
+            code=issued.code, expire_time=mappers.issued_code_timestamp(issued.expire_time)
+        )
+
+    async def ResetPassword(
+        self, request: pb.ResetPasswordRequest, context: _Context
+    ) -> pb.ResetPasswordResponse:
+        await self._codes().reset_password(
+            email=request.email, code=request.code, new_password=request.new_password
+        )
+        return pb.ResetPasswordResponse()

@@ -23,6 +23,7 @@ from usersvc.client.credentials import (
     TokenEndpoint,
 )
 from usersvc.client.errors import (
+    CodeInvalid,
     DatabaseUnavailable,
     DeadlineExceeded,
     EmailAlreadyExists,
@@ -49,6 +50,7 @@ from usersvc.client.errors import (
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
     "BearerCredentials",
+    "CodeInvalid",
     "DatabaseUnavailable",
     "DeadlineExceeded",
     "EmailAlreadyExists",

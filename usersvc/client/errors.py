@@ -27,6 +27,7 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 REQUEST_ID_KEY = "x-request-id"
 
 __all__ = [
+    "CodeInvalid",
     "DatabaseUnavailable",
     "DeadlineExceeded",
     "EmailAlreadyExists",
@@ -134,6 +135,11 @@ class WeakPassword(InvalidArgument):
     """INVALID_ARGUMENT: the password is too short, too long or too common."""
 
 
+class CodeInvalid(InvalidArgument):
+    """INVALID_ARGUMENT: the verification or reset code is wrong, used,
+    expired or void (or the email of a reset is unknown: the same answer)."""
+
+
 class UserNotFound(UsersvcError):
     """NOT_FOUND: no such user (or deleted, for non-admins)."""
 
@@ -192,6 +198,7 @@ _BY_REASON: Mapping[str, type[UsersvcError]] = MappingProxyType(
     {
         "INVALID_ARGUMENT": InvalidArgument,
         "WEAK_PASSWORD": WeakPassword,
+        "CODE_INVALID": CodeInvalid,
         "USER_NOT_FOUND": UserNotFound,
         "EMAIL_ALREADY_EXISTS": EmailAlreadyExists,
         "ETAG_MISMATCH": EtagMismatch,

@@ -67,3 +67,4 @@ class ImportedUser:
     roles: tuple[str, ...]
     labels: Mapping[str, str]
     create_time: datetime | None = None
+    email_verified: bool = False

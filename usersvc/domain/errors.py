@@ -53,6 +53,28 @@ class WeakPassword(InvalidArgument):
     default_message = "password rejected"
 
 
+class CodeInvalid(InvalidArgument):
+    """A verification or reset code that is wrong, used, voided or
+    expired, a code of another user or kind, and an unknown email in
+    ResetPassword: one answer for all, so that it tells nothing."""
+
+    reason = "CODE_INVALID"
+    default_message = "the code is wrong, used, expired or void"
+
+    def __init__(
+        self,
+        violations: Sequence[FieldViolation] | None = None,
+        message: str | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ):
+        super().__init__(
+            violations or [FieldViolation("code", self.default_message)],
+            message or self.default_message,
+            metadata=metadata,
+        )
+
+
 class UserNotFound(DomainError):
     reason = "USER_NOT_FOUND"
     default_message = "user not found"

@@ -5,7 +5,7 @@ Grammar (whitespace between tokens is free)::
     filter     := "" | term ("AND" term)*          at most 20 terms, 2048 characters
     term       := field op value
     field      := email | display_name | state | roles | create_time
-                | labels | labels.<key>
+                | email_verified | labels | labels.<key>
     op         := "=" | "!=" | "<" | "<=" | ">" | ">=" | ":"
     value      := "double-quoted string" (escapes \\" and \\\\) | IDENT | "*"
 
@@ -23,6 +23,8 @@ What each comparison means (the repositories implement exactly this):
 - ``state``: ``=`` / ``!=`` with STATE_ACTIVE, STATE_DISABLED, STATE_DELETED
   (bare or quoted). Deleted users match only when the list shows deleted users.
 - ``roles``: only ``roles:"admin"`` (holds the role).
+- ``email_verified``: ``=`` / ``!=`` with ``true`` or ``false`` (bare or
+  quoted).
 - ``create_time``: ``=`` ... ``>=`` with a quoted RFC 3339 timestamp that
   names its offset ("2024-05-01T00:00:00Z"); parsed to an aware UTC datetime.
 - ``labels.<key>``: ``=`` compares the value (the key must be present);
@@ -71,8 +73,10 @@ _PLAIN_FIELDS = {
     "state": FilterField.STATE,
     "roles": FilterField.ROLES,
     "create_time": FilterField.CREATE_TIME,
+    "email_verified": FilterField.EMAIL_VERIFIED,
 }
-_FIELD_LIST = "create_time, display_name, email, labels.<key>, roles, state"
+_FIELD_LIST = "create_time, display_name, email, email_verified, labels.<key>, roles, state"
+_BOOLEANS = {"true": True, "false": False}
 _LABELS_PREFIX = "labels."
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
@@ -312,6 +316,8 @@ def _comparison(name: _Token, op: Op, value: _Token) -> Comparison:
         )
     if field is FilterField.STATE:
         return _state(op, value)
+    if field is FilterField.EMAIL_VERIFIED:
+        return _email_verified(op, value)
     if field is FilterField.ROLES:
         if op is not Op.HAS:
             raise _FilterSyntaxError(value.position, 'roles supports only ":" (e.g. roles:"admin")')
@@ -361,6 +367,15 @@ def _state(op: Op, value: _Token) -> Comparison:
             f"unknown state {value.text!r}; use one of {', '.join(_STATE_NAMES)}",
         )
     return Comparison(FilterField.STATE, op, state)
+
+
+def _email_verified(op: Op, value: _Token) -> Comparison:
+    if op not in (Op.EQ, Op.NE):
+        raise _FilterSyntaxError(value.position, "email_verified supports only = and !=")
+    flag = _BOOLEANS.get(value.text)
+    if flag is None:
+        raise _FilterSyntaxError(value.position, "email_verified compares with true or false")
+    return Comparison(FilterField.EMAIL_VERIFIED, op, flag)
 
 
 def _string(value: _Token, example: str) -> str:
@@ -419,6 +434,8 @@ def _format_term(term: Comparison) -> str:
         return f"labels.{term.label_key} {term.op.value} {_quote(str(value))}"
     if isinstance(value, UserState):
         literal = _STATE_LITERALS[value]
+    elif isinstance(value, bool):
+        literal = "true" if value else "false"
     elif isinstance(value, datetime):
         literal = _quote(value.isoformat())
     else:

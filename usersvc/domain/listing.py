@@ -45,11 +45,13 @@ class FilterField(enum.Enum):
     ROLES = "roles"
     CREATE_TIME = "create_time"
     LABELS = "labels"  # with label_key set: labels.<key>; without: labels:"key"
+    EMAIL_VERIFIED = "email_verified"
 
 
 # A literal: text for strings, a datetime for create_time, a UserState for
-# state; None with Op.HAS means "present" (``labels.team:*``).
-FilterValue = str | datetime | UserState | None
+# state, a bool for email_verified; None with Op.HAS means "present"
+# (``labels.team:*``).
+FilterValue = str | bool | datetime | UserState | None
 
 
 @dataclass(frozen=True, slots=True)

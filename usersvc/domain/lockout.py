@@ -6,11 +6,15 @@ applies this policy in one UPDATE statement, and this module says what that
 statement must compute (the unit tests' fakes and an integration test hold
 the two to the same numbers).
 
-- Every login attempt on an account that is not locked counts, before the
-  password is checked; the attempt that brings the count to
-  ``max_failures`` locks the account at once, so concurrent guesses on
-  several replicas get exactly ``max_failures`` password checks between two
-  locks, never more.
+- A wrong password on an account that is not locked counts, once checked
+  (a right one never does, however many arrive at once); the failure that
+  brings the count to ``max_failures`` locks the account at once. Counting
+  is one atomic statement, so concurrent failures on several replicas end
+  in exactly the state the same failures one after the other would leave.
+  Guesses already being checked when the lock falls are answered, and
+  refused even when right: between two locks at most ``max_failures`` plus
+  the guesses in flight at that moment are checked (bcrypt's thread pool
+  bounds those per replica).
 - A lock lasts ``lockout_seconds`` the first time and twice as long on each
   repeat, never longer than ``max_lockout_seconds``.
 - While locked, attempts are refused without being counted and do not

@@ -40,6 +40,8 @@ class User:
     disable_time: datetime | None
     delete_time: datetime | None
     version: int
+    # Set by VerifyEmail, cleared when the email changes.
+    email_verified: bool = False
 
     @property
     def state(self) -> UserState:
@@ -113,6 +115,7 @@ class RevokeReason(enum.StrEnum):
     PURGED = "purged"
     PASSWORD_CHANGED = "password_changed"  # noqa: S105 (a reason, not a secret)
     ROLES_CHANGED = "roles_changed"
+    PASSWORD_RESET = "password_reset"  # noqa: S105 (a reason, not a secret)
     REFRESH_TOKEN_REUSE = "refresh_token_reuse"  # noqa: S105
 
 

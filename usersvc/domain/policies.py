@@ -144,6 +144,22 @@ def can_introspect(principal: Principal) -> bool:
     return _is_reader(principal)
 
 
+def can_issue_codes(principal: Principal) -> bool:
+    """CreateEmailVerificationCode / CreatePasswordResetCode: admins and
+    services (they deliver the code; usersvc sends no mail)."""
+    return _is_reader(principal)
+
+
+def can_verify_email(principal: Principal, target_id: uuid.UUID) -> bool:
+    """VerifyEmail: the user itself, admins, services."""
+    return _is_reader(principal) or _is_self(principal, target_id)
+
+
+def can_batch_write(principal: Principal) -> bool:
+    """BatchUpdateUsers / BatchDeleteUsers: admins."""
+    return _is_admin(principal)
+
+
 def can_read_events(principal: Principal) -> bool:
     """ListEvents, WatchEvents (the audit trail): admins and services."""
     return _is_reader(principal)

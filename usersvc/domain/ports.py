@@ -14,12 +14,13 @@ from __future__ import annotations
 import enum
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
 
 from usersvc.domain.bulk_import import ImportedUser
+from usersvc.domain.codes import CodeKind
 from usersvc.domain.event_ports import EventRecorder
 from usersvc.domain.events import EventDraft
 from usersvc.domain.listing import Filter, ListQuery, Page
@@ -69,24 +70,36 @@ class UserRepository(Protocol):
 
     async def get_credentials(self, user_id: uuid.UUID) -> Credentials | None: ...
 
-    async def start_login_attempt(
-        self, email: str, *, now: datetime, policy: LockoutPolicy
-    ) -> LoginAttempt | None:
-        """Count one login attempt against the user with this email
-        (case-insensitive, deleted included) unless the account is locked at
-        ``now``, atomically: concurrent attempts on any replica are all
-        counted. The attempt that reaches ``policy.max_failures`` locks the
-        account from ``now`` for ``policy.lock_seconds(lock_count)``, resets
-        the count and adds one to lock_count (usersvc.domain.lockout). None
-        when no user has the email or the account is locked; nothing is
-        written then."""
+    async def find_login(self, email: str) -> LoginAttempt | None:
+        """The credentials and the lock of the user with this email
+        (case-insensitive, deleted included), for a login to check; None
+        when no user has it. Writes nothing."""
+
+    async def count_login_failure(
+        self, user_id: uuid.UUID, *, now: datetime, policy: LockoutPolicy
+    ) -> datetime | None:
+        """Count one failed login (a wrong password, checked) against the
+        user unless the account is locked at ``now``, atomically: concurrent
+        failures on any replica are counted exactly as the same failures one
+        after the other would be. The failure that reaches
+        ``policy.max_failures`` locks the account from ``now`` for
+        ``policy.lock_seconds(lock_count)``, resets the count and adds one to
+        lock_count (usersvc.domain.lockout), and gets the lock's end back;
+        otherwise None. An unknown id or a locked account: nothing written."""
 
     async def clear_login_failures(
-        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()
+        self,
+        user_id: uuid.UUID,
+        *,
+        unless_locked_at: datetime | None = None,
+        events: Sequence[EventDraft] = (),
     ) -> bool:
         """Reset the failure count, the lock and the lock count (a login
-        succeeded), locking the row until the unit of work ends; the user's
-        version and etag do not change. False when there is no such user."""
+        succeeded, or an administrator ends a lock), locking the row until
+        the unit of work ends; the user's version and etag do not change.
+        With ``unless_locked_at``, nothing changes if the account is locked
+        at that time. False when there is no such user, or nothing changed
+        because of the lock."""
 
     async def update(
         self, user_id: uuid.UUID, patch: UserPatch, *, events: Sequence[EventDraft] = ()
@@ -126,9 +139,9 @@ class UserRepository(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class LoginAttempt:
-    """A counted login attempt: the user's credentials to check, and
-    ``locked_until`` when this attempt was the last one allowed (the account
-    is locked until then unless the password turns out right)."""
+    """What a login checks: the user's credentials, and the end of the
+    account's latest lock (in the past when the lock is over; None when it
+    never was locked or a success cleared it)."""
 
     credentials: Credentials
     locked_until: datetime | None = None
@@ -153,19 +166,33 @@ class IdempotencyKeyTaken(Exception):
 
 
 class RefreshStatus(enum.Enum):
-    OK = "ok"  # the token was unused and is now retired by this call
-    RETIRED = "retired"  # already used: a replay, or a concurrent use that lost
+    OK = "ok"  # the token was the valid one and is now retired by this call
+    RETIRED = "retired"  # an older generation: a replay, or a concurrent use that lost
     UNKNOWN = "unknown"  # never issued, or its session is gone
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshChain:
+    """A session's refresh token chain: the generation of its one valid
+    token, and the key that authenticates each generation's tag."""
+
+    generation: int
+    tag_key: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class RefreshOutcome:
     """What presenting a refresh token found. ``session`` is set for OK
     (as it is after this use) and RETIRED (the session to revoke); None for
-    UNKNOWN. OK says nothing about the session being active: check it."""
+    UNKNOWN. ``chain`` is the session's chain: for OK after this use (the
+    successor's generation), for RETIRED as it is (to check the presented
+    token's tag against: a chain token of an older generation is RETIRED
+    only if its tag is right). OK says nothing about the session being
+    active: check it."""
 
     status: RefreshStatus
     session: Session | None = None
+    chain: RefreshChain | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,21 +202,44 @@ class CleanupResult:
 
 
 class SessionRepository(Protocol):
-    async def create(self, user_id: uuid.UUID, expire_time: datetime) -> Session:
-        """A new active session of the user. Raises UserNotFound when the
-        user row does not exist."""
+    async def create(
+        self,
+        user_id: uuid.UUID,
+        expire_time: datetime,
+        *,
+        refresh_hash: bytes,
+        tag_key: bytes,
+    ) -> Session:
+        """A new active session of the user whose valid refresh token is
+        the first generation, with the secret whose hash is
+        ``refresh_hash``. Raises UserNotFound when the user row does not
+        exist."""
 
-    async def add_refresh_token(self, session_id: uuid.UUID, token_hash: bytes) -> None:
-        """Store the hash of a new, unused refresh token of the session."""
+    async def use_refresh_token(
+        self, session_id: uuid.UUID, generation: int, token_hash: bytes, successor_hash: bytes
+    ) -> RefreshOutcome:
+        """Move the session's chain to the next generation, whose secret
+        hashes to ``successor_hash``, if ``generation`` and ``token_hash``
+        are its valid token's, atomically: of any number of concurrent
+        callers presenting the same valid token, exactly one gets OK (once
+        its unit of work commits); the others get RETIRED, as does any
+        older generation (the caller checks its tag against the chain).
+        Also records the session's last_refresh_time on OK. The rows
+        written per session stay the same however often this runs."""
 
-    async def use_refresh_token(self, token_hash: bytes) -> RefreshOutcome:
-        """Retire the token atomically: of any number of concurrent callers
-        presenting the same unused token, exactly one gets OK (once its unit
-        of work commits); the others get RETIRED. Also records the session's
-        last_refresh_time on OK."""
+    async def use_legacy_refresh_token(
+        self, token_hash: bytes, successor_hash: bytes, tag_key: bytes
+    ) -> RefreshOutcome:
+        """The same for a token from before the chain, known by its hash:
+        OK starts the session's chain (first generation, ``tag_key``);
+        RETIRED when it was used already."""
 
-    async def find_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
-        """The session of a refresh token, used or not; None when unknown."""
+    async def refresh_chain(self, session_id: uuid.UUID) -> RefreshChain | None:
+        """The session's chain; None without a session or before its chain
+        started."""
+
+    async def find_legacy_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
+        """The session of a token from before the chain, used or not."""
 
     async def get(self, session_id: uuid.UUID) -> Session | None: ...
 
@@ -222,6 +272,99 @@ class SessionRepository(Protocol):
         work holds are skipped, not waited for."""
 
 
+@dataclass(frozen=True, slots=True)
+class UserWrite:
+    """One item of a batch update: the user and the validated fields to
+    set (None: leave as is)."""
+
+    user_id: uuid.UUID
+    patch: UserPatch
+    # The paths whose value differs from the stored one (the event's).
+    changed_fields: tuple[str, ...] = ()
+
+
+class AccountRepository(Protocol):
+    """Codes (email verification, password reset) and the set-based
+    writes of the batch methods. Every method raises DatabaseUnavailable
+    when the database cannot be reached."""
+
+    async def lock_users(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
+        """The stored users among ``user_ids`` (deleted included), locked
+        until the unit of work ends, taken in id order (two batches over
+        the same users cannot deadlock); any order."""
+
+    async def lock_active_user_by_email(self, email: str) -> uuid.UUID | None:
+        """The id of the user with this email (case-insensitive) that is
+        neither deleted nor disabled, locked against concurrent code
+        creation; None when there is none."""
+
+    async def replace_code(
+        self, user_id: uuid.UUID, kind: CodeKind, code_hash: bytes, expire_time: datetime
+    ) -> bool:
+        """Void the user's live code of ``kind`` and store a new one. The
+        same statements run when the user does not exist (no row changes
+        then, and False is returned), so both cases cost the same."""
+
+    async def consume_code(
+        self,
+        kind: CodeKind,
+        code_hash: bytes,
+        *,
+        now: datetime,
+        max_attempts: int,
+        user_id: uuid.UUID | None = None,
+        email: str | None = None,
+    ) -> uuid.UUID | None:
+        """Check and use the live, unexpired code of ``kind`` of the user
+        (by id, or by the email of an active user) in one conditional
+        UPDATE: when its hash is ``code_hash`` it is consumed and the user
+        id returned; otherwise a wrong try is counted (the try that reaches
+        ``max_attempts`` voids the code) and None is returned. Of
+        concurrent callers with the right code exactly one gets the id.
+        Raises ValueError unless exactly one of user_id and email is given."""
+
+    async def void_codes(self, user_ids: Sequence[uuid.UUID]) -> None:
+        """Void every live code, of any kind, of these users."""
+
+    async def set_email_verified(
+        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()
+    ) -> User:
+        """Mark the email verified; bumps version; ``events`` about the user
+        in the same statement. Raises UserNotFound."""
+
+    async def taken_emails(
+        self, emails: Sequence[str], *, except_ids: Sequence[uuid.UUID]
+    ) -> set[str]:
+        """The emails among ``emails`` (lower-cased) held by users other
+        than ``except_ids`` (deleted users included)."""
+
+    async def update_many(
+        self, writes: Sequence[UserWrite], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
+        """Apply every patch in one statement, bump each version and
+        update_time; a changed email clears email_verified and voids the
+        user's live codes. Each draft of ``events`` is written for every
+        user, in the same statement, with that write's changed_fields.
+        Returns the users in input order. Raises EmailAlreadyExists (the
+        transaction is then aborted), UserNotFound for a user that is not
+        stored."""
+
+    async def delete_many(
+        self, user_ids: Sequence[uuid.UUID], *, events: Sequence[EventDraft] = ()
+    ) -> list[User]:
+        """Soft-delete the users in one statement (keeping an earlier
+        delete_time), bump each version, ``events`` for every user in the
+        same statement; input order. Raises UserNotFound."""
+
+    async def live_session_ids(self, user_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        """The ids of the users' sessions not yet revoked."""
+
+    async def relax_commit(self) -> None:
+        """The unit of work's commit will not wait for the WAL flush (a
+        crash may lose it): for writes whose loss is harmless, so that they
+        cost what a read costs."""
+
+
 class UserReader(Protocol):
     """Plain reads of users, each outside any unit of work: one statement,
     its own snapshot, nothing locked. For the read-only calls (GetUser,
@@ -250,6 +393,7 @@ class UnitOfWork(Protocol):
     users: UserRepository
     idempotency: IdempotencyRepository
     sessions: SessionRepository
+    accounts: AccountRepository
     # Events not carried by a write above (usersvc.domain.event_ports).
     events: EventRecorder
 

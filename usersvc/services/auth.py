@@ -7,10 +7,13 @@ unusable input all cost one bcrypt check at the configured cost and end in
 InvalidCredentials, so neither the answer nor its timing tells whether an
 email is registered, or whether a guess made during a lock was right.
 
-Repeated failures lock an account for a while (usersvc.domain.lockout): each
-attempt is counted in the users row before its password is checked, so that
-however many guesses arrive at once on however many replicas, no more than
-the allowed number are ever checked between two locks.
+Repeated failures lock an account for a while (usersvc.domain.lockout): a
+wrong password, once checked, is counted in the users row by one atomic
+statement, so that concurrent failures on however many replicas lock the
+account exactly as the same failures one after the other would, and
+concurrent logins with the right password never count at all. Guesses that
+were already being checked when the lock fell are still answered (all with
+InvalidCredentials, a right one too: a success re-checks the lock).
 
 Every login starts a session; its access tokens name it (``sid``) and its
 refresh tokens rotate within it, single-use. A refresh token presented a
@@ -56,8 +59,11 @@ from usersvc.domain.passwords import MAX_PASSWORD_BYTES
 from usersvc.domain.ports import (
     LoginAttempt,
     LoginOutcomeHook,
+    RefreshChain,
+    RefreshOutcome,
     RefreshStatus,
     RevocationChecker,
+    UnitOfWork,
     UnitOfWorkFactory,
     UserReader,
 )
@@ -65,9 +71,14 @@ from usersvc.domain.validation import normalize_email, parse_user_id
 from usersvc.services.inputs import LoginResult, TokenIntrospection
 from usersvc.services.passwords import BcryptPasswordHasher
 from usersvc.services.sessions import (
+    FIRST_GENERATION,
+    PresentedRefreshToken,
+    RefreshSecret,
     SessionRevoker,
-    new_refresh_token,
-    refresh_token_hash,
+    issue_refresh_token,
+    new_refresh_secret,
+    new_tag_key,
+    parse_refresh_token,
     session_id_of,
 )
 from usersvc.services.tokens import TokenService
@@ -80,6 +91,9 @@ TOKEN_TYPE = "Bearer"  # noqa: S105 (an RFC 6750 scheme name, not a secret)
 # valid-length text works, the result is discarded.
 _PLACEHOLDER_PASSWORD = "not-a-password"  # noqa: S105
 _INACTIVE = TokenIntrospection(active=False)
+# Counting a failure against no user: the write a counted failure makes, on
+# no row (uuid7 ids are never all zeros).
+_NOBODY = uuid.UUID(int=0)
 _LOGIN_SUCCEEDED = (EventDraft(EventType.LOGIN_SUCCEEDED),)
 
 
@@ -126,57 +140,57 @@ class AuthService:
         problems: list[FieldViolation] = []
         normalized = normalize_email(email, field="email", errors=problems)
         usable = not problems and 0 < len(password.encode("utf-8", "replace")) <= MAX_PASSWORD_BYTES
-        attempt: LoginAttempt | None = None
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        candidate: LoginAttempt | None = None
         if usable:
-            now = datetime.fromtimestamp(self._clock(), UTC)
+            # Read only: no connection is held while bcrypt runs, and an
+            # attempt is counted only once its password turned out wrong.
             async with self._uow_factory() as uow:
-                # Counted and committed before bcrypt runs (and without a
-                # connection held while it does).
-                attempt = await uow.users.start_login_attempt(
-                    normalized, now=now, policy=self._lockout
-                )
-                await uow.commit()
-        if attempt is None:
-            # Unknown email or a locked account: the same bcrypt work as a
-            # real check, so that timing tells neither apart from a wrong
-            # password. A locked account's own hash is not even looked at.
+                candidate = await uow.users.find_login(normalized)
+        if candidate is None or _locked(candidate.locked_until, now):
+            # Unknown email or a locked account: the same bcrypt work and the
+            # same write as a wrong password, so that timing tells neither
+            # apart from one. A locked account's own hash is not even looked
+            # at, and nothing is counted.
             await self._hasher.verify(_PLACEHOLDER_PASSWORD, await self._hasher.dummy_hash())
             self._outcome("unknown_or_locked" if usable else "malformed")
             if usable:
-                # After bcrypt, like a wrong password's event: the same
-                # work in the same order for every failure.
-                async with self._uow_factory() as uow:
-                    await uow.events.add_login_failure(normalized)
-                    await uow.commit()
+                await self._record_failure(now, email=normalized)
             raise InvalidCredentials()
-        credentials = attempt.credentials
+        credentials = candidate.credentials
         matches = await self._hasher.verify(password, credentials.password_hash)
         if not matches or credentials.user.state is not UserState.ACTIVE:
             # A stored hash cheaper than the configured cost (an import, an
             # older setting) would answer faster than an unknown email does:
             # pad to the configured cost so time does not tell them apart.
             await self._hasher.pad(credentials.password_hash)
-            if not matches:
-                self._outcome("bad_password" if attempt.locked_until is None else "locked_out")
-            else:
+            # Only a wrong password is a failure that counts; the right one
+            # for a disabled or deleted account does the same write, on no
+            # row.
+            locked_until = await self._record_failure(
+                now, user=credentials.user, password_matched=matches
+            )
+            if matches:
                 self._outcome("inactive")
-            if attempt.locked_until is not None:
+            else:
+                self._outcome("bad_password" if locked_until is None else "locked_out")
+            if locked_until is not None:
                 logger.warning(
                     "account locked after repeated failed logins",
                     extra={
                         "user_id": str(credentials.user.id),
-                        "locked_until": attempt.locked_until.isoformat(),
+                        "locked_until": locked_until.isoformat(),
                     },
                 )
-            await self._record_failure(credentials.user, attempt, password_matched=matches)
             raise InvalidCredentials()
         # Hashed before the unit of work opens: bcrypt never holds a
         # connection.
         new_hash = None
         if self._hasher.needs_rehash(credentials.password_hash):
             new_hash = await self._hasher.hash(password)
-        refresh = new_refresh_token()
-        now = self._lifetimes.now()
+        secret = new_refresh_secret()
+        tag_key = new_tag_key()
+        session_now = self._lifetimes.now()
         user_id = credentials.user.id
         async with self._uow_factory() as uow:
             # Locked, then read again: a disable, delete or password change
@@ -184,8 +198,14 @@ class AuthService:
             # not have seen this session), and one still running waits for
             # this login and then revokes the session it creates.
             # Clearing the failure count also takes the row lock; a refusal
-            # below rolls the clearing back.
-            await uow.users.clear_login_failures(user_id, events=_LOGIN_SUCCEEDED)
+            # below rolls the clearing back. It clears nothing on an account
+            # that concurrent wrong guesses locked since the check above: as
+            # if this attempt had come after them, it is refused.
+            if not await uow.users.clear_login_failures(
+                user_id, unless_locked_at=now, events=_LOGIN_SUCCEEDED
+            ):
+                self._outcome("locked_out")
+                raise InvalidCredentials()
             latest = await uow.users.get_credentials(user_id)
             if (
                 latest is None
@@ -201,30 +221,55 @@ class AuthService:
                 # After a change of the configured cost, or an import at
                 # another cost: store a hash at the configured one.
                 user = await uow.users.set_password_hash(user_id, new_hash)
-            session = await uow.sessions.create(user_id, self._lifetimes.session_expire_time(now))
-            await uow.sessions.add_refresh_token(session.id, refresh.token_hash)
+            session = await uow.sessions.create(
+                user_id,
+                self._lifetimes.session_expire_time(session_now),
+                refresh_hash=secret.token_hash,
+                tag_key=tag_key,
+            )
             await uow.commit()
         self._outcome("success")
-        return self._result(user, session.id, refresh.value)
+        chain = RefreshChain(FIRST_GENERATION, tag_key)
+        return self._result(user, session.id, issue_refresh_token(session.id, chain, secret))
 
     async def _record_failure(
-        self, user: User, attempt: LoginAttempt, *, password_matched: bool
-    ) -> None:
-        # The attempt itself was counted (and committed) before bcrypt ran;
-        # what it turned out to be is written now, in a transaction of its
-        # own. Raises DatabaseUnavailable.
-        cause = LoginFailureCause.DISABLED if password_matched else LoginFailureCause.WRONG_PASSWORD
-        drafts = [EventDraft(EventType.LOGIN_FAILED, attributes={"cause": cause.value})]
-        if attempt.locked_until is not None:
-            drafts.append(
-                EventDraft(
-                    EventType.ACCOUNT_LOCKED,
-                    attributes={"locked_until": attempt.locked_until.isoformat()},
-                )
-            )
+        self,
+        now: datetime,
+        *,
+        email: str = "",
+        user: User | None = None,
+        password_matched: bool = False,
+    ) -> datetime | None:
+        """After bcrypt, in one transaction for every kind of failure: count
+        a wrong password of ``user`` (the same statement on no row for the
+        others) and write the auth.login_failed event (and auth
+        .account_locked when this failure locked the account); ``email``
+        when no account was checked. Returns the end of the lock this
+        failure started. Raises DatabaseUnavailable."""
+        counted = user.id if user is not None and not password_matched else _NOBODY
         async with self._uow_factory() as uow:
-            await uow.events.add(user.id, drafts)
+            locked_until = await uow.users.count_login_failure(
+                counted, now=now, policy=self._lockout
+            )
+            if user is None:
+                await uow.events.add_login_failure(email)
+            else:
+                cause = (
+                    LoginFailureCause.DISABLED
+                    if password_matched
+                    else LoginFailureCause.WRONG_PASSWORD
+                )
+                drafts = [EventDraft(EventType.LOGIN_FAILED, attributes={"cause": cause.value})]
+                if locked_until is not None:
+                    drafts.append(
+                        EventDraft(
+                            EventType.ACCOUNT_LOCKED,
+                            attributes={"locked_until": locked_until.isoformat()},
+                        )
+                    )
+                await uow.events.add(user.id, drafts)
             await uow.commit()
+        return locked_until
 
     def _outcome(self, outcome: str) -> None:
         if self._on_login is not None:
@@ -237,13 +282,13 @@ class AuthService:
         Raises RefreshTokenInvalid (malformed, unknown, retired, session
         revoked or expired, user no longer active), DatabaseUnavailable.
         """
-        token_hash = refresh_token_hash(refresh_token)
-        if token_hash is None:
+        presented = parse_refresh_token(refresh_token)
+        if presented is None:
             raise RefreshTokenInvalid()
-        successor = new_refresh_token()
+        successor = new_refresh_secret()
         now = self._lifetimes.now()
         async with self._uow_factory() as uow:
-            outcome = await uow.sessions.use_refresh_token(token_hash)
+            outcome = await self._use(uow, presented, successor)
             session = outcome.session
             if outcome.status is RefreshStatus.RETIRED and session is not None:
                 revocation = await self._sessions.revoke_sessions(
@@ -266,18 +311,38 @@ class AuthService:
                         extra={"session_id": str(session.id), "user_id": str(session.user_id)},
                     )
                 raise RefreshTokenInvalid()
-            if outcome.status is not RefreshStatus.OK or session is None:
+            chain = outcome.chain
+            if outcome.status is not RefreshStatus.OK or session is None or chain is None:
                 raise RefreshTokenInvalid()
-            # Leaving without a commit keeps the presented token unused; it
+            # Leaving without a commit keeps the presented token valid; it
             # is refused all the same while the session stays dead.
             if not session.is_active(now):
                 raise RefreshTokenInvalid()
             user = await uow.users.get(session.user_id)
             if user is None or user.state is not UserState.ACTIVE:
                 raise RefreshTokenInvalid()
-            await uow.sessions.add_refresh_token(session.id, successor.token_hash)
             await uow.commit()
-        return self._result(user, session.id, successor.value)
+        return self._result(user, session.id, issue_refresh_token(session.id, chain, successor))
+
+    @staticmethod
+    async def _use(
+        uow: UnitOfWork, presented: PresentedRefreshToken, successor: RefreshSecret
+    ) -> RefreshOutcome:
+        if presented.legacy_hash is not None:
+            return await uow.sessions.use_legacy_refresh_token(
+                presented.legacy_hash, successor.token_hash, new_tag_key()
+            )
+        if presented.session_id is None:
+            return RefreshOutcome(RefreshStatus.UNKNOWN)
+        outcome = await uow.sessions.use_refresh_token(
+            presented.session_id, presented.generation, presented.token_hash, successor.token_hash
+        )
+        if outcome.status is RefreshStatus.RETIRED and (
+            outcome.chain is None or not presented.issued_in(outcome.chain)
+        ):
+            # An older generation with a wrong tag: made up, not replayed.
+            return RefreshOutcome(RefreshStatus.UNKNOWN)
+        return outcome
 
     def _result(self, user: User, session_id: uuid.UUID, refresh_token: str) -> LoginResult:
         access_token, expires_in = self._tokens.issue_access_token(user, session_id=str(session_id))
@@ -312,14 +377,11 @@ class AuthService:
         session_id = session_id_of(principal.session_id)
         if session_id is None:
             raise TokenInvalid()
-        token_hash = refresh_token_hash(refresh_token) if refresh_token else None
-        if refresh_token and token_hash is None:
+        presented = parse_refresh_token(refresh_token) if refresh_token else None
+        if refresh_token and presented is None:
             raise _foreign_refresh_token()
         async with self._uow_factory() as uow:
-            if (
-                token_hash is not None
-                and await uow.sessions.find_refresh_token(token_hash) != session_id
-            ):
+            if presented is not None and not await _belongs_to(uow, presented, session_id):
                 raise _foreign_refresh_token()
             revocation = await self._sessions.revoke_sessions(
                 uow, [session_id], RevokeReason.LOGOUT
@@ -413,6 +475,22 @@ class AuthService:
     def jwks_json(self) -> str:
         """The public verification keys (RFC 7517). Raises nothing."""
         return self._tokens.jwks_json()
+
+
+def _locked(locked_until: datetime | None, now: datetime) -> bool:
+    return locked_until is not None and locked_until > now
+
+
+async def _belongs_to(
+    uow: UnitOfWork, presented: PresentedRefreshToken, session_id: uuid.UUID
+) -> bool:
+    """Whether the token, valid or retired, was issued in the session."""
+    if presented.legacy_hash is not None:
+        return await uow.sessions.find_legacy_refresh_token(presented.legacy_hash) == session_id
+    if presented.session_id != session_id:
+        return False
+    chain = await uow.sessions.refresh_chain(session_id)
+    return chain is not None and presented.issued_in(chain)
 
 
 def _foreign_refresh_token() -> InvalidArgument:

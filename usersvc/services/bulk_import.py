@@ -74,6 +74,7 @@ class ImportRow:
     roles: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     create_time: datetime | None = None
+    email_verified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +133,7 @@ def validate_row(
         roles=roles,
         labels=labels,
         create_time=row.create_time,
+        email_verified=row.email_verified,
     )
 
 

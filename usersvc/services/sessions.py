@@ -1,10 +1,24 @@
 """Sessions: refresh tokens, lifetimes, and revoking within a unit of work.
 
-A refresh token is ``rt_`` + base64url of 32 random bytes: 256 bits nobody
-can guess, so a single SHA-256 of those bytes is a safe thing to store (a
-slow password hash protects low-entropy secrets, which these are not). The
-prefix lets secret scanners and people recognise one; a string of any other
-shape is refused before the database is asked.
+A refresh token is ``rt_`` + base64url of 72 bytes: the session id (16), a
+generation number (8, big-endian), 32 random bytes (the secret) and a
+16-byte tag, HMAC-SHA256 of session id and generation under the session's
+own random key. The session row keeps the chain in constant space however
+often it is refreshed: the one valid generation, the SHA-256 of its secret
+(256 bits nobody can guess, so one fast hash is a safe thing to store) and
+the tag key. Refreshing moves the row to the next generation in one
+conditional UPDATE; a token of an older generation whose tag is right was
+issued and retired, so presenting it again ends the session (reuse
+detection), while a made-up one (a wrong tag) is simply unknown. The key
+lets only someone who reads the database forge a retired token, which can
+do no more than end that session.
+
+Sessions from before the chain (migration 0006) keep the one token they had,
+``rt_`` + base64url of its 32 random bytes, recognised by its hash
+(``legacy_refresh_hash``) until it is rotated into the chain.
+
+The prefix lets secret scanners and people recognise a token; a string of
+any other shape is refused before the database is asked.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import secrets
 import time
 import uuid
@@ -20,14 +35,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from usersvc.domain.models import RevokeReason
-from usersvc.domain.ports import RevokedHook, UnitOfWork
+from usersvc.domain.ports import RefreshChain, RevokedHook, UnitOfWork
 from usersvc.domain.revocations import REVOCATION_MARGIN
 
 REFRESH_TOKEN_PREFIX = "rt_"  # noqa: S105 (a marker, not a secret)
 _SECRET_BYTES = 32
-# base64url of 32 bytes without padding.
-_ENCODED_LENGTH = 43
-REFRESH_TOKEN_LENGTH = len(REFRESH_TOKEN_PREFIX) + _ENCODED_LENGTH
+_TAG_BYTES = 16
+TAG_KEY_BYTES = 32
+_GENERATION_BYTES = 8
+_TOKEN_BYTES = 16 + _GENERATION_BYTES + _SECRET_BYTES + _TAG_BYTES
+# base64url without padding.
+REFRESH_TOKEN_LENGTH = len(REFRESH_TOKEN_PREFIX) + (4 * _TOKEN_BYTES + 2) // 3
+LEGACY_REFRESH_TOKEN_LENGTH = len(REFRESH_TOKEN_PREFIX) + 43
+FIRST_GENERATION = 1
+_MAX_GENERATION = 2**63 - 1  # PostgreSQL's bigint
 
 # Called after a commit that revoked sessions, with their ids and the log's
 # expire time: how this process refuses their access tokens at once, without
@@ -36,38 +57,98 @@ RevocationHook = Callable[[Sequence[str], datetime], None]
 
 
 @dataclass(frozen=True, slots=True)
-class RefreshToken:
-    value: str = field(repr=False)
+class RefreshSecret:
+    """The random part of a refresh token about to be issued, and its hash
+    to store."""
+
+    value: bytes = field(repr=False)
     token_hash: bytes = field(repr=False)
 
 
-def new_refresh_token() -> RefreshToken:
-    """A fresh random refresh token and the hash to store. Raises nothing."""
+def new_refresh_secret() -> RefreshSecret:
+    """Fresh random bytes for a refresh token. Raises nothing."""
     secret = secrets.token_bytes(_SECRET_BYTES)
-    encoded = base64.urlsafe_b64encode(secret).rstrip(b"=").decode("ascii")
-    return RefreshToken(REFRESH_TOKEN_PREFIX + encoded, _digest(secret))
+    return RefreshSecret(secret, _digest(secret))
 
 
-def refresh_token_hash(token: str) -> bytes | None:
-    """The stored hash of ``token``; None when it cannot be a refresh token
-    of ours (wrong prefix, length or alphabet). Raises nothing."""
-    if (
-        not isinstance(token, str)
-        or len(token) != REFRESH_TOKEN_LENGTH
-        or not token.startswith(REFRESH_TOKEN_PREFIX)
-    ):
+def new_tag_key() -> bytes:
+    """A session's key for the tags of its refresh tokens. Raises nothing."""
+    return secrets.token_bytes(TAG_KEY_BYTES)
+
+
+def issue_refresh_token(session_id: uuid.UUID, chain: RefreshChain, secret: RefreshSecret) -> str:
+    """The token of ``chain``'s generation of the session. Raises nothing."""
+    raw = (
+        session_id.bytes
+        + chain.generation.to_bytes(_GENERATION_BYTES, "big")
+        + secret.value
+        + _tag(chain.tag_key, session_id, chain.generation)
+    )
+    return REFRESH_TOKEN_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class PresentedRefreshToken:
+    """A refresh token as presented: of the chain (session_id, generation,
+    the hash of its secret, its tag), or from before it (legacy_hash)."""
+
+    session_id: uuid.UUID | None = None
+    generation: int = 0
+    token_hash: bytes = field(default=b"", repr=False)
+    tag: bytes = field(default=b"", repr=False)
+    legacy_hash: bytes | None = field(default=None, repr=False)
+
+    def issued_in(self, chain: RefreshChain) -> bool:
+        """Whether the tag says this generation was issued in ``chain``
+        (constant-time). Raises nothing."""
+        if self.session_id is None or not 0 < self.generation <= chain.generation:
+            return False
+        expected = _tag(chain.tag_key, self.session_id, self.generation)
+        return hmac.compare_digest(expected, self.tag)
+
+
+def parse_refresh_token(token: str) -> PresentedRefreshToken | None:
+    """What ``token`` says; None when it cannot be a refresh token of ours
+    (wrong prefix, length or alphabet). Raises nothing."""
+    if not isinstance(token, str) or not token.startswith(REFRESH_TOKEN_PREFIX):
         return None
+    if len(token) == LEGACY_REFRESH_TOKEN_LENGTH:
+        legacy = _decode(token, _SECRET_BYTES)
+        return None if legacy is None else PresentedRefreshToken(legacy_hash=_digest(legacy))
+    if len(token) != REFRESH_TOKEN_LENGTH:
+        return None
+    raw = _decode(token, _TOKEN_BYTES)
+    if raw is None:
+        return None
+    generation = int.from_bytes(raw[16 : 16 + _GENERATION_BYTES], "big")
+    if not FIRST_GENERATION <= generation <= _MAX_GENERATION:
+        return None
+    secret_start = 16 + _GENERATION_BYTES
+    return PresentedRefreshToken(
+        session_id=uuid.UUID(bytes=raw[:16]),
+        generation=generation,
+        token_hash=_digest(raw[secret_start : secret_start + _SECRET_BYTES]),
+        tag=raw[secret_start + _SECRET_BYTES :],
+    )
+
+
+def _decode(token: str, length: int) -> bytes | None:
     encoded = token[len(REFRESH_TOKEN_PREFIX) :]
     try:
-        secret = base64.urlsafe_b64decode(encoded + "=")
+        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
     except (binascii.Error, ValueError):
         return None
     # Non-canonical spellings (other trailing bits) decode to the same
     # bytes; only the one we issued counts.
-    canonical = base64.urlsafe_b64encode(secret).rstrip(b"=").decode("ascii")
-    if len(secret) != _SECRET_BYTES or canonical != encoded:
+    canonical = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    if len(raw) != length or canonical != encoded:
         return None
-    return _digest(secret)
+    return raw
+
+
+def _tag(key: bytes, session_id: uuid.UUID, generation: int) -> bytes:
+    message = session_id.bytes + generation.to_bytes(_GENERATION_BYTES, "big")
+    return hmac.new(key, message, hashlib.sha256).digest()[:_TAG_BYTES]
 
 
 def _digest(secret: bytes) -> bytes:

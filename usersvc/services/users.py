@@ -708,27 +708,29 @@ class UserService:
             raise InvalidArgument.single(
                 "current_password", "is required to change your own password"
             )
+        now = datetime.fromtimestamp(self._clock(), UTC)
         async with self._uow_factory() as uow:
             credentials = await uow.users.get_credentials(target)
             if credentials is None:
                 raise UserNotFound(metadata={"id": str(target)})
             user = _live(principal, credentials.user, target)
-            attempt = None
-            if needs_current:
-                # Counted like a login, before bcrypt runs, and refused the
-                # same way while the account is locked: a stolen token must
-                # not guess the password at a rate Login would not allow.
-                now = datetime.fromtimestamp(self._clock(), UTC)
-                attempt = await uow.users.start_login_attempt(
-                    user.email, now=now, policy=self._lockout
-                )
-                await uow.commit()
+            attempt = await uow.users.find_login(user.email) if needs_current else None
         if needs_current:
+            # Guessed like a login, so limited like one: refused the same way
+            # while the account is locked (its hash not even checked), and a
+            # wrong guess counted towards the same lock (after bcrypt, as
+            # Login counts), so a stolen token gets no more guesses than
+            # Login would allow.
             if attempt is None or attempt.credentials.user.id != target:
+                raise InvalidCredentials("the current password is wrong")
+            if attempt.locked_until is not None and attempt.locked_until > now:
                 raise InvalidCredentials("the current password is wrong")
             credentials = attempt.credentials
         verified_hash = credentials.password_hash
         if needs_current and not await self._hasher.verify(current_password, verified_hash):
+            async with self._uow_factory() as uow:
+                await uow.users.count_login_failure(target, now=now, policy=self._lockout)
+                await uow.commit()
             raise InvalidCredentials("the current password is wrong")
         self._policy.check(new_password, field="new_password", email=user.email)
         new_hash = await self._hasher.hash(new_password)
@@ -743,9 +745,13 @@ class UserService:
                 ):
                     raise InvalidCredentials("the current password is wrong")
             await uow.users.set_password_hash(target, new_hash, events=_PASSWORD_CHANGED)
-            if needs_current:
-                # The current password was proven: like a successful login.
-                await uow.users.clear_login_failures(target)
+            # The current password was proven: like a successful login. A
+            # lock that fell while bcrypt ran stays (as for Login), and the
+            # refusal rolls the new hash back.
+            if needs_current and not await uow.users.clear_login_failures(
+                target, unless_locked_at=now
+            ):
+                raise InvalidCredentials("the current password is wrong")
             own_session = (
                 session_id_of(principal.session_id) if principal.user_id() == target else None
             )

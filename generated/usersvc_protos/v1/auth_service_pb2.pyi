@@ -64,8 +64,8 @@ class LoginResponse(_message.Message):
     access_token: _builtins.str
     """Signed JWT for "authorization: Bearer <access_token>"."""
     refresh_token: _builtins.str
-    """Opaque single-use token for RefreshToken ("rt_" and 43 base64url
-    characters); only its hash is stored. Never logged.
+    """Opaque single-use token for RefreshToken ("rt_" and base64url
+    characters); only a hash of its secret is stored. Never logged.
     """
     token_type: _builtins.str
     """Always "Bearer"."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15usersvc/v1/user.proto\x12\nusersvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x03\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.usersvc.v1.User.State\x12,\n\x06labels\x18\x06 \x03(\x0b\x32\x1c.usersvc.v1.User.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_ACTIVE\x10\x01\x12\x12\n\x0eSTATE_DISABLED\x10\x02\x12\x11\n\rSTATE_DELETED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15usersvc/v1/user.proto\x12\nusersvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x03\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.usersvc.v1.User.State\x12,\n\x06labels\x18\x06 \x03(\x0b\x32\x1c.usersvc.v1.User.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\n \x01(\t\x12\x16\n\x0e\x65mail_verified\x18\x0b \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_ACTIVE\x10\x01\x12\x12\n\x0eSTATE_DISABLED\x10\x02\x12\x11\n\rSTATE_DELETED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USER_LABELSENTRY']._loaded_options = None
   _globals['_USER_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_USER']._serialized_start=71
-  _globals['_USER']._serialized_end=523
-  _globals['_USER_LABELSENTRY']._serialized_start=389
-  _globals['_USER_LABELSENTRY']._serialized_end=434
-  _globals['_USER_STATE']._serialized_start=436
-  _globals['_USER_STATE']._serialized_end=523
+  _globals['_USER']._serialized_end=547
+  _globals['_USER_LABELSENTRY']._serialized_start=413
+  _globals['_USER_LABELSENTRY']._serialized_end=458
+  _globals['_USER_STATE']._serialized_start=460
+  _globals['_USER_STATE']._serialized_end=547
 # @@protoc_insertion_point(module_scope)

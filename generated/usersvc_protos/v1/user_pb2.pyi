@@ -88,6 +88,7 @@ class User(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     DELETE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned time-ordered UUID (version 7, 36 characters), output
     only. Ignored on create; required (identifies the user) on UpdateUser.
@@ -104,6 +105,12 @@ class User(_message.Message):
     """Opaque version tag; changes on every write. Send it back on UpdateUser or
     DeleteUser to make the write conditional (ABORTED / ETAG_MISMATCH if stale).
     At most 64 characters.
+    """
+    email_verified: _builtins.bool
+    """Output only: true once the user proved it receives mail at email, by
+    VerifyEmail with a code from CreateEmailVerificationCode (or when an
+    import said so). Cleared when the email changes. Filterable in
+    ListUsers: email_verified = true.
     """
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -143,10 +150,11 @@ class User(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         delete_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        email_verified: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "display_name", b"display_name", "email", b"email", "etag", b"etag", "id", b"id", "labels", b"labels", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "display_name", b"display_name", "email", b"email", "email_verified", b"email_verified", "etag", b"etag", "id", b"id", "labels", b"labels", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

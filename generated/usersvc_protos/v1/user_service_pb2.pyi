@@ -792,6 +792,7 @@ class ImportedUser(_message.Message):
     ROLES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
     email: _builtins.str
     """Required. Valid addr-spec, at most 254 characters; lower-cased. Must not
     be taken, case-insensitively, by a stored user (deleted ones included)
@@ -806,6 +807,8 @@ class ImportedUser(_message.Message):
     """
     display_name: _builtins.str
     """Optional, at most 200 characters."""
+    email_verified: _builtins.bool
+    """Optional: the system it comes from verified the email already."""
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional; empty means ["user"]. At most 16 entries, each one of "user",
@@ -833,10 +836,11 @@ class ImportedUser(_message.Message):
         roles: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        email_verified: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "email", b"email", "labels", b"labels", "password_hash", b"password_hash", "roles", b"roles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "email", b"email", "email_verified", b"email_verified", "labels", b"labels", "password_hash", b"password_hash", "roles", b"roles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -916,3 +920,321 @@ class ImportRowError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImportRowError: _TypeAlias = ImportRowError  # noqa: Y015
+
+@_typing.final
+class BatchUpdateUsersRequest(_message.Message):
+    """Request of UserService.BatchUpdateUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateUserRequest]:
+        """1..1000 updates, each with the rules and limits of UpdateUserRequest;
+        user.id is required and may not repeat within the batch.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Optional: the mask of every item whose own update_mask is empty. Items
+        with neither update the fields they set (as UpdateUser with an empty
+        mask). Same limits as UpdateUserRequest.update_mask.
+        """
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___UpdateUserRequest] | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpdateUsersRequest: _TypeAlias = BatchUpdateUsersRequest  # noqa: Y015
+
+@_typing.final
+class BatchUpdateUsersResponse(_message.Message):
+    """Response of UserService.BatchUpdateUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[_user_pb2.User]:
+        """The users after the update, in request order."""
+
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[_user_pb2.User] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpdateUsersResponse: _TypeAlias = BatchUpdateUsersResponse  # noqa: Y015
+
+@_typing.final
+class BatchDeleteUsersRequest(_message.Message):
+    """Request of UserService.BatchDeleteUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeleteUserRequest]:
+        """1..1000 deletes, each with the rules and limits of DeleteUserRequest;
+        id is required and may not repeat within the batch.
+        """
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___DeleteUserRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchDeleteUsersRequest: _TypeAlias = BatchDeleteUsersRequest  # noqa: Y015
+
+@_typing.final
+class BatchDeleteUsersResponse(_message.Message):
+    """Response of UserService.BatchDeleteUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[_user_pb2.User]:
+        """The soft-deleted users (state STATE_DELETED), in request order."""
+
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[_user_pb2.User] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchDeleteUsersResponse: _TypeAlias = BatchDeleteUsersResponse  # noqa: Y015
+
+@_typing.final
+class CreateEmailVerificationCodeRequest(_message.Message):
+    """Request of UserService.CreateEmailVerificationCode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Required. A user id (a UUID: 36 characters)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateEmailVerificationCodeRequest: _TypeAlias = CreateEmailVerificationCodeRequest  # noqa: Y015
+
+@_typing.final
+class CreateEmailVerificationCodeResponse(_message.Message):
+    """Response of UserService.CreateEmailVerificationCode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """8 characters of A-Z and 2-9 without I, O, 0 and 1 (40 random bits);
+    accepted in any case. Deliver it to the user; never log it.
+    """
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the code stops being valid."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expire_time", b"expire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateEmailVerificationCodeResponse: _TypeAlias = CreateEmailVerificationCodeResponse  # noqa: Y015
+
+@_typing.final
+class VerifyEmailRequest(_message.Message):
+    """Request of UserService.VerifyEmail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Required. A user id (36 characters), or "me"."""
+    code: _builtins.str
+    """Required. The code from CreateEmailVerificationCode, any case, at most
+    64 characters. Never logged.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyEmailRequest: _TypeAlias = VerifyEmailRequest  # noqa: Y015
+
+@_typing.final
+class VerifyEmailResponse(_message.Message):
+    """Response of UserService.VerifyEmail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The user, email_verified true."""
+
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyEmailResponse: _TypeAlias = VerifyEmailResponse  # noqa: Y015
+
+@_typing.final
+class CreatePasswordResetCodeRequest(_message.Message):
+    """Request of UserService.CreatePasswordResetCode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """Required. Valid addr-spec, at most 254 characters; case-insensitive."""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePasswordResetCodeRequest: _TypeAlias = CreatePasswordResetCodeRequest  # noqa: Y015
+
+@_typing.final
+class CreatePasswordResetCodeResponse(_message.Message):
+    """Response of UserService.CreatePasswordResetCode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """8 characters as CreateEmailVerificationCodeResponse.code; empty when no
+    active user has the email. Deliver it to the user; never log it.
+    """
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the code stops being valid (set even when code is empty)."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expire_time", b"expire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePasswordResetCodeResponse: _TypeAlias = CreatePasswordResetCodeResponse  # noqa: Y015
+
+@_typing.final
+class ResetPasswordRequest(_message.Message):
+    """Request of UserService.ResetPassword."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    NEW_PASSWORD_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """Required. The email the code was issued for; case-insensitive, at most
+    254 characters.
+    """
+    code: _builtins.str
+    """Required. The code from CreatePasswordResetCode, any case, at most 64
+    characters. Never logged.
+    """
+    new_password: _builtins.str
+    """Required. 8..72 UTF-8 bytes, not a common password (INVALID_ARGUMENT,
+    WEAK_PASSWORD otherwise). Never logged.
+    """
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        code: _builtins.str = ...,
+        new_password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "email", b"email", "new_password", b"new_password"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetPasswordRequest: _TypeAlias = ResetPasswordRequest  # noqa: Y015
+
+@_typing.final
+class ResetPasswordResponse(_message.Message):
+    """Response of UserService.ResetPassword (empty)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetPasswordResponse: _TypeAlias = ResetPasswordResponse  # noqa: Y015

@@ -113,6 +113,36 @@ class UserServiceStub:
                 request_serializer=usersvc_dot_v1_dot_user__service__pb2.ImportUsersRequest.SerializeToString,
                 response_deserializer=usersvc_dot_v1_dot_user__service__pb2.ImportUsersResponse.FromString,
                 _registered_method=True)
+        self.BatchUpdateUsers = channel.unary_unary(
+                '/usersvc.v1.UserService/BatchUpdateUsers',
+                request_serializer=usersvc_dot_v1_dot_user__service__pb2.BatchUpdateUsersRequest.SerializeToString,
+                response_deserializer=usersvc_dot_v1_dot_user__service__pb2.BatchUpdateUsersResponse.FromString,
+                _registered_method=True)
+        self.BatchDeleteUsers = channel.unary_unary(
+                '/usersvc.v1.UserService/BatchDeleteUsers',
+                request_serializer=usersvc_dot_v1_dot_user__service__pb2.BatchDeleteUsersRequest.SerializeToString,
+                response_deserializer=usersvc_dot_v1_dot_user__service__pb2.BatchDeleteUsersResponse.FromString,
+                _registered_method=True)
+        self.CreateEmailVerificationCode = channel.unary_unary(
+                '/usersvc.v1.UserService/CreateEmailVerificationCode',
+                request_serializer=usersvc_dot_v1_dot_user__service__pb2.CreateEmailVerificationCodeRequest.SerializeToString,
+                response_deserializer=usersvc_dot_v1_dot_user__service__pb2.CreateEmailVerificationCodeResponse.FromString,
+                _registered_method=True)
+        self.VerifyEmail = channel.unary_unary(
+                '/usersvc.v1.UserService/VerifyEmail',
+                request_serializer=usersvc_dot_v1_dot_user__service__pb2.VerifyEmailRequest.SerializeToString,
+                response_deserializer=usersvc_dot_v1_dot_user__service__pb2.VerifyEmailResponse.FromString,
+                _registered_method=True)
+        self.CreatePasswordResetCode = channel.unary_unary(
+                '/usersvc.v1.UserService/CreatePasswordResetCode',
+                request_serializer=usersvc_dot_v1_dot_user__service__pb2.CreatePasswordResetCodeRequest.SerializeToString,
+                response_deserializer=usersvc_dot_v1_dot_user__service__pb2.CreatePasswordResetCodeResponse.FromString,
+                _registered_method=True)
+        self.ResetPassword = channel.unary_unary(
+                '/usersvc.v1.UserService/ResetPassword',
+                request_serializer=usersvc_dot_v1_dot_user__service__pb2.ResetPasswordRequest.SerializeToString,
+                response_deserializer=usersvc_dot_v1_dot_user__service__pb2.ResetPasswordResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -284,6 +314,81 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchUpdateUsers(self, request, context):
+        """Updates up to 1000 users atomically: all or none, in request order.
+        Each item follows UpdateUser's rules (mask, etag, limits); an item
+        without an update_mask of its own takes the request's update_mask.
+        An id may appear once per batch. The first failing item fails the whole
+        batch and nothing changes: its error's ErrorInfo metadata "index" names
+        the item, and field violations are prefixed "requests[<i>].".
+        Who: admins. Errors: as UpdateUser; INVALID_ARGUMENT for 0 or more than
+        1000 items, an item without user.id, or a repeated id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchDeleteUsers(self, request, context):
+        """Soft-deletes up to 1000 users atomically, in request order, ending
+        their sessions. Each item follows DeleteUser's rules (etag; an already
+        deleted user is FAILED_PRECONDITION, INVALID_STATE). The first failing
+        item fails the whole batch and nothing changes; ErrorInfo metadata
+        "index" names it. Who: admins. Errors: as DeleteUser; INVALID_ARGUMENT
+        for 0 or more than 1000 items, an item without id, or a repeated id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateEmailVerificationCode(self, request, context):
+        """Issues a code that proves the user receives mail at its email. The
+        caller delivers it: usersvc sends no mail. A new code voids the user's
+        previous email verification code. The code is valid for
+        USERSVC_CODE_TTL_SECONDS (default 600 s), once, and 5 wrong tries void
+        it. Who: admins, services. Errors: INVALID_ARGUMENT, NOT_FOUND
+        (USER_NOT_FOUND: missing or deleted), FAILED_PRECONDITION
+        (INVALID_STATE: disabled user), PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyEmail(self, request, context):
+        """Marks the user's email verified with a code from
+        CreateEmailVerificationCode, and consumes the code.
+        Who: the user itself, admins, services. Errors: INVALID_ARGUMENT
+        (CODE_INVALID: wrong, used, voided or expired code, or a code of
+        another user or kind), NOT_FOUND (USER_NOT_FOUND), PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePasswordResetCode(self, request, context):
+        """Issues a password reset code for the active user with that email; the
+        caller delivers it. An unknown, deleted or disabled email gets OK with
+        an empty code, in the same time (no enumeration). A new code voids the
+        previous reset code. Valid for USERSVC_CODE_TTL_SECONDS, once, 5 wrong
+        tries void it. Who: admins, services. Errors: INVALID_ARGUMENT (email
+        syntax), PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetPassword(self, request, context):
+        """Sets a new password with a code from CreatePasswordResetCode: ends
+        every session of the user (its access tokens are refused on every
+        replica within a second), clears a login lock and consumes the code.
+        Who: anyone (the code is the credential); rate-limited like Login.
+        Errors: INVALID_ARGUMENT (CODE_INVALID: unknown email, wrong, used,
+        voided or expired code, all in the same time; WEAK_PASSWORD),
+        RESOURCE_EXHAUSTED (RATE_LIMITED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -356,6 +461,36 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.ImportUsers,
                     request_deserializer=usersvc_dot_v1_dot_user__service__pb2.ImportUsersRequest.FromString,
                     response_serializer=usersvc_dot_v1_dot_user__service__pb2.ImportUsersResponse.SerializeToString,
+            ),
+            'BatchUpdateUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchUpdateUsers,
+                    request_deserializer=usersvc_dot_v1_dot_user__service__pb2.BatchUpdateUsersRequest.FromString,
+                    response_serializer=usersvc_dot_v1_dot_user__service__pb2.BatchUpdateUsersResponse.SerializeToString,
+            ),
+            'BatchDeleteUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchDeleteUsers,
+                    request_deserializer=usersvc_dot_v1_dot_user__service__pb2.BatchDeleteUsersRequest.FromString,
+                    response_serializer=usersvc_dot_v1_dot_user__service__pb2.BatchDeleteUsersResponse.SerializeToString,
+            ),
+            'CreateEmailVerificationCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEmailVerificationCode,
+                    request_deserializer=usersvc_dot_v1_dot_user__service__pb2.CreateEmailVerificationCodeRequest.FromString,
+                    response_serializer=usersvc_dot_v1_dot_user__service__pb2.CreateEmailVerificationCodeResponse.SerializeToString,
+            ),
+            'VerifyEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyEmail,
+                    request_deserializer=usersvc_dot_v1_dot_user__service__pb2.VerifyEmailRequest.FromString,
+                    response_serializer=usersvc_dot_v1_dot_user__service__pb2.VerifyEmailResponse.SerializeToString,
+            ),
+            'CreatePasswordResetCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePasswordResetCode,
+                    request_deserializer=usersvc_dot_v1_dot_user__service__pb2.CreatePasswordResetCodeRequest.FromString,
+                    response_serializer=usersvc_dot_v1_dot_user__service__pb2.CreatePasswordResetCodeResponse.SerializeToString,
+            ),
+            'ResetPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPassword,
+                    request_deserializer=usersvc_dot_v1_dot_user__service__pb2.ResetPasswordRequest.FromString,
+                    response_serializer=usersvc_dot_v1_dot_user__service__pb2.ResetPasswordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -745,6 +880,168 @@ class UserService:
             '/usersvc.v1.UserService/ImportUsers',
             usersvc_dot_v1_dot_user__service__pb2.ImportUsersRequest.SerializeToString,
             usersvc_dot_v1_dot_user__service__pb2.ImportUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchUpdateUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usersvc.v1.UserService/BatchUpdateUsers',
+            usersvc_dot_v1_dot_user__service__pb2.BatchUpdateUsersRequest.SerializeToString,
+            usersvc_dot_v1_dot_user__service__pb2.BatchUpdateUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchDeleteUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usersvc.v1.UserService/BatchDeleteUsers',
+            usersvc_dot_v1_dot_user__service__pb2.BatchDeleteUsersRequest.SerializeToString,
+            usersvc_dot_v1_dot_user__service__pb2.BatchDeleteUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEmailVerificationCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usersvc.v1.UserService/CreateEmailVerificationCode',
+            usersvc_dot_v1_dot_user__service__pb2.CreateEmailVerificationCodeRequest.SerializeToString,
+            usersvc_dot_v1_dot_user__service__pb2.CreateEmailVerificationCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usersvc.v1.UserService/VerifyEmail',
+            usersvc_dot_v1_dot_user__service__pb2.VerifyEmailRequest.SerializeToString,
+            usersvc_dot_v1_dot_user__service__pb2.VerifyEmailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePasswordResetCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usersvc.v1.UserService/CreatePasswordResetCode',
+            usersvc_dot_v1_dot_user__service__pb2.CreatePasswordResetCodeRequest.SerializeToString,
+            usersvc_dot_v1_dot_user__service__pb2.CreatePasswordResetCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/usersvc.v1.UserService/ResetPassword',
+            usersvc_dot_v1_dot_user__service__pb2.ResetPasswordRequest.SerializeToString,
+            usersvc_dot_v1_dot_user__service__pb2.ResetPasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -143,6 +143,57 @@ class UserServiceStub:
     RESOURCE_EXHAUSTED (a message over 1 MiB), DEADLINE_EXCEEDED,
     UNAVAILABLE (DATABASE_UNAVAILABLE).
     """
+    BatchUpdateUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.BatchUpdateUsersRequest, _user_service_pb2.BatchUpdateUsersResponse]
+    """Updates up to 1000 users atomically: all or none, in request order.
+    Each item follows UpdateUser's rules (mask, etag, limits); an item
+    without an update_mask of its own takes the request's update_mask.
+    An id may appear once per batch. The first failing item fails the whole
+    batch and nothing changes: its error's ErrorInfo metadata "index" names
+    the item, and field violations are prefixed "requests[<i>].".
+    Who: admins. Errors: as UpdateUser; INVALID_ARGUMENT for 0 or more than
+    1000 items, an item without user.id, or a repeated id.
+    """
+    BatchDeleteUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.BatchDeleteUsersRequest, _user_service_pb2.BatchDeleteUsersResponse]
+    """Soft-deletes up to 1000 users atomically, in request order, ending
+    their sessions. Each item follows DeleteUser's rules (etag; an already
+    deleted user is FAILED_PRECONDITION, INVALID_STATE). The first failing
+    item fails the whole batch and nothing changes; ErrorInfo metadata
+    "index" names it. Who: admins. Errors: as DeleteUser; INVALID_ARGUMENT
+    for 0 or more than 1000 items, an item without id, or a repeated id.
+    """
+    CreateEmailVerificationCode: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateEmailVerificationCodeRequest, _user_service_pb2.CreateEmailVerificationCodeResponse]
+    """Issues a code that proves the user receives mail at its email. The
+    caller delivers it: usersvc sends no mail. A new code voids the user's
+    previous email verification code. The code is valid for
+    USERSVC_CODE_TTL_SECONDS (default 600 s), once, and 5 wrong tries void
+    it. Who: admins, services. Errors: INVALID_ARGUMENT, NOT_FOUND
+    (USER_NOT_FOUND: missing or deleted), FAILED_PRECONDITION
+    (INVALID_STATE: disabled user), PERMISSION_DENIED.
+    """
+    VerifyEmail: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.VerifyEmailRequest, _user_service_pb2.VerifyEmailResponse]
+    """Marks the user's email verified with a code from
+    CreateEmailVerificationCode, and consumes the code.
+    Who: the user itself, admins, services. Errors: INVALID_ARGUMENT
+    (CODE_INVALID: wrong, used, voided or expired code, or a code of
+    another user or kind), NOT_FOUND (USER_NOT_FOUND), PERMISSION_DENIED.
+    """
+    CreatePasswordResetCode: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreatePasswordResetCodeRequest, _user_service_pb2.CreatePasswordResetCodeResponse]
+    """Issues a password reset code for the active user with that email; the
+    caller delivers it. An unknown, deleted or disabled email gets OK with
+    an empty code, in the same time (no enumeration). A new code voids the
+    previous reset code. Valid for USERSVC_CODE_TTL_SECONDS, once, 5 wrong
+    tries void it. Who: admins, services. Errors: INVALID_ARGUMENT (email
+    syntax), PERMISSION_DENIED.
+    """
+    ResetPassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ResetPasswordRequest, _user_service_pb2.ResetPasswordResponse]
+    """Sets a new password with a code from CreatePasswordResetCode: ends
+    every session of the user (its access tokens are refused on every
+    replica within a second), clears a login lock and consumes the code.
+    Who: anyone (the code is the credential); rate-limited like Login.
+    Errors: INVALID_ARGUMENT (CODE_INVALID: unknown email, wrong, used,
+    voided or expired code, all in the same time; WEAK_PASSWORD),
+    RESOURCE_EXHAUSTED (RATE_LIMITED).
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -258,6 +309,57 @@ class UserServiceAsyncStub(UserServiceStub):
     message with more than 10000 users, or not valid protobuf),
     RESOURCE_EXHAUSTED (a message over 1 MiB), DEADLINE_EXCEEDED,
     UNAVAILABLE (DATABASE_UNAVAILABLE).
+    """
+    BatchUpdateUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.BatchUpdateUsersRequest, _user_service_pb2.BatchUpdateUsersResponse]  # type: ignore[assignment]
+    """Updates up to 1000 users atomically: all or none, in request order.
+    Each item follows UpdateUser's rules (mask, etag, limits); an item
+    without an update_mask of its own takes the request's update_mask.
+    An id may appear once per batch. The first failing item fails the whole
+    batch and nothing changes: its error's ErrorInfo metadata "index" names
+    the item, and field violations are prefixed "requests[<i>].".
+    Who: admins. Errors: as UpdateUser; INVALID_ARGUMENT for 0 or more than
+    1000 items, an item without user.id, or a repeated id.
+    """
+    BatchDeleteUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.BatchDeleteUsersRequest, _user_service_pb2.BatchDeleteUsersResponse]  # type: ignore[assignment]
+    """Soft-deletes up to 1000 users atomically, in request order, ending
+    their sessions. Each item follows DeleteUser's rules (etag; an already
+    deleted user is FAILED_PRECONDITION, INVALID_STATE). The first failing
+    item fails the whole batch and nothing changes; ErrorInfo metadata
+    "index" names it. Who: admins. Errors: as DeleteUser; INVALID_ARGUMENT
+    for 0 or more than 1000 items, an item without id, or a repeated id.
+    """
+    CreateEmailVerificationCode: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateEmailVerificationCodeRequest, _user_service_pb2.CreateEmailVerificationCodeResponse]  # type: ignore[assignment]
+    """Issues a code that proves the user receives mail at its email. The
+    caller delivers it: usersvc sends no mail. A new code voids the user's
+    previous email verification code. The code is valid for
+    USERSVC_CODE_TTL_SECONDS (default 600 s), once, and 5 wrong tries void
+    it. Who: admins, services. Errors: INVALID_ARGUMENT, NOT_FOUND
+    (USER_NOT_FOUND: missing or deleted), FAILED_PRECONDITION
+    (INVALID_STATE: disabled user), PERMISSION_DENIED.
+    """
+    VerifyEmail: _aio.UnaryUnaryMultiCallable[_user_service_pb2.VerifyEmailRequest, _user_service_pb2.VerifyEmailResponse]  # type: ignore[assignment]
+    """Marks the user's email verified with a code from
+    CreateEmailVerificationCode, and consumes the code.
+    Who: the user itself, admins, services. Errors: INVALID_ARGUMENT
+    (CODE_INVALID: wrong, used, voided or expired code, or a code of
+    another user or kind), NOT_FOUND (USER_NOT_FOUND), PERMISSION_DENIED.
+    """
+    CreatePasswordResetCode: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreatePasswordResetCodeRequest, _user_service_pb2.CreatePasswordResetCodeResponse]  # type: ignore[assignment]
+    """Issues a password reset code for the active user with that email; the
+    caller delivers it. An unknown, deleted or disabled email gets OK with
+    an empty code, in the same time (no enumeration). A new code voids the
+    previous reset code. Valid for USERSVC_CODE_TTL_SECONDS, once, 5 wrong
+    tries void it. Who: admins, services. Errors: INVALID_ARGUMENT (email
+    syntax), PERMISSION_DENIED.
+    """
+    ResetPassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ResetPasswordRequest, _user_service_pb2.ResetPasswordResponse]  # type: ignore[assignment]
+    """Sets a new password with a code from CreatePasswordResetCode: ends
+    every session of the user (its access tokens are refused on every
+    replica within a second), clears a login lock and consumes the code.
+    Who: anyone (the code is the credential); rate-limited like Login.
+    Errors: INVALID_ARGUMENT (CODE_INVALID: unknown email, wrong, used,
+    voided or expired code, all in the same time; WEAK_PASSWORD),
+    RESOURCE_EXHAUSTED (RATE_LIMITED).
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -455,6 +557,93 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         message with more than 10000 users, or not valid protobuf),
         RESOURCE_EXHAUSTED (a message over 1 MiB), DEADLINE_EXCEEDED,
         UNAVAILABLE (DATABASE_UNAVAILABLE).
+        """
+
+    @_abc_1.abstractmethod
+    def BatchUpdateUsers(
+        self,
+        request: _user_service_pb2.BatchUpdateUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.BatchUpdateUsersResponse, _abc.Awaitable[_user_service_pb2.BatchUpdateUsersResponse]]:
+        """Updates up to 1000 users atomically: all or none, in request order.
+        Each item follows UpdateUser's rules (mask, etag, limits); an item
+        without an update_mask of its own takes the request's update_mask.
+        An id may appear once per batch. The first failing item fails the whole
+        batch and nothing changes: its error's ErrorInfo metadata "index" names
+        the item, and field violations are prefixed "requests[<i>].".
+        Who: admins. Errors: as UpdateUser; INVALID_ARGUMENT for 0 or more than
+        1000 items, an item without user.id, or a repeated id.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchDeleteUsers(
+        self,
+        request: _user_service_pb2.BatchDeleteUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.BatchDeleteUsersResponse, _abc.Awaitable[_user_service_pb2.BatchDeleteUsersResponse]]:
+        """Soft-deletes up to 1000 users atomically, in request order, ending
+        their sessions. Each item follows DeleteUser's rules (etag; an already
+        deleted user is FAILED_PRECONDITION, INVALID_STATE). The first failing
+        item fails the whole batch and nothing changes; ErrorInfo metadata
+        "index" names it. Who: admins. Errors: as DeleteUser; INVALID_ARGUMENT
+        for 0 or more than 1000 items, an item without id, or a repeated id.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateEmailVerificationCode(
+        self,
+        request: _user_service_pb2.CreateEmailVerificationCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.CreateEmailVerificationCodeResponse, _abc.Awaitable[_user_service_pb2.CreateEmailVerificationCodeResponse]]:
+        """Issues a code that proves the user receives mail at its email. The
+        caller delivers it: usersvc sends no mail. A new code voids the user's
+        previous email verification code. The code is valid for
+        USERSVC_CODE_TTL_SECONDS (default 600 s), once, and 5 wrong tries void
+        it. Who: admins, services. Errors: INVALID_ARGUMENT, NOT_FOUND
+        (USER_NOT_FOUND: missing or deleted), FAILED_PRECONDITION
+        (INVALID_STATE: disabled user), PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyEmail(
+        self,
+        request: _user_service_pb2.VerifyEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.VerifyEmailResponse, _abc.Awaitable[_user_service_pb2.VerifyEmailResponse]]:
+        """Marks the user's email verified with a code from
+        CreateEmailVerificationCode, and consumes the code.
+        Who: the user itself, admins, services. Errors: INVALID_ARGUMENT
+        (CODE_INVALID: wrong, used, voided or expired code, or a code of
+        another user or kind), NOT_FOUND (USER_NOT_FOUND), PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def CreatePasswordResetCode(
+        self,
+        request: _user_service_pb2.CreatePasswordResetCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.CreatePasswordResetCodeResponse, _abc.Awaitable[_user_service_pb2.CreatePasswordResetCodeResponse]]:
+        """Issues a password reset code for the active user with that email; the
+        caller delivers it. An unknown, deleted or disabled email gets OK with
+        an empty code, in the same time (no enumeration). A new code voids the
+        previous reset code. Valid for USERSVC_CODE_TTL_SECONDS, once, 5 wrong
+        tries void it. Who: admins, services. Errors: INVALID_ARGUMENT (email
+        syntax), PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetPassword(
+        self,
+        request: _user_service_pb2.ResetPasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ResetPasswordResponse, _abc.Awaitable[_user_service_pb2.ResetPasswordResponse]]:
+        """Sets a new password with a code from CreatePasswordResetCode: ends
+        every session of the user (its access tokens are refused on every
+        replica within a second), clears a login lock and consumes the code.
+        Who: anyone (the code is the credential); rate-limited like Login.
+        Errors: INVALID_ARGUMENT (CODE_INVALID: unknown email, wrong, used,
+        voided or expired code, all in the same time; WEAK_PASSWORD),
+        RESOURCE_EXHAUSTED (RATE_LIMITED).
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -255,3 +255,67 @@ def test_login_response_carries_the_token_pair_and_the_user() -> None:
         response.expires_in,
         response.user.email,
     ) == ("at", "rt", "Bearer", 900, "ada@example.com")
+
+
+def _batch_item(user_id: str, *paths: str, **fields: object) -> user_service_pb2.UpdateUserRequest:
+    item = user_service_pb2.UpdateUserRequest(user=user_pb2.User(id=user_id, **fields))
+    if paths:
+        item.update_mask.paths.extend(paths)
+    return item
+
+
+def test_a_batch_item_without_a_mask_takes_the_requests_mask() -> None:
+    request = user_service_pb2.BatchUpdateUsersRequest(
+        requests=[_batch_item("a", display_name="New", labels={"k": "v"})],
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+    )
+
+    (item,) = mappers.batch_update_user_inputs(request)
+
+    assert item.patch == UserPatch(display_name="New")
+
+
+def test_a_batch_items_own_mask_wins_over_the_requests() -> None:
+    request = user_service_pb2.BatchUpdateUsersRequest(
+        requests=[_batch_item("a", "labels", display_name="Ignored", labels={"k": "v"})],
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+    )
+
+    (item,) = mappers.batch_update_user_inputs(request)
+
+    assert item.patch == UserPatch(labels={"k": "v"})
+
+
+def test_batch_item_violations_are_named_after_the_item_and_the_first_is_indexed() -> None:
+    request = user_service_pb2.BatchUpdateUsersRequest(
+        requests=[
+            _batch_item("a", display_name="Fine"),
+            _batch_item("", display_name="No id"),
+            _batch_item("c", "state", display_name="Output only"),
+        ]
+    )
+
+    with pytest.raises(InvalidArgument) as raised:
+        mappers.batch_update_user_inputs(request)
+
+    assert [v.field for v in raised.value.violations] == [
+        "requests[1].user.id",
+        "requests[2].update_mask",
+    ]
+    assert raised.value.metadata == {"index": "1"}
+
+
+def test_a_bad_request_mask_is_reported_once_on_update_mask() -> None:
+    request = user_service_pb2.BatchUpdateUsersRequest(
+        requests=[_batch_item("a", display_name="x")] * 3,
+        update_mask=field_mask_pb2.FieldMask(paths=["password"]),
+    )
+
+    with pytest.raises(InvalidArgument) as raised:
+        mappers.batch_update_user_inputs(request)
+
+    assert [v.field for v in raised.value.violations] == ["update_mask"]
+
+
+def test_user_to_proto_carries_email_verified() -> None:
+    assert mappers.user_to_proto(make_user(email_verified=True)).email_verified

@@ -46,9 +46,9 @@ _INSERT_BATCH = text(
     """
     WITH inserted AS (
         INSERT INTO users (id, email, password_hash, display_name, roles, labels,
-                           create_time, update_time)
+                           create_time, update_time, email_verified)
         SELECT id, email, password_hash, display_name, CAST(roles AS text[]), labels,
-               LEAST(create_time, now()), now()
+               LEAST(create_time, now()), now(), email_verified
         FROM unnest(
             CAST(:ids AS uuid[]),
             CAST(:emails AS text[]),
@@ -56,9 +56,11 @@ _INSERT_BATCH = text(
             CAST(:display_names AS text[]),
             CAST(:roles AS text[]),
             CAST(:labels AS jsonb[]),
-            CAST(:create_times AS timestamptz[])
+            CAST(:create_times AS timestamptz[]),
+            CAST(:email_verified AS boolean[])
         ) WITH ORDINALITY
-          AS batch (id, email, password_hash, display_name, roles, labels, create_time, seq)
+          AS batch (id, email, password_hash, display_name, roles, labels, create_time,
+                    email_verified, seq)
         ORDER BY seq
         ON CONFLICT (lower(email)) DO NOTHING
         RETURNING id
@@ -98,6 +100,7 @@ _COLUMNS = (
     "roles",
     "labels",
     "create_times",
+    "email_verified",
 )
 _ROWS_PER_YIELD = 100
 
@@ -131,6 +134,7 @@ async def insert_imported_users(
             columns["roles"].append(_array_literal(user.roles, role_literals))
             columns["labels"].append(_json_object(user.labels))
             columns["create_times"].append(user.create_time)
+            columns["email_verified"].append(user.email_verified)
     params: dict[str, Any] = dict(columns)
     statement = _INSERT_BATCH
     if events:

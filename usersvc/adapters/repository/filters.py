@@ -73,7 +73,16 @@ def comparison_clause(term: Comparison) -> ColumnElement[bool]:
             return _create_time(term)
         case FilterField.LABELS:
             return _labels(term)
+        case FilterField.EMAIL_VERIFIED:
+            return _email_verified(term)
     raise _invalid(f"cannot filter on {term.field!r}")
+
+
+def _email_verified(term: Comparison) -> ColumnElement[bool]:
+    if term.op not in (Op.EQ, Op.NE) or not isinstance(term.value, bool):
+        raise _invalid("email_verified supports only = true / = false (and !=)")
+    column = users_table.c.email_verified
+    return column == term.value if term.op is Op.EQ else column != term.value
 
 
 def _email(term: Comparison) -> ColumnElement[bool]:

@@ -73,6 +73,7 @@ def _snapshot(user: User) -> dict[str, Any]:
         "disable_time": iso(user.disable_time),
         "delete_time": iso(user.delete_time),
         "version": user.version,
+        "email_verified": user.email_verified,
     }
 
 
@@ -91,4 +92,5 @@ def _user_from_snapshot(data: Mapping[str, Any]) -> User:
         disable_time=moment(data["disable_time"]),
         delete_time=moment(data["delete_time"]),
         version=int(data["version"]),
+        email_verified=bool(data.get("email_verified", False)),
     )

@@ -8,20 +8,33 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Text, Uuid, bindparam, func, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    LargeBinary,
+    Text,
+    Uuid,
+    bindparam,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import RowMapping
 
 from usersvc.adapters.events import snapshot_sql
-from usersvc.adapters.orm import refresh_tokens_table, sessions_table
+from usersvc.adapters.orm import sessions_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
 from usersvc.adapters.revocation_channel import REVOCATION_CHANNEL, payloads
 from usersvc.domain.errors import UserNotFound
 from usersvc.domain.events import EventType
 from usersvc.domain.models import RevokeReason, Session, uuid7
-from usersvc.domain.ports import CleanupResult, RefreshOutcome, RefreshStatus
+from usersvc.domain.ports import CleanupResult, RefreshChain, RefreshOutcome, RefreshStatus
 
 sessions = sessions_table.c
-tokens = refresh_tokens_table.c
+# The chain starts at generation 1 (usersvc.services.sessions); 0 is a
+# session from before it.
+FIRST_GENERATION = 1
 _SESSION_COLUMNS = (
     sessions.id,
     sessions.user_id,
@@ -33,38 +46,48 @@ _SESSION_COLUMNS = (
 )
 _SESSION_USER_FK = "fk_sessions_user_id_users"
 
+_CHAIN_COLUMNS = (sessions.refresh_generation, sessions.refresh_tag_key)
+
 _GET_SESSION = select(*_SESSION_COLUMNS).where(sessions.id == bindparam("session_id"))
-_FIND_REFRESH_TOKEN = select(tokens.session_id).where(
-    tokens.token_hash == bindparam("presented_hash")
+_GET_CHAIN = select(*_SESSION_COLUMNS, *_CHAIN_COLUMNS).where(
+    sessions.id == bindparam("session_id")
 )
-_RETIRED_TOKEN_SESSION = (
-    select(*_SESSION_COLUMNS)
-    .select_from(refresh_tokens_table.join(sessions_table, sessions.id == tokens.session_id))
-    .where(tokens.token_hash == bindparam("presented_hash"))
+# One conditional UPDATE is the single-use guarantee. Concurrent callers
+# queue on the session's row lock; once the winner commits, PostgreSQL
+# re-checks the WHERE for each waiter (READ COMMITTED) against the next
+# generation, which then updates nothing.
+# Parameter names must differ from column names in an UPDATE.
+_USE_REFRESH_TOKEN = (
+    update(sessions_table)
+    .where(
+        sessions.id == bindparam("presented_session_id", type_=Uuid()),
+        sessions.refresh_generation == bindparam("presented_generation", type_=BigInteger()),
+        sessions.refresh_token_hash == bindparam("presented_hash", type_=LargeBinary()),
+    )
+    .values(
+        refresh_generation=sessions.refresh_generation + 1,
+        refresh_token_hash=bindparam("successor_hash", type_=LargeBinary()),
+        last_refresh_time=func.now(),
+    )
+    .returning(*_SESSION_COLUMNS, *_CHAIN_COLUMNS)
 )
-
-
-def _use_refresh_token_statement() -> Any:
-    # One statement: the conditional UPDATE is the single-use guarantee.
-    # Concurrent callers queue on the token's row lock; once the winner
-    # commits, PostgreSQL re-checks "use_time IS NULL" for each waiter
-    # (READ COMMITTED), which then updates nothing.
-    used = (
-        update(refresh_tokens_table)
-        .where(tokens.token_hash == bindparam("presented_hash"), tokens.use_time.is_(None))
-        .values(use_time=func.now())
-        .returning(tokens.session_id)
-        .cte("used")
+_USE_LEGACY_REFRESH_TOKEN = (
+    update(sessions_table)
+    .where(
+        sessions.legacy_refresh_hash == bindparam("presented_hash", type_=LargeBinary()),
+        sessions.refresh_generation == 0,
     )
-    return (
-        update(sessions_table)
-        .where(sessions.id == used.c.session_id)
-        .values(last_refresh_time=func.now())
-        .returning(*_SESSION_COLUMNS)
+    .values(
+        refresh_generation=FIRST_GENERATION,
+        refresh_token_hash=bindparam("successor_hash", type_=LargeBinary()),
+        refresh_tag_key=bindparam("new_tag_key", type_=LargeBinary()),
+        last_refresh_time=func.now(),
     )
-
-
-_USE_REFRESH_TOKEN = _use_refresh_token_statement()
+    .returning(*_SESSION_COLUMNS, *_CHAIN_COLUMNS)
+)
+_LEGACY_TOKEN_SESSION = select(*_SESSION_COLUMNS).where(
+    sessions.legacy_refresh_hash == bindparam("presented_hash", type_=LargeBinary())
+)
 
 # Revoking is one statement per target kind: end the live sessions and log
 # them for the replicas, atomically. The log also takes given ids that have
@@ -147,6 +170,13 @@ _DELETE_EXPIRED_REVOCATIONS = text(
 ).bindparams(bindparam("cutoff", type_=DateTime(timezone=True)))
 
 
+def _chain_from_row(row: RowMapping) -> RefreshChain | None:
+    # Before its chain started (a session from before migration 0006 not
+    # yet refreshed), a session has no tag key.
+    key = row["refresh_tag_key"]
+    return None if key is None else RefreshChain(row["refresh_generation"], bytes(key))
+
+
 def _session_from_row(row: RowMapping) -> Session:
     reason = row["revoke_reason"]
     return Session(
@@ -164,12 +194,27 @@ class SqlAlchemySessionRepository(SqlAlchemyRepository):
     """usersvc.domain.ports.SessionRepository on PostgreSQL. Every method
     raises DatabaseUnavailable when the database cannot be reached."""
 
-    async def create(self, user_id: uuid.UUID, expire_time: datetime) -> Session:
-        """A new active session. Raises UserNotFound when the user row does
-        not exist (the transaction is then aborted: roll back)."""
+    async def create(
+        self,
+        user_id: uuid.UUID,
+        expire_time: datetime,
+        *,
+        refresh_hash: bytes,
+        tag_key: bytes,
+    ) -> Session:
+        """A new active session at the chain's first generation. Raises
+        UserNotFound when the user row does not exist (the transaction is
+        then aborted: roll back)."""
         statement = (
             sessions_table.insert()
-            .values(id=uuid7(), user_id=user_id, expire_time=expire_time)
+            .values(
+                id=uuid7(),
+                user_id=user_id,
+                expire_time=expire_time,
+                refresh_generation=FIRST_GENERATION,
+                refresh_token_hash=refresh_hash,
+                refresh_tag_key=tag_key,
+            )
             .returning(*_SESSION_COLUMNS)
         )
         missing = {"id": str(user_id)}
@@ -178,32 +223,62 @@ class SqlAlchemySessionRepository(SqlAlchemyRepository):
         )
         return _session_from_row(result.mappings().one())
 
-    async def add_refresh_token(self, session_id: uuid.UUID, token_hash: bytes) -> None:
-        """Store a new, unused refresh token hash."""
-        statement = refresh_tokens_table.insert().values(
-            token_hash=token_hash, session_id=session_id
-        )
-        await self._execute(statement)
-
-    async def use_refresh_token(self, token_hash: bytes) -> RefreshOutcome:
-        """Retire an unused token (OK, with the session as it now is), or
-        tell a used one (RETIRED) from one never issued (UNKNOWN)."""
-        # Not named after the column: in an UPDATE, a parameter named like
-        # a column would also be taken as that column's new value.
-        params = {"presented_hash": token_hash}
+    async def use_refresh_token(
+        self, session_id: uuid.UUID, generation: int, token_hash: bytes, successor_hash: bytes
+    ) -> RefreshOutcome:
+        """Advance the chain if the token is its valid one (OK, with the
+        session and chain as they now are); RETIRED, with the chain, for an
+        older generation of an existing session; UNKNOWN otherwise."""
+        params = {
+            "presented_session_id": session_id,
+            "presented_generation": generation,
+            "presented_hash": token_hash,
+            "successor_hash": successor_hash,
+        }
         row = (await self._execute(_USE_REFRESH_TOKEN, params)).mappings().one_or_none()
         if row is not None:
-            return RefreshOutcome(RefreshStatus.OK, _session_from_row(row))
-        row = (await self._execute(_RETIRED_TOKEN_SESSION, params)).mappings().one_or_none()
+            return RefreshOutcome(RefreshStatus.OK, _session_from_row(row), _chain_from_row(row))
+        row = (await self._execute(_GET_CHAIN, {"session_id": session_id})).mappings().first()
+        chain = None if row is None else _chain_from_row(row)
+        if row is None or chain is None or generation >= chain.generation:
+            return RefreshOutcome(RefreshStatus.UNKNOWN)
+        return RefreshOutcome(RefreshStatus.RETIRED, _session_from_row(row), chain)
+
+    async def use_legacy_refresh_token(
+        self, token_hash: bytes, successor_hash: bytes, tag_key: bytes
+    ) -> RefreshOutcome:
+        """Start the chain from a token issued before it (OK), or tell a
+        used one (RETIRED) from one never issued (UNKNOWN)."""
+        params = {"presented_hash": token_hash}
+        row = (
+            (
+                await self._execute(
+                    _USE_LEGACY_REFRESH_TOKEN,
+                    {**params, "successor_hash": successor_hash, "new_tag_key": tag_key},
+                )
+            )
+            .mappings()
+            .one_or_none()
+        )
+        if row is not None:
+            return RefreshOutcome(RefreshStatus.OK, _session_from_row(row), _chain_from_row(row))
+        row = (await self._execute(_LEGACY_TOKEN_SESSION, params)).mappings().one_or_none()
         if row is not None:
             return RefreshOutcome(RefreshStatus.RETIRED, _session_from_row(row))
         return RefreshOutcome(RefreshStatus.UNKNOWN)
 
-    async def find_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
-        """The session of a refresh token, used or not."""
-        result = await self._execute(_FIND_REFRESH_TOKEN, {"presented_hash": token_hash})
-        session_id: uuid.UUID | None = result.scalar_one_or_none()
-        return session_id
+    async def refresh_chain(self, session_id: uuid.UUID) -> RefreshChain | None:
+        row = (await self._execute(_GET_CHAIN, {"session_id": session_id})).mappings().first()
+        return None if row is None else _chain_from_row(row)
+
+    async def find_legacy_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
+        """The session of a token from before the chain, used or not."""
+        row = (
+            (await self._execute(_LEGACY_TOKEN_SESSION, {"presented_hash": token_hash}))
+            .mappings()
+            .one_or_none()
+        )
+        return None if row is None else row["id"]
 
     async def get(self, session_id: uuid.UUID) -> Session | None:
         row = (await self._execute(_GET_SESSION, {"session_id": session_id})).mappings().first()
@@ -264,7 +339,7 @@ class SqlAlchemySessionRepository(SqlAlchemyRepository):
     async def delete_expired(
         self, *, session_cutoff: datetime, revocation_cutoff: datetime, limit: int
     ) -> CleanupResult:
-        """Delete up to ``limit`` expired sessions (refresh tokens cascade)
+        """Delete up to ``limit`` expired sessions (their refresh chains with them)
         and up to ``limit`` expired revocation log rows, skipping rows that
         are locked (another replica cleaning up at the same moment)."""
         expired_sessions = await self._execute(

@@ -30,6 +30,7 @@ USER_COLUMNS = (
     users.disable_time,
     users.delete_time,
     users.version,
+    users.email_verified,
 )
 CREDENTIAL_COLUMNS = (*USER_COLUMNS, users.password_hash)
 
@@ -62,6 +63,7 @@ def user_from_row(row: RowMapping) -> User:
         disable_time=row["disable_time"],
         delete_time=row["delete_time"],
         version=row["version"],
+        email_verified=row["email_verified"],
     )
 
 

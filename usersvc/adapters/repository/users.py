@@ -11,7 +11,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     Integer,
-    Text,
+    Uuid,
     bindparam,
     case,
     delete,
@@ -26,6 +26,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.sql.dml import Update
 
 from usersvc.adapters.database_errors import NO_CONSTRAINT_ERRORS, ConstraintErrors
+from usersvc.adapters.email_change import email_change_values, void_codes_on_email_change
 from usersvc.adapters.events import with_events
 from usersvc.adapters.orm import USERS_EMAIL_INDEX, users_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
@@ -69,12 +70,17 @@ _GET_CREDENTIALS = select(*CREDENTIAL_COLUMNS).where(users.id == bindparam("user
 _PURGE = delete(users_table).where(users.id == bindparam("user_id")).returning(users.id)
 
 
-def _start_login_attempt_statement() -> Update:
+_GET_LOGIN_BY_EMAIL = select(*CREDENTIAL_COLUMNS, users.locked_until).where(
+    func.lower(users.email) == func.lower(bindparam("email"))
+)
+
+
+def _count_login_failure_statement() -> Update:
     # usersvc.domain.lockout in one statement. Within an UPDATE every column
     # on the right reads the row as it was, and PostgreSQL re-checks the
     # WHERE against the latest version when a concurrent UPDATE of the row
-    # committed first: concurrent attempts are counted one after the other,
-    # and the ones that arrive after the lock are refused, not counted.
+    # committed first: concurrent failures are counted one after the other,
+    # and the ones that arrive after the lock are not counted.
     # Parameter names must differ from column names in an UPDATE.
     now = bindparam("attempt_time", type_=DateTime(timezone=True))
     reached = users.failed_login_count + 1 >= bindparam("max_failures", type_=Integer)
@@ -86,7 +92,7 @@ def _start_login_attempt_statement() -> Update:
     return (
         update(users_table)
         .where(
-            func.lower(users.email) == func.lower(bindparam("login_email", type_=Text)),
+            users.id == bindparam("failed_user_id", type_=Uuid()),
             or_(users.locked_until.is_(None), users.locked_until <= now),
         )
         .values(
@@ -97,21 +103,28 @@ def _start_login_attempt_statement() -> Update:
                 else_=users.locked_until,
             ),
         )
-        .returning(*CREDENTIAL_COLUMNS, users.locked_until)
+        .returning(users.locked_until)
     )
 
 
-_START_LOGIN_ATTEMPT = _start_login_attempt_statement()
-# A counted attempt writes the users row and an unknown email writes
-# nothing: waiting for the WAL flush at commit would make a registered
-# email's failed login measurably slower than an unknown one's (and a locked
-# account's). A crash may lose the last moments of counts, never more.
+_COUNT_LOGIN_FAILURE = _count_login_failure_statement()
+# A counted failure writes the users row and an uncounted one (unknown
+# email, locked account) writes nothing: waiting for the WAL flush at commit
+# would make a registered email's failed login measurably slower than an
+# unknown one's (and a locked account's). A crash may lose the last moments
+# of counts, never more.
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO off")
 _CLEAR_LOGIN_FAILURES = (
     update(users_table)
     .where(users.id == bindparam("user_id"))
     .values(failed_login_count=0, lock_count=0, locked_until=None)
     .returning(*USER_COLUMNS)
+)
+_CLEAR_LOGIN_FAILURES_UNLESS_LOCKED = _CLEAR_LOGIN_FAILURES.where(
+    or_(
+        users.locked_until.is_(None),
+        users.locked_until <= bindparam("attempt_time", type_=DateTime(timezone=True)),
+    )
 )
 NO_EVENTS: tuple[EventDraft, ...] = ()
 
@@ -217,19 +230,28 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         row = await self._one_or_none(_GET_CREDENTIALS, {"user_id": user_id})
         return None if row is None else credentials_from_row(row)
 
-    async def start_login_attempt(
-        self, email: str, *, now: datetime, policy: LockoutPolicy
-    ) -> LoginAttempt | None:
-        """Count one login attempt unless the account is locked at ``now``,
-        in one atomic UPDATE ... RETURNING (see the port,
-        usersvc.domain.ports.UserRepository). None for an unknown email or a
-        locked account, which leave nothing written. The transaction's
-        commit then does not wait for the WAL flush."""
+    async def find_login(self, email: str) -> LoginAttempt | None:
+        """The credentials and lock of the user with this email
+        (case-insensitive, deleted included); writes nothing."""
+        row = await self._one_or_none(_GET_LOGIN_BY_EMAIL, {"email": email})
+        if row is None:
+            return None
+        return LoginAttempt(credentials=credentials_from_row(row), locked_until=row["locked_until"])
+
+    async def count_login_failure(
+        self, user_id: uuid.UUID, *, now: datetime, policy: LockoutPolicy
+    ) -> datetime | None:
+        """Count one failed login unless the account is locked at ``now``,
+        in one atomic UPDATE (see the port, usersvc.domain.ports
+        .UserRepository). Returns the end of the lock this failure started,
+        None otherwise; an unknown id or a locked account leave nothing
+        written. The transaction's commit then does not wait for the WAL
+        flush."""
         await self._execute(_ASYNC_COMMIT)
         row = await self._one_or_none(
-            _START_LOGIN_ATTEMPT,
+            _COUNT_LOGIN_FAILURE,
             {
-                "login_email": email,
+                "failed_user_id": user_id,
                 "attempt_time": now,
                 "max_failures": policy.max_failures,
                 "lockout_seconds": float(policy.lockout_seconds),
@@ -238,20 +260,26 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         )
         if row is None:
             return None
-        locked_until = row["locked_until"]
-        return LoginAttempt(
-            credentials=credentials_from_row(row),
-            locked_until=locked_until if locked_until is not None and locked_until > now else None,
-        )
+        locked_until: datetime | None = row["locked_until"]
+        return locked_until if locked_until is not None and locked_until > now else None
 
     async def clear_login_failures(
-        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = NO_EVENTS
+        self,
+        user_id: uuid.UUID,
+        *,
+        unless_locked_at: datetime | None = None,
+        events: Sequence[EventDraft] = NO_EVENTS,
     ) -> bool:
-        """Reset the failure count, lock and lock count; locks the row until
+        """Reset the failure count, lock and lock count (unless the account
+        is locked at ``unless_locked_at``, when given); locks the row until
         the transaction ends; ``events`` about the user go with it. False
-        when there is no such user."""
-        statement = with_events(_CLEAR_LOGIN_FAILURES, events, self._call())
-        return await self._one_or_none(statement, {"user_id": user_id}) is not None
+        when there is no such user, or it is locked then."""
+        if unless_locked_at is None:
+            statement = with_events(_CLEAR_LOGIN_FAILURES, events, self._call())
+            return await self._one_or_none(statement, {"user_id": user_id}) is not None
+        statement = with_events(_CLEAR_LOGIN_FAILURES_UNLESS_LOCKED, events, self._call())
+        params = {"user_id": user_id, "attempt_time": unless_locked_at}
+        return await self._one_or_none(statement, params) is not None
 
     async def update(
         self, user_id: uuid.UUID, patch: UserPatch, *, events: Sequence[EventDraft] = NO_EVENTS
@@ -262,6 +290,9 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         values: dict[str, Any] = {}
         if patch.email is not None:
             values["email"] = patch.email
+            # A new email is unverified, and codes sent to the old one are void.
+            values.update(email_change_values(patch.email))
+            await void_codes_on_email_change(self._session, user_id, patch.email)
         if patch.display_name is not None:
             values["display_name"] = patch.display_name
         if patch.roles is not None:
@@ -296,9 +327,7 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         value = func.coalesce(users.delete_time, func.now()) if deleted else None
         return await self._write(user_id, {"delete_time": value}, events=events)
 
-    async def purge(
-        self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = NO_EVENTS
-    ) -> bool:
+    async def purge(self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = NO_EVENTS) -> bool:
         """Delete the row for good, with ``events`` (holding the id only, no
         user) in the same statement; False when there was none."""
         statement = with_events(_PURGE, events, self._call(), snapshot=False)

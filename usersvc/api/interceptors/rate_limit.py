@@ -15,9 +15,10 @@ the account they aim at (the email named, or the user id), so that neither
 many callers against one account nor one caller against many accounts gets
 more than the strict rate. They are Login, CreateUser and BatchCreateUsers
 (with any credentials), an UpdateUser that changes the email (its
-EMAIL_ALREADY_EXISTS answers whether an email is taken), ChangePassword, and
-ResetPassword and CreatePasswordResetCode where the service has them. Every
-other call makes one check of the general bucket. Health and reflection are never limited: load
+EMAIL_ALREADY_EXISTS answers whether an email is taken), ChangePassword,
+CreatePasswordResetCode, and ResetPassword (it guesses at codes as Login
+guesses at passwords). Every other call makes one check of the general
+bucket. Health and reflection are never limited: load
 balancers and operators must see the server even while a flood is refused.
 A refused call gets RESOURCE_EXHAUSTED with ErrorInfo RATE_LIMITED and
 RetryInfo saying when a token will be there (ErrorMappingInterceptor builds
@@ -45,7 +46,12 @@ from usersvc.api.interceptors.wrapping import (
     wrap_handler,
     wrap_with_prelude,
 )
-from usersvc.api.public import CREATE_USER_METHOD, LOGIN_METHOD, PUBLIC_SERVICE_PREFIXES
+from usersvc.api.public import (
+    CREATE_USER_METHOD,
+    LOGIN_METHOD,
+    PUBLIC_SERVICE_PREFIXES,
+    RESET_PASSWORD_METHOD,
+)
 from usersvc.domain.errors import RateLimited
 from usersvc.domain.models import Principal
 from usersvc.domain.ports import RateLimitedHook
@@ -97,9 +103,8 @@ COSTLY_METHODS: dict[str, TargetOf] = {
     _SERVICE + "BatchCreateUsers": lambda _request, _principal: "",
     _SERVICE + "UpdateUser": _update_target,
     _SERVICE + "ChangePassword": lambda request, principal: _user_target(request.id, principal),
-    _SERVICE + "ResetPassword": lambda request, _: _email_target(getattr(request, "email", "")),
-    _SERVICE
-    + "CreatePasswordResetCode": lambda request, _: _email_target(getattr(request, "email", "")),
+    RESET_PASSWORD_METHOD: lambda request, _: _email_target(request.email),
+    _SERVICE + "CreatePasswordResetCode": lambda request, _: _email_target(request.email),
 }
 
 
