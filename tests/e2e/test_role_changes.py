@@ -87,3 +87,28 @@ async def test_introspection_of_a_plain_users_token_reports_the_current_roles(
     )
     assert introspected.active
     assert list(introspected.roles) == ["user"]
+
+
+async def test_a_role_change_in_a_batch_update_ends_that_users_sessions_only(
+    world: World,
+) -> None:
+    promoted = await world.account("batch-promoted")
+    renamed = await world.account("batch-renamed")
+    await world.admin.users.BatchUpdateUsers(
+        user_service_pb2.BatchUpdateUsersRequest(
+            requests=[
+                set_roles(promoted.id, "user", "admin"),
+                user_service_pb2.UpdateUserRequest(
+                    user=user_pb2.User(id=renamed.id, display_name="Renamed"),
+                    update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+                ),
+            ]
+        )
+    )
+
+    await expect_error(
+        promoted.users.GetUser(user_service_pb2.GetUserRequest(id="me")),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REVOKED",
+    )
+    assert (await renamed.users.GetUser(user_service_pb2.GetUserRequest(id="me"))).user.id
