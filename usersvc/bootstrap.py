@@ -317,19 +317,28 @@ def bootstrap(
         on_revoked=revocation_cache.add,
         on_counted=None if metrics is None else metrics.sessions_revoked,
     )
+    lockout = LockoutPolicy(
+        max_failures=settings.login_max_failures,
+        lockout_seconds=settings.login_lockout_seconds,
+        max_lockout_seconds=settings.login_lockout_max_seconds,
+    )
+    # GetUser, LookupUser, BatchGetUsers and the role check of admin and
+    # service tokens: one autocommit statement.
+    reader = SqlAlchemyUserReader(
+        engine,
+        monitor,
+        transaction_pooling=settings.db_transaction_pooling,
+        statement_span=None if tracing is None else tracing.statement_span(engine),
+    )
     user_service = UserService(
         uow_factory=uow_factory,
         hasher=hasher,
         password_policy=PasswordPolicy(),
         allow_signup=settings.allow_signup,
         sessions=revoker,
-        # GetUser, LookupUser and BatchGetUsers: one autocommit statement.
-        reader=SqlAlchemyUserReader(
-            engine,
-            monitor,
-            transaction_pooling=settings.db_transaction_pooling,
-            statement_span=None if tracing is None else tracing.statement_span(engine),
-        ),
+        reader=reader,
+        lockout=lockout,
+        clock=lockout_clock,
         # Read at each call: a SIGHUP key reload rotates page tokens too.
         page_token_keys=lambda: tokens.key_ring.page_token_keys,
     )
@@ -339,13 +348,10 @@ def bootstrap(
         tokens=tokens,
         revocations=revocations,
         sessions=revoker,
-        lockout=LockoutPolicy(
-            max_failures=settings.login_max_failures,
-            lockout_seconds=settings.login_lockout_seconds,
-            max_lockout_seconds=settings.login_lockout_max_seconds,
-        ),
+        lockout=lockout,
         clock=lockout_clock,
         on_login=None if metrics is None else metrics.login_outcome,
+        reader=reader,
     )
     account_codes = AccountCodeService(
         uow_factory=uow_factory,

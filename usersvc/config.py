@@ -597,8 +597,9 @@ class Settings:
     bcrypt_rounds: int = integer(
         12,
         lo=4,
-        hi=31,
-        doc="bcrypt cost; older, cheaper hashes are upgraded at the next login",
+        hi=16,
+        doc="bcrypt cost; stored hashes of another cost are re-hashed at this one at the "
+        "next login",
     )
     bcrypt_max_threads: int = integer(
         # Looked up at each call, so that tests may replace usable_cpus.
@@ -694,8 +695,10 @@ class Settings:
         5.0,
         lo=0,
         hi=1_000_000,
-        doc="the stricter bucket that replaces the general one for Login and anonymous "
-        "CreateUser, per caller: requests a second (`0`: no limit)",
+        doc="the stricter bucket that replaces the general one for calls that run bcrypt or "
+        "tell whether an email is registered (Login, CreateUser, BatchCreateUsers, an "
+        "UpdateUser of the email, ChangePassword), per caller and per account aimed at: "
+        "requests a second (`0`: no limit)",
     )
     auth_rate_limit_burst: int = integer(10, lo=1, hi=1_000_000, doc="the stricter bucket's size")
     trusted_proxies: tuple[IPNetwork, ...] = networks(

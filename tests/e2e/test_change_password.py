@@ -115,3 +115,39 @@ async def test_admin_change_for_a_missing_user_is_not_found(world: World) -> Non
     await expect_not_found(
         world.admin.users.ChangePassword(change(missing_id(), new_password(world.recorder)))
     )
+
+
+async def test_wrong_current_passwords_count_towards_the_login_lock(world: World) -> None:
+    # The default lock: 5 failures. A stolen access token must not guess the
+    # current password faster than Login allows.
+    account = await world.account("guessed")
+    for attempt in range(5):
+        await expect_bad_credentials(
+            account.users.ChangePassword(
+                change("me", new_password(world.recorder), f"Wrong-guess-{attempt}")
+            )
+        )
+
+    # Locked now: the right password is refused the same way, by Login and
+    # by ChangePassword.
+    await expect_bad_credentials(world.login(account.email, account.password))
+    await expect_bad_credentials(
+        account.users.ChangePassword(change("me", new_password(world.recorder), account.password))
+    )
+
+
+async def test_a_successful_change_clears_the_failure_count(world: World) -> None:
+    account = await world.account("mistyped")
+    for attempt in range(4):
+        await expect_bad_credentials(
+            account.users.ChangePassword(
+                change("me", new_password(world.recorder), f"Wrong-guess-{attempt}")
+            )
+        )
+    new = new_password(world.recorder)
+    await account.users.ChangePassword(change("me", new, account.password))
+
+    # Four more failures would lock an account whose count had not been cleared.
+    for attempt in range(4):
+        await expect_bad_credentials(world.login(account.email, f"Wrong-guess-{attempt}"))
+    assert (await world.login(account.email, new)).user.id == account.id

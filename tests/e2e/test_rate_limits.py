@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from redis_servers import private_redis
@@ -35,7 +36,10 @@ from .helpers import (
     World,
     auth_service_pb2,
     create_request,
+    expect_bad_credentials,
     expect_error,
+    new_email,
+    user_pb2,
     user_service_pb2,
 )
 from .test_standard_services import reflect
@@ -76,12 +80,18 @@ async def expect_rate_limited(call: Awaitable[Any]) -> RpcFailure:
     return await expect_error(call, grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
 
 
-async def wrong_login(caller: Caller, *, forwarded_for: str | None = None) -> grpc.StatusCode:
-    """A Login with a wrong password; the status code it got."""
+async def wrong_login(
+    caller: Caller, *, forwarded_for: str | None = None, email: str | None = None
+) -> grpc.StatusCode:
+    """A Login with a wrong password (for a fresh email unless ``email`` is
+    given: each account has a strict bucket of its own too); the status code
+    it got."""
     metadata = () if forwarded_for is None else (("x-forwarded-for", forwarded_for),)
     try:
         await caller.auth.Login(
-            auth_service_pb2.LoginRequest(email="nobody@example.com", password="wrong-password"),
+            auth_service_pb2.LoginRequest(
+                email=email or new_email("nobody"), password="wrong-password"
+            ),
             metadata=metadata,
         )
     except grpc.aio.AioRpcError as error:
@@ -166,14 +176,82 @@ async def test_reset_password_shares_the_login_bucket(
         )
 
 
-async def test_an_admin_creating_users_is_not_held_to_the_sign_up_bucket(
+async def test_create_user_with_any_credentials_draws_from_the_strict_bucket(
+    e2e_settings: Any, recorder: ResponseRecorder, world: World
+) -> None:
+    # Each CreateUser hashes a password and answers whether an email is
+    # taken, whoever asks.
+    settings = limited(e2e_settings, auth_rps=TRICKLE, auth_burst=1)
+    async with server(settings, recorder) as running:
+        for token in (world.admin.token, world.service.token):
+            caller = Caller(running.channel, token)
+            assert (await caller.users.CreateUser(create_request(recorder))).user.id
+            await expect_rate_limited(caller.users.CreateUser(create_request(recorder)))
+
+
+def email_change(user_id: str, email: str) -> user_service_pb2.UpdateUserRequest:
+    return user_service_pb2.UpdateUserRequest(
+        user=user_pb2.User(id=user_id, email=email),
+        update_mask=field_mask_pb2.FieldMask(paths=["email"]),
+    )
+
+
+async def test_email_probes_through_update_user_draw_from_the_strict_bucket(
     e2e_settings: Any, recorder: ResponseRecorder, world: World
 ) -> None:
     settings = limited(e2e_settings, auth_rps=TRICKLE, auth_burst=1)
     async with server(settings, recorder) as running:
-        admin = Caller(running.channel, world.admin.token)
+        alice = Caller(running.channel, world.alice.token)
+        # EMAIL_ALREADY_EXISTS tells alice that bob's email is registered.
+        await expect_error(
+            alice.users.UpdateUser(email_change(world.alice.id, world.bob.email)),
+            grpc.StatusCode.ALREADY_EXISTS,
+            "EMAIL_ALREADY_EXISTS",
+        )
+        await expect_rate_limited(
+            alice.users.UpdateUser(email_change(world.alice.id, new_email("probe")))
+        )
+        # Changes that reveal nothing stay on the general bucket.
+        renamed = user_service_pb2.UpdateUserRequest(
+            user=user_pb2.User(id=world.alice.id, display_name="Alice"),
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+        )
         for _ in range(3):
-            assert (await admin.users.CreateUser(create_request(recorder))).user.id
+            await alice.users.UpdateUser(renamed)
+
+
+async def test_change_password_draws_from_the_strict_bucket(
+    e2e_settings: Any, recorder: ResponseRecorder, world: World
+) -> None:
+    settings = limited(e2e_settings, auth_rps=TRICKLE, auth_burst=1)
+    async with server(settings, recorder) as running:
+        bob = Caller(running.channel, world.bob.token)
+        request = user_service_pb2.ChangePasswordRequest(
+            id="me", current_password="Not-the-password-1", new_password="A-new-passphrase-9"
+        )
+        await expect_bad_credentials(bob.users.ChangePassword(request))
+        await expect_rate_limited(bob.users.ChangePassword(request))
+
+
+async def test_callers_on_many_addresses_share_the_strict_bucket_of_the_account_they_aim_at(
+    e2e_settings: Any, recorder: ResponseRecorder
+) -> None:
+    settings = limited(
+        e2e_settings,
+        auth_rps=TRICKLE,
+        auth_burst=2,
+        trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),),
+    )
+    victim = new_email("victim")
+    async with server(settings, recorder) as running:
+        proxy = Caller(running.channel, None)
+        codes = [
+            await wrong_login(proxy, forwarded_for=f"203.0.113.{n}", email=victim.upper())
+            for n in range(1, 4)
+        ]
+        elsewhere = await wrong_login(proxy, forwarded_for="203.0.113.9")
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 2 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert elsewhere == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_x_forwarded_for_from_a_trusted_proxy_names_the_caller(

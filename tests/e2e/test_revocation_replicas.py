@@ -21,6 +21,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import field_mask_pb2
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from support.servers import ServeProcess, free_port, serve_env, serve_process
@@ -33,6 +34,7 @@ from .helpers import (
     auth_service_pb2,
     decode_failure,
     expect_error,
+    user_pb2,
     user_service_pb2,
 )
 
@@ -287,3 +289,56 @@ async def test_a_replica_without_its_feed_still_refuses_a_revoked_token_from_the
         on_replica.users.GetUser(request), grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED"
     )
     assert replica.container.revocations.database_checks >= 2
+
+
+async def test_a_demoted_admins_old_token_is_refused_on_another_replica_within_a_second(
+    two_replicas: tuple[ServerProcess, ServerProcess],
+    world: World,
+    record_property: Callable[[str, object], None],
+) -> None:
+    a, b = two_replicas
+    anonymous_a = Caller(a.channel, None)
+    victim_id, victim_email, victim_password = await world.seed_user(roles=("user", "admin"))
+    _, boss_email, boss_password = await world.seed_user(roles=("user", "admin"))
+    victim_login = await anonymous_a.auth.Login(
+        auth_service_pb2.LoginRequest(email=victim_email, password=victim_password)
+    )
+    boss_login = await anonymous_a.auth.Login(
+        auth_service_pb2.LoginRequest(email=boss_email, password=boss_password)
+    )
+    victim_on_b = Caller(b.channel, victim_login.access_token)
+    boss_on_a = Caller(a.channel, boss_login.access_token)
+    boss_on_b = Caller(b.channel, boss_login.access_token)
+    # Admin rights on B before the demotion: an admin-only call is answered.
+    await victim_on_b.users.ListUsers(user_service_pb2.ListUsersRequest(page_size=1))
+
+    await boss_on_a.users.UpdateUser(
+        user_service_pb2.UpdateUserRequest(
+            user=user_pb2.User(id=victim_id, roles=["user"]),
+            update_mask=field_mask_pb2.FieldMask(paths=["roles"]),
+        )
+    )
+    delay, accepted = await until_refused(victim_on_b, victim_id, time.perf_counter())
+
+    summary = (
+        f"demoted admin's token refused on the other replica after {delay * 1000:.1f} ms "
+        f"({accepted} calls accepted before)"
+    )
+    print(summary)
+    record_property("demotion_refusal_delay_seconds", round(delay, 4))
+    assert delay < REVOCATION_BOUND_SECONDS, summary
+    # The old token cannot give the admin role back, on either replica.
+    regrant = user_service_pb2.UpdateUserRequest(
+        user=user_pb2.User(id=victim_id, roles=["user", "admin"]),
+        update_mask=field_mask_pb2.FieldMask(paths=["roles"]),
+    )
+    for caller in (victim_on_b, Caller(a.channel, victim_login.access_token)):
+        await expect_error(
+            caller.users.UpdateUser(regrant), grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED"
+        )
+    introspected = await boss_on_b.auth.IntrospectToken(
+        auth_service_pb2.IntrospectTokenRequest(token=victim_login.access_token)
+    )
+    assert not introspected.active
+    victim = await boss_on_b.users.GetUser(user_service_pb2.GetUserRequest(id=victim_id))
+    assert list(victim.user.roles) == ["user"]

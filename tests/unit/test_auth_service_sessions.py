@@ -34,7 +34,7 @@ from usersvc.domain.errors import (
     TokenRevoked,
     UserNotFound,
 )
-from usersvc.domain.models import ANONYMOUS, Principal, RevokeReason, User
+from usersvc.domain.models import ANONYMOUS, Principal, RevokeReason, User, UserPatch
 from usersvc.services.inputs import LoginResult
 from usersvc.services.passwords import BcryptPasswordHasher
 from usersvc.services.sessions import parse_refresh_token
@@ -581,6 +581,53 @@ async def test_a_refresh_token_is_inactive(h: Harness) -> None:
 async def test_only_admins_and_services_may_introspect(h: Harness, caller: Principal) -> None:
     with pytest.raises(PermissionDenied):
         await h.auth.introspect_token(principal=caller, token="garbage")
+
+
+async def _store_roles(h: Harness, user: User, *roles: str) -> None:
+    # Behind the services' back: no session is revoked.
+    async with h.db.uow() as uow:
+        await uow.users.update(user.id, UserPatch(roles=roles))
+        await uow.commit()
+
+
+async def test_an_admin_token_is_revoked_once_the_stored_roles_lack_admin(h: Harness) -> None:
+    ann = h.add_user(roles=("user", "admin"))
+    result = await h.login()
+    await h.auth.authenticate(result.access_token)
+    await _store_roles(h, ann, "user")
+    with pytest.raises(TokenRevoked):
+        await h.auth.authenticate(result.access_token)
+
+
+@pytest.mark.parametrize("state", ["disabled", "deleted"])
+async def test_an_admin_token_of_a_user_no_longer_active_is_revoked(
+    h: Harness, state: str
+) -> None:
+    h.add_user(roles=("user", "admin"))
+    result = await h.login()
+    other = h.add_user("zed@example.com", **{state: True})
+    token, _ = h.built.tokens.issue_access_token(
+        replace(other, roles=("user", "admin")), session_id=str(uuid.uuid4())
+    )
+    with pytest.raises(TokenRevoked):
+        await h.auth.authenticate(token)
+    await h.auth.authenticate(result.access_token)
+
+
+async def test_a_plain_users_token_is_not_checked_against_the_stored_roles(h: Harness) -> None:
+    ann = h.add_user()
+    result = await h.login()
+    await _store_roles(h, ann, "user", "service")
+    principal = await h.auth.authenticate(result.access_token)
+    assert principal.roles == frozenset({"user"})
+
+
+async def test_introspection_of_a_token_whose_roles_changed_is_inactive(h: Harness) -> None:
+    ann = h.add_user()
+    result = await h.login()
+    await _store_roles(h, ann, "user", "service")
+    seen = await h.auth.introspect_token(principal=as_admin(), token=result.access_token)
+    assert not seen.active
 
 
 # -- the chain's storage and sessions from before it -------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import bcrypt
 import pytest
 
+from usersvc.services import passwords
 from usersvc.services.passwords import BcryptPasswordHasher, thread_niceness
 
 PASSWORD = "correct horse battery staple"
@@ -171,13 +172,80 @@ async def test_an_unencodable_password_verifies_as_false(hasher: BcryptPasswordH
     assert await hasher.verify("\ud800" * 8, hashed) is False
 
 
-def test_a_hash_below_the_configured_cost_needs_rehashing() -> None:
+def test_a_hash_of_any_other_cost_than_the_configured_one_needs_rehashing() -> None:
     hasher = BcryptPasswordHasher(rounds=12, max_threads=1)
     try:
         assert hasher.needs_rehash(bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode())
         assert hasher.needs_rehash("$2a$10$" + "a" * 53)
         assert not hasher.needs_rehash("$2b$12$" + "a" * 53)
-        assert not hasher.needs_rehash("$2y$13$" + "a" * 53)
+        assert hasher.needs_rehash("$2y$13$" + "a" * 53)
+    finally:
+        hasher.close()
+
+
+@pytest.mark.parametrize("rounds", [3, 17, 31])
+def test_a_configured_cost_outside_4_to_16_is_refused(rounds: int) -> None:
+    with pytest.raises(ValueError, match=r"4\.\.16"):
+        BcryptPasswordHasher(rounds=rounds, max_threads=1)
+
+
+async def test_a_hash_over_the_cost_budget_is_never_checked(
+    hasher: BcryptPasswordHasher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cost 31 would keep a thread busy for days; the check fails after the
+    # dummy work of the configured cost instead.
+    checked: list[bytes] = []
+    real = passwords._checkpw
+
+    def spy(secret: bytes, hashed: bytes) -> bool:
+        checked.append(hashed[:7])
+        return real(secret, hashed)
+
+    monkeypatch.setattr(passwords, "_checkpw", spy)
+    cheap = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+    assert await hasher.verify(PASSWORD, "$2b$31$" + cheap[7:]) is False
+    assert checked == [b"$2b$04$"]
+
+
+async def test_padding_after_a_cheaper_hash_does_one_check_at_the_configured_cost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hasher = BcryptPasswordHasher(rounds=5, max_threads=1)
+    checked: list[bytes] = []
+    real = passwords._checkpw
+
+    def spy(secret: bytes, hashed: bytes) -> bool:
+        checked.append(hashed[:7])
+        return real(secret, hashed)
+
+    monkeypatch.setattr(passwords, "_checkpw", spy)
+    try:
+        await hasher.pad(bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode())
+        await hasher.pad("not a hash")
+        await hasher.pad(bcrypt.hashpw(b"pw", bcrypt.gensalt(5)).decode())
+        await hasher.pad(bcrypt.hashpw(b"pw", bcrypt.gensalt(6)).decode())
+    finally:
+        hasher.close()
+    assert checked == [b"$2b$05$", b"$2b$05$"]
+
+
+async def test_the_bcrypt_threads_never_hold_the_process_at_exit() -> None:
+    hasher = BcryptPasswordHasher(rounds=4, max_threads=2)
+    try:
+        await hasher.hash(PASSWORD)
+        threads = hasher._executor._threads
+        assert len(threads) == 2
+        assert all(t.daemon and t.is_alive() for t in threads)
+    finally:
+        hasher.close()
+
+
+def test_no_bcrypt_thread_starts_before_the_first_job() -> None:
+    # A worker process may fork after the hasher is built; threads do not
+    # survive a fork.
+    hasher = BcryptPasswordHasher(rounds=4, max_threads=2)
+    try:
+        assert not any(t.is_alive() for t in hasher._executor._threads)
     finally:
         hasher.close()
 

@@ -293,3 +293,60 @@ async def test_an_outage_is_logged_at_most_once_per_interval_without_the_url(
     assert len(warnings) == 2
     assert "Redis unavailable" in warnings[0].getMessage()
     assert "redis://" not in warnings[0].getMessage()
+
+
+# -- what a costly call aims at ------------------------------------------------------
+
+
+def _target(method: str, request: Any, principal: Principal = ANONYMOUS) -> str | None:
+    from usersvc.api.interceptors.rate_limit import COSTLY_METHODS
+
+    return COSTLY_METHODS["/usersvc.v1." + method](request, principal)
+
+
+def test_spellings_of_one_email_aim_at_one_account_and_the_key_does_not_hold_it() -> None:
+    from usersvc_protos.v1 import auth_service_pb2
+
+    keys = {
+        _target("AuthService/Login", auth_service_pb2.LoginRequest(email=email))
+        for email in ("ann@example.com", " ANN@Example.com ")
+    }
+    (key,) = keys
+    assert key is not None
+    assert "ann" not in key
+
+
+def test_an_update_user_is_costly_only_when_it_changes_the_email() -> None:
+    from google.protobuf import field_mask_pb2
+
+    from usersvc_protos.v1 import user_pb2, user_service_pb2
+
+    def update(paths: list[str], **fields: str) -> user_service_pb2.UpdateUserRequest:
+        return user_service_pb2.UpdateUserRequest(
+            user=user_pb2.User(id="x", **fields),
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+        )
+
+    assert _target("UserService/UpdateUser", update(["display_name"], email="a@b.c")) is None
+    assert _target("UserService/UpdateUser", update([], display_name="A")) is None
+    for request in (
+        update(["email"], email="a@b.c"),
+        update(["*"], email="a@b.c"),
+        update([], email="a@b.c"),
+    ):
+        assert _target("UserService/UpdateUser", request)
+
+
+def test_a_change_password_of_me_aims_at_the_caller() -> None:
+    from usersvc_protos.v1 import user_service_pb2
+
+    caller = Principal(kind=PrincipalKind.USER, subject="0190a4b2-6c1e-7cc3-8a1b-000000000001")
+    me = _target(
+        "UserService/ChangePassword", user_service_pb2.ChangePasswordRequest(id="me"), caller
+    )
+    named = _target(
+        "UserService/ChangePassword",
+        user_service_pb2.ChangePasswordRequest(id=caller.subject.upper()),
+        caller,
+    )
+    assert me == named == f"user:{caller.subject}"

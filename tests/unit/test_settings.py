@@ -724,7 +724,7 @@ def test_the_generated_table_has_a_row_per_variable_with_its_bounds() -> None:
     rows = [line for line in markdown().splitlines() if line.startswith("| `USERSVC_")]
 
     assert len(rows) == len(declared())
-    assert "| `USERSVC_BCRYPT_ROUNDS` | integer | `12` | 4..31 |" in markdown()
+    assert "| `USERSVC_BCRYPT_ROUNDS` | integer | `12` | 4..16 |" in markdown()
     assert "| `USERSVC_DATABASE_URL` | string, secret | unset: " in markdown()
 
 

@@ -19,7 +19,8 @@ from fakes import (
 )
 
 from usersvc.domain.errors import InvalidCredentials, UserNotFound
-from usersvc.domain.models import RevokeReason, Session, User
+from usersvc.domain.models import RevokeReason, Session, User, UserPatch
+from usersvc.services.inputs import UpdateUserInput
 
 OLD_PASSWORD = "the old passphrase"
 NEW_PASSWORD = "a brand new passphrase"
@@ -85,6 +86,44 @@ async def test_enabling_a_user_ends_no_session() -> None:
     h, ann = with_ann(disabled=True)
     one = await open_session(h, ann)
     await h.service.enable_user(principal=as_admin(), user_id=str(ann.id))
+    assert reasons(h) == {one.id: None}
+
+
+# -- roles -------------------------------------------------------------------------
+
+
+async def test_a_role_change_ends_all_the_users_sessions_and_tells_this_process() -> None:
+    h, ann = with_ann()
+    admin = h.db.insert("admin@example.com", roles=("user", "admin"))
+    one, two = await open_session(h, ann), await open_session(h, ann)
+    await h.service.update_user(
+        principal=as_admin(admin),
+        request=UpdateUserInput(user_id=str(ann.id), etag="", patch=UserPatch(roles=("admin",))),
+    )
+    assert reasons(h) == {one.id: RevokeReason.ROLES_CHANGED, two.id: RevokeReason.ROLES_CHANGED}
+    assert sorted(h.revocations.locally) == sorted([str(one.id), str(two.id)])
+
+
+async def test_a_self_demotion_ends_the_callers_own_session_too() -> None:
+    h, ann = with_ann(roles=("user", "admin"))
+    own = await open_session(h, ann)
+    caller = replace(as_user(ann), session_id=str(own.id))
+    await h.service.update_user(
+        principal=caller,
+        request=UpdateUserInput(user_id="me", etag="", patch=UserPatch(roles=("user",))),
+    )
+    assert reasons(h) == {own.id: RevokeReason.ROLES_CHANGED}
+
+
+async def test_setting_the_same_roles_or_other_fields_ends_no_session() -> None:
+    h, ann = with_ann()
+    admin = h.db.insert("admin@example.com", roles=("user", "admin"))
+    one = await open_session(h, ann)
+    for patch in (UserPatch(roles=("user",)), UserPatch(display_name="Ann")):
+        await h.service.update_user(
+            principal=as_admin(admin),
+            request=UpdateUserInput(user_id=str(ann.id), etag="", patch=patch),
+        )
     assert reasons(h) == {one.id: None}
 
 

@@ -94,8 +94,32 @@ async def test_a_user_may_not_change_its_own_roles() -> None:
 
 async def test_admins_change_roles_and_user_is_always_kept() -> None:
     h, ann = with_ann()
-    updated = await update(h, as_admin(), str(ann.id), roles=("admin",))
+    admin = h.db.insert("admin@example.com", roles=("user", "admin"))
+    updated = await update(h, as_admin(admin), str(ann.id), roles=("admin",))
     assert updated.roles == ("admin", "user")
+
+
+async def test_a_role_change_by_a_caller_no_longer_stored_as_admin_is_denied() -> None:
+    # The token still says admin; the stored row no longer does.
+    h, ann = with_ann()
+    demoted = h.db.insert("demoted@example.com", roles=("user",))
+    with pytest.raises(PermissionDenied):
+        await update(h, as_admin(demoted), str(ann.id), roles=("admin",))
+    assert h.db.user(ann.id) == ann
+
+
+async def test_a_demoted_admin_may_not_give_itself_admin_again() -> None:
+    h, ann = with_ann()
+    with pytest.raises(PermissionDenied):
+        await update(h, as_admin(ann), "me", roles=("user", "admin"))
+    assert h.db.user(ann.id) == ann
+
+
+async def test_other_admin_only_fields_need_no_stored_role_check() -> None:
+    # A certificate-authenticated service has no row; only roles are checked.
+    h, ann = with_ann()
+    updated = await update(h, as_admin(), str(ann.id), display_name="Ann")
+    assert updated.display_name == "Ann"
 
 
 async def test_a_user_may_not_update_another_user() -> None:

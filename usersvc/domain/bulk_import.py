@@ -15,8 +15,11 @@ REASON_INVALID_PASSWORD_HASH = "INVALID_PASSWORD_HASH"  # noqa: S105 (a reason, 
 REASON_EMAIL_ALREADY_EXISTS = "EMAIL_ALREADY_EXISTS"
 
 BCRYPT_HASH_LENGTH = 60
+# The costs this service verifies at all. Each step doubles the work: cost 16
+# is 16 times the default cost 12 (about 4 s of one core), the most one call
+# may cost (docs/operations.md, "bcrypt"); cost 31 would be days.
 MIN_BCRYPT_COST = 4
-MAX_BCRYPT_COST = 31
+MAX_BCRYPT_COST = 16
 # $2a$ and $2y$ are the same algorithm as $2b$ for every password this
 # service accepts (at most 72 bytes); $2x$ marks hashes of a known-broken
 # implementation and $2$ predates the cost field, so neither is taken.

@@ -114,6 +114,7 @@ class RevokeReason(enum.StrEnum):
     DELETED = "deleted"
     PURGED = "purged"
     PASSWORD_CHANGED = "password_changed"  # noqa: S105 (a reason, not a secret)
+    ROLES_CHANGED = "roles_changed"
     PASSWORD_RESET = "password_reset"  # noqa: S105 (a reason, not a secret)
     REFRESH_TOKEN_REUSE = "refresh_token_reuse"  # noqa: S105
 

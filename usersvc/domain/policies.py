@@ -165,6 +165,20 @@ def can_read_events(principal: Principal) -> bool:
     return _is_reader(principal)
 
 
+def claims_privilege(principal: Principal) -> bool:
+    """Whether a user's access token claims any role beyond "user": those
+    claims are checked against the stored roles on every call (see
+    usersvc.services.auth.AuthService.authenticate), since a token outlives
+    a demotion by up to its lifetime."""
+    return principal.user_id() is not None and bool(principal.roles - _SELF_GRANTABLE)
+
+
+def holds_claimed_roles(principal: Principal, stored_roles: Collection[str]) -> bool:
+    """Whether the roles the token claims are all among ``stored_roles``
+    (the user's roles now)."""
+    return principal.roles <= frozenset(stored_roles)
+
+
 def ensure(allowed: bool, action: str) -> None:
     """Raises PermissionDenied naming ``action`` unless ``allowed``."""
     if not allowed:

@@ -424,7 +424,7 @@ class PasswordHasher(Protocol):
         """Constant-time check, off the event loop."""
 
     def needs_rehash(self, password_hash: str) -> bool:
-        """True when the hash's cost is below the configured cost."""
+        """True when the hash's cost is not the configured cost."""
 
 
 # -- Hooks: how the services and the API layer report what happened ---------

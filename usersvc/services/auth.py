@@ -65,6 +65,7 @@ from usersvc.domain.ports import (
     RevocationChecker,
     UnitOfWork,
     UnitOfWorkFactory,
+    UserReader,
 )
 from usersvc.domain.validation import normalize_email, parse_user_id
 from usersvc.services.inputs import LoginResult, TokenIntrospection
@@ -81,6 +82,7 @@ from usersvc.services.sessions import (
     session_id_of,
 )
 from usersvc.services.tokens import TokenService
+from usersvc.services.users import UnitOfWorkUserReader
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +109,14 @@ class AuthService:
         lockout: LockoutPolicy | None = None,
         clock: Callable[[], float] = time.time,
         on_login: LoginOutcomeHook | None = None,
+        reader: UserReader | None = None,
     ) -> None:
         """``lockout`` limits failed logins (the defaults of LockoutPolicy
         when None); ``clock`` tells the time of locks (seconds since the
         epoch, like time.time); ``on_login`` hears each login's outcome
-        (metrics). Raises nothing."""
+        (metrics); ``reader`` reads a caller's current roles (through a
+        unit of work when None). Raises nothing."""
+        self._reader: UserReader = reader or UnitOfWorkUserReader(uow_factory)
         self._on_login = on_login
         self._lockout = lockout or LockoutPolicy()
         self._clock = clock
@@ -155,6 +160,10 @@ class AuthService:
         credentials = candidate.credentials
         matches = await self._hasher.verify(password, credentials.password_hash)
         if not matches or credentials.user.state is not UserState.ACTIVE:
+            # A stored hash cheaper than the configured cost (an import, an
+            # older setting) would answer faster than an unknown email does:
+            # pad to the configured cost so time does not tell them apart.
+            await self._hasher.pad(credentials.password_hash)
             # Only a wrong password is a failure that counts; the right one
             # for a disabled or deleted account does the same write, on no
             # row.
@@ -209,7 +218,8 @@ class AuthService:
                 raise InvalidCredentials()
             user = latest.user
             if new_hash is not None:
-                # After a cost increase: store a hash at the current cost.
+                # After a change of the configured cost, or an import at
+                # another cost: store a hash at the configured one.
                 user = await uow.users.set_password_hash(user_id, new_hash)
             session = await uow.sessions.create(
                 user_id,
@@ -412,7 +422,32 @@ class AuthService:
         principal = self._tokens.verify_access_token(token)
         if await self._revocations.is_revoked(principal.session_id):
             raise TokenRevoked()
+        if policies.claims_privilege(principal):
+            # A role change revokes the user's sessions, but the revocation
+            # takes up to a second to reach other replicas, and a role
+            # changed by other means revokes nothing: a token claiming more
+            # than "user" counts only while the stored roles still hold
+            # what it claims. One primary-key read, on admin and service
+            # tokens only.
+            await self._current_holder(principal, exact=False)
         return principal
+
+    async def _current_holder(self, principal: Principal, *, exact: bool) -> User:
+        """The token's user as stored now, when it is active and holds every
+        role the token claims (exactly those with ``exact``).
+
+        Raises TokenRevoked otherwise, DatabaseUnavailable.
+        """
+        user_id = principal.user_id()
+        user = None if user_id is None else await self._reader.get(user_id)
+        if (
+            user is None
+            or user.state is not UserState.ACTIVE
+            or not policies.holds_claimed_roles(principal, user.roles)
+            or (exact and principal.roles != frozenset(user.roles))
+        ):
+            raise TokenRevoked("the access token's roles are no longer the user's")
+        return user
 
     async def introspect_token(self, *, principal: Principal, token: str) -> TokenIntrospection:
         """Whether ``token`` is an access token that authenticate would
@@ -424,6 +459,9 @@ class AuthService:
         policies.ensure(policies.can_introspect(principal), "introspect tokens")
         try:
             subject = await self.authenticate(token)
+            # Roles reported are the stored ones: a token whose roles
+            # changed since it was issued is no longer active.
+            await self._current_holder(subject, exact=True)
         except Unauthenticated:
             return _INACTIVE
         return TokenIntrospection(

@@ -132,7 +132,17 @@ class BatchWriteService:
                 for w in writes
             ]
             users = await uow.accounts.update_many(writes, events=_UPDATED)
+            # Access tokens carry roles: a user whose roles changed loses
+            # every session, as UpdateUser does it.
+            revocations = [
+                await self._sessions.revoke_user(uow, w.user_id, RevokeReason.ROLES_CHANGED)
+                for w in writes
+                if w.patch.roles is not None
+                and set(w.patch.roles) != set(current[w.user_id].roles)
+            ]
             await uow.commit()
+        for revocation in revocations:
+            self._sessions.committed(revocation)
         return users
 
     async def batch_delete_users(

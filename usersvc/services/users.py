@@ -14,9 +14,11 @@ import hashlib
 import hmac
 import json
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from usersvc.domain import policies
 from usersvc.domain.errors import (
@@ -32,6 +34,7 @@ from usersvc.domain.errors import (
 from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.filtering import parse_filter, parse_order_by
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, cursor_of
+from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     ROLE_ADMIN,
     ROLE_USER,
@@ -139,6 +142,8 @@ class UserService:
         sessions: SessionRevoker,
         reader: UserReader | None = None,
         page_token_keys: Callable[[], Sequence[bytes]] | None = None,
+        lockout: LockoutPolicy | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``reader`` serves the plain reads (get_user, lookup_user,
         batch_get_users) outside a unit of work; without one they read
@@ -146,7 +151,11 @@ class UserService:
         HMAC keys of page tokens, the first tagging new ones (the server's:
         usersvc.services.tokens.KeyRing.page_token_keys); without it, a
         random key of this instance, so tokens work only where issued.
-        Raises nothing."""
+        ``lockout`` and ``clock`` are the login's (usersvc.services.auth): a
+        wrong current password in ChangePassword counts towards the same
+        lock. Raises nothing."""
+        self._lockout = lockout or LockoutPolicy()
+        self._clock = clock
         self._uow_factory = uow_factory
         self._reader: UserReader = reader or UnitOfWorkUserReader(uow_factory)
         self._hasher = hasher
@@ -515,7 +524,8 @@ class UserService:
         patch: field "update_mask"; bad values, etag over 64 characters:
         "user.<field>"),
         UserNotFound, InvalidState (deleted user, admins), EtagMismatch,
-        EmailAlreadyExists.
+        EmailAlreadyExists. A change of roles ends all the user's sessions
+        (the caller's own too, on a self change).
         """
         target = _target(principal, request.user_id, "user.id")
         patch = request.patch
@@ -555,13 +565,25 @@ class UserService:
             check_self_service_labels(normalized.labels, field="user.labels", errors=errors)
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
+        revocation = None
         async with self._uow_factory() as uow:
             current = await _lock_live(uow, principal, target, etag=request.etag)
+            if normalized.roles is not None:
+                await _ensure_caller_still_admin(uow, principal, current)
             changed = _changed_fields(current, normalized)
             user = await uow.users.update(
                 target, normalized, events=[EventDraft(EventType.USER_UPDATED, changed)]
             )
+            if normalized.roles is not None and set(normalized.roles) != set(current.roles):
+                # Access tokens carry roles: every session of the user ends,
+                # like on a disable, so no token with the old roles lives on
+                # (on every replica through the revocation feed).
+                revocation = await self._sessions.revoke_user(
+                    uow, target, RevokeReason.ROLES_CHANGED
+                )
             await uow.commit()
+        if revocation is not None:
+            self._sessions.committed(revocation)
         return user
 
     async def delete_user(self, *, principal: Principal, user_id: str, etag: str) -> User:
@@ -668,10 +690,14 @@ class UserService:
         caller's own on a self change. Changing one's own password needs the
         current one (admins included); admins changing another user's do not.
 
+        A wrong current password counts towards the account's login lock
+        (usersvc.domain.lockout); while it is locked the current password is
+        not even checked.
+
         Raises PermissionDenied, InvalidArgument (missing current_password),
         UserNotFound, InvalidState (deleted user, admins),
-        InvalidCredentials (wrong current password), WeakPassword (field
-        "new_password").
+        InvalidCredentials (wrong current password, locked account),
+        WeakPassword (field "new_password").
         """
         target = _target(principal, user_id, "id")
         policies.ensure(
@@ -682,13 +708,29 @@ class UserService:
             raise InvalidArgument.single(
                 "current_password", "is required to change your own password"
             )
+        now = datetime.fromtimestamp(self._clock(), UTC)
         async with self._uow_factory() as uow:
             credentials = await uow.users.get_credentials(target)
-        if credentials is None:
-            raise UserNotFound(metadata={"id": str(target)})
-        user = _live(principal, credentials.user, target)
+            if credentials is None:
+                raise UserNotFound(metadata={"id": str(target)})
+            user = _live(principal, credentials.user, target)
+            attempt = await uow.users.find_login(user.email) if needs_current else None
+        if needs_current:
+            # Guessed like a login, so limited like one: refused the same way
+            # while the account is locked (its hash not even checked), and a
+            # wrong guess counted towards the same lock (after bcrypt, as
+            # Login counts), so a stolen token gets no more guesses than
+            # Login would allow.
+            if attempt is None or attempt.credentials.user.id != target:
+                raise InvalidCredentials("the current password is wrong")
+            if attempt.locked_until is not None and attempt.locked_until > now:
+                raise InvalidCredentials("the current password is wrong")
+            credentials = attempt.credentials
         verified_hash = credentials.password_hash
         if needs_current and not await self._hasher.verify(current_password, verified_hash):
+            async with self._uow_factory() as uow:
+                await uow.users.count_login_failure(target, now=now, policy=self._lockout)
+                await uow.commit()
             raise InvalidCredentials("the current password is wrong")
         self._policy.check(new_password, field="new_password", email=user.email)
         new_hash = await self._hasher.hash(new_password)
@@ -703,6 +745,13 @@ class UserService:
                 ):
                     raise InvalidCredentials("the current password is wrong")
             await uow.users.set_password_hash(target, new_hash, events=_PASSWORD_CHANGED)
+            # The current password was proven: like a successful login. A
+            # lock that fell while bcrypt ran stays (as for Login), and the
+            # refusal rolls the new hash back.
+            if needs_current and not await uow.users.clear_login_failures(
+                target, unless_locked_at=now
+            ):
+                raise InvalidCredentials("the current password is wrong")
             own_session = (
                 session_id_of(principal.session_id) if principal.user_id() == target else None
             )
@@ -777,6 +826,21 @@ async def _lock_live(
     if etag and not hmac.compare_digest(etag.encode(), user.etag.encode()):
         raise EtagMismatch(metadata={"id": str(target)})
     return user
+
+
+async def _ensure_caller_still_admin(uow: UnitOfWork, principal: Principal, target: User) -> None:
+    """A role change is the one write that grants privilege: the calling
+    user must hold the admin role in the database now, not merely in its
+    token. Read within the writing transaction, after the target's row lock
+    (a self change reads that locked row), so a concurrent demotion of the
+    caller is seen. Certificate-authenticated services have no row: their
+    roles come from configuration. Raises PermissionDenied."""
+    caller_id = principal.user_id()
+    if caller_id is None:
+        return
+    caller = target if caller_id == target.id else await uow.users.get(caller_id)
+    if caller is None or caller.state is not UserState.ACTIVE or not caller.has_role(ROLE_ADMIN):
+        raise PermissionDenied("the caller no longer holds the admin role")
 
 
 def _idempotency_scope(principal: Principal, method: str, fingerprint: str) -> str:

@@ -9,10 +9,16 @@ client (everything to its left was written by the client and proves
 nothing). IPv6 clients are keyed by their /64, which one host can fill with
 addresses at will.
 
-Which bucket: Login, ResetPassword (it guesses at codes as Login guesses at
-passwords), and CreateUser from anonymous callers (sign-up), draw
-from the stricter auth bucket; every other call from the general one. Each
-call makes exactly one check. Health and reflection are never limited: load
+Which bucket: calls that run bcrypt or tell whether an email is registered
+draw from the stricter auth bucket, twice: once for the caller and once for
+the account they aim at (the email named, or the user id), so that neither
+many callers against one account nor one caller against many accounts gets
+more than the strict rate. They are Login, CreateUser and BatchCreateUsers
+(with any credentials), an UpdateUser that changes the email (its
+EMAIL_ALREADY_EXISTS answers whether an email is taken), ChangePassword,
+CreatePasswordResetCode, and ResetPassword (it guesses at codes as Login
+guesses at passwords). Every other call makes one check of the general
+bucket. Health and reflection are never limited: load
 balancers and operators must see the server even while a flood is refused.
 A refused call gets RESOURCE_EXHAUSTED with ErrorInfo RATE_LIMITED and
 RetryInfo saying when a token will be there (ErrorMappingInterceptor builds
@@ -24,8 +30,9 @@ counted: they cost one signature check and never reach the database.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -33,7 +40,10 @@ from usersvc.api.context import current_principal
 from usersvc.api.interceptors.wrapping import (
     Context,
     Handler,
+    StreamBehaviour,
+    UnaryBehaviour,
     WrappingInterceptor,
+    wrap_handler,
     wrap_with_prelude,
 )
 from usersvc.api.public import (
@@ -56,6 +66,47 @@ EXEMPT_PREFIXES = PUBLIC_SERVICE_PREFIXES
 # it are not looked at.
 _MAX_FORWARDED_HOPS = 32
 _IPV6_CLIENT_PREFIX = 64
+
+# What a costly call aims at, from its request: a bucket key naming the
+# account ("" when the request names none), or None when this request is not
+# costly after all (an UpdateUser that leaves the email alone).
+TargetOf = Callable[[Any, Principal], str | None]
+
+
+def _email_target(email: object) -> str:
+    # Hashed: bucket keys may live in Redis, and emails are personal data.
+    text = email.strip().lower() if isinstance(email, str) else ""
+    if not text:
+        return ""
+    return "email:" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def _user_target(user_id: object, principal: Principal) -> str:
+    text = user_id if isinstance(user_id, str) else ""
+    if text == "me":
+        text = principal.subject if principal.is_authenticated else ""
+    return f"user:{text.strip().lower()[:64]}" if text else ""
+
+
+def _update_target(request: Any, principal: Principal) -> str | None:
+    paths = list(request.update_mask.paths)
+    user = request.user
+    changes_email = ("email" in paths or "*" in paths) if paths else bool(user.email)
+    return _email_target(user.email) if changes_email else None
+
+
+_SERVICE = "/usersvc.v1.UserService/"
+COSTLY_METHODS: dict[str, TargetOf] = {
+    LOGIN_METHOD: lambda request, _: _email_target(request.email),
+    CREATE_USER_METHOD: lambda request, _: _email_target(request.email),
+    # Each item hashes a password; the items' emails are too many to key.
+    _SERVICE + "BatchCreateUsers": lambda _request, _principal: "",
+    _SERVICE + "UpdateUser": _update_target,
+    _SERVICE + "ChangePassword": lambda request, principal: _user_target(request.id, principal),
+    RESET_PASSWORD_METHOD: lambda request, _: _email_target(request.email),
+    _SERVICE + "CreatePasswordResetCode": lambda request, _: _email_target(request.email),
+}
+
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -170,18 +221,49 @@ class RateLimitInterceptor(WrappingInterceptor):
     def wrap(self, handler: Handler, method: str) -> Handler:
         if method.startswith(EXEMPT_PREFIXES):
             return handler
-        auth_always = method in (LOGIN_METHOD, RESET_PASSWORD_METHOD)
-        auth_when_anonymous = method == CREATE_USER_METHOD
         check = self._check
+        target_of = COSTLY_METHODS.get(method)
+        if target_of is None or handler.request_streaming:
 
-        async def admit(context: Context) -> None:
-            principal = current_principal()
-            if auth_always or (auth_when_anonymous and not principal.is_authenticated):
-                await check(context, principal, AUTH_BUCKET, self._auth)
-            else:
-                await check(context, principal, API_BUCKET, self._general)
+            async def admit(context: Context) -> None:
+                await check(context, current_principal(), API_BUCKET, self._general)
 
-        return wrap_with_prelude(handler, admit)
+            return wrap_with_prelude(handler, admit)
+        admit_costly = self._admit_costly
+
+        def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+            async def behaviour(request: Any, context: Context) -> Any:
+                await admit_costly(request, context, target_of)
+                return await inner(request, context)
+
+            return behaviour
+
+        def stream(inner: StreamBehaviour) -> StreamBehaviour:
+            async def behaviour(request: Any, context: Context) -> Any:
+                await admit_costly(request, context, target_of)
+                async for response in inner(request, context):
+                    yield response
+
+            return behaviour
+
+        return wrap_handler(handler, unary=unary, stream=stream)
+
+    async def _admit_costly(self, request: Any, context: Context, target_of: TargetOf) -> None:
+        principal = current_principal()
+        try:
+            target = target_of(request, principal)
+        except (AttributeError, TypeError, ValueError):
+            # Not the message we expect: the handler will refuse it; the
+            # caller's strict bucket still pays.
+            target = ""
+        if target is None:
+            await self._check(context, principal, API_BUCKET, self._general)
+            return
+        # The caller first: a caller already refused does not drain the
+        # account's bucket for everybody else.
+        await self._check(context, principal, AUTH_BUCKET, self._auth)
+        if target:
+            await self._take(AUTH_BUCKET, self._auth, f"{AUTH_BUCKET}:target:{target}")
 
     async def _check(
         self, context: Context, principal: Principal, bucket: str, rate: Rate | None
@@ -194,7 +276,12 @@ class RateLimitInterceptor(WrappingInterceptor):
             address = client_ip(
                 peer_ip(peer), forwarded_for(context.invocation_metadata()), self._trusted
             )
-        wait = await self._limiter.acquire(rate, f"{bucket}:{caller_key(principal, address, peer)}")
+        await self._take(bucket, rate, f"{bucket}:{caller_key(principal, address, peer)}")
+
+    async def _take(self, bucket: str, rate: Rate | None, key: str) -> None:
+        if rate is None:
+            return
+        wait = await self._limiter.acquire(rate, key)
         if wait > 0:
             if self._on_rejected is not None:
                 self._on_rejected(bucket)

@@ -1,0 +1,114 @@
+"""Role changes and privilege: a change of roles ends the user's sessions, and
+a token that claims more than the user's current roles grants nothing, even
+before any revocation of it has arrived."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import field_mask_pb2
+from sqlalchemy import text
+
+from .conftest import RunningServer
+from .helpers import (
+    World,
+    auth_service_pb2,
+    expect_error,
+    user_pb2,
+    user_service_pb2,
+)
+
+
+def set_roles(user_id: str, *roles: str) -> user_service_pb2.UpdateUserRequest:
+    return user_service_pb2.UpdateUserRequest(
+        user=user_pb2.User(id=user_id, roles=list(roles)),
+        update_mask=field_mask_pb2.FieldMask(paths=["roles"]),
+    )
+
+
+async def test_a_role_change_ends_every_session_of_the_user(world: World) -> None:
+    promoted = await world.account("promoted")
+    await world.admin.users.UpdateUser(set_roles(promoted.id, "user", "service"))
+
+    await expect_error(
+        promoted.users.GetUser(user_service_pb2.GetUserRequest(id="me")),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REVOKED",
+    )
+    introspected = await world.service.auth.IntrospectToken(
+        auth_service_pb2.IntrospectTokenRequest(token=promoted.token)
+    )
+    assert not introspected.active
+
+
+async def test_an_admin_demoting_itself_cannot_take_the_role_back_with_its_old_token(
+    world: World,
+) -> None:
+    admin = await world.account("self-demoting", roles=("user", "admin"))
+    await admin.users.UpdateUser(set_roles(admin.id, "user"))
+
+    await expect_error(
+        admin.users.UpdateUser(set_roles(admin.id, "user", "admin")),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REVOKED",
+    )
+    assert list((await world.get_as_admin(admin.id)).roles) == ["user"]
+
+
+async def test_an_admin_token_grants_nothing_once_the_database_no_longer_says_admin(
+    world: World, primary: RunningServer
+) -> None:
+    # The role is taken away behind the service's back: no session is
+    # revoked, so only the check against the stored roles can refuse.
+    admin = await world.account("quietly-demoted", roles=("user", "admin"))
+    await admin.users.ListUsers(user_service_pb2.ListUsersRequest(page_size=1))
+    async with primary.container.engine.begin() as connection:
+        await connection.execute(
+            text("UPDATE users SET roles = ARRAY['user'] WHERE id = CAST(:id AS uuid)"),
+            {"id": admin.id},
+        )
+
+    for call in (
+        admin.users.ListUsers(user_service_pb2.ListUsersRequest(page_size=1)),
+        admin.users.UpdateUser(set_roles(admin.id, "user", "admin")),
+    ):
+        await expect_error(call, grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+    introspected = await world.service.auth.IntrospectToken(
+        auth_service_pb2.IntrospectTokenRequest(token=admin.token)
+    )
+    assert not introspected.active
+    assert list((await world.get_as_admin(admin.id)).roles) == ["user"]
+
+
+async def test_introspection_of_a_plain_users_token_reports_the_current_roles(
+    world: World,
+) -> None:
+    introspected = await world.service.auth.IntrospectToken(
+        auth_service_pb2.IntrospectTokenRequest(token=world.alice.token)
+    )
+    assert introspected.active
+    assert list(introspected.roles) == ["user"]
+
+
+async def test_a_role_change_in_a_batch_update_ends_that_users_sessions_only(
+    world: World,
+) -> None:
+    promoted = await world.account("batch-promoted")
+    renamed = await world.account("batch-renamed")
+    await world.admin.users.BatchUpdateUsers(
+        user_service_pb2.BatchUpdateUsersRequest(
+            requests=[
+                set_roles(promoted.id, "user", "admin"),
+                user_service_pb2.UpdateUserRequest(
+                    user=user_pb2.User(id=renamed.id, display_name="Renamed"),
+                    update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+                ),
+            ]
+        )
+    )
+
+    await expect_error(
+        promoted.users.GetUser(user_service_pb2.GetUserRequest(id="me")),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REVOKED",
+    )
+    assert (await renamed.users.GetUser(user_service_pb2.GetUserRequest(id="me"))).user.id
