@@ -21,11 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from typing import Any
 
 from usersvc.adapters.events import EVENTS_CHANNEL, INSERTED_CHANNEL, sequence_pending_on
-from usersvc.adapters.revocations import Connector
+from usersvc.adapters.revocations import Connector, equal_jitter_backoff
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +115,11 @@ class PostgresEventFeed:
                     logger.warning(
                         "events feed unavailable; retrying: %s: %s", type(exc).__name__, exc
                     )
-            ceiling = min(self._backoff_max, self._backoff_initial * 2.0 ** min(failures, 32))
-            await asyncio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311
+            # One doubling more than the relay's: the first retry after a
+            # failure waits up to twice ``backoff_initial``.
+            await asyncio.sleep(
+                equal_jitter_backoff(failures + 1, self._backoff_initial, self._backoff_max)
+            )
 
     async def _listen_once(self) -> None:
         connection = await self._connect()

@@ -76,6 +76,17 @@ _NUMERIC_OPTIONS = ("timeout", "command_timeout")
 Connector = Callable[[], Awaitable[Any]]  # -> asyncpg.Connection
 
 
+def equal_jitter_backoff(failures: int, initial: float, maximum: float) -> float:
+    """The pause after the ``failures``-th failure in a row (1 for the first):
+    a ceiling of ``initial`` doubled per further failure, capped at
+    ``maximum``, of which a random upper half is taken."""
+    doublings = min(failures - 1, 32)  # 2**32 is past any sane cap already
+    ceiling = min(maximum, initial * 2.0**doublings)
+    # Equal jitter: replicas that lost the database together do not
+    # reconnect in lockstep, and none retries at once in a tight loop.
+    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not security
+
+
 class _ConnectionLost(Exception):
     """The listener's connection was closed under it."""
 
@@ -273,11 +284,7 @@ class PostgresRevocationListener:
             await asyncio.sleep(self._backoff(failures))
 
     def _backoff(self, failures: int) -> float:
-        doublings = min(failures - 1, 32)  # 2**32 is past any sane cap already
-        ceiling = min(self._backoff_max, self._backoff_initial * 2.0**doublings)
-        # Equal jitter: replicas that lost the database together do not
-        # reconnect in lockstep, and none retries at once in a tight loop.
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not security
+        return equal_jitter_backoff(failures, self._backoff_initial, self._backoff_max)
 
     async def _listen_once(self) -> None:
         """One connection's life: connect, LISTEN, reload, then heartbeat
