@@ -20,6 +20,7 @@ from usersvc.adapters.events import (
     with_events,
 )
 from usersvc.adapters.orm import events_table, users_table
+from usersvc.adapters.repository.user_rows import USER_COLUMNS
 from usersvc.adapters.unit_of_work import make_session_factory
 from usersvc.domain.event_filter import parse_event_filter
 from usersvc.domain.events import CallContext, EventDraft, EventQuery, EventType
@@ -29,21 +30,8 @@ from usersvc.domain.ports import UnitOfWorkFactory
 UserMaker = Callable[..., Awaitable[User]]
 
 _u = users_table.c
-_USER_COLUMNS = [
-    _u[name]
-    for name in (
-        "id",
-        "email",
-        "display_name",
-        "roles",
-        "labels",
-        "create_time",
-        "update_time",
-        "disable_time",
-        "delete_time",
-        "version",
-    )
-]
+# The columns the repository returns for a user, so the snapshot follows them.
+_USER_COLUMNS = USER_COLUMNS
 
 
 def _rename(user_id: uuid.UUID, name: str) -> object:
