@@ -24,7 +24,7 @@ import logging
 from typing import Any
 
 from usersvc.adapters.events import EVENTS_CHANNEL, INSERTED_CHANNEL, sequence_pending_on
-from usersvc.adapters.revocations import Connector, equal_jitter_backoff
+from usersvc.adapters.revocations import Connector, equal_jitter_backoff, retry_forever
 
 logger = logging.getLogger(__name__)
 
@@ -104,22 +104,16 @@ class PostgresEventFeed:
             self._announce()
 
     async def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._listen_once()
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                if failures == 1:
-                    logger.warning(
-                        "events feed unavailable; retrying: %s: %s", type(exc).__name__, exc
-                    )
-            # One doubling more than the relay's: the first retry after a
-            # failure waits up to twice ``backoff_initial``.
-            await asyncio.sleep(
-                equal_jitter_backoff(failures + 1, self._backoff_initial, self._backoff_max)
-            )
+        # One doubling more than the relay's: the first retry after a
+        # failure waits up to twice ``backoff_initial``.
+        await retry_forever(
+            self._listen_once,
+            pause=lambda failures: equal_jitter_backoff(
+                failures + 1, self._backoff_initial, self._backoff_max
+            ),
+            log=logger,
+            what="events feed unavailable",
+        )
 
     async def _listen_once(self) -> None:
         connection = await self._connect()

@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.events import EVENT_COLUMNS, event_from_row
 from usersvc.adapters.orm import events_table
-from usersvc.adapters.revocations import Connector, equal_jitter_backoff
+from usersvc.adapters.revocations import Connector, equal_jitter_backoff, retry_forever
 from usersvc.domain.event_ports import EventFeed
 from usersvc.domain.events import StoredEvent
 
@@ -163,18 +163,12 @@ class NatsEventRelay:
         await self._close_nats()
 
     async def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._hold_lock_and_publish()
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                if failures == 1:
-                    logger.warning(
-                        "events relay interrupted; retrying: %s: %s", type(exc).__name__, exc
-                    )
-            await asyncio.sleep(self._backoff(failures or 1))
+        await retry_forever(
+            self._hold_lock_and_publish,
+            pause=lambda failures: self._backoff(failures or 1),
+            log=logger,
+            what="events relay interrupted",
+        )
 
     def _backoff(self, failures: int) -> float:
         return equal_jitter_backoff(failures, self._backoff_initial, self._backoff_max)

@@ -87,6 +87,29 @@ def equal_jitter_backoff(failures: int, initial: float, maximum: float) -> float
     return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not security
 
 
+
+async def retry_forever(
+    attempt: Callable[[], Awaitable[None]],
+    *,
+    pause: Callable[[int], float],
+    log: logging.Logger,
+    what: str,
+) -> None:
+    """Runs ``attempt`` again and again until cancelled: after it returns, or
+    raises, it sleeps ``pause(failures)`` seconds, ``failures`` being the
+    failed attempts in a row (0 after a success). Logs a warning ("<what>;
+    retrying: ...") on the first failure of a streak only."""
+    failures = 0
+    while True:
+        try:
+            await attempt()
+            failures = 0
+        except Exception as exc:
+            failures += 1
+            if failures == 1:
+                log.warning("%s; retrying: %s: %s", what, type(exc).__name__, exc)
+        await asyncio.sleep(pause(failures))
+
 class _ConnectionLost(Exception):
     """The listener's connection was closed under it."""
 
