@@ -21,11 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from typing import Any
 
 from usersvc.adapters.events import EVENTS_CHANNEL, INSERTED_CHANNEL, sequence_pending_on
-from usersvc.adapters.revocations import Connector
+from usersvc.adapters.revocations import Connector, equal_jitter_backoff, retry_forever
 
 logger = logging.getLogger(__name__)
 
@@ -105,19 +104,16 @@ class PostgresEventFeed:
             self._announce()
 
     async def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._listen_once()
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                if failures == 1:
-                    logger.warning(
-                        "events feed unavailable; retrying: %s: %s", type(exc).__name__, exc
-                    )
-            ceiling = min(self._backoff_max, self._backoff_initial * 2.0 ** min(failures, 32))
-            await asyncio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311
+        # One doubling more than the relay's: the first retry after a
+        # failure waits up to twice ``backoff_initial``.
+        await retry_forever(
+            self._listen_once,
+            pause=lambda failures: equal_jitter_backoff(
+                failures + 1, self._backoff_initial, self._backoff_max
+            ),
+            log=logger,
+            what="events feed unavailable",
+        )
 
     async def _listen_once(self) -> None:
         connection = await self._connect()

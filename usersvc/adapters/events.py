@@ -304,7 +304,8 @@ async def sequence_pending_on(connection: Any, *, batch: int = SEQUENCE_BATCH) -
 
 # --- reading ----------------------------------------------------------------------
 
-_EVENT_COLUMNS = (
+# The columns of a stored event, as event_from_row reads them.
+EVENT_COLUMNS = (
     _e.id,
     _e.sequence,
     _e.type,
@@ -322,7 +323,7 @@ def event_query(query: EventQuery) -> Select[Any]:
     """The SELECT of ``query``: numbered rows only. Raises InvalidArgument
     (field "filter") for a comparison without meaning."""
     return (
-        select(*_EVENT_COLUMNS)
+        select(*EVENT_COLUMNS)
         .where(
             _e.sequence.is_not(None),
             _e.sequence > query.after_sequence,

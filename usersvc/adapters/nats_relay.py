@@ -35,9 +35,9 @@ from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.database_errors import translate_database_errors
-from usersvc.adapters.events import event_from_row
+from usersvc.adapters.events import EVENT_COLUMNS, event_from_row
 from usersvc.adapters.orm import events_table
-from usersvc.adapters.revocations import Connector
+from usersvc.adapters.revocations import Connector, equal_jitter_backoff, retry_forever
 from usersvc.domain.event_ports import EventFeed
 from usersvc.domain.events import StoredEvent
 
@@ -50,18 +50,7 @@ CONTENT_TYPE = "application/protobuf"
 
 _e = events_table.c
 _UNPUBLISHED = (
-    select(
-        _e.id,
-        _e.sequence,
-        _e.type,
-        _e.user_id,
-        _e.actor,
-        _e.request_id,
-        _e.create_time,
-        _e.user_snapshot,
-        _e.changed_fields,
-        _e.attributes,
-    )
+    select(*EVENT_COLUMNS)
     .where(_e.published_at.is_(None), _e.sequence.is_not(None))
     .order_by(_e.sequence)
     .limit(bindparam("batch"))
@@ -174,22 +163,15 @@ class NatsEventRelay:
         await self._close_nats()
 
     async def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._hold_lock_and_publish()
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                if failures == 1:
-                    logger.warning(
-                        "events relay interrupted; retrying: %s: %s", type(exc).__name__, exc
-                    )
-            await asyncio.sleep(self._backoff(failures or 1))
+        await retry_forever(
+            self._hold_lock_and_publish,
+            pause=lambda failures: self._backoff(failures or 1),
+            log=logger,
+            what="events relay interrupted",
+        )
 
     def _backoff(self, failures: int) -> float:
-        ceiling = min(self._backoff_max, self._backoff_initial * 2.0 ** min(failures - 1, 32))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not security
+        return equal_jitter_backoff(failures, self._backoff_initial, self._backoff_max)
 
     async def _hold_lock_and_publish(self) -> None:
         connection = await self._connect()

@@ -76,6 +76,40 @@ _NUMERIC_OPTIONS = ("timeout", "command_timeout")
 Connector = Callable[[], Awaitable[Any]]  # -> asyncpg.Connection
 
 
+def equal_jitter_backoff(failures: int, initial: float, maximum: float) -> float:
+    """The pause after the ``failures``-th failure in a row (1 for the first):
+    a ceiling of ``initial`` doubled per further failure, capped at
+    ``maximum``, of which a random upper half is taken."""
+    doublings = min(failures - 1, 32)  # 2**32 is past any sane cap already
+    ceiling = min(maximum, initial * 2.0**doublings)
+    # Equal jitter: replicas that lost the database together do not
+    # reconnect in lockstep, and none retries at once in a tight loop.
+    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not security
+
+
+
+async def retry_forever(
+    attempt: Callable[[], Awaitable[None]],
+    *,
+    pause: Callable[[int], float],
+    log: logging.Logger,
+    what: str,
+) -> None:
+    """Runs ``attempt`` again and again until cancelled: after it returns, or
+    raises, it sleeps ``pause(failures)`` seconds, ``failures`` being the
+    failed attempts in a row (0 after a success). Logs a warning ("<what>;
+    retrying: ...") on the first failure of a streak only."""
+    failures = 0
+    while True:
+        try:
+            await attempt()
+            failures = 0
+        except Exception as exc:
+            failures += 1
+            if failures == 1:
+                log.warning("%s; retrying: %s: %s", what, type(exc).__name__, exc)
+        await asyncio.sleep(pause(failures))
+
 class _ConnectionLost(Exception):
     """The listener's connection was closed under it."""
 
@@ -273,11 +307,7 @@ class PostgresRevocationListener:
             await asyncio.sleep(self._backoff(failures))
 
     def _backoff(self, failures: int) -> float:
-        doublings = min(failures - 1, 32)  # 2**32 is past any sane cap already
-        ceiling = min(self._backoff_max, self._backoff_initial * 2.0**doublings)
-        # Equal jitter: replicas that lost the database together do not
-        # reconnect in lockstep, and none retries at once in a tight loop.
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not security
+        return equal_jitter_backoff(failures, self._backoff_initial, self._backoff_max)
 
     async def _listen_once(self) -> None:
         """One connection's life: connect, LISTEN, reload, then heartbeat

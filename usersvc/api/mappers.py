@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 
@@ -339,32 +339,21 @@ async def user_list_response(
     return response
 
 
-async def batch_get_users_response(
-    users: Sequence[User],
-) -> user_service_pb2.BatchGetUsersResponse:
-    """The BatchGetUsersResponse of ``users``, in order, letting other tasks
+_BatchUsersResponse = TypeVar(
+    "_BatchUsersResponse",
+    user_service_pb2.BatchGetUsersResponse,
+    user_service_pb2.BatchUpdateUsersResponse,
+    user_service_pb2.BatchDeleteUsersResponse,
+)
+
+
+async def batch_users_response(
+    response_type: type[_BatchUsersResponse], users: Sequence[User]
+) -> _BatchUsersResponse:
+    """The ``response_type`` (BatchGetUsersResponse, BatchUpdateUsersResponse
+    or BatchDeleteUsersResponse) of ``users``, in order, letting other tasks
     run every USERS_PER_YIELD users. Raises ValueError as user_to_proto."""
-    response = user_service_pb2.BatchGetUsersResponse()
-    await _fill(response.users, users)
-    return response
-
-
-async def batch_update_users_response(
-    users: Sequence[User],
-) -> user_service_pb2.BatchUpdateUsersResponse:
-    """The BatchUpdateUsersResponse of ``users``, in order, letting other
-    tasks run every USERS_PER_YIELD users. Raises ValueError as user_to_proto."""
-    response = user_service_pb2.BatchUpdateUsersResponse()
-    await _fill(response.users, users)
-    return response
-
-
-async def batch_delete_users_response(
-    users: Sequence[User],
-) -> user_service_pb2.BatchDeleteUsersResponse:
-    """The BatchDeleteUsersResponse of ``users``, in order, letting other
-    tasks run every USERS_PER_YIELD users. Raises ValueError as user_to_proto."""
-    response = user_service_pb2.BatchDeleteUsersResponse()
+    response = response_type()
     await _fill(response.users, users)
     return response
 

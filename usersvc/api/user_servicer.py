@@ -146,7 +146,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         users = await self._users.batch_get_users(
             principal=current_principal(), user_ids=tuple(request.ids)
         )
-        return await mappers.batch_get_users_response(users)
+        return await mappers.batch_users_response(pb.BatchGetUsersResponse, users)
 
     async def ImportUsers(
         self, request_iterator: AsyncIterator[pb.ImportUsersRequest], context: _Context
@@ -163,7 +163,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         users = await self._batches().batch_update_users(
             principal=current_principal(), requests=mappers.batch_update_user_inputs(request)
         )
-        return await mappers.batch_update_users_response(users)
+        return await mappers.batch_users_response(pb.BatchUpdateUsersResponse, users)
 
     async def BatchDeleteUsers(
         self, request: pb.BatchDeleteUsersRequest, context: _Context
@@ -172,7 +172,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             principal=current_principal(),
             requests=[DeleteItem(item.id, item.etag) for item in request.requests],
         )
-        return await mappers.batch_delete_users_response(users)
+        return await mappers.batch_users_response(pb.BatchDeleteUsersResponse, users)
 
     async def CreateEmailVerificationCode(
         self, request: pb.CreateEmailVerificationCodeRequest, context: _Context

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import uuid
 
-from usersvc.domain.errors import InvalidArgument
 from usersvc.domain.events import EventComparison, EventFilter, EventFilterField
 from usersvc.domain.filtering import (
     MAX_FILTER_TERMS,
     _expected_and,
     _FilterSyntaxError,
     _Kind,
+    _parse_text,
     _quote,
     _string,
     _timestamp,
     _Token,
-    _tokenize,
 )
 
 MAX_EVENT_FILTER_LENGTH = 1024
@@ -42,14 +41,7 @@ def parse_event_filter(text: str) -> EventFilter:
     Raises InvalidArgument with one FieldViolation on field "filter" whose
     description gives the 0-based character position of the problem.
     """
-    if len(text) > MAX_EVENT_FILTER_LENGTH:
-        raise InvalidArgument.single(
-            "filter", f"must be at most {MAX_EVENT_FILTER_LENGTH} characters, got {len(text)}"
-        )
-    try:
-        return _parse(_tokenize(text))
-    except _FilterSyntaxError as exc:
-        raise InvalidArgument.single("filter", f"at position {exc.position}: {exc}") from None
+    return _parse_text(text, MAX_EVENT_FILTER_LENGTH, _parse)
 
 
 def format_event_filter(flt: EventFilter) -> str:

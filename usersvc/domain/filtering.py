@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
+from typing import TypeVar
 
 from usersvc.domain.errors import InvalidArgument
 from usersvc.domain.listing import (
@@ -55,6 +57,7 @@ from usersvc.domain.models import UserState
 from usersvc.domain.validation import has_forbidden_characters, is_label_key
 
 MAX_FILTER_LENGTH = 2048
+_T = TypeVar("_T")
 MAX_FILTER_TERMS = 20
 MAX_ORDER_BY_LENGTH = 128
 
@@ -112,12 +115,19 @@ def parse_filter(text: str) -> Filter:
     Raises InvalidArgument with one FieldViolation on field "filter" whose
     description gives the 0-based character position of the problem.
     """
-    if len(text) > MAX_FILTER_LENGTH:
+    return _parse_text(text, MAX_FILTER_LENGTH, lambda tokens: _Parser(tokens).parse())
+
+
+def _parse_text(text: str, max_length: int, parse: Callable[[list[_Token]], _T]) -> _T:
+    """``parse`` of the tokens of ``text``, a filter of at most ``max_length``
+    characters (ListUsers' and the events'). Raises InvalidArgument with one
+    FieldViolation on field "filter"."""
+    if len(text) > max_length:
         raise InvalidArgument.single(
-            "filter", f"must be at most {MAX_FILTER_LENGTH} characters, got {len(text)}"
+            "filter", f"must be at most {max_length} characters, got {len(text)}"
         )
     try:
-        return _Parser(_tokenize(text)).parse()
+        return parse(_tokenize(text))
     except _FilterSyntaxError as exc:
         raise InvalidArgument.single("filter", f"at position {exc.position}: {exc}") from None
 

@@ -104,6 +104,20 @@ class UserPatch:
             and self.labels is None
         )
 
+    def changed_fields(self, current: User) -> tuple[str, ...]:
+        """The paths of this patch whose value differs from ``current`` (the
+        user.updated event's changed_fields)."""
+        changed = []
+        if self.email is not None and self.email != current.email:
+            changed.append("email")
+        if self.display_name is not None and self.display_name != current.display_name:
+            changed.append("display_name")
+        if self.roles is not None and tuple(self.roles) != tuple(current.roles):
+            changed.append("roles")
+        if self.labels is not None and dict(self.labels) != dict(current.labels):
+            changed.append("labels")
+        return tuple(changed)
+
 
 class RevokeReason(enum.StrEnum):
     """Why a session ended; stored in sessions.revoke_reason."""

@@ -128,7 +128,7 @@ class BatchWriteService:
                         }
                     )
             writes = [
-                UserWrite(w.user_id, w.patch, _changed_fields(current[w.user_id], w.patch))
+                UserWrite(w.user_id, w.patch, w.patch.changed_fields(current[w.user_id]))
                 for w in writes
             ]
             users = await uow.accounts.update_many(writes, events=_UPDATED)
@@ -237,18 +237,3 @@ def _check_writable(user: User | None, target: uuid.UUID, etag: str, index: int)
         error = EtagMismatch(metadata=metadata)
     if error is not None:
         raise error
-
-
-def _changed_fields(current: User, patch: UserPatch) -> tuple[str, ...]:
-    """The paths of ``patch`` whose value differs from ``current`` (the
-    user.updated event's changed_fields, as UpdateUser writes them)."""
-    changed = []
-    if patch.email is not None and patch.email != current.email:
-        changed.append("email")
-    if patch.display_name is not None and patch.display_name != current.display_name:
-        changed.append("display_name")
-    if patch.roles is not None and tuple(patch.roles) != tuple(current.roles):
-        changed.append("roles")
-    if patch.labels is not None and dict(patch.labels) != dict(current.labels):
-        changed.append("labels")
-    return tuple(changed)

@@ -570,7 +570,7 @@ class UserService:
             current = await _lock_live(uow, principal, target, etag=request.etag)
             if normalized.roles is not None:
                 await _ensure_caller_still_admin(uow, principal, current)
-            changed = _changed_fields(current, normalized)
+            changed = normalized.changed_fields(current)
             user = await uow.users.update(
                 target, normalized, events=[EventDraft(EventType.USER_UPDATED, changed)]
             )
@@ -772,20 +772,6 @@ _PURGED = (EventDraft(EventType.USER_PURGED),)
 _DISABLED = (EventDraft(EventType.USER_DISABLED),)
 _ENABLED = (EventDraft(EventType.USER_ENABLED),)
 _PASSWORD_CHANGED = (EventDraft(EventType.USER_PASSWORD_CHANGED),)
-
-
-def _changed_fields(current: User, patch: UserPatch) -> tuple[str, ...]:
-    """The paths of ``patch`` whose value differs from ``current``."""
-    changed = []
-    if patch.email is not None and patch.email != current.email:
-        changed.append("email")
-    if patch.display_name is not None and patch.display_name != current.display_name:
-        changed.append("display_name")
-    if patch.roles is not None and tuple(patch.roles) != tuple(current.roles):
-        changed.append("roles")
-    if patch.labels is not None and dict(patch.labels) != dict(current.labels):
-        changed.append("labels")
-    return tuple(changed)
 
 
 def _target(principal: Principal, raw_id: str, field: str) -> uuid.UUID:

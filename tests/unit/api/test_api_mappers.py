@@ -231,7 +231,9 @@ async def test_large_responses_are_mapped_in_order_while_other_tasks_run() -> No
 
     ticker = asyncio.create_task(other_call())
     try:
-        response = await mappers.batch_get_users_response(users)
+        response = await mappers.batch_users_response(
+            user_service_pb2.BatchGetUsersResponse, users
+        )
     finally:
         ticker.cancel()
     assert [u.email for u in response.users] == [u.email for u in users]

@@ -22,7 +22,6 @@ from usersvc.adapters.orm import users_table
 from usersvc.adapters.repository.filters import filter_clause
 from usersvc.adapters.repository.user_rows import SELECT_USERS, users
 from usersvc.domain.listing import Cursor, Filter, ListQuery, SortField
-from usersvc.domain.models import User
 
 
 def page_statement(query: ListQuery) -> Select[Any]:
@@ -130,19 +129,6 @@ class _Explain(Executable, ClauseElement):
 @compiles(_Explain)
 def _compile_explain(element: _Explain, compiler: Any, **kw: Any) -> str:
     return "EXPLAIN (FORMAT JSON) " + str(compiler.process(element.statement, **kw))
-
-
-def cursor_after(field: SortField, user: User) -> Cursor:
-    """The cursor of the page that starts after ``user``. Raises nothing."""
-    sort_value: str | datetime
-    match field:
-        case SortField.CREATE_TIME:
-            sort_value = user.create_time
-        case SortField.EMAIL:
-            sort_value = user.email
-        case SortField.DISPLAY_NAME:
-            sort_value = user.display_name
-    return Cursor(sort_value=sort_value, id=user.id)
 
 
 def _visible(flt: Filter, *, show_deleted: bool) -> ColumnElement[bool]:

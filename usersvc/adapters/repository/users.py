@@ -35,7 +35,6 @@ from usersvc.adapters.repository.listing import (
     MATCH_STATISTICS,
     capped_count_statement,
     count_statement,
-    cursor_after,
     page_statement,
     planned_rows,
     planned_rows_statement,
@@ -53,7 +52,7 @@ from usersvc.adapters.repository.user_rows import (
 from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
 from usersvc.domain.events import EventDraft
-from usersvc.domain.listing import Filter, ListQuery, Page
+from usersvc.domain.listing import Filter, ListQuery, Page, cursor_of
 from usersvc.domain.lockout import MAX_DOUBLINGS, LockoutPolicy
 from usersvc.domain.models import Credentials, NewUser, User, UserPatch, uuid7
 from usersvc.domain.ports import LoginAttempt
@@ -342,7 +341,7 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         rows = (await self._execute(page_statement(query))).mappings().all()
         found = tuple(user_from_row(row) for row in rows[: query.page_size])
         more = len(rows) > query.page_size
-        next_cursor = cursor_after(query.ordering.field, found[-1]) if more else None
+        next_cursor = cursor_of(query.ordering.field, found[-1]) if more else None
         return Page(users=found, next_cursor=next_cursor)
 
     async def count(self, filter: Filter, *, show_deleted: bool) -> int:
