@@ -99,7 +99,7 @@ bench: $(BENCH_STAMP)
 bench-events:
 	$(MAKE) bench SCENARIOS=events
 
-# The 10-minute memory soak (item 6 of issue 5); DURATION=60 for a smoke run.
+# The 10-minute memory soak; DURATION=60 for a smoke run.
 bench-soak: $(BENCH_STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
 	$(BIN)/python -m bench --soak $(if $(DURATION),--duration $(DURATION)) $(BENCH_ARGS)

@@ -153,7 +153,7 @@ TOTAL_ESTIMATE_TOLERANCE = 0.10
 
 
 def total_size_problem(reported: int, actual: int) -> str | None:
-    """API.md's rule for a first page's total_size: exact up to 10,000
+    """docs/api.md's rule for a first page's total_size: exact up to 10,000
     matches, beyond that within 10%."""
     if actual <= EXACT_TOTAL_UP_TO:
         return None if reported == actual else f"total_size {reported}, expected {actual}"
@@ -164,7 +164,7 @@ def total_size_problem(reported: int, actual: int) -> str | None:
 
 def expect_page(*, first_email: str, size: int, total: int, more: bool = True) -> Check:
     """A ListUsers page of ``size`` users starting at ``first_email``, a
-    total_size that API.md allows for ``total`` matches (exact up to 10,000,
+    total_size that docs/api.md allows for ``total`` matches (exact up to 10,000,
     else within 10%), with a next page token when ``more``."""
 
     def check(response: Any) -> str | None:

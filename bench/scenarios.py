@@ -403,7 +403,7 @@ async def list_pages(ctx: Context) -> Plan:
         )
     plan.notes.append(
         "a first page's total_size is exact up to 10,000 matches and an estimate beyond "
-        "(API.md); the bare ceiling takes the planner's estimate in its one statement; "
+        "(docs/api.md); the bare ceiling takes the planner's estimate in its one statement; "
         "later pages carry the figure in the token"
     )
     plan.notes.append(

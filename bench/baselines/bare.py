@@ -11,7 +11,7 @@ Serves UserService with one statement per call:
 - ListUsers (no filter, create_time order): one keyset ``SELECT ... LIMIT``
   for every page. The first page's total_size comes from the planner's row
   count (``pg_class.reltuples``) inside that same statement: the estimate
-  that API.md allows beyond 10,000 matches (the bench's table has 1M);
+  that docs/api.md allows beyond 10,000 matches (the bench's table has 1M);
 - UpdateUser (display_name only): one ``UPDATE ... RETURNING``, with
   ``AND version = $n`` when an etag is given; only a write that matched no
   row takes a second look, to tell NOT_FOUND from ABORTED;

@@ -1,4 +1,4 @@
-"""A first page's total_size on PostgreSQL (API.md, List rules): exact up to
+"""A first page's total_size on PostgreSQL (docs/api.md, List rules): exact up to
 10,000 matches, an estimate within 10% beyond, without counting every
 match. Both regimes need a real table and its statistics, so they are
 tested here with tens of thousands of rows written in one statement."""

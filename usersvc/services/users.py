@@ -83,7 +83,7 @@ from usersvc.services.sessions import SessionRevoker, session_id_of
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 # A first page's total_size is exact up to this many matches and an
-# estimate beyond (API.md, List rules): a first page over a million users
+# estimate beyond (docs/api.md, List rules): a first page over a million users
 # must not cost a count of all of them.
 EXACT_TOTAL_UP_TO = 10_000
 MAX_BATCH_SIZE = 1000
