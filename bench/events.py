@@ -70,9 +70,22 @@ def _relay(
     )
 
 
+async def _settle_backlog(engine: AsyncEngine) -> None:
+    """Number every committed event and mark it published, so that a round
+    measures only its own events: the write-cost runs and earlier rounds
+    leave events in the same database that no relay of theirs published."""
+    while await sequence_pending(engine):
+        pass
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE events SET published_at = now() WHERE published_at IS NULL")
+        )
+
+
 async def relay_throughput(
     engine: AsyncEngine, settings: Settings, url: str, nats: PrivateNats, count: int
 ) -> float:
+    await _settle_backlog(engine)
     async with engine.begin() as conn:
         await conn.execute(
             text(
@@ -99,6 +112,7 @@ async def relay_throughput(
 async def publish_lag(
     engine: AsyncEngine, settings: Settings, url: str, nats: PrivateNats, rate: int, seconds: float
 ) -> tuple[float, float, int]:
+    await _settle_backlog(engine)
     lags: list[float] = []
     feed = PostgresEventFeed(asyncpg_connector(url, settings))
     relay = _relay(
