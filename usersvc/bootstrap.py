@@ -288,7 +288,13 @@ def bootstrap(
         if settings.db_probe_interval_seconds > 0
         else None
     )
-    uow_factory = make_uow_factory(engine, monitor, call_context=current_call)
+    events = build_event_parts(settings, engine, database_url, metrics)
+    uow_factory = make_uow_factory(
+        engine,
+        monitor,
+        call_context=current_call,
+        events_committed=events.wakeup.events_committed,
+    )
     hasher = BcryptPasswordHasher(
         rounds=settings.bcrypt_rounds,
         max_threads=settings.bcrypt_max_threads,
@@ -367,7 +373,6 @@ def bootstrap(
         rate_limiter = RedisRateLimiter.from_url(
             settings.redis_url, timeout_seconds=settings.redis_timeout_seconds
         )
-    events = build_event_parts(settings, engine, database_url, metrics)
     served = None
     if credentials is not None:
         public_methods = PublicMethods(allow_signup=settings.allow_signup)

@@ -1,6 +1,7 @@
 """Wiring of the events parts (the composition root's share for them): the
-feed that numbers events and wakes streams, EventService, the retention
-task and, with USERSVC_NATS_URL, the relay to NATS JetStream."""
+feed that numbers events and wakes streams, the wake-up that units of work
+call after committing events, EventService, the retention task and, with
+USERSVC_NATS_URL, the relay to NATS JetStream."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.event_feed import PostgresEventFeed
 from usersvc.adapters.event_retention import EventRetention
+from usersvc.adapters.event_wakeup import SequencerWakeup, notify_through
 from usersvc.adapters.events import SqlAlchemyEventReader
 from usersvc.adapters.nats_relay import NatsEventRelay, RelayHooks
 from usersvc.adapters.revocations import asyncpg_connector
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 class EventParts:
     service: EventService
     feed: PostgresEventFeed
+    # events_committed goes to the units of work (make_uow_factory).
+    wakeup: SequencerWakeup
     retention: EventRetention
     # None unless USERSVC_NATS_URL is set.
     relay: NatsEventRelay | None = None
@@ -41,7 +45,9 @@ class EventParts:
             await self.relay.start()
 
     async def stop(self) -> None:
-        """Stop them all (open WatchEvents streams end). Raises nothing."""
+        """Stop them all (open WatchEvents streams end); a wake-up still due
+        goes out first. Raises nothing."""
+        await self.wakeup.aclose()
         if self.relay is not None:
             await self.relay.stop()
         await self.retention.stop()
@@ -86,6 +92,9 @@ def build_event_parts(
     return EventParts(
         service=EventService(reader=SqlAlchemyEventReader(engine), feed=feed),
         feed=feed,
+        # Events committed here wake this feed when it listens (a server),
+        # else (a command, a feed reconnecting) the feeds of every replica.
+        wakeup=SequencerWakeup(feed=feed, notify=notify_through(engine)),
         retention=EventRetention(
             engine,
             retention_days=settings.event_retention_days,

@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import RowMapping
 
 from usersvc.adapters.database_errors import ConstraintErrors
-from usersvc.adapters.events import snapshot_sql, with_events
+from usersvc.adapters.events import WRITES_EVENTS, snapshot_sql, with_events
 from usersvc.adapters.orm import USERS_EMAIL_INDEX, users_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
 from usersvc.adapters.repository.user_rows import USER_COLUMNS, user_from_row
@@ -195,7 +195,7 @@ _UPDATE_MANY = text(
     ), {_RECORD}
     SELECT * FROM changed
     """  # noqa: S608 (module constants only)
-)
+).execution_options(**WRITES_EVENTS)
 _DELETE_MANY = text(
     f"""
     WITH changed AS (
@@ -206,7 +206,7 @@ _DELETE_MANY = text(
     ), {_RECORD}
     SELECT * FROM changed
     """  # noqa: S608 (module constants only)
-)
+).execution_options(**WRITES_EVENTS)
 _LIVE_SESSIONS = text(
     "SELECT id FROM sessions WHERE user_id = ANY(CAST(:user_ids AS uuid[])) AND revoke_time IS NULL"
 )

@@ -1,19 +1,25 @@
 """The per-process events feed: numbers new events and wakes their readers.
 
 One dedicated asyncpg connection per process (outside the pool: LISTEN needs
-a connection that stays ours) LISTENs on two channels:
+a connection that stays ours) runs the sequencer
+(usersvc.adapters.events.sequence_pending_on) and LISTENs on two channels:
 
-- INSERTED_CHANNEL (the events table's trigger, at commit): this process
-  runs the sequencer (usersvc.adapters.events.sequence_pending). Every
-  replica may; the advisory lock makes them take turns, so numbering stays
-  single-file, and there is no sequencer to fail over.
-- EVENTS_CHANNEL (the sequencer, with the highest new number): WatchEvents
-  streams and the relay waiting in this process are woken.
+- INSERTED_CHANNEL: events were committed by a process that has no
+  listening feed of its own (usersvc.adapters.event_wakeup): number them.
+  Every replica's feed may; the advisory lock makes them take turns, so
+  numbering stays single-file, and there is no sequencer to fail over.
+- EVENTS_CHANNEL (the sequencer, with the highest new number, once per
+  batch): WatchEvents streams and the relay waiting in this process are
+  woken, on every replica.
+
+Events committed in this process wake the feed directly (``wake``, called
+after the commit through the wake-up), without a notification.
 
 Notifications are only a hint. Every ``poll_interval`` the feed numbers
-pending rows and reads the highest number anyway, so a notification lost
-while the connection was down delays an event by at most that long. While
-the database is unreachable it retries with capped, jittered backoff.
+pending rows and reads the highest number anyway, so a wake-up lost (a
+process that died after its commit, a notification sent while the
+connection was down) delays an event by at most that long. While the
+database is unreachable it retries with capped, jittered backoff.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class PostgresEventFeed:
         self._task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()  # rows were inserted: number them
         self._changed = asyncio.Event()  # replaced on every new number
+        self._listening = asyncio.Event()  # set while connected and listening
         self._closed = False
         self.latest = 0  # the highest number known here
 
@@ -57,6 +64,26 @@ class PostgresEventFeed:
     def closed(self) -> bool:
         """True once ``stop`` began: streams should end. Raises nothing."""
         return self._closed
+
+    @property
+    def listening(self) -> bool:
+        """True while the feed is connected and listening, so that ``wake``
+        numbers at once. Raises nothing."""
+        return self._listening.is_set()
+
+    async def wait_listening(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the feed to listen (it has then
+        numbered what was pending when it connected); whether it does.
+        Raises nothing but CancelledError."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._listening.wait()
+        return self.listening
+
+    def wake(self) -> None:
+        """Number pending events now rather than at the next poll: events
+        were committed in this process. Raises nothing."""
+        self._kick.set()
 
     async def start(self) -> None:
         """Start in the background. Raises RuntimeError when started twice."""
@@ -123,6 +150,7 @@ class PostgresEventFeed:
             await connection.add_listener(EVENTS_CHANNEL, self._on_numbered)
             logger.info("events feed connected")
             polled = True
+            first = True
             while True:
                 # Number whatever is pending, then wait for an insert or
                 # the poll interval.
@@ -140,6 +168,9 @@ class PostgresEventFeed:
                         self._announce()
                 if connection.is_closed():
                     raise ConnectionError("the events feed's connection closed")
+                if first:
+                    first = False
+                    self._listening.set()
                 polled = False
                 try:
                     async with asyncio.timeout(self._poll_interval):
@@ -148,6 +179,7 @@ class PostgresEventFeed:
                     polled = True
                 self._kick.clear()
         finally:
+            self._listening.clear()
             with contextlib.suppress(Exception):
                 connection.terminate()
 

@@ -24,16 +24,21 @@ hole behind a reader that has already moved past it.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Text,
     and_,
+    bindparam,
     case,
+    column,
     func,
     insert,
     literal,
@@ -47,7 +52,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
-from sqlalchemy.sql.selectable import CTE
+from sqlalchemy.sql.selectable import TextualSelect
 
 from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.orm import events_table, users_table
@@ -84,6 +89,13 @@ CallContextProvider = Callable[[], CallContext]
 def no_call() -> CallContext:
     """The context of work outside any call: no actor, no request id."""
     return NO_CALL
+
+
+# The execution options that mark a statement writing events (a constant
+# statement is built with them): after a commit that ran one, the unit of
+# work wakes the sequencer (usersvc.adapters.event_wakeup).
+WRITES_EVENTS_OPTION = "usersvc_writes_events"
+WRITES_EVENTS: Mapping[str, Any] = MappingProxyType({WRITES_EVENTS_OPTION: True})
 
 _e = events_table.c
 _u = users_table.c
@@ -149,33 +161,88 @@ def with_events(
 ) -> Any:
     """``write`` (an INSERT/UPDATE/DELETE ... RETURNING the user columns,
     ``id`` at least) with one event per draft per returned row written by
-    the same statement; the result rows are those of ``write``. Without
-    drafts, ``write`` itself. ``snapshot=False`` stores no user (a purge).
-    Raises nothing."""
+    the same statement, marked with WRITES_EVENTS; the result rows are those
+    of ``write``. Without drafts, ``write`` itself. ``snapshot=False``
+    stores no user (a purge). Raises ValueError when a snapshot is asked of
+    a write that does not return every user column."""
     if not drafts:
         return write
-    changed = write.cte("changed")
-    recorded = insert(events_table).from_select(
-        _INSERT_COLUMNS, _rows_for(changed, drafts, context, snapshot=snapshot)
-    )
-    return select(changed).add_cte(recorded.cte("recorded"))
-
-
-def _rows_for(
-    changed: CTE, drafts: Sequence[EventDraft], context: CallContext, *, snapshot: bool
-) -> Any:
-    selects = [
-        select(
-            *_event_columns(
-                draft,
-                context,
-                changed.c.id,
-                _snapshot_of(changed.c) if snapshot else literal(None, JSONB),
-            )
-        ).select_from(changed)
+    # This runs for every change a call makes, so it builds almost nothing:
+    # the SELECT of the write's rows is built once per RETURNING shape, the
+    # INSERT of the events is constant text, and the drafts travel as one
+    # jsonb parameter. Statements built afresh cost more Python than the
+    # event costs PostgreSQL (docs/performance.md, "The event write").
+    shape = _returning_shape(tuple(write.exported_columns))
+    if snapshot and not shape.has_user:
+        raise ValueError("a snapshot needs the write to return every user column")
+    rows = [
+        {
+            "type": draft.type.value,
+            "actor": context.actor,
+            "request_id": context.request_id,
+            "changed_fields": list(draft.changed_fields),
+            "attributes": _clean_attributes(draft.attributes),
+        }
         for draft in drafts
     ]
-    return selects[0] if len(selects) == 1 else union_all(*selects)
+    recorded = _RECORD_EVENTS[snapshot].bindparams(events=rows).cte("recorded")
+    return shape.select.add_cte(write.cte(_CHANGED), recorded)
+
+
+# The name of the write's CTE in ``with_events``.
+_CHANGED = "changed"
+
+
+def _record_events(snapshot: str) -> TextualSelect:
+    # One event per draft (in the drafts' order) per row of "changed".
+    # Constant column names only: the values are the one parameter.
+    return (
+        text(
+            f"""
+            INSERT INTO events (id, type, user_id, actor, request_id, user_snapshot,
+                                changed_fields, attributes)
+            SELECT gen_random_uuid(), draft.type, {_CHANGED}.id, draft.actor,
+                   draft.request_id, {snapshot}, draft.changed_fields, draft.attributes
+            FROM ROWS FROM (
+                jsonb_to_recordset(:events) AS (type text, actor text, request_id text,
+                                                changed_fields text[], attributes jsonb)
+            ) WITH ORDINALITY AS draft (type, actor, request_id, changed_fields, attributes, n)
+            CROSS JOIN {_CHANGED}
+            ORDER BY draft.n
+            """  # noqa: S608
+        )
+        .bindparams(bindparam("events", type_=JSONB))
+        .columns()
+    )
+
+
+# By ``snapshot``: with the user as the write returned it, or without.
+_RECORD_EVENTS = {
+    True: _record_events(snapshot_sql(_CHANGED)),
+    False: _record_events("NULL::jsonb"),
+}
+
+
+@dataclass(frozen=True)
+class _ReturningShape:
+    select: TextualSelect  # the rows of the CTE "changed", as the write returns them
+    has_user: bool  # whether they hold every user column (a snapshot needs them)
+
+
+@functools.lru_cache(maxsize=16)
+def _returning_shape(columns: tuple[ColumnElement[Any], ...]) -> _ReturningShape:
+    # The CTE's rows by name, typed as the write's columns (so the results
+    # convert as the write's would): reading them off the CTE object itself
+    # would build its column collection for every statement. The names are
+    # those of the write's own columns, never caller input.
+    names = [str(c.key) for c in columns]
+    rows = text(f"SELECT {', '.join(names)} FROM {_CHANGED}").columns(  # noqa: S608
+        *(column(name, c.type) for name, c in zip(names, columns, strict=True))
+    )
+    return _ReturningShape(
+        select=rows.execution_options(**WRITES_EVENTS),
+        has_user=all(name in names for name in _USER_FIELDS),
+    )
 
 
 class SqlAlchemyEventRecorder:
@@ -240,7 +307,11 @@ class SqlAlchemyEventRecorder:
             selects.append(select(*columns).select_from(source))
         rows = selects[0] if len(selects) == 1 else union_all(*selects)
         with translate_database_errors():
-            await self._session.execute(insert(events_table).from_select(_INSERT_COLUMNS, rows))
+            await self._session.execute(
+                insert(events_table)
+                .from_select(_INSERT_COLUMNS, rows)
+                .execution_options(**WRITES_EVENTS)
+            )
 
 
 # --- numbering ------------------------------------------------------------------

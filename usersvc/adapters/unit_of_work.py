@@ -9,6 +9,11 @@ committed.
 A unit of work is used by one task and once; each RPC makes its own from the
 factory, so sessions and connections are never shared between tasks. The
 connection is checked out of the pool at the first statement, not on entry.
+
+After a commit whose transaction ran a statement marked as writing events
+(usersvc.adapters.events.WRITES_EVENTS), the unit of work calls
+``events_committed`` (usersvc.adapters.event_wakeup): the sequencer is woken
+outside the transaction, so the commit itself sends no NOTIFY.
 """
 
 from __future__ import annotations
@@ -16,15 +21,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session
 
 from usersvc.adapters.accounts import SqlAlchemyAccountRepository
 from usersvc.adapters.database_errors import ConstraintErrors, translate_database_errors
 from usersvc.adapters.db_monitor import DatabaseAvailability
-from usersvc.adapters.events import CallContextProvider, SqlAlchemyEventRecorder
+from usersvc.adapters.events import (
+    WRITES_EVENTS_OPTION,
+    CallContextProvider,
+    SqlAlchemyEventRecorder,
+)
 from usersvc.adapters.orm import USERS_EMAIL_INDEX
 from usersvc.adapters.repository.idempotency import (
     IDEMPOTENCY_KEY_CONSTRAINT,
@@ -52,6 +64,21 @@ _COMMIT_CONSTRAINT_ERRORS: ConstraintErrors = {
 }
 
 
+# Set in a session's ``info`` by the first statement of its transaction that
+# writes events; taken away by the commit or rollback that ends it.
+_EVENTS_WRITTEN = "usersvc_events_written"
+
+
+class _UnitOfWorkSession(Session):
+    """The sessions of units of work: they note statements writing events."""
+
+
+@event.listens_for(_UnitOfWorkSession, "do_orm_execute")
+def _note_events_written(state: ORMExecuteState) -> None:
+    if state.execution_options.get(WRITES_EVENTS_OPTION):
+        state.session.info[_EVENTS_WRITTEN] = True
+
+
 class SqlAlchemyUnitOfWork:
     """usersvc.domain.ports.UnitOfWork over an AsyncSession."""
 
@@ -66,11 +93,14 @@ class SqlAlchemyUnitOfWork:
         session_factory: async_sessionmaker[AsyncSession],
         availability: DatabaseAvailability | None = None,
         call_context: CallContextProvider | None = None,
+        events_committed: Callable[[], None] | None = None,
     ):
         self._session_factory = session_factory
         self._availability = availability
         # Who is calling and the request id, for the events written here.
         self._call_context = call_context
+        # Told (synchronously, never awaited) after a commit that wrote events.
+        self._events_committed = events_committed
         self._session: AsyncSession | None = None
         self._used = False
 
@@ -126,11 +156,14 @@ class SqlAlchemyUnitOfWork:
         session = self._require_session()
         with translate_database_errors(_COMMIT_CONSTRAINT_ERRORS):
             await session.commit()
+        if session.info.pop(_EVENTS_WRITTEN, False) and self._events_committed is not None:
+            self._events_committed()
 
     async def rollback(self) -> None:
         """Roll back now; the unit of work may go on with a new transaction.
         Raises DatabaseUnavailable, RuntimeError outside ``async with``."""
         session = self._require_session()
+        session.info.pop(_EVENTS_WRITTEN, None)
         with translate_database_errors():
             await session.rollback()
 
@@ -151,18 +184,31 @@ async def _close(session: AsyncSession) -> None:
 def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions for units of work: objects stay readable after commit, and
     nothing flushes behind the repositories' backs."""
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+    return async_sessionmaker(
+        engine,
+        expire_on_commit=False,
+        autoflush=False,
+        sync_session_class=_UnitOfWorkSession,
+    )
 
 
 def make_uow_factory(
     engine: AsyncEngine,
     availability: DatabaseAvailability | None = None,
     call_context: CallContextProvider | None = None,
+    events_committed: Callable[[], None] | None = None,
 ) -> UnitOfWorkFactory:
     """A factory of fresh units of work on ``engine``, failing fast while
     ``availability`` (the database monitor) says the database is down;
     ``call_context`` tells the actor and request id of the events written
-    (None: empty). Raises nothing."""
+    (None: empty); ``events_committed`` (None: nobody) is called, and must
+    return at once and raise nothing, after each commit that wrote events
+    (usersvc.adapters.event_wakeup.SequencerWakeup.events_committed).
+    Raises nothing."""
     return functools.partial(
-        SqlAlchemyUnitOfWork, make_session_factory(engine), availability, call_context
+        SqlAlchemyUnitOfWork,
+        make_session_factory(engine),
+        availability,
+        call_context,
+        events_committed,
     )

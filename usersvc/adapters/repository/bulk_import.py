@@ -29,7 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from usersvc.adapters.database_errors import translate_database_errors
-from usersvc.adapters.events import USER_FIELDS, snapshot_sql
+from usersvc.adapters.events import USER_FIELDS, WRITES_EVENTS, snapshot_sql
 from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.events import NO_CALL, CallContext, EventDraft
 from usersvc.domain.models import uuid7
@@ -89,7 +89,7 @@ _INSERT_BATCH_WITH_EVENTS = text(
     )
     SELECT coalesce(array_agg(given.seq)""",  # noqa: S608
     )
-)
+).execution_options(**WRITES_EVENTS)
 
 
 _COLUMNS = (

@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import RowMapping
 
-from usersvc.adapters.events import snapshot_sql
+from usersvc.adapters.events import WRITES_EVENTS, snapshot_sql
 from usersvc.adapters.orm import sessions_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
 from usersvc.adapters.revocation_channel import REVOCATION_CHANNEL, payloads
@@ -129,7 +129,7 @@ _REVOKE_SESSIONS = text(
 ).bindparams(
     bindparam("reason", type_=Text()),
     bindparam("expire_time", type_=DateTime(timezone=True)),
-)
+).execution_options(**WRITES_EVENTS)
 _REVOKE_USER_SESSIONS = text(
     """
     WITH ended AS (
@@ -150,7 +150,7 @@ _REVOKE_USER_SESSIONS = text(
     bindparam("reason", type_=Text()),
     bindparam("user_id", type_=Uuid()),
     bindparam("expire_time", type_=DateTime(timezone=True)),
-)
+).execution_options(**WRITES_EVENTS)
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _DELETE_EXPIRED_SESSIONS = text(
     """

@@ -157,21 +157,23 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         self, news: Sequence[NewUser], events: Sequence[EventDraft]
     ) -> list[User]:
         ids = [uuid7() for _ in news]
+        values = [
+            {
+                "id": user_id,
+                "email": new.email,
+                "password_hash": new.password_hash,
+                "display_name": new.display_name,
+                "roles": list(new.roles),
+                "labels": dict(new.labels),
+            }
+            for user_id, new in zip(ids, news, strict=True)
+        ]
         statement = (
+            # One row as a plain VALUES: SQLAlchemy caches its compiled form
+            # (a multi-row VALUES is compiled anew every time, with the
+            # events' CTE when there is one).
             pg_insert(users_table)
-            .values(
-                [
-                    {
-                        "id": user_id,
-                        "email": new.email,
-                        "password_hash": new.password_hash,
-                        "display_name": new.display_name,
-                        "roles": list(new.roles),
-                        "labels": dict(new.labels),
-                    }
-                    for user_id, new in zip(ids, news, strict=True)
-                ]
-            )
+            .values(values[0] if len(values) == 1 else values)
             .on_conflict_do_nothing(index_elements=[func.lower(users.email)])
             .returning(*USER_COLUMNS)
         )
