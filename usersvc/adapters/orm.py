@@ -26,7 +26,6 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
-    UniqueConstraint,
     Uuid,
     func,
     text,
@@ -268,6 +267,7 @@ user_codes_table = cast(Table, UserCodeRow.__table__)
 # inserted without a sequence; the sequencer numbers committed rows in order,
 # readers see only numbered ones, and the relay publishes them to NATS.
 # No foreign key to users: the trail outlives a purge.
+_NUMBERED = text("sequence IS NOT NULL")
 events_table = Table(
     "events",
     metadata,
@@ -286,12 +286,15 @@ events_table = Table(
     Column("changed_fields", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     Column("attributes", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("published_at", DateTime(timezone=True), nullable=True),
-    UniqueConstraint("sequence"),
+    # Readers only see numbered rows, and say so (sequence IS NOT NULL): the
+    # indexes serving them skip unnumbered rows, so an insert writes only the
+    # heap, the primary key and ix_events_unsequenced (migration 0007).
+    Index("uq_events_sequence", "sequence", unique=True, postgresql_where=_NUMBERED),
     # ListEvents filters, each in sequence order.
-    Index("ix_events_user_id_sequence", "user_id", "sequence"),
-    Index("ix_events_type_sequence", "type", "sequence"),
-    Index("ix_events_actor_sequence", "actor", "sequence"),
-    Index("ix_events_create_time", "create_time"),
+    Index("ix_events_user_id_sequence", "user_id", "sequence", postgresql_where=_NUMBERED),
+    Index("ix_events_type_sequence", "type", "sequence", postgresql_where=_NUMBERED),
+    Index("ix_events_actor_sequence", "actor", "sequence", postgresql_where=_NUMBERED),
+    Index("ix_events_create_time", "create_time", postgresql_where=_NUMBERED),
     # The sequencer's and the relay's queues: small partial indexes.
     Index(
         "ix_events_unsequenced",
