@@ -51,6 +51,44 @@ async def test_upgrade_downgrade_and_upgrade_again_on_a_fresh_database(
     assert after_second_upgrade == (head, SCHEMA_TABLES)
 
 
+async def _events_schema(url: str) -> tuple[list[str], dict[str, str]]:
+    """The events table's own triggers and its indexes' definitions."""
+    engine = create_async_engine(url, poolclass=pool.NullPool)
+    try:
+        async with engine.connect() as connection:
+            triggers = await connection.scalars(
+                text(
+                    "SELECT tgname FROM pg_trigger "
+                    "WHERE tgrelid = 'events'::regclass AND NOT tgisinternal"
+                )
+            )
+            indexes = await connection.execute(
+                text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'events'")
+            )
+            return list(triggers), {name: definition for name, definition in indexes}
+    finally:
+        await engine.dispose()
+
+
+async def test_the_events_table_has_no_notify_trigger_and_its_downgrade_brings_it_back(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+    await migrations.upgrade_async(url, "0007")
+    triggers, indexes = await _events_schema(url)
+    await migrations.downgrade_async(url, "0006")
+    old_triggers, old_indexes = await _events_schema(url)
+
+    assert triggers == []
+    assert old_triggers == ["events_inserted"]
+    partial = {"uq_events_sequence", "ix_events_user_id_sequence", "ix_events_type_sequence",
+               "ix_events_actor_sequence", "ix_events_create_time"}  # fmt: skip
+    numbered_only = "WHERE (sequence IS NOT NULL)"
+    assert {name for name, definition in indexes.items() if numbered_only in definition} == partial
+    assert not any(numbered_only in old_indexes[name] for name in partial)
+    assert set(old_indexes) == set(indexes)
+
+
 async def test_a_database_never_migrated_has_no_current_revision(
     empty_database_url: str,
 ) -> None:

@@ -31,11 +31,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from usersvc.adapters.event_feed import PostgresEventFeed
 from usersvc.adapters.events import INSERTED_CHANNEL
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,20 @@ NOTIFY_MIN_INTERVAL = 0.005
 _FLUSH_SECONDS = 1.0
 
 Notify = Callable[[], Awaitable[None]]
+
+
+class LocalFeed(Protocol):
+    """This process's events feed (usersvc.adapters.event_feed
+    .PostgresEventFeed), as the wake-up uses it."""
+
+    @property
+    def listening(self) -> bool:
+        """Whether ``wake`` numbers at once."""
+        ...
+
+    def wake(self) -> None:
+        """Number pending events now; never raises."""
+        ...
 
 
 def notify_through(engine: AsyncEngine) -> Notify:
@@ -70,7 +84,7 @@ class SequencerWakeup:
     def __init__(
         self,
         *,
-        feed: PostgresEventFeed | None = None,
+        feed: LocalFeed | None = None,
         notify: Notify | None = None,
         min_interval: float = NOTIFY_MIN_INTERVAL,
     ) -> None:
