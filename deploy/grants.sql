@@ -11,9 +11,9 @@
 --               The events table (audit trail and outbox) needs exactly the
 --               defaults below: INSERT (every change), SELECT (EventService,
 --               the relay), UPDATE (the sequencer numbers rows, the relay
---               marks them published), DELETE (retention). Its trigger
---               function is owned by owner_role; advisory locks and
---               LISTEN/NOTIFY (sequencer, relay, WatchEvents) need no grant.
+--               marks them published), DELETE (retention). Advisory
+--               locks and LISTEN/NOTIFY (sequencer, its wake-up, relay,
+--               WatchEvents) need no grant.
 --
 -- Run it with psql as a superuser, connected to usersvc's database, before
 -- the first migration; it is idempotent, so run it again whenever in doubt:

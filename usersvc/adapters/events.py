@@ -19,7 +19,9 @@ SEQUENCER_LOCK_KEY) numbers the committed, unnumbered rows after the highest
 number so far, in one transaction, and announces the highest new number on
 EVENTS_CHANNEL. Readers only ever see numbered rows, so a transaction that
 started earlier but commits later gets a later number instead of leaving a
-hole behind a reader that has already moved past it.
+hole behind a reader that has already moved past it. The writing
+transaction NOTIFYs nothing: the sequencer is woken after its commit
+(usersvc.adapters.event_wakeup).
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ from usersvc.domain.events import (
 )
 from usersvc.domain.models import User
 
-# NOTIFY channels: the trigger of the events table announces inserts (at
-# commit) on INSERTED_CHANNEL; the sequencer announces the highest number it
+# NOTIFY channels: a process whose own feed does not listen announces, after
+# its commit, that it wrote events on INSERTED_CHANNEL (usersvc.adapters
+# .event_wakeup; no payload); the sequencer announces the highest number it
 # gave on EVENTS_CHANNEL (payload: that number).
 INSERTED_CHANNEL = "usersvc_events_inserted"
 EVENTS_CHANNEL = "usersvc_events"
