@@ -19,6 +19,7 @@ from usersvc.domain.filtering import parse_filter
 from usersvc.domain.listing import Cursor, ListQuery, Ordering, SortField
 from usersvc.domain.models import ANONYMOUS, Principal, User, UserState
 from usersvc.services.inputs import ListUsersInput, UserListResult
+from usersvc.services.response_size import MAX_USERS_BYTES
 
 MISSING = "0190a4b2-6c1e-7cc3-8a1b-00000000dead"
 
@@ -287,6 +288,15 @@ async def test_the_repository_is_asked_for_the_parsed_query() -> None:
             page_size=7,
         )
     ]
+
+
+async def test_pages_that_could_pass_4_mib_are_asked_to_stop_at_the_byte_budget() -> None:
+    # Where the query stops is tested on PostgreSQL
+    # (tests/integration/test_listing_byte_budget.py).
+    h = user_service()
+    await list_page(h, page_size=1000)
+    await list_page(h)
+    assert [query.max_bytes for query in h.db.list_queries] == [MAX_USERS_BYTES, None]
 
 
 async def test_later_pages_carry_the_first_pages_total() -> None:

@@ -1,11 +1,8 @@
 """How large a response of users may grow: every response stays below the
 4 MiB a default gRPC client accepts (its max_receive_message_length).
 
-The size of a user on the wire is over-estimated here from the domain
-object, without the generated code (services never import it): every
-string counts its UTF-8 bytes plus a tag and a length prefix, and a fixed
-allowance covers the id, etag, state, timestamps and the field's own
-framing. tests/unit/api checks the estimate against the real encoded size.
+A user's size is over-estimated from the domain object, without the
+generated code (services never import it): usersvc.domain.wire_size.
 """
 
 from __future__ import annotations
@@ -13,36 +10,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from usersvc.domain.models import User
+from usersvc.domain.wire_size import MAX_USER_WIRE_BYTES, user_wire_bytes
+
+__all__ = [
+    "MAX_RESPONSE_BYTES",
+    "MAX_USERS_BYTES",
+    "fitting_prefix",
+    "page_byte_budget",
+    "user_wire_bytes",
+]
 
 # What a default grpc client accepts (grpc.max_receive_message_length).
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 # The users of one response; the rest is headroom for the response's other
 # fields (a page token is at most 1 KiB) and gRPC framing.
 MAX_USERS_BYTES = MAX_RESPONSE_BYTES - 64 * 1024
-# id (36 characters), etag, state, up to three timestamps, the tags and
-# length prefixes of those fields and of the user inside its response:
-# well under this in practice (about 130 bytes).
-_FIXED_USER_BYTES = 256
-# A tag and a length prefix of up to three bytes (strings below 2 MiB).
-_STRING_OVERHEAD = 4
-# A map entry: its own tag and length, then key and value as strings.
-_LABEL_OVERHEAD = 4 + 2 * _STRING_OVERHEAD
-
-
-def _text(value: str) -> int:
-    return len(value.encode("utf-8", "surrogatepass")) + _STRING_OVERHEAD
-
-
-def user_wire_bytes(user: User) -> int:
-    """An upper bound of ``user``'s encoded size inside a response. Raises
-    nothing."""
-    size = _FIXED_USER_BYTES + _text(user.email) + _text(user.display_name)
-    size += sum(_text(role) for role in user.roles)
-    size += sum(
-        _LABEL_OVERHEAD + _text(key) + _text(value) - 2 * _STRING_OVERHEAD
-        for key, value in user.labels.items()
-    )
-    return size
 
 
 def fitting_prefix(users: Iterable[User], budget: int = MAX_USERS_BYTES) -> int:
@@ -57,3 +39,14 @@ def fitting_prefix(users: Iterable[User], budget: int = MAX_USERS_BYTES) -> int:
             break
         count += 1
     return count
+
+
+def page_byte_budget(page_size: int, budget: int = MAX_USERS_BYTES) -> int | None:
+    """The bytes at which a page query of ``page_size`` users should stop
+    reading (usersvc.domain.listing.ListQuery.max_bytes): ``budget``, or
+    None when ``page_size`` + 1 users within the validation limits cannot
+    pass it (up to 55 users: the default page of 50 is read as it always
+    was, without summing sizes). Raises nothing."""
+    if (page_size + 1) * MAX_USER_WIRE_BYTES <= budget:
+        return None
+    return budget

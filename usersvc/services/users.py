@@ -77,7 +77,11 @@ from usersvc.services.pagination import (
     encode_page_token,
     query_fingerprint,
 )
-from usersvc.services.response_size import MAX_RESPONSE_BYTES, fitting_prefix
+from usersvc.services.response_size import (
+    MAX_RESPONSE_BYTES,
+    fitting_prefix,
+    page_byte_budget,
+)
 from usersvc.services.sessions import SessionRevoker, session_id_of
 
 DEFAULT_PAGE_SIZE = 50
@@ -491,7 +495,16 @@ class UserService:
                 keys=self._page_token_keys(),
             )
             after, total = token.cursor, token.total_size
-        query = ListQuery(filter, ordering, request.show_deleted, page_size, after)
+        # The query stops at the byte budget already (no row past it is
+        # read); the exact check below stays the last word.
+        query = ListQuery(
+            filter,
+            ordering,
+            request.show_deleted,
+            page_size,
+            after,
+            max_bytes=page_byte_budget(page_size),
+        )
         async with self._uow_factory() as uow:
             if total is None:
                 total = await uow.users.count_matches(

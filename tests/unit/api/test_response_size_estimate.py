@@ -10,7 +10,13 @@ import pytest
 from usersvc_protos.v1 import user_service_pb2
 from usersvc.api import mappers
 from usersvc.domain.models import User
-from usersvc.services.response_size import MAX_USERS_BYTES, fitting_prefix, user_wire_bytes
+from usersvc.domain.wire_size import MAX_USER_WIRE_BYTES
+from usersvc.services.response_size import (
+    MAX_USERS_BYTES,
+    fitting_prefix,
+    page_byte_budget,
+    user_wire_bytes,
+)
 
 from .support import make_user
 
@@ -59,3 +65,15 @@ def test_as_many_heaviest_users_as_fit_stay_below_4_mib_encoded() -> None:
 def test_one_user_always_fits() -> None:
     assert fitting_prefix([heaviest("a")], budget=1) == 1
     assert fitting_prefix([]) == 0
+
+
+def test_the_heaviest_user_costs_no_more_than_the_most_any_valid_user_may() -> None:
+    assert user_wire_bytes(heaviest("😀")) <= MAX_USER_WIRE_BYTES
+
+
+def test_only_pages_that_could_pass_the_budget_are_read_summing_sizes() -> None:
+    assert page_byte_budget(50) is None
+    assert page_byte_budget(1000) == MAX_USERS_BYTES
+    for page_size in range(1, 1001):
+        if page_byte_budget(page_size) is None:
+            assert (page_size + 1) * MAX_USER_WIRE_BYTES <= MAX_USERS_BYTES
