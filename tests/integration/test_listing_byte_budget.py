@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from usersvc.adapters.repository.listing import WITHIN_BUDGET, wire_bytes
+from usersvc.adapters.repository.listing import WIRE_BYTES, WITHIN_BUDGET
 from usersvc.adapters.repository.user_rows import users
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, SortField
 from usersvc.domain.models import (
@@ -161,13 +161,25 @@ async def test_the_size_summed_in_sql_is_the_services_estimate_of_each_user(
             new_user(roles=()),
             new_user(display_name="Zoë Ångström", roles=(ROLE_USER, ROLE_ADMIN, ROLE_SERVICE)),
             new_user(email="jürgen@exämple.com", labels={"team": "payments", "empty": ""}),
-            new_user(labels={"quote": 'say "hi"\\ \n\t', "emoji": "😀" * MAX_LABEL_VALUE_LENGTH}),
+            new_user(labels={"emoji": "😀" * MAX_LABEL_VALUE_LENGTH, "a": "é: ü", "b": "{}"}),
             new_user(display_name="名" * 200, labels=maximal_labels("x")),
         ],
     )
     async with engine.connect() as connection:
-        sizes = dict((await connection.execute(select(users.id, wire_bytes()))).all())
+        sizes = dict((await connection.execute(select(users.id, WIRE_BYTES))).all())
     assert sizes == {user.id: user_wire_bytes(user) for user in stored}
+
+
+async def test_labels_json_escapes_only_raise_the_size_summed_in_sql(
+    uow_factory: UnitOfWorkFactory, new_user: NewUserFactory, engine: AsyncEngine
+) -> None:
+    # Quotes and backslashes are escaped in jsonb's text, and a value
+    # ending in '": ' looks like one more entry: a few bytes more, never less.
+    labels = {"quote": 'say "hi"', "slash": "a\\b", "tail": 'x": ', "tab": "\t\n"}
+    [user] = await store(uow_factory, [new_user(labels=labels)])
+    async with engine.connect() as connection:
+        size = (await connection.execute(select(WIRE_BYTES))).scalar_one()
+    assert user_wire_bytes(user) < size <= user_wire_bytes(user) + 32
 
 
 @pytest.mark.parametrize("ordering", ORDERINGS, ids=lambda o: o.canonical())

@@ -20,11 +20,14 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Integer,
+    Text,
     Uuid,
     case,
     cast,
+    column,
     func,
     literal,
     literal_column,
@@ -76,16 +79,23 @@ def page_statement(query: ListQuery) -> Select[Any]:
     return budgeted(statement, sort_key, query.max_bytes, descending=query.ordering.descending)
 
 
-def wire_bytes() -> ColumnElement[int]:
-    """usersvc.domain.wire_size.user_wire_bytes of the row, in SQL (text is
-    UTF-8 in PostgreSQL: octet_length is the bytes Python counts). Labels
-    are summed only when there are some: a row without costs no set
-    function. Raises nothing."""
-    entries = func.jsonb_each_text(users.labels).table_valued("key", "value")
-    entry_bytes = (
-        LABEL_OVERHEAD + func.octet_length(entries.c.key) + func.octet_length(entries.c.value)
-    )
-    label_bytes = select(func.sum(entry_bytes)).select_from(entries).scalar_subquery()
+# What jsonb's text adds to an entry's key and value: "": "", and ", "
+# (or, once, the braces).
+_JSON_ENTRY_CHARACTERS = 8
+
+
+def _wire_bytes() -> ColumnElement[int]:
+    # Labels are summed from their JSON text, {"key": "value", ...}: each
+    # entry is its key and value plus 8 characters, and every '": "' gets
+    # 4 more, which makes the 12 of LABEL_OVERHEAD. Inside JSON strings
+    # every quote is escaped, so that sequence occurs once per entry (or,
+    # after a value ending in '": ', once more); escapes only lengthen the
+    # text. The sum is the service's exactly unless a key or value holds a
+    # quote, a backslash or '": ', and never below it; PostgreSQL renders
+    # the text in a fifth of the time a jsonb_each_text takes. Without
+    # labels: 0.
+    padding = "." * (LABEL_OVERHEAD - _JSON_ENTRY_CHARACTERS)
+    label_text = func.replace(cast(users.labels, Text), '": "', '": "' + padding)
     return cast(
         FIXED_USER_BYTES
         + 2 * STRING_OVERHEAD
@@ -93,48 +103,71 @@ def wire_bytes() -> ColumnElement[int]:
         + func.octet_length(users.display_name)
         + func.octet_length(func.array_to_string(users.roles, ""))
         + STRING_OVERHEAD * func.cardinality(users.roles)
-        + case((users.labels == literal_column("'{}'::jsonb"), 0), else_=label_bytes),
+        + case(
+            (users.labels == literal_column("'{}'::jsonb"), 0),
+            else_=func.octet_length(label_text),
+        ),
         Integer,
     )
+
+
+# usersvc.domain.wire_size.user_wire_bytes of a row, in SQL, or a little
+# more (see _wire_bytes). Text is UTF-8 in PostgreSQL: octet_length counts
+# the bytes Python counts.
+WIRE_BYTES = _wire_bytes()
+
+# The two layers a budgeted page gets around it name the page's columns
+# rather than taking them from the page (which varies with the filter and
+# the cursor): built once, they cost a call no column collections (building
+# them per call took 1 ms, the page itself 0.15 ms).
+_USER_COLUMNS = tuple(column(c.name, c.type) for c in USER_COLUMNS)
+_SORT_KEY = column("sort_key")
+_ROW_ID = column("id", Uuid)
+_ROW_BYTES = column("wire_bytes", Integer)
+_RUNNING = column("running_bytes", BigInteger)
+_POSITION = column("page_position", BigInteger)
+_ORDER = {
+    False: (_SORT_KEY.asc(), _ROW_ID.asc()),
+    True: (_SORT_KEY.desc(), _ROW_ID.desc()),
+}
+_SIZED_COLUMNS = {
+    descending: (
+        *_USER_COLUMNS,
+        _SORT_KEY,
+        _ROW_BYTES,
+        over(func.sum(_ROW_BYTES), order_by=order, rows=(None, 0)).label(_RUNNING.name),
+        over(func.row_number(), order_by=order, rows=(None, 0)).label(_POSITION.name),
+    )
+    for descending, order in _ORDER.items()
+}
 
 
 def budgeted(
     page: Select[Any], sort_key: ColumnElement[Any], max_bytes: int, *, descending: bool
 ) -> Select[Any]:
     """The rows of ``page`` (ordered by ``sort_key`` and id, limited) while
-    their running sum of ``wire_bytes`` stays within ``max_bytes`` (the
-    first row always), plus the row after them, each with WITHIN_BUDGET.
+    their running sum of WIRE_BYTES stays within ``max_bytes`` (the first
+    row always), plus the row after them, each with WITHIN_BUDGET.
 
     PostgreSQL still walks the page's LIMIT through the index and sums
     every row's size (a window function cannot end a scan), but sends only
     these rows: no row past the budget is read from the result, converted
     or freed. Raises nothing."""
-    rows = page.add_columns(sort_key.label("sort_key"), wire_bytes().label("wire_bytes"))
-    page_rows = rows.subquery("page_rows")
-    order = _order(page_rows.c.sort_key, page_rows.c.id, descending=descending)
-    running = over(func.sum(page_rows.c.wire_bytes), order_by=order, rows=(None, 0))
-    position = over(func.row_number(), order_by=order, rows=(None, 0))
-    sized = select(page_rows, running.label("running_bytes"), position.label("position")).subquery(
-        "sized_rows"
-    )
+    page_rows = page.add_columns(
+        sort_key.label(_SORT_KEY.name), WIRE_BYTES.label(_ROW_BYTES.name)
+    ).subquery("page_rows")
+    sized = select(*_SIZED_COLUMNS[descending]).select_from(page_rows).subquery("sized_rows")
     budget = literal(max_bytes, Integer)
-    within = or_(sized.c.running_bytes <= budget, sized.c.position == 1)
+    within = or_(budget >= _RUNNING, _POSITION == 1)
     # Every row whose predecessors fit; the second always, in case the
     # first alone is over the budget.
-    kept = or_(sized.c.position <= 2, sized.c.running_bytes - sized.c.wire_bytes <= budget)
+    kept = or_(_POSITION <= 2, budget >= _RUNNING - _ROW_BYTES)
     return (
-        select(*(sized.c[column.name] for column in USER_COLUMNS), within.label(WITHIN_BUDGET))
+        select(*_USER_COLUMNS, within.label(WITHIN_BUDGET))
+        .select_from(sized)
         .where(kept)
-        .order_by(*_order(sized.c.sort_key, sized.c.id, descending=descending))
+        .order_by(*_ORDER[descending])
     )
-
-
-def _order(
-    key: ColumnElement[Any], row_id: ColumnElement[Any], *, descending: bool
-) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
-    if descending:
-        return key.desc(), row_id.desc()
-    return key.asc(), row_id.asc()
 
 
 def count_statement(filter: Filter, *, show_deleted: bool) -> Select[Any]:

@@ -342,10 +342,10 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         "filter") for an unsupported filter."""
         rows = (await self._execute(page_statement(query))).mappings().all()
         kept = rows[: query.page_size]
-        if query.max_bytes is not None:
-            # The rows within the budget come first; the one after them,
-            # if any, only tells that more follow.
-            kept = [row for row in kept if row[WITHIN_BUDGET]]
+        if query.max_bytes is not None and kept and not kept[-1][WITHIN_BUDGET]:
+            # Only the last row can be past the budget: it tells that more
+            # follow, and is not the page's.
+            kept = kept[:-1]
         found = tuple(user_from_row(row) for row in kept)
         more = len(rows) > len(found)
         next_cursor = cursor_of(query.ordering.field, found[-1]) if more else None
