@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from usersvc.adapters.repository.listing import WIRE_BYTES, WITHIN_BUDGET
+from usersvc.adapters.repository.listing import WITHIN_BUDGET
+from usersvc.adapters.repository.sizes import WIRE_BYTES
 from usersvc.adapters.repository.user_rows import users
 from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, SortField
 from usersvc.domain.models import (

@@ -51,6 +51,7 @@ from sqlalchemy.util import greenlet_spawn
 from usersvc.adapters.database import skipping_pre_ping
 from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.db_monitor import DatabaseAvailability
+from usersvc.adapters.repository.sizes import GET_USERS_BY_IDS_WITHIN
 from usersvc.adapters.repository.user_rows import (
     GET_USER_BY_EMAIL,
     GET_USER_BY_ID,
@@ -59,17 +60,18 @@ from usersvc.adapters.repository.user_rows import (
 )
 from usersvc.domain.errors import DatabaseUnavailable
 from usersvc.domain.models import User
+from usersvc.domain.wire_size import OversizedUsers
 
 
 class _DeadConnection(Exception):
     """The statement failed and took its connection with it."""
 
 
-def _compiled(engine: AsyncEngine, statement: Select[Any], parameter: str) -> str:
+def _compiled(engine: AsyncEngine, statement: Select[Any], *parameters: str) -> str:
     compiled = statement.compile(dialect=engine.dialect)
-    # One parameter, which the dialect renders as $1 (with a cast).
-    if list(compiled.positiontup or ()) != [parameter]:
-        raise ValueError(f"expected the single parameter {parameter!r} in {compiled.string!r}")
+    # The parameters, which the dialect renders as $1, $2... (with casts).
+    if list(compiled.positiontup or ()) != list(parameters):
+        raise ValueError(f"expected the parameters {parameters!r} in {compiled.string!r}")
     return compiled.string
 
 
@@ -94,7 +96,7 @@ class SqlAlchemyUserReader:
         """``statement_span`` wraps each statement when tracing is on: these
         reads bypass the engine, so its SQL spans would not see them.
         Raises ValueError if the repository's statements no longer take
-        the one parameter this lane passes (a programming error)."""
+        the parameters this lane passes (a programming error)."""
         self._statement_span = statement_span
         self._pool = engine.sync_engine.pool
         self._availability = availability
@@ -102,6 +104,7 @@ class SqlAlchemyUserReader:
         self._by_id = _compiled(engine, GET_USER_BY_ID, "user_id")
         self._by_email = _compiled(engine, GET_USER_BY_EMAIL, "email")
         self._by_ids = _compiled(engine, GET_USERS_BY_IDS, "user_ids")
+        self._by_ids_within = _compiled(engine, GET_USERS_BY_IDS_WITHIN, "max_bytes", "user_ids")
 
     async def get(self, user_id: uuid.UUID) -> User | None:
         """The user, deleted or not. Raises DatabaseUnavailable."""
@@ -115,22 +118,40 @@ class SqlAlchemyUserReader:
             return []
         return [_user(row) for row in await self._fetch(self._by_ids, list(set(user_ids)))]
 
+    async def get_many_within(
+        self, user_ids: Sequence[uuid.UUID], *, max_bytes: int
+    ) -> list[User] | OversizedUsers:
+        """The stored users among ``user_ids`` (deleted included, in no
+        particular order) when their sizes add up to at most ``max_bytes``
+        (usersvc.adapters.repository.sizes); else their sizes. Raises
+        DatabaseUnavailable."""
+        if not user_ids:
+            return []
+        rows = await self._fetch(self._by_ids_within, max_bytes, list(set(user_ids)))
+        if not rows or rows[0]["fits"]:
+            return [_user(row) for row in rows]
+        # Too many bytes: the rows hold the sizes, not the users.
+        return OversizedUsers(
+            wire_bytes={row["id"]: row["wire_bytes"] for row in rows},
+            deleted=frozenset(row["id"] for row in rows if row["deleted"]),
+        )
+
     async def get_by_email(self, email: str) -> User | None:
         """Case-insensitive match, deleted included. Raises DatabaseUnavailable."""
         rows = await self._fetch(self._by_email, email)
         return _user(rows[0]) if rows else None
 
-    async def _fetch(self, query: str, argument: object) -> Sequence[Any]:
+    async def _fetch(self, query: str, *arguments: object) -> Sequence[Any]:
         if self._availability is not None:
             self._availability.ensure_available()
         try:
             with translate_database_errors():
                 try:
-                    return await self._run(query, argument, pinged=False)
+                    return await self._run(query, arguments, pinged=False)
                 except _DeadConnection:
                     pass  # once more (see the module docstring)
                 try:
-                    return await self._run(query, argument, pinged=True)
+                    return await self._run(query, arguments, pinged=True)
                 except _DeadConnection as exc:
                     raise DatabaseUnavailable() from exc.__cause__
         except DatabaseUnavailable:
@@ -138,7 +159,7 @@ class SqlAlchemyUserReader:
                 self._availability.report_failure()
             raise
 
-    async def _run(self, query: str, argument: object, *, pinged: bool) -> Sequence[Any]:
+    async def _run(self, query: str, arguments: Sequence[object], *, pinged: bool) -> Sequence[Any]:
         # Straight from the pool: an AsyncConnection around it would cost
         # two more greenlet switches per read and do nothing here.
         with nullcontext() if pinged else skipping_pre_ping():
@@ -149,9 +170,9 @@ class SqlAlchemyUserReader:
             with span:
                 if self._transaction_pooling:
                     async with driver.transaction(readonly=True):
-                        rows: Sequence[Any] = await driver.fetch(query, argument)
+                        rows: Sequence[Any] = await driver.fetch(query, *arguments)
                 else:
-                    rows = await driver.fetch(query, argument)
+                    rows = await driver.fetch(query, *arguments)
         except BaseException as exc:
             if isinstance(exc, Exception) and not driver.is_closed():
                 await greenlet_spawn(pooled.close)

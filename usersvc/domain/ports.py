@@ -33,6 +33,7 @@ from usersvc.domain.models import (
     User,
     UserPatch,
 )
+from usersvc.domain.wire_size import OversizedUsers
 
 
 class UserRepository(Protocol):
@@ -378,6 +379,14 @@ class UserReader(Protocol):
     async def get_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
         """The stored users among ``user_ids`` (deleted included), in no
         particular order. Raises DatabaseUnavailable."""
+
+    async def get_many_within(
+        self, user_ids: Sequence[uuid.UUID], *, max_bytes: int
+    ) -> list[User] | OversizedUsers:
+        """What get_many returns when those users' sizes
+        (usersvc.domain.wire_size.user_wire_bytes, or a few bytes more)
+        add up to at most ``max_bytes``; else, without reading the users,
+        their sizes. Raises DatabaseUnavailable."""
 
     async def get_by_email(self, email: str) -> User | None:
         """Case-insensitive match, deleted included. Raises DatabaseUnavailable."""

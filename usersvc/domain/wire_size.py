@@ -12,6 +12,10 @@ against the real encoded size, tests/integration the SQL against this.
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from usersvc.domain.models import KNOWN_ROLES, User
 from usersvc.domain.validation import (
     MAX_DISPLAY_NAME_LENGTH,
@@ -54,3 +58,16 @@ def user_wire_bytes(user: User) -> int:
     size += sum(STRING_OVERHEAD + _bytes(role) for role in user.roles)
     size += sum(LABEL_OVERHEAD + _bytes(key) + _bytes(value) for key, value in user.labels.items())
     return size
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedUsers:
+    """What a read of users that would pass its byte budget returns instead
+    of them (usersvc.domain.ports.UserReader.get_many_within)."""
+
+    # The size of each stored user among the ids asked for: its
+    # user_wire_bytes, or a few bytes more (see
+    # usersvc.adapters.repository.sizes).
+    wire_bytes: Mapping[uuid.UUID, int]
+    # Those of them that are deleted.
+    deleted: frozenset[uuid.UUID]

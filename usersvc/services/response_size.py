@@ -15,6 +15,7 @@ from usersvc.domain.wire_size import MAX_USER_WIRE_BYTES, user_wire_bytes
 __all__ = [
     "MAX_RESPONSE_BYTES",
     "MAX_USERS_BYTES",
+    "fitting_count",
     "fitting_prefix",
     "page_byte_budget",
     "user_wire_bytes",
@@ -31,10 +32,16 @@ def fitting_prefix(users: Iterable[User], budget: int = MAX_USERS_BYTES) -> int:
     """How many of ``users``, from the first, fit in ``budget`` bytes (at
     least one when there is one: a single user is far below any budget
     this service uses). Raises nothing."""
+    return fitting_count((user_wire_bytes(user) for user in users), budget)
+
+
+def fitting_count(sizes: Iterable[int], budget: int = MAX_USERS_BYTES) -> int:
+    """How many of ``sizes``, from the first, add up to at most ``budget``
+    (at least one when there is one). Raises nothing."""
     used = 0
     count = 0
-    for user in users:
-        used += user_wire_bytes(user)
+    for size in sizes:
+        used += size
         if used > budget and count > 0:
             break
         count += 1

@@ -8,7 +8,7 @@ same direction. Page tokens are decoded and checked by
 usersvc.services.pagination before a cursor gets here.
 
 A page with a byte budget (``ListQuery.max_bytes``) sums the rows' sizes
-as it goes (``wire_bytes``, usersvc.domain.wire_size in SQL) and sends no
+as it goes (usersvc.adapters.repository.sizes.WIRE_BYTES) and sends no
 row past the first one over the budget: 1,000 users with the largest labels
 are 21 MB, of which a 4 MiB response takes 190.
 """
@@ -21,16 +21,13 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    ColumnClause,
     ColumnElement,
     Integer,
-    Text,
     Uuid,
-    case,
-    cast,
     column,
     func,
     literal,
-    literal_column,
     or_,
     over,
     select,
@@ -42,9 +39,9 @@ from sqlalchemy.sql import ClauseElement, Executable, Select
 
 from usersvc.adapters.orm import users_table
 from usersvc.adapters.repository.filters import filter_clause
+from usersvc.adapters.repository.sizes import WIRE_BYTES
 from usersvc.adapters.repository.user_rows import SELECT_USERS, USER_COLUMNS, users
 from usersvc.domain.listing import Cursor, Filter, ListQuery, SortField
-from usersvc.domain.wire_size import FIXED_USER_BYTES, LABEL_OVERHEAD, STRING_OVERHEAD
 
 # The column of a budgeted page's rows that says whether the row belongs
 # to the page (true) or only tells that more follow (false).
@@ -79,49 +76,12 @@ def page_statement(query: ListQuery) -> Select[Any]:
     return budgeted(statement, sort_key, query.max_bytes, descending=query.ordering.descending)
 
 
-# What jsonb's text adds to an entry's key and value: "": "", and ", "
-# (or, once, the braces).
-_JSON_ENTRY_CHARACTERS = 8
-
-
-def _wire_bytes() -> ColumnElement[int]:
-    # Labels are summed from their JSON text, {"key": "value", ...}: each
-    # entry is its key and value plus 8 characters, and every '": "' gets
-    # 4 more, which makes the 12 of LABEL_OVERHEAD. Inside JSON strings
-    # every quote is escaped, so that sequence occurs once per entry (or,
-    # after a value ending in '": ', once more); escapes only lengthen the
-    # text. The sum is the service's exactly unless a key or value holds a
-    # quote, a backslash or '": ', and never below it; PostgreSQL renders
-    # the text in a fifth of the time a jsonb_each_text takes. Without
-    # labels: 0.
-    padding = "." * (LABEL_OVERHEAD - _JSON_ENTRY_CHARACTERS)
-    label_text = func.replace(cast(users.labels, Text), '": "', '": "' + padding)
-    return cast(
-        FIXED_USER_BYTES
-        + 2 * STRING_OVERHEAD
-        + func.octet_length(users.email)
-        + func.octet_length(users.display_name)
-        + func.octet_length(func.array_to_string(users.roles, ""))
-        + STRING_OVERHEAD * func.cardinality(users.roles)
-        + case(
-            (users.labels == literal_column("'{}'::jsonb"), 0),
-            else_=func.octet_length(label_text),
-        ),
-        Integer,
-    )
-
-
-# usersvc.domain.wire_size.user_wire_bytes of a row, in SQL, or a little
-# more (see _wire_bytes). Text is UTF-8 in PostgreSQL: octet_length counts
-# the bytes Python counts.
-WIRE_BYTES = _wire_bytes()
-
 # The two layers a budgeted page gets around it name the page's columns
 # rather than taking them from the page (which varies with the filter and
 # the cursor): built once, they cost a call no column collections (building
 # them per call took 1 ms, the page itself 0.15 ms).
 _USER_COLUMNS = tuple(column(c.name, c.type) for c in USER_COLUMNS)
-_SORT_KEY = column("sort_key")
+_SORT_KEY: ColumnClause[Any] = column("sort_key")
 _ROW_ID = column("id", Uuid)
 _ROW_BYTES = column("wire_bytes", Integer)
 _RUNNING = column("running_bytes", BigInteger)
