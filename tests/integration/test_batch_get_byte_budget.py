@@ -192,21 +192,18 @@ async def test_a_batch_get_that_fits_is_one_read_of_the_users_in_request_order(
     assert statements == ["users within the budget"]
 
 
-async def test_one_user_alone_past_4_mib_is_still_answered(
-    service: UserService,
-    uow_factory: UnitOfWorkFactory,
-    new_user: NewUserFactory,
-    engine: AsyncEngine,
+async def test_a_batch_that_cannot_pass_4_mib_is_read_without_sizes(
+    service: UserService, heavy: list[User], engine: AsyncEngine
 ) -> None:
-    # Beyond what validation lets anyone store, but a single user is never
-    # refused (as before): its sizes come first, then the user.
-    [huge] = await store(
-        uow_factory, [new_user(labels={f"k{index}": "v" * 262_144 for index in range(18)})]
-    )
+    # 56 users within the validation limits are at most 4 MB.
+    wanted = heavy[:56]
     with lane_statements(engine) as statements:
-        assert await service.batch_get_users(principal=ADMIN, user_ids=[str(huge.id)]) == [huge]
+        users = await service.batch_get_users(
+            principal=ADMIN, user_ids=[str(user.id) for user in wanted]
+        )
         await settle()
-    assert statements == ["users within the budget", "users"]
+    assert users == wanted
+    assert statements == ["users"]
 
 
 async def test_the_lane_returns_the_sizes_of_users_past_the_budget(

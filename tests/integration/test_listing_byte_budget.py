@@ -164,6 +164,8 @@ async def test_the_size_summed_in_sql_is_the_services_estimate_of_each_user(
             new_user(email="jürgen@exämple.com", labels={"team": "payments", "empty": ""}),
             new_user(labels={"emoji": "😀" * MAX_LABEL_VALUE_LENGTH, "a": "é: ü", "b": "{}"}),
             new_user(display_name="名" * 200, labels=maximal_labels("x")),
+            # Large labels are summed entry by entry: escapes do not count.
+            new_user(labels={f"k{index}": 'say "hi" \\ ' * 20 for index in range(8)}),
         ],
     )
     async with engine.connect() as connection:
@@ -174,8 +176,9 @@ async def test_the_size_summed_in_sql_is_the_services_estimate_of_each_user(
 async def test_labels_json_escapes_only_raise_the_size_summed_in_sql(
     uow_factory: UnitOfWorkFactory, new_user: NewUserFactory, engine: AsyncEngine
 ) -> None:
-    # Quotes and backslashes are escaped in jsonb's text, and a value
-    # ending in '": ' looks like one more entry: a few bytes more, never less.
+    # Small labels are sized from jsonb's text, where quotes and
+    # backslashes are escaped and a value ending in '": ' looks like one
+    # more entry: a few bytes more, never less.
     labels = {"quote": 'say "hi"', "slash": "a\\b", "tail": 'x": ', "tab": "\t\n"}
     [user] = await store(uow_factory, [new_user(labels=labels)])
     async with engine.connect() as connection:

@@ -15,9 +15,9 @@ from usersvc.domain.wire_size import MAX_USER_WIRE_BYTES, user_wire_bytes
 __all__ = [
     "MAX_RESPONSE_BYTES",
     "MAX_USERS_BYTES",
+    "byte_budget",
     "fitting_count",
     "fitting_prefix",
-    "page_byte_budget",
     "user_wire_bytes",
 ]
 
@@ -48,12 +48,14 @@ def fitting_count(sizes: Iterable[int], budget: int = MAX_USERS_BYTES) -> int:
     return count
 
 
-def page_byte_budget(page_size: int, budget: int = MAX_USERS_BYTES) -> int | None:
-    """The bytes at which a page query of ``page_size`` users should stop
-    reading (usersvc.domain.listing.ListQuery.max_bytes): ``budget``, or
-    None when ``page_size`` + 1 users within the validation limits cannot
-    pass it (up to 55 users: the default page of 50 is read as it always
-    was, without summing sizes). Raises nothing."""
-    if (page_size + 1) * MAX_USER_WIRE_BYTES <= budget:
+def byte_budget(count: int, budget: int = MAX_USERS_BYTES) -> int | None:
+    """The bytes at which a read of up to ``count`` users should stop or
+    refuse (usersvc.domain.listing.ListQuery.max_bytes,
+    usersvc.domain.ports.UserReader.get_many_within): ``budget``, or None
+    when ``count`` users within the validation limits cannot pass it (up
+    to 56: the default page of 50 and its one more, and batches of up to
+    56 ids, are read as they always were, without summing sizes). Raises
+    nothing."""
+    if count * MAX_USER_WIRE_BYTES <= budget:
         return None
     return budget

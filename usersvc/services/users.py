@@ -80,10 +80,9 @@ from usersvc.services.pagination import (
 )
 from usersvc.services.response_size import (
     MAX_RESPONSE_BYTES,
-    MAX_USERS_BYTES,
+    byte_budget,
     fitting_count,
     fitting_prefix,
-    page_byte_budget,
     user_wire_bytes,
 )
 from usersvc.services.sessions import SessionRevoker, session_id_of
@@ -463,8 +462,13 @@ class UserService:
                 errors.append(FieldViolation(f"ids[{index}]", f"repeats ids[{earlier}]"))
             targets.append(target)
         raise_for_violations(errors)
-        # Users that would not fit are not read: only their sizes are.
-        found = await self._reader.get_many_within(targets, max_bytes=MAX_USERS_BYTES)
+        budget = byte_budget(len(targets))
+        found: list[User] | OversizedUsers
+        if budget is None:
+            found = await self._reader.get_many(targets)
+        else:
+            # Users that would not fit are not read: only their sizes are.
+            found = await self._reader.get_many_within(targets, max_bytes=budget)
         if isinstance(found, OversizedUsers):
             for target in targets:
                 if target not in found.wire_bytes or (
@@ -472,10 +476,7 @@ class UserService:
                 ):
                     raise UserNotFound(metadata={"id": str(target)})
             fitting = fitting_count(found.wire_bytes[target] for target in targets)
-            if fitting < len(targets):
-                raise _too_many_bytes(len(targets), fitting)
-            # They have shrunk since (or one alone is over): read them.
-            found = await self._reader.get_many(targets)
+            raise _too_many_bytes(len(targets), fitting)
         by_id = {user.id: user for user in found}
         users = [_visible(principal, by_id.get(target), target) for target in targets]
         fitting = fitting_prefix(users)
@@ -526,7 +527,7 @@ class UserService:
             request.show_deleted,
             page_size,
             after,
-            max_bytes=page_byte_budget(page_size),
+            max_bytes=byte_budget(page_size + 1),
         )
         async with self._uow_factory() as uow:
             if total is None:

@@ -13,8 +13,8 @@ from usersvc.domain.models import User
 from usersvc.domain.wire_size import MAX_USER_WIRE_BYTES
 from usersvc.services.response_size import (
     MAX_USERS_BYTES,
+    byte_budget,
     fitting_prefix,
-    page_byte_budget,
     user_wire_bytes,
 )
 
@@ -71,9 +71,9 @@ def test_the_heaviest_user_costs_no_more_than_the_most_any_valid_user_may() -> N
     assert user_wire_bytes(heaviest("😀")) <= MAX_USER_WIRE_BYTES
 
 
-def test_only_pages_that_could_pass_the_budget_are_read_summing_sizes() -> None:
-    assert page_byte_budget(50) is None
-    assert page_byte_budget(1000) == MAX_USERS_BYTES
-    for page_size in range(1, 1001):
-        if page_byte_budget(page_size) is None:
-            assert (page_size + 1) * MAX_USER_WIRE_BYTES <= MAX_USERS_BYTES
+def test_only_reads_that_could_pass_the_budget_sum_sizes() -> None:
+    assert byte_budget(51) is None  # the default page and its one more
+    assert byte_budget(1001) == MAX_USERS_BYTES
+    for count in range(1, 1002):
+        if byte_budget(count) is None:
+            assert count * MAX_USER_WIRE_BYTES <= MAX_USERS_BYTES
