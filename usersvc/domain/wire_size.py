@@ -4,10 +4,11 @@ and a fixed allowance covers the id, etag, state, timestamps and the
 field's own framing.
 
 The services cut responses with it (usersvc.services.response_size), and
-the page query computes the very same sum in SQL, so that PostgreSQL stops
-sending rows where the service would stop taking them
-(usersvc.adapters.repository.listing). tests/unit/api checks the estimate
-against the real encoded size, tests/integration the SQL against this.
+PostgreSQL computes the same sum, or a few bytes more, never less
+(usersvc.adapters.repository.sizes), so that a page stops where the service
+would stop taking users and a batch too large is refused before its users
+are read. tests/unit/api checks the estimate against the real encoded size,
+tests/integration the SQL against this.
 """
 
 from __future__ import annotations

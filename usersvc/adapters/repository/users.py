@@ -336,10 +336,10 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
     async def list(self, query: ListQuery) -> Page:
         """One keyset page (usersvc.adapters.repository.listing): at most
         ``page_size`` rows after ``query.after``, and no more than fit in
-        ``query.max_bytes``. Raises ValueError for a
-        page size below 1 or a cursor that does not fit the ordering (a
-        programming error: the service checks both), InvalidArgument (field
-        "filter") for an unsupported filter."""
+        ``query.max_bytes``. Raises ValueError for a page size below 1 or a
+        cursor that does not fit the ordering (a programming error: the
+        service checks both), InvalidArgument (field "filter") for an
+        unsupported filter."""
         rows = (await self._execute(page_statement(query))).mappings().all()
         kept = rows[: query.page_size]
         if query.max_bytes is not None and kept and not kept[-1][WITHIN_BUDGET]:
@@ -423,3 +423,4 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
 
     async def _one_or_none(self, statement: Any, params: Mapping[str, Any]) -> RowMapping | None:
         return (await self._execute(statement, params)).mappings().one_or_none()
+
