@@ -68,7 +68,7 @@ class Serving:
     interceptors: list[grpc.aio.ServerInterceptor]  # type: ignore[type-arg]
     user_servicer: UserServicer
     auth_servicer: AuthServicer
-    event_servicer: EventServicer | None = None
+    event_servicer: EventServicer
 
 
 @dataclass
