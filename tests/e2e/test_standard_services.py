@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -45,6 +45,15 @@ async def reflect(
     return responses[0]
 
 
+async def raw_call_code(channel: grpc.aio.Channel, path: str) -> grpc.StatusCode:
+    """The status of a call of ``path`` with an empty body and no credentials."""
+    try:
+        await channel.unary_unary(path)(b"", timeout=CALL_TIMEOUT_SECONDS)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
 # ----------------------------------------------------------------- health
 
 
@@ -78,6 +87,10 @@ async def test_health_reports_exactly_the_services_the_server_registers(
             health_pb2.HealthCheckRequest(service=name), timeout=CALL_TIMEOUT_SECONDS
         )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+        # Listed is not served: a service without handlers answers UNIMPLEMENTED.
+        method = descriptor_pool.Default().FindServiceByName(name).methods[0].name
+        code = await raw_call_code(primary.channel, f"/{name}/{method}")
+        assert code != grpc.StatusCode.UNIMPLEMENTED, name
     assert registered == {USER_SERVICE, AUTH_SERVICE, EVENT_SERVICE}
     assert set(HEALTH_SERVICES) == {"", *registered}
 
