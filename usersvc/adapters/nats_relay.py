@@ -79,7 +79,8 @@ _FIRST = select(func.min(_e.sequence)).where(*_IS_UNPUBLISHED, _e.sequence > bin
 # a range of :batch numbers from the first: every plan reads :batch index
 # entries at most, whatever the backlog, even when the table's statistics
 # predate it (ORDER BY ... LIMIT alone was planned as a sort of the whole
-# backlog then: each read grew with the backlog).
+# backlog then: each read grew with the backlog). A published row inside
+# the range only makes the read shorter; the next starts after it.
 _UNPUBLISHED = (
     select(*EVENT_COLUMNS)
     .where(
