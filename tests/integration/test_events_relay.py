@@ -77,7 +77,7 @@ async def _write_many_events(engine: AsyncEngine, count: int) -> None:
             text(
                 "INSERT INTO events (id, type, attributes) "
                 "SELECT gen_random_uuid(), 'usersvc.auth.login_failed.v1', "
-                "'{\"cause\": \"unknown_email\"}' FROM generate_series(1, :n)"
+                '\'{"cause": "unknown_email"}\' FROM generate_series(1, :n)'
             ),
             {"n": count},
         )
@@ -274,6 +274,58 @@ async def test_nats_killed_with_a_window_in_flight_loses_nothing_and_keeps_order
         # A duplicate repeats an event with its own sequence, never another's.
         assert first_seen.setdefault(event.id, event.sequence) == event.sequence
     # Once de-duplicated: every event, in sequence order.
+    assert list(first_seen.values()) == list(range(1, total + 1))
+
+
+async def test_another_publisher_on_the_stream_neither_reorders_nor_fails_the_relay(
+    engine: AsyncEngine,
+    test_settings: Settings,
+    database_url: str,
+    private_nats: PrivateNats,
+) -> None:
+    total = 2000
+    await _write_many_events(engine, total)
+    other = await nats.connect(private_nats.url)
+    interjections: list[asyncio.Task[None]] = []
+
+    async def interject(n: int) -> None:
+        await other.publish("usersvc.other.v1", b"not ours", headers={"Nats-Msg-Id": f"other-{n}"})
+
+    def interject_now_and_then(_lag: float) -> None:
+        # Mid-window (hundreds of the relay's publishes are outstanding),
+        # something else stores a message in the stream.
+        if relay.stats.published in (300, 900, 1500):
+            interjections.append(asyncio.ensure_future(interject(relay.stats.published)))
+
+    relay = _relay(
+        engine,
+        test_settings,
+        database_url,
+        private_nats.url,
+        hooks=RelayHooks(on_published=interject_now_and_then),
+    )
+    try:
+        await relay.start()
+        try:
+            await _until(lambda: _none_unpublished(engine), "rows marked published")
+        finally:
+            await relay.stop()
+        await asyncio.gather(*interjections)
+    finally:
+        await other.close()
+    # The publishes behind an interjection were refused (their expected last
+    # message was no longer last) and sent again at once: no error, no
+    # outage, and the relay's events are on the stream in sequence order.
+    assert len(interjections) == 3
+    assert relay.stats.restarts >= 1
+    assert relay.stats.errors == 0
+    messages = await _whole_stream(private_nats.url)
+    assert sum(1 for m in messages if m.subject == "usersvc.other.v1") == 3
+    first_seen: dict[str, int] = {}
+    for message in messages:
+        if message.subject != "usersvc.other.v1":
+            event = event_service_pb2.Event.FromString(message.data)
+            first_seen.setdefault(event.id, event.sequence)
     assert list(first_seen.values()) == list(range(1, total + 1))
 
 
