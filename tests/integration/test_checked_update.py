@@ -7,8 +7,9 @@ writers of one row under READ COMMITTED."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,7 +26,7 @@ from usersvc.domain.models import NO_VERSION, User, UserPatch
 from usersvc.domain.ports import UnitOfWorkFactory, UpdateOutcome, UserUpdate
 
 UserMaker = Callable[..., Awaitable[User]]
-Update = Callable[[UserUpdate], Awaitable[UpdateOutcome]]
+Update = Callable[[UserUpdate], Coroutine[Any, Any, UpdateOutcome]]
 
 UPDATED = (EventDraft(EventType.USER_UPDATED),)
 CALL = CallContext(actor="actor-1", request_id="req-1")
@@ -420,10 +421,12 @@ async def test_a_write_on_a_pooled_connection_the_server_closed_goes_to_a_fresh_
     )
     await writer.update(UserUpdate(user.id, UserPatch(display_name="pooled")))
     [driver] = drivers
+    closed = asyncio.Event()
+    driver.add_termination_listener(lambda _: closed.set())
     assert await kill_idle_connections(engine) >= 1
     async with asyncio.timeout(10):
-        while not driver.is_closed():  # the driver reads the server's goodbye
-            await asyncio.sleep(0.01)
+        await closed.wait()  # the driver has read the server's goodbye
+    assert driver.is_closed()
 
     outcome = await writer.update(UserUpdate(user.id, UserPatch(display_name="after")))
 
@@ -535,7 +538,7 @@ async def test_concurrent_writers_of_one_row_each_see_the_one_before_and_lose_no
     versions = [outcome.after.version for outcome in chain]  # type: ignore[union-attr]
     assert versions == list(range(user.version + 1, user.version + 1 + writers))
     assert chain[0].before == user
-    for earlier, later in zip(chain, chain[1:], strict=False):
+    for earlier, later in itertools.pairwise(chain):
         assert later.before == earlier.after  # no write missed the one before it
     written = await events_of(engine, user.id)
     assert len(written) == writers
