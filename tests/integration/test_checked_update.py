@@ -465,6 +465,31 @@ async def test_a_write_whose_connection_dies_during_the_statement_is_unavailable
     assert await stored(uow_factory, user.id) == user
 
 
+async def test_a_write_cancelled_while_it_waits_returns_nothing_broken_to_the_pool(
+    make_engine: Callable[..., AsyncEngine],
+    uow_factory: UnitOfWorkFactory,
+    make_user: UserMaker,
+    wait_for_lock_waiters: Callable[[int], Awaitable[None]],
+) -> None:
+    user = await make_user()
+    lane_engine = make_engine(db_pool_size=1, db_max_overflow=0)
+    writer = SqlAlchemyUserWriter(lane_engine)
+    async with uow_factory() as holder:
+        await holder.users.get(user.id, for_update=True)
+        write = asyncio.create_task(
+            writer.update(UserUpdate(user.id, UserPatch(display_name="cancelled")))
+        )
+        await wait_for_lock_waiters(1)
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        await holder.rollback()
+
+    assert lane_engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    outcome = await writer.update(UserUpdate(user.id, UserPatch(display_name="next")))
+    assert outcome.after is not None
+
+
 # -- READ COMMITTED: concurrent writers of one row ------------------------------------
 
 

@@ -60,6 +60,7 @@ from usersvc.domain.ports import (
     RefreshStatus,
     UpdateOutcome,
     UserUpdate,
+    UserWriter,
 )
 from usersvc.services.auth import AuthService
 from usersvc.services.passwords import BcryptPasswordHasher
@@ -911,9 +912,13 @@ class UserServiceHarness:
 
 
 def user_service(
-    *, allow_signup: bool = True, yield_while_hashing: bool = False
+    *,
+    allow_signup: bool = True,
+    yield_while_hashing: bool = False,
+    writer: Callable[[FakeDatabase], UserWriter] | None = None,
 ) -> UserServiceHarness:
-    """A UserService on fresh fakes."""
+    """A UserService on fresh fakes; ``writer`` makes its UserWriter (by
+    default the service's own, through the fakes' units of work)."""
     db = FakeDatabase()
     hasher = FakePasswordHasher(db=db, yield_while_hashing=yield_while_hashing)
     revocations = FakeRevocationChecker(db)
@@ -923,6 +928,7 @@ def user_service(
         password_policy=PasswordPolicy(),
         allow_signup=allow_signup,
         sessions=session_revoker(revocations),
+        writer=None if writer is None else writer(db),
     )
     return UserServiceHarness(db, hasher, service, revocations)
 
