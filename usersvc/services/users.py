@@ -594,10 +594,10 @@ class UserService:
             check_self_service_labels(normalized.labels, field="user.labels", errors=errors)
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
-        # One conditional UPDATE checks every rule (etag, state, the stored
+        # One conditional UPDATE checks every rule (state, etag, the stored
         # admin role for a role change), writes the user and its event, and
-        # returns the version it replaced; only that says which rule refused
-        # a write (usersvc.adapters.repository.user_update).
+        # returns the version it replaced, which tells which rule refused a
+        # write without a second look (usersvc.adapters.repository.user_update).
         change = UserUpdate(
             user_id=target,
             patch=normalized,
