@@ -309,6 +309,12 @@ def _is_set(user: user_pb2.User, name: str) -> bool:
     return bool(getattr(user, name))
 
 
+def timestamp_to_proto(moment: datetime) -> timestamp_pb2.Timestamp:
+    """The wire form of a timezone-aware time. Raises ValueError for a
+    naive one, or one out of Timestamp's range."""
+    return _timestamp(moment)
+
+
 def issued_code_timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     """The wire form of a code's expire_time. Raises ValueError for a naive
     time."""
