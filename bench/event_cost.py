@@ -8,12 +8,14 @@ process plus the database's backends (``cpu_us``; read from /proc, so only
 when PostgreSQL runs on this machine, else NaN). CPU time is what a loaded
 machine disturbs least.
 
-Two shapes: one unit of work after the other on one connection, with nothing
-numbering the events meanwhile (the write alone), and IN_FLIGHT units of
-work at a time as a server runs them, with the events feed running and
-woken after each commit that wrote events (usersvc.adapters.event_wakeup);
-each chunk with events then lasts until the feed has numbered them, so the
-numbering is paid inside the measurement.
+Writes go the way the service sends them (bench/events.py: UpdateUser of a
+display name through the write lane, CreateUser through a unit of work).
+Two shapes: one write after the other, with nothing numbering the events
+meanwhile (the write alone), and IN_FLIGHT writes at a time as a server
+runs them, with the events feed running and woken after each commit that
+wrote events (usersvc.adapters.event_wakeup); each chunk with events then
+lasts until the feed has numbered them, so the numbering is paid inside the
+measurement.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from usersvc.adapters.event_wakeup import SequencerWakeup, notify_through
 from usersvc.adapters.events import sequence_pending
 from usersvc.adapters.revocations import asyncpg_connector
 from usersvc.adapters.unit_of_work import make_uow_factory
+from usersvc.adapters.write_lane import SqlAlchemyUserWriter
 from usersvc.config import Settings
 from usersvc.domain.ports import UnitOfWorkFactory
 
@@ -48,8 +51,17 @@ IN_FLIGHT_CHUNK = IN_FLIGHT * 8
 _TICK = os.sysconf("SC_CLK_TCK")
 _BACKENDS = text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
 
-# write(uow_factory, task, count): ``count`` units of work of task ``task``.
-Write = Callable[[UnitOfWorkFactory, int, int], Awaitable[None]]
+
+@dataclass(frozen=True)
+class Lanes:
+    """How a server writes: units of work, and UpdateUser's write lane."""
+
+    uow_factory: UnitOfWorkFactory
+    writer: SqlAlchemyUserWriter
+
+
+# write(lanes, task, count): ``count`` writes of task ``task``.
+Write = Callable[[Lanes, int, int], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -115,11 +127,14 @@ async def measure_pair(
         pass
     feed: PostgresEventFeed | None = None
     wakeup: SequencerWakeup | None = None
-    uow_factory = make_uow_factory(engine)
+    lanes = Lanes(make_uow_factory(engine), SqlAlchemyUserWriter(engine))
     if in_flight > 1:
         feed = PostgresEventFeed(asyncpg_connector(url, settings))
         wakeup = SequencerWakeup(feed=feed, notify=notify_through(engine))
-        uow_factory = make_uow_factory(engine, events_committed=wakeup.events_committed)
+        lanes = Lanes(
+            make_uow_factory(engine, events_committed=wakeup.events_committed),
+            SqlAlchemyUserWriter(engine, events_committed=wakeup.events_committed),
+        )
         await feed.start()
     tallies = {False: _Tally(), True: _Tally()}
     try:
@@ -132,9 +147,7 @@ async def measure_pair(
                 write = pair.with_event if with_event else pair.without
                 backends = await _backend_cpu(engine)
                 cpu, started = time.process_time(), time.perf_counter()
-                await asyncio.gather(
-                    *(write(uow_factory, task, share) for task in range(in_flight))
-                )
+                await asyncio.gather(*(write(lanes, task, share) for task in range(in_flight)))
                 if with_event and feed is not None:
                     numbered += share * in_flight
                     await feed.wait_beyond(numbered - 1, 60.0)

@@ -20,11 +20,12 @@ from usersvc.adapters.orm import users_table
 from usersvc.adapters.repository.user_rows import USER_COLUMNS, user_from_row
 from usersvc.adapters.revocations import asyncpg_connector
 from usersvc.adapters.unit_of_work import make_session_factory, make_uow_factory
+from usersvc.adapters.write_lane import SqlAlchemyUserWriter
 from usersvc.config import Settings
 from usersvc.domain.event_filter import parse_event_filter
 from usersvc.domain.events import CallContext, EventDraft, EventQuery, EventType
 from usersvc.domain.models import User, UserPatch
-from usersvc.domain.ports import UnitOfWorkFactory
+from usersvc.domain.ports import UnitOfWorkFactory, UserUpdate
 
 UserMaker = Callable[..., Awaitable[User]]
 FeedMaker = Callable[..., Awaitable[PostgresEventFeed]]
@@ -102,6 +103,23 @@ async def test_a_commit_with_events_wakes_once_and_one_without_events_or_rolled_
     assert woken == [None]
 
 
+async def test_an_update_on_the_write_lane_wakes_once_it_wrote_its_event_and_never_when_refused(
+    engine: AsyncEngine, make_user: UserMaker
+) -> None:
+    user = await make_user()
+    woken: list[None] = []
+    writer = SqlAlchemyUserWriter(engine, events_committed=lambda: woken.append(None))
+    stale = UserUpdate(user.id, UserPatch(display_name="a"), expected_version=user.version + 7)
+    fresh = UserUpdate(user.id, UserPatch(display_name="b"), expected_version=user.version)
+
+    refused = await writer.update(stale, events=[EventDraft(EventType.USER_UPDATED)])
+    assert (refused.after, woken) == (None, [])
+
+    written = await writer.update(fresh, events=[EventDraft(EventType.USER_UPDATED)])
+    assert written.after is not None
+    assert woken == [None]
+
+
 async def test_an_event_committed_by_a_process_without_a_feed_reaches_another_feed_at_once(
     engine: AsyncEngine, make_user: UserMaker, make_feed: FeedMaker
 ) -> None:
@@ -134,6 +152,7 @@ async def test_an_event_numbered_by_this_process_wakes_a_reader_on_another_repli
         await _rename(uow_factory, user, "Ada")
         # A WatchEvents stream on the replica waits exactly so.
         await _numbered_after(replica, top)
+        await _numbered_after(here, top)
     finally:
         await wakeup.aclose()
 

@@ -20,64 +20,43 @@ What stays the same as the repository's path:
 - failures become DatabaseUnavailable by the same rules, and the database
   monitor's breaker is asked first and told about failures.
 
-A pooled connection is normally pinged before use (usersvc.adapters.database
-.install_pre_ping). The lane skips that round trip: its statement is the
-ping. When it fails because the connection was dead (a database restart,
-``pg_terminate_backend``), that connection is invalidated and the read, having
-changed nothing, runs once more on a connection that is pinged (which
-replaces every connection pooled before it if that one is dead too).
-
-Behind a transaction pool (USERSVC_DB_TRANSACTION_POOLING) asyncpg prepares
-each statement in a round trip of its own, which the proxy may send to
-another server than the execution: there each read runs in a read-only
-transaction, which keeps both on one server.
+Connections, pings and retries are usersvc.adapters.pooled_driver's: a
+read's statement is its own ping, and a read whose connection turns out dead
+runs once more on a fresh one.
 
 Writes, and reads that decide a write (login, update, delete, ...), never use
-this lane: they read inside their unit of work, under its locks.
+this lane: they read inside their unit of work, under its locks, or in the
+statement that writes (usersvc.adapters.write_lane).
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Select
-from sqlalchemy.util import greenlet_spawn
 
-from usersvc.adapters.database import skipping_pre_ping
-from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.db_monitor import DatabaseAvailability
+from usersvc.adapters.pooled_driver import PooledDriver, StatementSpan
+from usersvc.adapters.repository.sizes import GET_USERS_BY_IDS_WITHIN
 from usersvc.adapters.repository.user_rows import (
     GET_USER_BY_EMAIL,
     GET_USER_BY_ID,
     GET_USERS_BY_IDS,
     user_from_row,
 )
-from usersvc.domain.errors import DatabaseUnavailable
 from usersvc.domain.models import User
+from usersvc.domain.wire_size import OversizedUsers
 
 
-class _DeadConnection(Exception):
-    """The statement failed and took its connection with it."""
-
-
-def _compiled(engine: AsyncEngine, statement: Select[Any], parameter: str) -> str:
+def _compiled(engine: AsyncEngine, statement: Select[Any], *parameters: str) -> str:
     compiled = statement.compile(dialect=engine.dialect)
-    # One parameter, which the dialect renders as $1 (with a cast).
-    if list(compiled.positiontup or ()) != [parameter]:
-        raise ValueError(f"expected the single parameter {parameter!r} in {compiled.string!r}")
+    # The parameters, which the dialect renders as $1, $2... (with casts).
+    if list(compiled.positiontup or ()) != list(parameters):
+        raise ValueError(f"expected the parameters {parameters!r} in {compiled.string!r}")
     return compiled.string
-
-
-# Reused for every read when tracing is off: no allocation on the hot path.
-_NO_SPAN: AbstractContextManager[Any] = nullcontext()
-
-# A span around one statement, given its text (usersvc.observability.tracing).
-StatementSpan = Callable[[str], AbstractContextManager[Any]]
 
 
 class SqlAlchemyUserReader:
@@ -94,18 +73,21 @@ class SqlAlchemyUserReader:
         """``statement_span`` wraps each statement when tracing is on: these
         reads bypass the engine, so its SQL spans would not see them.
         Raises ValueError if the repository's statements no longer take
-        the one parameter this lane passes (a programming error)."""
-        self._statement_span = statement_span
-        self._pool = engine.sync_engine.pool
-        self._availability = availability
-        self._transaction_pooling = transaction_pooling
+        the parameters this lane passes (a programming error)."""
+        self._driver = PooledDriver(
+            engine,
+            availability,
+            transaction_pooling=transaction_pooling,
+            statement_span=statement_span,
+        )
         self._by_id = _compiled(engine, GET_USER_BY_ID, "user_id")
         self._by_email = _compiled(engine, GET_USER_BY_EMAIL, "email")
         self._by_ids = _compiled(engine, GET_USERS_BY_IDS, "user_ids")
+        self._by_ids_within = _compiled(engine, GET_USERS_BY_IDS_WITHIN, "max_bytes", "user_ids")
 
     async def get(self, user_id: uuid.UUID) -> User | None:
         """The user, deleted or not. Raises DatabaseUnavailable."""
-        rows = await self._fetch(self._by_id, user_id)
+        rows = await self._driver.read(self._by_id, user_id)
         return _user(rows[0]) if rows else None
 
     async def get_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
@@ -113,58 +95,30 @@ class SqlAlchemyUserReader:
         particular order. Raises DatabaseUnavailable."""
         if not user_ids:
             return []
-        return [_user(row) for row in await self._fetch(self._by_ids, list(set(user_ids)))]
+        return [_user(row) for row in await self._driver.read(self._by_ids, list(set(user_ids)))]
+
+    async def get_many_within(
+        self, user_ids: Sequence[uuid.UUID], *, max_bytes: int
+    ) -> list[User] | OversizedUsers:
+        """The stored users among ``user_ids`` (deleted included, in no
+        particular order) when their sizes add up to at most ``max_bytes``
+        (usersvc.adapters.repository.sizes); else their sizes. Raises
+        DatabaseUnavailable."""
+        if not user_ids:
+            return []
+        rows = await self._driver.read(self._by_ids_within, max_bytes, list(set(user_ids)))
+        if not rows or rows[0]["fits"]:
+            return [_user(row) for row in rows]
+        # Too many bytes: the rows hold the sizes, not the users.
+        return OversizedUsers(
+            wire_bytes={row["id"]: row["wire_bytes"] for row in rows},
+            deleted=frozenset(row["id"] for row in rows if row["deleted"]),
+        )
 
     async def get_by_email(self, email: str) -> User | None:
         """Case-insensitive match, deleted included. Raises DatabaseUnavailable."""
-        rows = await self._fetch(self._by_email, email)
+        rows = await self._driver.read(self._by_email, email)
         return _user(rows[0]) if rows else None
-
-    async def _fetch(self, query: str, argument: object) -> Sequence[Any]:
-        if self._availability is not None:
-            self._availability.ensure_available()
-        try:
-            with translate_database_errors():
-                try:
-                    return await self._run(query, argument, pinged=False)
-                except _DeadConnection:
-                    pass  # once more (see the module docstring)
-                try:
-                    return await self._run(query, argument, pinged=True)
-                except _DeadConnection as exc:
-                    raise DatabaseUnavailable() from exc.__cause__
-        except DatabaseUnavailable:
-            if self._availability is not None:
-                self._availability.report_failure()
-            raise
-
-    async def _run(self, query: str, argument: object, *, pinged: bool) -> Sequence[Any]:
-        # Straight from the pool: an AsyncConnection around it would cost
-        # two more greenlet switches per read and do nothing here.
-        with nullcontext() if pinged else skipping_pre_ping():
-            pooled = await greenlet_spawn(self._pool.connect)
-        driver: Any = pooled.driver_connection
-        span = _NO_SPAN if self._statement_span is None else self._statement_span(query)
-        try:
-            with span:
-                if self._transaction_pooling:
-                    async with driver.transaction(readonly=True):
-                        rows: Sequence[Any] = await driver.fetch(query, argument)
-                else:
-                    rows = await driver.fetch(query, argument)
-        except BaseException as exc:
-            if isinstance(exc, Exception) and not driver.is_closed():
-                await greenlet_spawn(pooled.close)
-                raise
-            # Dead, or cancelled in the middle of a statement (a deadline):
-            # closed rather than pooled, so no later caller inherits it;
-            # shielded, so a second cancellation cannot leak it.
-            await asyncio.shield(greenlet_spawn(pooled.invalidate))
-            if isinstance(exc, Exception):
-                raise _DeadConnection() from exc
-            raise
-        await greenlet_spawn(pooled.close)
-        return rows
 
 
 def _user(row: Any) -> User:

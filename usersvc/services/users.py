@@ -44,6 +44,7 @@ from usersvc.domain.models import (
     User,
     UserPatch,
     UserState,
+    version_in_etag,
 )
 from usersvc.domain.passwords import PasswordPolicy
 from usersvc.domain.ports import (
@@ -52,7 +53,10 @@ from usersvc.domain.ports import (
     PasswordHasher,
     UnitOfWork,
     UnitOfWorkFactory,
+    UpdateOutcome,
     UserReader,
+    UserUpdate,
+    UserWriter,
 )
 from usersvc.domain.validation import (
     check_self_service_labels,
@@ -65,6 +69,7 @@ from usersvc.domain.validation import (
     validate_etag,
     validate_request_id,
 )
+from usersvc.domain.wire_size import OversizedUsers
 from usersvc.services.bulk_import import ImportResult, ImportRow, UserImporter
 from usersvc.services.inputs import (
     CreateUserInput,
@@ -77,7 +82,13 @@ from usersvc.services.pagination import (
     encode_page_token,
     query_fingerprint,
 )
-from usersvc.services.response_size import MAX_RESPONSE_BYTES, fitting_prefix
+from usersvc.services.response_size import (
+    MAX_RESPONSE_BYTES,
+    byte_budget,
+    fitting_count,
+    fitting_prefix,
+    user_wire_bytes,
+)
 from usersvc.services.sessions import SessionRevoker, session_id_of
 
 DEFAULT_PAGE_SIZE = 50
@@ -125,10 +136,43 @@ class UnitOfWorkUserReader:
         async with self._uow_factory() as uow:
             return await uow.users.get_many(user_ids)
 
+    async def get_many_within(
+        self, user_ids: Sequence[uuid.UUID], *, max_bytes: int
+    ) -> list[User] | OversizedUsers:
+        """Reads the users, then sizes them (no SQL of its own). Raises
+        DatabaseUnavailable."""
+        found = await self.get_many(user_ids)
+        sizes = {user.id: user_wire_bytes(user) for user in found}
+        if sum(sizes.values()) <= max_bytes:
+            return found
+        deleted = frozenset(user.id for user in found if user.state is UserState.DELETED)
+        return OversizedUsers(wire_bytes=sizes, deleted=deleted)
+
     async def get_by_email(self, email: str) -> User | None:
         """Raises DatabaseUnavailable."""
         async with self._uow_factory() as uow:
             return await uow.users.get_by_email(email)
+
+
+class UnitOfWorkUserWriter:
+    """usersvc.domain.ports.UserWriter through a unit of work per update:
+    for compositions without a write lane (the unit tests' fakes)."""
+
+    def __init__(self, uow_factory: UnitOfWorkFactory) -> None:
+        self._uow_factory = uow_factory
+
+    async def update(
+        self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
+    ) -> UpdateOutcome:
+        """Raises ValueError for a patch of email or roles (as the write
+        lane), DatabaseUnavailable."""
+        if change.patch.email is not None or change.patch.roles is not None:
+            raise ValueError("email and roles changes need a unit of work")
+        async with self._uow_factory() as uow:
+            outcome = await uow.users.update_checked(change, events=events)
+            if outcome.after is not None:
+                await uow.commit()
+        return outcome
 
 
 class UserService:
@@ -141,14 +185,17 @@ class UserService:
         allow_signup: bool,
         sessions: SessionRevoker,
         reader: UserReader | None = None,
+        writer: UserWriter | None = None,
         page_token_keys: Callable[[], Sequence[bytes]] | None = None,
         lockout: LockoutPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``reader`` serves the plain reads (get_user, lookup_user,
         batch_get_users) outside a unit of work; without one they read
-        through a unit of work. ``page_token_keys`` returns the current
-        HMAC keys of page tokens, the first tagging new ones (the server's:
+        through a unit of work. ``writer`` likewise serves the updates that
+        are one statement (update_user of display_name and labels).
+        ``page_token_keys`` returns the current HMAC keys of page tokens,
+        the first tagging new ones (the server's:
         usersvc.services.tokens.KeyRing.page_token_keys); without it, a
         random key of this instance, so tokens work only where issued.
         ``lockout`` and ``clock`` are the login's (usersvc.services.auth): a
@@ -158,6 +205,7 @@ class UserService:
         self._clock = clock
         self._uow_factory = uow_factory
         self._reader: UserReader = reader or UnitOfWorkUserReader(uow_factory)
+        self._writer: UserWriter = writer or UnitOfWorkUserWriter(uow_factory)
         self._hasher = hasher
         self._policy = password_policy
         self._allow_signup = allow_signup
@@ -443,17 +491,26 @@ class UserService:
                 errors.append(FieldViolation(f"ids[{index}]", f"repeats ids[{earlier}]"))
             targets.append(target)
         raise_for_violations(errors)
-        found = await self._reader.get_many(targets)
+        budget = byte_budget(len(targets))
+        found: list[User] | OversizedUsers
+        if budget is None:
+            found = await self._reader.get_many(targets)
+        else:
+            # Users that would not fit are not read: only their sizes are.
+            found = await self._reader.get_many_within(targets, max_bytes=budget)
+        if isinstance(found, OversizedUsers):
+            for target in targets:
+                if target not in found.wire_bytes or (
+                    target in found.deleted and not policies.can_see_deleted(principal)
+                ):
+                    raise UserNotFound(metadata={"id": str(target)})
+            fitting = fitting_count(found.wire_bytes[target] for target in targets)
+            raise _too_many_bytes(len(targets), fitting)
         by_id = {user.id: user for user in found}
         users = [_visible(principal, by_id.get(target), target) for target in targets]
         fitting = fitting_prefix(users)
         if fitting < len(users):
-            raise InvalidArgument.single(
-                "ids",
-                f"these {len(users)} users do not fit in one response of "
-                f"{MAX_RESPONSE_BYTES // (1024 * 1024)} MiB (the first {fitting} do); "
-                "ask for fewer ids per call",
-            )
+            raise _too_many_bytes(len(users), fitting)
         return users
 
     async def list_users(self, *, principal: Principal, request: ListUsersInput) -> UserListResult:
@@ -491,7 +548,16 @@ class UserService:
                 keys=self._page_token_keys(),
             )
             after, total = token.cursor, token.total_size
-        query = ListQuery(filter, ordering, request.show_deleted, page_size, after)
+        # The query stops at the byte budget already (no row past it is
+        # read); the exact check below stays the last word.
+        query = ListQuery(
+            filter,
+            ordering,
+            request.show_deleted,
+            page_size,
+            after,
+            max_bytes=byte_budget(page_size + 1),
+        )
         async with self._uow_factory() as uow:
             if total is None:
                 total = await uow.users.count_matches(
@@ -565,16 +631,31 @@ class UserService:
             check_self_service_labels(normalized.labels, field="user.labels", errors=errors)
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
+        # One conditional UPDATE checks every rule (state, etag, the stored
+        # admin role for a role change), writes the user and its event, and
+        # returns the version it replaced, which tells which rule refused a
+        # write without a second look (usersvc.adapters.repository.user_update).
+        change = UserUpdate(
+            user_id=target,
+            patch=normalized,
+            expected_version=version_in_etag(request.etag) if request.etag else None,
+            admin_caller=principal.user_id() if normalized.roles is not None else None,
+        )
+        if normalized.email is None and normalized.roles is None:
+            # Nothing else happens in the transaction: the statement commits
+            # on its own (usersvc.domain.ports.UserWriter).
+            outcome = await self._writer.update(change, events=_UPDATED)
+            return _updated(principal, target, request.etag, outcome)
         revocation = None
         async with self._uow_factory() as uow:
-            current = await _lock_live(uow, principal, target, etag=request.etag)
-            if normalized.roles is not None:
-                await _ensure_caller_still_admin(uow, principal, current)
-            changed = normalized.changed_fields(current)
-            user = await uow.users.update(
-                target, normalized, events=[EventDraft(EventType.USER_UPDATED, changed)]
-            )
-            if normalized.roles is not None and set(normalized.roles) != set(current.roles):
+            outcome = await uow.users.update_checked(change, events=_UPDATED)
+            user = _updated(principal, target, request.etag, outcome)
+            before = outcome.before
+            if (
+                normalized.roles is not None
+                and before is not None
+                and set(normalized.roles) != set(before.roles)
+            ):
                 # Access tokens carry roles: every session of the user ends,
                 # like on a disable, so no token with the old roles lives on
                 # (on every replica through the revocation feed).
@@ -772,6 +853,8 @@ _PURGED = (EventDraft(EventType.USER_PURGED),)
 _DISABLED = (EventDraft(EventType.USER_DISABLED),)
 _ENABLED = (EventDraft(EventType.USER_ENABLED),)
 _PASSWORD_CHANGED = (EventDraft(EventType.USER_PASSWORD_CHANGED),)
+# The statement fills in the fields the update changed.
+_UPDATED = (EventDraft(EventType.USER_UPDATED),)
 
 
 def _target(principal: Principal, raw_id: str, field: str) -> uuid.UUID:
@@ -781,6 +864,15 @@ def _target(principal: Principal, raw_id: str, field: str) -> uuid.UUID:
     if not principal.is_authenticated:
         raise PermissionDenied("this method needs an authenticated caller")
     return parse_user_id(raw_id, field, principal)
+
+
+def _too_many_bytes(count: int, fitting: int) -> InvalidArgument:
+    return InvalidArgument.single(
+        "ids",
+        f"these {count} users do not fit in one response of "
+        f"{MAX_RESPONSE_BYTES // (1024 * 1024)} MiB (the first {fitting} do); "
+        "ask for fewer ids per call",
+    )
 
 
 def _visible(principal: Principal, user: User | None, target: uuid.UUID) -> User:
@@ -814,19 +906,23 @@ async def _lock_live(
     return user
 
 
-async def _ensure_caller_still_admin(uow: UnitOfWork, principal: Principal, target: User) -> None:
-    """A role change is the one write that grants privilege: the calling
-    user must hold the admin role in the database now, not merely in its
-    token. Read within the writing transaction, after the target's row lock
-    (a self change reads that locked row), so a concurrent demotion of the
-    caller is seen. Certificate-authenticated services have no row: their
-    roles come from configuration. Raises PermissionDenied."""
-    caller_id = principal.user_id()
-    if caller_id is None:
-        return
-    caller = target if caller_id == target.id else await uow.users.get(caller_id)
-    if caller is None or caller.state is not UserState.ACTIVE or not caller.has_role(ROLE_ADMIN):
+def _updated(principal: Principal, target: uuid.UUID, etag: str, outcome: UpdateOutcome) -> User:
+    """The user an update wrote, or the error of the first rule that
+    refused it, in the order the rules are told: UserNotFound,
+    InvalidState (see _live), EtagMismatch, PermissionDenied (a role change
+    is the one write that grants privilege: the calling user must hold the
+    admin role in the database, not merely in its token; certificate-
+    authenticated services have no row, their roles come from
+    configuration)."""
+    before = _live(principal, outcome.before, target)
+    if etag and not hmac.compare_digest(etag.encode(), before.etag.encode()):
+        raise EtagMismatch(metadata={"id": str(target)})
+    if not outcome.caller_is_admin:
         raise PermissionDenied("the caller no longer holds the admin role")
+    if outcome.after is None:
+        # The statement refuses only for the rules above.
+        raise RuntimeError(f"update of {target} refused for no rule")
+    return outcome.after
 
 
 def _idempotency_scope(principal: Principal, method: str, fingerprint: str) -> str:

@@ -26,13 +26,18 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.sql.dml import Update
 
 from usersvc.adapters.database_errors import NO_CONSTRAINT_ERRORS, ConstraintErrors
-from usersvc.adapters.email_change import email_change_values, void_codes_on_email_change
+from usersvc.adapters.email_change import (
+    email_change_values,
+    void_codes_after_email_change,
+    void_codes_on_email_change,
+)
 from usersvc.adapters.events import with_events
 from usersvc.adapters.orm import USERS_EMAIL_INDEX, users_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
 from usersvc.adapters.repository.bulk_import import insert_imported_users
 from usersvc.adapters.repository.listing import (
     MATCH_STATISTICS,
+    WITHIN_BUDGET,
     capped_count_statement,
     count_statement,
     page_statement,
@@ -49,13 +54,20 @@ from usersvc.adapters.repository.user_rows import (
     users,
     users_by_ids,
 )
+from usersvc.adapters.repository.user_update import (
+    constraint_errors,
+    outcome_from_row,
+    parameters,
+    shape_of,
+    statement_for,
+)
 from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
 from usersvc.domain.events import EventDraft
 from usersvc.domain.listing import Filter, ListQuery, Page, cursor_of
 from usersvc.domain.lockout import MAX_DOUBLINGS, LockoutPolicy
 from usersvc.domain.models import Credentials, NewUser, User, UserPatch, uuid7
-from usersvc.domain.ports import LoginAttempt
+from usersvc.domain.ports import LoginAttempt, UpdateOutcome, UserUpdate
 
 # PostgreSQL accepts at most 65535 bind parameters per statement; 1000 rows of
 # six values stay far below that and match the API's batch limit.
@@ -306,6 +318,25 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
             constraints = {USERS_EMAIL_INDEX: lambda: EmailAlreadyExists(metadata=taken)}
         return await self._write(user_id, values, constraints, events)
 
+    async def update_checked(
+        self, change: UserUpdate, *, events: Sequence[EventDraft] = NO_EVENTS
+    ) -> UpdateOutcome:
+        """Apply ``change`` in one statement when its rules pass
+        (usersvc.adapters.repository.user_update), with ``events`` about the
+        user, each carrying the fields the write changed; a changed email
+        also voids the user's open codes. The row stays locked until the
+        transaction ends. Raises EmailAlreadyExists (metadata {"email"}; the
+        transaction is then aborted and must be rolled back)."""
+        statement = statement_for(shape_of(change, events))
+        result = await self._execute(
+            statement, parameters(change, self._call()), constraints=constraint_errors(change)
+        )
+        outcome = outcome_from_row(result.mappings().one_or_none())
+        after = outcome.after
+        if after is not None and outcome.before is not None and after.email != outcome.before.email:
+            await void_codes_after_email_change(self._session, after.id)
+        return outcome
+
     async def set_password_hash(
         self, user_id: uuid.UUID, password_hash: str, *, events: Sequence[EventDraft] = NO_EVENTS
     ) -> User:
@@ -336,13 +367,19 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
 
     async def list(self, query: ListQuery) -> Page:
         """One keyset page (usersvc.adapters.repository.listing): at most
-        ``page_size`` rows after ``query.after``. Raises ValueError for a
-        page size below 1 or a cursor that does not fit the ordering (a
-        programming error: the service checks both), InvalidArgument (field
-        "filter") for an unsupported filter."""
+        ``page_size`` rows after ``query.after``, and no more than fit in
+        ``query.max_bytes``. Raises ValueError for a page size below 1 or a
+        cursor that does not fit the ordering (a programming error: the
+        service checks both), InvalidArgument (field "filter") for an
+        unsupported filter."""
         rows = (await self._execute(page_statement(query))).mappings().all()
-        found = tuple(user_from_row(row) for row in rows[: query.page_size])
-        more = len(rows) > query.page_size
+        kept = rows[: query.page_size]
+        if query.max_bytes is not None and kept and not kept[-1][WITHIN_BUDGET]:
+            # Only the last row can be past the budget: it tells that more
+            # follow, and is not the page's.
+            kept = kept[:-1]
+        found = tuple(user_from_row(row) for row in kept)
+        more = len(rows) > len(found)
         next_cursor = cursor_of(query.ordering.field, found[-1]) if more else None
         return Page(users=found, next_cursor=next_cursor)
 
@@ -418,4 +455,3 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
 
     async def _one_or_none(self, statement: Any, params: Mapping[str, Any]) -> RowMapping | None:
         return (await self._execute(statement, params)).mappings().one_or_none()
-
