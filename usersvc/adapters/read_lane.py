@@ -46,7 +46,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Select
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util import await_, greenlet_spawn
 
 from usersvc.adapters.database import skipping_pre_ping
 from usersvc.adapters.database_errors import translate_database_errors
@@ -140,20 +140,21 @@ class SqlAlchemyUserReader:
 
     async def _run(self, query: str, argument: object, *, pinged: bool) -> Sequence[Any]:
         # Straight from the pool: an AsyncConnection around it would cost
-        # two more greenlet switches per read and do nothing here.
-        with nullcontext() if pinged else skipping_pre_ping():
-            pooled = await greenlet_spawn(self._pool.connect)
-        driver: Any = pooled.driver_connection
-        span = _NO_SPAN if self._statement_span is None else self._statement_span(query)
+        # two more greenlet switches per read and do nothing here. Checkout,
+        # statement and checkin share one greenlet: each greenlet costs a
+        # fresh frame stack (an mmap and an munmap under Python 3.11), and
+        # a greenlet each for checkout and checkin was a tenth of a GetUser's
+        # CPU (docs/performance.md).
+        checked_out: list[Any] = []
         try:
-            with span:
-                if self._transaction_pooling:
-                    async with driver.transaction(readonly=True):
-                        rows: Sequence[Any] = await driver.fetch(query, argument)
-                else:
-                    rows = await driver.fetch(query, argument)
+            with nullcontext() if pinged else skipping_pre_ping():
+                return await greenlet_spawn(self._read, query, argument, checked_out)
         except BaseException as exc:
-            if isinstance(exc, Exception) and not driver.is_closed():
+            if not checked_out:
+                raise  # the checkout failed: there is no connection to return
+            pooled = checked_out[0]
+            driver: Any = pooled.driver_connection
+            if isinstance(exc, Exception) and driver is not None and not driver.is_closed():
                 await greenlet_spawn(pooled.close)
                 raise
             # Dead, or cancelled in the middle of a statement (a deadline):
@@ -163,7 +164,28 @@ class SqlAlchemyUserReader:
             if isinstance(exc, Exception):
                 raise _DeadConnection() from exc
             raise
-        await greenlet_spawn(pooled.close)
+
+    def _read(self, query: str, argument: object, checked_out: list[Any]) -> Sequence[Any]:
+        # Runs in SQLAlchemy's greenlet (the pool is sync code). While the
+        # statement runs, ``checked_out`` holds the connection, for _run to
+        # return or discard when the statement fails; after it, the
+        # connection is back in the pool and ``checked_out`` empty.
+        pooled = self._pool.connect()
+        checked_out.append(pooled)
+        driver: Any = pooled.driver_connection
+        span = _NO_SPAN if self._statement_span is None else self._statement_span(query)
+        with span:
+            rows: Sequence[Any] = await_(self._statement(driver, query, argument))
+        checked_out.clear()
+        pooled.close()
+        return rows
+
+    async def _statement(self, driver: Any, query: str, argument: object) -> Sequence[Any]:
+        if self._transaction_pooling:
+            async with driver.transaction(readonly=True):
+                rows: Sequence[Any] = await driver.fetch(query, argument)
+                return rows
+        rows = await driver.fetch(query, argument)
         return rows
 
 
