@@ -53,23 +53,29 @@ from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.db_monitor import DatabaseAvailability
 from usersvc.adapters.repository.user_rows import (
     GET_USER_BY_EMAIL,
+    GET_USER_BY_EMAIL_WITH_HOLDER,
     GET_USER_BY_ID,
+    GET_USER_BY_ID_WITH_HOLDER,
     GET_USERS_BY_IDS,
+    GET_USERS_BY_IDS_WITH_HOLDER,
+    settle_holder,
     user_from_row,
 )
 from usersvc.domain.errors import DatabaseUnavailable
 from usersvc.domain.models import User
+from usersvc.domain.role_checks import RoleCheck
 
 
 class _DeadConnection(Exception):
     """The statement failed and took its connection with it."""
 
 
-def _compiled(engine: AsyncEngine, statement: Select[Any], parameter: str) -> str:
+def _compiled(engine: AsyncEngine, statement: Select[Any], *parameters: str) -> str:
     compiled = statement.compile(dialect=engine.dialect)
-    # One parameter, which the dialect renders as $1 (with a cast).
-    if list(compiled.positiontup or ()) != [parameter]:
-        raise ValueError(f"expected the single parameter {parameter!r} in {compiled.string!r}")
+    # These parameters in this order, which the dialect renders as $1, $2
+    # (with casts): the lane passes its arguments by position.
+    if list(compiled.positiontup or ()) != list(parameters):
+        raise ValueError(f"expected the parameters {parameters!r} in {compiled.string!r}")
     return compiled.string
 
 
@@ -102,35 +108,66 @@ class SqlAlchemyUserReader:
         self._by_id = _compiled(engine, GET_USER_BY_ID, "user_id")
         self._by_email = _compiled(engine, GET_USER_BY_EMAIL, "email")
         self._by_ids = _compiled(engine, GET_USERS_BY_IDS, "user_ids")
+        self._by_id_checked = _compiled(engine, GET_USER_BY_ID_WITH_HOLDER, "holder_id", "user_id")
+        self._by_email_checked = _compiled(
+            engine, GET_USER_BY_EMAIL_WITH_HOLDER, "holder_id", "email"
+        )
+        self._by_ids_checked = _compiled(
+            engine, GET_USERS_BY_IDS_WITH_HOLDER, "holder_id", "user_ids"
+        )
 
-    async def get(self, user_id: uuid.UUID) -> User | None:
-        """The user, deleted or not. Raises DatabaseUnavailable."""
+    async def get(self, user_id: uuid.UUID, *, role_check: RoleCheck | None = None) -> User | None:
+        """The user, deleted or not; with ``role_check``, the caller's
+        account is read in the same statement and the check settled first.
+        Raises DatabaseUnavailable, TokenRevoked."""
+        if role_check is not None:
+            users = await self._checked(self._by_id_checked, role_check, user_id)
+            return users[0] if users else None
         rows = await self._fetch(self._by_id, user_id)
         return _user(rows[0]) if rows else None
 
-    async def get_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
+    async def get_many(
+        self, user_ids: Sequence[uuid.UUID], *, role_check: RoleCheck | None = None
+    ) -> list[User]:
         """The stored users among ``user_ids`` (deleted included), in no
-        particular order. Raises DatabaseUnavailable."""
+        particular order; ``role_check`` as in ``get``. Raises
+        DatabaseUnavailable, TokenRevoked."""
         if not user_ids:
+            if role_check is not None:
+                await self._checked(self._by_ids_checked, role_check, [])
             return []
-        return [_user(row) for row in await self._fetch(self._by_ids, list(set(user_ids)))]
+        distinct = list(set(user_ids))
+        if role_check is not None:
+            return await self._checked(self._by_ids_checked, role_check, distinct)
+        return [_user(row) for row in await self._fetch(self._by_ids, distinct)]
 
-    async def get_by_email(self, email: str) -> User | None:
-        """Case-insensitive match, deleted included. Raises DatabaseUnavailable."""
+    async def get_by_email(self, email: str, *, role_check: RoleCheck | None = None) -> User | None:
+        """Case-insensitive match, deleted included; ``role_check`` as in
+        ``get``. Raises DatabaseUnavailable, TokenRevoked."""
+        if role_check is not None:
+            users = await self._checked(self._by_email_checked, role_check, email)
+            return users[0] if users else None
         rows = await self._fetch(self._by_email, email)
         return _user(rows[0]) if rows else None
 
-    async def _fetch(self, query: str, argument: object) -> Sequence[Any]:
+    async def _checked(self, query: str, role_check: RoleCheck, argument: object) -> list[User]:
+        # Every row carries the account; a row without a user (id NULL) is
+        # the one row of a read that found none.
+        rows = await self._fetch(query, role_check.account_id, argument)
+        settle_holder(role_check, rows[0])
+        return [_user(row) for row in rows if row["id"] is not None]
+
+    async def _fetch(self, query: str, *arguments: object) -> Sequence[Any]:
         if self._availability is not None:
             self._availability.ensure_available()
         try:
             with translate_database_errors():
                 try:
-                    return await self._run(query, argument, pinged=False)
+                    return await self._run(query, arguments, pinged=False)
                 except _DeadConnection:
                     pass  # once more (see the module docstring)
                 try:
-                    return await self._run(query, argument, pinged=True)
+                    return await self._run(query, arguments, pinged=True)
                 except _DeadConnection as exc:
                     raise DatabaseUnavailable() from exc.__cause__
         except DatabaseUnavailable:
@@ -138,7 +175,9 @@ class SqlAlchemyUserReader:
                 self._availability.report_failure()
             raise
 
-    async def _run(self, query: str, argument: object, *, pinged: bool) -> Sequence[Any]:
+    async def _run(
+        self, query: str, arguments: tuple[object, ...], *, pinged: bool
+    ) -> Sequence[Any]:
         # Straight from the pool: an AsyncConnection around it would cost
         # two more greenlet switches per read and do nothing here. Checkout,
         # statement and checkin share one greenlet: each greenlet costs a
@@ -148,7 +187,7 @@ class SqlAlchemyUserReader:
         checked_out: list[Any] = []
         try:
             with nullcontext() if pinged else skipping_pre_ping():
-                return await greenlet_spawn(self._read, query, argument, checked_out)
+                return await greenlet_spawn(self._read, query, arguments, checked_out)
         except BaseException as exc:
             if not checked_out:
                 raise  # the checkout failed: there is no connection to return
@@ -165,7 +204,9 @@ class SqlAlchemyUserReader:
                 raise _DeadConnection() from exc
             raise
 
-    def _read(self, query: str, argument: object, checked_out: list[Any]) -> Sequence[Any]:
+    def _read(
+        self, query: str, arguments: tuple[object, ...], checked_out: list[Any]
+    ) -> Sequence[Any]:
         # Runs in SQLAlchemy's greenlet (the pool is sync code). While the
         # statement runs, ``checked_out`` holds the connection, for _run to
         # return or discard when the statement fails; after it, the
@@ -175,17 +216,19 @@ class SqlAlchemyUserReader:
         driver: Any = pooled.driver_connection
         span = _NO_SPAN if self._statement_span is None else self._statement_span(query)
         with span:
-            rows: Sequence[Any] = await_(self._statement(driver, query, argument))
+            rows: Sequence[Any] = await_(self._statement(driver, query, arguments))
         checked_out.clear()
         pooled.close()
         return rows
 
-    async def _statement(self, driver: Any, query: str, argument: object) -> Sequence[Any]:
+    async def _statement(
+        self, driver: Any, query: str, arguments: tuple[object, ...]
+    ) -> Sequence[Any]:
         if self._transaction_pooling:
             async with driver.transaction(readonly=True):
-                rows: Sequence[Any] = await driver.fetch(query, argument)
+                rows: Sequence[Any] = await driver.fetch(query, *arguments)
                 return rows
-        rows = await driver.fetch(query, argument)
+        rows = await driver.fetch(query, *arguments)
         return rows
 
 
