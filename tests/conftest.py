@@ -16,7 +16,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -210,3 +210,21 @@ def uow_factory(engine: AsyncEngine) -> UnitOfWorkFactory:
     from usersvc.adapters.unit_of_work import make_uow_factory
 
     return make_uow_factory(engine)
+
+
+# `make test` deselects the tests marked slow (`-m "not slow"`); the summary
+# says how many and how to run them, so a skip is never silent.
+_deselected_slow: list[str] = []
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    _deselected_slow.extend(item.nodeid for item in items if item.get_closest_marker("slow"))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _deselected_slow:
+        terminalreporter.write_line(
+            f"{len(_deselected_slow)} tests marked slow were deselected; "
+            "`make test SLOW=1` runs them (docs/testing.md)",
+            yellow=True,
+        )

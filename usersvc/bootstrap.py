@@ -26,6 +26,7 @@ from usersvc.adapters.read_lane import SqlAlchemyUserReader
 from usersvc.adapters.revocations import CachedRevocationChecker, PostgresRevocationListener
 from usersvc.adapters.tls import ServerCredentials, load_server_credentials
 from usersvc.adapters.unit_of_work import make_uow_factory
+from usersvc.adapters.write_lane import SqlAlchemyUserWriter
 from usersvc.api.auth_servicer import AuthServicer
 from usersvc.api.context import current_call
 from usersvc.api.event_servicer import EventServicer
@@ -68,7 +69,7 @@ class Serving:
     interceptors: list[grpc.aio.ServerInterceptor]  # type: ignore[type-arg]
     user_servicer: UserServicer
     auth_servicer: AuthServicer
-    event_servicer: EventServicer | None = None
+    event_servicer: EventServicer
 
 
 @dataclass
@@ -330,6 +331,14 @@ def bootstrap(
         transaction_pooling=settings.db_transaction_pooling,
         statement_span=None if tracing is None else tracing.statement_span(engine),
     )
+    # UpdateUser of display_name and labels: one autocommit statement.
+    writer = SqlAlchemyUserWriter(
+        engine,
+        monitor,
+        call_context=current_call,
+        transaction_pooling=settings.db_transaction_pooling,
+        statement_span=None if tracing is None else tracing.statement_span(engine),
+    )
     user_service = UserService(
         uow_factory=uow_factory,
         hasher=hasher,
@@ -337,6 +346,7 @@ def bootstrap(
         allow_signup=settings.allow_signup,
         sessions=revoker,
         reader=reader,
+        writer=writer,
         lockout=lockout,
         clock=lockout_clock,
         # Read at each call: a SIGHUP key reload rotates page tokens too.

@@ -415,7 +415,8 @@ class Settings:
     db_pool_pre_ping: bool = boolean(
         True,
         doc="test a pooled connection before use with one `SELECT 1` round trip (survives "
-        "database restarts); the read lane skips it and retries a read once instead",
+        "database restarts); the read and write lanes skip it (a read is retried once, a "
+        "write goes to a fresh connection when its pooled one is known closed)",
     )
     db_pool_recycle_seconds: int = integer(
         1800, lo=-1, hi=86_400, doc="replace connections older than this (`-1`: never)"

@@ -1,9 +1,9 @@
 """The grpc.aio server: binds the ports (TLS and mTLS as usersvc/bootstrap.py
-built them), serves UserService and AuthService through the interceptor chain
-built there, plus health and reflection; a graceful stop on SIGTERM/SIGINT
-(NOT_SERVING, the drain, then GOAWAY and the grace period for the calls in
-flight), and a reload of the token keys on SIGHUP. It builds nothing of its
-own."""
+built them), serves UserService, AuthService and EventService through the
+interceptor chain built there, plus health and reflection; a graceful stop on
+SIGTERM/SIGINT (NOT_SERVING, the drain, then GOAWAY and the grace period for
+the calls in flight), and a reload of the token keys on SIGHUP. It builds
+nothing of its own."""
 
 from __future__ import annotations
 
@@ -40,7 +40,10 @@ logger = logging.getLogger("usersvc.server")
 USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 AUTH_SERVICE = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 EVENT_SERVICE = event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
-HEALTH_SERVICES = ("", USER_SERVICE, AUTH_SERVICE, EVENT_SERVICE)
+# What the server registers (usersvc.v1); health reports each of them, and
+# "" for the whole server.
+SERVICES = (USER_SERVICE, AUTH_SERVICE, EVENT_SERVICE)
+HEALTH_SERVICES = ("", *SERVICES)
 
 
 def _bind(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -165,16 +168,11 @@ class UsersvcServer:
         generic = cast(grpc.aio.Server, _GenericHandlersOnly(server))
         user_service_pb2_grpc.add_UserServiceServicer_to_server(serving.user_servicer, generic)
         auth_service_pb2_grpc.add_AuthServiceServicer_to_server(serving.auth_servicer, generic)
-        services = [USER_SERVICE, AUTH_SERVICE]
-        if serving.event_servicer is not None:
-            event_service_pb2_grpc.add_EventServiceServicer_to_server(
-                serving.event_servicer, generic
-            )
-            services.append(EVENT_SERVICE)
+        event_service_pb2_grpc.add_EventServiceServicer_to_server(serving.event_servicer, generic)
         health_servicer = HealthReporter()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         port = _bind(server, addr, credentials.main)
         mtls_port = None

@@ -184,6 +184,19 @@ class RecordedResponse:
     payload: bytes
 
 
+# The leak search may not cost "every password against every byte": by the
+# end of the tier thousands of passwords meet responses of megabytes (the
+# heavy pages of test_response_size.py), a minute and a half of teardown that
+# way. Each password is indexed by _GRAM_STRIDE byte strings of _GRAM_BYTES
+# at consecutive offsets near its end, and a response yields its byte strings
+# of that length at every _GRAM_STRIDE-th offset: wherever a password occurs,
+# exactly one of its indexed strings starts at such an offset. Only passwords
+# whose key turns up (and the few too short to index) are searched with `in`.
+_GRAM_BYTES = 8
+_GRAM_STRIDE = 8
+_INDEXED_BYTES = _GRAM_BYTES + _GRAM_STRIDE - 1
+
+
 class ResponseRecorder(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """Keeps the serialized form of every response and error status the test
     channels receive, so a test can prove no password or hash ever leaves
@@ -192,6 +205,10 @@ class ResponseRecorder(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[mi
     def __init__(self) -> None:
         self.responses: list[RecordedResponse] = []
         self.secrets: set[str] = set()
+        # The index of the leak search, over the secrets seen so far.
+        self._indexed: set[str] = set()
+        self._by_gram: dict[bytes, set[str]] = {}
+        self._unindexed: set[str] = set()
 
     async def intercept_unary_unary(
         self,
@@ -214,15 +231,34 @@ class ResponseRecorder(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[mi
     def leaks(self, since: int = 0) -> list[str]:
         """Responses recorded after index ``since`` that carry a bcrypt hash
         or a password the suite used."""
+        self._index_new_secrets()
         found = []
-        needles = [(p, p.encode()) for p in sorted(self.secrets)]
         for recorded in self.responses[since:]:
-            if any(prefix in recorded.payload for prefix in BCRYPT_PREFIXES):
+            payload = recorded.payload
+            if any(prefix in payload for prefix in BCRYPT_PREFIXES):
                 found.append(f"{recorded.method}: bcrypt hash")
-            for plain, encoded in needles:
-                if encoded in recorded.payload:
+            grams = {
+                payload[start : start + _GRAM_BYTES]
+                for start in range(0, len(payload) - _GRAM_BYTES + 1, _GRAM_STRIDE)
+            }
+            candidates = set(self._unindexed)
+            for gram in grams.intersection(self._by_gram):
+                candidates |= self._by_gram[gram]
+            for plain in sorted(candidates):
+                if plain.encode() in payload:
                     found.append(f"{recorded.method}: password {plain!r}")
         return found
+
+    def _index_new_secrets(self) -> None:
+        for plain in self.secrets - self._indexed:
+            self._indexed.add(plain)
+            encoded = plain.encode()
+            if len(encoded) < _INDEXED_BYTES:
+                self._unindexed.add(plain)
+                continue
+            end = len(encoded) - _GRAM_BYTES
+            for start in range(end - _GRAM_STRIDE + 1, end + 1):
+                self._by_gram.setdefault(encoded[start : start + _GRAM_BYTES], set()).add(plain)
 
 
 def _failure_bytes(exc: grpc.aio.AioRpcError) -> bytes:

@@ -124,3 +124,44 @@ def value(
 ) -> float:
     """One sample's value; 0 when absent (a counter never incremented)."""
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+Samples = Mapping[tuple[str, tuple[tuple[str, str], ...]], float]
+# Bounds printed by LoopFigures (of the server's buckets).
+LOOP_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class LoopHistogram:
+    """One histogram of the server's event loop monitor
+    (usersvc.observability.loop_lag) between two scrapes."""
+
+    def __init__(self, name: str, before: Samples, after: Samples) -> None:
+        self._name, self._before, self._after = name, before, after
+        self.count = self._delta(f"{name}_count")
+
+    def _delta(self, name: str, **labels: str) -> float:
+        return value(self._after, name, **labels) - value(self._before, name, **labels)
+
+    def above(self, bound: float) -> float:
+        """How many measurements were above ``bound`` (one of the buckets)."""
+        return self.count - self._delta(f"{self._name}_bucket", le=repr(float(bound)))
+
+    def __str__(self) -> str:
+        return ", ".join(f"> {bound * 1000:g} ms: {self.above(bound):.0f}" for bound in LOOP_BOUNDS)
+
+
+class LoopFigures:
+    """What the server's event loop monitor measured between two scrapes:
+    ``lag`` (how late a 10 ms sleep woke) and ``hold`` (the part of it the
+    loop's thread was computing)."""
+
+    def __init__(self, before: Samples, after: Samples) -> None:
+        self.lag = LoopHistogram("usersvc_event_loop_lag_seconds", before, after)
+        self.hold = LoopHistogram("usersvc_event_loop_hold_seconds", before, after)
+        self.recent_max_lag = value(after, "usersvc_event_loop_lag_max_seconds")
+
+    def __str__(self) -> str:
+        return (
+            f"{self.lag.count:.0f} measurements; hold {self.hold}; lag {self.lag} "
+            f"(longest of the last minute {self.recent_max_lag * 1000:.0f} ms)"
+        )

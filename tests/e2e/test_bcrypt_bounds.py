@@ -180,6 +180,9 @@ async def test_a_wrong_password_for_a_cheap_imported_hash_costs_what_an_unknown_
     record_property("cheap_hash_vs_unknown_email_median_ratio", round(ratio, 3))
 
 
+# Slow: a cost-16 hash keeps a core busy for seconds, and a server process
+# starts and stops.
+@pytest.mark.slow
 async def test_sigterm_ends_the_server_within_its_grace_while_bcrypt_is_busy(
     world: World, database_url: str, tmp_path: Path, e2e_settings: Any
 ) -> None:

@@ -73,3 +73,34 @@ def test_the_leak_detector_finds_a_password_the_suite_used() -> None:
     recorder.responses.append(RecordedResponse("/x/Y", password.encode()))
 
     assert recorder.leaks() == [f"/x/Y: password {password!r}"]
+
+
+def test_the_leak_detector_finds_every_password_wherever_it_sits_in_a_large_response() -> None:
+    recorder = ResponseRecorder()
+    # Long and short ones (the short ones are not indexed), one multibyte.
+    passwords = [new_password(recorder) for _ in range(3)] + ["short-pw", "ñ€" * 14 + "ab"]
+    recorder.secrets.update(passwords)
+    filler = bytes(range(256)) * 4096
+    for password in passwords:
+        for offset in range(9):
+            payload = filler[: len(filler) - 100 + offset] + password.encode() + filler[:offset]
+            recorder.responses.append(RecordedResponse(f"/x/{offset}", payload))
+
+    found = recorder.leaks()
+
+    assert found == [
+        f"/x/{offset}: password {password!r}" for password in passwords for offset in range(9)
+    ]
+
+
+def test_the_leak_detector_finds_passwords_added_after_an_earlier_search() -> None:
+    recorder = ResponseRecorder()
+    first = new_password(recorder)
+    recorder.responses.append(RecordedResponse("/x/Y", b"clean"))
+    assert recorder.leaks() == []
+    second = new_password(recorder)
+    recorder.responses.append(RecordedResponse("/x/Z", f"{first} and {second}".encode()))
+
+    assert recorder.leaks(since=1) == sorted(
+        [f"/x/Z: password {first!r}", f"/x/Z: password {second!r}"]
+    )

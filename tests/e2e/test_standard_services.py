@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from usersvc.server import HEALTH_SERVICES
 
 from .conftest import RunningServer
 from .helpers import (
@@ -23,6 +25,7 @@ from .helpers import (
 
 USER_SERVICE = "usersvc.v1.UserService"
 AUTH_SERVICE = "usersvc.v1.AuthService"
+EVENT_SERVICE = "usersvc.v1.EventService"
 
 
 def metadata_value(pairs: object, key: str) -> str | None:
@@ -42,10 +45,19 @@ async def reflect(
     return responses[0]
 
 
+async def raw_call_code(channel: grpc.aio.Channel, path: str) -> grpc.StatusCode:
+    """The status of a call of ``path`` with an empty body and no credentials."""
+    try:
+        await channel.unary_unary(path)(b"", timeout=CALL_TIMEOUT_SECONDS)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
 # ----------------------------------------------------------------- health
 
 
-@pytest.mark.parametrize("service", ["", USER_SERVICE, AUTH_SERVICE])
+@pytest.mark.parametrize("service", ["", USER_SERVICE, AUTH_SERVICE, EVENT_SERVICE])
 async def test_health_reports_serving_without_credentials(
     primary: RunningServer, service: str
 ) -> None:
@@ -56,6 +68,31 @@ async def test_health_reports_serving_without_credentials(
     )
 
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_reports_exactly_the_services_the_server_registers(
+    primary: RunningServer,
+) -> None:
+    listed = await reflect(
+        primary.channel, reflection_pb2.ServerReflectionRequest(list_services="")
+    )
+    # Without gRPC's own (health, reflection).
+    registered = {
+        s.name for s in listed.list_services_response.service if not s.name.startswith("grpc.")
+    }
+    stub = health_pb2_grpc.HealthStub(primary.channel)
+
+    for name in registered:
+        reply = await stub.Check(
+            health_pb2.HealthCheckRequest(service=name), timeout=CALL_TIMEOUT_SECONDS
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+        # Listed is not served: a service without handlers answers UNIMPLEMENTED.
+        method = descriptor_pool.Default().FindServiceByName(name).methods[0].name
+        code = await raw_call_code(primary.channel, f"/{name}/{method}")
+        assert code != grpc.StatusCode.UNIMPLEMENTED, name
+    assert registered == {USER_SERVICE, AUTH_SERVICE, EVENT_SERVICE}
+    assert set(HEALTH_SERVICES) == {"", *registered}
 
 
 async def test_health_of_an_unknown_service_is_not_found(primary: RunningServer) -> None:

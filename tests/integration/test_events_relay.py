@@ -1,6 +1,7 @@
 """The relay against PostgreSQL and private NATS JetStream servers: in order,
-with the CloudEvents headers, marked only after the PubAck, surviving NATS
-outages, one publisher across replicas."""
+with the CloudEvents headers, marked only after the PubAck, pipelined (a
+window of publishes awaiting their PubAcks), surviving NATS outages, even
+with a window in flight, one publisher across replicas."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import nats
 import pytest
 from nats_servers import PrivateNats
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc_protos.v1 import event_service_pb2
@@ -65,6 +66,21 @@ async def _write_events(engine: AsyncEngine, user: User, count: int) -> None:
             await SqlAlchemyEventRecorder(
                 session, lambda i=index: CallContext(actor="service:t", request_id=f"r{i}")
             ).add(user.id, [EventDraft(EventType.USER_UPDATED, changed_fields=("labels",))])
+    while await sequence_pending(engine):
+        pass
+
+
+async def _write_many_events(engine: AsyncEngine, count: int) -> None:
+    """``count`` numbered events about nobody, written in one statement."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO events (id, type, attributes) "
+                "SELECT gen_random_uuid(), 'usersvc.auth.login_failed.v1', "
+                '\'{"cause": "unknown_email"}\' FROM generate_series(1, :n)'
+            ),
+            {"n": count},
+        )
     while await sequence_pending(engine):
         pass
 
@@ -167,6 +183,150 @@ async def test_events_wait_while_nats_is_down_and_go_out_in_order_after(
 
 async def _errors_seen(relay: NatsEventRelay) -> bool:
     return relay.stats.errors > 0
+
+
+async def _whole_stream(nats_url: str) -> list[Any]:
+    """Every message on the stream, duplicates included, in stream order."""
+    client = await nats.connect(nats_url)
+    try:
+        js = client.jetstream()
+        stored = (await js.stream_info(STREAM)).state.messages
+    finally:
+        await client.close()
+    return await _received(nats_url, stored)
+
+
+async def test_publishes_are_pipelined_up_to_the_window(
+    engine: AsyncEngine,
+    test_settings: Settings,
+    database_url: str,
+    private_nats: PrivateNats,
+) -> None:
+    await _write_many_events(engine, 300)
+    relay = _relay(engine, test_settings, database_url, private_nats.url, window=50)
+    await relay.start()
+    try:
+        await _until(lambda: _none_unpublished(engine), "rows marked published")
+    finally:
+        await relay.stop()
+    # More than one publish awaited its PubAck at a time, never more than
+    # the window; all 300 went out in order.
+    assert 1 < relay.stats.peak_in_flight <= 50
+    assert relay.stats.published == 300
+    messages = await _received(private_nats.url, 300)
+    assert [event_service_pb2.Event.FromString(m.data).sequence for m in messages] == list(
+        range(1, 301)
+    )
+
+
+async def test_nats_killed_with_a_window_in_flight_loses_nothing_and_keeps_order(
+    engine: AsyncEngine,
+    test_settings: Settings,
+    database_url: str,
+    private_nats: PrivateNats,
+) -> None:
+    total = 3000
+    await _write_many_events(engine, total)
+    published_when_killed: list[int] = []
+    relay: NatsEventRelay
+
+    def kill_nats_once(_lag: float) -> None:
+        # Called by the relay for each PubAck, in order: at the 1000th its
+        # window holds the publishes sent after it, unacknowledged.
+        if relay.stats.published == 999 and not published_when_killed:
+            published_when_killed.append(relay.stats.published)
+            private_nats.kill()
+
+    relay = _relay(
+        engine,
+        test_settings,
+        database_url,
+        private_nats.url,
+        backoff_max=0.5,
+        hooks=RelayHooks(on_published=kill_nats_once),
+    )
+    await relay.start()
+    try:
+        await _until(lambda: _errors_seen(relay), "the failure of the window")
+        # Marked: exactly a prefix of the sequence, at least up to the
+        # PubAck that killed NATS, never an event that had none.
+        async with engine.connect() as conn:
+            marked = (
+                await conn.scalars(
+                    select(events_table.c.sequence)
+                    .where(events_table.c.published_at.is_not(None))
+                    .order_by(events_table.c.sequence)
+                )
+            ).all()
+        assert list(marked) == list(range(1, len(marked) + 1))
+        assert 1000 <= len(marked) <= relay.stats.published < total
+        private_nats.start()
+        await _until(lambda: _none_unpublished(engine), "rows marked published")
+    finally:
+        await relay.stop()
+    assert published_when_killed == [999]
+    assert relay.stats.peak_in_flight > 1
+    messages = await _whole_stream(private_nats.url)
+    first_seen: dict[str, int] = {}
+    for message in messages:
+        event = event_service_pb2.Event.FromString(message.data)
+        assert message.headers["Nats-Msg-Id"] == event.id
+        # A duplicate repeats an event with its own sequence, never another's.
+        assert first_seen.setdefault(event.id, event.sequence) == event.sequence
+    # Once de-duplicated: every event, in sequence order.
+    assert list(first_seen.values()) == list(range(1, total + 1))
+
+
+async def test_another_publisher_on_the_stream_neither_reorders_nor_fails_the_relay(
+    engine: AsyncEngine,
+    test_settings: Settings,
+    database_url: str,
+    private_nats: PrivateNats,
+) -> None:
+    total = 2000
+    await _write_many_events(engine, total)
+    other = await nats.connect(private_nats.url)
+    interjections: list[asyncio.Task[None]] = []
+
+    async def interject(n: int) -> None:
+        await other.publish("usersvc.other.v1", b"not ours", headers={"Nats-Msg-Id": f"other-{n}"})
+
+    def interject_now_and_then(_lag: float) -> None:
+        # Mid-window (hundreds of the relay's publishes are outstanding),
+        # something else stores a message in the stream.
+        if relay.stats.published in (300, 900, 1500):
+            interjections.append(asyncio.ensure_future(interject(relay.stats.published)))
+
+    relay = _relay(
+        engine,
+        test_settings,
+        database_url,
+        private_nats.url,
+        hooks=RelayHooks(on_published=interject_now_and_then),
+    )
+    try:
+        await relay.start()
+        try:
+            await _until(lambda: _none_unpublished(engine), "rows marked published")
+        finally:
+            await relay.stop()
+        await asyncio.gather(*interjections)
+    finally:
+        await other.close()
+    # The publishes behind an interjection were refused (their expected last
+    # message was no longer last) and sent again at once: no error, no
+    # outage, and the relay's events are on the stream in sequence order.
+    assert len(interjections) == 3
+    assert relay.stats.restarts >= 1
+    assert relay.stats.errors == 0
+    messages = await _whole_stream(private_nats.url)
+    assert sum(1 for m in messages if m.subject == "usersvc.other.v1") == 3
+    first_seen: dict[str, int] = {}
+    for message in messages:
+        if message.subject != "usersvc.other.v1":
+            event = event_service_pb2.Event.FromString(message.data)
+            first_seen.setdefault(event.id, event.sequence)
+    assert list(first_seen.values()) == list(range(1, total + 1))
 
 
 async def test_one_replica_publishes_and_another_takes_over_when_it_stops(

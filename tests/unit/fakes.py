@@ -46,6 +46,7 @@ from usersvc.domain.models import (
     Session,
     User,
     UserPatch,
+    UserState,
     uuid7,
 )
 from usersvc.domain.passwords import PasswordPolicy
@@ -57,6 +58,9 @@ from usersvc.domain.ports import (
     RefreshChain,
     RefreshOutcome,
     RefreshStatus,
+    UpdateOutcome,
+    UserUpdate,
+    UserWriter,
 )
 from usersvc.services.auth import AuthService
 from usersvc.services.passwords import BcryptPasswordHasher
@@ -493,6 +497,39 @@ class FakeUserRepository:
         }
         return self._bump(user_id, events, **changes)
 
+    async def update_checked(
+        self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
+    ) -> UpdateOutcome:
+        """The rules the SQL statement checks, on this unit of work's rows:
+        not deleted, the expected version, the caller an active admin."""
+        row = self._rows.get(change.user_id)
+        if row is None:
+            return UpdateOutcome(before=None, after=None)
+        before = row.user
+        caller_is_admin = True
+        if change.admin_caller is not None:
+            caller = before if change.admin_caller == before.id else self._user(change.admin_caller)
+            caller_is_admin = (
+                caller is not None
+                and caller.state is UserState.ACTIVE
+                and caller.has_role(ROLE_ADMIN)
+            )
+        expected = change.expected_version
+        if (
+            before.delete_time is not None
+            or (expected is not None and expected != before.version)
+            or not caller_is_admin
+        ):
+            return UpdateOutcome(before=before, after=None, caller_is_admin=caller_is_admin)
+        changed = change.patch.changed_fields(before)
+        drafts = [replace(draft, changed_fields=changed) for draft in events]
+        after = await self.update(change.user_id, change.patch, events=drafts)
+        return UpdateOutcome(before=before, after=after, caller_is_admin=caller_is_admin)
+
+    def _user(self, user_id: uuid.UUID) -> User | None:
+        row = self._rows.get(user_id)
+        return None if row is None else row.user
+
     async def set_password_hash(
         self, user_id: uuid.UUID, password_hash: str, *, events: Sequence[EventDraft] = ()
     ) -> User:
@@ -875,9 +912,13 @@ class UserServiceHarness:
 
 
 def user_service(
-    *, allow_signup: bool = True, yield_while_hashing: bool = False
+    *,
+    allow_signup: bool = True,
+    yield_while_hashing: bool = False,
+    writer: Callable[[FakeDatabase], UserWriter] | None = None,
 ) -> UserServiceHarness:
-    """A UserService on fresh fakes."""
+    """A UserService on fresh fakes; ``writer`` makes its UserWriter (by
+    default the service's own, through the fakes' units of work)."""
     db = FakeDatabase()
     hasher = FakePasswordHasher(db=db, yield_while_hashing=yield_while_hashing)
     revocations = FakeRevocationChecker(db)
@@ -887,6 +928,7 @@ def user_service(
         password_policy=PasswordPolicy(),
         allow_signup=allow_signup,
         sessions=session_revoker(revocations),
+        writer=None if writer is None else writer(db),
     )
     return UserServiceHarness(db, hasher, service, revocations)
 

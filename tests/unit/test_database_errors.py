@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from sqlalchemy import exc as sa_exc
 
@@ -24,6 +25,16 @@ def violation(constraint_name: str) -> sa_exc.IntegrityError:
 
 def test_a_violation_of_a_named_constraint_becomes_its_domain_error_chained() -> None:
     error = violation("uq_users_lower_email")
+    with pytest.raises(EmailAlreadyExists) as caught, translate_database_errors(EMAIL_TAKEN):
+        raise error
+    assert caught.value.__cause__ is error
+
+
+def test_a_violation_raised_by_the_driver_itself_is_matched_by_its_constraint_too() -> None:
+    # The lanes (usersvc.adapters.pooled_driver) call asyncpg directly.
+    error = asyncpg.exceptions.PostgresError.new(
+        {"C": "23505", "M": "duplicate key", "n": "uq_users_lower_email"}
+    )
     with pytest.raises(EmailAlreadyExists) as caught, translate_database_errors(EMAIL_TAKEN):
         raise error
     assert caught.value.__cause__ is error

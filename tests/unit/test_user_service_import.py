@@ -172,6 +172,20 @@ async def test_rows_are_written_in_batches_each_committed_on_its_own() -> None:
     assert (db.import_batches, db.commits) == ([3, 3, 2], 3)
 
 
+async def test_rows_with_large_labels_are_written_in_smaller_batches() -> None:
+    db = FakeDatabase()
+    # Each row: 17 + 60 characters of email and hash, 1,000 of labels; a
+    # batch is full once it holds 3 of them, far below its 100 rows.
+    labels = {f"k{n}": "v" * 98 for n in range(10)}
+    rows = [good(n, labels=labels) for n in range(7)]
+    budget = UserImporter(uow_factory=db.uow, batch_size=100, batch_characters=3000)
+
+    result = await budget.run(Stream(rows))
+
+    assert result.imported_count == 7
+    assert db.import_batches == [3, 3, 1]
+
+
 async def test_bad_rows_do_not_count_towards_a_batch() -> None:
     db = FakeDatabase()
 
@@ -268,6 +282,8 @@ async def test_errors_up_to_the_cap_are_not_truncated() -> None:
 def test_a_batch_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         UserImporter(uow_factory=FakeDatabase().uow, batch_size=0)
+    with pytest.raises(ValueError, match="batch_characters"):
+        UserImporter(uow_factory=FakeDatabase().uow, batch_characters=0)
 
 
 async def test_rows_arriving_together_leave_the_event_loop_to_other_tasks() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 from fakes import (
+    FakeDatabase,
     FakePasswordHasher,
     UserServiceHarness,
     as_admin,
@@ -22,8 +25,19 @@ from usersvc.domain.errors import (
     UserNotFound,
     WeakPassword,
 )
-from usersvc.domain.models import Principal, User, UserPatch, UserState
+from usersvc.domain.events import EventDraft, EventType
+from usersvc.domain.models import (
+    NO_VERSION,
+    Principal,
+    User,
+    UserPatch,
+    UserState,
+    etag_for,
+    version_in_etag,
+)
+from usersvc.domain.ports import UpdateOutcome, UserUpdate
 from usersvc.services.inputs import UpdateUserInput
+from usersvc.services.users import UnitOfWorkUserWriter
 
 MISSING = "0190a4b2-6c1e-7cc3-8a1b-00000000dead"
 OLD_PASSWORD = "the old passphrase"
@@ -221,6 +235,80 @@ async def test_updating_a_missing_user_is_not_found() -> None:
     h, _ = with_ann()
     with pytest.raises(UserNotFound):
         await update(h, as_admin(), MISSING, display_name="x")
+
+
+class RecordingWriter:
+    """A UserWriter that records what reaches it and runs it through the
+    fakes' unit of work, as the write lane would in one statement."""
+
+    def __init__(self, db: FakeDatabase) -> None:
+        self.changes: list[UserUpdate] = []
+        self._inner = UnitOfWorkUserWriter(db.uow)
+
+    async def update(
+        self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
+    ) -> UpdateOutcome:
+        self.changes.append(change)
+        return await self._inner.update(change, events=events)
+
+
+def with_writer() -> tuple[UserServiceHarness, RecordingWriter, User]:
+    writers: list[RecordingWriter] = []
+
+    def make(db: FakeDatabase) -> RecordingWriter:
+        writers.append(RecordingWriter(db))
+        return writers[0]
+
+    h = user_service(writer=make)
+    ann = h.db.insert("ann@example.com")
+    return h, writers[0], ann
+
+
+async def test_names_and_labels_go_to_the_one_statement_writer_with_the_etags_version() -> None:
+    h, writer, ann = with_writer()
+    updated = await update(h, as_user(ann), "me", etag=ann.etag, display_name="Ann", labels={})
+    assert [(c.user_id, c.expected_version, c.admin_caller) for c in writer.changes] == [
+        (ann.id, ann.version, None)
+    ]
+    assert h.db.user(ann.id) == updated
+
+
+@pytest.mark.parametrize("patch", [{"email": "ann2@example.com"}, {"roles": ("user",)}])
+async def test_email_and_role_changes_take_a_unit_of_work_not_the_writer(
+    patch: dict[str, object],
+) -> None:
+    h, writer, ann = with_writer()
+    admin = h.db.insert("admin@example.com", roles=("user", "admin"))
+    await update(h, as_admin(admin), str(ann.id), **patch)
+    assert writer.changes == []
+    assert h.db.user(ann.id) != ann
+
+
+async def test_a_role_change_carries_the_caller_for_the_stored_admin_rule() -> None:
+    h, ann = with_ann()
+    admin = h.db.insert("admin@example.com", roles=("user", "admin"))
+    updated = await update(h, as_admin(admin), str(ann.id), roles=("user", "admin"))
+    assert updated.roles == ("admin", "user")
+    [event] = [e for e in h.db.events if e.type == EventType.USER_UPDATED.value]
+    assert event.changed_fields == ("roles",)
+
+
+async def test_the_event_names_only_the_fields_whose_value_changed() -> None:
+    h, ann = with_ann(display_name="Ann", labels={"a": "b"})
+    await update(h, as_user(ann), "me", display_name="Ann", labels={"a": "c"})
+    [event] = [e for e in h.db.events if e.type == EventType.USER_UPDATED.value]
+    assert event.changed_fields == ("labels",)
+
+
+@pytest.mark.parametrize(
+    ("etag", "version"),
+    [("v7", 7), ("v1", 1), ("v07", NO_VERSION), ("7", NO_VERSION), ("v", NO_VERSION),
+     ("W/v7", NO_VERSION), ("v\u0667", NO_VERSION), ("v" + "9" * 19, NO_VERSION)],
+)
+def test_an_etag_names_a_version_only_when_etag_for_would_make_it(etag: str, version: int) -> None:
+    assert version_in_etag(etag) == version
+    if version != NO_VERSION:
+        assert etag_for(version) == etag
 
 
 # -- delete_user -------------------------------------------------------------------------

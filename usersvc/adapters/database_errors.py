@@ -41,6 +41,9 @@ NO_CONSTRAINT_ERRORS: ConstraintErrors = MappingProxyType({})
 # start-up (57P0x), and statement_timeout (57014).
 _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "28")
 _UNAVAILABLE_SQLSTATES = frozenset({"53300", "57014", "57P01", "57P02", "57P03"})
+# An integrity error raised by asyncpg itself, on the lanes that call the
+# driver directly (usersvc.adapters.pooled_driver).
+_RAW_INTEGRITY_ERROR = asyncpg.exceptions.IntegrityConstraintViolationError
 _STALE_STATEMENT_ERRORS = (
     asyncpg.exceptions.InvalidCachedStatementError,
     asyncpg.exceptions.OutdatedSchemaCacheError,
@@ -66,7 +69,7 @@ def translate_database_errors(
 def _translated(exc: Exception, constraints: ConstraintErrors) -> Exception | None:
     if isinstance(exc, DomainError):
         return None
-    if isinstance(exc, sa_exc.IntegrityError):
+    if isinstance(exc, sa_exc.IntegrityError | _RAW_INTEGRITY_ERROR):
         make_error = constraints.get(constraint_name_of(exc) or "")
         return None if make_error is None else make_error()
     if not is_unavailable(exc):

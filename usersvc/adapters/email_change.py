@@ -1,6 +1,6 @@
 """What changing a user's email does besides setting it: the new address is
 unverified, and the codes issued for the old one are void. Used by the
-single update (usersvc.adapters.repository); the batch update does the same
+single updates (usersvc.adapters.repository); the batch update does the same
 in its own set-based statements (usersvc.adapters.accounts)."""
 
 from __future__ import annotations
@@ -24,6 +24,16 @@ _VOID_CODES_ON_EMAIL_CHANGE = text(
 ).bindparams(bindparam("user_id", type_=Uuid()), bindparam("new_email", type_=Text()))
 
 
+# After an UPDATE of users that changed the email, in its transaction: the
+# row is locked by then, so no code can be issued in between, and a code
+# committed while the UPDATE waited for the lock is seen (a statement of its
+# own, with a snapshot taken after the lock).
+_VOID_OPEN_CODES = text(
+    "UPDATE user_codes SET void_time = now() WHERE user_id = :user_id "
+    "AND use_time IS NULL AND void_time IS NULL"
+).bindparams(bindparam("user_id", type_=Uuid()))
+
+
 def email_change_values(new_email: str) -> Mapping[str, Any]:
     """Extra column values of an UPDATE of users that sets the email to
     ``new_email``: email_verified survives only when the email stays the
@@ -43,3 +53,10 @@ async def void_codes_on_email_change(
         await session.execute(
             _VOID_CODES_ON_EMAIL_CHANGE, {"user_id": user_id, "new_email": new_email}
         )
+
+
+async def void_codes_after_email_change(session: AsyncSession, user_id: uuid.UUID) -> None:
+    """Void the user's open codes; run after the UPDATE that changed its
+    email, in the same transaction. Raises DatabaseUnavailable."""
+    with translate_database_errors():
+        await session.execute(_VOID_OPEN_CODES, {"user_id": user_id})

@@ -33,6 +33,7 @@ from sqlalchemy import (
     ColumnElement,
     Text,
     and_,
+    bindparam,
     case,
     func,
     insert,
@@ -85,6 +86,7 @@ def no_call() -> CallContext:
     """The context of work outside any call: no actor, no request id."""
     return NO_CALL
 
+
 _e = events_table.c
 _u = users_table.c
 # The snapshot holds exactly the columns a User carries (never the password
@@ -125,17 +127,44 @@ def _clean_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
     return {str(k)[:64]: str(v)[:MAX_ATTRIBUTE_LENGTH] for k, v in attributes.items()}
 
 
+# The bind parameters that stand for the call's actor and request id in a
+# statement built once and run for many calls (``with_events`` with
+# ``context=None``); ``call_parameters`` gives their values for one call.
+ACTOR_PARAMETER = "event_actor"
+REQUEST_ID_PARAMETER = "event_request_id"
+
+
+def call_parameters(context: CallContext) -> dict[str, str]:
+    """The values of ACTOR_PARAMETER and REQUEST_ID_PARAMETER for a call
+    made in ``context``. Raises nothing."""
+    return {ACTOR_PARAMETER: context.actor, REQUEST_ID_PARAMETER: context.request_id}
+
+
 def _event_columns(
-    draft: EventDraft, context: CallContext, user_id: Any, snapshot: Any
+    draft: EventDraft,
+    context: CallContext | None,
+    user_id: Any,
+    snapshot: Any,
+    changed_fields: Any = None,
 ) -> list[Any]:
+    actor: Any
+    request_id: Any
+    if context is None:
+        actor = bindparam(ACTOR_PARAMETER, type_=Text)
+        request_id = bindparam(REQUEST_ID_PARAMETER, type_=Text)
+    else:
+        actor = literal(context.actor, Text)
+        request_id = literal(context.request_id, Text)
+    if changed_fields is None:
+        changed_fields = literal(list(draft.changed_fields), ARRAY(Text))
     return [
         func.gen_random_uuid(),
         literal(draft.type.value, Text),
         user_id,
-        literal(context.actor, Text),
-        literal(context.request_id, Text),
+        actor,
+        request_id,
         snapshot,
-        literal(list(draft.changed_fields), ARRAY(Text)),
+        changed_fields,
         literal(_clean_attributes(draft.attributes), JSONB),
     ]
 
@@ -155,14 +184,40 @@ def with_events(
     if not drafts:
         return write
     changed = write.cte("changed")
+    return select(changed).add_cte(events_about(changed, drafts, context, snapshot=snapshot))
+
+
+def events_about(
+    changed: CTE,
+    drafts: Sequence[EventDraft],
+    context: CallContext | None,
+    *,
+    snapshot: bool = True,
+    changed_fields: str | None = None,
+) -> CTE:
+    """The INSERT of one event per draft per row of ``changed`` (a CTE of
+    a write returning the user columns, ``id`` at least), as a CTE for the
+    caller to attach to its statement (``add_cte``): PostgreSQL runs it
+    whether or not anything reads it. ``context=None``: the actor and
+    request id are the bind parameters ACTOR_PARAMETER and
+    REQUEST_ID_PARAMETER (``call_parameters``), for a statement built once.
+    ``changed_fields`` names a text[] column of ``changed`` holding each
+    row's changed fields, instead of the drafts' own (a write that finds
+    out in the statement which values it changed). Raises nothing."""
     recorded = insert(events_table).from_select(
-        _INSERT_COLUMNS, _rows_for(changed, drafts, context, snapshot=snapshot)
+        _INSERT_COLUMNS,
+        _rows_for(changed, drafts, context, snapshot=snapshot, changed_fields=changed_fields),
     )
-    return select(changed).add_cte(recorded.cte("recorded"))
+    return recorded.cte("recorded")
 
 
 def _rows_for(
-    changed: CTE, drafts: Sequence[EventDraft], context: CallContext, *, snapshot: bool
+    changed: CTE,
+    drafts: Sequence[EventDraft],
+    context: CallContext | None,
+    *,
+    snapshot: bool,
+    changed_fields: str | None,
 ) -> Any:
     selects = [
         select(
@@ -171,6 +226,7 @@ def _rows_for(
                 context,
                 changed.c.id,
                 _snapshot_of(changed.c) if snapshot else literal(None, JSONB),
+                None if changed_fields is None else changed.c[changed_fields],
             )
         ).select_from(changed)
         for draft in drafts
@@ -296,9 +352,7 @@ async def sequence_pending_on(connection: Any, *, batch: int = SEQUENCE_BATCH) -
         await connection.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCER_LOCK_KEY)
         numbers = [row[0] for row in await connection.fetch(SEQUENCE_SQL, batch)]
         if numbers:
-            await connection.execute(
-                "SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(max(numbers))
-            )
+            await connection.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(max(numbers)))
     return len(numbers)
 
 

@@ -6,12 +6,19 @@ dedicated PostgreSQL connection, every ``lock_retry`` seconds. The holder
 publishes; when it dies its connection closes, PostgreSQL releases the lock,
 and another replica takes over at its next try (within a few seconds).
 
-The holder publishes the unpublished numbered rows in sequence order, one
-at a time, waiting for each PubAck, and marks a row published only after
-its PubAck. A crash between the two publishes that event again on takeover,
-with the same ``Nats-Msg-Id`` (the event id), which JetStream drops as a
-duplicate within the stream's duplicate window; consumers de-duplicate by id
-beyond it. It wakes on new numbers (the events feed), else polls.
+The holder publishes the unpublished numbered rows in sequence order,
+pipelined: up to ``window`` publishes await their PubAck at once
+(usersvc.adapters.publish_window), and the PubAcks are taken in the order
+of the publishes. Rows are marked published only after their PubAck, in
+one UPDATE per ``batch`` acknowledged events: every unpublished sequence up
+to the highest whose PubAck, and all before it, came back. On any failure
+(no PubAck in time, a refusal, NATS gone) the rest of the window is
+dropped and publishing resumes from the first unacknowledged event, in
+order. A crash between a PubAck and its mark publishes that event again on
+takeover, with the same ``Nats-Msg-Id`` (the event id), which JetStream
+drops as a duplicate within the stream's duplicate window; consumers
+de-duplicate by id beyond it. It wakes on new numbers (the events feed),
+else polls.
 
 While NATS is down nothing else notices: writes only append rows, which
 wait in PostgreSQL. The relay reconnects with capped, jittered backoff,
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -31,12 +39,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, select, update
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.database_errors import translate_database_errors
 from usersvc.adapters.events import EVENT_COLUMNS, event_from_row
 from usersvc.adapters.orm import events_table
+from usersvc.adapters.publish_window import (
+    EXPECTED_STREAM,
+    PubAck,
+    PublishFailed,
+    PublishRejected,
+    PublishWindow,
+)
 from usersvc.adapters.revocations import Connector, equal_jitter_backoff, retry_forever
 from usersvc.domain.event_ports import EventFeed
 from usersvc.domain.events import StoredEvent
@@ -47,26 +63,42 @@ logger = logging.getLogger(__name__)
 RELAY_LOCK_KEY = 0x7573_6572_7376_0002
 STREAM_SUBJECTS = ["usersvc.>"]
 CONTENT_TYPE = "application/protobuf"
+# Publishes awaiting their PubAck at once.
+PUBLISH_WINDOW = 256
+# Publishes sent before the relay lets the event loop run other work (the
+# API's calls): a slice of a backlog holds the loop for about a millisecond.
+SEND_SLICE = 32
 
 _e = events_table.c
+_IS_UNPUBLISHED = (_e.published_at.is_(None), _e.sequence.is_not(None))
+# The first unpublished sequence after :after: an ordered scan of the
+# partial index ix_events_unpublished that stops at its first row.
+_FIRST = select(func.min(_e.sequence)).where(*_IS_UNPUBLISHED, _e.sequence > bindparam("after"))
+# The next :batch rows to publish. Unpublished numbers are contiguous (the
+# relay marks prefixes, the sequencer leaves no gaps), so they are found by
+# a range of :batch numbers from the first: every plan reads :batch index
+# entries at most, whatever the backlog, even when the table's statistics
+# predate it (ORDER BY ... LIMIT alone was planned as a sort of the whole
+# backlog then: each read grew with the backlog). A published row inside
+# the range only makes the read shorter; the next starts after it.
 _UNPUBLISHED = (
     select(*EVENT_COLUMNS)
-    .where(_e.published_at.is_(None), _e.sequence.is_not(None))
+    .where(
+        *_IS_UNPUBLISHED,
+        _e.sequence >= _FIRST.scalar_subquery(),
+        _e.sequence < _FIRST.scalar_subquery() + bindparam("batch"),
+    )
     .order_by(_e.sequence)
-    .limit(bindparam("batch"))
 )
-_MARK = (
+# Every unpublished numbered row up to a sequence: the relay read them all
+# (it reads the lowest unpublished first, and a number is visible only once
+# every lower one is, the sequencer being single-file) and they are acked.
+_MARK_UP_TO = (
     update(events_table)
-    .where(_e.id == any_(bindparam("event_ids", type_=ARRAY(Uuid))))
+    .where(*_IS_UNPUBLISHED, _e.sequence <= bindparam("up_to"))
     .values(published_at=func.now())
 )
-_BACKLOG = (
-    select(func.count())
-    .select_from(events_table)
-    .where(_e.published_at.is_(None), _e.sequence.is_not(None))
-)
-# Rows marked published per statement.
-MARK_CHUNK = 100
+_BACKLOG = select(func.count()).select_from(events_table).where(*_IS_UNPUBLISHED)
 
 
 @dataclass(frozen=True)
@@ -86,6 +118,11 @@ class RelayStats:
     errors: int = 0
     last_sequence: int = 0
     is_publisher: bool = False
+    # The most publishes that awaited their PubAck at once.
+    peak_in_flight: int = 0
+    # Windows restarted because something else published into the stream
+    # between two of ours (not an error: resent in order, at once).
+    restarts: int = 0
 
 
 def cloudevents_headers(event: StoredEvent, source: str) -> dict[str, str]:
@@ -119,6 +156,7 @@ class NatsEventRelay:
         encode: Callable[[StoredEvent], bytes],
         feed: EventFeed | None = None,
         batch: int = 500,
+        window: int = PUBLISH_WINDOW,
         lock_retry: float = 1.0,
         poll_interval: float = 1.0,
         publish_timeout: float = 2.0,
@@ -134,6 +172,7 @@ class NatsEventRelay:
         self._encode = encode
         self._feed = feed
         self._batch = batch
+        self._window = window
         self._lock_retry = lock_retry
         self._poll_interval = poll_interval
         self._publish_timeout = publish_timeout
@@ -141,6 +180,7 @@ class NatsEventRelay:
         self._backoff_max = backoff_max
         self._task: asyncio.Task[None] | None = None
         self._nats: Any = None
+        self._publisher: JetStreamPublisher | None = None
         self._stream_ready = False
         self._nats_down_logged = False
         self._hooks = hooks or RelayHooks()
@@ -199,7 +239,7 @@ class NatsEventRelay:
                 raise ConnectionError("lost the database connection of the publisher lock")
             known = 0 if self._feed is None else self._feed.latest
             try:
-                published = await self._publish_batch(lost)
+                caught_up = await self._publish_pending(lost)
                 nats_failures = 0
             except _NatsUnavailable as exc:
                 nats_failures += 1
@@ -216,7 +256,7 @@ class NatsEventRelay:
                     async with asyncio.timeout(self._backoff(nats_failures)):
                         await lost.wait()
                 continue
-            if published < self._batch:
+            if caught_up:
                 await self._wait_for_more(known)
 
     async def _wait_for_more(self, known: int) -> None:
@@ -227,53 +267,78 @@ class NatsEventRelay:
         else:
             await asyncio.sleep(self._poll_interval)
 
-    async def _publish_batch(self, lost: asyncio.Event) -> int:
+    async def _publish_pending(self, lost: asyncio.Event) -> bool:
+        """Publish the unpublished rows, in order, ``batch`` rows read at a
+        time, the window kept full across reads. Returns True once none is
+        left (False: resume at once). Raises _NatsUnavailable,
+        DatabaseUnavailable."""
+        rows = await self._unpublished(after=0)
+        if not rows:
+            return True
+        publisher = await self._jetstream()
+        acked = _Acked(self)
+        window: PublishWindow[StoredEvent] = PublishWindow(
+            publisher, size=self._window, timeout=self._publish_timeout, on_ack=acked.add
+        )
+        following: asyncio.Task[list[RowMapping]] | None = None
+        sent = 0
+        try:
+            while True:
+                # The next rows are read while these go out: the window
+                # does not run dry waiting for PostgreSQL.
+                if len(rows) == self._batch:
+                    following = asyncio.create_task(
+                        self._unpublished(after=rows[-1]["sequence"]),
+                        name="usersvc-events-relay-read",
+                    )
+                for row in rows:
+                    if lost.is_set():
+                        return False
+                    event = event_from_row(row)
+                    headers = cloudevents_headers(event, self._source)
+                    headers[EXPECTED_STREAM] = self._stream
+                    await window.send(event, event.type, self._encode(event), headers)
+                    sent += 1
+                    if sent % SEND_SLICE == 0:
+                        await asyncio.sleep(0)
+                acked.mark_now_and_then()
+                if following is None:
+                    break
+                rows, following = await following, None
+            await window.drain()
+        except PublishRejected as exc:
+            if not exc.out_of_turn:
+                raise _NatsUnavailable(str(exc)) from exc
+            # Something else published into the stream between two of ours:
+            # the window's later publishes were refused (their expected last
+            # message is not last); resend from the refused one, at once.
+            self.stats.restarts += 1
+            return False
+        except PublishFailed as exc:
+            raise _NatsUnavailable(str(exc)) from exc
+        finally:
+            if following is not None:
+                await _cancelled(following)
+            window.discard()
+            self.stats.peak_in_flight = max(self.stats.peak_in_flight, window.peak)
+            # Only rows whose PubAck (and every earlier one) came back; a
+            # crash before this line republishes them with the same ids.
+            await acked.mark_all()
+        if self._nats_down_logged and acked.count:
+            self._nats_down_logged = False
+            logger.info("NATS is back; publishing the events that waited")
+        return True
+
+    async def _unpublished(self, *, after: int) -> list[RowMapping]:
         with translate_database_errors():
             async with self._engine.connect() as conn:
-                rows = (await conn.execute(_UNPUBLISHED, {"batch": self._batch})).mappings().all()
+                result = await conn.execute(_UNPUBLISHED, {"after": after, "batch": self._batch})
+                rows = list(result.mappings().all())
         if self._hooks.on_backlog is not None and time.monotonic() >= self._next_count:
             # At most once a second: the gauge, not the publishing, pays.
             self._next_count = time.monotonic() + 1.0
             await self._count_backlog()
-        if not rows:
-            return 0
-        js = await self._jetstream()
-        done = 0
-        acked: list[Any] = []
-        try:
-            for row in rows:
-                if lost.is_set():
-                    break
-                event = event_from_row(row)
-                try:
-                    await js.publish(
-                        event.type,
-                        self._encode(event),
-                        timeout=self._publish_timeout,
-                        stream=self._stream,
-                        headers=cloudevents_headers(event, self._source),
-                    )
-                except Exception as exc:
-                    raise _NatsUnavailable(f"{type(exc).__name__}: {exc}") from exc
-                acked.append(event.id)
-                if self._hooks.on_published is not None:
-                    lag = (datetime.now(UTC) - event.create_time).total_seconds()
-                    self._hooks.on_published(lag)
-                done += 1
-                self.stats.published += 1
-                self.stats.last_sequence = event.sequence
-                if len(acked) >= MARK_CHUNK:
-                    await self._mark(acked)
-                    acked = []
-        finally:
-            # Only rows whose PubAck came back; a crash before this line
-            # republishes them with the same ids (JetStream drops those).
-            if acked:
-                await self._mark(acked)
-        if self._nats_down_logged and done:
-            self._nats_down_logged = False
-            logger.info("NATS is back; publishing the events that waited")
-        return done
+        return rows
 
     async def _count_backlog(self) -> None:
         assert self._hooks.on_backlog is not None
@@ -282,16 +347,17 @@ class NatsEventRelay:
                 count = await conn.scalar(_BACKLOG)
         self._hooks.on_backlog(int(count or 0))
 
-    async def _mark(self, event_ids: list[Any]) -> None:
+    async def _mark_up_to(self, sequence: int) -> None:
         with translate_database_errors():
             async with self._engine.begin() as conn:
-                await conn.execute(_MARK, {"event_ids": event_ids})
+                await conn.execute(_MARK_UP_TO, {"up_to": sequence})
 
-    async def _jetstream(self) -> Any:
-        if self._nats is None or not self._nats.is_connected:
+    async def _jetstream(self) -> JetStreamPublisher:
+        if self._nats is None or not self._nats.is_connected or self._publisher is None:
             await self._close_nats()
             import nats
 
+            publisher = JetStreamPublisher()
             try:
                 self._nats = await nats.connect(
                     self._nats_url,
@@ -302,18 +368,20 @@ class NatsEventRelay:
                     max_reconnect_attempts=1,
                     reconnect_time_wait=0.1,
                     error_cb=_quiet,
-                    disconnected_cb=_quiet_cb,
-                    closed_cb=_quiet_cb,
+                    # This connection's outstanding publishes fail at once.
+                    disconnected_cb=publisher.connection_lost,
+                    closed_cb=publisher.connection_lost,
                     name="usersvc-events-relay",
                 )
+                await publisher.attach(self._nats)
             except Exception as exc:
                 raise _NatsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            self._publisher = publisher
             self._stream_ready = False
-        js = self._nats.jetstream(timeout=self._publish_timeout)
         if not self._stream_ready:
-            await self._ensure_stream(js)
+            await self._ensure_stream(self._nats.jetstream(timeout=self._publish_timeout))
             self._stream_ready = True
-        return js
+        return self._publisher
 
     async def _ensure_stream(self, js: Any) -> None:
         from nats.js.errors import NotFoundError
@@ -328,19 +396,174 @@ class NatsEventRelay:
 
     async def _close_nats(self) -> None:
         client, self._nats = self._nats, None
+        self._publisher = None
         if client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), timeout=2)
+            await _close_client(client)
+
+
+class _Acked:
+    """The acknowledged prefix of one run of the relay (what ``on_ack`` of
+    its window hears, in order) and its marking: one UPDATE per ``batch``
+    PubAcks, in the background, one at a time, so that the window keeps
+    going while PostgreSQL writes."""
+
+    def __init__(self, relay: NatsEventRelay) -> None:
+        self._relay = relay
+        self._marking: asyncio.Task[None] | None = None
+        self.up_to = 0  # the highest sequence acked with all before it
+        self.marked = 0
+        self.count = 0
+
+    def add(self, event: StoredEvent, _ack: PubAck) -> None:
+        relay = self._relay
+        hook = relay._hooks.on_published
+        if hook is not None:
+            hook((datetime.now(UTC) - event.create_time).total_seconds())
+        self.up_to = event.sequence
+        self.count += 1
+        relay.stats.published += 1
+        relay.stats.last_sequence = event.sequence
+
+    def mark_now_and_then(self) -> None:
+        """Start marking what is acked when a batch is, unless a mark is
+        still running. Raises DatabaseUnavailable of the previous mark."""
+        if self._marking is not None:
+            if not self._marking.done():
+                return
+            marking, self._marking = self._marking, None
+            marking.result()
+        if self.up_to - self.marked >= self._relay._batch:
+            self.marked = self.up_to
+            self._marking = asyncio.create_task(
+                self._relay._mark_up_to(self.marked), name="usersvc-events-relay-mark"
+            )
+
+    async def mark_all(self) -> None:
+        """Wait for the running mark, then mark the rest. Raises
+        DatabaseUnavailable."""
+        marking, self._marking = self._marking, None
+        if marking is not None:
+            await marking
+        if self.up_to > self.marked:
+            self.marked = self.up_to
+            await self._relay._mark_up_to(self.marked)
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end, whatever it raised."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: it is not lost, only no longer wanted
+
+
+class JetStreamPublisher:
+    """publish_window.AckingPublisher over one nats-py connection: core
+    publishes, each with a reply subject of its own under one inbox, whose
+    single subscription resolves the PubAck futures. (nats-py's
+    JetStreamContext.publish_async leaves a future unresolved when
+    JetStream answers with an error: a refusal would look like a timeout.)"""
+
+    def __init__(self) -> None:
+        self._client: Any = None
+        self._prefix = ""
+        self._next = 0
+        self._waiting: dict[str, asyncio.Future[PubAck]] = {}
+
+    async def attach(self, client: Any) -> None:
+        """Subscribe to this connection's PubAck inbox. Raises what
+        nats-py raises."""
+        self._client = client
+        self._prefix = client.new_inbox() + "."
+        await client.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[PubAck]:
+        """Send the message now; the future holds its PubAck, or a
+        PublishFailed. Raises what nats-py's publish raises (closed
+        connection, message over the server's limit)."""
+        self._next += 1
+        token = str(self._next)
+        ack: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = ack
+        try:
+            await self._client.publish(
+                subject, payload, reply=self._prefix + token, headers=headers
+            )
+        except BaseException:
+            del self._waiting[token]
+            raise
+        return ack
+
+    async def connection_lost(self) -> None:
+        """The connection is gone: every outstanding publish fails now
+        rather than at its timeout. Raises nothing."""
+        waiting, self._waiting = self._waiting, {}
+        for ack in waiting.values():
+            if not ack.done():
+                ack.set_exception(PublishFailed("the NATS connection was lost"))
+
+    async def _on_reply(self, msg: Any) -> None:
+        ack = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if ack is None or ack.done():
+            return  # a publish given up on (a dropped window)
+        try:
+            ack.set_result(_pub_ack(msg))
+        except PublishFailed as exc:
+            ack.set_exception(exc)
+
+
+def _pub_ack(msg: Any) -> PubAck:
+    """The PubAck in a reply. Raises PublishRejected for an error reply
+    (or no stream), PublishFailed for one that is not JSON."""
+    if msg.headers and msg.headers.get("Status") == "503":
+        raise PublishRejected(503, 0, "no stream takes the subject")
+    try:
+        reply = json.loads(msg.data)
+    except ValueError as exc:
+        raise PublishFailed(f"not a PubAck: {msg.data[:80]!r}") from exc
+    error = reply.get("error")
+    if error is not None:
+        raise PublishRejected(
+            int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description"))
+        )
+    return PubAck(
+        stream=str(reply.get("stream", "")),
+        sequence=int(reply.get("seq", 0)),
+        duplicate=bool(reply.get("duplicate", False)),
+    )
 
 
 class _NatsUnavailable(Exception):
     pass
 
 
+async def _close_client(client: Any) -> None:
+    """Close a nats-py connection and end its tasks. Raises nothing."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.close(), timeout=2)
+    # nats-py's close stops half-way when the socket broke while publishes
+    # were still buffered (its last flush raises): the tasks of the
+    # connection's subscriptions are then never cancelled, and its flusher
+    # ends with an exception nobody retrieves. End and collect them here.
+    tasks = [
+        getattr(sub, "_wait_for_msgs_task", None) for sub in getattr(client, "_subs", {}).values()
+    ]
+    tasks += [
+        getattr(client, name, None)
+        for name in ("_flusher_task", "_reading_task", "_ping_interval_task")
+    ]
+    ours = [task for task in tasks if isinstance(task, asyncio.Task)]
+    for task in ours:
+        task.cancel()
+    if ours:
+        await asyncio.wait(ours, timeout=2)
+    for task in ours:
+        if task.done() and not task.cancelled():
+            task.exception()
+
+
 async def _quiet(_exc: Exception) -> None:
     # The relay logs outages itself, once; nats-py would log every attempt.
-    return None
-
-
-async def _quiet_cb() -> None:
     return None

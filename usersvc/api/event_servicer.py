@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from usersvc_protos.v1 import event_service_pb2 as pb
 from usersvc_protos.v1 import event_service_pb2_grpc
@@ -29,22 +28,20 @@ EVENT_SERVICE = pb.DESCRIPTOR.services_by_name["EventService"].full_name
 
 def event_to_proto(event: StoredEvent) -> pb.Event:
     """The wire form of ``event``. Raises ValueError for a naive timestamp."""
-    create_time = timestamp_pb2.Timestamp()
-    create_time.FromDatetime(event.create_time)
-    message = pb.Event(
+    # Built in one constructor call: the relay encodes every event it
+    # publishes, and a user set afterwards with CopyFrom costs a second copy.
+    return pb.Event(
         id=str(event.id),
         sequence=event.sequence,
         type=event.type,
         user_id="" if event.user_id is None else str(event.user_id),
         actor=event.actor,
         request_id=event.request_id,
-        create_time=create_time,
+        create_time=mappers.timestamp_to_proto(event.create_time),
         changed_fields=event.changed_fields,
         attributes=event.attributes,
+        user=None if event.user is None else mappers.user_to_proto(event.user),
     )
-    if event.user is not None:
-        message.user.CopyFrom(mappers.user_to_proto(event.user))
-    return message
 
 
 class EventServicer(event_service_pb2_grpc.EventServiceServicer):

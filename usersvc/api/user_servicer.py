@@ -3,6 +3,11 @@
 Each RPC is thin: request -> service input, one service call as the caller
 from the request context, result -> response. Domain errors are not caught
 here: ``ErrorMappingInterceptor`` turns them into statuses in one place.
+
+The methods whose responses may reach 4 MiB (ListUsers and the batch reads
+and writes) answer with the response already encoded, a user at a time
+(usersvc.api.mappers.encode_users_response); the server passes those bytes
+to the client as they are (usersvc.api.interceptors.encoded_responses).
 """
 
 from __future__ import annotations
@@ -83,13 +88,13 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         )
         return pb.LookupUserResponse(user=mappers.user_to_proto(user))
 
-    async def ListUsers(
+    async def ListUsers(  # type: ignore[override]  # answers encoded bytes
         self, request: pb.ListUsersRequest, context: _Context
-    ) -> pb.ListUsersResponse:
+    ) -> bytes:
         result = await self._users.list_users(
             principal=current_principal(), request=mappers.list_users_input(request)
         )
-        return await mappers.user_list_response(result)
+        return await mappers.encoded_user_list_response(result)
 
     async def UpdateUser(
         self, request: pb.UpdateUserRequest, context: _Context
@@ -152,15 +157,15 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         )
         return pb.BatchCreateUsersResponse(users=mappers.users_to_proto(users))
 
-    async def BatchGetUsers(
+    async def BatchGetUsers(  # type: ignore[override]  # answers encoded bytes
         self, request: pb.BatchGetUsersRequest, context: _Context
-    ) -> pb.BatchGetUsersResponse:
+    ) -> bytes:
         users = await self._users.batch_get_users(
             principal=current_principal(),
             user_ids=tuple(request.ids),
             role_check=current_role_check(),
         )
-        return await mappers.batch_users_response(pb.BatchGetUsersResponse, users)
+        return await mappers.encoded_batch_users_response(pb.BatchGetUsersResponse, users)
 
     async def ImportUsers(
         self, request_iterator: AsyncIterator[pb.ImportUsersRequest], context: _Context
@@ -171,22 +176,22 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         )
         return mappers.import_users_response(result)
 
-    async def BatchUpdateUsers(
+    async def BatchUpdateUsers(  # type: ignore[override]  # answers encoded bytes
         self, request: pb.BatchUpdateUsersRequest, context: _Context
-    ) -> pb.BatchUpdateUsersResponse:
+    ) -> bytes:
         users = await self._batches().batch_update_users(
             principal=current_principal(), requests=mappers.batch_update_user_inputs(request)
         )
-        return await mappers.batch_users_response(pb.BatchUpdateUsersResponse, users)
+        return await mappers.encoded_batch_users_response(pb.BatchUpdateUsersResponse, users)
 
-    async def BatchDeleteUsers(
+    async def BatchDeleteUsers(  # type: ignore[override]  # answers encoded bytes
         self, request: pb.BatchDeleteUsersRequest, context: _Context
-    ) -> pb.BatchDeleteUsersResponse:
+    ) -> bytes:
         users = await self._batches().batch_delete_users(
             principal=current_principal(),
             requests=[DeleteItem(item.id, item.etag) for item in request.requests],
         )
-        return await mappers.batch_users_response(pb.BatchDeleteUsersResponse, users)
+        return await mappers.encoded_batch_users_response(pb.BatchDeleteUsersResponse, users)
 
     async def CreateEmailVerificationCode(
         self, request: pb.CreateEmailVerificationCodeRequest, context: _Context

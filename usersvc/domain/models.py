@@ -65,6 +65,22 @@ def etag_for(version: int) -> str:
     return f"v{version}"
 
 
+# A version no row has (versions start at 1): what an etag that etag_for
+# never made stands for in a conditional write.
+NO_VERSION = 0
+
+
+def version_in_etag(etag: str) -> int:
+    """The row version whose etag (etag_for) is exactly ``etag``, or
+    NO_VERSION when no version has it ("v05", "W/x"): a write conditional
+    on it then matches no row, as comparing the etags would. Raises
+    nothing."""
+    digits = etag[1:]
+    if etag[:1] != "v" or not digits.isascii() or not digits.isdigit() or len(digits) > 18:
+        return NO_VERSION
+    version = int(digits)
+    return version if etag_for(version) == etag else NO_VERSION
+
 
 @dataclass(frozen=True, slots=True)
 class Credentials:

@@ -108,6 +108,20 @@ class UserRepository(Protocol):
         """Apply the patch, bump version and update_time. Raises
         EmailAlreadyExists, UserNotFound."""
 
+    async def update_checked(
+        self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
+    ) -> UpdateOutcome:
+        """Apply ``change.patch`` when the user exists, is not deleted and
+        passes ``change``'s etag and admin rules, in one statement that
+        locks the row until the unit of work ends; bump version and
+        update_time. The drafts' changed_fields are not used: each event
+        gets the patched fields whose value the write changed, compared with
+        the latest committed version (``UserPatch.changed_fields`` of
+        ``outcome.before``). A changed email clears email_verified and voids
+        the user's live codes. Nothing is written when a rule refuses (the
+        outcome tells which). Raises EmailAlreadyExists (the transaction is
+        then aborted)."""
+
     async def set_password_hash(
         self, user_id: uuid.UUID, password_hash: str, *, events: Sequence[EventDraft] = ()
     ) -> User:
@@ -136,6 +150,35 @@ class UserRepository(Protocol):
         """The number of users matching: exact when at most ``exact_up_to``
         do, otherwise an estimate (never below ``exact_up_to + 1``) that
         does not read every match."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserUpdate:
+    """An update of one user and the rules it must pass, all checked by the
+    write itself (UserRepository.update_checked)."""
+
+    user_id: uuid.UUID
+    patch: UserPatch
+    # The version the caller's etag names (usersvc.domain.models
+    # .version_in_etag): the write applies only to that version. None: to
+    # any version.
+    expected_version: int | None = None
+    # A privilege-granting change (roles): this user must be an active
+    # admin in the database, not merely in its token. None: no such rule.
+    admin_caller: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateOutcome:
+    """What a checked update found and did. ``before`` is the latest
+    committed version of the user (None: there is no such user), ``after``
+    the user as written (None: a rule refused the write; ``before`` and
+    ``caller_is_admin`` tell which). ``caller_is_admin`` is the admin rule's
+    answer, True when the update had none."""
+
+    before: User | None
+    after: User | None
+    caller_is_admin: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +433,22 @@ class UserReader(Protocol):
     async def get_by_email(self, email: str, *, role_check: RoleCheck | None = None) -> User | None:
         """Case-insensitive match, deleted included. Raises
         DatabaseUnavailable, TokenRevoked."""
+
+
+class UserWriter(Protocol):
+    """Updates that are one statement committed on its own, outside any
+    unit of work: nothing else has to happen in their transaction. Not for
+    patches of email (its codes are voided in the same transaction) or roles
+    (the user's sessions end in the same transaction): those go through
+    UserRepository.update_checked in a unit of work."""
+
+    async def update(
+        self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
+    ) -> UpdateOutcome:
+        """UserRepository.update_checked, committed. Raises ValueError for a
+        patch of email or roles (a programming error), DatabaseUnavailable
+        (also when the connection is lost during the statement: the write
+        may then have been committed)."""
 
 
 class RevocationChecker(Protocol):

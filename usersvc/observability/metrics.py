@@ -1,5 +1,6 @@
 """Prometheus metrics: gRPC server calls, the connection pool, logins, rate
-limits and revocations, served on USERSVC_METRICS_ADDR.
+limits, revocations, events and the event loop's lag, served on
+USERSVC_METRICS_ADDR.
 
 The call metrics carry go-grpc-prometheus's names and labels
 (``grpc_server_started_total``, ``grpc_server_handled_total``,
@@ -27,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -36,11 +38,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from usersvc.config import split_host_port
+from usersvc.observability.loop_lag import LoopLagMonitor, WindowedMax
 
 logger = logging.getLogger("usersvc.metrics")
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 POOL_SAMPLE_SECONDS = 1.0
+# From "as meant" (a few milliseconds: docs/performance.md) to a stall that
+# health checks and the database monitor would notice.
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 # grpc.StatusCode names to the names Go's codes.Code.String() gives, which
 # go-grpc-prometheus puts in grpc_code (note Go's spelling "Canceled").
@@ -266,6 +272,30 @@ class Metrics:
             registry=registry,
             multiprocess_mode="max",
         )
+        self._loop_lag = Histogram(
+            "usersvc_event_loop_lag_seconds",
+            "How late the event loop woke a task sleeping 10 ms: how long something "
+            "held the loop (every call of the process waits that long).",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
+        self._loop_hold = Histogram(
+            "usersvc_event_loop_hold_seconds",
+            "The part of each event loop lag the loop's thread was computing (CPU "
+            "time): a step that did not yield, without the time the process waited "
+            "for a CPU.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
+        self._loop_lag_max = Gauge(
+            "usersvc_event_loop_lag_max_seconds",
+            "The longest event loop lag of the last minute (50-60 s); with workers, "
+            "the largest of the live workers'.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self._lag_window = WindowedMax()
+        self._lag_monitor = LoopLagMonitor(self.loop_lag)
         # Known label values start at 0, so rate() sees the first event.
         for outcome in LOGIN_OUTCOMES:
             self._logins.labels(outcome)
@@ -304,6 +334,14 @@ class Metrics:
     def events_unpublished(self, count: int) -> None:
         self._events_unpublished.set(count)
 
+    def loop_lag(self, lag: float, hold: float, now: float | None = None) -> None:
+        """Record one measurement of the event loop's lag and hold
+        (usersvc.observability.loop_lag; ``now``: the monotonic time of it,
+        by default the current). Raises nothing."""
+        self._loop_lag.observe(lag)
+        self._loop_hold.observe(hold)
+        self._loop_lag_max.set(self._lag_window.add(lag, time.monotonic() if now is None else now))
+
     def watch_pool(self, pool: PoolLike) -> None:
         """Report ``pool`` in the pool gauges: read at scrape time in one
         process; in multiprocess mode sampled by ``start`` instead. A pool
@@ -328,8 +366,9 @@ class Metrics:
             gauge.set(getattr(stats, attribute))
 
     def start(self) -> None:
-        """Start sampling the pool (multiprocess mode only). Call from the
-        event loop. Raises nothing."""
+        """Start measuring the event loop's lag, and sampling the pool
+        (multiprocess mode only). Call from the event loop. Raises nothing."""
+        self._lag_monitor.start()
         if self._pool_gauges and self._sampler is None:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
 
@@ -339,6 +378,7 @@ class Metrics:
             self._sample_pool()
 
     async def stop(self) -> None:
+        await self._lag_monitor.stop()
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

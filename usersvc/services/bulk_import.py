@@ -46,6 +46,13 @@ from usersvc.domain.validation import (
 # cancelled call loses little work. The database's throughput was flat from
 # 1,000 to 5,000 (usersvc.adapters.repository.bulk_import).
 DEFAULT_BATCH_SIZE = 2000
+# Characters of user data (emails, hashes, names, roles, labels) per unit of
+# work: the row count bounds batches of small rows, this bounds large ones.
+# The driver encodes a statement's parameters in one step on the event loop
+# (about 2 ms per MiB), and 2,000 users with the largest labels would be
+# 40 MB in one statement: a loop held for most of a tenth of a second, and
+# more than the default statement_timeout on a busy database.
+DEFAULT_BATCH_CHARACTERS = 1024 * 1024
 # Rows validated between two returns to the event loop. A message may hold
 # 10,000 rows that arrive together; validating a row costs tens of
 # microseconds, so without a pause a message held the loop for most of a
@@ -175,29 +182,46 @@ class _Batch:
     rows: list[int] = field(default_factory=list)  # each user's index in the stream
     # Normalised email -> row of the first user of the batch holding it.
     emails: dict[str, int] = field(default_factory=dict)
+    # Of the users' strings (see _characters).
+    characters: int = 0
+
+
+def _characters(user: ImportedUser) -> int:
+    return (
+        len(user.email)
+        + len(user.password_hash)
+        + len(user.display_name)
+        + sum(len(role) for role in user.roles)
+        + sum(len(key) + len(value) for key, value in user.labels.items())
+    )
 
 
 class UserImporter:
     """Validates a stream of rows and writes the valid ones in batches of
-    ``batch_size`` users, each batch in its own unit of work from
-    ``uow_factory``; ``clock`` (aware datetimes) bounds create_time."""
+    ``batch_size`` users (fewer when they hold ``batch_characters`` of data
+    before that), each batch in its own unit of work from ``uow_factory``;
+    ``clock`` (aware datetimes) bounds create_time."""
 
     def __init__(
         self,
         *,
         uow_factory: UnitOfWorkFactory,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_characters: int = DEFAULT_BATCH_CHARACTERS,
         max_reported_errors: int = MAX_REPORTED_ERRORS,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        """Raises ValueError for a batch size below 1 or a negative error
-        limit."""
+        """Raises ValueError for a batch size or character budget below 1
+        or a negative error limit."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if batch_characters < 1:
+            raise ValueError(f"batch_characters must be at least 1, got {batch_characters}")
         if max_reported_errors < 0:
             raise ValueError(f"max_reported_errors must be >= 0, got {max_reported_errors}")
         self._uow_factory = uow_factory
         self._batch_size = batch_size
+        self._batch_characters = batch_characters
         self._max_errors = max_reported_errors
         self._clock = clock
 
@@ -224,7 +248,10 @@ class UserImporter:
                     tally.fail(outcome)
                 else:
                     self._add(batch, outcome, index, tally)
-                    if len(batch.users) >= self._batch_size:
+                    if (
+                        len(batch.users) >= self._batch_size
+                        or batch.characters >= self._batch_characters
+                    ):
                         # Batches are written one after the other: a clash
                         # with a row of an earlier batch is only seen once
                         # that batch is committed.
@@ -259,6 +286,7 @@ class UserImporter:
             return
         batch.users.append(user)
         batch.rows.append(index)
+        batch.characters += _characters(user)
 
     async def _write(self, batch: _Batch, tally: _Tally) -> None:
         async with self._uow_factory() as uow:

@@ -44,6 +44,7 @@ from usersvc.domain.models import (
     User,
     UserPatch,
     UserState,
+    version_in_etag,
 )
 from usersvc.domain.passwords import PasswordPolicy
 from usersvc.domain.ports import (
@@ -52,7 +53,10 @@ from usersvc.domain.ports import (
     PasswordHasher,
     UnitOfWork,
     UnitOfWorkFactory,
+    UpdateOutcome,
     UserReader,
+    UserUpdate,
+    UserWriter,
 )
 from usersvc.domain.role_checks import RoleCheck
 from usersvc.domain.validation import (
@@ -143,6 +147,27 @@ async def _settle(uow: UnitOfWork, role_check: RoleCheck | None) -> None:
         role_check.settle_on(await uow.users.get(role_check.account_id))
 
 
+class UnitOfWorkUserWriter:
+    """usersvc.domain.ports.UserWriter through a unit of work per update:
+    for compositions without a write lane (the unit tests' fakes)."""
+
+    def __init__(self, uow_factory: UnitOfWorkFactory) -> None:
+        self._uow_factory = uow_factory
+
+    async def update(
+        self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
+    ) -> UpdateOutcome:
+        """Raises ValueError for a patch of email or roles (as the write
+        lane), DatabaseUnavailable."""
+        if change.patch.email is not None or change.patch.roles is not None:
+            raise ValueError("email and roles changes need a unit of work")
+        async with self._uow_factory() as uow:
+            outcome = await uow.users.update_checked(change, events=events)
+            if outcome.after is not None:
+                await uow.commit()
+        return outcome
+
+
 class UserService:
     def __init__(
         self,
@@ -153,14 +178,17 @@ class UserService:
         allow_signup: bool,
         sessions: SessionRevoker,
         reader: UserReader | None = None,
+        writer: UserWriter | None = None,
         page_token_keys: Callable[[], Sequence[bytes]] | None = None,
         lockout: LockoutPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``reader`` serves the plain reads (get_user, lookup_user,
         batch_get_users) outside a unit of work; without one they read
-        through a unit of work. ``page_token_keys`` returns the current
-        HMAC keys of page tokens, the first tagging new ones (the server's:
+        through a unit of work. ``writer`` likewise serves the updates that
+        are one statement (update_user of display_name and labels).
+        ``page_token_keys`` returns the current HMAC keys of page tokens,
+        the first tagging new ones (the server's:
         usersvc.services.tokens.KeyRing.page_token_keys); without it, a
         random key of this instance, so tokens work only where issued.
         ``lockout`` and ``clock`` are the login's (usersvc.services.auth): a
@@ -170,6 +198,7 @@ class UserService:
         self._clock = clock
         self._uow_factory = uow_factory
         self._reader: UserReader = reader or UnitOfWorkUserReader(uow_factory)
+        self._writer: UserWriter = writer or UnitOfWorkUserWriter(uow_factory)
         self._hasher = hasher
         self._policy = password_policy
         self._allow_signup = allow_signup
@@ -591,16 +620,31 @@ class UserService:
             check_self_service_labels(normalized.labels, field="user.labels", errors=errors)
         validate_etag(request.etag, field="user.etag", errors=errors)
         raise_for_violations(errors)
+        # One conditional UPDATE checks every rule (state, etag, the stored
+        # admin role for a role change), writes the user and its event, and
+        # returns the version it replaced, which tells which rule refused a
+        # write without a second look (usersvc.adapters.repository.user_update).
+        change = UserUpdate(
+            user_id=target,
+            patch=normalized,
+            expected_version=version_in_etag(request.etag) if request.etag else None,
+            admin_caller=principal.user_id() if normalized.roles is not None else None,
+        )
+        if normalized.email is None and normalized.roles is None:
+            # Nothing else happens in the transaction: the statement commits
+            # on its own (usersvc.domain.ports.UserWriter).
+            outcome = await self._writer.update(change, events=_UPDATED)
+            return _updated(principal, target, request.etag, outcome)
         revocation = None
         async with self._uow_factory() as uow:
-            current = await _lock_live(uow, principal, target, etag=request.etag)
-            if normalized.roles is not None:
-                await _ensure_caller_still_admin(uow, principal, current)
-            changed = normalized.changed_fields(current)
-            user = await uow.users.update(
-                target, normalized, events=[EventDraft(EventType.USER_UPDATED, changed)]
-            )
-            if normalized.roles is not None and set(normalized.roles) != set(current.roles):
+            outcome = await uow.users.update_checked(change, events=_UPDATED)
+            user = _updated(principal, target, request.etag, outcome)
+            before = outcome.before
+            if (
+                normalized.roles is not None
+                and before is not None
+                and set(normalized.roles) != set(before.roles)
+            ):
                 # Access tokens carry roles: every session of the user ends,
                 # like on a disable, so no token with the old roles lives on
                 # (on every replica through the revocation feed).
@@ -798,6 +842,8 @@ _PURGED = (EventDraft(EventType.USER_PURGED),)
 _DISABLED = (EventDraft(EventType.USER_DISABLED),)
 _ENABLED = (EventDraft(EventType.USER_ENABLED),)
 _PASSWORD_CHANGED = (EventDraft(EventType.USER_PASSWORD_CHANGED),)
+# The statement fills in the fields the update changed.
+_UPDATED = (EventDraft(EventType.USER_UPDATED),)
 
 
 def _target(principal: Principal, raw_id: str, field: str) -> uuid.UUID:
@@ -840,19 +886,23 @@ async def _lock_live(
     return user
 
 
-async def _ensure_caller_still_admin(uow: UnitOfWork, principal: Principal, target: User) -> None:
-    """A role change is the one write that grants privilege: the calling
-    user must hold the admin role in the database now, not merely in its
-    token. Read within the writing transaction, after the target's row lock
-    (a self change reads that locked row), so a concurrent demotion of the
-    caller is seen. Certificate-authenticated services have no row: their
-    roles come from configuration. Raises PermissionDenied."""
-    caller_id = principal.user_id()
-    if caller_id is None:
-        return
-    caller = target if caller_id == target.id else await uow.users.get(caller_id)
-    if caller is None or caller.state is not UserState.ACTIVE or not caller.has_role(ROLE_ADMIN):
+def _updated(principal: Principal, target: uuid.UUID, etag: str, outcome: UpdateOutcome) -> User:
+    """The user an update wrote, or the error of the first rule that
+    refused it, in the order the rules are told: UserNotFound,
+    InvalidState (see _live), EtagMismatch, PermissionDenied (a role change
+    is the one write that grants privilege: the calling user must hold the
+    admin role in the database, not merely in its token; certificate-
+    authenticated services have no row, their roles come from
+    configuration)."""
+    before = _live(principal, outcome.before, target)
+    if etag and not hmac.compare_digest(etag.encode(), before.etag.encode()):
+        raise EtagMismatch(metadata={"id": str(target)})
+    if not outcome.caller_is_admin:
         raise PermissionDenied("the caller no longer holds the admin role")
+    if outcome.after is None:
+        # The statement refuses only for the rules above.
+        raise RuntimeError(f"update of {target} refused for no rule")
+    return outcome.after
 
 
 def _idempotency_scope(principal: Principal, method: str, fingerprint: str) -> str:

@@ -75,7 +75,9 @@ async def test_lookup_user_passes_the_email(servicer: UserServicer, users: FakeU
 async def test_list_users_passes_the_query_and_returns_the_page(
     servicer: UserServicer, users: FakeUserService
 ) -> None:
-    response = await servicer.ListUsers(pb.ListUsersRequest(page_size=5, order_by="email"), None)
+    response = pb.ListUsersResponse.FromString(
+        await servicer.ListUsers(pb.ListUsersRequest(page_size=5, order_by="email"), None)
+    )
     assert await _only_call(users) == (
         "list_users",
         {"request": ListUsersInput(page_size=5, order_by="email")},
@@ -158,8 +160,8 @@ async def test_batch_create_users_keeps_the_order(
 
 
 async def test_batch_get_users_keeps_the_order(servicer: UserServicer) -> None:
-    response = await servicer.BatchGetUsers(
-        pb.BatchGetUsersRequest(ids=[OTHER_ID, CALLER_ID]), None
+    response = pb.BatchGetUsersResponse.FromString(
+        await servicer.BatchGetUsers(pb.BatchGetUsersRequest(ids=[OTHER_ID, CALLER_ID]), None)
     )
     assert [u.id for u in response.users] == [OTHER_ID, CALLER_ID]
 

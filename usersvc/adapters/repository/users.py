@@ -26,7 +26,11 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.sql.dml import Update
 
 from usersvc.adapters.database_errors import NO_CONSTRAINT_ERRORS, ConstraintErrors
-from usersvc.adapters.email_change import email_change_values, void_codes_on_email_change
+from usersvc.adapters.email_change import (
+    email_change_values,
+    void_codes_after_email_change,
+    void_codes_on_email_change,
+)
 from usersvc.adapters.events import with_events
 from usersvc.adapters.orm import USERS_EMAIL_INDEX, users_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
@@ -49,13 +53,20 @@ from usersvc.adapters.repository.user_rows import (
     users,
     users_by_ids,
 )
+from usersvc.adapters.repository.user_update import (
+    constraint_errors,
+    outcome_from_row,
+    parameters,
+    shape_of,
+    statement_for,
+)
 from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
 from usersvc.domain.events import EventDraft
 from usersvc.domain.listing import Filter, ListQuery, Page, cursor_of
 from usersvc.domain.lockout import MAX_DOUBLINGS, LockoutPolicy
 from usersvc.domain.models import Credentials, NewUser, User, UserPatch, uuid7
-from usersvc.domain.ports import LoginAttempt
+from usersvc.domain.ports import LoginAttempt, UpdateOutcome, UserUpdate
 
 # PostgreSQL accepts at most 65535 bind parameters per statement; 1000 rows of
 # six values stay far below that and match the API's batch limit.
@@ -304,6 +315,25 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
             constraints = {USERS_EMAIL_INDEX: lambda: EmailAlreadyExists(metadata=taken)}
         return await self._write(user_id, values, constraints, events)
 
+    async def update_checked(
+        self, change: UserUpdate, *, events: Sequence[EventDraft] = NO_EVENTS
+    ) -> UpdateOutcome:
+        """Apply ``change`` in one statement when its rules pass
+        (usersvc.adapters.repository.user_update), with ``events`` about the
+        user, each carrying the fields the write changed; a changed email
+        also voids the user's open codes. The row stays locked until the
+        transaction ends. Raises EmailAlreadyExists (metadata {"email"}; the
+        transaction is then aborted and must be rolled back)."""
+        statement = statement_for(shape_of(change, events))
+        result = await self._execute(
+            statement, parameters(change, self._call()), constraints=constraint_errors(change)
+        )
+        outcome = outcome_from_row(result.mappings().one_or_none())
+        after = outcome.after
+        if after is not None and outcome.before is not None and after.email != outcome.before.email:
+            await void_codes_after_email_change(self._session, after.id)
+        return outcome
+
     async def set_password_hash(
         self, user_id: uuid.UUID, password_hash: str, *, events: Sequence[EventDraft] = NO_EVENTS
     ) -> User:
@@ -416,4 +446,3 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
 
     async def _one_or_none(self, statement: Any, params: Mapping[str, Any]) -> RowMapping | None:
         return (await self._execute(statement, params)).mappings().one_or_none()
-

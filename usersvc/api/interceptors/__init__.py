@@ -11,6 +11,7 @@ from usersvc.api.interceptors.admission import AdmissionInterceptor
 from usersvc.api.interceptors.auth import Authenticator, AuthInterceptor, bearer_token
 from usersvc.api.interceptors.database_gate import DatabaseGateInterceptor
 from usersvc.api.interceptors.deadline import DEFAULT_MARGIN_SECONDS, DeadlineInterceptor
+from usersvc.api.interceptors.encoded_responses import EncodedResponseInterceptor
 from usersvc.api.interceptors.error_mapping import ErrorMappingInterceptor
 from usersvc.api.interceptors.pipeline import Pipeline
 from usersvc.api.interceptors.rate_limit import IPNetwork, RateLimiter, RateLimitInterceptor
@@ -28,6 +29,7 @@ __all__ = [
     "Authenticator",
     "DatabaseGateInterceptor",
     "DeadlineInterceptor",
+    "EncodedResponseInterceptor",
     "ErrorMappingInterceptor",
     "Pipeline",
     "RateLimitInterceptor",
@@ -97,6 +99,9 @@ def build_interceptors(
     #    outside it; inside ErrorMapping, so a refusal is a rich
     #    RESOURCE_EXHAUSTED (RATE_LIMITED + RetryInfo). Health and
     #    reflection are exempt (see rate_limit.py).
+    # 7. EncodedResponses innermost: it only lets handlers answer bytes they
+    #    encoded themselves (the largest responses, a user at a time); every
+    #    handler built around it keeps its serializer.
     interceptors: list[WrappingInterceptor] = [
         RequestIdInterceptor(),
         # Also the metrics hook: it sees every call's final code and duration.
@@ -126,6 +131,7 @@ def build_interceptors(
                 on_rejected=on_rate_limited,
             )
         )
+    interceptors.append(EncodedResponseInterceptor())
     if admission is not None:
         interceptors.insert(0, admission)
     return [Pipeline(interceptors)]

@@ -1,0 +1,89 @@
+"""The write lane: UpdateUser's one statement in autocommit on a pooled
+connection's driver, without a unit of work (usersvc.domain.ports
+.UserWriter).
+
+The update (usersvc.adapters.repository.user_update) is one statement that
+checks its rules, writes the row and its event, and returns the version it
+replaced: a statement in autocommit is its own transaction, so it needs no
+BEGIN and no COMMIT around it. Through a unit of work the same statement
+costs four round trips (the pool's ping, BEGIN, the statement, COMMIT) and
+keeps the row locked from the statement until the COMMIT's round trip
+returns; here it costs one, and the row is locked only while PostgreSQL
+runs the statement and its commit: on a hot row, the calls queue for that
+long only.
+
+The statement is the repository's own, built by the same function, compiled
+once per shape by the engine's dialect; its rows become outcomes with the
+repository's mapping. Connections, pings and failures are
+usersvc.adapters.pooled_driver's: a write is never sent twice.
+
+Patches of email or roles are not served here: an email change also voids
+the user's codes and a role change ends its sessions, in the same
+transaction, so those go through a unit of work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from usersvc.adapters.db_monitor import DatabaseAvailability
+from usersvc.adapters.events import CallContextProvider, no_call
+from usersvc.adapters.pooled_driver import DriverStatement, PooledDriver, StatementSpan
+from usersvc.adapters.repository.user_update import (
+    UpdateShape,
+    constraint_errors,
+    outcome_from_row,
+    parameters,
+    shape_of,
+    statement_for,
+)
+from usersvc.domain.events import EventDraft
+from usersvc.domain.ports import UpdateOutcome, UserUpdate
+
+
+class SqlAlchemyUserWriter:
+    """usersvc.domain.ports.UserWriter on the engine's pooled connections."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        availability: DatabaseAvailability | None = None,
+        *,
+        call_context: CallContextProvider | None = None,
+        transaction_pooling: bool = False,
+        statement_span: StatementSpan | None = None,
+    ) -> None:
+        """``call_context`` tells the actor and request id of the events
+        written (None: empty). Raises nothing."""
+        self._engine = engine
+        self._call_context = call_context or no_call
+        self._driver = PooledDriver(
+            engine,
+            availability,
+            transaction_pooling=transaction_pooling,
+            statement_span=statement_span,
+        )
+        # Compiled on first use, once per shape.
+        self._compiled: dict[UpdateShape, DriverStatement] = {}
+
+    async def update(
+        self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
+    ) -> UpdateOutcome:
+        """UserRepository.update_checked in one statement, committed when
+        it returns. Raises ValueError for a patch of email or roles,
+        DatabaseUnavailable (also when the connection was lost while the
+        statement ran: it may have committed)."""
+        if change.patch.email is not None or change.patch.roles is not None:
+            raise ValueError("email and roles changes need a unit of work")
+        shape = shape_of(change, events)
+        statement = self._compiled.get(shape)
+        if statement is None:
+            statement = DriverStatement.compile(self._engine, statement_for(shape))
+            self._compiled[shape] = statement
+        arguments = statement.arguments(parameters(change, self._call_context()))
+        rows = await self._driver.write(
+            statement.sql, arguments, constraints=constraint_errors(change)
+        )
+        return outcome_from_row(rows[0] if rows else None)
