@@ -84,3 +84,15 @@ def test_only_a_users_token_has_an_account_to_check() -> None:
 
     with pytest.raises(ValueError, match="account"):
         RoleCheck.of(service)
+
+
+def test_a_principal_knows_its_user_id_and_a_replaced_subject_gets_its_own() -> None:
+    principal = admin_token()
+    other = uuid.uuid4()
+
+    assert principal.user_id() == ACCOUNT
+    assert replace(principal, subject=str(other)).user_id() == other
+    assert replace(principal, subject="not-a-uuid").user_id() is None
+    assert replace(principal, kind=PrincipalKind.SERVICE).user_id() is None
+    # The parsed id takes no part in equality.
+    assert replace(principal) == principal
