@@ -19,6 +19,7 @@ from usersvc.domain.filtering import parse_filter
 from usersvc.domain.listing import Cursor, ListQuery, Ordering, SortField
 from usersvc.domain.models import ANONYMOUS, Principal, User, UserState
 from usersvc.services.inputs import ListUsersInput, UserListResult
+from usersvc.services.response_size import MAX_USERS_BYTES, fitting_prefix
 
 MISSING = "0190a4b2-6c1e-7cc3-8a1b-00000000dead"
 
@@ -196,6 +197,36 @@ async def test_batch_get_returns_deleted_users_to_admins() -> None:
     assert await h.service.batch_get_users(principal=as_admin(), user_ids=[str(gone.id)]) == [gone]
 
 
+def heavy_labels(seed: str) -> dict[str, str]:
+    return {f"k{index:02d}{seed}".ljust(63, "x"): "v" * 256 for index in range(64)}
+
+
+async def test_batch_get_past_4_mib_is_refused_saying_how_many_fit() -> None:
+    h = user_service()
+    users = [h.db.insert(f"u{n}@example.com", labels=heavy_labels(str(n))) for n in range(250)]
+    with pytest.raises(InvalidArgument) as caught:
+        await h.service.batch_get_users(
+            principal=as_admin(), user_ids=[str(user.id) for user in users]
+        )
+    assert fields_of(caught.value) == ["ids"]
+    description = caught.value.violations[0].description
+    fitting = fitting_prefix(users)
+    assert f"these 250 users do not fit in one response of 4 MiB (the first {fitting} do)" in (
+        description
+    )
+
+
+async def test_batch_get_past_4_mib_names_a_missing_id_first() -> None:
+    h = user_service()
+    users = [h.db.insert(f"u{n}@example.com", labels=heavy_labels(str(n))) for n in range(250)]
+    ids = [str(user.id) for user in users]
+    with pytest.raises(UserNotFound) as caught:
+        await h.service.batch_get_users(
+            principal=as_admin(), user_ids=[*ids[:200], MISSING, *ids[200:]]
+        )
+    assert caught.value.metadata == {"id": MISSING}
+
+
 async def test_batch_get_reports_every_malformed_id() -> None:
     h = user_service()
     with pytest.raises(InvalidArgument) as caught:
@@ -287,6 +318,15 @@ async def test_the_repository_is_asked_for_the_parsed_query() -> None:
             page_size=7,
         )
     ]
+
+
+async def test_pages_that_could_pass_4_mib_are_asked_to_stop_at_the_byte_budget() -> None:
+    # Where the query stops is tested on PostgreSQL
+    # (tests/integration/test_listing_byte_budget.py).
+    h = user_service()
+    await list_page(h, page_size=1000)
+    await list_page(h)
+    assert [query.max_bytes for query in h.db.list_queries] == [MAX_USERS_BYTES, None]
 
 
 async def test_later_pages_carry_the_first_pages_total() -> None:

@@ -40,6 +40,7 @@ from sqlalchemy.sql import Select
 
 from usersvc.adapters.db_monitor import DatabaseAvailability
 from usersvc.adapters.pooled_driver import PooledDriver, StatementSpan
+from usersvc.adapters.repository.sizes import GET_USERS_BY_IDS_WITHIN
 from usersvc.adapters.repository.user_rows import (
     GET_USER_BY_EMAIL,
     GET_USER_BY_EMAIL_WITH_HOLDER,
@@ -52,6 +53,7 @@ from usersvc.adapters.repository.user_rows import (
 )
 from usersvc.domain.models import User
 from usersvc.domain.role_checks import RoleCheck
+from usersvc.domain.wire_size import OversizedUsers
 
 
 def _compiled(engine: AsyncEngine, statement: Select[Any], *parameters: str) -> str:
@@ -77,7 +79,7 @@ class SqlAlchemyUserReader:
         """``statement_span`` wraps each statement when tracing is on: these
         reads bypass the engine, so its SQL spans would not see them.
         Raises ValueError if the repository's statements no longer take
-        the one parameter this lane passes (a programming error)."""
+        the parameters this lane passes (a programming error)."""
         self._driver = PooledDriver(
             engine,
             availability,
@@ -94,6 +96,7 @@ class SqlAlchemyUserReader:
         self._by_ids_checked = _compiled(
             engine, GET_USERS_BY_IDS_WITH_HOLDER, "holder_id", "user_ids"
         )
+        self._by_ids_within = _compiled(engine, GET_USERS_BY_IDS_WITHIN, "max_bytes", "user_ids")
 
     async def get(self, user_id: uuid.UUID, *, role_check: RoleCheck | None = None) -> User | None:
         """The user, deleted or not; with ``role_check``, the caller's
@@ -117,6 +120,24 @@ class SqlAlchemyUserReader:
         if not distinct:
             return []
         return [_user(row) for row in await self._driver.read(self._by_ids, distinct)]
+
+    async def get_many_within(
+        self, user_ids: Sequence[uuid.UUID], *, max_bytes: int
+    ) -> list[User] | OversizedUsers:
+        """The stored users among ``user_ids`` (deleted included, in no
+        particular order) when their sizes add up to at most ``max_bytes``
+        (usersvc.adapters.repository.sizes); else their sizes. Raises
+        DatabaseUnavailable."""
+        if not user_ids:
+            return []
+        rows = await self._driver.read(self._by_ids_within, max_bytes, list(set(user_ids)))
+        if not rows or rows[0]["fits"]:
+            return [_user(row) for row in rows]
+        # Too many bytes: the rows hold the sizes, not the users.
+        return OversizedUsers(
+            wire_bytes={row["id"]: row["wire_bytes"] for row in rows},
+            deleted=frozenset(row["id"] for row in rows if row["deleted"]),
+        )
 
     async def get_by_email(self, email: str, *, role_check: RoleCheck | None = None) -> User | None:
         """Case-insensitive match, deleted included; ``role_check`` as in

@@ -98,6 +98,12 @@ class ListQuery:
     show_deleted: bool
     page_size: int
     after: Cursor | None = None
+    # When set, the page ends before the user that would take the users'
+    # summed usersvc.domain.wire_size.user_wire_bytes (or an adapter's
+    # upper bound of it) past this many bytes (the first user always
+    # counts), and the query reads no further than that user: it tells
+    # that more follow.
+    max_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

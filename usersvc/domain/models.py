@@ -6,6 +6,7 @@ transaction that read them has ended.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import time
@@ -193,10 +194,8 @@ class Principal:
     def __post_init__(self) -> None:
         user_id = None
         if self.kind is PrincipalKind.USER:
-            try:
+            with contextlib.suppress(ValueError):
                 user_id = uuid.UUID(self.subject)
-            except ValueError:
-                pass
         object.__setattr__(self, "_user_id", user_id)
 
     @property

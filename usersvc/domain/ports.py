@@ -34,6 +34,7 @@ from usersvc.domain.models import (
     UserPatch,
 )
 from usersvc.domain.role_checks import RoleCheck
+from usersvc.domain.wire_size import OversizedUsers
 
 
 class UserRepository(Protocol):
@@ -429,6 +430,14 @@ class UserReader(Protocol):
     ) -> list[User]:
         """The stored users among ``user_ids`` (deleted included), in no
         particular order. Raises DatabaseUnavailable, TokenRevoked."""
+
+    async def get_many_within(
+        self, user_ids: Sequence[uuid.UUID], *, max_bytes: int
+    ) -> list[User] | OversizedUsers:
+        """What get_many returns when those users' sizes
+        (usersvc.domain.wire_size.user_wire_bytes, or a few bytes more)
+        add up to at most ``max_bytes``; else, without reading the users,
+        their sizes. Raises DatabaseUnavailable."""
 
     async def get_by_email(self, email: str, *, role_check: RoleCheck | None = None) -> User | None:
         """Case-insensitive match, deleted included. Raises

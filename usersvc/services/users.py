@@ -70,6 +70,7 @@ from usersvc.domain.validation import (
     validate_etag,
     validate_request_id,
 )
+from usersvc.domain.wire_size import OversizedUsers
 from usersvc.services.bulk_import import ImportResult, ImportRow, UserImporter
 from usersvc.services.inputs import (
     CreateUserInput,
@@ -82,7 +83,13 @@ from usersvc.services.pagination import (
     encode_page_token,
     query_fingerprint,
 )
-from usersvc.services.response_size import MAX_RESPONSE_BYTES, fitting_prefix
+from usersvc.services.response_size import (
+    MAX_RESPONSE_BYTES,
+    byte_budget,
+    fitting_count,
+    fitting_prefix,
+    user_wire_bytes,
+)
 from usersvc.services.sessions import SessionRevoker, session_id_of
 
 DEFAULT_PAGE_SIZE = 50
@@ -133,6 +140,18 @@ class UnitOfWorkUserReader:
         async with self._uow_factory() as uow:
             await _settle(uow, role_check)
             return await uow.users.get_many(user_ids)
+
+    async def get_many_within(
+        self, user_ids: Sequence[uuid.UUID], *, max_bytes: int
+    ) -> list[User] | OversizedUsers:
+        """Reads the users, then sizes them (no SQL of its own). Raises
+        DatabaseUnavailable."""
+        found = await self.get_many(user_ids)
+        sizes = {user.id: user_wire_bytes(user) for user in found}
+        if sum(sizes.values()) <= max_bytes:
+            return found
+        deleted = frozenset(user.id for user in found if user.state is UserState.DELETED)
+        return OversizedUsers(wire_bytes=sizes, deleted=deleted)
 
     async def get_by_email(self, email: str, *, role_check: RoleCheck | None = None) -> User | None:
         """Raises DatabaseUnavailable, TokenRevoked."""
@@ -498,17 +517,28 @@ class UserService:
                 errors.append(FieldViolation(f"ids[{index}]", f"repeats ids[{earlier}]"))
             targets.append(target)
         raise_for_violations(errors)
-        found = await self._reader.get_many(targets, role_check=role_check)
+        budget = byte_budget(len(targets))
+        found: list[User] | OversizedUsers
+        if budget is None:
+            found = await self._reader.get_many(targets, role_check=role_check)
+        else:
+            # Users that would not fit are not read: only their sizes are.
+            # The role check, if any, is not in this statement: the auth
+            # interceptor settles it before the call answers.
+            found = await self._reader.get_many_within(targets, max_bytes=budget)
+        if isinstance(found, OversizedUsers):
+            for target in targets:
+                if target not in found.wire_bytes or (
+                    target in found.deleted and not policies.can_see_deleted(principal)
+                ):
+                    raise UserNotFound(metadata={"id": str(target)})
+            fitting = fitting_count(found.wire_bytes[target] for target in targets)
+            raise _too_many_bytes(len(targets), fitting)
         by_id = {user.id: user for user in found}
         users = [_visible(principal, by_id.get(target), target) for target in targets]
         fitting = fitting_prefix(users)
         if fitting < len(users):
-            raise InvalidArgument.single(
-                "ids",
-                f"these {len(users)} users do not fit in one response of "
-                f"{MAX_RESPONSE_BYTES // (1024 * 1024)} MiB (the first {fitting} do); "
-                "ask for fewer ids per call",
-            )
+            raise _too_many_bytes(len(users), fitting)
         return users
 
     async def list_users(self, *, principal: Principal, request: ListUsersInput) -> UserListResult:
@@ -546,7 +576,16 @@ class UserService:
                 keys=self._page_token_keys(),
             )
             after, total = token.cursor, token.total_size
-        query = ListQuery(filter, ordering, request.show_deleted, page_size, after)
+        # The query stops at the byte budget already (no row past it is
+        # read); the exact check below stays the last word.
+        query = ListQuery(
+            filter,
+            ordering,
+            request.show_deleted,
+            page_size,
+            after,
+            max_bytes=byte_budget(page_size + 1),
+        )
         async with self._uow_factory() as uow:
             if total is None:
                 total = await uow.users.count_matches(
@@ -853,6 +892,15 @@ def _target(principal: Principal, raw_id: str, field: str) -> uuid.UUID:
     if not principal.is_authenticated:
         raise PermissionDenied("this method needs an authenticated caller")
     return parse_user_id(raw_id, field, principal)
+
+
+def _too_many_bytes(count: int, fitting: int) -> InvalidArgument:
+    return InvalidArgument.single(
+        "ids",
+        f"these {count} users do not fit in one response of "
+        f"{MAX_RESPONSE_BYTES // (1024 * 1024)} MiB (the first {fitting} do); "
+        "ask for fewer ids per call",
+    )
 
 
 def _visible(principal: Principal, user: User | None, target: uuid.UUID) -> User:

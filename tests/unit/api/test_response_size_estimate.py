@@ -10,7 +10,13 @@ import pytest
 from usersvc_protos.v1 import user_service_pb2
 from usersvc.api import mappers
 from usersvc.domain.models import User
-from usersvc.services.response_size import MAX_USERS_BYTES, fitting_prefix, user_wire_bytes
+from usersvc.domain.wire_size import MAX_USER_WIRE_BYTES
+from usersvc.services.response_size import (
+    MAX_USERS_BYTES,
+    byte_budget,
+    fitting_prefix,
+    user_wire_bytes,
+)
 
 from .support import make_user
 
@@ -59,3 +65,15 @@ def test_as_many_heaviest_users_as_fit_stay_below_4_mib_encoded() -> None:
 def test_one_user_always_fits() -> None:
     assert fitting_prefix([heaviest("a")], budget=1) == 1
     assert fitting_prefix([]) == 0
+
+
+def test_the_heaviest_user_costs_no_more_than_the_most_any_valid_user_may() -> None:
+    assert user_wire_bytes(heaviest("😀")) <= MAX_USER_WIRE_BYTES
+
+
+def test_only_reads_that_could_pass_the_budget_sum_sizes() -> None:
+    assert byte_budget(51) is None  # the default page and its one more
+    assert byte_budget(1001) == MAX_USERS_BYTES
+    for count in range(1, 1002):
+        if byte_budget(count) is None:
+            assert count * MAX_USER_WIRE_BYTES <= MAX_USERS_BYTES

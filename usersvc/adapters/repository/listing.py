@@ -6,6 +6,11 @@ The filter becomes a WHERE clause (usersvc.adapters.repository.filters);
 rows come strictly after the cursor in the ordering, ties broken by id in the
 same direction. Page tokens are decoded and checked by
 usersvc.services.pagination before a cursor gets here.
+
+A page with a byte budget (``ListQuery.max_bytes``) sums the rows' sizes
+as it goes (usersvc.adapters.repository.sizes.WIRE_BYTES) and sends no
+row past the first one over the budget: 1,000 users with the largest labels
+are 21 MB, of which a 4 MiB response takes 190.
 """
 
 from __future__ import annotations
@@ -14,21 +19,42 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Uuid, func, literal, select, text, tuple_
+from sqlalchemy import (
+    BigInteger,
+    ColumnClause,
+    ColumnElement,
+    Integer,
+    Uuid,
+    column,
+    func,
+    literal,
+    or_,
+    over,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ClauseElement, Executable, Select
 
 from usersvc.adapters.orm import users_table
 from usersvc.adapters.repository.filters import filter_clause
-from usersvc.adapters.repository.user_rows import SELECT_USERS, users
+from usersvc.adapters.repository.sizes import WIRE_BYTES
+from usersvc.adapters.repository.user_rows import SELECT_USERS, USER_COLUMNS, users
 from usersvc.domain.listing import Cursor, Filter, ListQuery, SortField
+
+# The column of a budgeted page's rows that says whether the row belongs
+# to the page (true) or only tells that more follow (false).
+WITHIN_BUDGET = "within_budget"
 
 
 def page_statement(query: ListQuery) -> Select[Any]:
     """The rows of one page plus one, which tells whether another follows.
-    Raises ValueError for a page size below 1 or a cursor whose value does
-    not fit the ordering (the service checks both first); InvalidArgument
-    (field "filter") for a comparison without meaning."""
+    With ``query.max_bytes``, the rows also carry WITHIN_BUDGET, and end
+    at the first row over the budget (see ``budgeted``). Raises ValueError
+    for a page size below 1 or a cursor whose value does not fit the
+    ordering (the service checks both first); InvalidArgument (field
+    "filter") for a comparison without meaning."""
     if query.page_size < 1:
         raise ValueError(f"page_size must be at least 1, not {query.page_size}")
     field = query.ordering.field
@@ -44,7 +70,64 @@ def page_statement(query: ListQuery) -> Select[Any]:
         statement = statement.order_by(sort_key.desc(), users.id.desc())
     else:
         statement = statement.order_by(sort_key.asc(), users.id.asc())
-    return statement.limit(query.page_size + 1)
+    statement = statement.limit(query.page_size + 1)
+    if query.max_bytes is None:
+        return statement
+    return budgeted(statement, sort_key, query.max_bytes, descending=query.ordering.descending)
+
+
+# The two layers a budgeted page gets around it name the page's columns
+# rather than taking them from the page (which varies with the filter and
+# the cursor): built once, they cost a call no column collections (building
+# them per call took 1 ms, the page itself 0.15 ms).
+_USER_COLUMNS = tuple(column(c.name, c.type) for c in USER_COLUMNS)
+_SORT_KEY: ColumnClause[Any] = column("sort_key")
+_ROW_ID = column("id", Uuid)
+_ROW_BYTES = column("wire_bytes", Integer)
+_RUNNING = column("running_bytes", BigInteger)
+_POSITION = column("page_position", BigInteger)
+_ORDER = {
+    False: (_SORT_KEY.asc(), _ROW_ID.asc()),
+    True: (_SORT_KEY.desc(), _ROW_ID.desc()),
+}
+_SIZED_COLUMNS = {
+    descending: (
+        *_USER_COLUMNS,
+        _SORT_KEY,
+        _ROW_BYTES,
+        over(func.sum(_ROW_BYTES), order_by=order, rows=(None, 0)).label(_RUNNING.name),
+        over(func.row_number(), order_by=order, rows=(None, 0)).label(_POSITION.name),
+    )
+    for descending, order in _ORDER.items()
+}
+
+
+def budgeted(
+    page: Select[Any], sort_key: ColumnElement[Any], max_bytes: int, *, descending: bool
+) -> Select[Any]:
+    """The rows of ``page`` (ordered by ``sort_key`` and id, limited) while
+    their running sum of WIRE_BYTES stays within ``max_bytes`` (the first
+    row always), plus the row after them, each with WITHIN_BUDGET.
+
+    PostgreSQL still walks the page's LIMIT through the index and sums
+    every row's size (a window function cannot end a scan), but sends only
+    these rows: no row past the budget is read from the result, converted
+    or freed. Raises nothing."""
+    page_rows = page.add_columns(
+        sort_key.label(_SORT_KEY.name), WIRE_BYTES.label(_ROW_BYTES.name)
+    ).subquery("page_rows")
+    sized = select(*_SIZED_COLUMNS[descending]).select_from(page_rows).subquery("sized_rows")
+    budget = literal(max_bytes, Integer)
+    within = or_(budget >= _RUNNING, _POSITION == 1)
+    # Every row whose predecessors fit; the second always, in case the
+    # first alone is over the budget.
+    kept = or_(_POSITION <= 2, budget >= _RUNNING - _ROW_BYTES)
+    return (
+        select(*_USER_COLUMNS, within.label(WITHIN_BUDGET))
+        .select_from(sized)
+        .where(kept)
+        .order_by(*_ORDER[descending])
+    )
 
 
 def count_statement(filter: Filter, *, show_deleted: bool) -> Select[Any]:

@@ -37,6 +37,7 @@ from usersvc.adapters.repository.base import SqlAlchemyRepository
 from usersvc.adapters.repository.bulk_import import insert_imported_users
 from usersvc.adapters.repository.listing import (
     MATCH_STATISTICS,
+    WITHIN_BUDGET,
     capped_count_statement,
     count_statement,
     page_statement,
@@ -364,13 +365,19 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
 
     async def list(self, query: ListQuery) -> Page:
         """One keyset page (usersvc.adapters.repository.listing): at most
-        ``page_size`` rows after ``query.after``. Raises ValueError for a
-        page size below 1 or a cursor that does not fit the ordering (a
-        programming error: the service checks both), InvalidArgument (field
-        "filter") for an unsupported filter."""
+        ``page_size`` rows after ``query.after``, and no more than fit in
+        ``query.max_bytes``. Raises ValueError for a page size below 1 or a
+        cursor that does not fit the ordering (a programming error: the
+        service checks both), InvalidArgument (field "filter") for an
+        unsupported filter."""
         rows = (await self._execute(page_statement(query))).mappings().all()
-        found = tuple(user_from_row(row) for row in rows[: query.page_size])
-        more = len(rows) > query.page_size
+        kept = rows[: query.page_size]
+        if query.max_bytes is not None and kept and not kept[-1][WITHIN_BUDGET]:
+            # Only the last row can be past the budget: it tells that more
+            # follow, and is not the page's.
+            kept = kept[:-1]
+        found = tuple(user_from_row(row) for row in kept)
+        more = len(rows) > len(found)
         next_cursor = cursor_of(query.ordering.field, found[-1]) if more else None
         return Page(users=found, next_cursor=next_cursor)
 
