@@ -76,7 +76,7 @@ def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {
         key: value
         for key, value in record.__dict__.items()
-        if key not in _RECORD_ATTRIBUTES and not key.startswith("_")
+        if key not in _RECORD_ATTRIBUTES and key[:1] != "_"
     }
 
 
@@ -103,10 +103,12 @@ class JsonFormatter(logging.Formatter):
             "msg": message,
             "request_id": getattr(record, "request_id", ""),
         }
-        for key, value in _extra_fields(record).items():
+        for key, value in record.__dict__.items():
+            if key in _RECORD_ATTRIBUTES or key[:1] == "_" or key in payload:
+                continue
             if sensitive and isinstance(value, str):
                 value = redact(value)
-            payload.setdefault(key, value)
+            payload[key] = value
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -173,6 +175,13 @@ def configure_logging(fmt: str, level: str, *, stream: TextIO | None = None) -> 
         old.close()
     root.addHandler(handler)
     root.setLevel(numeric_level)
+    # No formatter here prints a record's thread or process (a worker's pid
+    # is a field of its own, add_static_fields): not looking them up saves
+    # every record a getpid system call and two module lookups, and the
+    # access log writes one record per call.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # Alembic announces each of its internal plugins at INFO on every import:
     # noise for operators, so only its warnings come through.
     logging.getLogger("alembic.runtime.plugins").setLevel(max(numeric_level, logging.WARNING))

@@ -70,6 +70,12 @@ async def test_an_admin_token_grants_nothing_once_the_database_no_longer_says_ad
     for call in (
         admin.users.ListUsers(user_service_pb2.ListUsersRequest(page_size=1)),
         admin.users.UpdateUser(set_roles(admin.id, "user", "admin")),
+        # The plain reads check the stored roles in their own statement...
+        admin.users.LookupUser(user_service_pb2.LookupUserRequest(email=world.alice.email)),
+        admin.users.GetUser(user_service_pb2.GetUserRequest(id=world.alice.id)),
+        admin.users.BatchGetUsers(user_service_pb2.BatchGetUsersRequest(ids=[world.alice.id])),
+        # ... and one that ends before its read is checked all the same.
+        admin.users.LookupUser(user_service_pb2.LookupUserRequest(email="not an email")),
     ):
         await expect_error(call, grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
     introspected = await world.service.auth.IntrospectToken(

@@ -17,9 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.read_lane import SqlAlchemyUserReader
 from usersvc.adapters.unit_of_work import make_uow_factory
-from usersvc.domain.errors import DatabaseUnavailable
-from usersvc.domain.models import User
+from usersvc.domain.errors import DatabaseUnavailable, TokenRevoked
+from usersvc.domain.models import Principal, PrincipalKind, User
 from usersvc.domain.ports import UnitOfWorkFactory
+from usersvc.domain.role_checks import RoleCheck
 
 UserMaker = Callable[..., Awaitable[User]]
 
@@ -275,3 +276,77 @@ async def test_through_a_transaction_pool_each_read_runs_in_a_read_only_transact
     assert queries[0] == "BEGIN READ ONLY;"
     assert queries[1].startswith("SELECT users.id")
     assert queries[2] == "COMMIT;"
+
+
+# -- the role re-check of a privileged token, in the read's own statement -------------------
+
+
+def admin_check(account: User) -> RoleCheck:
+    """The pending re-check of a token of ``account`` claiming "admin"."""
+    principal = Principal(
+        kind=PrincipalKind.USER, subject=str(account.id), roles=frozenset({"user", "admin"})
+    )
+    return RoleCheck.of(principal)
+
+
+async def test_a_checked_read_is_one_statement_that_also_passes_the_check(
+    engine: AsyncEngine, make_user: UserMaker
+) -> None:
+    admin = await make_user(roles=("user", "admin"))
+    target = await make_user()
+    reader = SqlAlchemyUserReader(engine)
+    await reader.get(target.id)  # the pool holds a connection now
+    check = admin_check(admin)
+
+    async with driver_queries(engine) as queries:
+        assert await reader.get(target.id, role_check=check) == target
+
+    assert check.passed is True
+    assert len(queries) == 1
+    assert "holder" in queries[0]
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_every_checked_read_answers_like_the_plain_read(
+    engine: AsyncEngine, make_user: UserMaker
+) -> None:
+    admin = await make_user(roles=("user", "admin"))
+    first, second = await make_user(), await make_user()
+    reader = SqlAlchemyUserReader(engine)
+    missing = uuid.uuid4()
+
+    assert await reader.get_by_email(first.email.upper(), role_check=admin_check(admin)) == first
+    assert await reader.get(missing, role_check=admin_check(admin)) is None
+    assert await reader.get_by_email("nobody@example.com", role_check=admin_check(admin)) is None
+    found = await reader.get_many([first.id, missing, second.id], role_check=admin_check(admin))
+    assert sorted(found, key=lambda user: user.email) == sorted(
+        [first, second], key=lambda user: user.email
+    )
+    assert await reader.get_many([missing], role_check=admin_check(admin)) == []
+
+
+@pytest.mark.parametrize("change", ["demoted", "disabled", "deleted", "purged"])
+async def test_a_checked_read_refuses_a_token_its_account_no_longer_backs(
+    engine: AsyncEngine, make_user: UserMaker, change: str
+) -> None:
+    admin = await make_user(roles=("user", "admin"))
+    target = await make_user()
+    async with engine.begin() as connection:
+        statement = {
+            "demoted": "UPDATE users SET roles = ARRAY['user'] WHERE id = :id",
+            "disabled": "UPDATE users SET disable_time = now() WHERE id = :id",
+            "deleted": "UPDATE users SET delete_time = now() WHERE id = :id",
+            "purged": "DELETE FROM users WHERE id = :id",
+        }[change]
+        await connection.execute(text(statement), {"id": admin.id})
+    reader = SqlAlchemyUserReader(engine)
+
+    for read in (
+        lambda check: reader.get(target.id, role_check=check),
+        lambda check: reader.get_by_email(target.email, role_check=check),
+        lambda check: reader.get_many([target.id], role_check=check),
+    ):
+        check = admin_check(admin)
+        with pytest.raises(TokenRevoked):
+            await read(check)
+        assert check.passed is False

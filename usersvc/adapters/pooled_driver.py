@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util import await_, greenlet_spawn
 
 from usersvc.adapters.database import skipping_pre_ping
 from usersvc.adapters.database_errors import (
@@ -194,33 +194,27 @@ class PooledDriver:
         if self._availability is not None:
             self._availability.report_failure()
 
-    async def _checkout(self, *, pinged: bool) -> Any:
-        # Straight from the pool: an AsyncConnection around it would cost
-        # two more greenlet switches per statement and do nothing here.
-        with nullcontext() if pinged else skipping_pre_ping():
-            return await greenlet_spawn(self._pool.connect)
-
     async def _run(
         self, query: str, arguments: Sequence[object], *, pinged: bool, read_only: bool
     ) -> Sequence[Any]:
-        pooled = await self._checkout(pinged=pinged)
-        driver: Any = pooled.driver_connection
-        if not pinged and driver.is_closed():
-            # Known dead before anything was sent (the server closed it while
-            # it sat in the pool): a pinged one instead, for reads and writes.
-            await asyncio.shield(greenlet_spawn(pooled.invalidate))
-            pooled = await self._checkout(pinged=True)
-            driver = pooled.driver_connection
-        span = _NO_SPAN if self._statement_span is None else self._statement_span(query)
+        # Straight from the pool: an AsyncConnection around it would cost
+        # two more greenlet switches per statement and do nothing here.
+        # Checkout, statement and checkin share one greenlet: each greenlet
+        # costs a fresh frame stack (an mmap and an munmap under Python
+        # 3.11), and a greenlet each for checkout and checkin was a tenth of
+        # a GetUser's CPU (docs/performance.md).
+        checked_out: list[Any] = []
         try:
-            with span:
-                if self._transaction_pooling:
-                    async with driver.transaction(readonly=read_only):
-                        rows: Sequence[Any] = await driver.fetch(query, *arguments)
-                else:
-                    rows = await driver.fetch(query, *arguments)
+            with nullcontext() if pinged else skipping_pre_ping():
+                rows = await greenlet_spawn(
+                    self._in_greenlet, query, arguments, pinged, read_only, checked_out
+                )
         except BaseException as exc:
-            if isinstance(exc, Exception) and not driver.is_closed():
+            if not checked_out:
+                raise  # the checkout failed: there is no connection to return
+            pooled = checked_out[0]
+            driver: Any = pooled.driver_connection
+            if isinstance(exc, Exception) and driver is not None and not driver.is_closed():
                 await greenlet_spawn(pooled.close)
                 raise
             # Dead, or cancelled in the middle of a statement (a deadline):
@@ -230,5 +224,48 @@ class PooledDriver:
             if isinstance(exc, Exception):
                 raise _DeadConnection() from exc
             raise
-        await greenlet_spawn(pooled.close)
+        if rows is _CLOSED:
+            # Known dead before anything was sent (the server closed it while
+            # it sat in the pool): a pinged one instead, for reads and writes.
+            await asyncio.shield(greenlet_spawn(checked_out[0].invalidate))
+            return await self._run(query, arguments, pinged=True, read_only=read_only)
+        fetched: Sequence[Any] = rows
+        return fetched
+
+    def _in_greenlet(
+        self,
+        query: str,
+        arguments: Sequence[object],
+        pinged: bool,
+        read_only: bool,
+        checked_out: list[Any],
+    ) -> Any:
+        # Runs in SQLAlchemy's greenlet (the pool is sync code). While the
+        # statement runs, ``checked_out`` holds the connection, for _run to
+        # return or discard when the statement fails; after it, the
+        # connection is back in the pool and ``checked_out`` empty.
+        pooled = self._pool.connect()
+        checked_out.append(pooled)
+        driver: Any = pooled.driver_connection
+        if not pinged and driver.is_closed():
+            return _CLOSED
+        span = _NO_SPAN if self._statement_span is None else self._statement_span(query)
+        with span:
+            rows = await_(self._statement(driver, query, arguments, read_only))
+        checked_out.clear()
+        pooled.close()
         return rows
+
+    async def _statement(
+        self, driver: Any, query: str, arguments: Sequence[object], read_only: bool
+    ) -> Sequence[Any]:
+        if self._transaction_pooling:
+            async with driver.transaction(readonly=read_only):
+                rows: Sequence[Any] = await driver.fetch(query, *arguments)
+                return rows
+        rows = await driver.fetch(query, *arguments)
+        return rows
+
+
+# What _in_greenlet returns for a checked-out connection already closed.
+_CLOSED: Any = object()

@@ -43,17 +43,23 @@ from usersvc.adapters.pooled_driver import PooledDriver, StatementSpan
 from usersvc.adapters.repository.sizes import GET_USERS_BY_IDS_WITHIN
 from usersvc.adapters.repository.user_rows import (
     GET_USER_BY_EMAIL,
+    GET_USER_BY_EMAIL_WITH_HOLDER,
     GET_USER_BY_ID,
+    GET_USER_BY_ID_WITH_HOLDER,
     GET_USERS_BY_IDS,
+    GET_USERS_BY_IDS_WITH_HOLDER,
+    settle_holder,
     user_from_row,
 )
 from usersvc.domain.models import User
+from usersvc.domain.role_checks import RoleCheck
 from usersvc.domain.wire_size import OversizedUsers
 
 
 def _compiled(engine: AsyncEngine, statement: Select[Any], *parameters: str) -> str:
     compiled = statement.compile(dialect=engine.dialect)
-    # The parameters, which the dialect renders as $1, $2... (with casts).
+    # These parameters in this order, which the dialect renders as $1, $2
+    # (with casts): the lane passes its arguments by position.
     if list(compiled.positiontup or ()) != list(parameters):
         raise ValueError(f"expected the parameters {parameters!r} in {compiled.string!r}")
     return compiled.string
@@ -83,19 +89,37 @@ class SqlAlchemyUserReader:
         self._by_id = _compiled(engine, GET_USER_BY_ID, "user_id")
         self._by_email = _compiled(engine, GET_USER_BY_EMAIL, "email")
         self._by_ids = _compiled(engine, GET_USERS_BY_IDS, "user_ids")
+        self._by_id_checked = _compiled(engine, GET_USER_BY_ID_WITH_HOLDER, "holder_id", "user_id")
+        self._by_email_checked = _compiled(
+            engine, GET_USER_BY_EMAIL_WITH_HOLDER, "holder_id", "email"
+        )
+        self._by_ids_checked = _compiled(
+            engine, GET_USERS_BY_IDS_WITH_HOLDER, "holder_id", "user_ids"
+        )
         self._by_ids_within = _compiled(engine, GET_USERS_BY_IDS_WITHIN, "max_bytes", "user_ids")
 
-    async def get(self, user_id: uuid.UUID) -> User | None:
-        """The user, deleted or not. Raises DatabaseUnavailable."""
+    async def get(self, user_id: uuid.UUID, *, role_check: RoleCheck | None = None) -> User | None:
+        """The user, deleted or not; with ``role_check``, the caller's
+        account is read in the same statement and the check settled first.
+        Raises DatabaseUnavailable, TokenRevoked."""
+        if role_check is not None:
+            users = await self._checked(self._by_id_checked, role_check, user_id)
+            return users[0] if users else None
         rows = await self._driver.read(self._by_id, user_id)
         return _user(rows[0]) if rows else None
 
-    async def get_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
+    async def get_many(
+        self, user_ids: Sequence[uuid.UUID], *, role_check: RoleCheck | None = None
+    ) -> list[User]:
         """The stored users among ``user_ids`` (deleted included), in no
-        particular order. Raises DatabaseUnavailable."""
-        if not user_ids:
+        particular order; ``role_check`` as in ``get``. Raises
+        DatabaseUnavailable, TokenRevoked."""
+        distinct = list(set(user_ids))
+        if role_check is not None:
+            return await self._checked(self._by_ids_checked, role_check, distinct)
+        if not distinct:
             return []
-        return [_user(row) for row in await self._driver.read(self._by_ids, list(set(user_ids)))]
+        return [_user(row) for row in await self._driver.read(self._by_ids, distinct)]
 
     async def get_many_within(
         self, user_ids: Sequence[uuid.UUID], *, max_bytes: int
@@ -115,10 +139,21 @@ class SqlAlchemyUserReader:
             deleted=frozenset(row["id"] for row in rows if row["deleted"]),
         )
 
-    async def get_by_email(self, email: str) -> User | None:
-        """Case-insensitive match, deleted included. Raises DatabaseUnavailable."""
+    async def get_by_email(self, email: str, *, role_check: RoleCheck | None = None) -> User | None:
+        """Case-insensitive match, deleted included; ``role_check`` as in
+        ``get``. Raises DatabaseUnavailable, TokenRevoked."""
+        if role_check is not None:
+            users = await self._checked(self._by_email_checked, role_check, email)
+            return users[0] if users else None
         rows = await self._driver.read(self._by_email, email)
         return _user(rows[0]) if rows else None
+
+    async def _checked(self, query: str, role_check: RoleCheck, argument: object) -> list[User]:
+        # Every row carries the account; a row without a user (id NULL) is
+        # the one row of a read that found none.
+        rows = await self._driver.read(query, role_check.account_id, argument)
+        settle_holder(role_check, rows[0])
+        return [_user(row) for row in rows if row["id"] is not None]
 
 
 def _user(row: Any) -> User:

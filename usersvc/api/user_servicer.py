@@ -20,7 +20,7 @@ import grpc
 from usersvc_protos.v1 import user_service_pb2 as pb
 from usersvc_protos.v1 import user_service_pb2_grpc
 from usersvc.api import mappers
-from usersvc.api.context import current_principal
+from usersvc.api.context import current_principal, current_role_check
 from usersvc.services.batch_writes import DeleteItem
 
 if TYPE_CHECKING:
@@ -29,6 +29,14 @@ if TYPE_CHECKING:
     from usersvc.services.users import UserService
 
 _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+_SERVICE = "/usersvc.v1.UserService/"
+# The methods whose handler hands the caller's pending role re-check
+# (usersvc.api.context.current_role_check) to its one read, which settles it
+# in the same statement; AuthInterceptor defers the check for these only.
+ROLE_CHECKED_BY_READ = frozenset(
+    _SERVICE + name for name in ("GetUser", "LookupUser", "BatchGetUsers")
+)
 
 
 class UserServicer(user_service_pb2_grpc.UserServiceServicer):
@@ -67,13 +75,17 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         return pb.CreateUserResponse(user=mappers.user_to_proto(user))
 
     async def GetUser(self, request: pb.GetUserRequest, context: _Context) -> pb.GetUserResponse:
-        user = await self._users.get_user(principal=current_principal(), user_id=request.id)
+        user = await self._users.get_user(
+            principal=current_principal(), user_id=request.id, role_check=current_role_check()
+        )
         return pb.GetUserResponse(user=mappers.user_to_proto(user))
 
     async def LookupUser(
         self, request: pb.LookupUserRequest, context: _Context
     ) -> pb.LookupUserResponse:
-        user = await self._users.lookup_user(principal=current_principal(), email=request.email)
+        user = await self._users.lookup_user(
+            principal=current_principal(), email=request.email, role_check=current_role_check()
+        )
         return pb.LookupUserResponse(user=mappers.user_to_proto(user))
 
     async def ListUsers(  # type: ignore[override]  # answers encoded bytes
@@ -149,7 +161,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.BatchGetUsersRequest, context: _Context
     ) -> bytes:
         users = await self._users.batch_get_users(
-            principal=current_principal(), user_ids=tuple(request.ids)
+            principal=current_principal(),
+            user_ids=tuple(request.ids),
+            role_check=current_role_check(),
         )
         return await mappers.encoded_batch_users_response(pb.BatchGetUsersResponse, users)
 

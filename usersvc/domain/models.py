@@ -6,6 +6,7 @@ transaction that read them has ended.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import time
@@ -185,6 +186,17 @@ class Principal:
     roles: frozenset[str] = field(default_factory=frozenset)
     session_id: str = ""
     token_id: str = ""
+    # The subject parsed once: a verified token's Principal serves every
+    # call the token makes (usersvc.services.tokens), and each call asks
+    # for the user id several times (the policies, the role re-check).
+    _user_id: uuid.UUID | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        user_id = None
+        if self.kind is PrincipalKind.USER:
+            with contextlib.suppress(ValueError):
+                user_id = uuid.UUID(self.subject)
+        object.__setattr__(self, "_user_id", user_id)
 
     @property
     def is_admin(self) -> bool:
@@ -200,12 +212,7 @@ class Principal:
 
     def user_id(self) -> uuid.UUID | None:
         """The caller's user id, when the caller is a user account."""
-        if self.kind is not PrincipalKind.USER:
-            return None
-        try:
-            return uuid.UUID(self.subject)
-        except ValueError:
-            return None
+        return self._user_id
 
 
 ANONYMOUS = Principal(kind=PrincipalKind.ANONYMOUS)

@@ -33,6 +33,7 @@ from usersvc.domain.models import (
     User,
     UserPatch,
 )
+from usersvc.domain.role_checks import RoleCheck
 from usersvc.domain.wire_size import OversizedUsers
 
 
@@ -414,14 +415,21 @@ class UserReader(Protocol):
     its own snapshot, nothing locked. For the read-only calls (GetUser,
     LookupUser, BatchGetUsers) only; a flow that reads and then writes
     reads through its unit of work. Returns what the same UserRepository
-    methods return."""
+    methods return.
 
-    async def get(self, user_id: uuid.UUID) -> User | None:
-        """The user, deleted or not. Raises DatabaseUnavailable."""
+    Given a ``role_check`` (usersvc.domain.role_checks), a read also reads
+    the checked account, in the same statement where it can, and settles
+    the check before it returns: it raises TokenRevoked, and returns no
+    user, when the account no longer backs the caller's token."""
 
-    async def get_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
+    async def get(self, user_id: uuid.UUID, *, role_check: RoleCheck | None = None) -> User | None:
+        """The user, deleted or not. Raises DatabaseUnavailable, TokenRevoked."""
+
+    async def get_many(
+        self, user_ids: Sequence[uuid.UUID], *, role_check: RoleCheck | None = None
+    ) -> list[User]:
         """The stored users among ``user_ids`` (deleted included), in no
-        particular order. Raises DatabaseUnavailable."""
+        particular order. Raises DatabaseUnavailable, TokenRevoked."""
 
     async def get_many_within(
         self, user_ids: Sequence[uuid.UUID], *, max_bytes: int
@@ -431,8 +439,9 @@ class UserReader(Protocol):
         add up to at most ``max_bytes``; else, without reading the users,
         their sizes. Raises DatabaseUnavailable."""
 
-    async def get_by_email(self, email: str) -> User | None:
-        """Case-insensitive match, deleted included. Raises DatabaseUnavailable."""
+    async def get_by_email(self, email: str, *, role_check: RoleCheck | None = None) -> User | None:
+        """Case-insensitive match, deleted included. Raises
+        DatabaseUnavailable, TokenRevoked."""
 
 
 class UserWriter(Protocol):

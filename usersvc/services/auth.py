@@ -67,6 +67,7 @@ from usersvc.domain.ports import (
     UnitOfWorkFactory,
     UserReader,
 )
+from usersvc.domain.role_checks import RoleCheck
 from usersvc.domain.validation import normalize_email, parse_user_id
 from usersvc.services.inputs import LoginResult, TokenIntrospection
 from usersvc.services.passwords import BcryptPasswordHasher
@@ -414,10 +415,27 @@ class AuthService:
 
     async def authenticate(self, token: str) -> Principal:
         """The caller a valid access token names. No database query while
-        the revocation cache is healthy.
+        the revocation cache is healthy, except the re-check of a token
+        that claims a privilege.
 
         Raises TokenExpired, TokenInvalid, TokenRevoked, DatabaseUnavailable
         (the revocation cache is stale and the database cannot be asked).
+        """
+        principal, role_check = await self.authenticate_deferring_role_check(token)
+        if role_check is not None:
+            await self.settle_role_check(role_check)
+        return principal
+
+    async def authenticate_deferring_role_check(
+        self, token: str
+    ) -> tuple[Principal, RoleCheck | None]:
+        """``authenticate`` without the re-check of a privileged token's
+        roles, which it returns instead (None for a token claiming no
+        privilege), for the caller to settle before acting on the principal:
+        in the statement of a plain read (usersvc.domain.role_checks), or
+        with ``settle_role_check``.
+
+        Raises TokenExpired, TokenInvalid, TokenRevoked, DatabaseUnavailable.
         """
         principal = self._tokens.verify_access_token(token)
         if await self._revocations.is_revoked(principal.session_id):
@@ -429,8 +447,16 @@ class AuthService:
             # than "user" counts only while the stored roles still hold
             # what it claims. One primary-key read, on admin and service
             # tokens only.
-            await self._current_holder(principal, exact=False)
-        return principal
+            return principal, RoleCheck.of(principal)
+        return principal, None
+
+    async def settle_role_check(self, role_check: RoleCheck) -> None:
+        """Do ``role_check`` with a read of its account of its own (nothing
+        when it is done already). Raises TokenRevoked when it fails,
+        DatabaseUnavailable."""
+        if not role_check.done:
+            role_check.settle_on(await self._reader.get(role_check.account_id))
+        role_check.ensure_passed()
 
     async def _current_holder(self, principal: Principal, *, exact: bool) -> User:
         """The token's user as stored now, when it is active and holds every

@@ -58,6 +58,7 @@ from usersvc.domain.ports import (
     UserUpdate,
     UserWriter,
 )
+from usersvc.domain.role_checks import RoleCheck
 from usersvc.domain.validation import (
     check_self_service_labels,
     normalize_display_name,
@@ -126,14 +127,18 @@ class UnitOfWorkUserReader:
     def __init__(self, uow_factory: UnitOfWorkFactory) -> None:
         self._uow_factory = uow_factory
 
-    async def get(self, user_id: uuid.UUID) -> User | None:
-        """Raises DatabaseUnavailable."""
+    async def get(self, user_id: uuid.UUID, *, role_check: RoleCheck | None = None) -> User | None:
+        """Raises DatabaseUnavailable, TokenRevoked."""
         async with self._uow_factory() as uow:
+            await _settle(uow, role_check)
             return await uow.users.get(user_id)
 
-    async def get_many(self, user_ids: Sequence[uuid.UUID]) -> list[User]:
-        """Raises DatabaseUnavailable."""
+    async def get_many(
+        self, user_ids: Sequence[uuid.UUID], *, role_check: RoleCheck | None = None
+    ) -> list[User]:
+        """Raises DatabaseUnavailable, TokenRevoked."""
         async with self._uow_factory() as uow:
+            await _settle(uow, role_check)
             return await uow.users.get_many(user_ids)
 
     async def get_many_within(
@@ -148,10 +153,17 @@ class UnitOfWorkUserReader:
         deleted = frozenset(user.id for user in found if user.state is UserState.DELETED)
         return OversizedUsers(wire_bytes=sizes, deleted=deleted)
 
-    async def get_by_email(self, email: str) -> User | None:
-        """Raises DatabaseUnavailable."""
+    async def get_by_email(self, email: str, *, role_check: RoleCheck | None = None) -> User | None:
+        """Raises DatabaseUnavailable, TokenRevoked."""
         async with self._uow_factory() as uow:
+            await _settle(uow, role_check)
             return await uow.users.get_by_email(email)
+
+
+async def _settle(uow: UnitOfWork, role_check: RoleCheck | None) -> None:
+    # The account first, in the read's own unit of work. Raises TokenRevoked.
+    if role_check is not None:
+        role_check.settle_on(await uow.users.get(role_check.account_id))
 
 
 class UnitOfWorkUserWriter:
@@ -408,27 +420,34 @@ class UserService:
 
     # -- read ------------------------------------------------------------------
 
-    async def get_user(self, *, principal: Principal, user_id: str) -> User:
-        """The user ``user_id`` ("me": the caller).
+    async def get_user(
+        self, *, principal: Principal, user_id: str, role_check: RoleCheck | None = None
+    ) -> User:
+        """The user ``user_id`` ("me": the caller). ``role_check`` (the
+        caller's, when its token claims a privilege still to be checked) is
+        settled by the read itself (usersvc.domain.role_checks).
 
         Raises PermissionDenied, InvalidArgument, UserNotFound (also for a
-        deleted user unless the caller is an admin).
+        deleted user unless the caller is an admin), TokenRevoked.
         """
         target = _target(principal, user_id, "id")
         policies.ensure(policies.can_read(principal, target), "read this user")
-        user = await self._reader.get(target)
+        user = await self._reader.get(target, role_check=role_check)
         return _visible(principal, user, target)
 
-    async def lookup_user(self, *, principal: Principal, email: str) -> User:
-        """The user with ``email`` (case-insensitive).
+    async def lookup_user(
+        self, *, principal: Principal, email: str, role_check: RoleCheck | None = None
+    ) -> User:
+        """The user with ``email`` (case-insensitive); ``role_check`` as in
+        get_user.
 
-        Raises PermissionDenied, InvalidArgument, UserNotFound.
+        Raises PermissionDenied, InvalidArgument, UserNotFound, TokenRevoked.
         """
         policies.ensure(policies.can_lookup(principal), "look up users")
         errors: list[FieldViolation] = []
         normalized = normalize_email(email, field="email", errors=errors)
         raise_for_violations(errors)
-        user = await self._reader.get_by_email(normalized)
+        user = await self._reader.get_by_email(normalized, role_check=role_check)
         if user is None or (
             user.state is UserState.DELETED and not policies.can_see_deleted(principal)
         ):
@@ -461,14 +480,21 @@ class UserService:
         patch = UpdateUserInput(user_id=str(existing.id), etag="", patch=UserPatch(roles=roles))
         return await self.update_user(principal=principal, request=patch), False
 
-    async def batch_get_users(self, *, principal: Principal, user_ids: Sequence[str]) -> list[User]:
-        """1..1000 distinct users in request order.
+    async def batch_get_users(
+        self,
+        *,
+        principal: Principal,
+        user_ids: Sequence[str],
+        role_check: RoleCheck | None = None,
+    ) -> list[User]:
+        """1..1000 distinct users in request order; ``role_check`` as in
+        get_user.
 
         Raises PermissionDenied, InvalidArgument (violations "ids[i]",
         including an id repeating an earlier one; field "ids" when the users
         would not fit in one response of 4 MiB), UserNotFound with metadata
         {"id": ...} naming the first id in request order that is missing (or
-        deleted, unless the caller is an admin).
+        deleted, unless the caller is an admin), TokenRevoked.
         """
         policies.ensure(policies.can_batch_get(principal), "batch-get users")
         if not 1 <= len(user_ids) <= MAX_BATCH_SIZE:
@@ -494,9 +520,11 @@ class UserService:
         budget = byte_budget(len(targets))
         found: list[User] | OversizedUsers
         if budget is None:
-            found = await self._reader.get_many(targets)
+            found = await self._reader.get_many(targets, role_check=role_check)
         else:
             # Users that would not fit are not read: only their sizes are.
+            # The role check, if any, is not in this statement: the auth
+            # interceptor settles it before the call answers.
             found = await self._reader.get_many_within(targets, max_bytes=budget)
         if isinstance(found, OversizedUsers):
             for target in targets:

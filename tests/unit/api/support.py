@@ -26,6 +26,7 @@ from usersvc.api.public import PublicMethods
 from usersvc.api.user_servicer import UserServicer
 from usersvc.domain import errors
 from usersvc.domain.models import Principal, PrincipalKind, User
+from usersvc.domain.role_checks import RoleCheck
 from usersvc.services.bulk_import import ImportResult, ImportRow, ImportRowError
 from usersvc.services.inputs import (
     CreateUserInput,
@@ -83,6 +84,8 @@ class FakeUserService:
     # The rows import_users read, in order.
     imported_rows: list[ImportRow] = field(default_factory=list)
     entered: asyncio.Event = field(default_factory=asyncio.Event)
+    # The role re-check each plain read was handed (None: none pending).
+    role_checks: list[RoleCheck | None] = field(default_factory=list)
 
     def _record(self, method: str, principal: Principal, **kwargs: Any) -> None:
         self.calls.append(Call(method, principal, kwargs))
@@ -93,12 +96,18 @@ class FakeUserService:
         self._record("create_user", principal, request=request)
         return self.user
 
-    async def get_user(self, *, principal: Principal, user_id: str) -> User:
+    async def get_user(
+        self, *, principal: Principal, user_id: str, role_check: RoleCheck | None = None
+    ) -> User:
         fake_logger.info("fake get_user")
+        self.role_checks.append(role_check)
         self._record("get_user", principal, user_id=user_id)
         return self.user
 
-    async def lookup_user(self, *, principal: Principal, email: str) -> User:
+    async def lookup_user(
+        self, *, principal: Principal, email: str, role_check: RoleCheck | None = None
+    ) -> User:
+        self.role_checks.append(role_check)
         self._record("lookup_user", principal, email=email)
         if self.hang:
             self.entered.set()
@@ -149,7 +158,14 @@ class FakeUserService:
         self._record("batch_create_users", principal, requests=requests, request_id=request_id)
         return [replace(self.user, email=r.email) for r in requests]
 
-    async def batch_get_users(self, *, principal: Principal, user_ids: Sequence[str]) -> list[User]:
+    async def batch_get_users(
+        self,
+        *,
+        principal: Principal,
+        user_ids: Sequence[str],
+        role_check: RoleCheck | None = None,
+    ) -> list[User]:
+        self.role_checks.append(role_check)
         self._record("batch_get_users", principal, user_ids=user_ids)
         return [replace(self.user, id=uuid.UUID(i)) for i in user_ids]
 
@@ -250,10 +266,11 @@ class RunningServer:
 
 
 async def start_server(
-    auth: FakeAuthService, *, auth_servicer: Any = None
+    auth: FakeAuthService, *, auth_servicer: Any = None, users: FakeUserService | None = None
 ) -> tuple[grpc.aio.Server, int, FakeUserService]:
-    """``auth_servicer`` replaces AuthServicer(auth) as the AuthService."""
-    users = FakeUserService()
+    """``auth_servicer`` replaces AuthServicer(auth) as the AuthService;
+    ``users`` replaces a new FakeUserService."""
+    users = users if users is not None else FakeUserService()
     server = grpc.aio.server(
         interceptors=build_interceptors(
             auth_service=auth, public_methods=PublicMethods(allow_signup=True)

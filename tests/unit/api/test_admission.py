@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from usersvc.api.interceptors.admission import AdmissionInterceptor, RefusalLog
+from usersvc.api.interceptors.admission import AdmissionInterceptor, MessageDeadlines, RefusalLog
 from usersvc.config import Settings
 from usersvc.server import server_options
 
@@ -24,8 +24,18 @@ class Aborted(Exception):
 
 
 class FakeContext:
-    def __init__(self) -> None:
+    """What grpc.aio gives a request-streaming handler: the request stream,
+    read through ``requests`` (the iterator) or ``read()`` (the reader)."""
+
+    def __init__(self, *messages: Any, stall: bool = False) -> None:
         self.aborted: tuple[Any, str] | None = None
+        self.requests = requests(*messages, stall=stall)
+
+    async def read(self) -> Any:
+        try:
+            return await anext(self.requests)
+        except StopAsyncIteration:
+            return grpc.aio.EOF  # type: ignore[attr-defined]
 
     async def abort(self, code: Any, details: str, trailing_metadata: Any = ()) -> None:
         self.aborted = (code, details)
@@ -37,6 +47,11 @@ async def requests(*messages: Any, stall: bool = False) -> AsyncIterator[Any]:
         yield message
     if stall:
         await asyncio.Event().wait()
+
+
+async def call(wrapped: Any, context: FakeContext) -> Any:
+    """The wrapped handler called as grpc calls it."""
+    return await wrapped.stream_unary(context.requests, context)
 
 
 def admission(**overrides: Any) -> AdmissionInterceptor:
@@ -60,7 +75,7 @@ async def test_a_unary_method_is_served_as_a_request_stream_with_its_one_message
 
     assert wrapped.request_streaming
     assert not wrapped.response_streaming
-    assert await wrapped.stream_unary(requests(b"body"), FakeContext()) == ("handled", b"body")
+    assert await call(wrapped, FakeContext(b"body")) == ("handled", b"body")
 
 
 async def test_a_body_that_does_not_arrive_in_time_ends_the_call() -> None:
@@ -71,10 +86,10 @@ async def test_a_body_that_does_not_arrive_in_time_ends_the_call() -> None:
         raise AssertionError("must not run")
 
     wrapped = gate.wrap(grpc.unary_unary_rpc_method_handler(handler), "/x.Y/Z")
-    context = FakeContext()
+    context = FakeContext(stall=True)
 
     with pytest.raises(Aborted):
-        await wrapped.stream_unary(requests(stall=True), context)
+        await call(wrapped, context)
 
     assert context.aborted is not None
     assert context.aborted[0] == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -95,12 +110,12 @@ async def test_a_call_beyond_its_lane_cap_is_refused_and_the_slot_returns_after(
         return "done"
 
     wrapped = gate.wrap(grpc.unary_unary_rpc_method_handler(handler), "/x.Y/Z")
-    first = asyncio.create_task(wrapped.stream_unary(requests(b""), FakeContext()))
+    first = asyncio.create_task(call(wrapped, FakeContext(b"")))
     await entered.wait()
-    context = FakeContext()
+    context = FakeContext(b"")
 
     with pytest.raises(Aborted):
-        await wrapped.stream_unary(requests(b""), context)
+        await call(wrapped, context)
     release.set()
     assert await first == "done"
 
@@ -119,7 +134,7 @@ async def test_health_check_has_its_own_lane_so_a_full_call_lane_does_not_refuse
 
     wrapped = gate.wrap(grpc.unary_unary_rpc_method_handler(check), "/grpc.health.v1.Health/Check")
 
-    assert await wrapped.stream_unary(requests(b""), FakeContext()) == "SERVING"
+    assert await call(wrapped, FakeContext(b"")) == "SERVING"
 
 
 def test_methods_are_sorted_into_lanes_by_name_and_kind() -> None:
@@ -165,10 +180,10 @@ async def test_a_request_stream_that_goes_silent_is_ended_mid_stream() -> None:
         return "imported"
 
     wrapped = admission().wrap(grpc.stream_unary_rpc_method_handler(importer), "/x.Y/Import")
-    context = FakeContext()
+    context = FakeContext(1, 2, stall=True)
 
     with pytest.raises(Aborted):
-        await wrapped.stream_unary(requests(1, 2, stall=True), context)
+        await call(wrapped, context)
 
     assert received == [1, 2]
     assert context.aborted is not None
@@ -181,7 +196,7 @@ async def test_an_empty_request_stream_is_admitted_and_served() -> None:
 
     wrapped = admission().wrap(grpc.stream_unary_rpc_method_handler(importer), "/x.Y/Import")
 
-    assert await wrapped.stream_unary(requests(), FakeContext()) == []
+    assert await call(wrapped, FakeContext()) == []
 
 
 async def test_a_unary_call_without_any_message_is_invalid_argument() -> None:
@@ -192,7 +207,7 @@ async def test_a_unary_call_without_any_message_is_invalid_argument() -> None:
     context = FakeContext()
 
     with pytest.raises(Aborted):
-        await wrapped.stream_unary(requests(), context)
+        await call(wrapped, context)
 
     assert context.aborted is not None
     assert context.aborted[0] == grpc.StatusCode.INVALID_ARGUMENT
@@ -253,3 +268,107 @@ def test_the_metrics_know_every_refusal_reason_and_start_them_at_zero() -> None:
         metrics.registry.get_sample_value("usersvc_calls_refused_total", {"reason": reason}) == 0
         for reason in REFUSAL_REASONS
     )
+
+
+# -- the shared deadline timer ----------------------------------------------------------------
+
+
+async def test_a_message_that_arrives_in_time_is_returned_and_nothing_stays_waiting() -> None:
+    deadlines = MessageDeadlines(10.0)
+
+    assert await deadlines.wait(asyncio.sleep(0, result="message")) == "message"
+    assert len(deadlines) == 0
+    deadlines.close()
+
+
+async def test_waits_end_in_the_order_they_began_each_after_its_own_timeout() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = MessageDeadlines(0.05)
+    ended: dict[str, float] = {}
+
+    async def wait(name: str) -> None:
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await deadlines.wait(asyncio.Event().wait())
+        ended[name] = loop.time() - started
+
+    first = asyncio.create_task(wait("first"))
+    await asyncio.sleep(0.02)  # the second wait begins later than the first
+    second = asyncio.create_task(wait("second"))
+    await asyncio.gather(first, second)
+
+    assert list(ended) == ["first", "second"]
+    # Neither ended before its own timeout (a millisecond of clock resolution).
+    assert min(ended.values()) >= 0.05 - 0.002
+    assert len(deadlines) == 0
+
+
+async def test_an_expired_wait_leaves_the_task_free_to_answer() -> None:
+    deadlines = MessageDeadlines(0.01)
+
+    with pytest.raises(TimeoutError):
+        await deadlines.wait(asyncio.Event().wait())
+
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+    # The task goes on awaiting (as the admission interceptor does to abort).
+    assert await asyncio.sleep(0, result="answered") == "answered"
+
+
+async def test_a_cancelled_caller_stays_cancelled_not_timed_out() -> None:
+    deadlines = MessageDeadlines(10.0)
+    started = asyncio.Event()
+
+    async def waiter() -> None:
+        started.set()
+        await deadlines.wait(asyncio.Event().wait())
+
+    task = asyncio.create_task(waiter())
+    await started.wait()
+    await asyncio.sleep(0)
+    task.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(deadlines) == 0
+    deadlines.close()
+
+
+async def test_a_caller_cancelled_as_its_wait_expires_stays_cancelled() -> None:
+    deadlines = MessageDeadlines(0.01)
+    outcome: list[str] = []
+
+    async def waiter() -> None:
+        try:
+            await deadlines.wait(asyncio.Event().wait())
+        except TimeoutError:
+            outcome.append("timeout")
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+
+    task = asyncio.create_task(waiter())
+    await asyncio.sleep(0)
+    # Fire the timer's work by hand, then cancel as the client would, both
+    # before the task runs again.
+    deadlines.expire_due(asyncio.get_running_loop().time() + 1)
+    task.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert outcome == ["cancelled"]
+
+
+async def test_each_message_of_a_stream_gets_a_fresh_deadline() -> None:
+    deadlines = MessageDeadlines(0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    # Three messages 30 ms apart: 90 ms in all, each wait well within 50 ms.
+    for _ in range(3):
+        await deadlines.wait(asyncio.sleep(0.03))
+
+    assert loop.time() - started >= 0.09 - 0.003
+    assert len(deadlines) == 0
+    deadlines.close()

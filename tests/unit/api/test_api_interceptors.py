@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from usersvc_protos.v1 import (
     user_service_pb2_grpc,
 )
 from usersvc.api.interceptors import AccessLogInterceptor, WrappingInterceptor
+from usersvc.api.interceptors.request_id import new_request_id
 from usersvc.domain import errors
 from usersvc.domain.models import ANONYMOUS
 
@@ -89,6 +91,17 @@ async def test_a_request_id_is_generated_when_the_caller_sends_none(served: Runn
     call = served.user_stub.GetUser(user_service_pb2.GetUserRequest(id="me"), metadata=bearer())
     await call
     assert HEX32.fullmatch(_request_id_of(await call.trailing_metadata()) or "")
+
+
+def test_generated_request_ids_are_random_version_4_uuids_in_hex() -> None:
+    ids = [new_request_id() for _ in range(200)]
+
+    assert len(set(ids)) == len(ids)
+    for request_id in ids:
+        parsed = uuid.UUID(hex=request_id)
+        assert parsed.hex == request_id
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
 
 
 @pytest.mark.parametrize(

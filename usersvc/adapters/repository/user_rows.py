@@ -9,12 +9,13 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, select
+from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, literal_column, select
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import ColumnElement, Select
 
 from usersvc.adapters.orm import users_table
 from usersvc.domain.models import Credentials, User
+from usersvc.domain.role_checks import RoleCheck
 
 users = users_table.c
 
@@ -40,6 +41,52 @@ GET_USER_BY_EMAIL = SELECT_USERS.where(func.lower(users.email) == func.lower(bin
 # The read lane's batch read takes one array instead of an IN list, so that
 # its text (and asyncpg's prepared statement) is the same for any count.
 GET_USERS_BY_IDS = SELECT_USERS.where(users.id == any_(bindparam("user_ids", type_=ARRAY(Uuid))))
+
+
+# The same reads with the caller's account alongside, for the re-check of a
+# privileged token (usersvc.domain.role_checks) in the statement of the read
+# itself: a LEFT JOIN from a one-row relation to the account, then to the
+# users read, so there is always a row to tell "no such account" (holder_id
+# NULL) from "no such user" (id NULL).
+_holder = users_table.alias("holder")
+_target = users_table.alias("target")
+HOLDER_COLUMNS = (
+    _holder.c.id.label("holder_id"),
+    _holder.c.roles.label("holder_roles"),
+    _holder.c.disable_time.label("holder_disable_time"),
+    _holder.c.delete_time.label("holder_delete_time"),
+)
+
+
+def _with_holder(target_matches: ColumnElement[bool]) -> Select[Any]:
+    one = select(literal_column("1").label("one")).subquery("one")
+    return select(
+        *HOLDER_COLUMNS, *(_target.c[column.name] for column in USER_COLUMNS)
+    ).select_from(
+        one.outerjoin(_holder, _holder.c.id == bindparam("holder_id")).outerjoin(
+            _target, target_matches
+        )
+    )
+
+
+GET_USER_BY_ID_WITH_HOLDER = _with_holder(_target.c.id == bindparam("user_id"))
+GET_USER_BY_EMAIL_WITH_HOLDER = _with_holder(
+    func.lower(_target.c.email) == func.lower(bindparam("email"))
+)
+GET_USERS_BY_IDS_WITH_HOLDER = _with_holder(
+    _target.c.id == any_(bindparam("user_ids", type_=ARRAY(Uuid)))
+)
+
+
+def settle_holder(role_check: RoleCheck, row: Any) -> None:
+    """Settle ``role_check`` on the holder columns of a row of a
+    ``*_WITH_HOLDER`` read. Raises TokenRevoked when it fails."""
+    role_check.settle(
+        active=row["holder_id"] is not None
+        and row["holder_disable_time"] is None
+        and row["holder_delete_time"] is None,
+        roles=row["holder_roles"] or (),
+    )
 
 
 def users_by_ids(user_ids: Sequence[uuid.UUID]) -> Select[Any]:
