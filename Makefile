@@ -47,6 +47,7 @@ test: $(STAMP) buf-lint buf-breaking proto-check
 
 lint: $(STAMP) buf-lint buf-breaking proto-check docker-lint
 	$(BIN)/ruff check usersvc tests scripts alembic bench
+	$(BIN)/ruff format --check usersvc tests scripts alembic bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
