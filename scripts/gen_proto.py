@@ -39,10 +39,13 @@ def generate(out: Path) -> None:
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     bin_dir = Path(sys.executable).parent
     cmd = [
-        sys.executable, "-m", "grpc_tools.protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
-        f"-I{PROTOS}", f"-I{well_known}",
+        f"-I{PROTOS}",
+        f"-I{well_known}",
         f"--python_out={gen_dir}",
         f"--grpc_python_out={gen_dir}",
         f"--mypy_out={gen_dir}",
@@ -81,8 +84,10 @@ def main() -> int:
         generate(Path(tmp))
         fresh, committed = _tree(Path(tmp)), _tree(ROOT)
         stale = sorted(
-            name for name in fresh.keys() | committed.keys()
-            if name not in fresh or name not in committed
+            name
+            for name in fresh.keys() | committed.keys()
+            if name not in fresh
+            or name not in committed
             or not filecmp.cmp(fresh[name], committed[name], shallow=False)
         )
     if stale:

@@ -129,9 +129,7 @@ class SecretLedger:
             self._known.add(value)
             end = len(value) - _KEY_CHARS
             for start in range(end - _STRIDE + 1, end + 1):
-                self._by_key.setdefault(value[start : start + _KEY_CHARS], []).append(
-                    (kind, value)
-                )
+                self._by_key.setdefault(value[start : start + _KEY_CHARS], []).append((kind, value))
         if kind == "refresh token":
             self._add_refresh_token_hash(value)
         elif kind in ("signing key", "HS256 secret") and "-----BEGIN" in value:

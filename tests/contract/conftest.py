@@ -60,9 +60,7 @@ class Account:
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     address = os.environ.get(ADDR_ENV, "").strip()
     if address:
-        yield Target(
-            address, os.environ.get(ADMIN_EMAIL_ENV), os.environ.get(ADMIN_PASSWORD_ENV)
-        )
+        yield Target(address, os.environ.get(ADMIN_EMAIL_ENV), os.environ.get(ADMIN_PASSWORD_ENV))
         return
     yield from _local_server(request)
 
@@ -120,7 +118,8 @@ def create_user(api: ReflectedApi, request: pytest.FixtureRequest, **fields: Any
         return api.call(f"{USER_SERVICE}.CreateUser", **fields)
     except CallFailed as error:
         if error.failure.code not in (
-            grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAUTHENTICATED,
         ):
             raise
     token = request.getfixturevalue("admin_token")  # skips without an admin

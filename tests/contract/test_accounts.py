@@ -23,9 +23,10 @@ def test_sign_up_returns_the_user_lower_cased_active_and_with_the_user_role(
     assert user.id == account.user_id
     assert user.email == account.email.lower()
     assert list(user.roles) == ["user"]
-    assert user.DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[
-        user.state
-    ].name == "STATE_ACTIVE"
+    assert (
+        user.DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[user.state].name
+        == "STATE_ACTIVE"
+    )
     assert user.etag
     assert user.create_time.seconds > 0
 

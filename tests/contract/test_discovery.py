@@ -8,8 +8,16 @@ import pytest
 from .client import AUTH_SERVICE, HEALTH_SERVICE, REFLECTION_SERVICE, USER_SERVICE, ReflectedApi
 
 USER_FIELDS = {
-    "id", "email", "display_name", "roles", "state", "labels",
-    "create_time", "update_time", "delete_time", "etag",
+    "id",
+    "email",
+    "display_name",
+    "roles",
+    "state",
+    "labels",
+    "create_time",
+    "update_time",
+    "delete_time",
+    "etag",
 }
 USER_STATES = {"STATE_UNSPECIFIED", "STATE_ACTIVE", "STATE_DISABLED", "STATE_DELETED"}
 TOKEN_PAIR = {"access_token", "refresh_token", "token_type", "expires_in", "user"}
@@ -17,7 +25,8 @@ TOKEN_PAIR = {"access_token", "refresh_token", "token_type", "expires_in", "user
 # (service, method) -> (request fields, response fields), from docs/api.md.
 METHODS = {
     (USER_SERVICE, "CreateUser"): (
-        {"email", "password", "display_name", "roles", "labels", "request_id"}, {"user"},
+        {"email", "password", "display_name", "roles", "labels", "request_id"},
+        {"user"},
     ),
     (USER_SERVICE, "GetUser"): ({"id"}, {"user"}),
     (USER_SERVICE, "LookupUser"): ({"email"}, {"user"}),
@@ -40,7 +49,8 @@ METHODS = {
     (AUTH_SERVICE, "RevokeAllSessions"): ({"user_id"}, {"revoked_count"}),
     (AUTH_SERVICE, "GetJwks"): (set(), {"jwks_json"}),
     (AUTH_SERVICE, "IntrospectToken"): (
-        {"token"}, {"active", "sub", "roles", "session_id", "expire_time"},
+        {"token"},
+        {"active", "sub", "roles", "session_id", "expire_time"},
     ),
 }
 

@@ -67,8 +67,11 @@ def test_a_page_token_reused_with_another_order_is_invalid_argument(
 
     with pytest.raises(CallFailed) as raised:
         api.call(
-            LIST, token=admin_token, page_size=1,
-            page_token=first.next_page_token, order_by="email desc",
+            LIST,
+            token=admin_token,
+            page_size=1,
+            page_token=first.next_page_token,
+            order_by="email desc",
         )
 
     assert raised.value.failure.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -64,7 +64,12 @@ def test_the_readme_grpcurl_session_runs_as_printed(served: tuple[int, dict[str,
     script = _session_script().replace("localhost:50051", f"localhost:{port}")
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout

@@ -305,9 +305,7 @@ class Caller:
         metadata = bearer(token) if token is not None else ()
         self.users: Any = _WithMetadata(user_service_pb2_grpc.UserServiceStub(channel), metadata)
         self.auth: Any = _WithMetadata(auth_service_pb2_grpc.AuthServiceStub(channel), metadata)
-        self.events: Any = _WithMetadata(
-            event_service_pb2_grpc.EventServiceStub(channel), metadata
-        )
+        self.events: Any = _WithMetadata(event_service_pb2_grpc.EventServiceStub(channel), metadata)
 
     def __repr__(self) -> str:
         return f"Caller({self.name})"

@@ -52,9 +52,7 @@ class Publishing:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def publishing(
-    e2e_settings: Any, recorder: ResponseRecorder
-) -> AsyncIterator[Publishing]:
+async def publishing(e2e_settings: Any, recorder: ResponseRecorder) -> AsyncIterator[Publishing]:
     """A server that publishes its events to the shared NATS, under a
     CloudEvents source no other run uses."""
     nats_url = shared_nats_url()
@@ -263,9 +261,7 @@ async def test_every_change_reaches_list_watch_and_jetstream_in_the_same_order(
     assert updated.request_id
     causes = [e.attributes["cause"] for e in events if e.type == "usersvc.auth.login_failed.v1"]
     assert {"unknown_email", "wrong_password", "locked"} <= set(causes)
-    unknown = next(
-        e for e in events if e.attributes.get("cause") == "unknown_email"
-    )
+    unknown = next(e for e in events if e.attributes.get("cause") == "unknown_email")
     assert (unknown.user_id, unknown.HasField("user")) == ("", False)
     purged = about_user[-1]
     assert not purged.HasField("user")
@@ -379,9 +375,7 @@ async def test_watches_that_reach_their_deadline_end_and_give_back_their_connect
     publishing: Publishing, people: World
 ) -> None:
     for _ in range(10):
-        call = people.admin.events.WatchEvents(
-            event_service_pb2.WatchEventsRequest(), timeout=0.3
-        )
+        call = people.admin.events.WatchEvents(event_service_pb2.WatchEventsRequest(), timeout=0.3)
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             async for _ in call:
                 pass

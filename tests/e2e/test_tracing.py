@@ -173,9 +173,7 @@ async def test_no_span_carries_a_parameter_value(traced: Traced) -> None:
         auth_service_pb2.RefreshTokenRequest(refresh_token=login.refresh_token)
     )
     # A refused duplicate: the error status names the code, not the email.
-    await fails(
-        world.anonymous.users.CreateUser(create_request(recorder, email=email.upper()))
-    )
+    await fails(world.anonymous.users.CreateUser(create_request(recorder, email=email.upper())))
 
     spans = await traced.spans_of("usersvc.v1.UserService/CreateUser", count=2)
     assert len([s for s in spans if s.kind is SpanKind.CLIENT]) >= 6

@@ -87,20 +87,54 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
         else:
             shutil.copy2(origin, source / origin.name)
     dist = root / "dist"
-    _check(_run([
-        sys.executable, "-m", "pip", "wheel", "--quiet", "--no-cache-dir", "--no-deps",
-        "--no-build-isolation", "--wheel-dir", dist, source,
-    ]))
+    _check(
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "--no-cache-dir",
+                "--no-deps",
+                "--no-build-isolation",
+                "--wheel-dir",
+                dist,
+                source,
+            ]
+        )
+    )
     (wheel,) = dist.glob("usersvc-*.whl")
     venv = root / "venv"
     _check(_run([sys.executable, "-m", "venv", "--without-pip", venv]))
-    _check(_run([
-        sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install",
-        "--quiet", "--no-cache-dir", "--no-deps", "--no-index", wheel,
-    ]))
-    purelib = Path(_check(_run([
-        venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    ])).stdout.strip())
+    _check(
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                venv / "bin" / "python",
+                "install",
+                "--quiet",
+                "--no-cache-dir",
+                "--no-deps",
+                "--no-index",
+                wheel,
+            ]
+        )
+    )
+    purelib = Path(
+        _check(
+            _run(
+                [
+                    venv / "bin" / "python",
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                ]
+            )
+        ).stdout.strip()
+    )
     (purelib / "zz_project_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     workdir = root / "workdir"
     workdir.mkdir()
@@ -145,14 +179,20 @@ def test_the_wheel_carries_migrations_generated_code_data_and_type_marker(
 def test_the_installed_package_is_imported_from_the_venv_not_the_source_tree(
     installed: InstalledWheel,
 ) -> None:
-    result = _check(_run(
-        [installed.bin / "python", "-c",
-         "import importlib.util, usersvc, usersvc_protos, usersvc.adapters.migrations as m; "
-         "assert importlib.util.find_spec('generated') is None; "
-         "print(usersvc.__file__); print(usersvc_protos.__file__); print(m.script_location())"],
-        cwd=installed.workdir,
-        env={"PATH": os.environ.get("PATH", "")},
-    ))
+    result = _check(
+        _run(
+            [
+                installed.bin / "python",
+                "-c",
+                "import importlib.util, usersvc, usersvc_protos, usersvc.adapters.migrations as m; "
+                "assert importlib.util.find_spec('generated') is None; "
+                "print(usersvc.__file__); print(usersvc_protos.__file__); "
+                "print(m.script_location())",
+            ],
+            cwd=installed.workdir,
+            env={"PATH": os.environ.get("PATH", "")},
+        )
+    )
     locations = result.stdout.split()
     assert len(locations) == 3
     for location in locations:
@@ -172,9 +212,7 @@ def _container_env(installed: InstalledWheel, database_url: str, key_file: Path)
     plus what an operator supplies at `docker run`: a database and a key."""
     image_env = stage("runtime").env()
     host, _, _ = image_env["USERSVC_LISTEN_ADDR"].rpartition(":")
-    env = {
-        key: value for key, value in image_env.items() if key.startswith(("USERSVC_", "PYTHON"))
-    }
+    env = {key: value for key, value in image_env.items() if key.startswith(("USERSVC_", "PYTHON"))}
     env.update(
         PATH=f"{installed.bin}{os.pathsep}{os.environ.get('PATH', '')}",
         USERSVC_LISTEN_ADDR=f"{host}:{free_port()}",
@@ -214,9 +252,11 @@ async def test_the_dockerfiles_commands_migrate_serve_and_pass_the_healthcheck(
     env = _container_env(installed, empty_database_url, key_file)
     cwd = installed.workdir
     assert shutil.which("usersvc", path=env["PATH"]) == str(installed.bin / "usersvc")
-    _check(await asyncio.to_thread(
-        _run, [*entrypoint, "keys", "generate", "--out", str(key_file)], env=env, cwd=cwd
-    ))
+    _check(
+        await asyncio.to_thread(
+            _run, [*entrypoint, "keys", "generate", "--out", str(key_file)], env=env, cwd=cwd
+        )
+    )
     # Nothing is listening yet: the health check must be able to fail.
     refused = await asyncio.to_thread(_run, healthcheck, env=env, cwd=cwd)
     assert refused.returncode == 1, refused

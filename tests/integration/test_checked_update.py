@@ -574,4 +574,3 @@ async def test_concurrent_writers_of_one_row_each_see_the_one_before_and_lose_no
         expected = list(change.patch.changed_fields(outcome.before))
         assert by_version[outcome.after.version]["changed_fields"] == expected
         assert outcome.after.labels == change.patch.labels
-

@@ -55,10 +55,15 @@ def buf_breaking(cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_the_released_image_is_committed_and_holds_the_v1_files() -> None:
     listed = subprocess.run(
         [str(BUF), "ls-files", str(RELEASED_IMAGE)],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout.split()
     assert set(listed) >= {
-        "usersvc/v1/user.proto", "usersvc/v1/user_service.proto", "usersvc/v1/auth_service.proto",
+        "usersvc/v1/user.proto",
+        "usersvc/v1/user_service.proto",
+        "usersvc/v1/auth_service.proto",
     }
 
 

@@ -29,8 +29,10 @@ def forbidden_imports(source: str, filename: str = "<source>") -> list[str]:
                 names = [node.module]
         elif isinstance(node, ast.Call) and node.args:
             function = node.func
-            called = function.attr if isinstance(function, ast.Attribute) else getattr(
-                function, "id", ""
+            called = (
+                function.attr
+                if isinstance(function, ast.Attribute)
+                else getattr(function, "id", "")
             )
             first = node.args[0]
             if (
@@ -59,24 +61,28 @@ def test_the_contract_suite_imports_nothing_from_the_service_or_generated_code()
 
 
 def test_the_check_catches_each_kind_of_forbidden_import() -> None:
-    source = "\n".join([
-        "import usersvc",
-        "from usersvc.config import Settings",
-        "from usersvc_protos.v1 import user_pb2",
-        "import tests.e2e.helpers",
-        "from ..e2e import helpers",
-        "import importlib; importlib.import_module('usersvc.api')",
-        "__import__('usersvc_protos')",
-    ])
+    source = "\n".join(
+        [
+            "import usersvc",
+            "from usersvc.config import Settings",
+            "from usersvc_protos.v1 import user_pb2",
+            "import tests.e2e.helpers",
+            "from ..e2e import helpers",
+            "import importlib; importlib.import_module('usersvc.api')",
+            "__import__('usersvc_protos')",
+        ]
+    )
     assert len(forbidden_imports(source)) == 7
 
 
 def test_the_check_lets_public_packages_and_the_suites_own_modules_through() -> None:
-    source = "\n".join([
-        "import grpc",
-        "from google.protobuf import descriptor_pool",
-        "from .client import ReflectedApi",
-        "from . import client",
-        "command = ['usersvc', 'serve']",
-    ])
+    source = "\n".join(
+        [
+            "import grpc",
+            "from google.protobuf import descriptor_pool",
+            "from .client import ReflectedApi",
+            "from . import client",
+            "command = ['usersvc', 'serve']",
+        ]
+    )
     assert forbidden_imports(source) == []

@@ -600,9 +600,7 @@ async def test_an_admin_token_is_revoked_once_the_stored_roles_lack_admin(h: Har
 
 
 @pytest.mark.parametrize("state", ["disabled", "deleted"])
-async def test_an_admin_token_of_a_user_no_longer_active_is_revoked(
-    h: Harness, state: str
-) -> None:
+async def test_an_admin_token_of_a_user_no_longer_active_is_revoked(h: Harness, state: str) -> None:
     h.add_user(roles=("user", "admin"))
     result = await h.login()
     other = h.add_user("zed@example.com", **{state: True})

@@ -17,15 +17,24 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
 
 USER_FIELDS = {
-    "id", "email", "display_name", "roles", "state", "labels",
-    "create_time", "update_time", "delete_time", "etag",
+    "id",
+    "email",
+    "display_name",
+    "roles",
+    "state",
+    "labels",
+    "create_time",
+    "update_time",
+    "delete_time",
+    "etag",
 }
 USER_STATES = {"STATE_UNSPECIFIED", "STATE_ACTIVE", "STATE_DISABLED", "STATE_DELETED"}
 
 # method -> (request fields, response fields), straight from docs/api.md.
 USER_SERVICE = {
     "CreateUser": (
-        {"email", "password", "display_name", "roles", "labels", "request_id"}, {"user"},
+        {"email", "password", "display_name", "roles", "labels", "request_id"},
+        {"user"},
     ),
     "GetUser": ({"id"}, {"user"}),
     "LookupUser": ({"email"}, {"user"}),
@@ -63,8 +72,14 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> descriptor_pool.Descriptor
     protos = sorted(p.relative_to(PROTOS).as_posix() for p in PROTOS.rglob("*.proto"))
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTOS}", f"-I{well_known}",
-            "--include_imports", f"--descriptor_set_out={out}", *protos,
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTOS}",
+            f"-I{well_known}",
+            "--include_imports",
+            f"--descriptor_set_out={out}",
+            *protos,
         ],
         check=True,
         cwd=PROTOS,
@@ -104,7 +119,12 @@ def test_import_users_is_a_client_stream_of_users_with_password_hashes(
     assert (method.client_streaming, method.server_streaming) == (True, False)
     assert users.message_type.full_name == "usersvc.v1.ImportedUser"
     assert {f.name for f in users.message_type.fields} >= {
-        "email", "password_hash", "display_name", "roles", "labels", "create_time",
+        "email",
+        "password_hash",
+        "display_name",
+        "roles",
+        "labels",
+        "create_time",
     }
     error = method.output_type.fields_by_name["errors"].message_type
     assert {f.name for f in error.fields} >= {"row", "field", "reason", "description"}
@@ -119,9 +139,12 @@ def test_user_resource_has_the_contract_fields_and_states(
     assert user.fields_by_name["create_time"].message_type.full_name == (
         "google.protobuf.Timestamp"
     )
-    assert pool.FindMessageTypeByName("usersvc.v1.UpdateUserRequest").fields_by_name[
-        "update_mask"
-    ].message_type.full_name == "google.protobuf.FieldMask"
+    assert (
+        pool.FindMessageTypeByName("usersvc.v1.UpdateUserRequest")
+        .fields_by_name["update_mask"]
+        .message_type.full_name
+        == "google.protobuf.FieldMask"
+    )
 
 
 def test_no_message_has_a_field_that_could_carry_a_password_hash(

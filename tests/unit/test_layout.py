@@ -20,8 +20,10 @@ def _packages_on_disk(directory: Path, name: str) -> set[str]:
     as dotted package names."""
     found = {name}
     for path in directory.rglob("*"):
-        if path.is_dir() and path.name != "__pycache__" and any(
-            child.is_file() for child in path.iterdir()
+        if (
+            path.is_dir()
+            and path.name != "__pycache__"
+            and any(child.is_file() for child in path.iterdir())
         ):
             found.add(".".join([name, *path.relative_to(directory).parts]))
     return found
@@ -37,10 +39,17 @@ def test_import_alembic_from_the_repository_root_gets_the_library() -> None:
     # cwd is the first entry of sys.path for `python -c`, as for `alembic`
     # run through alembic.ini's prepend_sys_path: the library must still win.
     result = subprocess.run(
-        [sys.executable, "-c",
-         "import alembic, alembic.command, alembic.op, alembic.context; "
-         "print(alembic.__file__); print(callable(alembic.command.upgrade))"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-c",
+            "import alembic, alembic.command, alembic.op, alembic.context; "
+            "print(alembic.__file__); print(callable(alembic.command.upgrade))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     location, upgrade_is_callable = result.stdout.split()

@@ -14,7 +14,7 @@ from support.tasks import cancel, left_pending, live_tasks
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 
-LEAKY_SUITE = '''
+LEAKY_SUITE = """
 import asyncio
 
 import pytest
@@ -54,7 +54,7 @@ async def test_a_task_finishing_at_teardown_is_not_a_leak():
 
 def test_sync_tests_run_under_the_guard_too():
     assert True
-'''
+"""
 
 
 def test_a_leaked_task_fails_the_test_that_left_it_and_only_that_one(tmp_path: Path) -> None:

@@ -302,8 +302,16 @@ async def test_the_event_names_only_the_fields_whose_value_changed() -> None:
 
 @pytest.mark.parametrize(
     ("etag", "version"),
-    [("v7", 7), ("v1", 1), ("v07", NO_VERSION), ("7", NO_VERSION), ("v", NO_VERSION),
-     ("W/v7", NO_VERSION), ("v\u0667", NO_VERSION), ("v" + "9" * 19, NO_VERSION)],
+    [
+        ("v7", 7),
+        ("v1", 1),
+        ("v07", NO_VERSION),
+        ("7", NO_VERSION),
+        ("v", NO_VERSION),
+        ("W/v7", NO_VERSION),
+        ("v\u0667", NO_VERSION),
+        ("v" + "9" * 19, NO_VERSION),
+    ],
 )
 def test_an_etag_names_a_version_only_when_etag_for_would_make_it(etag: str, version: int) -> None:
     assert version_in_etag(etag) == version

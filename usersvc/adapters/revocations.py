@@ -87,7 +87,6 @@ def equal_jitter_backoff(failures: int, initial: float, maximum: float) -> float
     return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not security
 
 
-
 async def retry_forever(
     attempt: Callable[[], Awaitable[None]],
     *,
@@ -109,6 +108,7 @@ async def retry_forever(
             if failures == 1:
                 log.warning("%s; retrying: %s: %s", what, type(exc).__name__, exc)
         await asyncio.sleep(pause(failures))
+
 
 class _ConnectionLost(Exception):
     """The listener's connection was closed under it."""

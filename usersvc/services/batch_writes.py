@@ -137,8 +137,7 @@ class BatchWriteService:
             revocations = [
                 await self._sessions.revoke_user(uow, w.user_id, RevokeReason.ROLES_CHANGED)
                 for w in writes
-                if w.patch.roles is not None
-                and set(w.patch.roles) != set(current[w.user_id].roles)
+                if w.patch.roles is not None and set(w.patch.roles) != set(current[w.user_id].roles)
             ]
             await uow.commit()
         for revocation in revocations:

@@ -181,9 +181,7 @@ class _DaemonThreadPool:
         self._closed = False
         self._lock = threading.Lock()
         self._threads = [
-            threading.Thread(
-                target=self._work, args=(nice,), name=f"bcrypt_{index}", daemon=True
-            )
+            threading.Thread(target=self._work, args=(nice,), name=f"bcrypt_{index}", daemon=True)
             for index in range(threads)
         ]
         self._started = False

@@ -24,9 +24,9 @@ def _trailer_bytes(error: errors.DomainError) -> int:
 
 
 def _decoded(error: errors.DomainError) -> tuple[status_pb2.Status, error_details_pb2.BadRequest]:
-    status = status_pb2.Status.FromString(dict(to_rpc_status(error).trailing_metadata)[
-        "grpc-status-details-bin"
-    ])
+    status = status_pb2.Status.FromString(
+        dict(to_rpc_status(error).trailing_metadata)["grpc-status-details-bin"]
+    )
     bad_request = error_details_pb2.BadRequest()
     for detail in status.details:
         if detail.Is(bad_request.DESCRIPTOR):

@@ -106,8 +106,9 @@ _RECORDED = f"""
         GROUP BY u.id
     )
 """  # noqa: S608 (constant column names only)
-_REVOKE_SESSIONS = text(
-    """
+_REVOKE_SESSIONS = (
+    text(
+        """
     WITH ended AS (
         UPDATE sessions SET revoke_time = now(), revoke_reason = :reason
         WHERE id = ANY(CAST(:session_ids AS uuid[])) AND revoke_time IS NULL
@@ -126,12 +127,16 @@ _REVOKE_SESSIONS = text(
     -- recorded
     SELECT session_id FROM logged
     """.replace("-- recorded", _RECORDED)
-).bindparams(
-    bindparam("reason", type_=Text()),
-    bindparam("expire_time", type_=DateTime(timezone=True)),
-).execution_options(**WRITES_EVENTS)
-_REVOKE_USER_SESSIONS = text(
-    """
+    )
+    .bindparams(
+        bindparam("reason", type_=Text()),
+        bindparam("expire_time", type_=DateTime(timezone=True)),
+    )
+    .execution_options(**WRITES_EVENTS)
+)
+_REVOKE_USER_SESSIONS = (
+    text(
+        """
     WITH ended AS (
         UPDATE sessions SET revoke_time = now(), revoke_reason = :reason
         WHERE user_id = :user_id AND revoke_time IS NULL
@@ -146,11 +151,14 @@ _REVOKE_USER_SESSIONS = text(
     -- recorded
     SELECT session_id FROM logged
     """.replace("-- recorded", _RECORDED)
-).bindparams(
-    bindparam("reason", type_=Text()),
-    bindparam("user_id", type_=Uuid()),
-    bindparam("expire_time", type_=DateTime(timezone=True)),
-).execution_options(**WRITES_EVENTS)
+    )
+    .bindparams(
+        bindparam("reason", type_=Text()),
+        bindparam("user_id", type_=Uuid()),
+        bindparam("expire_time", type_=DateTime(timezone=True)),
+    )
+    .execution_options(**WRITES_EVENTS)
+)
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _DELETE_EXPIRED_SESSIONS = text(
     """
