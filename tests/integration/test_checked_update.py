@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support.users import patch_user
 from usersvc.adapters.orm import events_table, user_codes_table
 from usersvc.adapters.write_lane import SqlAlchemyUserWriter
 from usersvc.domain.codes import CodeKind
@@ -508,7 +509,7 @@ async def test_a_write_waiting_on_the_row_judges_the_version_committed_while_it_
         await uow.commit()
     async with uow_factory() as holder:
         await holder.users.set_deleted(user.id, False)
-        restored = await holder.users.update(user.id, UserPatch(display_name="New"))
+        restored = await patch_user(holder, user.id, UserPatch(display_name="New"))
         write = asyncio.create_task(
             run_update(UserUpdate(user.id, UserPatch(display_name="New", labels={"k": "v"})))
         )
@@ -531,7 +532,7 @@ async def test_an_etag_current_when_the_write_began_but_not_when_it_ran_is_refus
 ) -> None:
     user = await make_user()
     async with uow_factory() as holder:
-        moved = await holder.users.update(user.id, UserPatch(display_name="moved"))
+        moved = await patch_user(holder, user.id, UserPatch(display_name="moved"))
         write = asyncio.create_task(
             run_update(
                 UserUpdate(user.id, UserPatch(display_name="x"), expected_version=user.version)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support.users import patch_user
 from usersvc.domain.errors import EmailAlreadyExists, EtagMismatch
 from usersvc.domain.models import NewUser, User, UserPatch
 from usersvc.domain.ports import UnitOfWorkFactory
@@ -55,7 +56,7 @@ async def test_concurrent_version_checked_updates_under_a_row_lock_let_exactly_o
             assert current is not None
             if current.version != user.version:
                 raise EtagMismatch()
-            renamed = await uow.users.update(user.id, UserPatch(display_name=name))
+            renamed = await patch_user(uow, user.id, UserPatch(display_name=name))
             await uow.commit()
             return renamed
 

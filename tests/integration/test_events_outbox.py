@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support.users import patch_user
 from usersvc.adapters.events import (
     SEQUENCER_LOCK_KEY,
     SqlAlchemyEventReader,
@@ -221,17 +222,17 @@ async def test_a_change_that_fails_leaves_no_event_and_one_that_commits_leaves_o
 
     async def clash() -> None:
         async with uow_factory() as uow:
-            await uow.users.update(user.id, UserPatch(email=taken.email), events=draft)
+            await patch_user(uow, user.id, UserPatch(email=taken.email), events=draft)
             await uow.commit()
 
     with pytest.raises(EmailAlreadyExists):
         await clash()
     async with uow_factory() as uow:
-        await uow.users.update(user.id, UserPatch(display_name="Kept"), events=draft)
+        await patch_user(uow, user.id, UserPatch(display_name="Kept"), events=draft)
         # Rolled back: the unit of work ends without a commit.
     assert await _all_events(engine) == []
     async with uow_factory() as uow:
-        updated = await uow.users.update(user.id, UserPatch(display_name="Kept"), events=draft)
+        updated = await patch_user(uow, user.id, UserPatch(display_name="Kept"), events=draft)
         await uow.commit()
     await sequence_pending(engine)
     [event] = await _list(engine)

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support.users import patch_user
 from usersvc.adapters.event_feed import PostgresEventFeed
 from usersvc.adapters.event_wakeup import SequencerWakeup, notify_through
 from usersvc.adapters.events import SqlAlchemyEventReader, sequence_pending, with_events
@@ -64,7 +65,7 @@ async def make_feed(
 
 async def _rename(uow_factory: UnitOfWorkFactory, user: User, name: str) -> None:
     async with uow_factory() as uow:
-        await uow.users.update(user.id, UserPatch(display_name=name), events=UPDATED)
+        await patch_user(uow, user.id, UserPatch(display_name=name), events=UPDATED)
         await uow.commit()
 
 
@@ -85,20 +86,20 @@ async def test_a_commit_with_events_wakes_once_and_one_without_events_or_rolled_
     uow_factory = make_uow_factory(engine, events_committed=lambda: woken.append(None))
 
     async with uow_factory() as uow:  # rolled back: nothing to number
-        await uow.users.update(user.id, UserPatch(display_name="a"), events=UPDATED)
+        await patch_user(uow, user.id, UserPatch(display_name="a"), events=UPDATED)
     async with uow_factory() as uow:  # committed without events
-        await uow.users.update(user.id, UserPatch(display_name="b"))
+        await patch_user(uow, user.id, UserPatch(display_name="b"))
         await uow.commit()
     async with uow_factory() as uow:  # rolled back, then committed without events
-        await uow.users.update(user.id, UserPatch(display_name="c"), events=UPDATED)
+        await patch_user(uow, user.id, UserPatch(display_name="c"), events=UPDATED)
         await uow.rollback()
-        await uow.users.update(user.id, UserPatch(display_name="d"))
+        await patch_user(uow, user.id, UserPatch(display_name="d"))
         await uow.commit()
     assert woken == []
 
     async with uow_factory() as uow:
-        await uow.users.update(user.id, UserPatch(display_name="e"), events=UPDATED)
-        await uow.users.update(user.id, UserPatch(display_name="f"), events=UPDATED)
+        await patch_user(uow, user.id, UserPatch(display_name="e"), events=UPDATED)
+        await patch_user(uow, user.id, UserPatch(display_name="f"), events=UPDATED)
         await uow.commit()
     assert woken == [None]
 

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support.users import patch_user
 from usersvc.adapters import migrations
 from usersvc.adapters.unit_of_work import make_uow_factory
 from usersvc.domain.errors import DatabaseUnavailable
@@ -51,7 +52,7 @@ async def test_changes_are_rolled_back_when_the_block_raises(
 
     async def update_then_fail() -> None:
         async with uow_factory() as uow:
-            await uow.users.update(user.id, UserPatch(display_name="after"))
+            await patch_user(uow, user.id, UserPatch(display_name="after"))
             raise LookupError
 
     with pytest.raises(LookupError):
@@ -124,7 +125,7 @@ async def test_a_cancelled_unit_of_work_releases_its_connection_and_its_locks(
 
     async def lock_and_update() -> None:
         async with uow_factory() as uow:
-            await uow.users.update(user.id, UserPatch(display_name="cancelled"))
+            await patch_user(uow, user.id, UserPatch(display_name="cancelled"))
             await uow.users.get(user.id, for_update=True)
             await uow.commit()
 

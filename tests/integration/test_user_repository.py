@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support.users import patch_user
 from usersvc.adapters.repository.users import MAX_ROWS_PER_INSERT
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
 from usersvc.domain.models import NewUser, User, UserPatch, UserState
@@ -235,7 +236,7 @@ async def test_update_changes_only_the_patched_fields_and_bumps_the_version(
 ) -> None:
     user = await make_user(display_name="Eve", roles=("user",), labels={"a": "1"})
     async with uow_factory() as uow:
-        updated = await uow.users.update(user.id, UserPatch(display_name="Eve2"))
+        updated = await patch_user(uow, user.id, UserPatch(display_name="Eve2"))
         await uow.commit()
     assert updated.display_name == "Eve2"
     assert (updated.email, updated.roles, updated.labels) == (user.email, user.roles, user.labels)
@@ -250,7 +251,7 @@ async def test_update_replaces_email_roles_and_labels(
     user = await make_user(labels={"a": "1"})
     patch = UserPatch(email="renamed@example.com", roles=("user", "admin"), labels={"b": "2"})
     async with uow_factory() as uow:
-        updated = await uow.users.update(user.id, patch)
+        updated = await patch_user(uow, user.id, patch)
         await uow.commit()
     assert (updated.email, updated.roles, updated.labels) == (
         "renamed@example.com",
@@ -266,7 +267,7 @@ async def test_update_to_another_users_email_raises_email_already_exists(
     second = await make_user(email="second@example.com")
     async with uow_factory() as uow:
         with pytest.raises(EmailAlreadyExists) as caught:
-            await uow.users.update(second.id, UserPatch(email="FIRST@example.com"))
+            await patch_user(uow, second.id, UserPatch(email="FIRST@example.com"))
     assert caught.value.metadata == {"email": "FIRST@example.com"}
 
 
@@ -275,7 +276,7 @@ async def test_update_of_an_unknown_user_raises_user_not_found(
 ) -> None:
     async with uow_factory() as uow:
         with pytest.raises(UserNotFound):
-            await uow.users.update(uuid.uuid4(), UserPatch(display_name="x"))
+            await patch_user(uow, uuid.uuid4(), UserPatch(display_name="x"))
 
 
 async def test_set_password_hash_stores_the_new_hash_and_bumps_the_version(

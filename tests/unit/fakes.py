@@ -478,25 +478,6 @@ class FakeUserRepository:
         self._uow.written.add(user_id)
         return True
 
-    async def update(
-        self, user_id: uuid.UUID, patch: UserPatch, *, events: Sequence[EventDraft] = ()
-    ) -> User:
-        if patch.email is not None:
-            owner = self._owner_of(patch.email)
-            if owner is not None and owner != user_id:
-                raise EmailAlreadyExists(metadata={"email": patch.email.lower()})
-        changes = {
-            name: value
-            for name, value in (
-                ("email", patch.email),
-                ("display_name", patch.display_name),
-                ("roles", patch.roles),
-                ("labels", None if patch.labels is None else dict(patch.labels)),
-            )
-            if value is not None
-        }
-        return self._bump(user_id, events, **changes)
-
     async def update_checked(
         self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
     ) -> UpdateOutcome:
@@ -523,8 +504,25 @@ class FakeUserRepository:
             return UpdateOutcome(before=before, after=None, caller_is_admin=caller_is_admin)
         changed = change.patch.changed_fields(before)
         drafts = [replace(draft, changed_fields=changed) for draft in events]
-        after = await self.update(change.user_id, change.patch, events=drafts)
+        after = self._apply(change.user_id, change.patch, drafts)
         return UpdateOutcome(before=before, after=after, caller_is_admin=caller_is_admin)
+
+    def _apply(self, user_id: uuid.UUID, patch: UserPatch, events: Sequence[EventDraft]) -> User:
+        if patch.email is not None:
+            owner = self._owner_of(patch.email)
+            if owner is not None and owner != user_id:
+                raise EmailAlreadyExists(metadata={"email": patch.email.lower()})
+        changes = {
+            name: value
+            for name, value in (
+                ("email", patch.email),
+                ("display_name", patch.display_name),
+                ("roles", patch.roles),
+                ("labels", None if patch.labels is None else dict(patch.labels)),
+            )
+            if value is not None
+        }
+        return self._bump(user_id, events, **changes)
 
     def _user(self, user_id: uuid.UUID) -> User | None:
         row = self._rows.get(user_id)

@@ -25,6 +25,7 @@ from fakes import (
     auth_service,
 )
 
+from tests.support.users import patch_user
 from usersvc.domain.errors import (
     InvalidArgument,
     InvalidCredentials,
@@ -586,7 +587,7 @@ async def test_only_admins_and_services_may_introspect(h: Harness, caller: Princ
 async def _store_roles(h: Harness, user: User, *roles: str) -> None:
     # Behind the services' back: no session is revoked.
     async with h.db.uow() as uow:
-        await uow.users.update(user.id, UserPatch(roles=roles))
+        await patch_user(uow, user.id, UserPatch(roles=roles))
         await uow.commit()
 
 

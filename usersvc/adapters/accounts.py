@@ -125,10 +125,6 @@ _CONSUME_BY_EMAIL = text(
     + " RETURNING c.user_id, c.use_time IS NOT NULL AS consumed"
 ).bindparams(*_CONSUME_PARAMS, bindparam("code_email", type_=Text()))
 
-_VOID_CODES = text(
-    "UPDATE user_codes SET void_time = now() WHERE user_id = ANY(CAST(:user_ids AS uuid[])) "
-    "AND use_time IS NULL AND void_time IS NULL"
-)
 _SET_EMAIL_VERIFIED = (
     update(users_table)
     .where(users_table.c.id == bindparam("verified_id", type_=Uuid()))
@@ -280,11 +276,6 @@ class SqlAlchemyAccountRepository(SqlAlchemyRepository):
             return None
         consumed_by: uuid.UUID = row["user_id"]
         return consumed_by
-
-    async def void_codes(self, user_ids: Sequence[uuid.UUID]) -> None:
-        """See the port."""
-        if user_ids:
-            await self._execute(_VOID_CODES, {"user_ids": list(user_ids)})
 
     async def set_email_verified(
         self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()

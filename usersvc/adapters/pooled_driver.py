@@ -107,11 +107,6 @@ class DriverStatement:
                 slots.append((None, value if convert is None else convert(value), None))
         return cls(compiled.string, tuple(slots))
 
-    @property
-    def parameter_names(self) -> frozenset[str]:
-        """The names ``arguments`` needs. Raises nothing."""
-        return frozenset(name for name, _, _ in self._slots if name is not None)
-
     def arguments(self, values: Mapping[str, Any]) -> list[Any]:
         """The positional arguments for ``values`` (by parameter name).
         Raises KeyError for a parameter missing from ``values``."""

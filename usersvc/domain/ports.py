@@ -103,12 +103,6 @@ class UserRepository(Protocol):
         at that time. False when there is no such user, or nothing changed
         because of the lock."""
 
-    async def update(
-        self, user_id: uuid.UUID, patch: UserPatch, *, events: Sequence[EventDraft] = ()
-    ) -> User:
-        """Apply the patch, bump version and update_time. Raises
-        EmailAlreadyExists, UserNotFound."""
-
     async def update_checked(
         self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
     ) -> UpdateOutcome:
@@ -367,9 +361,6 @@ class AccountRepository(Protocol):
         ``max_attempts`` voids the code) and None is returned. Of
         concurrent callers with the right code exactly one gets the id.
         Raises ValueError unless exactly one of user_id and email is given."""
-
-    async def void_codes(self, user_ids: Sequence[uuid.UUID]) -> None:
-        """Void every live code, of any kind, of these users."""
 
     async def set_email_verified(
         self, user_id: uuid.UUID, *, events: Sequence[EventDraft] = ()

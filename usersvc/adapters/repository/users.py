@@ -27,12 +27,10 @@ from sqlalchemy.sql.dml import Update
 
 from usersvc.adapters.database_errors import NO_CONSTRAINT_ERRORS, ConstraintErrors
 from usersvc.adapters.email_change import (
-    email_change_values,
     void_codes_after_email_change,
-    void_codes_on_email_change,
 )
 from usersvc.adapters.events import with_events
-from usersvc.adapters.orm import USERS_EMAIL_INDEX, users_table
+from usersvc.adapters.orm import users_table
 from usersvc.adapters.repository.base import SqlAlchemyRepository
 from usersvc.adapters.repository.bulk_import import insert_imported_users
 from usersvc.adapters.repository.listing import (
@@ -66,7 +64,7 @@ from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
 from usersvc.domain.events import EventDraft
 from usersvc.domain.listing import Filter, ListQuery, Page, cursor_of
 from usersvc.domain.lockout import MAX_DOUBLINGS, LockoutPolicy
-from usersvc.domain.models import Credentials, NewUser, User, UserPatch, uuid7
+from usersvc.domain.models import Credentials, NewUser, User, uuid7
 from usersvc.domain.ports import LoginAttempt, UpdateOutcome, UserUpdate
 
 # PostgreSQL accepts at most 65535 bind parameters per statement; 1000 rows of
@@ -293,30 +291,6 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         statement = with_events(_CLEAR_LOGIN_FAILURES_UNLESS_LOCKED, events, self._call())
         params = {"user_id": user_id, "attempt_time": unless_locked_at}
         return await self._one_or_none(statement, params) is not None
-
-    async def update(
-        self, user_id: uuid.UUID, patch: UserPatch, *, events: Sequence[EventDraft] = NO_EVENTS
-    ) -> User:
-        """Apply the patch, bump version and update_time. Raises
-        EmailAlreadyExists (metadata {"email"}; the transaction is then
-        aborted and must be rolled back), UserNotFound."""
-        values: dict[str, Any] = {}
-        if patch.email is not None:
-            values["email"] = patch.email
-            # A new email is unverified, and codes sent to the old one are void.
-            values.update(email_change_values(patch.email))
-            await void_codes_on_email_change(self._session, user_id, patch.email)
-        if patch.display_name is not None:
-            values["display_name"] = patch.display_name
-        if patch.roles is not None:
-            values["roles"] = list(patch.roles)
-        if patch.labels is not None:
-            values["labels"] = dict(patch.labels)
-        constraints = NO_CONSTRAINT_ERRORS
-        if patch.email is not None:
-            taken = {"email": patch.email}
-            constraints = {USERS_EMAIL_INDEX: lambda: EmailAlreadyExists(metadata=taken)}
-        return await self._write(user_id, values, constraints, events)
 
     async def update_checked(
         self, change: UserUpdate, *, events: Sequence[EventDraft] = NO_EVENTS
