@@ -29,7 +29,12 @@ import contextlib
 import logging
 from typing import Any
 
-from usersvc.adapters.events import EVENTS_CHANNEL, INSERTED_CHANNEL, sequence_pending_on
+from usersvc.adapters.events import (
+    EVENTS_CHANNEL,
+    INSERTED_CHANNEL,
+    SEQUENCE_BATCH,
+    sequence_pending_on,
+)
 from usersvc.adapters.revocations import Connector, equal_jitter_backoff, retry_forever
 
 logger = logging.getLogger(__name__)
@@ -153,9 +158,12 @@ class PostgresEventFeed:
             first = True
             while True:
                 # Number whatever is pending, then wait for an insert or
-                # the poll interval.
-                # On the feed's own connection: nothing taken from the pool.
-                while await sequence_pending_on(connection):
+                # the poll interval. A short batch took every row committed
+                # when it ran; a row committed since has set the kick (its
+                # wake-up comes after its commit), so no pass that would
+                # find nothing is made. On the feed's own connection:
+                # nothing taken from the pool.
+                while await sequence_pending_on(connection) >= SEQUENCE_BATCH:
                     pass
                 if polled:
                     # Notifications may have been lost (while connecting):

@@ -12,6 +12,7 @@ from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.database_errors import translate_database_errors
+from usersvc.adapters.events import PUBLISHED_THROUGH
 from usersvc.adapters.orm import events_table
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ def _expired(*, keep_unpublished: bool) -> object:
         _e.create_time < func.now() - func.make_interval(0, 0, 0, bindparam("days")),
     ]
     if keep_unpublished:
-        conditions.append(_e.published_at.is_not(None))
+        # Published: at or below the relay's mark (nats_relay).
+        conditions.append(_e.sequence <= PUBLISHED_THROUGH)
     doomed = (
         select(_e.id)
         .where(*conditions)

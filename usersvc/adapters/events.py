@@ -57,7 +57,7 @@ from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
 from sqlalchemy.sql.selectable import CTE, TextualSelect
 
 from usersvc.adapters.database_errors import translate_database_errors
-from usersvc.adapters.orm import events_table, users_table
+from usersvc.adapters.orm import event_relay_mark_table, events_table, users_table
 from usersvc.adapters.repository.user_rows import USER_COLUMNS, user_from_row
 from usersvc.domain.errors import InvalidArgument
 from usersvc.domain.events import (
@@ -412,18 +412,18 @@ async def sequence_pending(engine: AsyncEngine, *, batch: int = SEQUENCE_BATCH) 
             # the sequencer before us. (A lock taken inside the UPDATE's own
             # statement would be granted after its snapshot.)
             await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SEQUENCER_LOCK_KEY})
-            result = await conn.execute(_SEQUENCE_AFTER_LOCK, {"batch": batch})
-            numbers = [row[0] for row in result]
-            if numbers:
-                await conn.execute(
-                    text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": EVENTS_CHANNEL, "payload": str(max(numbers))},
-                )
-    return len(numbers)
+            result = await conn.execute(
+                _SEQUENCE_AFTER_LOCK, {"batch": batch, "channel": EVENTS_CHANNEL}
+            )
+            numbered = int(result.scalar_one())
+    return numbered
 
 
 # The numbering statement, in the driver's own parameter style ($1: the
-# batch size), so that the feed can run it on its dedicated connection.
+# batch size, $2: the channel), so that the feed can run it on its
+# dedicated connection. It also announces the highest new number, when
+# there is one, so a pass costs two statements after its BEGIN: the lock,
+# and this. It returns how many rows it numbered.
 SEQUENCE_SQL = """
     WITH base AS (SELECT coalesce(max(sequence), 0) AS top FROM events),
     pending AS (
@@ -432,13 +432,18 @@ SEQUENCE_SQL = """
             SELECT id, position FROM events WHERE sequence IS NULL
             ORDER BY position LIMIT $1
         ) AS oldest
-    )
-    UPDATE events SET sequence = base.top + pending.n
-    FROM pending, base
-    WHERE events.id = pending.id
-    RETURNING events.sequence
+    ),
+    numbered AS (
+        UPDATE events SET sequence = base.top + pending.n
+        FROM pending, base
+        WHERE events.id = pending.id
+        RETURNING events.sequence
+    ),
+    summary AS (SELECT count(*) AS count, max(sequence) AS top FROM numbered)
+    SELECT count, CASE WHEN count > 0 THEN pg_notify($2, top::text) END AS announced
+    FROM summary
 """
-_SEQUENCE_AFTER_LOCK = text(SEQUENCE_SQL.replace("$1", ":batch"))
+_SEQUENCE_AFTER_LOCK = text(SEQUENCE_SQL.replace("$1", ":batch").replace("$2", ":channel"))
 
 
 async def sequence_pending_on(connection: Any, *, batch: int = SEQUENCE_BATCH) -> int:
@@ -446,10 +451,19 @@ async def sequence_pending_on(connection: Any, *, batch: int = SEQUENCE_BATCH) -
     so numbering takes nothing from the pool). Raises what asyncpg raises."""
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCER_LOCK_KEY)
-        numbers = [row[0] for row in await connection.fetch(SEQUENCE_SQL, batch)]
-        if numbers:
-            await connection.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(max(numbers)))
-    return len(numbers)
+        numbered = await connection.fetchval(SEQUENCE_SQL, batch, EVENTS_CHANNEL)
+    return int(numbered)
+
+
+# --- publishing -------------------------------------------------------------------
+
+_m = event_relay_mark_table.c
+# How far the relay has published (usersvc.adapters.nats_relay): every
+# numbered event up to it, none after it; 0 before the first mark (or with
+# the mark's row gone).
+PUBLISHED_THROUGH: ColumnElement[int] = func.coalesce(
+    select(_m.published_through).where(_m.id == 1).scalar_subquery(), 0
+)
 
 
 # --- reading ----------------------------------------------------------------------

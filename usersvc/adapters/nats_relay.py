@@ -9,9 +9,10 @@ and another replica takes over at its next try (within a few seconds).
 The holder publishes the unpublished numbered rows in sequence order,
 pipelined: up to ``window`` publishes await their PubAck at once
 (usersvc.adapters.publish_window), and the PubAcks are taken in the order
-of the publishes. Rows are marked published only after their PubAck, in
-one UPDATE per ``batch`` acknowledged events: every unpublished sequence up
-to the highest whose PubAck, and all before it, came back. On any failure
+of the publishes. Progress is one number, moved only after the PubAcks,
+once per ``batch`` acknowledged events: event_relay_mark.published_through
+becomes the highest sequence whose PubAck, and every earlier one, came
+back (the events themselves are not written again). On any failure
 (no PubAck in time, a refusal, NATS gone) the rest of the window is
 dropped and publishing resumes from the first unacknowledged event, in
 order. A crash between a PubAck and its mark publishes that event again on
@@ -39,13 +40,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.database_errors import translate_database_errors
-from usersvc.adapters.events import EVENT_COLUMNS, event_from_row
-from usersvc.adapters.orm import events_table
+from usersvc.adapters.events import EVENT_COLUMNS, PUBLISHED_THROUGH, event_from_row
+from usersvc.adapters.orm import event_relay_mark_table, events_table
 from usersvc.adapters.publish_window import (
     EXPECTED_STREAM,
     PubAck,
@@ -70,35 +72,44 @@ PUBLISH_WINDOW = 256
 SEND_SLICE = 32
 
 _e = events_table.c
-_IS_UNPUBLISHED = (_e.published_at.is_(None), _e.sequence.is_not(None))
-# The first unpublished sequence after :after: an ordered scan of the
-# partial index ix_events_unpublished that stops at its first row.
-_FIRST = select(func.min(_e.sequence)).where(*_IS_UNPUBLISHED, _e.sequence > bindparam("after"))
-# The next :batch rows to publish. Unpublished numbers are contiguous (the
-# relay marks prefixes, the sequencer leaves no gaps), so they are found by
-# a range of :batch numbers from the first: every plan reads :batch index
-# entries at most, whatever the backlog, even when the table's statistics
-# predate it (ORDER BY ... LIMIT alone was planned as a sort of the whole
-# backlog then: each read grew with the backlog). A published row inside
-# the range only makes the read shorter; the next starts after it.
+_m = event_relay_mark_table.c
+# The next :batch rows to publish, after the mark and after :after (the
+# last row already read). The numbers after the mark are contiguous (the
+# relay publishes in order, the sequencer leaves no gaps, retention keeps
+# them), so a range of :batch numbers holds them: every plan reads :batch
+# entries of uq_events_sequence at most, whatever the backlog, even when the
+# table's statistics predate it.
+_FROM = func.greatest(PUBLISHED_THROUGH, bindparam("after"))
 _UNPUBLISHED = (
     select(*EVENT_COLUMNS)
     .where(
-        *_IS_UNPUBLISHED,
-        _e.sequence >= _FIRST.scalar_subquery(),
-        _e.sequence < _FIRST.scalar_subquery() + bindparam("batch"),
+        _e.sequence.is_not(None),
+        _e.sequence > _FROM,
+        _e.sequence <= _FROM + bindparam("batch"),
     )
     .order_by(_e.sequence)
 )
-# Every unpublished numbered row up to a sequence: the relay read them all
-# (it reads the lowest unpublished first, and a number is visible only once
-# every lower one is, the sequencer being single-file) and they are acked.
-_MARK_UP_TO = (
-    update(events_table)
-    .where(*_IS_UNPUBLISHED, _e.sequence <= bindparam("up_to"))
-    .values(published_at=func.now())
+# Every numbered row up to :up_to is published: the relay read them all
+# (in order, a number being visible only once every lower one is, the
+# sequencer being single-file) and they are acked. One row written per
+# acknowledged batch; the mark never moves back (a former publisher's late
+# mark changes nothing).
+_MARK = pg_insert(event_relay_mark_table).values(id=1, published_through=bindparam("up_to"))
+_MARK_UP_TO = _MARK.on_conflict_do_update(
+    index_elements=[_m.id],
+    set_={
+        "published_through": func.greatest(
+            _m.published_through, _MARK.excluded.published_through
+        )
+    },
 )
-_BACKLOG = select(func.count()).select_from(events_table).where(*_IS_UNPUBLISHED)
+# Numbered rows not yet published: they are the numbers between the mark
+# and the highest, all present, so the count is a difference.
+_BACKLOG = select(
+    func.greatest(
+        select(func.coalesce(func.max(_e.sequence), 0)).scalar_subquery() - PUBLISHED_THROUGH, 0
+    )
+)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     Table,
     Text,
     Uuid,
@@ -285,7 +286,6 @@ events_table = Table(
     Column("user_snapshot", JSONB, nullable=True),
     Column("changed_fields", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     Column("attributes", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
-    Column("published_at", DateTime(timezone=True), nullable=True),
     # Readers only see numbered rows, and say so (sequence IS NOT NULL): the
     # indexes serving them skip unnumbered rows, so an insert writes only the
     # heap, the primary key and ix_events_unsequenced (migration 0007).
@@ -295,16 +295,24 @@ events_table = Table(
     Index("ix_events_type_sequence", "type", "sequence", postgresql_where=_NUMBERED),
     Index("ix_events_actor_sequence", "actor", "sequence", postgresql_where=_NUMBERED),
     Index("ix_events_create_time", "create_time", postgresql_where=_NUMBERED),
-    # The sequencer's and the relay's queues: small partial indexes.
+    # The sequencer's queue: a small partial index.
     Index(
         "ix_events_unsequenced",
         "position",
         postgresql_where=text("sequence IS NULL"),
     ),
-    Index(
-        "ix_events_unpublished",
-        "sequence",
-        postgresql_where=text("published_at IS NULL AND sequence IS NOT NULL"),
-    ),
     CheckConstraint("jsonb_typeof(attributes) = 'object'", name="attributes_object"),
+)
+
+# How far the relay has published (usersvc.adapters.nats_relay): every
+# numbered event up to ``published_through`` is acknowledged by JetStream,
+# none above it. One row at most (id 1); no row means nothing published.
+# A mark moved once per acknowledged batch, instead of a column set on every
+# event, which rewrote each row a second time (migration 0008).
+event_relay_mark_table = Table(
+    "event_relay_mark",
+    metadata,
+    Column("id", SmallInteger, primary_key=True, autoincrement=False),
+    Column("published_through", BigInteger, nullable=False),
+    CheckConstraint("id = 1", name="one_row"),
 )
