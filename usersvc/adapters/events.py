@@ -427,16 +427,19 @@ async def sequence_pending(engine: AsyncEngine, *, batch: int = SEQUENCE_BATCH) 
 SEQUENCE_SQL = """
     WITH base AS (SELECT coalesce(max(sequence), 0) AS top FROM events),
     pending AS (
-        SELECT id, row_number() OVER (ORDER BY position) AS n
+        SELECT ctid AS row, row_number() OVER (ORDER BY position) AS n
         FROM (
-            SELECT id, position FROM events WHERE sequence IS NULL
+            SELECT ctid, position FROM events WHERE sequence IS NULL
             ORDER BY position LIMIT $1
         ) AS oldest
     ),
     numbered AS (
+        -- By row address (a TID scan), not through the primary key: only
+        -- the sequencer, holding its lock, changes unnumbered rows, so the
+        -- rows it just read stay where they are until it numbers them.
         UPDATE events SET sequence = base.top + pending.n
         FROM pending, base
-        WHERE events.id = pending.id
+        WHERE events.ctid = pending.row
         RETURNING events.sequence
     ),
     summary AS (SELECT count(*) AS count, max(sequence) AS top FROM numbered)
