@@ -80,7 +80,9 @@ async def test_the_consumer_example_receives_a_published_event_once(
         async with asyncio.timeout(30):
             while True:
                 async with engine.connect() as conn:
-                    if await conn.scalar(text("SELECT published_through > 0 FROM event_relay_mark")):
+                    if await conn.scalar(
+                        text("SELECT published_through > 0 FROM event_relay_mark")
+                    ):
                         break
                 await asyncio.sleep(0.05)
         consumer = asyncio.ensure_future(follow(private_nats.url, "doc-test", handle))

@@ -98,9 +98,7 @@ _MARK = pg_insert(event_relay_mark_table).values(id=1, published_through=bindpar
 _MARK_UP_TO = _MARK.on_conflict_do_update(
     index_elements=[_m.id],
     set_={
-        "published_through": func.greatest(
-            _m.published_through, _MARK.excluded.published_through
-        )
+        "published_through": func.greatest(_m.published_through, _MARK.excluded.published_through)
     },
 )
 # Numbered rows not yet published: they are the numbers between the mark
