@@ -407,54 +407,34 @@ async def sequence_pending(engine: AsyncEngine, *, batch: int = SEQUENCE_BATCH) 
     DatabaseUnavailable."""
     with translate_database_errors():
         async with engine.begin() as conn:
-            # The lock first, in its own statement: the UPDATE's snapshot is
-            # taken after it is granted, so it sees every row numbered by
-            # the sequencer before us. (A lock taken inside the UPDATE's own
-            # statement would be granted after its snapshot.)
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SEQUENCER_LOCK_KEY})
             result = await conn.execute(
-                _SEQUENCE_AFTER_LOCK, {"batch": batch, "channel": EVENTS_CHANNEL}
+                _NUMBER_EVENTS,
+                {"key": SEQUENCER_LOCK_KEY, "batch": batch, "channel": EVENTS_CHANNEL},
             )
             numbered = int(result.scalar_one())
     return numbered
 
 
-# The numbering statement, in the driver's own parameter style ($1: the
-# batch size, $2: the channel), so that the feed can run it on its
-# dedicated connection. It also announces the highest new number, when
-# there is one, so a pass costs two statements after its BEGIN: the lock,
-# and this. It returns how many rows it numbered.
-SEQUENCE_SQL = """
-    WITH base AS (SELECT coalesce(max(sequence), 0) AS top FROM events),
-    pending AS (
-        SELECT ctid AS row, row_number() OVER (ORDER BY position) AS n
-        FROM (
-            SELECT ctid, position FROM events WHERE sequence IS NULL
-            ORDER BY position LIMIT $1
-        ) AS oldest
-    ),
-    numbered AS (
-        -- By row address (a TID scan), not through the primary key: only
-        -- the sequencer, holding its lock, changes unnumbered rows, so the
-        -- rows it just read stay where they are until it numbers them.
-        UPDATE events SET sequence = base.top + pending.n
-        FROM pending, base
-        WHERE events.ctid = pending.row
-        RETURNING events.sequence
-    ),
-    summary AS (SELECT count(*) AS count, max(sequence) AS top FROM numbered)
-    SELECT count, CASE WHEN count > 0 THEN pg_notify($2, top::text) END AS announced
-    FROM summary
-"""
-_SEQUENCE_AFTER_LOCK = text(SEQUENCE_SQL.replace("$1", ":batch").replace("$2", ":channel"))
+# A pass of the sequencer is one call of the function usersvc_number_events
+# (migration 0008): it takes the advisory lock, then numbers in a statement
+# of its own, whose snapshot therefore sees every row numbered before the
+# lock was granted (a lock taken inside the numbering statement would be
+# granted after its snapshot), and announces the highest new number. One
+# statement outside an explicit transaction is one round trip; BEGIN, the
+# lock, the UPDATE and COMMIT as statements of their own were four, most of
+# a pass's cost when it numbers a few rows (docs/performance.md, "The event
+# write, second pass"). In the driver's parameter style, for the feed's own
+# connection.
+SEQUENCE_SQL = "SELECT usersvc_number_events($1, $2, $3)"
+_NUMBER_EVENTS = text("SELECT usersvc_number_events(:key, :batch, :channel)")
 
 
 async def sequence_pending_on(connection: Any, *, batch: int = SEQUENCE_BATCH) -> int:
     """``sequence_pending`` on a plain asyncpg connection (the feed's own,
-    so numbering takes nothing from the pool). Raises what asyncpg raises."""
-    async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCER_LOCK_KEY)
-        numbered = await connection.fetchval(SEQUENCE_SQL, batch, EVENTS_CHANNEL)
+    so numbering takes nothing from the pool), which must not be in a
+    transaction: the statement's own transaction holds the lock and ends
+    with it. Raises what asyncpg raises."""
+    numbered = await connection.fetchval(SEQUENCE_SQL, SEQUENCER_LOCK_KEY, batch, EVENTS_CHANNEL)
     return int(numbered)
 
 
