@@ -436,11 +436,12 @@ class UserReader(Protocol):
 
 
 class UserWriter(Protocol):
-    """Updates that are one statement committed on its own, outside any
-    unit of work: nothing else has to happen in their transaction. Not for
-    patches of email (its codes are voided in the same transaction) or roles
-    (the user's sessions end in the same transaction): those go through
-    UserRepository.update_checked in a unit of work."""
+    """Updates and creates that are one statement committed on its own,
+    outside any unit of work: nothing else has to happen in their
+    transaction. Not for patches of email (its codes are voided in the same
+    transaction) or roles (the user's sessions end in the same
+    transaction): those go through UserRepository.update_checked in a unit
+    of work."""
 
     async def update(
         self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
@@ -449,6 +450,13 @@ class UserWriter(Protocol):
         patch of email or roles (a programming error), DatabaseUnavailable
         (also when the connection is lost during the statement: the write
         may then have been committed)."""
+
+    async def create(self, new: NewUser, *, events: Sequence[EventDraft] = ()) -> User:
+        """UserRepository.add, committed: for a create with nothing else in
+        its transaction (no idempotency key to store). Raises
+        EmailAlreadyExists (metadata {"email"}), DatabaseUnavailable (also
+        when the connection is lost during the statement: the user may then
+        have been created)."""
 
 
 class RevocationChecker(Protocol):

@@ -167,7 +167,7 @@ async def _settle(uow: UnitOfWork, role_check: RoleCheck | None) -> None:
 
 
 class UnitOfWorkUserWriter:
-    """usersvc.domain.ports.UserWriter through a unit of work per update:
+    """usersvc.domain.ports.UserWriter through a unit of work per write:
     for compositions without a write lane (the unit tests' fakes)."""
 
     def __init__(self, uow_factory: UnitOfWorkFactory) -> None:
@@ -185,6 +185,13 @@ class UnitOfWorkUserWriter:
             if outcome.after is not None:
                 await uow.commit()
         return outcome
+
+    async def create(self, new: NewUser, *, events: Sequence[EventDraft] = ()) -> User:
+        """Raises EmailAlreadyExists, DatabaseUnavailable."""
+        async with self._uow_factory() as uow:
+            user = await uow.users.add(new, events=events)
+            await uow.commit()
+        return user
 
 
 class UserService:
@@ -343,15 +350,20 @@ class UserService:
             for d, password_hash in zip(drafts, hashes, strict=True)
         ]
         try:
-            async with self._uow_factory() as uow:
-                if batch:
-                    users = await uow.users.add_many(news, events=_CREATED)
-                else:
-                    users = [await uow.users.add(news[0], events=_CREATED)]
-                if request_id:
-                    record = IdempotencyRecord(fingerprint, tuple(users))
-                    await uow.idempotency.add(scope, request_id, record)
-                await uow.commit()
+            if not batch and not request_id:
+                # Nothing else belongs in its transaction: one statement,
+                # committed on its own (usersvc.domain.ports.UserWriter).
+                users = [await self._writer.create(news[0], events=_CREATED)]
+            else:
+                async with self._uow_factory() as uow:
+                    if batch:
+                        users = await uow.users.add_many(news, events=_CREATED)
+                    else:
+                        users = [await uow.users.add(news[0], events=_CREATED)]
+                    if request_id:
+                        record = IdempotencyRecord(fingerprint, tuple(users))
+                        await uow.idempotency.add(scope, request_id, record)
+                    await uow.commit()
         except (IdempotencyKeyTaken, EmailAlreadyExists) as exc:
             # A concurrent first attempt with the same key won the race: its
             # insert of the same email (or of the key) beat ours. Answer as a
