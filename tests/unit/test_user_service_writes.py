@@ -28,6 +28,7 @@ from usersvc.domain.errors import (
 from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.models import (
     NO_VERSION,
+    NewUser,
     Principal,
     User,
     UserPatch,
@@ -36,7 +37,7 @@ from usersvc.domain.models import (
     version_in_etag,
 )
 from usersvc.domain.ports import UpdateOutcome, UserUpdate
-from usersvc.services.inputs import UpdateUserInput
+from usersvc.services.inputs import CreateUserInput, UpdateUserInput
 from usersvc.services.users import UnitOfWorkUserWriter
 
 MISSING = "0190a4b2-6c1e-7cc3-8a1b-00000000dead"
@@ -243,6 +244,7 @@ class RecordingWriter:
 
     def __init__(self, db: FakeDatabase) -> None:
         self.changes: list[UserUpdate] = []
+        self.creates: list[NewUser] = []
         self._inner = UnitOfWorkUserWriter(db.uow)
 
     async def update(
@@ -250,6 +252,10 @@ class RecordingWriter:
     ) -> UpdateOutcome:
         self.changes.append(change)
         return await self._inner.update(change, events=events)
+
+    async def create(self, new: NewUser, *, events: Sequence[EventDraft] = ()) -> User:
+        self.creates.append(new)
+        return await self._inner.create(new, events=events)
 
 
 def with_writer() -> tuple[UserServiceHarness, RecordingWriter, User]:
@@ -271,6 +277,27 @@ async def test_names_and_labels_go_to_the_one_statement_writer_with_the_etags_ve
         (ann.id, ann.version, None)
     ]
     assert h.db.user(ann.id) == updated
+
+
+async def test_a_create_without_a_request_id_goes_to_the_one_statement_writer() -> None:
+    h, writer, _ = with_writer()
+    request = CreateUserInput(email="Bob@Example.com", password="correct horse battery")
+    bob = await h.service.create_user(principal=as_admin(), request=request)
+    assert [(n.email, n.roles) for n in writer.creates] == [("bob@example.com", ("user",))]
+    assert h.db.user(bob.id) == bob
+    assert [e.type for e in h.db.events if e.user_id == bob.id] == [EventType.USER_CREATED.value]
+
+
+async def test_a_create_with_a_request_id_stores_its_key_in_a_unit_of_work_not_the_writer() -> None:
+    h, writer, _ = with_writer()
+    request = CreateUserInput(
+        email="bob@example.com", password="correct horse battery", request_id="req-bob-1"
+    )
+    admin = as_admin()
+    bob = await h.service.create_user(principal=admin, request=request)
+    again = await h.service.create_user(principal=admin, request=request)
+    assert writer.creates == []
+    assert again == bob
 
 
 @pytest.mark.parametrize("patch", [{"email": "ann2@example.com"}, {"roles": ("user",)}])
