@@ -85,6 +85,53 @@ async def test_an_admin_token_grants_nothing_once_the_database_no_longer_says_ad
     assert list((await world.get_as_admin(admin.id)).roles) == ["user"]
 
 
+async def test_a_create_with_an_admin_token_the_database_no_longer_backs_writes_nothing(
+    world: World, primary: RunningServer
+) -> None:
+    # CreateUser settles the re-check in its own write: refused, it must
+    # have written no user (with or without an idempotency key).
+    admin = await world.account("demoted-creator", roles=("user", "admin"))
+    async with primary.container.engine.begin() as connection:
+        await connection.execute(
+            text("UPDATE users SET roles = ARRAY['user'] WHERE id = CAST(:id AS uuid)"),
+            {"id": admin.id},
+        )
+
+    emails = ["by-demoted-1@example.com", "by-demoted-2@example.com"]
+    for email, request_id, roles in ((emails[0], "", ["admin"]), (emails[1], "req-demoted", [])):
+        await expect_error(
+            admin.users.CreateUser(
+                user_service_pb2.CreateUserRequest(
+                    email=email,
+                    password="correct horse battery staple",
+                    roles=roles,
+                    request_id=request_id,
+                )
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_REVOKED",
+        )
+    for email in emails:
+        await expect_error(
+            world.admin.users.LookupUser(user_service_pb2.LookupUserRequest(email=email)),
+            grpc.StatusCode.NOT_FOUND,
+            "USER_NOT_FOUND",
+        )
+
+
+async def test_an_admin_token_the_database_backs_creates_users_with_roles(world: World) -> None:
+    admin = await world.account("backed-creator", roles=("user", "admin"))
+    created = await admin.users.CreateUser(
+        user_service_pb2.CreateUserRequest(
+            email="made-admin@example.com",
+            password="correct horse battery staple",
+            roles=["user", "admin"],
+        )
+    )
+    assert sorted(created.user.roles) == ["admin", "user"]
+    assert (await world.get_as_admin(created.user.id)).email == "made-admin@example.com"
+
+
 async def test_introspection_of_a_plain_users_token_reports_the_current_roles(
     world: World,
 ) -> None:

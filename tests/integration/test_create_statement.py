@@ -1,7 +1,9 @@
 """CreateUser's one statement on the write lane
 (usersvc.adapters.repository.user_create, usersvc.adapters.write_lane)
 against PostgreSQL: it stores the same user and event as the repository's
-insert through a unit of work, and a taken email writes neither."""
+insert through a unit of work, a taken email writes neither, and a
+privileged caller's pending role re-check is settled by the statement,
+which writes nothing when it fails."""
 
 from __future__ import annotations
 
@@ -9,15 +11,17 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.integration.conftest import NewUserFactory
 from usersvc.adapters.orm import events_table, users_table
 from usersvc.adapters.write_lane import SqlAlchemyUserWriter
-from usersvc.domain.errors import EmailAlreadyExists
+from usersvc.domain.errors import EmailAlreadyExists, TokenRevoked
 from usersvc.domain.events import CallContext, EventDraft, EventType
+from usersvc.domain.models import Principal, PrincipalKind
 from usersvc.domain.ports import UnitOfWorkFactory
+from usersvc.domain.role_checks import RoleCheck
 
 CREATED = (EventDraft(EventType.USER_CREATED),)
 CALL = CallContext(actor="actor-1", request_id="req-1")
@@ -127,3 +131,64 @@ async def test_a_create_without_events_writes_none_and_wakes_nobody(
 
     assert await events_of(engine, user.id) == []
     assert woken == []
+
+
+async def test_a_pending_role_check_that_passes_is_settled_by_the_create_itself(
+    engine: AsyncEngine, new_user: NewUserFactory
+) -> None:
+    writer = SqlAlchemyUserWriter(engine)
+    admin = await writer.create(new_user(roles=("user", "admin")))
+    check = RoleCheck.of(admin_principal(admin.id))
+
+    created = await writer.create(new_user(email="made@example.com"), role_check=check)
+
+    assert check.passed is True
+    assert await rows_with_email(engine, created.email) == 1
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "UPDATE users SET roles = ARRAY['user'] WHERE id = :id",
+        "UPDATE users SET disable_time = now() WHERE id = :id",
+        "UPDATE users SET delete_time = now() WHERE id = :id",
+        "DELETE FROM users WHERE id = :id",
+    ],
+)
+async def test_a_pending_role_check_that_fails_writes_no_user_and_no_event(
+    engine: AsyncEngine, new_user: NewUserFactory, stored: str
+) -> None:
+    writer = SqlAlchemyUserWriter(engine)
+    admin = await writer.create(new_user(roles=("user", "admin")))
+    async with engine.begin() as connection:
+        await connection.execute(text(stored), {"id": admin.id})
+    check = RoleCheck.of(admin_principal(admin.id))
+
+    with pytest.raises(TokenRevoked):
+        await writer.create(new_user(email="refused@example.com"), events=CREATED, role_check=check)
+
+    assert check.passed is False
+    assert await rows_with_email(engine, "refused@example.com") == 0
+    async with engine.connect() as connection:
+        events = await connection.scalar(select(func.count()).select_from(events_table))
+    assert events == 0
+
+
+async def test_a_settled_role_check_is_not_read_again(
+    engine: AsyncEngine, new_user: NewUserFactory
+) -> None:
+    writer = SqlAlchemyUserWriter(engine)
+    check = RoleCheck.of(admin_principal(uuid.uuid4()))
+    check.passed = True  # settled earlier in the call; the account is not read again
+
+    created = await writer.create(new_user(), role_check=check)
+
+    assert await rows_with_email(engine, created.email) == 1
+
+
+def admin_principal(user_id: uuid.UUID) -> Principal:
+    return Principal(
+        kind=PrincipalKind.USER,
+        subject=str(user_id),
+        roles=frozenset({"user", "admin"}),
+    )

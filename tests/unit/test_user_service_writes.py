@@ -37,6 +37,7 @@ from usersvc.domain.models import (
     version_in_etag,
 )
 from usersvc.domain.ports import UpdateOutcome, UserUpdate
+from usersvc.domain.role_checks import RoleCheck
 from usersvc.services.inputs import CreateUserInput, UpdateUserInput
 from usersvc.services.users import UnitOfWorkUserWriter
 
@@ -253,9 +254,15 @@ class RecordingWriter:
         self.changes.append(change)
         return await self._inner.update(change, events=events)
 
-    async def create(self, new: NewUser, *, events: Sequence[EventDraft] = ()) -> User:
+    async def create(
+        self,
+        new: NewUser,
+        *,
+        events: Sequence[EventDraft] = (),
+        role_check: RoleCheck | None = None,
+    ) -> User:
         self.creates.append(new)
-        return await self._inner.create(new, events=events)
+        return await self._inner.create(new, events=events, role_check=role_check)
 
 
 def with_writer() -> tuple[UserServiceHarness, RecordingWriter, User]:

@@ -52,6 +52,7 @@ from usersvc.adapters.repository.user_update import (
 from usersvc.domain.events import EventDraft
 from usersvc.domain.models import NewUser, User, uuid7
 from usersvc.domain.ports import UpdateOutcome, UserUpdate
+from usersvc.domain.role_checks import RoleCheck
 
 
 class SqlAlchemyUserWriter:
@@ -108,23 +109,32 @@ class SqlAlchemyUserWriter:
             self._events_committed()
         return outcome
 
-    async def create(self, new: NewUser, *, events: Sequence[EventDraft] = ()) -> User:
-        """UserRepository.add in one statement, committed when it returns.
-        Raises EmailAlreadyExists (metadata {"email"}), DatabaseUnavailable
-        (also when the connection was lost while the statement ran: it may
-        have committed)."""
-        shape = user_create.shape_of(events)
+    async def create(
+        self,
+        new: NewUser,
+        *,
+        events: Sequence[EventDraft] = (),
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        """UserRepository.add in one statement, committed when it returns;
+        ``role_check`` (unless done) is settled by the same statement, which
+        writes nothing when it fails. Raises TokenRevoked,
+        EmailAlreadyExists (metadata {"email"}), DatabaseUnavailable (also
+        when the connection was lost while the statement ran: it may have
+        committed)."""
+        pending = None if role_check is None or role_check.done else role_check
+        shape = user_create.shape_of(events, pending)
         statement = self._compiled_creates.get(shape)
         if statement is None:
             statement = DriverStatement.compile(self._engine, user_create.statement_for(shape))
             self._compiled_creates[shape] = statement
-        values = user_create.parameters(uuid7(), new, self._call_context())
+        values = user_create.parameters(uuid7(), new, self._call_context(), pending)
         rows = await self._driver.write(
             statement.sql,
             statement.arguments(values),
             constraints=user_create.constraint_errors(new),
         )
-        user = user_create.created_user(rows, new)
+        user = user_create.created_user(rows, new, pending)
         # Written (and committed): its events are there to number.
         if events and self._events_committed is not None:
             self._events_committed()

@@ -32,10 +32,12 @@ _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 _SERVICE = "/usersvc.v1.UserService/"
 # The methods whose handler hands the caller's pending role re-check
-# (usersvc.api.context.current_role_check) to its one read, which settles it
-# in the same statement; AuthInterceptor defers the check for these only.
+# (usersvc.api.context.current_role_check) to its one statement, which
+# settles it in the same statement (CreateUser: before it writes, and a
+# failed check writes nothing); AuthInterceptor defers the check for these
+# only.
 ROLE_CHECKED_BY_READ = frozenset(
-    _SERVICE + name for name in ("GetUser", "LookupUser", "BatchGetUsers")
+    _SERVICE + name for name in ("GetUser", "LookupUser", "BatchGetUsers", "CreateUser")
 )
 
 
@@ -70,7 +72,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.CreateUserRequest, context: _Context
     ) -> pb.CreateUserResponse:
         user = await self._users.create_user(
-            principal=current_principal(), request=mappers.create_user_input(request)
+            principal=current_principal(),
+            request=mappers.create_user_input(request),
+            role_check=current_role_check(),
         )
         return pb.CreateUserResponse(user=mappers.user_to_proto(user))
 

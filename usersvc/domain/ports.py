@@ -451,12 +451,20 @@ class UserWriter(Protocol):
         (also when the connection is lost during the statement: the write
         may then have been committed)."""
 
-    async def create(self, new: NewUser, *, events: Sequence[EventDraft] = ()) -> User:
+    async def create(
+        self,
+        new: NewUser,
+        *,
+        events: Sequence[EventDraft] = (),
+        role_check: RoleCheck | None = None,
+    ) -> User:
         """UserRepository.add, committed: for a create with nothing else in
-        its transaction (no idempotency key to store). Raises
-        EmailAlreadyExists (metadata {"email"}), DatabaseUnavailable (also
-        when the connection is lost during the statement: the user may then
-        have been created)."""
+        its transaction (no idempotency key to store). ``role_check``, the
+        caller's pending re-check (usersvc.domain.role_checks), is settled
+        before anything is written, and a failed one writes nothing. Raises
+        TokenRevoked, EmailAlreadyExists (metadata {"email"}),
+        DatabaseUnavailable (also when the connection is lost during the
+        statement: the user may then have been created)."""
 
 
 class RevocationChecker(Protocol):

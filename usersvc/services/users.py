@@ -166,6 +166,11 @@ async def _settle(uow: UnitOfWork, role_check: RoleCheck | None) -> None:
         role_check.settle_on(await uow.users.get(role_check.account_id))
 
 
+def _pending(role_check: RoleCheck | None) -> RoleCheck | None:
+    # A check still to be made (a done one has nothing left to read).
+    return None if role_check is None or role_check.done else role_check
+
+
 class UnitOfWorkUserWriter:
     """usersvc.domain.ports.UserWriter through a unit of work per write:
     for compositions without a write lane (the unit tests' fakes)."""
@@ -186,9 +191,16 @@ class UnitOfWorkUserWriter:
                 await uow.commit()
         return outcome
 
-    async def create(self, new: NewUser, *, events: Sequence[EventDraft] = ()) -> User:
-        """Raises EmailAlreadyExists, DatabaseUnavailable."""
+    async def create(
+        self,
+        new: NewUser,
+        *,
+        events: Sequence[EventDraft] = (),
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        """Raises TokenRevoked, EmailAlreadyExists, DatabaseUnavailable."""
         async with self._uow_factory() as uow:
+            await _settle(uow, _pending(role_check))
             user = await uow.users.add(new, events=events)
             await uow.commit()
         return user
@@ -236,12 +248,22 @@ class UserService:
 
     # -- create ----------------------------------------------------------------
 
-    async def create_user(self, *, principal: Principal, request: CreateUserInput) -> User:
+    async def create_user(
+        self,
+        *,
+        principal: Principal,
+        request: CreateUserInput,
+        role_check: RoleCheck | None = None,
+    ) -> User:
         """Creates one user; a retry with the same non-empty request_id
-        returns the first response and creates nothing.
+        returns the first response and creates nothing. ``role_check`` (the
+        caller's, when its token claims a privilege still to be checked) is
+        settled before the user is written, by the write itself; a call
+        that writes nothing (a refusal, a retry's stored answer) leaves it
+        to its caller (usersvc.domain.role_checks).
 
         Raises PermissionDenied, InvalidArgument, WeakPassword,
-        EmailAlreadyExists.
+        EmailAlreadyExists, TokenRevoked.
         """
         self._ensure_can_create(principal, request.roles, "roles")
         errors: list[FieldViolation] = []
@@ -251,7 +273,7 @@ class UserService:
             check_self_service_labels(draft.labels, field="labels", errors=errors)
         validate_request_id(request.request_id, field="request_id", errors=errors)
         raise_for_violations(errors, password_errors)
-        users = await self._create(principal, _CREATE_USER, request.request_id, [draft])
+        users = await self._create(principal, _CREATE_USER, request.request_id, [draft], role_check)
         return users[0]
 
     async def batch_create_users(
@@ -327,7 +349,12 @@ class UserService:
         return draft
 
     async def _create(
-        self, principal: Principal, method: str, request_id: str, drafts: Sequence[_Draft]
+        self,
+        principal: Principal,
+        method: str,
+        request_id: str,
+        drafts: Sequence[_Draft],
+        role_check: RoleCheck | None = None,
     ) -> list[User]:
         fingerprint = _fingerprint([d.fingerprint_data() for d in drafts]) if request_id else ""
         scope = _idempotency_scope(principal, method, fingerprint)
@@ -353,9 +380,10 @@ class UserService:
             if not batch and not request_id:
                 # Nothing else belongs in its transaction: one statement,
                 # committed on its own (usersvc.domain.ports.UserWriter).
-                users = [await self._writer.create(news[0], events=_CREATED)]
+                users = [await self._writer.create(news[0], events=_CREATED, role_check=role_check)]
             else:
                 async with self._uow_factory() as uow:
+                    await _settle(uow, _pending(role_check))
                     if batch:
                         users = await uow.users.add_many(news, events=_CREATED)
                     else:

@@ -92,9 +92,9 @@ def build_interceptors(
     #    and outside everything that may wait (auth's revocation check, the
     #    handler), so the caller's deadline bounds all of it.
     # 5. Auth, after which the principal is known. The re-check of a
-    #    privileged token's roles is left to the handler's own read on the
-    #    plain reads (ROLE_CHECKED_BY_READ) and done here, before the answer,
-    #    when the handler did not do it.
+    #    privileged token's roles is left to the handler's own statement on
+    #    the plain reads and CreateUser (ROLE_CHECKED_BY_READ) and done
+    #    here, before the answer, when the handler did not do it.
     # 6. RateLimit last: its buckets are per principal, so it needs Auth
     #    outside it; inside ErrorMapping, so a refusal is a rich
     #    RESOURCE_EXHAUSTED (RATE_LIMITED + RetryInfo). Health and
