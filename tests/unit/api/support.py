@@ -92,7 +92,14 @@ class FakeUserService:
         if self.error is not None:
             raise self.error
 
-    async def create_user(self, *, principal: Principal, request: CreateUserInput) -> User:
+    async def create_user(
+        self,
+        *,
+        principal: Principal,
+        request: CreateUserInput,
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        self.role_checks.append(role_check)
         self._record("create_user", principal, request=request)
         return self.user
 
