@@ -43,14 +43,15 @@ Why this shape, under READ COMMITTED:
   interceptor would otherwise make before the call, so an admin's
   UpdateUser is one round trip. Under READ COMMITTED the statement's
   snapshot is taken when the statement starts, after the token was
-  verified: it sees every demotion committed before that, as the separate
-  read did (which took its snapshot a moment earlier); a demotion that
-  commits while the statement runs is not seen, as it was not by the read
-  either. The caller's row is not locked: two admins changing each
-  other's roles would then take the two rows' locks in opposite orders
-  and deadlock. Both rules are one expression, used in the UPDATE's WHERE
-  and returned as a column, so the verdict returned is the one the write
-  obeyed.
+  verified: it sees every demotion, disable or delete committed before
+  that, so at least what the separate read saw (its snapshot was a round
+  trip earlier); a demotion that commits while the statement runs is not
+  seen, as it was not by the read either. On the caller's own row the
+  rule reads ``before``, the locked latest version. The caller's row is
+  not locked: two admins changing each other's roles would then take the
+  two rows' locks in opposite orders and deadlock. Each caller rule is one
+  expression, used in the UPDATE's WHERE and returned as a column, so the
+  verdict returned is the one the write obeyed.
 - The event is written by the events module's own CTE
   (usersvc.adapters.events.events_about), with the changed fields the
   UPDATE computed.
