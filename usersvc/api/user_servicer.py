@@ -33,11 +33,13 @@ _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _SERVICE = "/usersvc.v1.UserService/"
 # The methods whose handler hands the caller's pending role re-check
 # (usersvc.api.context.current_role_check) to its one statement, which
-# settles it in the same statement (CreateUser: before it writes, and a
-# failed check writes nothing); AuthInterceptor defers the check for these
-# only.
-ROLE_CHECKED_BY_READ = frozenset(
-    _SERVICE + name for name in ("GetUser", "LookupUser", "BatchGetUsers", "CreateUser")
+# settles it: the reads, and UpdateUser and CreateUser, whose writes refuse
+# themselves unless the check passes (usersvc.adapters.repository
+# .user_update, .user_create; CreateUser with a request id settles it first
+# in its unit of work). AuthInterceptor defers the check for these only.
+ROLE_CHECKED_IN_STATEMENT = frozenset(
+    _SERVICE + name
+    for name in ("GetUser", "LookupUser", "BatchGetUsers", "UpdateUser", "CreateUser")
 )
 
 
@@ -104,7 +106,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.UpdateUserRequest, context: _Context
     ) -> pb.UpdateUserResponse:
         user = await self._users.update_user(
-            principal=current_principal(), request=mappers.update_user_input(request)
+            principal=current_principal(),
+            request=mappers.update_user_input(request),
+            role_check=current_role_check(),
         )
         return pb.UpdateUserResponse(user=mappers.user_to_proto(user))
 
