@@ -33,9 +33,11 @@ _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _SERVICE = "/usersvc.v1.UserService/"
 # The methods whose handler hands the caller's pending role re-check
 # (usersvc.api.context.current_role_check) to its one read, which settles it
-# in the same statement; AuthInterceptor defers the check for these only.
+# in the same statement (ListUsers: a page without a filter); AuthInterceptor
+# defers the check for these only, and settles it itself before the answer
+# when the handler did not.
 ROLE_CHECKED_BY_READ = frozenset(
-    _SERVICE + name for name in ("GetUser", "LookupUser", "BatchGetUsers")
+    _SERVICE + name for name in ("GetUser", "LookupUser", "BatchGetUsers", "ListUsers")
 )
 
 
@@ -92,7 +94,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.ListUsersRequest, context: _Context
     ) -> bytes:
         result = await self._users.list_users(
-            principal=current_principal(), request=mappers.list_users_input(request)
+            principal=current_principal(),
+            request=mappers.list_users_input(request),
+            role_check=current_role_check(),
         )
         return await mappers.encoded_user_list_response(result)
 
