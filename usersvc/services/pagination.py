@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -54,9 +55,12 @@ class PageToken:
     total_size: int
 
 
+@functools.lru_cache(maxsize=256)
 def query_fingerprint(filter: Filter, ordering: Ordering, show_deleted: bool) -> str:
     """A short hash naming the query; equal for filters that differ only in
-    spelling (see ``format_filter``). Raises nothing."""
+    spelling (see ``format_filter``). Remembered for the queries asked most
+    recently (a Filter and an Ordering are frozen values): every page of
+    a listing asks for the same one. Raises nothing."""
     canonical = json.dumps(
         [format_filter(filter), ordering.canonical(), show_deleted], separators=(",", ":")
     )
@@ -116,7 +120,8 @@ def _reject_constant(_: str) -> Any:
 
 
 def _tag(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+    # The one-shot form: the same HMAC-SHA256 without an HMAC object.
+    return hmac.digest(key, data, "sha256")
 
 
 def _authentic(tag: bytes, data: bytes, keys: Sequence[bytes]) -> bool:
