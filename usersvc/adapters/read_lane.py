@@ -45,7 +45,6 @@ from usersvc.adapters.repository.listing import (
     AFTER_VALUE,
     HOLDER_ID,
     MAX_BYTES,
-    PAGE_LIMIT,
     LaneShape,
     lane_cursor_value,
     lane_page_statement,
@@ -68,6 +67,9 @@ from usersvc.domain.listing import ListedPage, ListQuery
 from usersvc.domain.models import User
 from usersvc.domain.role_checks import RoleCheck
 from usersvc.domain.wire_size import OversizedUsers
+
+# The most ListUsers page statements kept compiled (see list_unfiltered).
+_MAX_PAGE_STATEMENTS = 256
 
 
 def _compiled(engine: AsyncEngine, statement: Select[Any], *parameters: str) -> str:
@@ -112,7 +114,8 @@ class SqlAlchemyUserReader:
         )
         self._by_ids_within = _compiled(engine, GET_USERS_BY_IDS_WITHIN, "max_bytes", "user_ids")
         # ListUsers pages without a filter, compiled on first use: one
-        # statement per LaneShape (at most 3 orderings x 2 directions x 2^4).
+        # statement per LaneShape (3 orderings x 2 directions x 2^4 per
+        # page size; the default size is nearly every call).
         self._engine = engine
         self._pages: dict[LaneShape, DriverStatement] = {}
 
@@ -191,14 +194,17 @@ class SqlAlchemyUserReader:
             after=query.after is not None,
             budgeted=query.max_bytes is not None,
             statistics=count_up_to is not None,
+            limit=query.page_size + 1,
         )
         statement = self._pages.get(shape)
         if statement is None:
             statement = DriverStatement.compile(self._engine, lane_page_statement(shape))
+            if len(self._pages) >= _MAX_PAGE_STATEMENTS:
+                # Page sizes other callers chose: start over rather than grow.
+                self._pages.clear()
             self._pages[shape] = statement
         values: dict[str, object] = {
             HOLDER_ID: None if role_check is None else role_check.account_id,
-            PAGE_LIMIT: query.page_size + 1,
             MAX_BYTES: query.max_bytes,
         }
         if query.after is not None:

@@ -351,6 +351,9 @@ _UsersResponse = TypeVar(
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x4000:
+        # One or two bytes: every user's length, short of huge labels.
+        return bytes((value,)) if value < 0x80 else bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
