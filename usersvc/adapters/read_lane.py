@@ -1,8 +1,8 @@
 """The read lane: plain user reads on a pooled connection's driver, without a
 unit of work (usersvc.domain.ports.UserReader).
 
-GetUser, LookupUser and BatchGetUsers read one statement's worth and write
-nothing, so they need no transaction of their own: one statement in
+GetUser, LookupUser, BatchGetUsers and ListUsers without a filter read one
+statement's worth and write nothing, so they need no transaction of their own: one statement in
 autocommit is its own snapshot, exactly what the same statement between
 BEGIN and ROLLBACK would see, for a third of the round trips. And they are
 the hottest calls, so they skip the ORM session and SQLAlchemy's execution

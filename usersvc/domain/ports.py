@@ -404,7 +404,7 @@ class AccountRepository(Protocol):
 class UserReader(Protocol):
     """Plain reads of users, each outside any unit of work: one statement,
     its own snapshot, nothing locked. For the read-only calls (GetUser,
-    LookupUser, BatchGetUsers) only; a flow that reads and then writes
+    LookupUser, BatchGetUsers, ListUsers without a filter) only; a flow that reads and then writes
     reads through its unit of work. Returns what the same UserRepository
     methods return.
 

@@ -6,7 +6,7 @@ re-checked"): a token outlives a demotion by up to its lifetime. That takes
 a read of the account on every call with such a token. A ``RoleCheck`` is
 that check for one call, done once: by the read lane in the very statement
 of the call's own read when the call is a plain read (GetUser, LookupUser,
-BatchGetUsers), and otherwise by the auth interceptor on its own, before
+BatchGetUsers, ListUsers without a filter), and otherwise by the auth interceptor on its own, before
 the call answers (usersvc/api/interceptors/auth.py).
 """
 
