@@ -55,12 +55,24 @@ class PageToken:
     total_size: int
 
 
-@functools.lru_cache(maxsize=256)
 def query_fingerprint(filter: Filter, ordering: Ordering, show_deleted: bool) -> str:
     """A short hash naming the query; equal for filters that differ only in
-    spelling (see ``format_filter``). Remembered for the queries asked most
-    recently (a Filter and an Ordering are frozen values): every page of
-    a listing asks for the same one. Raises nothing."""
+    spelling (see ``format_filter``). Raises nothing."""
+    if not filter.terms:
+        return _unfiltered_fingerprint(ordering, show_deleted)
+    return _fingerprint(filter, ordering, show_deleted)
+
+
+# Remembered for queries without a filter (the common listing, every page of
+# which asks): an Ordering and a bool name their query exactly. Filters are
+# not cached: equal ones (the same instant in two time zones) can differ in
+# their canonical text.
+@functools.lru_cache(maxsize=16)
+def _unfiltered_fingerprint(ordering: Ordering, show_deleted: bool) -> str:
+    return _fingerprint(Filter(), ordering, show_deleted)
+
+
+def _fingerprint(filter: Filter, ordering: Ordering, show_deleted: bool) -> str:
     canonical = json.dumps(
         [format_filter(filter), ordering.canonical(), show_deleted], separators=(",", ":")
     )
