@@ -4,6 +4,8 @@ before any revocation of it has arrived."""
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 from google.protobuf import field_mask_pb2
 from sqlalchemy import text
@@ -22,6 +24,13 @@ def set_roles(user_id: str, *roles: str) -> user_service_pb2.UpdateUserRequest:
     return user_service_pb2.UpdateUserRequest(
         user=user_pb2.User(id=user_id, roles=list(roles)),
         update_mask=field_mask_pb2.FieldMask(paths=["roles"]),
+    )
+
+
+def rename(user_id: str, name: str, *, etag: str = "") -> user_service_pb2.UpdateUserRequest:
+    return user_service_pb2.UpdateUserRequest(
+        user=user_pb2.User(id=user_id, display_name=name, etag=etag),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
     )
 
 
@@ -67,9 +76,15 @@ async def test_an_admin_token_grants_nothing_once_the_database_no_longer_says_ad
             {"id": admin.id},
         )
 
+    before = await world.get_as_admin(world.alice.id)
     for call in (
         admin.users.ListUsers(user_service_pb2.ListUsersRequest(page_size=1)),
         admin.users.UpdateUser(set_roles(admin.id, "user", "admin")),
+        # ... and UpdateUser's own write refuses itself (display_name: the
+        # write lane's one statement, which reads the caller's roles too).
+        admin.users.UpdateUser(rename(world.alice.id, "Renamed by a demoted admin")),
+        admin.users.UpdateUser(rename(world.alice.id, "Renamed", etag=before.etag)),
+        admin.users.UpdateUser(rename(str(uuid.uuid4()), "Nobody")),
         # The plain reads check the stored roles in their own statement...
         admin.users.LookupUser(user_service_pb2.LookupUserRequest(email=world.alice.email)),
         admin.users.GetUser(user_service_pb2.GetUserRequest(id=world.alice.id)),
@@ -83,6 +98,7 @@ async def test_an_admin_token_grants_nothing_once_the_database_no_longer_says_ad
     )
     assert not introspected.active
     assert list((await world.get_as_admin(admin.id)).roles) == ["user"]
+    assert await world.get_as_admin(world.alice.id) == before
 
 
 async def test_introspection_of_a_plain_users_token_reports_the_current_roles(

@@ -22,6 +22,7 @@ from usersvc.domain.errors import (
     InvalidCredentials,
     InvalidState,
     PermissionDenied,
+    TokenRevoked,
     UserNotFound,
     WeakPassword,
 )
@@ -36,6 +37,7 @@ from usersvc.domain.models import (
     version_in_etag,
 )
 from usersvc.domain.ports import UpdateOutcome, UserUpdate
+from usersvc.domain.role_checks import RoleCheck
 from usersvc.services.inputs import UpdateUserInput
 from usersvc.services.users import UnitOfWorkUserWriter
 
@@ -572,3 +574,36 @@ async def test_a_password_changed_meanwhile_voids_the_current_password_check() -
     with pytest.raises(InvalidCredentials):
         await change(h, as_user(ann))
     assert h.db.password_hash(ann.id) == FakePasswordHasher.hash_at("changed", 4)
+
+
+@pytest.mark.parametrize("patch", [{"display_name": "Ann"}, {"roles": ("user", "admin")}])
+async def test_an_admins_pending_role_check_is_settled_by_the_write_itself(
+    patch: dict[str, object],
+) -> None:
+    h, writer, ann = with_writer()
+    admin = h.db.insert("admin@example.com", roles=("user", "admin"))
+    check = RoleCheck.of(as_admin(admin))
+    await h.service.update_user(
+        principal=as_admin(admin),
+        request=UpdateUserInput(user_id=str(ann.id), etag="", patch=UserPatch(**patch)),  # type: ignore[arg-type]
+        role_check=check,
+    )
+    assert check.passed is True
+    assert [c.role_check for c in writer.changes] == ([check] if "display_name" in patch else [])
+
+
+@pytest.mark.parametrize("patch", [{"display_name": "Ann"}, {"roles": ("user", "admin")}])
+async def test_a_write_whose_role_check_fails_is_token_revoked_and_changes_nothing(
+    patch: dict[str, object],
+) -> None:
+    h, ann = with_ann()
+    demoted = h.db.insert("demoted@example.com", roles=("user",))
+    check = RoleCheck.of(as_admin(demoted))
+    with pytest.raises(TokenRevoked):
+        await h.service.update_user(
+            principal=as_admin(demoted),
+            request=UpdateUserInput(user_id=str(ann.id), etag="", patch=UserPatch(**patch)),  # type: ignore[arg-type]
+            role_check=check,
+        )
+    assert check.passed is False
+    assert h.db.user(ann.id) == ann

@@ -80,7 +80,9 @@ class SqlAlchemyUserWriter:
         self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
     ) -> UpdateOutcome:
         """UserRepository.update_checked in one statement, committed when
-        it returns. Raises ValueError for a patch of email or roles,
+        it returns; ``change.role_check`` is settled by the statement.
+        Raises TokenRevoked when that check fails (nothing written),
+        ValueError for a patch of email or roles,
         DatabaseUnavailable (also when the connection was lost while the
         statement ran: it may have committed)."""
         if change.patch.email is not None or change.patch.roles is not None:
@@ -94,7 +96,8 @@ class SqlAlchemyUserWriter:
         rows = await self._driver.write(
             statement.sql, arguments, constraints=constraint_errors(change)
         )
-        outcome = outcome_from_row(rows[0] if rows else None)
+        # Always one row (usersvc.adapters.repository.user_update).
+        outcome = outcome_from_row(change, rows[0])
         # Written (and committed): its events are there to number.
         if events and outcome.after is not None and self._events_committed is not None:
             self._events_committed()

@@ -32,12 +32,15 @@ _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 _SERVICE = "/usersvc.v1.UserService/"
 # The methods whose handler hands the caller's pending role re-check
-# (usersvc.api.context.current_role_check) to its one read, which settles it
-# in the same statement (ListUsers: a page without a filter); AuthInterceptor
-# defers the check for these only, and settles it itself before the answer
-# when the handler did not.
-ROLE_CHECKED_BY_READ = frozenset(
-    _SERVICE + name for name in ("GetUser", "LookupUser", "BatchGetUsers", "ListUsers")
+# (usersvc.api.context.current_role_check) to its one statement, which
+# settles it: the reads (ListUsers: a page without a filter), and UpdateUser,
+# whose write refuses itself unless the check passes
+# (usersvc.adapters.repository.user_update). AuthInterceptor defers the check
+# for these only, and settles it itself before the answer when the handler
+# did not.
+ROLE_CHECKED_IN_STATEMENT = frozenset(
+    _SERVICE + name
+    for name in ("GetUser", "LookupUser", "BatchGetUsers", "ListUsers", "UpdateUser")
 )
 
 
@@ -104,7 +107,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.UpdateUserRequest, context: _Context
     ) -> pb.UpdateUserResponse:
         user = await self._users.update_user(
-            principal=current_principal(), request=mappers.update_user_input(request)
+            principal=current_principal(),
+            request=mappers.update_user_input(request),
+            role_check=current_role_check(),
         )
         return pb.UpdateUserResponse(user=mappers.user_to_proto(user))
 

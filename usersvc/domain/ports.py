@@ -114,8 +114,11 @@ class UserRepository(Protocol):
         the latest committed version (``UserPatch.changed_fields`` of
         ``outcome.before``). A changed email clears email_verified and voids
         the user's live codes. Nothing is written when a rule refuses (the
-        outcome tells which). Raises EmailAlreadyExists (the transaction is
-        then aborted)."""
+        outcome tells which). With ``change.role_check``, the caller's
+        account is read in the same statement, which writes nothing unless
+        the check passes. Raises TokenRevoked when that check fails (before
+        any other rule's verdict; nothing written), EmailAlreadyExists (the
+        transaction is then aborted)."""
 
     async def set_password_hash(
         self, user_id: uuid.UUID, password_hash: str, *, events: Sequence[EventDraft] = ()
@@ -161,6 +164,12 @@ class UserUpdate:
     # A privilege-granting change (roles): this user must be an active
     # admin in the database, not merely in its token. None: no such rule.
     admin_caller: uuid.UUID | None = None
+    # The pending re-check of the caller's privileged token
+    # (usersvc.domain.role_checks), settled by the write itself: nothing is
+    # written unless the caller's account is active and holds every role
+    # the token claims, and the update raises TokenRevoked then. None: the
+    # caller's token claims no privilege, or its check is done already.
+    role_check: RoleCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +469,8 @@ class UserWriter(Protocol):
     async def update(
         self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
     ) -> UpdateOutcome:
-        """UserRepository.update_checked, committed. Raises ValueError for a
+        """UserRepository.update_checked, committed. Raises TokenRevoked as
+        update_checked does, ValueError for a
         patch of email or roles (a programming error), DatabaseUnavailable
         (also when the connection is lost during the statement: the write
         may then have been committed)."""

@@ -658,10 +658,20 @@ class UserService:
 
     # -- update ----------------------------------------------------------------
 
-    async def update_user(self, *, principal: Principal, request: UpdateUserInput) -> User:
-        """Applies the fields set in ``request.patch``.
+    async def update_user(
+        self,
+        *,
+        principal: Principal,
+        request: UpdateUserInput,
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        """Applies the fields set in ``request.patch``. ``role_check`` (the
+        caller's privileged token, when its re-check is pending) is settled
+        by the update's own statement, which writes nothing unless it passes
+        (usersvc.domain.role_checks).
 
-        Raises PermissionDenied (roles need an admin), InvalidArgument (empty
+        Raises TokenRevoked (the role check failed), PermissionDenied (roles
+        need an admin), InvalidArgument (empty
         patch: field "update_mask"; bad values, etag over 64 characters:
         "user.<field>"),
         UserNotFound, InvalidState (deleted user, admins), EtagMismatch,
@@ -715,6 +725,7 @@ class UserService:
             patch=normalized,
             expected_version=version_in_etag(request.etag) if request.etag else None,
             admin_caller=principal.user_id() if normalized.roles is not None else None,
+            role_check=role_check if role_check is not None and not role_check.done else None,
         )
         if normalized.email is None and normalized.roles is None:
             # Nothing else happens in the transaction: the statement commits

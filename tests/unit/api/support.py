@@ -125,7 +125,14 @@ class FakeUserService:
         self._record("list_users", principal, request=request)
         return UserListResult(users=(self.user,), next_page_token="next", total_size=7)
 
-    async def update_user(self, *, principal: Principal, request: UpdateUserInput) -> User:
+    async def update_user(
+        self,
+        *,
+        principal: Principal,
+        request: UpdateUserInput,
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        self.role_checks.append(role_check)
         self._record("update_user", principal, request=request)
         return self.user
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf import field_mask_pb2
 
-from usersvc_protos.v1 import user_service_pb2, user_service_pb2_grpc
+from usersvc_protos.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from usersvc.domain import errors
 from usersvc.domain.models import Principal, PrincipalKind, User
 from usersvc.domain.role_checks import RoleCheck
@@ -199,3 +200,17 @@ async def test_a_plain_users_token_hands_no_check_to_the_read(served: Served) ->
 
     assert served.users.role_checks == [None]
     assert served.auth.own_reads == 0
+
+
+async def test_update_user_hands_the_check_to_its_write(served: Served) -> None:
+    await served.stub.UpdateUser(
+        user_service_pb2.UpdateUserRequest(
+            user=user_pb2.User(id=CALLER_ID, display_name="Ada"),
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+        ),
+        metadata=bearer(ADMIN_TOKEN),
+    )
+
+    [check] = served.users.role_checks
+    assert check is not None
+    assert check.principal == ADMIN

@@ -301,13 +301,15 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         (usersvc.adapters.repository.user_update), with ``events`` about the
         user, each carrying the fields the write changed; a changed email
         also voids the user's open codes. The row stays locked until the
-        transaction ends. Raises EmailAlreadyExists (metadata {"email"}; the
-        transaction is then aborted and must be rolled back)."""
+        transaction ends. ``change.role_check`` is settled by the statement
+        too. Raises TokenRevoked when it fails (nothing written),
+        EmailAlreadyExists (metadata {"email"}; the transaction is then
+        aborted and must be rolled back)."""
         statement = statement_for(shape_of(change, events))
         result = await self._execute(
             statement, parameters(change, self._call()), constraints=constraint_errors(change)
         )
-        outcome = outcome_from_row(result.mappings().one_or_none())
+        outcome = outcome_from_row(change, result.mappings().one())
         after = outcome.after
         if after is not None and outcome.before is not None and after.email != outcome.before.email:
             await void_codes_after_email_change(self._session, after.id)
