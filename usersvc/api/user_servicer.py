@@ -33,13 +33,22 @@ _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _SERVICE = "/usersvc.v1.UserService/"
 # The methods whose handler hands the caller's pending role re-check
 # (usersvc.api.context.current_role_check) to its one statement, which
-# settles it: the reads, and UpdateUser and CreateUser, whose writes refuse
-# themselves unless the check passes (usersvc.adapters.repository
-# .user_update, .user_create; CreateUser with a request id settles it first
-# in its unit of work). AuthInterceptor defers the check for these only.
+# settles it: the reads (ListUsers: a page without a filter), and UpdateUser
+# and CreateUser, whose writes refuse themselves unless the check passes
+# (usersvc.adapters.repository.user_update, .user_create; a CreateUser with a
+# request id settles it first in its unit of work). AuthInterceptor defers
+# the check for these only, and settles it itself before the answer when the
+# handler did not.
 ROLE_CHECKED_IN_STATEMENT = frozenset(
     _SERVICE + name
-    for name in ("GetUser", "LookupUser", "BatchGetUsers", "UpdateUser", "CreateUser")
+    for name in (
+        "GetUser",
+        "LookupUser",
+        "BatchGetUsers",
+        "ListUsers",
+        "UpdateUser",
+        "CreateUser",
+    )
 )
 
 
@@ -98,7 +107,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.ListUsersRequest, context: _Context
     ) -> bytes:
         result = await self._users.list_users(
-            principal=current_principal(), request=mappers.list_users_input(request)
+            principal=current_principal(),
+            request=mappers.list_users_input(request),
+            role_check=current_role_check(),
         )
         return await mappers.encoded_user_list_response(result)
 

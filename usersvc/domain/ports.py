@@ -23,7 +23,7 @@ from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.codes import CodeKind
 from usersvc.domain.event_ports import EventRecorder
 from usersvc.domain.events import EventDraft
-from usersvc.domain.listing import Filter, ListQuery, Page
+from usersvc.domain.listing import Filter, ListedPage, ListQuery, Page
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     Credentials,
@@ -413,7 +413,7 @@ class AccountRepository(Protocol):
 class UserReader(Protocol):
     """Plain reads of users, each outside any unit of work: one statement,
     its own snapshot, nothing locked. For the read-only calls (GetUser,
-    LookupUser, BatchGetUsers) only; a flow that reads and then writes
+    LookupUser, BatchGetUsers, ListUsers without a filter) only; a flow that reads and then writes
     reads through its unit of work. Returns what the same UserRepository
     methods return.
 
@@ -442,6 +442,21 @@ class UserReader(Protocol):
     async def get_by_email(self, email: str, *, role_check: RoleCheck | None = None) -> User | None:
         """Case-insensitive match, deleted included. Raises
         DatabaseUnavailable, TokenRevoked."""
+
+    async def list_unfiltered(
+        self,
+        query: ListQuery,
+        *,
+        role_check: RoleCheck | None = None,
+        count_up_to: int | None = None,
+    ) -> ListedPage:
+        """UserRepository.list of a query without a filter (the common
+        ListUsers page); ``role_check`` as in ``get``. With
+        ``count_up_to``, also the number of matches as
+        UserRepository.count_matches(exact_up_to=count_up_to) gives it, when
+        the read can tell it without counting rows (else None). Raises
+        ValueError for a query with a filter (a programming error), and
+        as UserRepository.list; DatabaseUnavailable, TokenRevoked."""
 
 
 class UserWriter(Protocol):

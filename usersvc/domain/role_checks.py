@@ -5,12 +5,13 @@ active and still holds every role the token claims (docs/api.md, "Roles are
 re-checked"): a token outlives a demotion by up to its lifetime. That takes
 a read of the account on every call with such a token. A ``RoleCheck`` is
 that check for one call, done once: in the very statement of the call's own
-read when the call is a plain read (GetUser, LookupUser, BatchGetUsers: the
-read lane), in the very statement of its write for UpdateUser and CreateUser
-(the write refuses itself when the check fails: usersvc.adapters.repository
-.user_update, .user_create; a CreateUser with a request id settles it first
-in its unit of work), and otherwise by the auth interceptor on its own,
-before the call answers (usersvc/api/interceptors/auth.py).
+read when the call is a plain read (GetUser, LookupUser, BatchGetUsers,
+ListUsers without a filter: the read lane), in the very statement of its
+write for UpdateUser and CreateUser (the write refuses itself when the check
+fails: usersvc.adapters.repository.user_update, .user_create; a CreateUser
+with a request id settles it first in its unit of work), and otherwise by
+the auth interceptor on its own, before the call answers
+(usersvc/api/interceptors/auth.py).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from usersvc.domain.errors import (
 )
 from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.filtering import parse_filter, parse_order_by
-from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, cursor_of
+from usersvc.domain.listing import Cursor, Filter, ListedPage, ListQuery, Ordering, cursor_of
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     ROLE_ADMIN,
@@ -158,6 +158,27 @@ class UnitOfWorkUserReader:
         async with self._uow_factory() as uow:
             await _settle(uow, role_check)
             return await uow.users.get_by_email(email)
+
+    async def list_unfiltered(
+        self,
+        query: ListQuery,
+        *,
+        role_check: RoleCheck | None = None,
+        count_up_to: int | None = None,
+    ) -> ListedPage:
+        """The page and, with ``count_up_to``, always the total (counted
+        first, as count_matches does it). Raises ValueError for a query
+        with a filter, InvalidArgument, DatabaseUnavailable, TokenRevoked."""
+        if query.filter.terms:
+            raise ValueError("list_unfiltered takes a query without a filter")
+        async with self._uow_factory() as uow:
+            await _settle(uow, role_check)
+            total = None
+            if count_up_to is not None:
+                total = await uow.users.count_matches(
+                    query.filter, show_deleted=query.show_deleted, exact_up_to=count_up_to
+                )
+            return ListedPage(await uow.users.list(query), total)
 
 
 async def _settle(uow: UnitOfWork, role_check: RoleCheck | None) -> None:
@@ -581,12 +602,21 @@ class UserService:
             raise _too_many_bytes(len(users), fitting)
         return users
 
-    async def list_users(self, *, principal: Principal, request: ListUsersInput) -> UserListResult:
-        """One keyset page of the users matching the filter.
+    async def list_users(
+        self,
+        *,
+        principal: Principal,
+        request: ListUsersInput,
+        role_check: RoleCheck | None = None,
+    ) -> UserListResult:
+        """One keyset page of the users matching the filter. ``role_check``
+        as in get_user: a page without a filter settles it in its own read
+        (the read lane: one statement); with a filter, the page is read in
+        a unit of work and the check is left to the caller.
 
         Raises PermissionDenied (show_deleted needs an admin),
         InvalidArgument (page_size, filter, order_by, page_token; the first
-        three reported together).
+        three reported together), TokenRevoked.
         """
         policies.ensure(policies.can_list(principal), "list users")
         if request.show_deleted:
@@ -626,12 +656,29 @@ class UserService:
             after,
             max_bytes=byte_budget(page_size + 1),
         )
-        async with self._uow_factory() as uow:
+        if filter.terms:
+            async with self._uow_factory() as uow:
+                if total is None:
+                    total = await uow.users.count_matches(
+                        filter, show_deleted=request.show_deleted, exact_up_to=EXACT_TOTAL_UP_TO
+                    )
+                page = await uow.users.list(query)
+        else:
+            # The common page: one statement, which also settles the role
+            # check and, on a first page, usually the total.
+            listed = await self._reader.list_unfiltered(
+                query,
+                role_check=role_check,
+                count_up_to=EXACT_TOTAL_UP_TO if total is None else None,
+            )
+            page = listed.page
             if total is None:
-                total = await uow.users.count_matches(
-                    filter, show_deleted=request.show_deleted, exact_up_to=EXACT_TOTAL_UP_TO
-                )
-            page = await uow.users.list(query)
+                total = listed.total_size
+            if total is None:
+                async with self._uow_factory() as uow:
+                    total = await uow.users.count_matches(
+                        filter, show_deleted=request.show_deleted, exact_up_to=EXACT_TOTAL_UP_TO
+                    )
         users, next_cursor = page.users, page.next_cursor
         fitting = fitting_prefix(users)
         if fitting < len(users):

@@ -121,7 +121,14 @@ class FakeUserService:
             await asyncio.Event().wait()
         return self.user
 
-    async def list_users(self, *, principal: Principal, request: ListUsersInput) -> UserListResult:
+    async def list_users(
+        self,
+        *,
+        principal: Principal,
+        request: ListUsersInput,
+        role_check: RoleCheck | None = None,
+    ) -> UserListResult:
+        self.role_checks.append(role_check)
         self._record("list_users", principal, request=request)
         return UserListResult(users=(self.user,), next_page_token="next", total_size=7)
 
