@@ -405,9 +405,18 @@ class Settings:
         "`pool_mode=transaction`): no statement caches, unnamed statements, no session state "
         "such as a startup `statement_timeout`",
     )
-    db_pool_size: int = integer(10, lo=1, hi=1000, doc="connections kept, per process")
+    db_pool_size: int = integer(
+        20,
+        lo=1,
+        hi=1000,
+        doc="connections kept once opened, per process (opened as calls need them, up to this)",
+    )
     db_max_overflow: int = integer(
-        10, lo=0, hi=1000, doc="extra connections under bursts, per process"
+        0,
+        lo=0,
+        hi=1000,
+        doc="extra connections under bursts, per process, closed again as each comes back "
+        "(every burst then pays new connections: keep it 0 and size the pool instead)",
     )
     db_pool_timeout_seconds: float = number(
         5.0, lo=0.1, hi=600, doc="wait for a free connection before failing the call"

@@ -4,6 +4,8 @@ before any revocation of it has arrived."""
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 from google.protobuf import field_mask_pb2
 from sqlalchemy import text
@@ -22,6 +24,13 @@ def set_roles(user_id: str, *roles: str) -> user_service_pb2.UpdateUserRequest:
     return user_service_pb2.UpdateUserRequest(
         user=user_pb2.User(id=user_id, roles=list(roles)),
         update_mask=field_mask_pb2.FieldMask(paths=["roles"]),
+    )
+
+
+def rename(user_id: str, name: str, *, etag: str = "") -> user_service_pb2.UpdateUserRequest:
+    return user_service_pb2.UpdateUserRequest(
+        user=user_pb2.User(id=user_id, display_name=name, etag=etag),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
     )
 
 
@@ -67,9 +76,15 @@ async def test_an_admin_token_grants_nothing_once_the_database_no_longer_says_ad
             {"id": admin.id},
         )
 
+    before = await world.get_as_admin(world.alice.id)
     for call in (
         admin.users.ListUsers(user_service_pb2.ListUsersRequest(page_size=1)),
         admin.users.UpdateUser(set_roles(admin.id, "user", "admin")),
+        # ... and UpdateUser's own write refuses itself (display_name: the
+        # write lane's one statement, which reads the caller's roles too).
+        admin.users.UpdateUser(rename(world.alice.id, "Renamed by a demoted admin")),
+        admin.users.UpdateUser(rename(world.alice.id, "Renamed", etag=before.etag)),
+        admin.users.UpdateUser(rename(str(uuid.uuid4()), "Nobody")),
         # The plain reads check the stored roles in their own statement...
         admin.users.LookupUser(user_service_pb2.LookupUserRequest(email=world.alice.email)),
         admin.users.GetUser(user_service_pb2.GetUserRequest(id=world.alice.id)),
@@ -83,6 +98,54 @@ async def test_an_admin_token_grants_nothing_once_the_database_no_longer_says_ad
     )
     assert not introspected.active
     assert list((await world.get_as_admin(admin.id)).roles) == ["user"]
+    assert await world.get_as_admin(world.alice.id) == before
+
+
+async def test_a_create_with_an_admin_token_the_database_no_longer_backs_writes_nothing(
+    world: World, primary: RunningServer
+) -> None:
+    # CreateUser settles the re-check in its own write: refused, it must
+    # have written no user (with or without an idempotency key).
+    admin = await world.account("demoted-creator", roles=("user", "admin"))
+    async with primary.container.engine.begin() as connection:
+        await connection.execute(
+            text("UPDATE users SET roles = ARRAY['user'] WHERE id = CAST(:id AS uuid)"),
+            {"id": admin.id},
+        )
+
+    emails = ["by-demoted-1@example.com", "by-demoted-2@example.com"]
+    for email, request_id, roles in ((emails[0], "", ["admin"]), (emails[1], "req-demoted", [])):
+        await expect_error(
+            admin.users.CreateUser(
+                user_service_pb2.CreateUserRequest(
+                    email=email,
+                    password="correct horse battery staple",
+                    roles=roles,
+                    request_id=request_id,
+                )
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_REVOKED",
+        )
+    for email in emails:
+        await expect_error(
+            world.admin.users.LookupUser(user_service_pb2.LookupUserRequest(email=email)),
+            grpc.StatusCode.NOT_FOUND,
+            "USER_NOT_FOUND",
+        )
+
+
+async def test_an_admin_token_the_database_backs_creates_users_with_roles(world: World) -> None:
+    admin = await world.account("backed-creator", roles=("user", "admin"))
+    created = await admin.users.CreateUser(
+        user_service_pb2.CreateUserRequest(
+            email="made-admin@example.com",
+            password="correct horse battery staple",
+            roles=["user", "admin"],
+        )
+    )
+    assert sorted(created.user.roles) == ["admin", "user"]
+    assert (await world.get_as_admin(created.user.id)).email == "made-admin@example.com"
 
 
 async def test_introspection_of_a_plain_users_token_reports_the_current_roles(

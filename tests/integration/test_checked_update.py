@@ -21,10 +21,11 @@ from tests.support.users import patch_user
 from usersvc.adapters.orm import events_table, user_codes_table
 from usersvc.adapters.write_lane import SqlAlchemyUserWriter
 from usersvc.domain.codes import CodeKind
-from usersvc.domain.errors import DatabaseUnavailable, EmailAlreadyExists
+from usersvc.domain.errors import DatabaseUnavailable, EmailAlreadyExists, TokenRevoked
 from usersvc.domain.events import CallContext, EventDraft, EventType
-from usersvc.domain.models import NO_VERSION, User, UserPatch
+from usersvc.domain.models import NO_VERSION, Principal, PrincipalKind, User, UserPatch
 from usersvc.domain.ports import UnitOfWorkFactory, UpdateOutcome, UserUpdate
+from usersvc.domain.role_checks import RoleCheck
 
 UserMaker = Callable[..., Awaitable[User]]
 Update = Callable[[UserUpdate], Coroutine[Any, Any, UpdateOutcome]]
@@ -228,6 +229,87 @@ async def test_an_admin_changing_its_own_roles_is_judged_by_its_own_locked_row(
 
     assert (kept.caller_is_admin, kept.after is not None) == (True, True)
     assert (refused.caller_is_admin, refused.after) == (False, None)
+
+
+def admin_token_check(account_id: uuid.UUID) -> RoleCheck:
+    return RoleCheck.of(
+        Principal(
+            kind=PrincipalKind.USER,
+            subject=str(account_id),
+            roles=frozenset({"user", "admin"}),
+            session_id="s1",
+        )
+    )
+
+
+@pytest.mark.parametrize("account", ["still admin", "demoted", "disabled", "deleted", "missing"])
+async def test_the_token_rule_writes_only_while_the_account_backs_the_token(
+    account: str,
+    run_update: Update,
+    uow_factory: UnitOfWorkFactory,
+    engine: AsyncEngine,
+    make_user: UserMaker,
+) -> None:
+    caller, target = await make_user(roles=("user", "admin")), await make_user()
+    async with uow_factory() as uow:
+        if account == "demoted":
+            await patch_user(uow, caller.id, UserPatch(roles=("user",)))
+        elif account == "disabled":
+            await uow.users.set_disabled(caller.id, True)
+        elif account == "deleted":
+            await uow.users.set_deleted(caller.id, True)
+        await uow.commit()
+    check = admin_token_check(uuid.uuid4() if account == "missing" else caller.id)
+    change = UserUpdate(target.id, UserPatch(display_name="New"), role_check=check)
+
+    if account == "still admin":
+        outcome = await run_update(change)
+        assert outcome.after is not None
+        assert outcome.after.display_name == "New"
+    else:
+        with pytest.raises(TokenRevoked):
+            await run_update(change)
+        assert await stored(uow_factory, target.id) == target
+        assert await events_of(engine, target.id) == []
+    assert check.passed is (account == "still admin")
+
+
+async def test_a_token_that_no_longer_holds_is_refused_before_a_missing_user_is_told(
+    run_update: Update, uow_factory: UnitOfWorkFactory, make_user: UserMaker
+) -> None:
+    admin, demoted = await make_user(roles=("user", "admin")), await make_user()
+    nobody = uuid.uuid4()
+
+    held = await run_update(
+        UserUpdate(nobody, UserPatch(display_name="X"), role_check=admin_token_check(admin.id))
+    )
+    with pytest.raises(TokenRevoked):
+        await run_update(
+            UserUpdate(
+                nobody, UserPatch(display_name="X"), role_check=admin_token_check(demoted.id)
+            )
+        )
+
+    assert (held.before, held.after) == (None, None)
+
+
+async def test_the_token_rule_on_the_callers_own_row_is_judged_by_its_locked_row(
+    run_update: Update, uow_factory: UnitOfWorkFactory, make_user: UserMaker
+) -> None:
+    admin, demoted = await make_user(roles=("user", "admin")), await make_user()
+
+    kept = await run_update(
+        UserUpdate(admin.id, UserPatch(display_name="Me"), role_check=admin_token_check(admin.id))
+    )
+    with pytest.raises(TokenRevoked):
+        await run_update(
+            UserUpdate(
+                demoted.id, UserPatch(display_name="Me"), role_check=admin_token_check(demoted.id)
+            )
+        )
+
+    assert kept.after is not None
+    assert await stored(uow_factory, demoted.id) == demoted
 
 
 async def test_a_new_email_is_unverified_and_voids_the_open_codes(

@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from usersvc.adapters.read_lane import SqlAlchemyUserReader
 from usersvc.domain.filtering import parse_filter
-from usersvc.domain.listing import Filter
+from usersvc.domain.listing import Filter, ListQuery, Ordering
 from usersvc.domain.ports import UnitOfWorkFactory
 
 CAP = 10_000
@@ -89,6 +90,36 @@ async def test_the_estimate_leaves_deleted_users_out_unless_asked(
     await add_users(engine, 6_000, name="gone", prefix="b", deleted=True)
     assert within_ten_percent(await total(uow_factory), 24_000)
     assert within_ten_percent(await total(uow_factory, show_deleted=True), 30_000)
+
+
+async def lane_total(engine: AsyncEngine, *, show_deleted: bool = False) -> int | None:
+    """The total the read lane's first page (no filter) reports, or None
+    when it leaves the count to its caller."""
+    query = ListQuery(Filter(), Ordering(), show_deleted, 50)
+    listed = await SqlAlchemyUserReader(engine).list_unfiltered(query, count_up_to=CAP)
+    assert len(listed.page.users) == 50
+    return listed.total_size
+
+
+async def test_a_first_page_on_the_read_lane_carries_the_estimate_in_its_statement(
+    engine: AsyncEngine, uow_factory: UnitOfWorkFactory
+) -> None:
+    await add_users(engine, 24_000, name="live", prefix="a")
+    await add_users(engine, 6_000, name="gone", prefix="b", deleted=True)
+    live = await lane_total(engine)
+    assert live is not None
+    assert within_ten_percent(live, 24_000)
+    assert live == await total(uow_factory)
+    every = await lane_total(engine, show_deleted=True)
+    assert every is not None
+    assert within_ten_percent(every, 30_000)
+
+
+async def test_under_twice_the_cap_the_read_lane_leaves_the_count_to_its_caller(
+    engine: AsyncEngine,
+) -> None:
+    await add_users(engine, 15_000, name="bulk", prefix="a")
+    assert await lane_total(engine) is None
 
 
 async def test_beyond_the_cap_a_filtered_total_is_within_ten_percent(

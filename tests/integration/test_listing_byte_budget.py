@@ -17,6 +17,8 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from usersvc.adapters.pooled_driver import PooledDriver
+from usersvc.adapters.read_lane import SqlAlchemyUserReader
 from usersvc.adapters.repository.listing import WITHIN_BUDGET
 from usersvc.adapters.repository.sizes import WIRE_BYTES
 from usersvc.adapters.repository.user_rows import users
@@ -108,17 +110,28 @@ def pages_cut_after_reading(
 @contextmanager
 def rows_returned(engine: AsyncEngine) -> Iterator[list[int]]:
     """How many rows each budgeted page statement returned (the "SELECT n"
-    its execution reported), in order."""
+    its execution reported, or the rows the read lane's driver got), in
+    order."""
     counts: list[int] = []
 
     def after(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
         if WITHIN_BUDGET in statement:
             counts.append(cursor.rowcount)
 
+    lane_read = PooledDriver.read
+
+    async def counted_read(driver: PooledDriver, query: str, *arguments: object) -> Any:
+        rows = await lane_read(driver, query, *arguments)
+        if WITHIN_BUDGET in query:
+            counts.append(len(rows))
+        return rows
+
     event.listen(engine.sync_engine, "after_cursor_execute", after)
+    setattr(PooledDriver, "read", counted_read)  # noqa: B010  # restored below
     try:
         yield counts
     finally:
+        setattr(PooledDriver, "read", lane_read)  # noqa: B010
         event.remove(engine.sync_engine, "after_cursor_execute", after)
 
 
@@ -137,11 +150,16 @@ async def walk(
         cursor = page.next_cursor
 
 
-@pytest.fixture
-async def service(uow_factory: UnitOfWorkFactory) -> AsyncIterator[UserService]:
+# Pages without a filter are read on the read lane in the server; each
+# test runs on both paths.
+@pytest.fixture(params=["unit of work", "read lane"])
+async def service(
+    request: pytest.FixtureRequest, uow_factory: UnitOfWorkFactory, engine: AsyncEngine
+) -> AsyncIterator[UserService]:
     hasher = BcryptPasswordHasher(rounds=4, max_threads=1)
     yield UserService(
         uow_factory=uow_factory,
+        reader=SqlAlchemyUserReader(engine) if request.param == "read lane" else None,
         hasher=hasher,
         password_policy=PasswordPolicy(),
         allow_signup=True,

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from usersvc.adapters.read_lane import SqlAlchemyUserReader
 from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.models import ROLE_ADMIN, ROLE_USER, Principal, PrincipalKind, User
 from usersvc.domain.passwords import PasswordPolicy
@@ -32,11 +34,16 @@ ADMIN = Principal(
 )
 
 
-@pytest.fixture
-async def service(uow_factory: UnitOfWorkFactory) -> AsyncIterator[UserService]:
+# Pages without a filter are read on the read lane in the server; each
+# test runs on both paths.
+@pytest.fixture(params=["unit of work", "read lane"])
+async def service(
+    request: pytest.FixtureRequest, uow_factory: UnitOfWorkFactory, engine: AsyncEngine
+) -> AsyncIterator[UserService]:
     hasher = BcryptPasswordHasher(rounds=4, max_threads=1)
     yield UserService(
         uow_factory=uow_factory,
+        reader=SqlAlchemyUserReader(engine) if request.param == "read lane" else None,
         hasher=hasher,
         password_policy=PasswordPolicy(),
         allow_signup=True,

@@ -482,7 +482,10 @@ class FakeUserRepository:
         self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
     ) -> UpdateOutcome:
         """The rules the SQL statement checks, on this unit of work's rows:
-        not deleted, the expected version, the caller an active admin."""
+        the caller's token still held (TokenRevoked first), not deleted, the
+        expected version, the caller an active admin."""
+        if change.role_check is not None:
+            change.role_check.settle_on(self._user(change.role_check.account_id))
         row = self._rows.get(change.user_id)
         if row is None:
             return UpdateOutcome(before=None, after=None)

@@ -816,7 +816,7 @@ def test_the_readme_and_docs_tables_name_declared_variables_with_their_defaults(
 def test_the_table_check_sees_a_wrong_default_and_an_unknown_variable() -> None:
     table = (
         "| variable | meaning | default |\n|---|---|---|\n"
-        "| `USERSVC_DB_POOL_SIZE` / `USERSVC_DB_MAX_OVERFLOW` | pool | `10` / `11` |\n"
+        "| `USERSVC_DB_POOL_SIZE` / `USERSVC_DB_MAX_OVERFLOW` | pool | `20` / `11` |\n"
         "| `USERSVC_NO_SUCH` | nothing | unset |\n"
         "| `USERSVC_TLS_CERT_FILE` / `USERSVC_TLS_KEY_FILE` | TLS | unset: plaintext |\n"
     )

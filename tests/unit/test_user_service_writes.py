@@ -22,12 +22,14 @@ from usersvc.domain.errors import (
     InvalidCredentials,
     InvalidState,
     PermissionDenied,
+    TokenRevoked,
     UserNotFound,
     WeakPassword,
 )
 from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.models import (
     NO_VERSION,
+    NewUser,
     Principal,
     User,
     UserPatch,
@@ -36,7 +38,8 @@ from usersvc.domain.models import (
     version_in_etag,
 )
 from usersvc.domain.ports import UpdateOutcome, UserUpdate
-from usersvc.services.inputs import UpdateUserInput
+from usersvc.domain.role_checks import RoleCheck
+from usersvc.services.inputs import CreateUserInput, UpdateUserInput
 from usersvc.services.users import UnitOfWorkUserWriter
 
 MISSING = "0190a4b2-6c1e-7cc3-8a1b-00000000dead"
@@ -243,6 +246,7 @@ class RecordingWriter:
 
     def __init__(self, db: FakeDatabase) -> None:
         self.changes: list[UserUpdate] = []
+        self.creates: list[NewUser] = []
         self._inner = UnitOfWorkUserWriter(db.uow)
 
     async def update(
@@ -250,6 +254,16 @@ class RecordingWriter:
     ) -> UpdateOutcome:
         self.changes.append(change)
         return await self._inner.update(change, events=events)
+
+    async def create(
+        self,
+        new: NewUser,
+        *,
+        events: Sequence[EventDraft] = (),
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        self.creates.append(new)
+        return await self._inner.create(new, events=events, role_check=role_check)
 
 
 def with_writer() -> tuple[UserServiceHarness, RecordingWriter, User]:
@@ -271,6 +285,27 @@ async def test_names_and_labels_go_to_the_one_statement_writer_with_the_etags_ve
         (ann.id, ann.version, None)
     ]
     assert h.db.user(ann.id) == updated
+
+
+async def test_a_create_without_a_request_id_goes_to_the_one_statement_writer() -> None:
+    h, writer, _ = with_writer()
+    request = CreateUserInput(email="Bob@Example.com", password="correct horse battery")
+    bob = await h.service.create_user(principal=as_admin(), request=request)
+    assert [(n.email, n.roles) for n in writer.creates] == [("bob@example.com", ("user",))]
+    assert h.db.user(bob.id) == bob
+    assert [e.type for e in h.db.events if e.user_id == bob.id] == [EventType.USER_CREATED.value]
+
+
+async def test_a_create_with_a_request_id_stores_its_key_in_a_unit_of_work_not_the_writer() -> None:
+    h, writer, _ = with_writer()
+    request = CreateUserInput(
+        email="bob@example.com", password="correct horse battery", request_id="req-bob-1"
+    )
+    admin = as_admin()
+    bob = await h.service.create_user(principal=admin, request=request)
+    again = await h.service.create_user(principal=admin, request=request)
+    assert writer.creates == []
+    assert again == bob
 
 
 @pytest.mark.parametrize("patch", [{"email": "ann2@example.com"}, {"roles": ("user",)}])
@@ -572,3 +607,36 @@ async def test_a_password_changed_meanwhile_voids_the_current_password_check() -
     with pytest.raises(InvalidCredentials):
         await change(h, as_user(ann))
     assert h.db.password_hash(ann.id) == FakePasswordHasher.hash_at("changed", 4)
+
+
+@pytest.mark.parametrize("patch", [{"display_name": "Ann"}, {"roles": ("user", "admin")}])
+async def test_an_admins_pending_role_check_is_settled_by_the_write_itself(
+    patch: dict[str, object],
+) -> None:
+    h, writer, ann = with_writer()
+    admin = h.db.insert("admin@example.com", roles=("user", "admin"))
+    check = RoleCheck.of(as_admin(admin))
+    await h.service.update_user(
+        principal=as_admin(admin),
+        request=UpdateUserInput(user_id=str(ann.id), etag="", patch=UserPatch(**patch)),  # type: ignore[arg-type]
+        role_check=check,
+    )
+    assert check.passed is True
+    assert [c.role_check for c in writer.changes] == ([check] if "display_name" in patch else [])
+
+
+@pytest.mark.parametrize("patch", [{"display_name": "Ann"}, {"roles": ("user", "admin")}])
+async def test_a_write_whose_role_check_fails_is_token_revoked_and_changes_nothing(
+    patch: dict[str, object],
+) -> None:
+    h, ann = with_ann()
+    demoted = h.db.insert("demoted@example.com", roles=("user",))
+    check = RoleCheck.of(as_admin(demoted))
+    with pytest.raises(TokenRevoked):
+        await h.service.update_user(
+            principal=as_admin(demoted),
+            request=UpdateUserInput(user_id=str(ann.id), etag="", patch=UserPatch(**patch)),  # type: ignore[arg-type]
+            role_check=check,
+        )
+    assert check.passed is False
+    assert h.db.user(ann.id) == ann

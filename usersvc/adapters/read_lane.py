@@ -1,8 +1,8 @@
 """The read lane: plain user reads on a pooled connection's driver, without a
 unit of work (usersvc.domain.ports.UserReader).
 
-GetUser, LookupUser and BatchGetUsers read one statement's worth and write
-nothing, so they need no transaction of their own: one statement in
+GetUser, LookupUser, BatchGetUsers and ListUsers without a filter read one
+statement's worth and write nothing, so they need no transaction of their own: one statement in
 autocommit is its own snapshot, exactly what the same statement between
 BEGIN and ROLLBACK would see, for a third of the round trips. And they are
 the hottest calls, so they skip the ORM session and SQLAlchemy's execution
@@ -39,7 +39,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Select
 
 from usersvc.adapters.db_monitor import DatabaseAvailability
-from usersvc.adapters.pooled_driver import PooledDriver, StatementSpan
+from usersvc.adapters.pooled_driver import DriverStatement, PooledDriver, StatementSpan
+from usersvc.adapters.repository.listing import (
+    AFTER_ID,
+    AFTER_VALUE,
+    HOLDER_ID,
+    MAX_BYTES,
+    LaneShape,
+    lane_cursor_value,
+    lane_page_statement,
+    page_of,
+    settled_by_statistics,
+    table_estimate,
+)
 from usersvc.adapters.repository.sizes import GET_USERS_BY_IDS_WITHIN
 from usersvc.adapters.repository.user_rows import (
     GET_USER_BY_EMAIL,
@@ -51,9 +63,13 @@ from usersvc.adapters.repository.user_rows import (
     settle_holder,
     user_from_row,
 )
+from usersvc.domain.listing import ListedPage, ListQuery
 from usersvc.domain.models import User
 from usersvc.domain.role_checks import RoleCheck
 from usersvc.domain.wire_size import OversizedUsers
+
+# The most ListUsers page statements kept compiled (see list_unfiltered).
+_MAX_PAGE_STATEMENTS = 256
 
 
 def _compiled(engine: AsyncEngine, statement: Select[Any], *parameters: str) -> str:
@@ -97,6 +113,11 @@ class SqlAlchemyUserReader:
             engine, GET_USERS_BY_IDS_WITH_HOLDER, "holder_id", "user_ids"
         )
         self._by_ids_within = _compiled(engine, GET_USERS_BY_IDS_WITHIN, "max_bytes", "user_ids")
+        # ListUsers pages without a filter, compiled on first use: one
+        # statement per LaneShape (3 orderings x 2 directions x 2^4 per
+        # page size; the default size is nearly every call).
+        self._engine = engine
+        self._pages: dict[LaneShape, DriverStatement] = {}
 
     async def get(self, user_id: uuid.UUID, *, role_check: RoleCheck | None = None) -> User | None:
         """The user, deleted or not; with ``role_check``, the caller's
@@ -147,6 +168,61 @@ class SqlAlchemyUserReader:
             return users[0] if users else None
         rows = await self._driver.read(self._by_email, email)
         return _user(rows[0]) if rows else None
+
+    async def list_unfiltered(
+        self,
+        query: ListQuery,
+        *,
+        role_check: RoleCheck | None = None,
+        count_up_to: int | None = None,
+    ) -> ListedPage:
+        """One page of a query without a filter in one statement (usersvc
+        .adapters.repository.listing.lane_page_statement): the page, the
+        caller's account when ``role_check`` is given (settled first), and
+        with ``count_up_to`` the table's statistics, which settle the total
+        when they say more than twice that many (else total_size is None:
+        the caller counts). Raises ValueError for a query with a filter, a
+        page size below 1 or a cursor that does not fit the ordering (the
+        service checks all three); DatabaseUnavailable, TokenRevoked."""
+        if query.filter.terms:
+            raise ValueError("the read lane lists only without a filter")
+        if query.page_size < 1:
+            raise ValueError(f"page_size must be at least 1, not {query.page_size}")
+        shape = LaneShape(
+            ordering=query.ordering,
+            show_deleted=query.show_deleted,
+            after=query.after is not None,
+            budgeted=query.max_bytes is not None,
+            statistics=count_up_to is not None,
+            limit=query.page_size + 1,
+        )
+        statement = self._pages.get(shape)
+        if statement is None:
+            statement = DriverStatement.compile(self._engine, lane_page_statement(shape))
+            if len(self._pages) >= _MAX_PAGE_STATEMENTS:
+                # Page sizes other callers chose: start over rather than grow.
+                self._pages.clear()
+            self._pages[shape] = statement
+        values: dict[str, object] = {
+            HOLDER_ID: None if role_check is None else role_check.account_id,
+            MAX_BYTES: query.max_bytes,
+        }
+        if query.after is not None:
+            values[AFTER_VALUE] = lane_cursor_value(query.ordering.field, query.after)
+            values[AFTER_ID] = query.after.id
+        rows = await self._driver.read(statement.sql, *statement.arguments(values))
+        # There is always a row: the holder's and the statistics' columns
+        # are on each; an empty page is one row without a user.
+        first = rows[0]
+        if role_check is not None:
+            settle_holder(role_check, first)
+        if first["id"] is None:
+            rows = ()
+        total = None
+        if count_up_to is not None:
+            estimate = table_estimate(first, show_deleted=query.show_deleted)
+            total = settled_by_statistics(estimate, count_up_to)
+        return ListedPage(page_of(rows, query), total)
 
     async def _checked(self, query: str, role_check: RoleCheck, argument: object) -> list[User]:
         # Every row carries the account; a row without a user (id NULL) is

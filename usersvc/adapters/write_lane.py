@@ -1,6 +1,6 @@
-"""The write lane: UpdateUser's one statement in autocommit on a pooled
-connection's driver, without a unit of work (usersvc.domain.ports
-.UserWriter).
+"""The write lane: UpdateUser's and CreateUser's one statement in
+autocommit on a pooled connection's driver, without a unit of work
+(usersvc.domain.ports.UserWriter).
 
 The update (usersvc.adapters.repository.user_update) is one statement that
 checks its rules, writes the row and its event, and returns the version it
@@ -21,6 +21,11 @@ A statement that wrote an event calls ``events_committed`` once it returns
 (it has committed by then), as a unit of work does after its commit
 (usersvc.adapters.event_wakeup): the sequencer numbers the event at once.
 
+CreateUser's statement (usersvc.adapters.repository.user_create) inserts
+the user and its event; without a request id nothing else belongs in its
+transaction. Through a unit of work it cost the same four round trips, and
+SQLAlchemy built, keyed and bound a new INSERT for every call.
+
 Patches of email or roles are not served here: an email change also voids
 the user's codes and a role change ends its sessions, in the same
 transaction, so those go through a unit of work.
@@ -35,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from usersvc.adapters.db_monitor import DatabaseAvailability
 from usersvc.adapters.events import CallContextProvider, no_call
 from usersvc.adapters.pooled_driver import DriverStatement, PooledDriver, StatementSpan
+from usersvc.adapters.repository import user_create
 from usersvc.adapters.repository.user_update import (
     UpdateShape,
     constraint_errors,
@@ -44,7 +50,9 @@ from usersvc.adapters.repository.user_update import (
     statement_for,
 )
 from usersvc.domain.events import EventDraft
+from usersvc.domain.models import NewUser, User, uuid7
 from usersvc.domain.ports import UpdateOutcome, UserUpdate
+from usersvc.domain.role_checks import RoleCheck
 
 
 class SqlAlchemyUserWriter:
@@ -75,12 +83,15 @@ class SqlAlchemyUserWriter:
         )
         # Compiled on first use, once per shape.
         self._compiled: dict[UpdateShape, DriverStatement] = {}
+        self._compiled_creates: dict[user_create.CreateShape, DriverStatement] = {}
 
     async def update(
         self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
     ) -> UpdateOutcome:
         """UserRepository.update_checked in one statement, committed when
-        it returns. Raises ValueError for a patch of email or roles,
+        it returns; ``change.role_check`` is settled by the statement.
+        Raises TokenRevoked when that check fails (nothing written),
+        ValueError for a patch of email or roles,
         DatabaseUnavailable (also when the connection was lost while the
         statement ran: it may have committed)."""
         if change.patch.email is not None or change.patch.roles is not None:
@@ -94,8 +105,40 @@ class SqlAlchemyUserWriter:
         rows = await self._driver.write(
             statement.sql, arguments, constraints=constraint_errors(change)
         )
-        outcome = outcome_from_row(rows[0] if rows else None)
+        # Always one row (usersvc.adapters.repository.user_update).
+        outcome = outcome_from_row(change, rows[0])
         # Written (and committed): its events are there to number.
         if events and outcome.after is not None and self._events_committed is not None:
             self._events_committed()
         return outcome
+
+    async def create(
+        self,
+        new: NewUser,
+        *,
+        events: Sequence[EventDraft] = (),
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        """UserRepository.add in one statement, committed when it returns;
+        ``role_check`` (unless done) is settled by the same statement, which
+        writes nothing when it fails. Raises TokenRevoked,
+        EmailAlreadyExists (metadata {"email"}), DatabaseUnavailable (also
+        when the connection was lost while the statement ran: it may have
+        committed)."""
+        pending = None if role_check is None or role_check.done else role_check
+        shape = user_create.shape_of(events, pending)
+        statement = self._compiled_creates.get(shape)
+        if statement is None:
+            statement = DriverStatement.compile(self._engine, user_create.statement_for(shape))
+            self._compiled_creates[shape] = statement
+        values = user_create.parameters(uuid7(), new, self._call_context(), pending)
+        rows = await self._driver.write(
+            statement.sql,
+            statement.arguments(values),
+            constraints=user_create.constraint_errors(new),
+        )
+        user = user_create.created_user(rows, new, pending)
+        # Written (and committed): its events are there to number.
+        if events and self._events_committed is not None:
+            self._events_committed()
+        return user

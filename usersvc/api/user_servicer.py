@@ -32,10 +32,23 @@ _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 _SERVICE = "/usersvc.v1.UserService/"
 # The methods whose handler hands the caller's pending role re-check
-# (usersvc.api.context.current_role_check) to its one read, which settles it
-# in the same statement; AuthInterceptor defers the check for these only.
-ROLE_CHECKED_BY_READ = frozenset(
-    _SERVICE + name for name in ("GetUser", "LookupUser", "BatchGetUsers")
+# (usersvc.api.context.current_role_check) to its one statement, which
+# settles it: the reads (ListUsers: a page without a filter), and UpdateUser
+# and CreateUser, whose writes refuse themselves unless the check passes
+# (usersvc.adapters.repository.user_update, .user_create; a CreateUser with a
+# request id settles it first in its unit of work). AuthInterceptor defers
+# the check for these only, and settles it itself before the answer when the
+# handler did not.
+ROLE_CHECKED_IN_STATEMENT = frozenset(
+    _SERVICE + name
+    for name in (
+        "GetUser",
+        "LookupUser",
+        "BatchGetUsers",
+        "ListUsers",
+        "UpdateUser",
+        "CreateUser",
+    )
 )
 
 
@@ -70,7 +83,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.CreateUserRequest, context: _Context
     ) -> pb.CreateUserResponse:
         user = await self._users.create_user(
-            principal=current_principal(), request=mappers.create_user_input(request)
+            principal=current_principal(),
+            request=mappers.create_user_input(request),
+            role_check=current_role_check(),
         )
         return pb.CreateUserResponse(user=mappers.user_to_proto(user))
 
@@ -92,7 +107,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.ListUsersRequest, context: _Context
     ) -> bytes:
         result = await self._users.list_users(
-            principal=current_principal(), request=mappers.list_users_input(request)
+            principal=current_principal(),
+            request=mappers.list_users_input(request),
+            role_check=current_role_check(),
         )
         return await mappers.encoded_user_list_response(result)
 
@@ -100,7 +117,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.UpdateUserRequest, context: _Context
     ) -> pb.UpdateUserResponse:
         user = await self._users.update_user(
-            principal=current_principal(), request=mappers.update_user_input(request)
+            principal=current_principal(),
+            request=mappers.update_user_input(request),
+            role_check=current_role_check(),
         )
         return pb.UpdateUserResponse(user=mappers.user_to_proto(user))
 

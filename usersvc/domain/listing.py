@@ -111,3 +111,13 @@ class Page:
     users: tuple[User, ...]
     # Cursor of the last row when more rows may follow, else None.
     next_cursor: Cursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class ListedPage:
+    """A page read by usersvc.domain.ports.UserReader.list_unfiltered."""
+
+    page: Page
+    # The number of matches, when it was asked for and the page's own read
+    # could tell it; None: the caller counts (UserRepository.count_matches).
+    total_size: int | None = None

@@ -23,7 +23,7 @@ from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.codes import CodeKind
 from usersvc.domain.event_ports import EventRecorder
 from usersvc.domain.events import EventDraft
-from usersvc.domain.listing import Filter, ListQuery, Page
+from usersvc.domain.listing import Filter, ListedPage, ListQuery, Page
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     Credentials,
@@ -114,8 +114,11 @@ class UserRepository(Protocol):
         the latest committed version (``UserPatch.changed_fields`` of
         ``outcome.before``). A changed email clears email_verified and voids
         the user's live codes. Nothing is written when a rule refuses (the
-        outcome tells which). Raises EmailAlreadyExists (the transaction is
-        then aborted)."""
+        outcome tells which). With ``change.role_check``, the caller's
+        account is read in the same statement, which writes nothing unless
+        the check passes. Raises TokenRevoked when that check fails (before
+        any other rule's verdict; nothing written), EmailAlreadyExists (the
+        transaction is then aborted)."""
 
     async def set_password_hash(
         self, user_id: uuid.UUID, password_hash: str, *, events: Sequence[EventDraft] = ()
@@ -161,6 +164,12 @@ class UserUpdate:
     # A privilege-granting change (roles): this user must be an active
     # admin in the database, not merely in its token. None: no such rule.
     admin_caller: uuid.UUID | None = None
+    # The pending re-check of the caller's privileged token
+    # (usersvc.domain.role_checks), settled by the write itself: nothing is
+    # written unless the caller's account is active and holds every role
+    # the token claims, and the update raises TokenRevoked then. None: the
+    # caller's token claims no privilege, or its check is done already.
+    role_check: RoleCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,7 +413,7 @@ class AccountRepository(Protocol):
 class UserReader(Protocol):
     """Plain reads of users, each outside any unit of work: one statement,
     its own snapshot, nothing locked. For the read-only calls (GetUser,
-    LookupUser, BatchGetUsers) only; a flow that reads and then writes
+    LookupUser, BatchGetUsers, ListUsers without a filter) only; a flow that reads and then writes
     reads through its unit of work. Returns what the same UserRepository
     methods return.
 
@@ -434,21 +443,53 @@ class UserReader(Protocol):
         """Case-insensitive match, deleted included. Raises
         DatabaseUnavailable, TokenRevoked."""
 
+    async def list_unfiltered(
+        self,
+        query: ListQuery,
+        *,
+        role_check: RoleCheck | None = None,
+        count_up_to: int | None = None,
+    ) -> ListedPage:
+        """UserRepository.list of a query without a filter (the common
+        ListUsers page); ``role_check`` as in ``get``. With
+        ``count_up_to``, also the number of matches as
+        UserRepository.count_matches(exact_up_to=count_up_to) gives it, when
+        the read can tell it without counting rows (else None). Raises
+        ValueError for a query with a filter (a programming error), and
+        as UserRepository.list; DatabaseUnavailable, TokenRevoked."""
+
 
 class UserWriter(Protocol):
-    """Updates that are one statement committed on its own, outside any
-    unit of work: nothing else has to happen in their transaction. Not for
-    patches of email (its codes are voided in the same transaction) or roles
-    (the user's sessions end in the same transaction): those go through
-    UserRepository.update_checked in a unit of work."""
+    """Updates and creates that are one statement committed on its own,
+    outside any unit of work: nothing else has to happen in their
+    transaction. Not for patches of email (its codes are voided in the same
+    transaction) or roles (the user's sessions end in the same
+    transaction): those go through UserRepository.update_checked in a unit
+    of work."""
 
     async def update(
         self, change: UserUpdate, *, events: Sequence[EventDraft] = ()
     ) -> UpdateOutcome:
-        """UserRepository.update_checked, committed. Raises ValueError for a
+        """UserRepository.update_checked, committed. Raises TokenRevoked as
+        update_checked does, ValueError for a
         patch of email or roles (a programming error), DatabaseUnavailable
         (also when the connection is lost during the statement: the write
         may then have been committed)."""
+
+    async def create(
+        self,
+        new: NewUser,
+        *,
+        events: Sequence[EventDraft] = (),
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        """UserRepository.add, committed: for a create with nothing else in
+        its transaction (no idempotency key to store). ``role_check``, the
+        caller's pending re-check (usersvc.domain.role_checks), is settled
+        before anything is written, and a failed one writes nothing. Raises
+        TokenRevoked, EmailAlreadyExists (metadata {"email"}),
+        DatabaseUnavailable (also when the connection is lost during the
+        statement: the user may then have been created)."""
 
 
 class RevocationChecker(Protocol):

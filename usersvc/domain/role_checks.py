@@ -4,10 +4,14 @@ A token that claims a role beyond "user" counts only while its account is
 active and still holds every role the token claims (docs/api.md, "Roles are
 re-checked"): a token outlives a demotion by up to its lifetime. That takes
 a read of the account on every call with such a token. A ``RoleCheck`` is
-that check for one call, done once: by the read lane in the very statement
-of the call's own read when the call is a plain read (GetUser, LookupUser,
-BatchGetUsers), and otherwise by the auth interceptor on its own, before
-the call answers (usersvc/api/interceptors/auth.py).
+that check for one call, done once: in the very statement of the call's own
+read when the call is a plain read (GetUser, LookupUser, BatchGetUsers,
+ListUsers without a filter: the read lane), in the very statement of its
+write for UpdateUser and CreateUser (the write refuses itself when the check
+fails: usersvc.adapters.repository.user_update, .user_create; a CreateUser
+with a request id settles it first in its unit of work), and otherwise by
+the auth interceptor on its own, before the call answers
+(usersvc/api/interceptors/auth.py).
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ class RoleCheck:
         stored roles. Raises TokenRevoked unless it is active and holds
         every role the token claims."""
         self.passed = active and holds_claimed_roles(self.principal, roles)
+        self.ensure_passed()
+
+    def settle_verdict(self, passed: bool) -> None:
+        """Record a verdict reached elsewhere by the same rule as
+        ``settle`` (an account that is active and holds every claimed
+        role), e.g. by the database in the statement that needed it.
+        Raises TokenRevoked unless ``passed``."""
+        self.passed = passed
         self.ensure_passed()
 
     def settle_on(self, account: User | None) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -57,6 +58,21 @@ class PageToken:
 def query_fingerprint(filter: Filter, ordering: Ordering, show_deleted: bool) -> str:
     """A short hash naming the query; equal for filters that differ only in
     spelling (see ``format_filter``). Raises nothing."""
+    if not filter.terms:
+        return _unfiltered_fingerprint(ordering, show_deleted)
+    return _fingerprint(filter, ordering, show_deleted)
+
+
+# Remembered for queries without a filter (the common listing, every page of
+# which asks): an Ordering and a bool name their query exactly. Filters are
+# not cached: equal ones (the same instant in two time zones) can differ in
+# their canonical text.
+@functools.lru_cache(maxsize=16)
+def _unfiltered_fingerprint(ordering: Ordering, show_deleted: bool) -> str:
+    return _fingerprint(Filter(), ordering, show_deleted)
+
+
+def _fingerprint(filter: Filter, ordering: Ordering, show_deleted: bool) -> str:
     canonical = json.dumps(
         [format_filter(filter), ordering.canonical(), show_deleted], separators=(",", ":")
     )
@@ -116,7 +132,8 @@ def _reject_constant(_: str) -> Any:
 
 
 def _tag(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+    # The one-shot form: the same HMAC-SHA256 without an HMAC object.
+    return hmac.digest(key, data, "sha256")
 
 
 def _authentic(tag: bytes, data: bytes, keys: Sequence[bytes]) -> bool:

@@ -33,7 +33,7 @@ from usersvc.domain.errors import (
 )
 from usersvc.domain.events import EventDraft, EventType
 from usersvc.domain.filtering import parse_filter, parse_order_by
-from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, cursor_of
+from usersvc.domain.listing import Cursor, Filter, ListedPage, ListQuery, Ordering, cursor_of
 from usersvc.domain.lockout import LockoutPolicy
 from usersvc.domain.models import (
     ROLE_ADMIN,
@@ -159,6 +159,27 @@ class UnitOfWorkUserReader:
             await _settle(uow, role_check)
             return await uow.users.get_by_email(email)
 
+    async def list_unfiltered(
+        self,
+        query: ListQuery,
+        *,
+        role_check: RoleCheck | None = None,
+        count_up_to: int | None = None,
+    ) -> ListedPage:
+        """The page and, with ``count_up_to``, always the total (counted
+        first, as count_matches does it). Raises ValueError for a query
+        with a filter, InvalidArgument, DatabaseUnavailable, TokenRevoked."""
+        if query.filter.terms:
+            raise ValueError("list_unfiltered takes a query without a filter")
+        async with self._uow_factory() as uow:
+            await _settle(uow, role_check)
+            total = None
+            if count_up_to is not None:
+                total = await uow.users.count_matches(
+                    query.filter, show_deleted=query.show_deleted, exact_up_to=count_up_to
+                )
+            return ListedPage(await uow.users.list(query), total)
+
 
 async def _settle(uow: UnitOfWork, role_check: RoleCheck | None) -> None:
     # The account first, in the read's own unit of work. Raises TokenRevoked.
@@ -166,8 +187,13 @@ async def _settle(uow: UnitOfWork, role_check: RoleCheck | None) -> None:
         role_check.settle_on(await uow.users.get(role_check.account_id))
 
 
+def _pending(role_check: RoleCheck | None) -> RoleCheck | None:
+    # A check still to be made (a done one has nothing left to read).
+    return None if role_check is None or role_check.done else role_check
+
+
 class UnitOfWorkUserWriter:
-    """usersvc.domain.ports.UserWriter through a unit of work per update:
+    """usersvc.domain.ports.UserWriter through a unit of work per write:
     for compositions without a write lane (the unit tests' fakes)."""
 
     def __init__(self, uow_factory: UnitOfWorkFactory) -> None:
@@ -185,6 +211,20 @@ class UnitOfWorkUserWriter:
             if outcome.after is not None:
                 await uow.commit()
         return outcome
+
+    async def create(
+        self,
+        new: NewUser,
+        *,
+        events: Sequence[EventDraft] = (),
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        """Raises TokenRevoked, EmailAlreadyExists, DatabaseUnavailable."""
+        async with self._uow_factory() as uow:
+            await _settle(uow, _pending(role_check))
+            user = await uow.users.add(new, events=events)
+            await uow.commit()
+        return user
 
 
 class UserService:
@@ -229,12 +269,22 @@ class UserService:
 
     # -- create ----------------------------------------------------------------
 
-    async def create_user(self, *, principal: Principal, request: CreateUserInput) -> User:
+    async def create_user(
+        self,
+        *,
+        principal: Principal,
+        request: CreateUserInput,
+        role_check: RoleCheck | None = None,
+    ) -> User:
         """Creates one user; a retry with the same non-empty request_id
-        returns the first response and creates nothing.
+        returns the first response and creates nothing. ``role_check`` (the
+        caller's, when its token claims a privilege still to be checked) is
+        settled before the user is written, by the write itself; a call
+        that writes nothing (a refusal, a retry's stored answer) leaves it
+        to its caller (usersvc.domain.role_checks).
 
         Raises PermissionDenied, InvalidArgument, WeakPassword,
-        EmailAlreadyExists.
+        EmailAlreadyExists, TokenRevoked.
         """
         self._ensure_can_create(principal, request.roles, "roles")
         errors: list[FieldViolation] = []
@@ -244,7 +294,7 @@ class UserService:
             check_self_service_labels(draft.labels, field="labels", errors=errors)
         validate_request_id(request.request_id, field="request_id", errors=errors)
         raise_for_violations(errors, password_errors)
-        users = await self._create(principal, _CREATE_USER, request.request_id, [draft])
+        users = await self._create(principal, _CREATE_USER, request.request_id, [draft], role_check)
         return users[0]
 
     async def batch_create_users(
@@ -320,7 +370,12 @@ class UserService:
         return draft
 
     async def _create(
-        self, principal: Principal, method: str, request_id: str, drafts: Sequence[_Draft]
+        self,
+        principal: Principal,
+        method: str,
+        request_id: str,
+        drafts: Sequence[_Draft],
+        role_check: RoleCheck | None = None,
     ) -> list[User]:
         fingerprint = _fingerprint([d.fingerprint_data() for d in drafts]) if request_id else ""
         scope = _idempotency_scope(principal, method, fingerprint)
@@ -343,15 +398,21 @@ class UserService:
             for d, password_hash in zip(drafts, hashes, strict=True)
         ]
         try:
-            async with self._uow_factory() as uow:
-                if batch:
-                    users = await uow.users.add_many(news, events=_CREATED)
-                else:
-                    users = [await uow.users.add(news[0], events=_CREATED)]
-                if request_id:
-                    record = IdempotencyRecord(fingerprint, tuple(users))
-                    await uow.idempotency.add(scope, request_id, record)
-                await uow.commit()
+            if not batch and not request_id:
+                # Nothing else belongs in its transaction: one statement,
+                # committed on its own (usersvc.domain.ports.UserWriter).
+                users = [await self._writer.create(news[0], events=_CREATED, role_check=role_check)]
+            else:
+                async with self._uow_factory() as uow:
+                    await _settle(uow, _pending(role_check))
+                    if batch:
+                        users = await uow.users.add_many(news, events=_CREATED)
+                    else:
+                        users = [await uow.users.add(news[0], events=_CREATED)]
+                    if request_id:
+                        record = IdempotencyRecord(fingerprint, tuple(users))
+                        await uow.idempotency.add(scope, request_id, record)
+                    await uow.commit()
         except (IdempotencyKeyTaken, EmailAlreadyExists) as exc:
             # A concurrent first attempt with the same key won the race: its
             # insert of the same email (or of the key) beat ours. Answer as a
@@ -541,12 +602,21 @@ class UserService:
             raise _too_many_bytes(len(users), fitting)
         return users
 
-    async def list_users(self, *, principal: Principal, request: ListUsersInput) -> UserListResult:
-        """One keyset page of the users matching the filter.
+    async def list_users(
+        self,
+        *,
+        principal: Principal,
+        request: ListUsersInput,
+        role_check: RoleCheck | None = None,
+    ) -> UserListResult:
+        """One keyset page of the users matching the filter. ``role_check``
+        as in get_user: a page without a filter settles it in its own read
+        (the read lane: one statement); with a filter, the page is read in
+        a unit of work and the check is left to the caller.
 
         Raises PermissionDenied (show_deleted needs an admin),
         InvalidArgument (page_size, filter, order_by, page_token; the first
-        three reported together).
+        three reported together), TokenRevoked.
         """
         policies.ensure(policies.can_list(principal), "list users")
         if request.show_deleted:
@@ -586,12 +656,29 @@ class UserService:
             after,
             max_bytes=byte_budget(page_size + 1),
         )
-        async with self._uow_factory() as uow:
+        if filter.terms:
+            async with self._uow_factory() as uow:
+                if total is None:
+                    total = await uow.users.count_matches(
+                        filter, show_deleted=request.show_deleted, exact_up_to=EXACT_TOTAL_UP_TO
+                    )
+                page = await uow.users.list(query)
+        else:
+            # The common page: one statement, which also settles the role
+            # check and, on a first page, usually the total.
+            listed = await self._reader.list_unfiltered(
+                query,
+                role_check=role_check,
+                count_up_to=EXACT_TOTAL_UP_TO if total is None else None,
+            )
+            page = listed.page
             if total is None:
-                total = await uow.users.count_matches(
-                    filter, show_deleted=request.show_deleted, exact_up_to=EXACT_TOTAL_UP_TO
-                )
-            page = await uow.users.list(query)
+                total = listed.total_size
+            if total is None:
+                async with self._uow_factory() as uow:
+                    total = await uow.users.count_matches(
+                        filter, show_deleted=request.show_deleted, exact_up_to=EXACT_TOTAL_UP_TO
+                    )
         users, next_cursor = page.users, page.next_cursor
         fitting = fitting_prefix(users)
         if fitting < len(users):
@@ -611,10 +698,20 @@ class UserService:
 
     # -- update ----------------------------------------------------------------
 
-    async def update_user(self, *, principal: Principal, request: UpdateUserInput) -> User:
-        """Applies the fields set in ``request.patch``.
+    async def update_user(
+        self,
+        *,
+        principal: Principal,
+        request: UpdateUserInput,
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        """Applies the fields set in ``request.patch``. ``role_check`` (the
+        caller's privileged token, when its re-check is pending) is settled
+        by the update's own statement, which writes nothing unless it passes
+        (usersvc.domain.role_checks).
 
-        Raises PermissionDenied (roles need an admin), InvalidArgument (empty
+        Raises TokenRevoked (the role check failed), PermissionDenied (roles
+        need an admin), InvalidArgument (empty
         patch: field "update_mask"; bad values, etag over 64 characters:
         "user.<field>"),
         UserNotFound, InvalidState (deleted user, admins), EtagMismatch,
@@ -668,6 +765,7 @@ class UserService:
             patch=normalized,
             expected_version=version_in_etag(request.etag) if request.etag else None,
             admin_caller=principal.user_id() if normalized.roles is not None else None,
+            role_check=role_check if role_check is not None and not role_check.done else None,
         )
         if normalized.email is None and normalized.roles is None:
             # Nothing else happens in the transaction: the statement commits

@@ -92,7 +92,14 @@ class FakeUserService:
         if self.error is not None:
             raise self.error
 
-    async def create_user(self, *, principal: Principal, request: CreateUserInput) -> User:
+    async def create_user(
+        self,
+        *,
+        principal: Principal,
+        request: CreateUserInput,
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        self.role_checks.append(role_check)
         self._record("create_user", principal, request=request)
         return self.user
 
@@ -114,11 +121,25 @@ class FakeUserService:
             await asyncio.Event().wait()
         return self.user
 
-    async def list_users(self, *, principal: Principal, request: ListUsersInput) -> UserListResult:
+    async def list_users(
+        self,
+        *,
+        principal: Principal,
+        request: ListUsersInput,
+        role_check: RoleCheck | None = None,
+    ) -> UserListResult:
+        self.role_checks.append(role_check)
         self._record("list_users", principal, request=request)
         return UserListResult(users=(self.user,), next_page_token="next", total_size=7)
 
-    async def update_user(self, *, principal: Principal, request: UpdateUserInput) -> User:
+    async def update_user(
+        self,
+        *,
+        principal: Principal,
+        request: UpdateUserInput,
+        role_check: RoleCheck | None = None,
+    ) -> User:
+        self.role_checks.append(role_check)
         self._record("update_user", principal, request=request)
         return self.user
 

@@ -57,6 +57,25 @@ def test_user_to_proto_keeps_the_exact_timestamps() -> None:
     ) == (user.create_time, user.update_time)
 
 
+def test_user_to_proto_marks_times_at_the_unix_epoch_as_set() -> None:
+    # Filled in place, a Timestamp of all zeros must still be present, as
+    # one passed whole was.
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    user = make_user(create_time=epoch, update_time=epoch, delete_time=epoch)
+    message = mappers.user_to_proto(user)
+    assert [message.HasField(name) for name in ("create_time", "update_time", "delete_time")] == [
+        True,
+        True,
+        True,
+    ]
+    assert message.create_time.ToDatetime(tzinfo=UTC) == epoch
+
+
+def test_user_to_proto_leaves_roles_and_labels_empty_when_the_user_has_none() -> None:
+    message = mappers.user_to_proto(make_user(roles=(), labels={}))
+    assert (list(message.roles), dict(message.labels)) == ([], {})
+
+
 def test_user_to_proto_converts_other_time_zones_to_the_same_instant() -> None:
     moment = datetime(2024, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
     message = mappers.user_to_proto(make_user(create_time=moment))

@@ -6,12 +6,20 @@ import asyncio
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 
 from usersvc_protos.v1 import user_service_pb2
-from usersvc.logging_setup import configure_logging
+from usersvc.api.interceptors import AccessLogInterceptor
+from usersvc.logging_setup import (
+    JsonFormatter,
+    JsonLinesHandler,
+    add_static_fields,
+    configure_logging,
+)
 from usersvc.observability.context import set_request_id
 
 from .support import RunningServer, bearer
@@ -180,3 +188,130 @@ def test_info_lines_are_left_as_they_are(stream: io.StringIO) -> None:
     logging.getLogger("usersvc.test").info("a bcrypt-shaped method name %s", HASH)
     [line] = _lines(stream)
     assert line["msg"] == f"a bcrypt-shaped method name {HASH}"
+
+
+# -- the access line's own way to the JSON handler ---------------------------------
+
+ACCESS_KEYS = ("method", "code", "duration_ms", "peer", "principal")
+AWKWARD = 'quote " back \\ tab \t nl \n nul \x00 ünï \u2028 😀 </script>'
+
+
+def _json_handler(stream: io.StringIO, **static: object) -> JsonLinesHandler:
+    configure_logging("json", "INFO", stream=stream)
+    if static:
+        add_static_fields(**static)
+    [handler] = [h for h in logging.getLogger().handlers if isinstance(h, JsonLinesHandler)]
+    return handler
+
+
+def _both_ways(
+    handler: JsonLinesHandler, stream: io.StringIO, values: tuple[object, ...], request_id: str
+) -> tuple[str, str]:
+    """The line of ``values`` through a LogRecord, then through emit_fields."""
+    logger = logging.getLogger("usersvc.access")
+    message = f"{values[0]} {values[1]} {values[2]:.3f}ms"
+    record = logger.makeRecord(
+        logger.name,
+        logging.INFO,
+        "(test)",
+        0,
+        "%s %s %.3fms",
+        values[:3],
+        None,
+        extra={**dict(zip(ACCESS_KEYS, values, strict=True)), "request_id": request_id},
+    )
+    handler.handle(record)
+    assert handler.emit_fields(logger.name, logging.INFO, message, request_id, ACCESS_KEYS, values)
+    # Lines end at "\n" only (str.splitlines would also split at U+2028).
+    generic, direct, end = stream.getvalue().split("\n")
+    assert end == ""
+    return generic + "\n", direct + "\n"
+
+
+def _without_ts(line: str) -> str:
+    return line[line.index('","level":') :]
+
+
+@pytest.mark.parametrize(
+    ("values", "request_id"),
+    [
+        (("/usersvc.v1.UserService/GetUser", "OK", 0.123, "ipv4:127.0.0.1:5", "u-1"), "r-1"),
+        (("/a.B/C", "NOT_FOUND", 0.0, "ipv6:%5B::1%5D:80", "anonymous"), ""),
+        (("/a.B/C", "INTERNAL", 123456.789, AWKWARD, AWKWARD), AWKWARD),
+        (("/a.B/C", "OK", 1e-05, "", "svc"), "x"),
+    ],
+)
+def test_the_access_line_written_from_its_fields_is_the_records_line(
+    stream: io.StringIO, values: tuple[object, ...], request_id: str
+) -> None:
+    handler = _json_handler(stream, worker=3, pid=77, method="shadowed", _hidden=1)
+
+    generic, direct = _both_ways(handler, stream, values, request_id)
+
+    assert _without_ts(direct) == _without_ts(generic)
+    assert direct.endswith("}\n")
+    assert json.loads(direct)["worker"] == 3
+    assert re.fullmatch(r'\{"ts":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00', direct[:36])
+    ts = [datetime.fromisoformat(json.loads(line)["ts"]) for line in (generic, direct)]
+    assert abs((ts[1] - ts[0]).total_seconds()) < 5
+
+
+def test_fields_of_other_types_are_left_to_a_record(stream: io.StringIO) -> None:
+    handler = _json_handler(stream)
+
+    declined = handler.emit_fields(
+        "usersvc.access", logging.INFO, "m", "", ACCESS_KEYS, ("/a.B/C", "OK", None, "p", "x")
+    )
+
+    assert (declined, stream.getvalue()) == (False, "")
+
+
+def test_a_handler_with_a_filter_it_does_not_know_leaves_the_line_to_a_record(
+    stream: io.StringIO,
+) -> None:
+    handler = _json_handler(stream)
+    values = ("/a.B/C", "OK", 0.5, "p", "x")
+    assert handler.emit_fields("usersvc.access", logging.INFO, "m", "", ACCESS_KEYS, values)
+
+    handler.addFilter(lambda record: True)
+    handler.setFormatter(JsonFormatter())
+
+    assert not handler.emit_fields("usersvc.access", logging.INFO, "m", "", ACCESS_KEYS, values)
+    assert len(stream.getvalue().splitlines()) == 1
+
+
+def test_the_access_interceptor_writes_its_line_without_a_record_when_it_can(
+    stream: io.StringIO,
+) -> None:
+    # A logger of its own with one JsonLinesHandler: the interceptor's
+    # record-free way; the same facts through a record filter see the other.
+    logger = logging.getLogger("tests.access.direct")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = JsonLinesHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    records: list[logging.LogRecord] = []
+    try:
+        interceptor = AccessLogInterceptor(logger=logger)
+        interceptor._log("/a.B/C", _Finished(), "ipv4:1.2.3.4:5", 0.0, None)
+        handler.addFilter(lambda record: records.append(record) or True)
+        interceptor._log("/a.B/C", _Finished(), "ipv4:1.2.3.4:5", 0.0, None)
+    finally:
+        logger.removeHandler(handler)
+    direct, generic = stream.getvalue().splitlines()
+    assert len(records) == 1  # only the second line was a record
+    assert {**json.loads(direct), "ts": "", "duration_ms": 0, "msg": ""} == {
+        **json.loads(generic),
+        "ts": "",
+        "duration_ms": 0,
+        "msg": "",
+    }
+    assert list(json.loads(direct)) == list(json.loads(generic))
+
+
+class _Finished:
+    """The context of a call that ended OK."""
+
+    def code(self) -> None:
+        return None

@@ -1,6 +1,6 @@
 """The re-check of a privileged token's roles (usersvc.domain.role_checks)
-through the real interceptors and servicer: on GetUser, LookupUser and
-BatchGetUsers it is handed to the call's own read instead of costing a read
+through the real interceptors and servicer: on GetUser, LookupUser,
+BatchGetUsers and ListUsers it is handed to the call's own read instead of costing a read
 of its own, and whatever path the call takes, it is settled before the call
 answers. The read lane's side (one statement) is in
 tests/integration/test_read_lane.py."""
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf import field_mask_pb2
 
-from usersvc_protos.v1 import user_service_pb2, user_service_pb2_grpc
+from usersvc_protos.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from usersvc.domain import errors
 from usersvc.domain.models import Principal, PrincipalKind, User
 from usersvc.domain.role_checks import RoleCheck
@@ -160,11 +161,33 @@ async def test_a_call_ended_before_its_read_keeps_its_answer_when_the_check_pass
     assert served.auth.own_reads == 1
 
 
+async def test_a_list_whose_read_did_not_settle_the_check_is_checked_before_it_answers(
+    served: Served,
+) -> None:
+    # A page with a filter is read in a unit of work, without the account:
+    # the interceptor settles the check itself, and its failure is the answer.
+    served.auth.account_backs_token = False
+
+    refusal = await refused_with(
+        served.stub.ListUsers(
+            user_service_pb2.ListUsersRequest(filter='email:"@example.com"'),
+            metadata=bearer(ADMIN_TOKEN),
+        )
+    )
+
+    assert refusal == "UNAUTHENTICATED TOKEN_REVOKED"
+    [check] = served.users.role_checks
+    assert check is not None
+    assert served.auth.own_reads == 1
+
+
 async def test_other_methods_check_the_roles_before_the_handler_runs(served: Served) -> None:
     served.auth.account_backs_token = False
 
     refusal = await refused_with(
-        served.stub.ListUsers(user_service_pb2.ListUsersRequest(), metadata=bearer(ADMIN_TOKEN))
+        served.stub.UndeleteUser(
+            user_service_pb2.UndeleteUserRequest(id=CALLER_ID), metadata=bearer(ADMIN_TOKEN)
+        )
     )
 
     assert refusal == "UNAUTHENTICATED TOKEN_REVOKED"
@@ -177,3 +200,17 @@ async def test_a_plain_users_token_hands_no_check_to_the_read(served: Served) ->
 
     assert served.users.role_checks == [None]
     assert served.auth.own_reads == 0
+
+
+async def test_update_user_hands_the_check_to_its_write(served: Served) -> None:
+    await served.stub.UpdateUser(
+        user_service_pb2.UpdateUserRequest(
+            user=user_pb2.User(id=CALLER_ID, display_name="Ada"),
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+        ),
+        metadata=bearer(ADMIN_TOKEN),
+    )
+
+    [check] = served.users.role_checks
+    assert check is not None
+    assert check.principal == ADMIN

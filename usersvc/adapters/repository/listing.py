@@ -16,6 +16,8 @@ are 21 MB, of which a 4 MiB response takes 190.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,11 +25,14 @@ from sqlalchemy import (
     BigInteger,
     ColumnClause,
     ColumnElement,
+    Float,
     Integer,
     Uuid,
+    bindparam,
     column,
     func,
     literal,
+    literal_column,
     or_,
     over,
     select,
@@ -40,8 +45,14 @@ from sqlalchemy.sql import ClauseElement, Executable, Select
 from usersvc.adapters.orm import users_table
 from usersvc.adapters.repository.filters import filter_clause
 from usersvc.adapters.repository.sizes import WIRE_BYTES
-from usersvc.adapters.repository.user_rows import SELECT_USERS, USER_COLUMNS, users
-from usersvc.domain.listing import Cursor, Filter, ListQuery, SortField
+from usersvc.adapters.repository.user_rows import (
+    SELECT_USERS,
+    USER_COLUMNS,
+    user_from_row,
+    users,
+    with_holder,
+)
+from usersvc.domain.listing import Cursor, Filter, ListQuery, Ordering, Page, SortField, cursor_of
 
 # The column of a budgeted page's rows that says whether the row belongs
 # to the page (true) or only tells that more follow (false).
@@ -57,23 +68,43 @@ def page_statement(query: ListQuery) -> Select[Any]:
     "filter") for a comparison without meaning."""
     if query.page_size < 1:
         raise ValueError(f"page_size must be at least 1, not {query.page_size}")
-    field = query.ordering.field
-    sort_key = _sort_key(field)
-    statement = SELECT_USERS.where(_visible(query.filter, show_deleted=query.show_deleted))
+    after = None
     if query.after is not None:
-        row_key = tuple_(sort_key, users.id)
-        bound = tuple_(_cursor_value(field, query.after), literal(query.after.id, Uuid))
-        statement = statement.where(
-            row_key < bound if query.ordering.descending else row_key > bound
+        after = (
+            _cursor_value(query.ordering.field, query.after),
+            literal(query.after.id, Uuid),
         )
-    if query.ordering.descending:
+    return _keyset_page(
+        _visible(query.filter, show_deleted=query.show_deleted),
+        query.ordering,
+        after=after,
+        limit=query.page_size + 1,
+        max_bytes=None if query.max_bytes is None else literal(query.max_bytes, Integer),
+    )
+
+
+def _keyset_page(
+    where: ColumnElement[bool],
+    ordering: Ordering,
+    *,
+    after: tuple[ColumnElement[Any], ColumnElement[Any]] | None,
+    limit: int | ColumnElement[int],
+    max_bytes: ColumnElement[int] | None,
+) -> Select[Any]:
+    sort_key = _sort_key(ordering.field)
+    statement = SELECT_USERS.where(where)
+    if after is not None:
+        row_key = tuple_(sort_key, users.id)
+        bound = tuple_(*after)
+        statement = statement.where(row_key < bound if ordering.descending else row_key > bound)
+    if ordering.descending:
         statement = statement.order_by(sort_key.desc(), users.id.desc())
     else:
         statement = statement.order_by(sort_key.asc(), users.id.asc())
-    statement = statement.limit(query.page_size + 1)
-    if query.max_bytes is None:
+    statement = statement.limit(limit)
+    if max_bytes is None:
         return statement
-    return budgeted(statement, sort_key, query.max_bytes, descending=query.ordering.descending)
+    return budgeted(statement, sort_key, max_bytes, descending=ordering.descending)
 
 
 # The two layers a budgeted page gets around it name the page's columns
@@ -103,7 +134,11 @@ _SIZED_COLUMNS = {
 
 
 def budgeted(
-    page: Select[Any], sort_key: ColumnElement[Any], max_bytes: int, *, descending: bool
+    page: Select[Any],
+    sort_key: ColumnElement[Any],
+    max_bytes: int | ColumnElement[int],
+    *,
+    descending: bool,
 ) -> Select[Any]:
     """The rows of ``page`` (ordered by ``sort_key`` and id, limited) while
     their running sum of WIRE_BYTES stays within ``max_bytes`` (the first
@@ -117,7 +152,7 @@ def budgeted(
         sort_key.label(_SORT_KEY.name), WIRE_BYTES.label(_ROW_BYTES.name)
     ).subquery("page_rows")
     sized = select(*_SIZED_COLUMNS[descending]).select_from(page_rows).subquery("sized_rows")
-    budget = literal(max_bytes, Integer)
+    budget = max_bytes if isinstance(max_bytes, ColumnElement) else literal(max_bytes, Integer)
     within = or_(budget >= _RUNNING, _POSITION == 1)
     # Every row whose predecessors fit; the second always, in case the
     # first alone is over the budget.
@@ -183,8 +218,7 @@ def planned_rows(explained: Any) -> float:
 # size (pg_class as of the last VACUUM/ANALYZE, scaled to the table's pages
 # now, as the planner scales it), which turns a planned row count into a
 # share of the table.
-MATCH_STATISTICS = text(
-    """
+_MATCH_STATISTICS_SQL = """
     SELECT s.n_live_tup AS live_rows,
            (SELECT st.null_frac FROM pg_stats AS st
             WHERE st.schemaname = s.schemaname AND st.tablename = s.relname
@@ -195,8 +229,136 @@ MATCH_STATISTICS = text(
            END AS planner_rows
     FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
     WHERE s.relid = CAST(:table_name AS regclass)
-    """
-).bindparams(table_name=users_table.name)
+"""
+MATCH_STATISTICS = text(_MATCH_STATISTICS_SQL).bindparams(table_name=users_table.name)
+# The same as a relation of one row (none before the table's first
+# statistics), for a page to carry (``lane_page_statement``).
+_STATISTICS = (
+    text(_MATCH_STATISTICS_SQL)
+    .bindparams(table_name=users_table.name)
+    .columns(
+        column("live_rows", BigInteger),
+        column("not_deleted_share", Float),
+        column("planner_rows", Float),
+    )
+    .subquery("statistics")
+)
+
+
+def page_of(rows: Sequence[Any], query: ListQuery) -> Page:
+    """The page of ``query`` from the rows of its statement (RowMappings
+    or asyncpg Records, in order; see ``page_statement``). Raises
+    nothing."""
+    kept = rows[: query.page_size]
+    if query.max_bytes is not None and kept and not kept[-1][WITHIN_BUDGET]:
+        # Only the last row can be past the budget: it tells that more
+        # follow, and is not the page's.
+        kept = kept[:-1]
+    found = tuple(user_from_row(row) for row in kept)
+    more = len(rows) > len(found)
+    next_cursor = cursor_of(query.ordering.field, found[-1]) if more else None
+    return Page(users=found, next_cursor=next_cursor)
+
+
+def table_estimate(statistics: Any, *, show_deleted: bool) -> float | None:
+    """The users a query without a filter matches, from a row of
+    MATCH_STATISTICS' columns (None: the table has no statistics yet).
+    Raises nothing."""
+    if statistics is None or not statistics["live_rows"]:
+        return None
+    share = 1.0 if show_deleted else statistics["not_deleted_share"]
+    return float(statistics["live_rows"]) * (1.0 if share is None else float(share))
+
+
+def settled_by_statistics(estimate: float | None, exact_up_to: int) -> int | None:
+    """The total a query without a filter reports when the statistics
+    alone settle it: beyond twice the exact cap, so that their staleness
+    cannot cross the cap. None: count. Raises nothing."""
+    if estimate is None or estimate <= 2 * exact_up_to:
+        return None
+    return round(estimate)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneShape:
+    """What decides the text of a read-lane page (``lane_page_statement``);
+    everything else is a parameter."""
+
+    ordering: Ordering
+    show_deleted: bool
+    after: bool
+    budgeted: bool
+    statistics: bool
+    # The LIMIT (the page size plus one), written into the text: with a
+    # parameter there, PostgreSQL plans every execution anew (a generic
+    # plan of an unknown LIMIT looks too costly to reuse), and a first
+    # page's statistics take a millisecond to plan; with a constant it
+    # reuses one plan per connection from the sixth execution on.
+    limit: int
+
+
+# The read lane's parameters, by name (usersvc.adapters.read_lane).
+HOLDER_ID = "holder_id"
+AFTER_VALUE = "after_value"
+AFTER_ID = "after_id"
+MAX_BYTES = "max_bytes"
+
+
+def lane_cursor_value(field: SortField, cursor: Cursor) -> str | datetime:
+    """The AFTER_VALUE of ``cursor`` in an ordering by ``field``. Raises
+    ValueError for a value that does not fit the ordering, as
+    ``page_statement`` does."""
+    value = cursor.sort_value
+    if field is SortField.CREATE_TIME:
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise ValueError("a create_time cursor holds an aware datetime")
+        return value
+    if not isinstance(value, str) or "\x00" in value:
+        raise ValueError(f"a {field.value} cursor holds text without NUL")
+    return value
+
+
+def lane_page_statement(shape: LaneShape) -> Select[Any]:
+    """A page without a filter as one statement for the read lane: the
+    page's rows (as ``page_statement``; one more than the page, with
+    WITHIN_BUDGET when budgeted) with the caller's account (HOLDER_COLUMNS,
+    for the re-check of a privileged token) and, for a first page, the
+    table's statistics (the columns of MATCH_STATISTICS) on every row.
+    There is always a row: an empty page is one row whose "id" is NULL.
+
+    Its text depends on ``shape`` only: the values travel as the
+    parameters HOLDER_ID, AFTER_VALUE and AFTER_ID (with ``shape.after``)
+    and MAX_BYTES (when budgeted), so the lane compiles it once per shape.
+    Raises ValueError for a limit below 2 (a page of at least one)."""
+    if shape.limit < 2:
+        raise ValueError(f"a page's LIMIT is its size plus one, not {shape.limit}")
+    field = shape.ordering.field
+    after = None
+    if shape.after:
+        value: ColumnElement[Any]
+        if field is SortField.CREATE_TIME:
+            value = bindparam(AFTER_VALUE, type_=users.create_time.type)
+        elif field is SortField.EMAIL:
+            value = func.lower(bindparam(AFTER_VALUE, type_=users.email.type))
+        else:
+            value = bindparam(AFTER_VALUE, type_=users.display_name.type)
+        after = (value, bindparam(AFTER_ID, type_=Uuid))
+    page = _keyset_page(
+        _visible(Filter(), show_deleted=shape.show_deleted),
+        shape.ordering,
+        after=after,
+        limit=literal_column(str(int(shape.limit)), Integer),
+        max_bytes=bindparam(MAX_BYTES, type_=Integer) if shape.budgeted else None,
+    ).subquery("page")
+    statement = with_holder(_STATISTICS, page) if shape.statistics else with_holder(page)
+    # The joins keep the page's order in practice, but only ORDER BY
+    # promises it.
+    sort_key: ColumnElement[Any] = page.c[field.value]
+    if field is SortField.EMAIL:
+        sort_key = func.lower(sort_key)
+    if shape.ordering.descending:
+        return statement.order_by(sort_key.desc(), page.c.id.desc())
+    return statement.order_by(sort_key.asc(), page.c.id.asc())
 
 
 class _Explain(Executable, ClauseElement):
@@ -233,13 +395,9 @@ def _sort_key(field: SortField) -> ColumnElement[Any]:
 
 
 def _cursor_value(field: SortField, cursor: Cursor) -> ColumnElement[Any]:
-    value = cursor.sort_value
+    value = lane_cursor_value(field, cursor)
     if field is SortField.CREATE_TIME:
-        if not isinstance(value, datetime) or value.tzinfo is None:
-            raise ValueError("a create_time cursor holds an aware datetime")
         return literal(value, users.create_time.type)
-    if not isinstance(value, str) or "\x00" in value:
-        raise ValueError(f"a {field.value} cursor holds text without NUL")
     if field is SortField.EMAIL:
         return func.lower(literal(value, users.email.type))
     return literal(value, users.display_name.type)

@@ -9,9 +9,9 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, literal_column, select
+from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, literal_column, select, true
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.sql import ColumnElement, Select
+from sqlalchemy.sql import ColumnElement, FromClause, Select
 
 from usersvc.adapters.orm import users_table
 from usersvc.domain.models import Credentials, User
@@ -66,6 +66,20 @@ def _with_holder(target_matches: ColumnElement[bool]) -> Select[Any]:
         one.outerjoin(_holder, _holder.c.id == bindparam("holder_id")).outerjoin(
             _target, target_matches
         )
+    )
+
+
+def with_holder(*relations: FromClause) -> Select[Any]:
+    """The columns of ``relations`` with the caller's account
+    (HOLDER_COLUMNS, parameter "holder_id") alongside, all LEFT JOINed to a
+    one-row relation: there is always a row, so an empty relation still
+    tells the account. Raises nothing."""
+    one = select(literal_column("1").label("one")).subquery("one")
+    joined = one.outerjoin(_holder, _holder.c.id == bindparam("holder_id"))
+    for relation in relations:
+        joined = joined.outerjoin(relation, true())
+    return select(*HOLDER_COLUMNS, *(c for relation in relations for c in relation.c)).select_from(
+        joined
     )
 
 

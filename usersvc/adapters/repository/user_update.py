@@ -11,11 +11,12 @@ by usersvc.adapters.write_lane)::
                      WHERE users.id = before.id AND before.delete_time IS NULL
                        [AND before.version = :expected_version]
                        [AND <the caller is an active admin>]
+                       [AND <the caller's token still holds>]
                      RETURNING <user columns>, <the fields whose value changed>),
          recorded AS (INSERT INTO events ... SELECT ... FROM changed)
     SELECT before.<user columns>, changed.<user columns>, changed_fields,
-           <the caller is an active admin>
-    FROM before LEFT JOIN changed ON true
+           <the caller is an active admin>, <the caller's token still holds>
+    FROM (SELECT 1) AS one LEFT JOIN before ON true LEFT JOIN changed ON true
 
 Why this shape, under READ COMMITTED:
 
@@ -30,20 +31,33 @@ Why this shape, under READ COMMITTED:
   snapshot's columns (a user undeleted since) could refuse a write that
   ``before`` says passes. On ``before``'s columns both agree, and the
   UPDATE writes the version ``before`` locked (nobody else can change it).
-- A write that matched no row needs no second look: no row at all is a
-  missing user; otherwise ``before``'s columns and the caller rule say
-  which rule refused.
-- The caller rule (a role change needs a caller who is an active admin in
-  the database) reads the caller's row as of the statement's snapshot, or
-  ``before`` itself when callers change their own row. It does not lock the
-  caller's row: two admins changing each other's roles would then take
-  the two rows' locks in opposite orders and deadlock.
+- A write that matched no row needs no second look: ``before``'s columns
+  (all NULL: a missing user; the one-row ``one`` keeps the row there) and
+  the caller rules say which rule refused.
+- The caller rules read the caller's row as of the statement's snapshot,
+  or ``before`` itself when callers change their own row. The admin rule:
+  a role change needs a caller who is an active admin in the database.
+  The token rule (usersvc.domain.role_checks, for a token that claims more
+  than "user"): the caller's account is active and still holds every role
+  the token claims; it replaces the read of the account the auth
+  interceptor would otherwise make before the call, so an admin's
+  UpdateUser is one round trip. Under READ COMMITTED the statement's
+  snapshot is taken when the statement starts, after the token was
+  verified: it sees every demotion, disable or delete committed before
+  that, so at least what the separate read saw (its snapshot was a round
+  trip earlier); a demotion that commits while the statement runs is not
+  seen, as it was not by the read either. On the caller's own row the
+  rule reads ``before``, the locked latest version. The caller's row is
+  not locked: two admins changing each other's roles would then take the
+  two rows' locks in opposite orders and deadlock. Each caller rule is one
+  expression, used in the UPDATE's WHERE and returned as a column, so the
+  verdict returned is the one the write obeyed.
 - The event is written by the events module's own CTE
   (usersvc.adapters.events.events_about), with the changed fields the
   UPDATE computed.
 
 The statements are built once per shape (which fields, etag or not, caller
-rule or not, which events) and kept; a call only binds its values.
+rules or not, which events) and kept; a call only binds its values.
 """
 
 from __future__ import annotations
@@ -94,6 +108,8 @@ _NEW_VALUE = {
     "labels": bindparam("new_labels", type_=JSONB),
 }
 _BEFORE_PREFIX = "before_"
+# The one row the statement's result hangs on, whether the user exists or not.
+_ONE = select(literal(1).label("one")).subquery("one")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +119,7 @@ class UpdateShape:
     fields: tuple[str, ...]
     versioned: bool
     admin_rule: bool
+    token_rule: bool
     events: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
 
 
@@ -117,6 +134,7 @@ def shape_of(change: UserUpdate, drafts: Sequence[EventDraft]) -> UpdateShape:
         fields=fields,
         versioned=change.expected_version is not None,
         admin_rule=change.admin_caller is not None,
+        token_rule=change.role_check is not None,
         events=tuple(
             (draft.type.value, tuple(sorted(draft.attributes.items()))) for draft in drafts
         ),
@@ -143,6 +161,10 @@ def statement_for(shape: UpdateShape) -> Any:
     if shape.admin_rule:
         caller_rule = _caller_is_admin(old)
         rules.append(caller_rule)
+    token_rule: Any = true()
+    if shape.token_rule:
+        token_rule = _token_holds(old)
+        rules.append(token_rule)
     values: dict[str, Any] = {name: _NEW_VALUE[name] for name in shape.fields}
     if "email" in shape.fields:
         # A new email is unverified (usersvc.adapters.email_change).
@@ -161,7 +183,8 @@ def statement_for(shape: UpdateShape) -> Any:
         *(changed.c[name] for name in USER_FIELDS),
         changed.c.changed_fields,
         caller_rule.label("caller_is_admin"),
-    ).select_from(before.outerjoin(changed, true()))
+        token_rule.label("token_holds"),
+    ).select_from(_ONE.outerjoin(before, true()).outerjoin(changed, true()))
     drafts = [
         EventDraft(EventType(type_), attributes=dict(attributes))
         for type_, attributes in shape.events
@@ -198,6 +221,24 @@ def _caller_is_admin(old: Any) -> Any:
     return case((old.id == caller_id, itself), else_=stored)
 
 
+def _token_holds(old: Any) -> Any:
+    # RoleCheck.settle's rule in SQL: the token's account is active and its
+    # stored roles contain every role the token claims (text[] @> text[]).
+    holder_id = bindparam("token_holder", type_=Uuid)
+    claimed = bindparam("token_roles", type_=ARRAY(Text))
+    holder = users_table.alias("holder")
+    stored = exists().where(
+        holder.c.id == holder_id,
+        holder.c.delete_time.is_(None),
+        holder.c.disable_time.is_(None),
+        holder.c.roles.contains(claimed),
+    )
+    itself = and_(
+        old.delete_time.is_(None), old.disable_time.is_(None), old.roles.contains(claimed)
+    )
+    return case((old.id == holder_id, itself), else_=stored)
+
+
 def parameters(change: UserUpdate, context: CallContext) -> dict[str, Any]:
     """The bind parameters of ``change``'s statement in a call made in
     ``context``. Raises nothing."""
@@ -215,6 +256,10 @@ def parameters(change: UserUpdate, context: CallContext) -> dict[str, Any]:
         params["expected_version"] = change.expected_version
     if change.admin_caller is not None:
         params["admin_caller"] = change.admin_caller
+    role_check = change.role_check
+    if role_check is not None:
+        params["token_holder"] = role_check.account_id
+        params["token_roles"] = sorted(role_check.principal.roles)
     return params
 
 
@@ -228,12 +273,13 @@ def constraint_errors(change: UserUpdate) -> ConstraintErrors:
     return {USERS_EMAIL_INDEX: lambda: EmailAlreadyExists(metadata=taken)}
 
 
-def outcome_from_row(row: Any) -> UpdateOutcome:
-    """The UpdateOutcome of the statement's one row (None: no row, the
-    user does not exist). Rows are RowMappings or asyncpg Records. Raises
-    KeyError for a row of another statement."""
-    if row is None:
-        return UpdateOutcome(before=None, after=None)
+def outcome_from_row(change: UserUpdate, row: Any) -> UpdateOutcome:
+    """The UpdateOutcome of ``change``'s statement from its one row (a
+    RowMapping or an asyncpg Record), after settling ``change.role_check``
+    on it. Raises TokenRevoked when that check failed (the statement wrote
+    nothing then), KeyError for a row of another statement."""
+    if change.role_check is not None:
+        change.role_check.settle_verdict(bool(row["token_holds"]))
     before = _user_or_none({name: row[_BEFORE_PREFIX + name] for name in USER_FIELDS})
     after = _user_or_none({name: row[name] for name in USER_FIELDS})
     return UpdateOutcome(before=before, after=after, caller_is_admin=bool(row["caller_is_admin"]))

@@ -35,12 +35,14 @@ from usersvc.adapters.repository.base import SqlAlchemyRepository
 from usersvc.adapters.repository.bulk_import import insert_imported_users
 from usersvc.adapters.repository.listing import (
     MATCH_STATISTICS,
-    WITHIN_BUDGET,
     capped_count_statement,
     count_statement,
+    page_of,
     page_statement,
     planned_rows,
     planned_rows_statement,
+    settled_by_statistics,
+    table_estimate,
 )
 from usersvc.adapters.repository.user_rows import (
     CREDENTIAL_COLUMNS,
@@ -62,7 +64,7 @@ from usersvc.adapters.repository.user_update import (
 from usersvc.domain.bulk_import import ImportedUser
 from usersvc.domain.errors import EmailAlreadyExists, UserNotFound
 from usersvc.domain.events import EventDraft
-from usersvc.domain.listing import Filter, ListQuery, Page, cursor_of
+from usersvc.domain.listing import Filter, ListQuery, Page
 from usersvc.domain.lockout import MAX_DOUBLINGS, LockoutPolicy
 from usersvc.domain.models import Credentials, NewUser, User, uuid7
 from usersvc.domain.ports import LoginAttempt, UpdateOutcome, UserUpdate
@@ -299,13 +301,15 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         (usersvc.adapters.repository.user_update), with ``events`` about the
         user, each carrying the fields the write changed; a changed email
         also voids the user's open codes. The row stays locked until the
-        transaction ends. Raises EmailAlreadyExists (metadata {"email"}; the
-        transaction is then aborted and must be rolled back)."""
+        transaction ends. ``change.role_check`` is settled by the statement
+        too. Raises TokenRevoked when it fails (nothing written),
+        EmailAlreadyExists (metadata {"email"}; the transaction is then
+        aborted and must be rolled back)."""
         statement = statement_for(shape_of(change, events))
         result = await self._execute(
             statement, parameters(change, self._call()), constraints=constraint_errors(change)
         )
-        outcome = outcome_from_row(result.mappings().one_or_none())
+        outcome = outcome_from_row(change, result.mappings().one())
         after = outcome.after
         if after is not None and outcome.before is not None and after.email != outcome.before.email:
             await void_codes_after_email_change(self._session, after.id)
@@ -347,15 +351,7 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         service checks both), InvalidArgument (field "filter") for an
         unsupported filter."""
         rows = (await self._execute(page_statement(query))).mappings().all()
-        kept = rows[: query.page_size]
-        if query.max_bytes is not None and kept and not kept[-1][WITHIN_BUDGET]:
-            # Only the last row can be past the budget: it tells that more
-            # follow, and is not the page's.
-            kept = kept[:-1]
-        found = tuple(user_from_row(row) for row in kept)
-        more = len(rows) > len(found)
-        next_cursor = cursor_of(query.ordering.field, found[-1]) if more else None
-        return Page(users=found, next_cursor=next_cursor)
+        return page_of(rows, query)
 
     async def count(self, filter: Filter, *, show_deleted: bool) -> int:
         """Exact number of users matching the filter. Raises InvalidArgument
@@ -375,25 +371,23 @@ class SqlAlchemyUserRepository(SqlAlchemyRepository):
         a filtered count is the planner's estimate of the filter's share of
         the table times the live rows. Raises InvalidArgument (field
         "filter") for an unsupported filter."""
-        table_estimate: float | None = None
+        estimate: float | None = None
         if not filter.terms:
-            table_estimate = await self._table_estimate(show_deleted=show_deleted)
-            if table_estimate is not None and table_estimate > 2 * exact_up_to:
-                return round(table_estimate)
+            estimate = await self._table_estimate(show_deleted=show_deleted)
+            settled = settled_by_statistics(estimate, exact_up_to)
+            if settled is not None:
+                return settled
         capped = capped_count_statement(filter, show_deleted=show_deleted, cap=exact_up_to)
         exact = int((await self._execute(capped)).scalar_one())
         if exact <= exact_up_to:
             return exact
-        if table_estimate is None or table_estimate <= exact_up_to:
-            table_estimate = await self._planned_estimate(filter, show_deleted=show_deleted)
-        return max(round(table_estimate), exact_up_to + 1)
+        if estimate is None or estimate <= exact_up_to:
+            estimate = await self._planned_estimate(filter, show_deleted=show_deleted)
+        return max(round(estimate), exact_up_to + 1)
 
     async def _table_estimate(self, *, show_deleted: bool) -> float | None:
         statistics = (await self._execute(MATCH_STATISTICS)).mappings().one_or_none()
-        if statistics is None or not statistics["live_rows"]:
-            return None
-        share = 1.0 if show_deleted else statistics["not_deleted_share"]
-        return float(statistics["live_rows"]) * (1.0 if share is None else float(share))
+        return table_estimate(statistics, show_deleted=show_deleted)
 
     async def _planned_estimate(self, filter: Filter, *, show_deleted: bool) -> float:
         explained = await self._execute(planned_rows_statement(filter, show_deleted=show_deleted))

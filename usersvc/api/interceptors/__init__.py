@@ -18,7 +18,7 @@ from usersvc.api.interceptors.rate_limit import IPNetwork, RateLimiter, RateLimi
 from usersvc.api.interceptors.request_id import RequestIdInterceptor, request_id_from
 from usersvc.api.interceptors.wrapping import WrappingInterceptor, wrap_handler
 from usersvc.api.public import PublicMethods
-from usersvc.api.user_servicer import ROLE_CHECKED_BY_READ
+from usersvc.api.user_servicer import ROLE_CHECKED_IN_STATEMENT
 from usersvc.domain.ports import CallObserver, RateLimitedHook
 from usersvc.domain.rate_limits import Rate
 
@@ -92,9 +92,10 @@ def build_interceptors(
     #    and outside everything that may wait (auth's revocation check, the
     #    handler), so the caller's deadline bounds all of it.
     # 5. Auth, after which the principal is known. The re-check of a
-    #    privileged token's roles is left to the handler's own read on the
-    #    plain reads (ROLE_CHECKED_BY_READ) and done here, before the answer,
-    #    when the handler did not do it.
+    #    privileged token's roles is left to the handler's own statement on
+    #    the plain reads, UpdateUser and CreateUser
+    #    (ROLE_CHECKED_IN_STATEMENT) and done here, before the answer, when
+    #    the handler did not do it.
     # 6. RateLimit last: its buckets are per principal, so it needs Auth
     #    outside it; inside ErrorMapping, so a refusal is a rich
     #    RESOURCE_EXHAUSTED (RATE_LIMITED + RetryInfo). Health and
@@ -118,7 +119,7 @@ def build_interceptors(
             auth_service=auth_service,
             public_methods=public_methods,
             service_identities=service_identities,
-            role_checked_by_read=ROLE_CHECKED_BY_READ,
+            role_checked_in_statement=ROLE_CHECKED_IN_STATEMENT,
         ),
     ]
     if rate_limiter is not None:

@@ -123,12 +123,15 @@ class AuthInterceptor(WrappingInterceptor):
         auth_service: Authenticator,
         public_methods: PublicMethods,
         service_identities: Mapping[str, frozenset[str]] | None = None,
-        role_checked_by_read: Collection[str] = (),
+        role_checked_in_statement: Collection[str] = (),
     ) -> None:
-        """``role_checked_by_read`` names the (unary) methods whose handler
-        settles the caller's role re-check in its own read
-        (usersvc.api.context.current_role_check); the interceptor then
-        settles it itself only when the handler did not."""
+        """``role_checked_in_statement`` names the (unary) methods whose
+        handler settles the caller's role re-check in its own statement
+        (usersvc.api.context.current_role_check): a read, or a write that
+        refuses itself when the check fails, so that nothing is written for
+        a token that no longer holds. The interceptor then settles the check
+        itself only when the handler did not (it ended before its
+        statement)."""
         super().__init__()
         self._identities: Mapping[str, frozenset[str]] = dict(service_identities or {})
         self._authenticate = auth_service.authenticate
@@ -137,14 +140,14 @@ class AuthInterceptor(WrappingInterceptor):
         self._authenticate_is_async = inspect.iscoroutinefunction(self._authenticate)
         self._public_methods = public_methods
         self._deferring = auth_service if isinstance(auth_service, DeferringAuthenticator) else None
-        self._role_checked_by_read = frozenset(role_checked_by_read)
+        self._role_checked_in_statement = frozenset(role_checked_in_statement)
 
     def wrap(self, handler: Handler, method: str) -> Handler:
         public = self._public_methods.is_public(method)
         deferring = self._deferring
         if (
             deferring is not None
-            and method in self._role_checked_by_read
+            and method in self._role_checked_in_statement
             and not handler.request_streaming
             and not handler.response_streaming
         ):
@@ -160,7 +163,7 @@ class AuthInterceptor(WrappingInterceptor):
         self, handler: Handler, public: bool, deferring: DeferringAuthenticator
     ) -> Handler:
         # A privileged token's re-check (a read of the caller's account)
-        # rides on the handler's own read: one statement instead of two.
+        # rides on the handler's own statement: one instead of two.
         # Whatever path the handler takes, the check is settled before the
         # call answers, and its failure is the answer (TOKEN_REVOKED).
         identify = self._identify_deferring
