@@ -312,19 +312,34 @@ async def test_the_token_rule_on_the_callers_own_row_is_judged_by_its_locked_row
     assert await stored(uow_factory, demoted.id) == demoted
 
 
-async def test_a_new_email_is_unverified_and_voids_the_open_codes(
-    uow_with_call: UnitOfWorkFactory,
-    uow_factory: UnitOfWorkFactory,
-    engine: AsyncEngine,
-    make_user: UserMaker,
-) -> None:
-    user = await make_user()
+async def _verified_with_an_open_code(uow_factory: UnitOfWorkFactory, user: User) -> User:
+    """``user`` with a verified email and an open password-reset code."""
     async with uow_factory() as uow:
         expire = datetime.now(UTC) + timedelta(minutes=10)
         await uow.accounts.replace_code(user.id, CodeKind.PASSWORD_RESET, b"h" * 32, expire)
         verified = await uow.accounts.set_email_verified(user.id)
         await uow.commit()
     assert verified.email_verified
+    return verified
+
+
+async def _open_codes(engine: AsyncEngine, user_id: uuid.UUID) -> int:
+    async with engine.connect() as connection:
+        count = await connection.scalar(
+            select(text("count(*)"))
+            .select_from(user_codes_table)
+            .where(user_codes_table.c.user_id == user_id, user_codes_table.c.void_time.is_(None))
+        )
+    return int(count or 0)
+
+
+async def test_a_new_email_is_unverified_and_voids_the_open_codes(
+    uow_with_call: UnitOfWorkFactory,
+    uow_factory: UnitOfWorkFactory,
+    engine: AsyncEngine,
+    make_user: UserMaker,
+) -> None:
+    user = await _verified_with_an_open_code(uow_factory, await make_user())
 
     outcome = await through_unit_of_work(uow_with_call)(
         UserUpdate(user.id, UserPatch(email="moved@example.com"))
@@ -332,12 +347,7 @@ async def test_a_new_email_is_unverified_and_voids_the_open_codes(
 
     assert outcome.after is not None
     assert (outcome.after.email, outcome.after.email_verified) == ("moved@example.com", False)
-    async with engine.connect() as connection:
-        open_codes = await connection.scalar(
-            select(text("count(*)"))
-            .select_from(user_codes_table)
-            .where(user_codes_table.c.user_id == user.id, user_codes_table.c.void_time.is_(None))
-        )
+    open_codes = await _open_codes(engine, user.id)
     assert open_codes == 0
     [written] = await events_of(engine, user.id)
     assert written["changed_fields"] == ["email"]
@@ -349,12 +359,7 @@ async def test_the_same_email_again_keeps_the_codes_and_the_verification(
     engine: AsyncEngine,
     make_user: UserMaker,
 ) -> None:
-    user = await make_user()
-    async with uow_factory() as uow:
-        expire = datetime.now(UTC) + timedelta(minutes=10)
-        await uow.accounts.replace_code(user.id, CodeKind.PASSWORD_RESET, b"h" * 32, expire)
-        await uow.accounts.set_email_verified(user.id)
-        await uow.commit()
+    user = await _verified_with_an_open_code(uow_factory, await make_user())
 
     outcome = await through_unit_of_work(uow_with_call)(
         UserUpdate(user.id, UserPatch(email=user.email))
@@ -362,12 +367,7 @@ async def test_the_same_email_again_keeps_the_codes_and_the_verification(
 
     assert outcome.after is not None
     assert outcome.after.email_verified
-    async with engine.connect() as connection:
-        open_codes = await connection.scalar(
-            select(text("count(*)"))
-            .select_from(user_codes_table)
-            .where(user_codes_table.c.user_id == user.id, user_codes_table.c.void_time.is_(None))
-        )
+    open_codes = await _open_codes(engine, user.id)
     assert open_codes == 1
     [written] = await events_of(engine, user.id)
     assert written["changed_fields"] == []
