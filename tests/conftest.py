@@ -197,11 +197,26 @@ async def engine(test_settings: Settings, database_url: str) -> AsyncIterator[As
 @pytest.fixture
 async def clean_db(engine: AsyncEngine) -> None:
     """Empty every table of the schema before the test."""
+    from sqlalchemy.exc import DBAPIError
+
+    from usersvc.adapters.database_errors import sqlstate_of
     from usersvc.adapters.orm import metadata
 
     tables = ", ".join(f'"{table.name}"' for table in metadata.sorted_tables)
-    async with engine.begin() as connection:
-        await connection.exec_driver_sql(f"TRUNCATE TABLE {tables} RESTART IDENTITY CASCADE")
+    # A served process's background work (the events feed numbering, the
+    # relay moving its mark) can hold one of these tables while TRUNCATE
+    # waits for it and holds another: PostgreSQL then ends one side with
+    # deadlock_detected (40P01), which is safe to run again.
+    for attempt in range(3):
+        try:
+            async with engine.begin() as connection:
+                await connection.exec_driver_sql(
+                    f"TRUNCATE TABLE {tables} RESTART IDENTITY CASCADE"
+                )
+            return
+        except DBAPIError as error:
+            if attempt == 2 or sqlstate_of(error) != "40P01":
+                raise
 
 
 @pytest.fixture
