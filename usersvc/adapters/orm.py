@@ -286,6 +286,14 @@ events_table = Table(
     Column("user_snapshot", JSONB, nullable=True),
     Column("changed_fields", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     Column("attributes", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    # The transaction that inserted the row (its top-level id): the sequencer
+    # reads its queue from a floor of these up (migration 0009).
+    Column(
+        "txid",
+        BigInteger,
+        nullable=True,
+        server_default=text("(pg_current_xact_id())::text::bigint"),
+    ),
     # Readers only see numbered rows, and say so (sequence IS NOT NULL): the
     # indexes serving them skip unnumbered rows, so an insert writes only the
     # heap, the primary key and ix_events_unsequenced (migration 0007).
@@ -295,13 +303,25 @@ events_table = Table(
     Index("ix_events_type_sequence", "type", "sequence", postgresql_where=_NUMBERED),
     Index("ix_events_actor_sequence", "actor", "sequence", postgresql_where=_NUMBERED),
     Index("ix_events_create_time", "create_time", postgresql_where=_NUMBERED),
-    # The sequencer's queue: a small partial index.
+    # The sequencer's queue, by inserting transaction: a pass starts at the
+    # floor (event_sequencer), past the entries of the rows numbered before.
     Index(
         "ix_events_unsequenced",
-        "position",
+        "txid",
         postgresql_where=text("sequence IS NULL"),
     ),
     CheckConstraint("jsonb_typeof(attributes) = 'object'", name="attributes_object"),
+)
+
+# The sequencer's floor (usersvc.adapters.events; migration 0009): every
+# event inserted by a transaction below ``txid_floor`` is numbered. One row
+# (id 1), moved by the numbering function.
+event_sequencer_table = Table(
+    "event_sequencer",
+    metadata,
+    Column("id", SmallInteger, primary_key=True, autoincrement=False),
+    Column("txid_floor", BigInteger, nullable=False),
+    CheckConstraint("id = 1", name="one_row"),
 )
 
 # How far the relay has published (usersvc.adapters.nats_relay): every
