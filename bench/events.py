@@ -55,6 +55,7 @@ from usersvc.domain.models import NewUser, UserPatch
 from usersvc.domain.ports import UserUpdate
 
 from .event_cost import IN_FLIGHT, Lanes, Write, WritePair, measure_pair, paired_runs
+from .event_served import served_pairs
 from .results import AbsoluteSpec, Measurement, RatioSpec, Target
 from .scenarios import Context, InProcessRun, Plan
 
@@ -264,7 +265,8 @@ async def events_plan(ctx: Context) -> Plan:
     def pair(name: str, runs: WritePair, in_flight: int) -> Sequence[InProcessRun]:
         keys = (name, name.replace(" ", " + event ", 1) if " " in name else f"{name} + event")
 
-        async def measure() -> tuple[Measurement, Measurement]:
+        async def measure(seconds: float) -> tuple[Measurement, Measurement]:
+            del seconds  # a round makes a fixed number of writes
             return await measure_pair(db, settings, url, runs, writes=writes, in_flight=in_flight)
 
         shape = "one connection" if in_flight == 1 else f"{in_flight} in flight, feed numbering"
@@ -324,5 +326,20 @@ async def events_plan(ctx: Context) -> Plan:
         f"backends'; the x{IN_FLIGHT} runs keep {IN_FLIGHT} in flight with the events feed "
         "numbering, woken after each commit that wrote events, as in a server"
     )
-    plan.teardown = teardown
+    try:
+        served = await served_pairs(ctx, EVENT_COST_TARGET)
+    except BaseException:
+        await teardown()
+        raise
+    plan.runs += served.runs
+    plan.ratios += served.ratios
+    plan.notes += served.notes
+
+    async def teardown_all() -> None:
+        try:
+            await served.teardown()
+        finally:
+            await teardown()
+
+    plan.teardown = teardown_all
     return plan

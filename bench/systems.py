@@ -221,10 +221,12 @@ def usersvc_system(
     bcrypt_rounds: int = 12,
     workers: int | None = None,
     extra_env: Mapping[str, str] | None = None,
+    module: str = "usersvc",
 ) -> System:
     """``usersvc serve`` with production settings (USERSVC_ENV=production,
     a key file, JSON access log, default interceptors, pool and limits),
-    except USERSVC_OVERRIDES. Raises OSError writing the key."""
+    except USERSVC_OVERRIDES. ``module``: what ``python -m`` runs (a
+    variant in bench.baselines). Raises OSError writing the key."""
     port = free_port()
     key = work_dir / f"{name}-jwt.pem"
     if not key.exists():
@@ -241,10 +243,10 @@ def usersvc_system(
             **(extra_env or {}),
         }
     )
-    argv = [sys.executable, "-m", "usersvc", "serve"]
+    argv = [sys.executable, "-m", module, "serve"]
     if workers is not None:
         argv += ["--workers", str(workers)]
-    described = f"usersvc serve (production settings, bcrypt {bcrypt_rounds}"
+    described = f"{module} serve (production settings, bcrypt {bcrypt_rounds}"
     if workers is not None:
         described += f", --workers {workers}"
     return System(

@@ -1,0 +1,268 @@
+"""The event write's cost on the RPCs' throughput, served: part of the
+``events`` scenario (bench/events.py).
+
+Two servers on the bench database, side by side, each loaded in turn by the
+same Python gRPC client (calls as the update-random and create scenarios
+of bench/scenarios.py make them): ``usersvc serve`` as it ships, and the same server
+with UpdateUser's and CreateUser's event drafts left out
+(bench/baselines/no_events.py), both at bcrypt cost 4, neither publishing
+to NATS (the relay's cost is the relay run's). Per RPC: calls/s with the
+event / without, which the events issue bounds at 10% slower.
+
+Each round measures the two servers in alternating slices (the order
+flipping every slice), so that what else the machine does weighs on both
+alike. The numbering of the events is inside the measurement: every slice
+starts once no event waits to be numbered (so one slice's leftovers do not
+weigh on the next), and a slice's time ends only when the events it wrote
+are numbered, by the server's own feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import field_mask_pb2
+
+from usersvc_protos.v1 import user_pb2, user_service_pb2
+
+from .baselines.bare import connect_kwargs
+from .calls import USER_SERVICE, bearer
+from .event_cost import paired_runs
+from .results import Measurement, RatioSpec, Target
+from .scenarios import (
+    UPDATE_SAMPLE_ROWS,
+    Context,
+    InProcessRun,
+    OneCall,
+    _sample_rows,
+    _start_extra,
+    _stop_extra,
+    _strong_password,
+    login,
+)
+from .seed import ADMIN_EMAIL, delete_users
+from .systems import System, cpu_seconds, usersvc_system
+
+SERVED_DOMAIN = "events.bench"
+WITH_EVENTS = "usersvc-events"
+WITHOUT_EVENTS = "usersvc-no-events"
+_NOTHING_TO_NUMBER = "SELECT NOT EXISTS (SELECT 1 FROM events WHERE sequence IS NULL)"
+# Slices per server per round, alternating (the order flips every slice),
+# so that what else the machine does weighs on both alike.
+SLICES = 6
+# How often the wait for the numbering looks, and for how long at most.
+_DRAIN_POLL = 0.002
+_DRAIN_LIMIT = 60.0
+
+
+@dataclass
+class ServedPairs:
+    runs: list[InProcessRun]
+    ratios: list[RatioSpec]
+    notes: list[str]
+    teardown: Callable[[], Awaitable[None]]
+
+
+async def _numbered(connection: asyncpg.Connection) -> None:
+    """Return once no committed event waits to be numbered. Raises
+    TimeoutError after _DRAIN_LIMIT seconds, asyncpg errors."""
+    async with asyncio.timeout(_DRAIN_LIMIT):
+        while not await connection.fetchval(_NOTHING_TO_NUMBER):  # noqa: ASYNC110 (the database is what is watched)
+            await asyncio.sleep(_DRAIN_POLL)
+
+
+async def _closed_loop(
+    method: Any, one_call: OneCall, token: str, tasks: int, seconds: float
+) -> int:
+    """Calls completed by ``tasks`` callers, each calling again as soon as
+    its answer came, for ``seconds``."""
+    deadline = time.perf_counter() + seconds
+    metadata = bearer(token)
+
+    async def caller(task: int) -> int:
+        done = 0
+        while time.perf_counter() < deadline:
+            await one_call(task, method, metadata)
+            done += 1
+        return done
+
+    return sum(await asyncio.gather(*(caller(task) for task in range(tasks))))
+
+
+@dataclass
+class _Served:
+    system: System
+    token: str
+
+
+def _measure_pair(
+    ctx: Context, servers: tuple[_Served, _Served], rpc: str, response_type: type[Any],
+    one_call: OneCall,
+) -> Callable[[float], Awaitable[tuple[Measurement, Measurement]]]:  # fmt: skip
+    """The measurement of (without, with the event): SLICES alternating
+    slices of each server per round, the order flipping every slice."""
+    tasks = ctx.shape.in_flight
+
+    async def measure(seconds: float) -> tuple[Measurement, Measurement]:
+        loadavg = os.getloadavg()[0]
+        tallies = [[0, 0.0, 0.0], [0, 0.0, 0.0]]  # calls, wall, server CPU
+        connection = await asyncpg.connect(**connect_kwargs(ctx.database_url))
+        channels = [grpc.aio.insecure_channel(served.system.address) for served in servers]
+        try:
+            methods = [
+                channel.unary_unary(
+                    USER_SERVICE + rpc,
+                    request_serializer=lambda message: message.SerializeToString(),
+                    response_deserializer=response_type.FromString,
+                )
+                for channel in channels
+            ]
+            for index, served in enumerate(servers):  # warm-up, not counted
+                await _closed_loop(methods[index], one_call, served.token, tasks, ctx.warmup / 2)
+            for n in range(SLICES):
+                for index in (0, 1) if n % 2 == 0 else (1, 0):
+                    served, tally = servers[index], tallies[index]
+                    await _numbered(connection)  # not timed: what came before
+                    served.system.check_alive()
+                    cpu, began = cpu_seconds(served.system.pid), time.perf_counter()
+                    tally[0] += await _closed_loop(
+                        methods[index], one_call, served.token, tasks, seconds / SLICES
+                    )
+                    # Timed: the numbering of this slice's last events (the
+                    # same short look for the server that wrote none).
+                    await _numbered(connection)
+                    tally[1] += time.perf_counter() - began
+                    tally[2] += cpu_seconds(served.system.pid) - cpu
+        finally:
+            for channel in channels:
+                await channel.close(None)
+            await connection.close()
+        return tuple(  # type: ignore[return-value]
+            Measurement(
+                rps=calls / wall,
+                cpu_us=cpu / calls * 1e6,
+                requests=int(calls),
+                loadavg_1m=loadavg,
+            )
+            for calls, wall, cpu in tallies
+        )
+
+    return measure
+
+
+def _update_call(rows: list[tuple[str, int]], tasks: int) -> OneCall:
+    # As the update-random scenario: each task owns every tasks-th row, so
+    # every etag sent is the row's current one, whichever server wrote last.
+    etags = {row_id: f"v{version}" for row_id, version in rows}
+    owned = [[row_id for row_id, _ in rows[task::tasks]] for task in range(tasks)]
+    serial = itertools.count()
+    mask = field_mask_pb2.FieldMask(paths=["display_name"])
+
+    async def one_call(task: int, method: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        row_id = random.choice(owned[task])
+        name = f"Bench event {next(serial)}"
+        request = user_service_pb2.UpdateUserRequest(
+            user=user_pb2.User(id=row_id, display_name=name, etag=etags[row_id]),
+            update_mask=mask,
+        )
+        user = (await method(request, metadata=metadata, timeout=30)).user
+        if user.id != row_id or user.display_name != name or user.etag == etags[row_id]:
+            raise AssertionError(f"UpdateUser of {row_id} answered {user.id} {user.etag}")
+        etags[row_id] = user.etag
+
+    return one_call
+
+
+def _create_call() -> OneCall:
+    password = _strong_password()
+    serial = itertools.count()
+    run_tag = secrets.token_hex(3)
+
+    async def one_call(task: int, method: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        del task
+        email = f"e{run_tag}-{next(serial)}@{SERVED_DOMAIN}"
+        request = user_service_pb2.CreateUserRequest(
+            email=email, password=password, display_name="Created user"
+        )
+        user = (await method(request, metadata=metadata, timeout=30)).user
+        if user.email != email or not user.id:
+            raise AssertionError(f"CreateUser of {email} answered {user.email!r}")
+
+    return one_call
+
+
+async def served_pairs(ctx: Context, target: Target) -> ServedPairs:
+    """Start the two servers and build the runs; ``teardown`` stops them
+    and deletes the users created. Raises SystemFailure, LookupError."""
+    tasks = ctx.shape.in_flight
+    rows = await _sample_rows(ctx.database_url, UPDATE_SAMPLE_ROWS)
+    if len(rows) < tasks:
+        raise LookupError(f"only {len(rows)} seeded users to update, need {tasks}")
+    systems = {
+        WITH_EVENTS: usersvc_system(
+            name=WITH_EVENTS, database_url=ctx.database_url, work_dir=ctx.work_dir,
+            bcrypt_rounds=4,
+        ),
+        WITHOUT_EVENTS: usersvc_system(
+            name=WITHOUT_EVENTS, database_url=ctx.database_url, work_dir=ctx.work_dir,
+            bcrypt_rounds=4, module="bench.baselines.no_events",
+        ),
+    }  # fmt: skip
+    started: list[System] = []
+
+    async def teardown() -> None:
+        for system in started:
+            await _stop_extra(ctx, system)
+        await delete_users(ctx.database_url, SERVED_DOMAIN)
+
+    try:
+        for system in systems.values():
+            await _start_extra(ctx, system)
+            started.append(system)
+        tokens = {
+            name: await login(system.address, ADMIN_EMAIL, ctx.seeded.admin.password)
+            for name, system in systems.items()
+        }
+    except BaseException:
+        await teardown()
+        raise
+    update, create = _update_call(rows, tasks), _create_call()
+    servers = (
+        _Served(systems[WITHOUT_EVENTS], tokens[WITHOUT_EVENTS]),
+        _Served(systems[WITH_EVENTS], tokens[WITH_EVENTS]),
+    )
+    runs: list[InProcessRun] = []
+    ratios: list[RatioSpec] = []
+    for rpc, key, one_call, response in (
+        ("UpdateUser", "update rpc", update, user_service_pb2.UpdateUserResponse),
+        ("CreateUser", "create rpc", create, user_service_pb2.CreateUserResponse),
+    ):
+        measure = _measure_pair(ctx, servers, rpc, response, one_call)
+        runs += paired_runs(
+            (key, f"{key} + event"), f"{rpc} served, {SLICES} alternating slices each", measure
+        )
+        ratios += [
+            RatioSpec(f"{rpc} RPCs/s served, with event / without",
+                      (f"{key} + event", "rps"), (key, "rps"), target),
+            RatioSpec(f"{rpc} server CPU per call, without event / with",
+                      (key, "cpu_us"), (f"{key} + event", "cpu_us")),
+        ]  # fmt: skip
+    notes = [
+        f"served pairs: {WITH_EVENTS} (usersvc serve) and {WITHOUT_EVENTS} "
+        "(bench/baselines/no_events.py: the same server, UpdateUser and CreateUser "
+        f"writing no event), bcrypt 4, no NATS, {tasks} calls in flight from a Python "
+        "grpc.aio client; UpdateUser of random seeded rows with their etag, CreateUser of "
+        "new users; each run starts with nothing to number and ends when its events are "
+        "numbered; CPU per call is the server process's"
+    ]
+    return ServedPairs(runs, ratios, notes, teardown)
