@@ -51,7 +51,8 @@ IN_FLIGHT = 16
 SEQUENTIAL_CHUNK = 100
 IN_FLIGHT_CHUNK = IN_FLIGHT * 8
 _TICK = os.sysconf("SC_CLK_TCK")
-_BACKENDS = text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+BACKENDS_SQL = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+_BACKENDS = text(BACKENDS_SQL)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class WritePair:
     with_event: Write
 
 
-def _process_cpu(pid: int) -> float | None:
+def process_cpu(pid: int) -> float | None:
     # utime + stime of a PostgreSQL process on this machine, in seconds.
     try:
         if Path(f"/proc/{pid}/comm").read_text().strip() != "postgres":
@@ -90,7 +91,7 @@ async def _backend_cpu(engine: AsyncEngine) -> dict[int, float]:
     of this machine (none when PostgreSQL runs elsewhere)."""
     async with engine.connect() as conn:
         pids = (await conn.execute(_BACKENDS)).scalars().all()
-    found = {pid: _process_cpu(pid) for pid in pids}
+    found = {pid: process_cpu(pid) for pid in pids}
     return {pid: seconds for pid, seconds in found.items() if seconds is not None}
 
 

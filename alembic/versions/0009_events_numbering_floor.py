@@ -20,10 +20,15 @@ Each row now records the transaction that inserted it (``txid``, the
 top-level transaction id as a bigint, by default), and the queue index is
 ordered by it. A pass that took every committed row it could see proves
 that every row inserted by a transaction older than the oldest one still
-running when the pass began is numbered: those transactions had ended, so
-their rows were visible to it, and older rows were numbered before. The
-pass stores that oldest running id as the floor (event_sequencer.txid_floor)
-and the next pass reads the queue from there, past the dead entries below.
+running when the pass's statement began is numbered: those transactions
+had ended, so their rows were visible to it, and older rows were numbered
+before. A pass that numbered rows stores that oldest running id as the
+floor (event_sequencer.txid_floor), and the next pass reads the queue from
+there, past the dead entries below. A pass with nothing to number writes
+nothing: its write would take a transaction id and so move the oldest
+running one, and every idle poll would write again. The pass is one
+statement after the lock: the floor's read, the numbering, the floor's
+move, in one snapshot.
 A transaction that started earlier and commits later has an id at or
 above the floor until it ends, so it is still found; a long transaction
 anywhere in the cluster holds the floor down while it runs, costing
@@ -91,26 +96,26 @@ _NUMBER_EVENTS = """
     SET enable_seqscan = off
     AS $$
     DECLARE
-        floor_txid bigint;
-        oldest_running bigint;
         numbered_count integer;
         highest bigint;
     BEGIN
         PERFORM pg_advisory_xact_lock(lock_key);
-        -- Each statement below takes a snapshot of its own after this one
-        -- (READ COMMITTED): every transaction older than oldest_running has
-        -- ended before them, so its rows are visible to the numbering.
-        -- No row (emptied by hand) is a floor of 0: every row is looked at.
-        SELECT coalesce((SELECT txid_floor FROM event_sequencer WHERE id = 1), 0),
-               pg_snapshot_xmin(pg_current_snapshot())::text::bigint
-        INTO floor_txid, oldest_running;
-        WITH base AS (SELECT coalesce(max(sequence), 0) AS top FROM events),
+        -- One statement, with a snapshot taken after the lock was granted
+        -- (READ COMMITTED): it sees every row numbered before, and every
+        -- transaction older than its oldest running one (pg_snapshot_xmin
+        -- of its own snapshot) has ended, so their rows are visible to it.
+        WITH bound AS (
+            -- No floor row (emptied by hand) is a floor of 0.
+            SELECT coalesce((SELECT txid_floor FROM event_sequencer WHERE id = 1), 0) AS floor,
+                   pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS oldest_running
+        ),
+        base AS (SELECT coalesce(max(sequence), 0) AS top FROM events),
         pending AS (
             SELECT ctid AS row, row_number() OVER (ORDER BY position) AS n
             FROM (
-                SELECT ctid, position FROM events
-                WHERE sequence IS NULL AND txid >= floor_txid
-                ORDER BY position LIMIT batch
+                SELECT events.ctid, events.position FROM events, bound
+                WHERE events.sequence IS NULL AND events.txid >= bound.floor
+                ORDER BY events.position LIMIT batch
             ) AS oldest
         ),
         done AS (
@@ -121,14 +126,22 @@ _NUMBER_EVENTS = """
             FROM pending, base
             WHERE events.ctid = pending.row
             RETURNING events.sequence
+        ),
+        counted AS (SELECT count(*) AS numbered, max(sequence) AS highest FROM done),
+        raised AS (
+            -- A short batch took every row it could see: nothing below
+            -- oldest_running is left to number, now or later. Only a pass
+            -- that numbered rows moves it: an empty one writes nothing
+            -- (its write would take a transaction id of its own, and so
+            -- make the next empty pass write again), and leaves the queue
+            -- no dead entries to skip.
+            INSERT INTO event_sequencer (id, txid_floor)
+            SELECT 1, bound.oldest_running FROM bound, counted
+            WHERE counted.numbered > 0 AND counted.numbered < batch
+              AND bound.oldest_running > bound.floor
+            ON CONFLICT (id) DO UPDATE SET txid_floor = excluded.txid_floor
         )
-        SELECT count(*), max(done.sequence) INTO numbered_count, highest FROM done;
-        -- A short batch took every row it could see: nothing below
-        -- oldest_running is left to number, now or later.
-        IF numbered_count < batch AND oldest_running > floor_txid THEN
-            INSERT INTO event_sequencer (id, txid_floor) VALUES (1, oldest_running)
-            ON CONFLICT (id) DO UPDATE SET txid_floor = excluded.txid_floor;
-        END IF;
+        SELECT numbered, counted.highest INTO numbered_count, highest FROM counted;
         IF numbered_count > 0 THEN
             PERFORM pg_notify(channel, highest::text);
         END IF;

@@ -70,10 +70,12 @@ async def _pending(engine: AsyncEngine) -> int:
 async def _raise_floor_past(engine: AsyncEngine, txid: int) -> int:
     """Passes until the floor is above ``txid``: once every transaction up to
     it has ended (others in the cluster may still run for a moment), a pass
-    that finds nothing to number raises it. Returns the floor."""
+    that numbers every row it sees raises it (an empty pass writes nothing),
+    so each pass is given one event of its own. Returns the floor."""
     deadline = asyncio.get_running_loop().time() + FLOOR_WAIT_SECONDS
     while True:
-        assert await sequence_pending(engine) == 0
+        await _insert(engine, 1)
+        assert await sequence_pending(engine) == 1
         floor = await _floor(engine)
         if floor is not None and floor > txid:
             return floor
@@ -282,6 +284,24 @@ async def test_without_the_floor_row_a_pass_reads_from_zero_and_writes_the_row_a
     recreated = await _floor(engine)
     assert recreated is not None
     assert recreated >= floor
+
+
+async def test_a_pass_with_nothing_to_number_writes_nothing(events_engine: AsyncEngine) -> None:
+    # Its write would take a transaction id, which would raise the oldest
+    # running one, so every empty pass (a feed polls each second) would
+    # write again.
+    engine = events_engine
+    await _raise_floor_past(engine, 0)
+    async with engine.connect() as conn:
+        before = await conn.scalar(text("SELECT xmin::text FROM event_sequencer"))
+        await conn.execute(text("SELECT txid_current()"))  # the ids move on
+        await conn.commit()
+    numbered = [await sequence_pending(engine) for _ in range(3)]
+    async with engine.connect() as conn:
+        after = await conn.scalar(text("SELECT xmin::text FROM event_sequencer"))
+
+    assert numbered == [0, 0, 0]
+    assert after == before
 
 
 async def test_with_the_floor_in_place_rows_below_it_are_not_read(
