@@ -100,11 +100,11 @@ bench: $(BENCH_STAMP)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends nghttp2-client)
 	$(BIN)/python -m bench $(BENCH_FLAGS) $(BENCH_ARGS)
 
-# The events scenario alone (relay throughput to JetStream, commit-to-PubAck
-# lag, the cost of the event write; bench/events.py): an alias of
-# `make bench SCENARIOS=events`.
+# The events scenarios alone (relay throughput to JetStream, commit-to-PubAck
+# lag, the cost of the event write in process, bench/events.py, and served,
+# bench/event_served.py): `make bench SCENARIOS=events,events-served`.
 bench-events:
-	$(MAKE) bench SCENARIOS=events
+	$(MAKE) bench SCENARIOS=events,events-served
 
 # The 10-minute memory soak; DURATION=60 for a smoke run.
 bench-soak: $(BENCH_STAMP)

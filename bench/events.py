@@ -55,7 +55,6 @@ from usersvc.domain.models import NewUser, UserPatch
 from usersvc.domain.ports import UserUpdate
 
 from .event_cost import IN_FLIGHT, Lanes, Write, WritePair, measure_pair, paired_runs
-from .event_served import served_pairs
 from .results import AbsoluteSpec, Measurement, RatioSpec, Target
 from .scenarios import Context, InProcessRun, Plan
 
@@ -326,20 +325,5 @@ async def events_plan(ctx: Context) -> Plan:
         f"backends'; the x{IN_FLIGHT} runs keep {IN_FLIGHT} in flight with the events feed "
         "numbering, woken after each commit that wrote events, as in a server"
     )
-    try:
-        served = await served_pairs(ctx, EVENT_COST_TARGET)
-    except BaseException:
-        await teardown()
-        raise
-    plan.runs += served.runs
-    plan.ratios += served.ratios
-    plan.notes += served.notes
-
-    async def teardown_all() -> None:
-        try:
-            await served.teardown()
-        finally:
-            await teardown()
-
-    plan.teardown = teardown_all
+    plan.teardown = teardown
     return plan

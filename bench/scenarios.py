@@ -68,6 +68,7 @@ SCENARIOS = (
     "import",
     "batch-writes",
     "events",
+    "events-served",
 )
 # Scenarios that compare usersvc with the baselines (the others load usersvc only).
 COMPARED = frozenset({"getuser", "lookup", "list", "update", "update-random", "create"})
@@ -833,6 +834,12 @@ async def events(ctx: Context) -> Plan:
     return await events_plan(ctx)
 
 
+async def events_served(ctx: Context) -> Plan:
+    from .event_served import events_served_plan
+
+    return await events_served_plan(ctx)
+
+
 BUILDERS: dict[str, Callable[[Context], Plan | Awaitable[Plan]]] = {
     "getuser": getuser,
     "lookup": lookup,
@@ -845,4 +852,5 @@ BUILDERS: dict[str, Callable[[Context], Plan | Awaitable[Plan]]] = {
     "import": import_users,
     "batch-writes": batch_writes,
     "events": events,
+    "events-served": events_served,
 }
