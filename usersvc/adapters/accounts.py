@@ -157,7 +157,7 @@ _RECORD = f"""
     recorded AS (
         INSERT INTO events (id, type, user_id, actor, request_id, user_snapshot,
                             changed_fields, attributes)
-        SELECT gen_random_uuid(), drafts.type, changed.id, :actor, :request_id,
+        SELECT usersvc_uuid7(), drafts.type, changed.id, :actor, :request_id,
                {snapshot_sql("changed")}, CAST(changed.changed_paths AS text[]),
                drafts.attributes
         FROM changed

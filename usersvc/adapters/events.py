@@ -171,7 +171,7 @@ def _event_columns(
     if changed_fields is None:
         changed_fields = literal(list(draft.changed_fields), ARRAY(Text))
     return [
-        func.gen_random_uuid(),
+        func.usersvc_uuid7(),
         literal(draft.type.value, Text),
         user_id,
         actor,
@@ -233,7 +233,7 @@ def _record_events(snapshot: str) -> TextualSelect:
             f"""
             INSERT INTO events (id, type, user_id, actor, request_id, user_snapshot,
                                 changed_fields, attributes)
-            SELECT gen_random_uuid(), draft.type, {_CHANGED}.id, draft.actor,
+            SELECT usersvc_uuid7(), draft.type, {_CHANGED}.id, draft.actor,
                    draft.request_id, {snapshot}, draft.changed_fields, draft.attributes
             FROM ROWS FROM (
                 jsonb_to_recordset(:events) AS (type text, actor text, request_id text,

@@ -80,7 +80,7 @@ _INSERT_BATCH_WITH_EVENTS = text(
         # Constant column names only: nothing from the caller is spliced in.
         f"""    , recorded AS (
         INSERT INTO events (id, type, user_id, actor, request_id, user_snapshot, attributes)
-        SELECT gen_random_uuid(), draft.type, inserted.id, :actor, :request_id,
+        SELECT usersvc_uuid7(), draft.type, inserted.id, :actor, :request_id,
                {snapshot_sql("inserted")}, draft.attributes
         FROM inserted CROSS JOIN unnest(
             CAST(:event_types AS text[]), CAST(:event_attributes AS jsonb[])

@@ -99,7 +99,7 @@ _LEGACY_TOKEN_SESSION = select(*_SESSION_COLUMNS).where(
 _RECORDED = f"""
     , recorded AS (
         INSERT INTO events (id, type, user_id, actor, request_id, user_snapshot, attributes)
-        SELECT gen_random_uuid(), :event_type, u.id, :actor, :request_id,
+        SELECT usersvc_uuid7(), :event_type, u.id, :actor, :request_id,
                {snapshot_sql("u")},
                jsonb_build_object('reason', :reason, 'count', CAST(count(*) AS text))
         FROM ended JOIN users AS u ON u.id = ended.user_id
