@@ -10,10 +10,13 @@
 --               LISTEN/NOTIFY (the revocation feed) needs no grant.
 --               The events table (audit trail and outbox) needs exactly the
 --               defaults below: INSERT (every change), SELECT (EventService,
---               the relay), UPDATE (the sequencer numbers rows, the relay
---               marks them published), DELETE (retention). Advisory
---               locks and LISTEN/NOTIFY (sequencer, its wake-up, relay,
---               WatchEvents) need no grant.
+--               the relay), UPDATE (the sequencer numbers rows),
+--               DELETE (retention); event_relay_mark (the relay's
+--               progress) and event_sequencer (the sequencer's floor) need
+--               SELECT, INSERT and UPDATE, also defaults. Advisory locks,
+--               LISTEN/NOTIFY (sequencer, its wake-up, relay, WatchEvents)
+--               and the migrations' functions (EXECUTE is PUBLIC's) need
+--               no grant.
 --
 -- Run it with psql as a superuser, connected to usersvc's database, before
 -- the first migration; it is idempotent, so run it again whenever in doubt:
