@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +75,7 @@ class WritePair:
     with_event: Write
 
 
-def process_cpu(pid: int) -> float | None:
+def _process_cpu(pid: int) -> float | None:
     # utime + stime of a PostgreSQL process on this machine, in seconds.
     try:
         if Path(f"/proc/{pid}/comm").read_text().strip() != "postgres":
@@ -91,8 +91,20 @@ async def _backend_cpu(engine: AsyncEngine) -> dict[int, float]:
     of this machine (none when PostgreSQL runs elsewhere)."""
     async with engine.connect() as conn:
         pids = (await conn.execute(_BACKENDS)).scalars().all()
-    found = {pid: process_cpu(pid) for pid in pids}
+    return local_cpu(pids)
+
+
+def local_cpu(pids: Iterable[int]) -> dict[int, float]:
+    """CPU seconds so far of each of ``pids`` that is a PostgreSQL process
+    of this machine."""
+    found = {pid: _process_cpu(pid) for pid in pids}
     return {pid: seconds for pid, seconds in found.items() if seconds is not None}
+
+
+def cpu_since(before: Mapping[int, float], after: Mapping[int, float]) -> float:
+    """CPU seconds the processes of ``after`` spent since ``before`` (one
+    not in ``before`` started meanwhile: all of its)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 @dataclass
@@ -169,7 +181,7 @@ async def measure_pair(
                 tally.writes += share * in_flight
                 after = await _backend_cpu(engine)
                 tally.backends_seen &= bool(after)
-                tally.cpu += sum(seconds - backends.get(pid, 0.0) for pid, seconds in after.items())
+                tally.cpu += cpu_since(backends, after)
     finally:
         if wakeup is not None:
             await wakeup.aclose()

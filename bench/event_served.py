@@ -24,10 +24,7 @@ are numbered, by the server's own feed.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-import random
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,13 +32,12 @@ from typing import Any
 
 import asyncpg
 import grpc
-from google.protobuf import field_mask_pb2
 
-from usersvc_protos.v1 import user_pb2, user_service_pb2
+from usersvc_protos.v1 import user_service_pb2
 
 from .baselines.bare import connect_kwargs
 from .calls import USER_SERVICE, bearer
-from .event_cost import BACKENDS_SQL, paired_runs, process_cpu
+from .event_cost import BACKENDS_SQL, cpu_since, local_cpu, paired_runs
 from .results import Measurement, RatioSpec, Target
 from .scenarios import (
     UPDATE_SAMPLE_ROWS,
@@ -53,7 +49,9 @@ from .scenarios import (
     _start_extra,
     _stop_extra,
     _strong_password,
+    etag_updates,
     login,
+    new_user_creates,
 )
 from .seed import ADMIN_EMAIL, delete_users
 from .systems import System, cpu_seconds, usersvc_system
@@ -107,10 +105,7 @@ async def _closed_loop(
 
 
 async def _backends_cpu(connection: asyncpg.Connection) -> dict[int, float]:
-    """CPU seconds so far of each backend of the database that is a process
-    of this machine (none when PostgreSQL runs elsewhere)."""
-    found = {row[0]: process_cpu(row[0]) for row in await connection.fetch(BACKENDS_SQL)}
-    return {pid: seconds for pid, seconds in found.items() if seconds is not None}
+    return local_cpu(row[0] for row in await connection.fetch(BACKENDS_SQL))
 
 
 @dataclass
@@ -163,9 +158,7 @@ def _measure_pair(
                     after = await _backends_cpu(connection)
                     backends_seen &= bool(after)
                     tally[2] += server_cpu
-                    tally[3] += server_cpu + sum(
-                        seconds - backends.get(pid, 0.0) for pid, seconds in after.items()
-                    )
+                    tally[3] += server_cpu + cpu_since(backends, after)
         finally:
             for channel in channels:
                 await channel.close(None)
@@ -185,47 +178,6 @@ def _measure_pair(
         )
 
     return measure
-
-
-def _update_call(rows: list[tuple[str, int]], tasks: int) -> OneCall:
-    # As the update-random scenario: each task owns every tasks-th row, so
-    # every etag sent is the row's current one, whichever server wrote last.
-    etags = {row_id: f"v{version}" for row_id, version in rows}
-    owned = [[row_id for row_id, _ in rows[task::tasks]] for task in range(tasks)]
-    serial = itertools.count()
-    mask = field_mask_pb2.FieldMask(paths=["display_name"])
-
-    async def one_call(task: int, method: Any, metadata: tuple[tuple[str, str], ...]) -> None:
-        row_id = random.choice(owned[task])
-        name = f"Bench event {next(serial)}"
-        request = user_service_pb2.UpdateUserRequest(
-            user=user_pb2.User(id=row_id, display_name=name, etag=etags[row_id]),
-            update_mask=mask,
-        )
-        user = (await method(request, metadata=metadata, timeout=30)).user
-        if user.id != row_id or user.display_name != name or user.etag == etags[row_id]:
-            raise AssertionError(f"UpdateUser of {row_id} answered {user.id} {user.etag}")
-        etags[row_id] = user.etag
-
-    return one_call
-
-
-def _create_call() -> OneCall:
-    password = _strong_password()
-    serial = itertools.count()
-    run_tag = secrets.token_hex(3)
-
-    async def one_call(task: int, method: Any, metadata: tuple[tuple[str, str], ...]) -> None:
-        del task
-        email = f"e{run_tag}-{next(serial)}@{SERVED_DOMAIN}"
-        request = user_service_pb2.CreateUserRequest(
-            email=email, password=password, display_name="Created user"
-        )
-        user = (await method(request, metadata=metadata, timeout=30)).user
-        if user.email != email or not user.id:
-            raise AssertionError(f"CreateUser of {email} answered {user.email!r}")
-
-    return one_call
 
 
 async def _vacuum(url: str) -> float:
@@ -280,7 +232,8 @@ async def events_served_plan(ctx: Context) -> Plan:
     except BaseException:
         await teardown()
         raise
-    update, create = _update_call(rows, tasks), _create_call()
+    update = etag_updates(rows, tasks, "Bench event")
+    create = new_user_creates(SERVED_DOMAIN, "e", _strong_password())
     servers = (
         _Served(systems[WITHOUT_EVENTS], tokens[WITHOUT_EVENTS]),
         _Served(systems[WITH_EVENTS], tokens[WITH_EVENTS]),

@@ -528,31 +528,58 @@ async def _sample_rows(url: str, count: int) -> list[tuple[str, int]]:
     return [(str(row["id"]), int(row["version"])) for row in rows]
 
 
-async def update_random(ctx: Context) -> Plan:
-    tasks = ctx.shape.in_flight
-    sample = await _sample_rows(ctx.database_url, UPDATE_SAMPLE_ROWS)
-    if len(sample) < tasks:
-        raise LookupError(f"only {len(sample)} seeded users to update, need {tasks}")
-    # Each task owns every tasks-th row, so no two calls in flight race for
-    # one row and every etag sent is the current one. The etags go from
-    # system to system with the rows: both answer with the row's version.
-    etags = {row_id: f"v{version}" for row_id, version in sample}
-    owned = [[row_id for row_id, _ in sample[task::tasks]] for task in range(tasks)]
+def etag_updates(rows: list[tuple[str, int]], tasks: int, name: str) -> OneCall:
+    """UpdateUser of a display name (``name`` and a serial number) of a
+    random one of ``rows`` ((id, version)) with its etag, each answer
+    checked. Each task owns every tasks-th row, so no two calls in flight
+    race for one row and every etag sent is the current one. The etags go
+    from system to system with the rows: all answer with the row's
+    version."""
+    etags = {row_id: f"v{version}" for row_id, version in rows}
+    owned = [[row_id for row_id, _ in rows[task::tasks]] for task in range(tasks)]
     serial = itertools.count()
     mask = field_mask_pb2.FieldMask(paths=["display_name"])
 
     async def one_call(task: int, method: Any, metadata: tuple[tuple[str, str], ...]) -> None:
         row_id = random.choice(owned[task])
-        name = f"Bench random {next(serial)}"
+        display_name = f"{name} {next(serial)}"
         request = user_service_pb2.UpdateUserRequest(
-            user=user_pb2.User(id=row_id, display_name=name, etag=etags[row_id]),
+            user=user_pb2.User(id=row_id, display_name=display_name, etag=etags[row_id]),
             update_mask=mask,
         )
         user = (await method(request, metadata=metadata, timeout=30)).user
-        if user.id != row_id or user.display_name != name or user.etag == etags[row_id]:
+        if user.id != row_id or user.display_name != display_name or user.etag == etags[row_id]:
             raise AssertionError(f"UpdateUser of {row_id} answered {user.id} {user.etag}")
         etags[row_id] = user.etag
 
+    return one_call
+
+
+def new_user_creates(domain: str, prefix: str, password: str) -> OneCall:
+    """CreateUser of a new user ``<prefix><run tag>-<n>@<domain>`` per
+    call, each answer checked."""
+    serial = itertools.count()
+    run_tag = secrets.token_hex(3)
+
+    async def one_call(task: int, method: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        del task
+        email = f"{prefix}{run_tag}-{next(serial)}@{domain}"
+        request = user_service_pb2.CreateUserRequest(
+            email=email, password=password, display_name="Created user"
+        )
+        user = (await method(request, metadata=metadata, timeout=30)).user
+        if user.email != email or not user.id:
+            raise AssertionError(f"CreateUser of {email} answered {user.email!r}")
+
+    return one_call
+
+
+async def update_random(ctx: Context) -> Plan:
+    tasks = ctx.shape.in_flight
+    sample = await _sample_rows(ctx.database_url, UPDATE_SAMPLE_ROWS)
+    if len(sample) < tasks:
+        raise LookupError(f"only {len(sample)} seeded users to update, need {tasks}")
+    one_call = etag_updates(sample, tasks, "Bench random")
     drive_on = _unary_drives(
         ctx, "UpdateUser", user_service_pb2.UpdateUserResponse, one_call, tasks, ctx.admin_token
     )
@@ -591,18 +618,8 @@ async def create(ctx: Context) -> Plan:
     token = await login(system.address, ADMIN_EMAIL, ctx.seeded.admin.password)
     tasks = ctx.shape.in_flight
     password = _strong_password()
-    serial = itertools.count()
-    run_tag = secrets.token_hex(3)
-
-    async def one_call(task: int, method: Any, metadata: tuple[tuple[str, str], ...]) -> None:
-        email = f"c{run_tag}-{next(serial)}@{CREATE_DOMAIN}"
-        request = user_service_pb2.CreateUserRequest(
-            email=email, password=password, display_name="Created user"
-        )
-        user = (await method(request, metadata=metadata, timeout=30)).user
-        if user.email != email or not user.id:
-            raise AssertionError(f"CreateUser of {email} answered {user.email!r}")
-
+    run_tag = secrets.token_hex(3)  # of the checks' emails
+    one_call = new_user_creates(CREATE_DOMAIN, "c", password)
     drive_on = _unary_drives(
         ctx, "CreateUser", user_service_pb2.CreateUserResponse, one_call, tasks, token
     )

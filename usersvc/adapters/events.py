@@ -416,10 +416,11 @@ async def sequence_pending(engine: AsyncEngine, *, batch: int = SEQUENCE_BATCH) 
 
 
 # A pass of the sequencer is one call of the function usersvc_number_events
-# (migration 0008): it takes the advisory lock, then numbers in a statement
-# of its own, whose snapshot therefore sees every row numbered before the
-# lock was granted (a lock taken inside the numbering statement would be
-# granted after its snapshot), and announces the highest new number. One
+# (migration 0008; since 0009 it reads its queue from a floor): it takes the
+# advisory lock, then numbers in a statement of its own, whose snapshot
+# therefore sees every row numbered before the lock was granted (a lock
+# taken inside the numbering statement would be granted after its
+# snapshot), and announces the highest new number. One
 # statement outside an explicit transaction is one round trip; BEGIN, the
 # lock, the UPDATE and COMMIT as statements of their own were four, most of
 # a pass's cost when it numbers a few rows (docs/performance.md, "The event

@@ -287,7 +287,9 @@ events_table = Table(
     Column("changed_fields", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     Column("attributes", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     # The transaction that inserted the row (its top-level id): the sequencer
-    # reads its queue from a floor of these up (migration 0009).
+    # reads its queue from a floor of these up (migration 0009). NULL only on
+    # rows numbered before 0009 (filling them would rewrite the table); an
+    # unnumbered row needs it, which the default gives every insert.
     Column(
         "txid",
         BigInteger,
