@@ -180,21 +180,6 @@ def _measure_pair(
     return measure
 
 
-async def _vacuum(url: str) -> float:
-    """VACUUM (ANALYZE) the tables the two RPCs write; its seconds. The
-    bench database outlives runs, and a server without autovacuum (as CI's
-    is configured) keeps every dead version the runs left: both servers
-    start from the same clean tables. Raises asyncpg errors."""
-    connection = await asyncpg.connect(**connect_kwargs(url))
-    began = time.perf_counter()
-    try:
-        for table in ("users", "events"):
-            await connection.execute(f"VACUUM (ANALYZE) {table}")
-    finally:
-        await connection.close()
-    return time.perf_counter() - began
-
-
 async def events_served_plan(ctx: Context) -> Plan:
     """Start the two servers and plan the runs; the teardown stops them and
     deletes the users created. Raises SystemFailure, LookupError."""
@@ -202,7 +187,6 @@ async def events_served_plan(ctx: Context) -> Plan:
     rows = await _sample_rows(ctx.database_url, UPDATE_SAMPLE_ROWS)
     if len(rows) < tasks:
         raise LookupError(f"only {len(rows)} seeded users to update, need {tasks}")
-    vacuumed = await _vacuum(ctx.database_url)
     pool = {"USERSVC_DB_POOL_SIZE": str(SERVED_POOL)}
     systems = {
         WITH_EVENTS: usersvc_system(
@@ -269,8 +253,5 @@ async def events_served_plan(ctx: Context) -> Plan:
         "slice starts with nothing to number and ends when its events are numbered; CPU "
         "per call is the server process's plus the database backends' (from /proc when "
         "PostgreSQL is local)",
-        f"users and events were vacuumed before the runs ({vacuumed:.1f} s, not timed): "
-        "a server without autovacuum would otherwise carry every dead row version "
-        "earlier runs left",
     ]
     return plan

@@ -72,6 +72,9 @@ SCENARIOS = (
 )
 # Scenarios that compare usersvc with the baselines (the others load usersvc only).
 COMPARED = frozenset({"getuser", "lookup", "list", "update", "update-random", "create"})
+# Scenarios that run on a database of their own (the others on the bench
+# database, vacuumed before each of them).
+OWN_DATABASE = frozenset({"events"})
 
 # Ratios to the ceiling (bare) of the same call, measured in the same round.
 READ_RPS_TARGET = Target(">=", 0.85)
