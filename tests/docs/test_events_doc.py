@@ -1,4 +1,4 @@
-"""docs/events.md's consumer example, run as written: a real relay publishes
+"""The README's consumer example, run as written: a real relay publishes
 an event to a private nats-server, and the example hands it over once."""
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _example() -> dict[str, Any]:
-    doc = (ROOT / "docs" / "events.md").read_text()
+    doc = (ROOT / "README.md").read_text()
     block = re.search(
         r"<!-- consumer:start -->\s*```python\n(.*?)```\s*<!-- consumer:end -->", doc, re.DOTALL
     )
-    assert block, "docs/events.md has no consumer example"
+    assert block, "README.md has no consumer example"
     namespace: dict[str, Any] = {}
-    exec(compile(block.group(1), "docs/events.md", "exec"), namespace)  # noqa: S102
+    exec(compile(block.group(1), "README.md", "exec"), namespace)  # noqa: S102
     return namespace
 
 

@@ -88,6 +88,15 @@ def test_the_readme_grpcurl_session_runs_as_printed(served: tuple[int, dict[str,
     # the second time.
     assert out.count("ada@example.com\n") == 2
     assert result.stderr.count('"reason":"CODE_INVALID"') == 1
+    # The audit trail: Ada's events in sequence order, from her sign-up on
+    # (the session's last few may still be waiting for their numbers).
+    trail = re.findall(r"^(\d+) (usersvc\.[a-z_]+\.[a-z_]+\.v1)$", out, re.MULTILINE)
+    sequences = [int(number) for number, _ in trail]
+    assert sequences == sorted(set(sequences)), trail
+    types = [event_type for _, event_type in trail]
+    assert types[:2] == ["usersvc.user.created.v1", "usersvc.auth.login_succeeded.v1"], types
+    assert types.index("usersvc.user.updated.v1") > 1, types
+    assert "usersvc.auth.refresh_token_reused.v1" in types, types
     # The failing call at the end prints both field violations.
     assert "Code: InvalidArgument" in result.stderr
     assert re.search(r'"field":\s*"email"', result.stderr)
