@@ -10,7 +10,9 @@ and enterable by everyone to get there; we change no permission outside the
 data directory and refuse with a message naming the directory in the way
 instead. When the bundled binaries are out of that
 user's reach (a virtualenv inside a private home), they are linked (or
-copied) into ``<data_dir>/pginstall`` and run from there.
+copied) into ``<data_dir>/pginstall`` and run from there. Its commands run
+as that user through ``runuser`` (``RunAsUser``), not subprocess's
+``user=``.
 """
 
 from __future__ import annotations
@@ -151,10 +153,37 @@ def _prepare_for_server_user(pgserver: Any, data_dir: Path) -> None:
     if blocking_directory(bin_dir, SERVER_USER) is not None:
         bin_dir = mirror_pgserver(data_dir / "pginstall")
     # pgserver reads these module globals when it runs a binary.
+    if shutil.which(RUNUSER) is not None:
+        _commands.subprocess = RunAsUser()
     _commands.POSTGRES_BIN_PATH = bin_dir
     postgres_server.POSTGRES_BIN_PATH = bin_dir
     postgres_server.ensure_prefix_permissions = _within(data_dir)
     postgres_server.ensure_folder_permissions = lambda path, flag: None
+
+
+RUNUSER = "runuser"
+
+
+class RunAsUser:
+    """The ``subprocess`` module as pgserver's command runner uses it, except
+    that a command to run as another user (``user=``, which pgserver passes
+    as root) runs through ``runuser -u <user> --``. With ``user=``, Python
+    fork()s instead of vfork()ing, and a fork() of a process whose grpc
+    threads are busy can crash the child before it reaches exec (seen in the
+    test suite: initdb "died with SIGSEGV", the child's stderr a grpc
+    poller's error); runuser switches users after the exec."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """subprocess.run, with ``user`` turned into runuser's. Raises what
+        subprocess.run raises."""
+        user = kwargs.pop("user", None)
+        if user is not None:
+            args = [RUNUSER, "-u", str(user), "--", *args]
+        return subprocess.run(args, **kwargs)  # noqa: S603 (pgserver's own argv)
 
 
 def _within(data_dir: Path) -> Any:
