@@ -9,7 +9,7 @@ BUF := tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
 
 .PHONY: venv run test lint proto proto-check buf-lint buf-breaking proto-release docker-lint \
-	bench bench-soak bench-events clean
+	bench bench-soak bench-events bench-perf clean
 
 venv: $(STAMP)
 
@@ -105,6 +105,12 @@ bench: $(BENCH_STAMP)
 # bench/event_served.py): `make bench SCENARIOS=events,events-served`.
 bench-events:
 	$(MAKE) bench SCENARIOS=events,events-served
+
+# Where the event write's cost goes, served (perf samples of both servers'
+# loads; RPC=CreateUser for the other one). Needs root for perf.
+bench-perf: $(BENCH_STAMP)
+	@command -v perf >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends linux-perf)
+	$(BIN)/python -m bench.perf_served $(if $(RPC),--rpc $(RPC)) $(BENCH_ARGS)
 
 # The 10-minute memory soak; DURATION=60 for a smoke run.
 bench-soak: $(BENCH_STAMP)

@@ -260,3 +260,34 @@ def test_an_unknown_scenario_is_refused() -> None:
 
     with pytest.raises(SystemExit):
         parse_args(["--scenarios", "events,bench_batch_writes"])
+
+
+def test_perf_samples_are_counted_by_process_and_postgres_function() -> None:
+    from bench.perf_served import Tally, count_samples
+
+    script = (
+        "postgres  2240 \n"
+        "\tffffffff82251fb9 _raw_spin_unlock_irqrestore\n"
+        "\t          4803ef standard_ExecutorFinish\n"
+        "\t          4803ef heap_insert\n"
+        "\t          4803ef standard_ExecutorFinish\n"
+        "\t          47dabf PostgresMain\n"
+        "\n"
+        "python 4242 \n"
+        "\t          123456 _PyEval_EvalFrameDefault\n"
+        "\n"
+        "event_engine 4242 \n"
+        "\t          123456 [unknown]\n"
+        "\n"
+        "swapper     0 \n"
+        "\n"
+        "python 77 \n"
+        "\t          123456 _PyEval_EvalFrameDefault\n"
+    )
+    tally = Tally(calls=1000)
+    count_samples(script, tally, {4242: "the server"})
+    assert tally.by_process == {"PostgreSQL": 1, "the server": 2, "idle": 1, "python": 1}
+    # Inclusive and once per sample, however often a function is on the stack.
+    assert tally.postgres == {"standard_ExecutorFinish": 1, "heap_insert": 1}
+    # A sample is 1/999 s of a CPU: 999 samples over 1,000 calls are 1 ms a call.
+    assert tally.per_call(999) == pytest.approx(1000.0)
