@@ -81,6 +81,8 @@ def build_event_parts(
             source=settings.event_source,
             encode=encode_event,
             feed=feed,
+            window=settings.event_publish_window,
+            publish_timeout=settings.event_publish_timeout_seconds,
             hooks=RelayHooks()
             if metrics is None
             else RelayHooks(

@@ -741,6 +741,20 @@ class Settings:
     event_retention_days: int = integer(
         90, lo=1, hi=36_500, doc="how long events are kept (never deleted before published)"
     )
+    event_publish_window: int = integer(
+        256,
+        lo=1,
+        hi=10_000,
+        doc="events the relay publishes ahead of their JetStream PubAcks: it publishes about "
+        "this many per round trip to NATS (raise it for a distant NATS)",
+    )
+    event_publish_timeout_seconds: float = number(
+        2.0,
+        lo=0.1,
+        hi=60,
+        doc="how long the relay waits for a PubAck before it publishes again, in order, from "
+        "the first unacknowledged event",
+    )
 
     # -- operations
     environment: str = choice(

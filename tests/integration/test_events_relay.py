@@ -6,6 +6,7 @@ with a window in flight, one publisher across replicas."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from usersvc.adapters.nats_relay import NatsEventRelay, RelayHooks
 from usersvc.adapters.orm import events_table
 from usersvc.adapters.revocations import asyncpg_connector
 from usersvc.adapters.unit_of_work import make_session_factory
-from usersvc.bootstrap_events import encode_event
+from usersvc.bootstrap_events import build_event_parts, encode_event
 from usersvc.config import Settings
 from usersvc.domain.events import CallContext, EventDraft, EventType
 from usersvc.domain.models import User
@@ -222,6 +223,35 @@ async def test_publishes_are_pipelined_up_to_the_window(
     assert [event_service_pb2.Event.FromString(m.data).sequence for m in messages] == list(
         range(1, 301)
     )
+
+
+async def test_the_composed_relay_takes_its_window_and_timeout_from_the_settings(
+    engine: AsyncEngine,
+    test_settings: Settings,
+    database_url: str,
+    private_nats: PrivateNats,
+) -> None:
+    # USERSVC_EVENT_PUBLISH_WINDOW=8: the relay the composition root builds
+    # keeps at most 8 publishes awaiting their PubAck (the default, 256,
+    # would send these 300 in one go).
+    settings = dataclasses.replace(
+        test_settings,
+        nats_url=private_nats.url,
+        nats_stream=STREAM,
+        event_publish_window=8,
+        event_publish_timeout_seconds=5.0,
+    )
+    await _write_many_events(engine, 300)
+    relay = build_event_parts(settings, engine, database_url).relay
+    assert relay is not None
+    await relay.start()
+    try:
+        await _until(lambda: _none_unpublished(engine), "rows marked published")
+    finally:
+        await relay.stop()
+    assert 1 < relay.stats.peak_in_flight <= 8
+    assert relay.stats.published == 300
+    assert relay.publish_timeout == 5.0
 
 
 async def test_nats_killed_with_a_window_in_flight_loses_nothing_and_keeps_order(

@@ -65,7 +65,8 @@ logger = logging.getLogger(__name__)
 RELAY_LOCK_KEY = 0x7573_6572_7376_0002
 STREAM_SUBJECTS = ["usersvc.>"]
 CONTENT_TYPE = "application/protobuf"
-# Publishes awaiting their PubAck at once.
+# Publishes awaiting their PubAck at once, by default
+# (USERSVC_EVENT_PUBLISH_WINDOW).
 PUBLISH_WINDOW = 256
 # Publishes sent before the relay lets the event loop run other work (the
 # API's calls): a slice of a backlog holds the loop for about a millisecond.
@@ -195,6 +196,11 @@ class NatsEventRelay:
         self._hooks = hooks or RelayHooks()
         self._next_count = 0.0
         self.stats = RelayStats()
+
+    @property
+    def publish_timeout(self) -> float:
+        """Seconds a publish waits for its PubAck."""
+        return self._publish_timeout
 
     async def start(self) -> None:
         """Start in the background. Raises RuntimeError when started twice."""
