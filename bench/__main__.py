@@ -36,7 +36,16 @@ from . import h2load
 from .baselines.bare import connect_kwargs
 from .h2load import LoadShape
 from .runner import Runner, ScenarioResult, print_result, say, system_lines
-from .scenarios import BUILDERS, COMPARED, OWN_DATABASE, SCENARIOS, Context, Plan, login
+from .scenarios import (
+    BUILDERS,
+    COMPARED,
+    OWN_DATABASE,
+    SCENARIOS,
+    SERVED_POOL,
+    Context,
+    Plan,
+    login,
+)
 from .seed import (
     ADMIN_EMAIL,
     USER_EMAIL,
@@ -109,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--events-writes", type=int, default=1000, help="writes per event-cost run (1000)"
+    )
+    parser.add_argument(
+        "--served-pool",
+        type=int,
+        default=SERVED_POOL,
+        help=f"database pool of each events-served server ({SERVED_POOL})",
     )
     parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "bench-results")
     parser.add_argument(
@@ -342,6 +357,7 @@ async def _run(
             events_count=args.events,
             events_rate=args.events_rate,
             events_writes=args.events_writes,
+            served_pool=args.served_pool,
         )
         if args.soak:
             failed = await soak(args, ctx, report)

@@ -7,9 +7,9 @@ same Python gRPC client (calls as the update-random and create scenarios
 of bench/scenarios.py make them): ``usersvc serve`` as it ships, and the same server
 with UpdateUser's and CreateUser's event drafts left out
 (bench/baselines/no_events.py), both at bcrypt cost 4 with pools of
-SERVED_POOL connections (the baselines and the main usersvc hold most of
-PostgreSQL's 100 meanwhile; a pool that size is far from the bound of
-these calls), neither publishing to NATS (the relay's cost is the events
+``--served-pool`` connections (SERVED_POOL, 5: the baselines and the main
+usersvc hold most of PostgreSQL's 100 meanwhile; with 20, UpdateUser's
+ratio came out a few points lower), neither publishing to NATS (the relay's cost is the events
 scenario's relay run). Per RPC: calls/s with the
 event / without, which the events issue bounds at 10% slower.
 
@@ -68,8 +68,6 @@ _NOTHING_TO_NUMBER = (
 )
 # With event / without: at most 10% slower (bench/events.py's target).
 SERVED_TARGET = Target(">=", 0.9)
-# Connections each served server keeps (USERSVC_DB_POOL_SIZE).
-SERVED_POOL = 5
 # Slices per server per round, alternating (the order flips every slice),
 # so that what else the machine does weighs on both alike.
 SLICES = 6
@@ -187,7 +185,7 @@ async def events_served_plan(ctx: Context) -> Plan:
     rows = await _sample_rows(ctx.database_url, UPDATE_SAMPLE_ROWS)
     if len(rows) < tasks:
         raise LookupError(f"only {len(rows)} seeded users to update, need {tasks}")
-    pool = {"USERSVC_DB_POOL_SIZE": str(SERVED_POOL)}
+    pool = {"USERSVC_DB_POOL_SIZE": str(ctx.served_pool)}
     systems = {
         WITH_EVENTS: usersvc_system(
             name=WITH_EVENTS, database_url=ctx.database_url, work_dir=ctx.work_dir,
@@ -248,7 +246,7 @@ async def events_served_plan(ctx: Context) -> Plan:
     plan.notes = [
         f"{WITH_EVENTS} (usersvc serve) and {WITHOUT_EVENTS} (bench/baselines/no_events.py: "
         "the same server, UpdateUser and CreateUser writing no event), bcrypt 4, pools of "
-        f"{SERVED_POOL}, no NATS, {tasks} calls in flight from a Python grpc.aio client; "
+        f"{ctx.served_pool}, no NATS, {tasks} calls in flight from a Python grpc.aio client; "
         "UpdateUser of random seeded rows with their etag, CreateUser of new users; each "
         "slice starts with nothing to number and ends when its events are numbered; CPU "
         "per call is the server process's plus the database backends' (from /proc when "

@@ -4,7 +4,7 @@
 The ``events-served`` scenario (bench/event_served.py) says how much slower
 UpdateUser and CreateUser run with their event; this says where the
 difference is spent. It starts the same two servers (``usersvc serve`` and
-bench/baselines/no_events.py, bcrypt 4, pools of SERVED_POOL), loads one at
+bench/baselines/no_events.py, bcrypt 4, pools of ``--pool``), loads one at
 a time with the same calls, 32 in flight, and samples the whole machine
 with ``perf record -e cpu-clock -g -a`` during each load. Per call, for each
 server: CPU by process (PostgreSQL's backends, the server, the harness's
@@ -41,8 +41,9 @@ from usersvc_protos.v1 import user_service_pb2
 
 from .baselines.bare import connect_kwargs
 from .calls import USER_SERVICE
-from .event_served import SERVED_DOMAIN, SERVED_POOL, _closed_loop, _numbered
+from .event_served import SERVED_DOMAIN, _closed_loop, _numbered
 from .scenarios import (
+    SERVED_POOL,
     UPDATE_SAMPLE_ROWS,
     _sample_rows,
     _strong_password,
@@ -81,6 +82,8 @@ POSTGRES_FUNCTIONS = (
     ("ExecOpenIndices", "  opening indexes"),
     ("nextval_internal", "  sequences (events.position)"),
     ("gen_random_uuid", "  random bits of ids"),
+    ("LWLockAcquire", "waiting for and taking buffer and other light locks"),
+    ("LWLockRelease", "releasing them (waking the waiters)"),
 )
 _WANTED = frozenset(name for name, _ in POSTGRES_FUNCTIONS)
 
@@ -163,26 +166,28 @@ async def _load_once(
     return calls
 
 
-async def profile(rpc: str, seconds: float, repeat: int) -> dict[str, Tally]:
+async def profile(rpc: str, seconds: float, repeat: int, pool: int) -> dict[str, Tally]:
     """Load each server ``repeat`` times, alternating, under perf; the
     tallies by server. Raises SystemFailure, grpc, asyncpg and subprocess
     errors."""
     database = locate_database()
     run_lock = await hold_run_lock(database.url)  # not beside a bench run
     try:
-        return await _profile(database.url, rpc, seconds, repeat)
+        return await _profile(database.url, rpc, seconds, repeat, pool)
     finally:
         await run_lock.close()
 
 
-async def _profile(url: str, rpc: str, seconds: float, repeat: int) -> dict[str, Tally]:
+async def _profile(
+    url: str, rpc: str, seconds: float, repeat: int, pool_size: int
+) -> dict[str, Tally]:
     seeded = await seed(url, SEED_ROWS)
     rows = await _sample_rows(url, UPDATE_SAMPLE_ROWS)
     await vacuum_written(url)
     tallies = {WITHOUT_EVENTS: Tally(), WITH_EVENTS: Tally()}
     with tempfile.TemporaryDirectory(prefix="usersvc-perf-") as scratch:
         work = Path(scratch)
-        pool = {"USERSVC_DB_POOL_SIZE": str(SERVED_POOL)}
+        pool = {"USERSVC_DB_POOL_SIZE": str(pool_size)}
         systems = {
             WITH_EVENTS: usersvc_system(
                 name="perf-events", database_url=url, work_dir=work,
@@ -264,11 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rpc", choices=("UpdateUser", "CreateUser"), default="UpdateUser")
     parser.add_argument("--seconds", type=float, default=15.0, help="each load (15)")
     parser.add_argument("--repeat", type=int, default=2, help="loads of each server (2)")
+    parser.add_argument(
+        "--pool", type=int, default=SERVED_POOL, help=f"each server's database pool ({SERVED_POOL})"
+    )
     args = parser.parse_args(argv)
     if shutil.which("perf") is None:
         print("perf is not installed (Debian: apt-get install linux-perf)", file=sys.stderr)
         return 2
-    tallies = asyncio.run(profile(args.rpc, args.seconds, args.repeat))
+    tallies = asyncio.run(profile(args.rpc, args.seconds, args.repeat, args.pool))
     print(report(args.rpc, tallies, args.seconds * args.repeat))
     return 0
 

@@ -72,6 +72,9 @@ SCENARIOS = (
 )
 # Scenarios that compare usersvc with the baselines (the others load usersvc only).
 COMPARED = frozenset({"getuser", "lookup", "list", "update", "update-random", "create"})
+# Connections each events-served server keeps (USERSVC_DB_POOL_SIZE;
+# --served-pool).
+SERVED_POOL = 5
 # Scenarios that run on a database of their own (the others on the bench
 # database, vacuumed before each of them).
 OWN_DATABASE = frozenset({"events"})
@@ -181,6 +184,8 @@ class Context:
     events_count: int = 20_000
     events_rate: int = 500
     events_writes: int = 1000
+    # events-served: each server's database pool (bench/event_served.py).
+    served_pool: int = SERVED_POOL
 
     @property
     def compared(self) -> list[System]:
