@@ -60,6 +60,15 @@ def _relay(
     )
 
 
+async def _publish_all(relay: NatsEventRelay, engine: AsyncEngine) -> None:
+    """Run ``relay`` until every numbered event is marked published."""
+    await relay.start()
+    try:
+        await _until(lambda: _none_unpublished(engine), "rows marked published")
+    finally:
+        await relay.stop()
+
+
 async def _write_events(engine: AsyncEngine, user: User, count: int) -> None:
     sessions = make_session_factory(engine)
     for index in range(count):
@@ -210,11 +219,7 @@ async def test_publishes_are_pipelined_up_to_the_window(
 ) -> None:
     await _write_many_events(engine, 300)
     relay = _relay(engine, test_settings, database_url, private_nats.url, window=50)
-    await relay.start()
-    try:
-        await _until(lambda: _none_unpublished(engine), "rows marked published")
-    finally:
-        await relay.stop()
+    await _publish_all(relay, engine)
     # More than one publish awaited its PubAck at a time, never more than
     # the window; all 300 went out in order.
     assert 1 < relay.stats.peak_in_flight <= 50
@@ -244,11 +249,7 @@ async def test_the_composed_relay_takes_its_window_and_timeout_from_the_settings
     await _write_many_events(engine, 300)
     relay = build_event_parts(settings, engine, database_url).relay
     assert relay is not None
-    await relay.start()
-    try:
-        await _until(lambda: _none_unpublished(engine), "rows marked published")
-    finally:
-        await relay.stop()
+    await _publish_all(relay, engine)
     assert 1 < relay.stats.peak_in_flight <= 8
     assert relay.stats.published == 300
     assert relay.publish_timeout == 5.0
@@ -333,11 +334,7 @@ async def test_another_publisher_on_the_stream_neither_reorders_nor_fails_the_re
         hooks=RelayHooks(on_published=interject_now_and_then),
     )
     try:
-        await relay.start()
-        try:
-            await _until(lambda: _none_unpublished(engine), "rows marked published")
-        finally:
-            await relay.stop()
+        await _publish_all(relay, engine)
         await asyncio.gather(*interjections)
     finally:
         await other.close()
